@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install everything speech_kd needs on a fresh Debian machine:
+#   - Debian packages: TTS engines for the synthetic corpus, sox, and (with --test) chromium
+#   - a virtualenv .venv with the known-good Python stack and speech_kd (editable)
+# Idempotent: a rerun only installs what is missing or changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+WITH_TEST=0
+[[ "${1:-}" == "--test" ]] && WITH_TEST=1
+
+apt_packages=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts sox libsox-fmt-all)
+[[ $WITH_TEST == 1 ]] && apt_packages+=(chromium)
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if (( ${#missing[@]} )); then
+  echo "[setup] installing Debian packages: ${missing[*]}"
+  SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[[ -x .venv/bin/python ]] || "$PY" -m venv .venv
+extras="hf"
+[[ $WITH_TEST == 1 ]] && extras="hf,test"
+stamp=".venv/.speech_kd_installed_${extras/,/_}"
+if [[ ! -f $stamp || pyproject.toml -nt $stamp || requirements/known-good.txt -nt $stamp ]]; then
+  echo "[setup] installing Python packages into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -c requirements/known-good.txt -r requirements/known-good.txt
+  .venv/bin/pip install -q -c requirements/known-good.txt -e ".[${extras}]"
+  touch "$stamp"
+fi
+echo "[setup] ready: $(.venv/bin/python -c 'import torch, speechbrain; print("torch", torch.__version__, "speechbrain", speechbrain.__version__)')"

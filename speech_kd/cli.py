@@ -1,0 +1,196 @@
+"""``speech-kd``: the command line. Each command only parses arguments and calls the library.
+
+Commands::
+
+    speech-kd synth OUT_DIR [--hours H] ...          synthesise a LibriSpeech-layout corpus
+    speech-kd prepare DATA_FOLDER --save_folder DIR [--splits NAME ...]
+    speech-kd train HPARAMS.yaml --key=value ...     SpeechBrain-style training
+    speech-kd distill HPARAMS.yaml --teacher_source=FOLDER --key=value ...
+    speech-kd cache-targets --teacher FOLDER --csv train.csv --out CACHE_DIR
+    speech-kd evaluate --asr FOLDER (--csv TEST.csv | --data_folder DIR --split NAME) [--json PATH]
+    speech-kd report RUN_DIR
+    speech-kd bench [--json PATH]
+    speech-kd demo [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+__all__ = ["main"]
+
+# train/distill take SpeechBrain's own argument syntax (yaml + --key=value overrides)
+_PASSTHROUGH = {"train", "distill"}
+
+
+def _cmd_synth(args) -> None:
+    from speech_kd.synth import SplitSpec, SynthConfig, synthesize_corpus
+
+    splits = (
+        SplitSpec("train", args.hours, args.speakers),
+        SplitSpec("dev", args.dev_hours, args.dev_speakers),
+        SplitSpec("test", args.test_hours, args.test_speakers),
+    )
+    config = SynthConfig(splits=splits, seed=args.seed, jobs=args.jobs)
+    summary = synthesize_corpus(args.out_dir, config)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_prepare(args) -> None:
+    from speech_kd.prepare import prepare_librispeech
+
+    result = prepare_librispeech(args.data_folder, args.save_folder, splits=args.splits, skip_if_done=not args.force)
+    for split, path in result.csv_files.items():
+        kept = result.kept.get(split)
+        print(f"{split}: {path}" + (f" ({kept} utterances, {result.hours[split]:.3f} h)" if kept is not None else ""))
+    counts = result.skipped_counts()
+    for split, by_reason in counts.items():
+        print(f"{split}: skipped {sum(by_reason.values())} -> {dict(by_reason)}")
+    for item in result.skipped:
+        print(f"  skipped {item.split}/{item.utt_id}: {item.path}: {item.reason}")
+
+
+def _cmd_evaluate(args) -> None:
+    from speech_kd.evaluate import evaluate_model
+
+    utts = args.utts
+    if utts is None and args.json:
+        utts = str(args.json).rsplit(".", 1)[0] + "_utts.txt"
+    result = evaluate_model(
+        args.asr,
+        csv_path=args.csv,
+        data_folder=args.data_folder,
+        split=args.split,
+        device=args.device,
+        batch_seconds=args.batch_seconds,
+        json_path=args.json,
+        utts_path=utts,
+    )
+    s = result.summary
+    print(
+        f"WER {s['wer']:.2f}%  CER {s['cer']:.2f}%  utterances {s['num_utts']}  "
+        f"params {s['params']:,}  RTF {s['rtf']:.4f}"
+    )
+    if args.json:
+        print(f"wrote {args.json}" + (f" and {utts}" if utts else ""))
+
+
+def _cmd_cache_targets(args) -> None:
+    from speech_kd.cache import cache_targets
+
+    summary = cache_targets(
+        args.teacher, args.csv, args.out, device=args.device, top_k=args.top_k, mass=args.mass,
+        batch_seconds=args.batch_seconds,
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_report(args) -> None:
+    from speech_kd.report import build_report
+
+    path = build_report(args.run_dir)
+    print(f"wrote {path}")
+
+
+def _cmd_bench(args) -> None:
+    from speech_kd.bench import main as bench_main
+
+    bench_main(["--json", args.json] if args.json else [])
+
+
+def _cmd_demo(args) -> None:
+    from speech_kd.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (train/distill are handled before it, see ``main``)."""
+    parser = argparse.ArgumentParser(prog="speech-kd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="synthesise a LibriSpeech-layout English corpus offline")
+    p.add_argument("out_dir")
+    p.add_argument("--hours", type=float, default=1.0, help="hours of training audio")
+    p.add_argument("--speakers", type=int, default=100, help="training speakers")
+    p.add_argument("--dev_hours", type=float, default=0.15)
+    p.add_argument("--dev_speakers", type=int, default=10)
+    p.add_argument("--test_hours", type=float, default=0.15)
+    p.add_argument("--test_speakers", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("prepare", help="LibriSpeech-layout folder -> SpeechBrain CSVs")
+    p.add_argument("data_folder")
+    p.add_argument("--save_folder", required=True)
+    p.add_argument("--splits", nargs="+", default=None, help="split folder names (default: all)")
+    p.add_argument("--force", action="store_true", help="redo splits whose CSV is up to date")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("evaluate", help="WER/CER, parameters and RTF of a model folder")
+    p.add_argument("--asr", required=True, help="model folder (EncoderASR-loadable)")
+    p.add_argument("--csv", default=None, help="SpeechBrain CSV manifest")
+    p.add_argument("--data_folder", default=None, help="LibriSpeech-layout folder (with --split)")
+    p.add_argument("--split", default=None)
+    p.add_argument("--json", default=None, help="write the summary here")
+    p.add_argument("--utts", default=None, help="per-utterance file (default: next to --json)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch_seconds", type=float, default=60.0)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("cache-targets", help="run a teacher once and store its soft targets")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--csv", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--top_k", type=int, default=8)
+    p.add_argument("--mass", type=float, default=0.98)
+    p.add_argument("--batch_seconds", type=float, default=120.0)
+    p.set_defaults(func=_cmd_cache_targets)
+
+    p = sub.add_parser("report", help="HTML/Markdown report of a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("demo", help="synthesise, distil and evaluate end to end, offline")
+    p.add_argument("--out", default="demo_run")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, minutes)")
+    p.set_defaults(func=_cmd_demo)
+
+    sub.add_parser("train", help="train a CTC model: speech-kd train HPARAMS.yaml --key=value ...")
+    sub.add_parser("distill", help="distil a student: speech-kd distill HPARAMS.yaml --teacher_source=DIR ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``speech-kd`` script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s - %(message)s")
+    if argv and argv[0] in _PASSTHROUGH:
+        if len(argv) < 2 or argv[1] in ("-h", "--help"):
+            print(f"usage: speech-kd {argv[0]} HPARAMS.yaml [--key=value ...] [SpeechBrain run options]")
+            return 0 if len(argv) >= 2 else 2
+        if argv[0] == "train":
+            from speech_kd.train import run_training
+
+            run_training(argv[1:])
+        else:
+            from speech_kd.distill import run_distillation
+
+            run_distillation(argv[1:])
+        return 0
+    args = build_parser().parse_args(argv)
+    args.func(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Datasets, tokenizer and loaders: CSV manifests to padded batches.
+
+Each batch carries ``id``, ``sig`` (waveforms ``[B, S]`` with relative
+lengths ``[B]``) and ``tokens`` (character IDs ``[B, L]`` with relative
+lengths). Transcripts with characters the tokenizer lacks are an error that
+names the utterances; utterances too short for their labels under CTC are
+skipped and reported, never trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from pathlib import Path
+
+import speechbrain as sb
+import torch
+from speechbrain.dataio.dataset import DynamicItemDataset
+from speechbrain.dataio.encoder import CTCTextEncoder
+from speechbrain.dataio.sampler import DynamicBatchSampler
+
+from speech_kd.audio import read_audio
+
+__all__ = [
+    "make_tokenizer",
+    "merge_csvs",
+    "ctc_min_frames",
+    "load_dataset",
+    "dynamic_batch_sampler",
+    "TranscriptError",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TranscriptError(ValueError):
+    """Transcripts that cannot be turned into the model's tokens."""
+
+
+def make_tokenizer(alphabet: str, blank_index: int = 0) -> CTCTextEncoder:
+    """Character tokenizer: CTC blank at ``blank_index``, then ``alphabet`` in order.
+
+    Examples
+    --------
+    >>> tok = make_tokenizer(" AB")
+    >>> tok.encode_sequence(list("BA A"))
+    [3, 2, 1, 2]
+    >>> len(tok)
+    4
+    """
+    tokenizer = CTCTextEncoder()
+    labels = list(alphabet)
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"alphabet {alphabet!r} repeats a character")
+    labels.insert(blank_index, "<blank>")
+    for label in labels:
+        if label == "<blank>":
+            tokenizer.insert_blank(index=len(tokenizer.lab2ind))
+        else:
+            tokenizer.add_label(label)
+    return tokenizer
+
+
+def token_list(tokenizer: CTCTextEncoder) -> list[str]:
+    """Tokens in index order (``<blank>`` included)."""
+    return [tokenizer.ind2lab[i] for i in range(len(tokenizer))]
+
+
+def merge_csvs(csv_files: list[str], out_csv: str | os.PathLike) -> str:
+    """Concatenate manifests with the same header into ``out_csv`` (atomically)."""
+    rows: list[dict] = []
+    header = None
+    for path in csv_files:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = header or reader.fieldnames
+            rows.extend(reader)
+    out_csv = Path(out_csv)
+    tmp = out_csv.with_name(out_csv.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header or ["ID", "duration", "wav", "spk_id", "wrd"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, out_csv)
+    return str(out_csv)
+
+
+def ctc_min_frames(labels: str) -> int:
+    """Fewest encoder frames a CTC path needs for ``labels``.
+
+    One frame per label, plus one blank between each pair of repeated labels.
+
+    Examples
+    --------
+    >>> ctc_min_frames("HELLO")
+    6
+    """
+    repeats = sum(1 for a, b in zip(labels, labels[1:]) if a == b)
+    return len(labels) + repeats
+
+
+def load_dataset(
+    csv_path: str | os.PathLike,
+    tokenizer: CTCTextEncoder,
+    sample_rate: int = 16000,
+    frame_shift: float | None = 0.04,
+    max_duration: float | None = None,
+    sorting: str = "random",
+) -> DynamicItemDataset:
+    """Dataset for one manifest, with audio and token pipelines attached.
+
+    Parameters
+    ----------
+    csv_path : path-like
+        SpeechBrain CSV with ``ID,duration,wav,spk_id,wrd``.
+    tokenizer : CTCTextEncoder
+        Its labels must cover every transcript character, else
+        :class:`TranscriptError` lists the offending utterances.
+    sample_rate : int
+        Audio at another rate is resampled on reading.
+    frame_shift : float, optional
+        The model's output frame shift in seconds; utterances with fewer
+        frames than their labels need (:func:`ctc_min_frames`) are skipped and
+        logged. ``None`` disables the check (evaluation).
+    max_duration : float, optional
+        Longer utterances are skipped and logged.
+    sorting : str
+        ``ascending``, ``descending`` or ``random`` (order left as in the CSV).
+    """
+    data = DynamicItemDataset.from_csv(csv_path=str(csv_path))
+    known = set(tokenizer.lab2ind)
+    bad = {uid: sorted(set(ex["wrd"]) - known) for uid, ex in data.data.items() if set(ex["wrd"]) - known}
+    if bad:
+        shown = "; ".join(f"{uid}: {''.join(chars)!r}" for uid, chars in list(bad.items())[:10])
+        raise TranscriptError(
+            f"{csv_path}: {len(bad)} transcripts use characters the tokenizer lacks ({shown}). "
+            "Fix the transcripts, or widen `alphabet` in the yaml."
+        )
+
+    keep = set(data.data)
+    if frame_shift:
+        too_short = {
+            uid
+            for uid, ex in data.data.items()
+            if math.floor(float(ex["duration"]) / frame_shift) < ctc_min_frames(ex["wrd"])
+        }
+        for uid in sorted(too_short):
+            logger.warning("skipping %s (%s): too short for its %d labels", uid, csv_path, len(data.data[uid]["wrd"]))
+        keep -= too_short
+    if max_duration:
+        too_long = {uid for uid, ex in data.data.items() if float(ex["duration"]) > max_duration}
+        for uid in sorted(too_long):
+            logger.warning("skipping %s (%s): longer than %.1f s", uid, csv_path, max_duration)
+        keep -= too_long
+    if not keep:
+        raise TranscriptError(f"{csv_path}: no usable utterance left")
+
+    @sb.utils.data_pipeline.takes("wav")
+    @sb.utils.data_pipeline.provides("sig")
+    def audio_pipeline(wav):
+        return read_audio(wav, sample_rate)
+
+    @sb.utils.data_pipeline.takes("wrd")
+    @sb.utils.data_pipeline.provides("tokens")
+    def text_pipeline(wrd):
+        return torch.LongTensor(tokenizer.encode_sequence(list(wrd)))
+
+    data.add_dynamic_item(audio_pipeline)
+    data.add_dynamic_item(text_pipeline)
+    data.set_output_keys(["id", "sig", "tokens", "wrd", "duration"])
+    key_min = {"duration": 0.0}
+    if sorting == "random":
+        return data.filtered_sorted(key_test={"id": lambda uid: uid in keep}) if len(keep) < len(data) else data
+    return data.filtered_sorted(
+        sort_key="duration",
+        reverse=sorting == "descending",
+        key_min_value=key_min,
+        key_test={"id": lambda uid: uid in keep},
+    )
+
+
+def dynamic_batch_sampler(
+    dataset: DynamicItemDataset,
+    max_batch_length: float,
+    num_buckets: int = 20,
+    max_batch_ex: int | None = None,
+    shuffle: bool = True,
+    seed: int = 42,
+) -> DynamicBatchSampler:
+    """Batches of similar duration holding at most ``max_batch_length`` seconds."""
+    return DynamicBatchSampler(
+        dataset,
+        max_batch_length=max_batch_length,
+        num_buckets=num_buckets,
+        length_func=lambda ex: float(ex["duration"]),
+        shuffle=shuffle,
+        batch_ordering="random" if shuffle else "descending",
+        max_batch_ex=max_batch_ex,
+        seed=seed,
+    )

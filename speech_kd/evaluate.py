@@ -1,0 +1,166 @@
+"""Evaluate a model folder: WER/CER (jiwer), parameters and real-time factor.
+
+The model is loaded exactly as a user would, with SpeechBrain's
+``EncoderASR`` and network access disabled, so what is measured is what ships.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from speech_kd.audio import read_audio
+from speech_kd.metrics import error_rates, utterance_errors
+
+__all__ = ["load_asr", "evaluate_model", "EvalResult", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+
+def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None = None):
+    """Load an ``EncoderASR`` model folder offline."""
+    from speechbrain.inference.ASR import EncoderASR
+    from speechbrain.utils.fetching import FetchConfig
+
+    folder = Path(folder)
+    if not (folder / "hyperparams.yaml").exists():
+        raise FileNotFoundError(f"{folder}: not a model folder (no hyperparams.yaml)")
+    return EncoderASR.from_hparams(
+        source=str(folder.resolve()),
+        savedir=savedir or tempfile.mkdtemp(prefix="speechkd_asr_"),
+        run_opts={"device": device},
+        fetch_config=FetchConfig(allow_network=False),
+    )
+
+
+def count_parameters(asr) -> int:
+    """Number of parameters of the loaded model's modules."""
+    return sum(p.numel() for p in asr.mods.parameters())
+
+
+def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
+    """Rows of a SpeechBrain CSV (``ID,duration,wav,...,wrd``)."""
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    missing = {"ID", "wav", "wrd"} - set(rows[0] if rows else {})
+    if not rows:
+        raise ValueError(f"{csv_path}: empty manifest")
+    if missing:
+        raise ValueError(f"{csv_path}: missing columns {sorted(missing)}")
+    return rows
+
+
+def _batches(rows: list[dict], batch_seconds: float) -> list[list[dict]]:
+    """Length-sorted batches of at most ``batch_seconds`` of audio each."""
+    rows = sorted(rows, key=lambda r: -float(r.get("duration") or 0.0))
+    batches, current, total = [], [], 0.0
+    for row in rows:
+        dur = float(row.get("duration") or 0.0)
+        longest = float(current[0].get("duration") or 0.0) if current else dur
+        if current and longest * (len(current) + 1) > batch_seconds:
+            batches.append(current)
+            current, total = [], 0.0
+        current.append(row)
+        total += dur
+    if current:
+        batches.append(current)
+    return batches
+
+
+@dataclass
+class EvalResult:
+    """Everything ``evaluate_model`` measured."""
+
+    summary: dict
+    utterances: list
+
+
+def evaluate_model(
+    asr_folder: str | os.PathLike,
+    csv_path: str | os.PathLike | None = None,
+    data_folder: str | os.PathLike | None = None,
+    split: str | None = None,
+    device: str = "cpu",
+    batch_seconds: float = 60.0,
+    json_path: str | os.PathLike | None = None,
+    utts_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Transcribe a test set with the model folder and score it.
+
+    Give either ``csv_path`` (a SpeechBrain manifest) or ``data_folder`` and
+    ``split`` (a LibriSpeech-layout folder, prepared on the fly; unusable
+    utterances are reported and skipped). Writes ``json_path`` (keys ``wer``,
+    ``cer``, ``num_utts``, ``params``, ``rtf``, ...) and ``utts_path`` (one
+    block per utterance, worst first, with jiwer's alignment) when given.
+    """
+    if csv_path is None:
+        if data_folder is None or split is None:
+            raise ValueError("give --csv, or --data_folder and --split")
+        from speech_kd.prepare import prepare_split
+
+        tmp = tempfile.mkdtemp(prefix="speechkd_eval_")
+        csv_path = prepare_split(data_folder, split, tmp).csv_files[split]
+    rows = read_manifest(csv_path)
+    asr = load_asr(asr_folder, device=device)
+    sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
+
+    ids, refs, hyps = [], [], []
+    audio_seconds = compute_seconds = 0.0
+    batches = _batches(rows, batch_seconds)
+    for batch in tqdm(batches, desc="evaluating", unit="batch", disable=not progress):
+        wavs = [read_audio(r["wav"], sample_rate) for r in batch]
+        lengths = torch.tensor([w.shape[0] for w in wavs], dtype=torch.float32)
+        padded = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)
+        start = time.perf_counter()
+        words, _ = asr.transcribe_batch(padded, lengths / lengths.max())
+        compute_seconds += time.perf_counter() - start
+        audio_seconds += float(lengths.sum()) / sample_rate
+        ids += [r["ID"] for r in batch]
+        refs += [r["wrd"] for r in batch]
+        hyps += list(words)
+
+    rates = error_rates(refs, hyps)
+    summary = {
+        "wer": round(rates.wer, 3),
+        "cer": round(rates.cer, 3),
+        "num_utts": rates.num_utts,
+        "params": count_parameters(asr),
+        "rtf": round(compute_seconds / max(audio_seconds, 1e-9), 5),
+        "audio_seconds": round(audio_seconds, 2),
+        "compute_seconds": round(compute_seconds, 3),
+        "utts_per_second": round(len(ids) / max(compute_seconds, 1e-9), 2),
+        "word_errors": rates.word_errors,
+        "ref_words": rates.ref_words,
+        "substitutions": rates.substitutions,
+        "deletions": rates.deletions,
+        "insertions": rates.insertions,
+        "model": str(asr_folder),
+        "csv": str(csv_path),
+        "device": device,
+    }
+    per_utt = utterance_errors(ids, refs, hyps)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
+    if utts_path:
+        write_utterances(per_utt, utts_path)
+    return EvalResult(summary, per_utt)
+
+
+def write_utterances(per_utt: list, path: str | os.PathLike) -> None:
+    """Per-utterance reference/hypothesis/errors, worst first."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for u in per_utt:
+            fh.write(f"{u.utt_id}  WER {u.wer:.1f}%  ({u.errors} errors / {u.ref_words} words)\n")
+            fh.write(u.alignment + "\n\n")

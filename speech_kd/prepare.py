@@ -1,0 +1,247 @@
+"""LibriSpeech-layout folders to SpeechBrain CSV manifests.
+
+Input layout (a LibriSpeech download, or ``speech-kd synth`` output)::
+
+    DATA_FOLDER/SPLIT/SPK/CHAPTER/SPK-CHAPTER-UTT.flac
+    DATA_FOLDER/SPLIT/SPK/CHAPTER/SPK-CHAPTER.trans.txt
+
+Output: ``SAVE_FOLDER/SPLIT.csv`` with SpeechBrain's LibriSpeech columns
+``ID,duration,wav,spk_id,wrd``, plus ``SAVE_FOLDER/SPLIT_skipped.csv`` listing
+every utterance left out and why. Bad utterances never stop the run: each is
+reported by name and reason, counted and skipped. CSVs are written under a
+temporary name and renamed, so an interrupted run leaves no half-written
+manifest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from speech_kd.audio import AudioError, probe_audio
+
+__all__ = ["LIBRISPEECH_ALPHABET", "PrepareResult", "prepare_librispeech", "Skipped"]
+
+logger = logging.getLogger(__name__)
+
+#: Characters allowed in transcripts (after upper-casing): LibriSpeech's.
+LIBRISPEECH_ALPHABET = " 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+AUDIO_EXTENSIONS = (".flac", ".wav")
+CSV_HEADER = ["ID", "duration", "wav", "spk_id", "wrd"]
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """One utterance (or file) left out of a manifest."""
+
+    split: str
+    utt_id: str
+    path: str
+    reason: str
+
+
+@dataclass
+class PrepareResult:
+    """What ``prepare_librispeech`` wrote and what it skipped, per split."""
+
+    csv_files: dict[str, str] = field(default_factory=dict)
+    kept: dict[str, int] = field(default_factory=dict)
+    hours: dict[str, float] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def skipped_counts(self) -> dict[str, Counter]:
+        """Skipped utterances per split, counted by kind of reason."""
+        out: dict[str, Counter] = {}
+        for item in self.skipped:
+            out.setdefault(item.split, Counter())[item.reason.split(":")[0].split(" (")[0]] += 1
+        return out
+
+
+def _read_transcripts(split_dir: Path, skipped: list[Skipped], split: str) -> dict[str, tuple[str, Path]]:
+    """Map utterance ID to (raw transcript, chapter folder) for one split."""
+    out: dict[str, tuple[str, Path]] = {}
+    for trans in sorted(split_dir.glob("*/*/*.trans.txt")):
+        try:
+            lines = trans.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            skipped.append(Skipped(split, "-", str(trans), f"unreadable transcript file ({err})"))
+            continue
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            utt_id, _, text = line.strip().partition(" ")
+            if utt_id in out:
+                skipped.append(Skipped(split, utt_id, f"{trans}:{lineno}", "duplicate utterance ID"))
+                continue
+            out[utt_id] = (text, trans.parent)
+    return out
+
+
+def _find_audio(split_dir: Path) -> dict[str, Path]:
+    files: dict[str, Path] = {}
+    for ext in AUDIO_EXTENSIONS:
+        for path in split_dir.glob(f"*/*/*{ext}"):
+            if path.name.endswith(".part" + ext):
+                continue  # an unfinished file from an interrupted synthesis
+            files.setdefault(path.stem, path)
+    return files
+
+
+def _check_text(text: str, alphabet: str) -> tuple[str, str | None]:
+    """Normalise a transcript; return it and a reason to skip, or None."""
+    norm = " ".join(text.upper().split())
+    if not norm:
+        return norm, "empty transcript"
+    bad = sorted(set(norm) - set(alphabet))
+    if bad:
+        return norm, f"characters outside the alphabet: {''.join(bad)!r}"
+    return norm, None
+
+
+def prepare_split(
+    data_folder: str | os.PathLike,
+    split: str,
+    save_folder: str | os.PathLike,
+    sample_rate: int = 16000,
+    alphabet: str = LIBRISPEECH_ALPHABET,
+    workers: int = 8,
+) -> PrepareResult:
+    """Write ``SAVE_FOLDER/SPLIT.csv`` for one split; see module docstring."""
+    split_dir = Path(data_folder) / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"split folder {split_dir} does not exist (data_folder={data_folder})")
+    result = PrepareResult()
+    skipped = result.skipped
+    transcripts = _read_transcripts(split_dir, skipped, split)
+    audio = _find_audio(split_dir)
+
+    for utt_id in sorted(set(audio) - set(transcripts)):
+        skipped.append(Skipped(split, utt_id, str(audio[utt_id]), "audio without a transcript line"))
+    candidates = []
+    for utt_id in sorted(transcripts):
+        text, chapter_dir = transcripts[utt_id]
+        if utt_id not in audio:
+            path = chapter_dir / f"{utt_id}.flac"
+            skipped.append(Skipped(split, utt_id, str(path), "transcript line without audio"))
+            continue
+        norm, problem = _check_text(text, alphabet)
+        if problem:
+            skipped.append(Skipped(split, utt_id, str(audio[utt_id]), problem))
+            continue
+        candidates.append((utt_id, audio[utt_id], norm))
+
+    def probe(item):
+        utt_id, path, norm = item
+        try:
+            return item, probe_audio(path, sample_rate=sample_rate, channels=1), None
+        except AudioError as err:
+            return item, None, err.reason
+
+    rows = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for (utt_id, path, norm), info, problem in pool.map(probe, candidates):
+            if problem:
+                skipped.append(Skipped(split, utt_id, str(path), problem))
+                continue
+            spk_id = utt_id.split("-")[0]
+            rows.append([utt_id, f"{info.duration:.3f}", str(Path(path).resolve()), spk_id, norm])
+
+    save = Path(save_folder)
+    save.mkdir(parents=True, exist_ok=True)
+    csv_path = save / f"{split}.csv"
+    _atomic_csv(csv_path, CSV_HEADER, rows)
+    _atomic_csv(
+        save / f"{split}_skipped.csv",
+        ["ID", "path", "reason"],
+        [[s.utt_id, s.path, s.reason] for s in skipped],
+    )
+    result.csv_files[split] = str(csv_path)
+    result.kept[split] = len(rows)
+    result.hours[split] = round(sum(float(r[1]) for r in rows) / 3600.0, 4)
+    for item in skipped:
+        logger.warning("skipped %s (%s): %s", item.utt_id, item.path, item.reason)
+    return result
+
+
+def _atomic_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def prepare_librispeech(
+    data_folder: str | os.PathLike,
+    save_folder: str | os.PathLike,
+    splits: list[str] | tuple[str, ...] | None = None,
+    sample_rate: int = 16000,
+    alphabet: str = LIBRISPEECH_ALPHABET,
+    skip_if_done: bool = True,
+) -> PrepareResult:
+    """Prepare several splits of a LibriSpeech-layout folder.
+
+    Parameters
+    ----------
+    data_folder : path-like
+        Folder holding one sub-folder per split (``train-clean-100``, ...).
+    save_folder : path-like
+        Where ``SPLIT.csv`` and ``SPLIT_skipped.csv`` go.
+    splits : list of str, optional
+        Split folder names; default: every sub-folder of ``data_folder``.
+    sample_rate : int
+        Audio at another rate is skipped and reported (resample it first).
+    alphabet : str
+        Allowed transcript characters after upper-casing.
+    skip_if_done : bool
+        Reuse a split's CSV when it was made from the same inputs and settings
+        (recorded in ``SAVE_FOLDER/prepare_SPLIT.json``).
+
+    Returns
+    -------
+    PrepareResult
+        CSV paths, kept counts, hours and the skipped utterances.
+    """
+    data_folder = Path(data_folder)
+    if not data_folder.is_dir():
+        raise FileNotFoundError(f"data_folder {data_folder} does not exist")
+    if not splits:
+        splits = sorted(p.name for p in data_folder.iterdir() if p.is_dir() and any(p.glob("*/*/*.trans.txt")))
+        if not splits:
+            raise FileNotFoundError(f"no LibriSpeech-layout split (SPLIT/SPK/CHAPTER/*.trans.txt) in {data_folder}")
+    total = PrepareResult()
+    for split in splits:
+        stamp = Path(save_folder) / f"prepare_{split}.json"
+        settings = {
+            "data_folder": str(data_folder.resolve()),
+            "split": split,
+            "sample_rate": sample_rate,
+            "alphabet": alphabet,
+            "mtime": _tree_mtime(data_folder / split),
+        }
+        csv_path = Path(save_folder) / f"{split}.csv"
+        if skip_if_done and csv_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+            logger.info("%s is up to date, skipping preparation", csv_path)
+            total.csv_files[split] = str(csv_path)
+            continue
+        res = prepare_split(data_folder, split, save_folder, sample_rate, alphabet)
+        total.csv_files.update(res.csv_files)
+        total.kept.update(res.kept)
+        total.hours.update(res.hours)
+        total.skipped.extend(res.skipped)
+        stamp.write_text(json.dumps(settings, indent=1))
+    return total
+
+
+def _tree_mtime(folder: Path) -> float:
+    """Latest modification time of the split's chapter folders (detects edits)."""
+    if not folder.is_dir():
+        return 0.0
+    return max((p.stat().st_mtime for p in folder.glob("*/*")), default=0.0)

@@ -1,0 +1,199 @@
+"""Write a synthesised multi-speaker English corpus in LibriSpeech layout.
+
+Layout (identical to a LibriSpeech download, so ``speech-kd prepare`` and
+every recipe treat both the same)::
+
+    OUT_DIR/SPLIT/SPK/CHAPTER/SPK-CHAPTER-UTT.flac
+    OUT_DIR/SPLIT/SPK/CHAPTER/SPK-CHAPTER.trans.txt
+    OUT_DIR/SPEAKERS.TXT
+    OUT_DIR/synth_config.json
+
+Speakers and sentences are disjoint between splits. Everything is drawn
+from one seed, and each utterance's content depends only on its index, so
+the corpus is identical whatever the number of worker processes, and a rerun
+after an interruption only renders what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from speech_kd.synth.text import SentenceGenerator
+from speech_kd.synth.voices import Speaker, check_engines, make_speakers, render
+
+__all__ = ["SplitSpec", "SynthConfig", "synthesize_corpus", "DEFAULT_SPLITS"]
+
+#: seconds of speech per transcript character, used to plan split sizes
+_SECONDS_PER_CHAR = 0.068
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """One split to synthesise: its name, hours of audio and speaker count."""
+
+    name: str
+    hours: float
+    speakers: int
+
+
+DEFAULT_SPLITS = (
+    SplitSpec("train", 1.0, 100),
+    SplitSpec("dev", 0.15, 10),
+    SplitSpec("test", 0.15, 10),
+)
+
+
+@dataclass
+class SynthConfig:
+    """Everything that determines the corpus; saved as ``synth_config.json``."""
+
+    splits: tuple[SplitSpec, ...] = DEFAULT_SPLITS
+    seed: int = 1234
+    chapters_per_speaker: int = 2
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def to_dict(self) -> dict:
+        """JSON-friendly view (``jobs`` omitted: it does not change the output)."""
+        return {
+            "splits": [vars(s) for s in self.splits],
+            "seed": self.seed,
+            "chapters_per_speaker": self.chapters_per_speaker,
+        }
+
+
+@dataclass(frozen=True)
+class _Utterance:
+    split: str
+    speaker: Speaker
+    chapter: int
+    index: int
+    text: str
+
+    @property
+    def utt_id(self) -> str:
+        return f"{self.speaker.speaker_id}-{self.chapter}-{self.index:04d}"
+
+    def flac_path(self, root: Path) -> Path:
+        spk = str(self.speaker.speaker_id)
+        return root / self.split / spk / str(self.chapter) / f"{self.utt_id}.flac"
+
+
+def _sentence_owner(sentence: str, n_splits: int) -> int:
+    """Index of the split that owns ``sentence``: a stable hash partition.
+
+    Split ``k >= 1`` owns hash bucket ``k - 1`` of 20; split 0 (the training
+    split) owns the rest. Ownership depends only on the sentence, so splits
+    stay disjoint whatever their sizes, and a smaller corpus made with the
+    same seed is a prefix of a larger one.
+    """
+    bucket = zlib.crc32(sentence.encode()) % 20
+    return bucket + 1 if bucket < n_splits - 1 else 0
+
+
+def _plan(config: SynthConfig) -> list[_Utterance]:
+    """Decide every utterance (split, speaker, chapter, text) before rendering."""
+    if len(config.splits) > 20:
+        raise ValueError("at most 20 splits")
+    plan: list[_Utterance] = []
+    for k, split in enumerate(config.splits):
+        if split.speakers < 1:
+            raise ValueError(f"split {split.name!r} needs at least one speaker")
+        speakers = make_speakers(split.speakers, seed=config.seed * 1000 + k, first_id=100 + 1000 * k)
+        sentences = SentenceGenerator(seed=config.seed)
+        budget = split.hours * 3600.0
+        counters = [0] * len(speakers)
+        n = 0
+        while budget > 0:
+            for text in sentences.take(256):
+                if _sentence_owner(text, len(config.splits)) != k:
+                    continue
+                slot = n % len(speakers)
+                n += 1
+                spk = speakers[slot]
+                idx = counters[slot]
+                counters[slot] += 1
+                chapter = spk.speaker_id * 10 + idx % config.chapters_per_speaker
+                plan.append(_Utterance(split.name, spk, chapter, idx, text))
+                budget -= len(text) * _SECONDS_PER_CHAR + 0.3
+                if budget <= 0:
+                    break
+    return plan
+
+
+def _render_job(job: tuple[Speaker, str, str]) -> None:
+    speaker, text, path = job
+    try:
+        render(speaker, text, path)
+    except Exception as err:  # noqa: BLE001 - re-raised with context for the pool
+        raise RuntimeError(f"synthesis failed for {path} ({speaker.engine}/{speaker.voice}): {err}") from err
+
+
+def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = None) -> dict:
+    """Synthesise the corpus described by ``config`` into ``out_dir``.
+
+    Returns a summary: utterances and hours of audio per split.
+    """
+    config = config or SynthConfig()
+    check_engines()
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    plan = _plan(config)
+
+    todo = [(u.speaker, u.text, str(u.flac_path(root))) for u in plan if not u.flac_path(root).exists()]
+    for u in plan:
+        u.flac_path(root).parent.mkdir(parents=True, exist_ok=True)
+    if todo:
+        with mp.get_context("fork").Pool(max(1, config.jobs)) as pool:
+            for _ in tqdm(pool.imap_unordered(_render_job, todo, chunksize=8), total=len(todo),
+                          desc="synthesising", unit="utt"):
+                pass
+
+    _write_transcripts(root, plan)
+    _write_speakers(root, plan)
+    (root / "synth_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return _summarise(root, plan)
+
+
+def _write_transcripts(root: Path, plan: list[_Utterance]) -> None:
+    by_chapter: dict[Path, list[_Utterance]] = {}
+    for u in plan:
+        by_chapter.setdefault(u.flac_path(root).parent, []).append(u)
+    for folder, utts in by_chapter.items():
+        spk, chapter = utts[0].speaker.speaker_id, utts[0].chapter
+        lines = [f"{u.utt_id} {u.text}\n" for u in sorted(utts, key=lambda u: u.utt_id)]
+        tmp = folder / f"{spk}-{chapter}.trans.txt.part"
+        tmp.write_text("".join(lines))
+        os.replace(tmp, folder / f"{spk}-{chapter}.trans.txt")
+
+
+def _write_speakers(root: Path, plan: list[_Utterance]) -> None:
+    seen: dict[int, tuple[Speaker, str]] = {}
+    for u in plan:
+        seen.setdefault(u.speaker.speaker_id, (u.speaker, u.split))
+    lines = ["; ID  |SEX| SUBSET | NAME (engine/voice)\n"]
+    for spk_id, (spk, split) in sorted(seen.items()):
+        lines.append(f"{spk_id:<5}| {spk.sex} | {split:<6} | {spk.engine}/{spk.voice}\n")
+    (root / "SPEAKERS.TXT").write_text("".join(lines))
+
+
+def _summarise(root: Path, plan: list[_Utterance]) -> dict:
+    import soundfile as sf
+
+    summary: dict[str, dict] = {}
+    for u in plan:
+        info = sf.info(str(u.flac_path(root)))
+        entry = summary.setdefault(u.split, {"utterances": 0, "hours": 0.0, "speakers": set()})
+        entry["utterances"] += 1
+        entry["hours"] += info.frames / info.samplerate / 3600.0
+        entry["speakers"].add(u.speaker.speaker_id)
+    return {
+        name: {"utterances": e["utterances"], "hours": round(e["hours"], 3), "speakers": len(e["speakers"])}
+        for name, e in summary.items()
+    }

@@ -1,0 +1,164 @@
+"""The training recipe: yaml + command-line overrides -> trained ``<output_folder>/model``.
+
+Shared by ``speech-kd train``, ``speech-kd distill`` and ``recipes/*/train.py``
+so every entry point behaves the same. Steps, as in SpeechBrain recipes:
+prepare CSVs (on the main process), build datasets, fit with checkpoints,
+test the best checkpoint, export the model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import speechbrain as sb
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.utils.distributed import run_on_main
+
+from speech_kd.brain import CTCBrain
+from speech_kd.dataio import dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
+from speech_kd.export import export_model_folder
+from speech_kd.prepare import prepare_librispeech
+
+__all__ = ["run_training", "prepare_csvs", "resolve_hparams_file"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_hparams_file(path: str) -> str:
+    """Find ``path`` as given, or relative to the repository that holds this package."""
+    if Path(path).exists():
+        return path
+    repo_copy = Path(__file__).resolve().parent.parent / path
+    if repo_copy.exists():
+        return str(repo_copy)
+    raise FileNotFoundError(f"hparams file {path} not found")
+
+
+def prepare_csvs(hparams: dict) -> dict[str, list[str]]:
+    """Run data preparation for all splits; return CSV paths per role."""
+    folder = Path(hparams["output_folder"])
+    roles = {"train": hparams["train_splits"], "dev": hparams["dev_splits"], "test": hparams["test_splits"]}
+    splits = sorted({s for names in roles.values() for s in names})
+    result = prepare_librispeech(
+        hparams["data_folder"],
+        folder / "data",
+        splits=splits,
+        sample_rate=hparams["sample_rate"],
+        alphabet=hparams["alphabet"],
+    )
+    for split, counts in result.skipped_counts().items():
+        logger.warning("%s: skipped %s (see %s/data/%s_skipped.csv)", split, dict(counts), folder, split)
+    return {role: [result.csv_files[s] for s in names] for role, names in roles.items()}
+
+
+def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_shift: float) -> dict:
+    """Datasets for train (merged splits), dev (merged) and each test split."""
+    folder = Path(hparams["output_folder"])
+    train_csv = merge_csvs(csvs["train"], folder / "train.csv")
+    dev_csv = merge_csvs(csvs["dev"], folder / "dev.csv")
+    common = {"tokenizer": tokenizer, "sample_rate": hparams["sample_rate"], "frame_shift": frame_shift}
+    return {
+        "train": load_dataset(train_csv, max_duration=hparams.get("avoid_if_longer_than"), **common),
+        "dev": load_dataset(dev_csv, sorting="descending", **common),
+        "test": {
+            Path(c).stem: load_dataset(c, sorting="descending", **{**common, "frame_shift": None})
+            for c in csvs["test"]
+        },
+    }
+
+
+def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CTCBrain, setup=None) -> dict:
+    """Train (or distill) as the yaml says; return the test results per split.
+
+    Parameters
+    ----------
+    argv : list of str
+        ``[HPARAMS.yaml, --key=value, ...]`` as for a SpeechBrain recipe
+        (run options such as ``--device``, ``--debug``, ``--precision`` too).
+    brain_class : type
+        The Brain to use (``CTCBrain`` or ``DistillBrain``).
+    setup : callable, optional
+        ``setup(brain, hparams, datasets)`` called before fitting (the distill
+        recipe attaches its targets here).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-"):
+        argv[0] = resolve_hparams_file(argv[0])
+    hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    hparams_text = Path(hparams_file).read_text()
+    hparams = load_hyperpyyaml(hparams_text, overrides)
+    sb.create_experiment_directory(
+        experiment_directory=hparams["output_folder"],
+        hyperparams_to_save=hparams_file,
+        overrides=overrides,
+    )
+    csvs = {}
+    if not hparams.get("skip_prep", False):
+        run_on_main(prepare_csvs, kwargs={"hparams": hparams})
+    csvs = prepare_csvs(hparams)  # up to date now: only reads the stamps
+
+    tokenizer = make_tokenizer(hparams["alphabet"], hparams["blank_index"])
+    if len(tokenizer) != hparams["output_neurons"]:
+        raise ValueError(
+            f"output_neurons={hparams['output_neurons']} but the alphabet gives {len(tokenizer)} tokens"
+        )
+    frame_shift = hparams.get("frame_shift", 0.04)
+    datasets = build_datasets(hparams, tokenizer, csvs, frame_shift)
+
+    brain = brain_class(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts=run_opts,
+        checkpointer=hparams["checkpointer"],
+    )
+    brain.tokenizer = tokenizer
+    if setup is not None:
+        setup(brain, hparams, datasets)
+
+    sampler = dynamic_batch_sampler(
+        datasets["train"],
+        hparams["max_batch_length"],
+        num_buckets=hparams["num_buckets"],
+        max_batch_ex=hparams["max_batch_ex"],
+        seed=hparams["seed"],
+    )
+    brain.fit(
+        hparams["epoch_counter"],
+        datasets["train"],
+        datasets["dev"],
+        train_loader_kwargs={"batch_sampler": sampler, "num_workers": hparams["num_workers"]},
+        valid_loader_kwargs={"batch_size": hparams.get("eval_batch_size", 8)},
+    )
+
+    results = {}
+    for name, dataset in datasets["test"].items():
+        brain.evaluate(dataset, min_key="CER", test_loader_kwargs={"batch_size": hparams.get("eval_batch_size", 8)})
+        results[name] = brain.test_stats
+        _write_hypotheses(Path(hparams["output_folder"]) / f"hyp_{name}.txt", brain.test_hypotheses)
+    if not results:  # no test split: still load the best checkpoint before export
+        brain.checkpointer.recover_if_possible(min_key="CER")
+
+    info = {"trained_with": Path(hparams_file).name, "overrides": overrides, "test": results}
+    run_on_main(
+        export_model_folder,
+        kwargs={
+            "hparams": hparams,
+            "hparams_text": hparams_text,
+            "tokenizer": tokenizer,
+            "out_dir": hparams["model_folder"],
+            "extra_info": info,
+        },
+    )
+    if sb.utils.distributed.if_main_process():
+        (Path(hparams["output_folder"]) / "test_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def _write_hypotheses(path: Path, rows) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for uid, ref, hyp in rows:
+            fh.write(f"{uid}\tREF: {ref}\n{uid}\tHYP: {hyp}\n")

@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny synthesised corpus and tiny model overrides (real audio, real SpeechBrain)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: overrides that shrink any of our yamls to a model that trains in seconds
+TINY_MODEL = [
+    "--d_model=32",
+    "--d_ffn=64",
+    "--num_encoder_layers=1",
+    "--cnn_channels_1=8",
+    "--cnn_channels_2=4",
+    "--max_batch_length=40",
+    "--warmup_steps=5",
+    "--lr=0.003",
+]
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device for tests that train or run models")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    return request.config.getoption("--device")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """About 2 minutes of synthesised speech in LibriSpeech layout (train/dev/test)."""
+    from speech_kd.synth import SplitSpec, SynthConfig, synthesize_corpus
+
+    root = tmp_path_factory.mktemp("corpus") / "synth"
+    config = SynthConfig(
+        splits=(SplitSpec("train", 0.025, 4), SplitSpec("dev", 0.006, 2), SplitSpec("test", 0.006, 2)),
+        seed=7,
+        jobs=1,
+    )
+    synthesize_corpus(root, config)
+    return root
+
+
+@pytest.fixture()
+def corpus_copy(tiny_corpus, tmp_path) -> Path:
+    """A private, writable copy of the tiny corpus (for tests that break files)."""
+    dst = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_corpus, tmp_path_factory) -> Path:
+    """A real 2-epoch training run of the tiny teacher; returns its output folder."""
+    from speech_kd.train import run_training
+
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    run_training(
+        [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
+         "--number_of_epochs=2", *TINY_MODEL]
+    )  # fmt: skip
+    return out
