@@ -11,7 +11,9 @@ fixed points: waveform augmentation before the chain, SpecAugment after
 from __future__ import annotations
 
 import inspect
+import json
 import logging
+from pathlib import Path
 
 import speechbrain as sb
 import torch
@@ -162,6 +164,15 @@ class CTCBrain(sb.Brain):
             stats.update(WER=rates.wer, CER=rates.cer)
         return stats
 
+    def _append_history(self, epoch, lr, valid_stats) -> None:
+        """One JSON line per epoch in ``<output_folder>/history.jsonl`` (read by the report)."""
+        folder = getattr(self.hparams, "output_folder", None)
+        if folder is None or not sb.utils.distributed.if_main_process():
+            return
+        record = {"epoch": epoch, "lr": lr, "train": getattr(self, "train_stats", {}), "valid": valid_stats}
+        with open(Path(folder) / "history.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, default=float) + "\n")
+
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Log, checkpoint on dev CER, write test hypotheses."""
         stats = self.stage_stats(stage, stage_loss)
@@ -175,6 +186,7 @@ class CTCBrain(sb.Brain):
                 train_stats=getattr(self, "train_stats", None),
                 valid_stats=stats,
             )
+            self._append_history(epoch, lr, stats)
             self.checkpointer.save_and_keep_only(
                 meta={"CER": stats["CER"], "WER": stats["WER"], "epoch": epoch},
                 min_keys=["CER"],

@@ -25,6 +25,7 @@ from speech_kd.audio import read_audio
 
 __all__ = [
     "make_tokenizer",
+    "token_strings",
     "merge_csvs",
     "ctc_min_frames",
     "load_dataset",
@@ -63,9 +64,19 @@ def make_tokenizer(alphabet: str, blank_index: int = 0) -> CTCTextEncoder:
     return tokenizer
 
 
-def token_list(tokenizer: CTCTextEncoder) -> list[str]:
-    """Tokens in index order (``<blank>`` included)."""
-    return [tokenizer.ind2lab[i] for i in range(len(tokenizer))]
+def token_strings(tokenizer) -> list[str]:
+    """Token strings in index order, from a ``CTCTextEncoder`` or a SentencePiece model.
+
+    Examples
+    --------
+    >>> token_strings(make_tokenizer("AB"))
+    ['<blank>', 'A', 'B']
+    """
+    if hasattr(tokenizer, "ind2lab"):
+        return [str(tokenizer.ind2lab[i]) for i in range(len(tokenizer.ind2lab))]
+    if hasattr(tokenizer, "id_to_piece"):
+        return [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size())]
+    raise TypeError(f"unsupported tokenizer type {type(tokenizer).__name__}")
 
 
 def merge_csvs(csv_files: list[str], out_csv: str | os.PathLike) -> str:

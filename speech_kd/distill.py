@@ -1,0 +1,87 @@
+"""The distillation recipe: the training recipe plus teacher targets from the yaml.
+
+``teacher_source`` names the teacher folder(s) (comma-separated for an
+ensemble); ``targets_cache`` switches from the live teacher to a cache made by
+``speech-kd cache-targets``. The vocabulary mapping and frame-rate handling
+are reported at start-up, before the first batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from speech_kd.dataio import token_strings
+from speech_kd.kd import DistillBrain
+from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.train import run_training
+
+__all__ = ["run_distillation", "make_targets"]
+
+logger = logging.getLogger(__name__)
+
+
+def _teacher_sources(value) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [s.strip() for s in str(value or "").split(",") if s.strip()]
+
+
+def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
+    """Build ``OnlineTargets`` or ``CachedTargets`` as the yaml says."""
+    from speech_kd.teachers.base import load_teacher
+
+    sources = _teacher_sources(hparams.get("teacher_source"))
+    cache_dir = str(hparams.get("targets_cache") or "")
+    if not sources and not cache_dir:
+        raise ValueError("distillation needs --teacher_source=FOLDER (or --targets_cache=CACHE_DIR)")
+    teacher = None
+    if sources:
+        if len(sources) == 1:
+            teacher = load_teacher(sources[0], kind=hparams.get("teacher_kind", "auto"), device=device)
+        else:
+            from speech_kd.teachers.ensemble import load_ensemble
+
+            teacher = load_ensemble(sources, weights=hparams.get("ensemble_weights"), device=device)
+
+    common = {
+        "student_tokens": student_tokens,
+        "student_blank": hparams["blank_index"],
+        "student_frame_shift": hparams["frame_shift"],
+        "max_unmapped_mass": hparams.get("max_unmapped_mass", 0.05),
+        "frame_tolerance": hparams.get("frame_tolerance", 2),
+    }
+    if cache_dir:
+        from speech_kd.cache import CacheReader
+
+        reader = CacheReader(cache_dir)
+        meta = reader.metadata
+        if teacher is not None:
+            reader.check_compatible(teacher_fingerprint=teacher.fingerprint(), teacher_tokens=teacher.tokens)
+        reader.check_compatible(student_tokens=student_tokens)
+        aligner = TargetAligner(meta["teacher_tokens"], meta["blank_index"], meta["frame_shift"], **common)
+        strategy = CachedTargets(reader, aligner)
+        source = f"cache {cache_dir} (teacher {meta.get('teacher_name')})"
+    else:
+        aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, **common)
+        strategy = OnlineTargets(teacher, aligner, hparams["sample_rate"])
+        source = f"live teacher {teacher.name}"
+    logger.info("KD targets from %s\n%s", source, aligner.report())
+    return strategy
+
+
+def run_distillation(argv: list[str] | None = None) -> dict:
+    """Distil as ``hparams/distill.yaml`` says; same arguments as :func:`run_training`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def setup(brain, hparams, datasets):
+        if hparams.get("kd_weight", 0.0) == 0.0 and hparams.get("kd_weight_final") in (None, 0.0):
+            logger.info("kd_weight=0: training the student without a teacher (the baseline)")
+            return
+        targets = make_targets(hparams, token_strings(brain.tokenizer), device=str(brain.device))
+        brain.attach_targets(targets)
+        report = Path(hparams["output_folder"]) / "kd_setup.txt"
+        report.write_text(targets.aligner.report() + "\n")
+
+    return run_training(argv, brain_class=DistillBrain, setup=setup)

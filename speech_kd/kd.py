@@ -1,0 +1,167 @@
+"""``KDMixin``: add frame-level knowledge distillation to any CTC ``speechbrain.Brain``.
+
+Put the mixin first in the bases of an existing CTC Brain and attach a target
+strategy::
+
+    class ASR(KDMixin, sb.Brain):   # was: class ASR(sb.Brain)
+        ...                         # compute_forward returns (log_probs, wav_lens)
+
+    asr_brain = ASR(modules=..., hparams=hparams, ...)
+    asr_brain.attach_targets(make_targets(hparams, student_tokens))
+
+The Brain's own ``compute_objectives`` (its CTC loss) is kept; on training
+batches the mixin returns ``(1 - kd_weight) * ctc + kd_weight * kd``. The
+teacher lives in the target strategy, not in ``modules``: it is never
+wrapped by DDP, never saved in the student's checkpoints, and runs on the
+student's device without gradients. Options are read from the hparams
+(``kd_weight``, ``temperature``, ``kd_loss``, ``kd_topk``, ``blank_mode``, ...;
+see ``hparams/distill.yaml``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import speechbrain as sb
+import torch
+
+from speech_kd.align import relative_to_frames
+from speech_kd.brain import CTCBrain
+from speech_kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
+from speech_kd.schedules import linear_ramp
+
+__all__ = ["KDMixin", "DistillBrain"]
+
+logger = logging.getLogger(__name__)
+
+_DEFAULTS = {
+    "kd_weight": 0.5,
+    "kd_weight_final": None,
+    "temperature": 2.0,
+    "temperature_final": None,
+    "kd_ramp_epochs": 1,
+    "kd_loss": "kl",
+    "kd_topk": None,
+    "blank_mode": "none",
+    "blank_threshold": 0.9,
+    "blank_weight": 0.1,
+    "blank_index": 0,
+}
+
+
+class KDMixin:
+    """Mix a KD term into a CTC Brain's training objective (see module docstring)."""
+
+    kd_targets = None
+
+    def attach_targets(self, targets) -> None:
+        """Use ``targets(batch, student_lengths, student_max) -> Targets`` (online or cached)."""
+        self.kd_targets = targets
+
+    # ---------------------------------------------------------------- options
+    def kd_option(self, name: str):
+        """A KD setting from the hparams, or its documented default."""
+        return getattr(self.hparams, name, _DEFAULTS[name])
+
+    def kd_schedule(self) -> tuple[float, float]:
+        """``(kd_weight, temperature)`` for the current epoch."""
+        epoch = max(1, getattr(self.hparams.epoch_counter, "current", 1)) if hasattr(self.hparams, "epoch_counter") else 1
+        ramp = self.kd_option("kd_ramp_epochs")
+        weight = linear_ramp(self.kd_option("kd_weight"), self.kd_option("kd_weight_final"), epoch, ramp)
+        temp = linear_ramp(self.kd_option("temperature"), self.kd_option("temperature_final"), epoch, ramp)
+        return weight, temp
+
+    def kd_student_outputs(self, predictions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student frame log-probs ``[B, T, V]`` and relative lengths ``[B]`` from ``compute_forward``.
+
+        The default reads ``predictions[0]`` and ``predictions[1]``, the
+        layout of SpeechBrain's CTC recipes; override for other layouts.
+        """
+        return predictions[0], predictions[1]
+
+    # ------------------------------------------------------------------ hooks
+    def on_fit_start(self):
+        """Move the teacher to the student's device."""
+        super().on_fit_start()
+        if self.kd_targets is not None and hasattr(self.kd_targets, "to"):
+            self.kd_targets.to(self.device)
+
+    def on_stage_start(self, stage, epoch=None):
+        """Reset the per-epoch KD statistics."""
+        super().on_stage_start(stage, epoch)
+        self._kd_totals = {"ctc_loss": 0.0, "kd_loss": 0.0, "blank_share": 0.0, "agreement": 0.0, "lost_mass": 0.0}
+        self._kd_batches = 0
+
+    def compute_objectives(self, predictions, batch, stage):
+        """The Brain's CTC loss, mixed with KD on training batches."""
+        ctc = super().compute_objectives(predictions, batch, stage)
+        weight, temperature = self.kd_schedule()
+        if stage != sb.Stage.TRAIN or weight == 0.0:
+            return ctc
+        if self.kd_targets is None:
+            raise RuntimeError("kd_weight > 0 but no teacher targets attached: call brain.attach_targets(...)")
+        kd, stats = self.kd_term(predictions, batch, temperature)
+        self._accumulate(ctc, kd, stats)
+        return (1.0 - weight) * ctc + weight * kd
+
+    def kd_term(self, predictions, batch, temperature: float) -> tuple[torch.Tensor, dict]:
+        """KD loss between the student's outputs and the teacher targets for ``batch``."""
+        log_probs, wav_lens = self.kd_student_outputs(predictions)
+        student_max = log_probs.shape[1]
+        n_utts = len(batch.id)
+        if log_probs.shape[0] != n_utts:
+            raise ValueError(
+                f"student batch has {log_probs.shape[0]} rows for {n_utts} utterances: KD needs one row per "
+                "utterance (disable concat_original-style augmentation for distillation)"
+            )
+        lengths = relative_to_frames(wav_lens, student_max)
+        targets = self.kd_targets(batch, lengths, student_max)
+        blank = self.kd_option("blank_index")
+        teacher = topk_restrict(targets.log_probs, self.kd_option("kd_topk"))
+        weights = blank_frame_weights(
+            targets.log_probs, blank, self.kd_option("blank_mode"),
+            self.kd_option("blank_threshold"), self.kd_option("blank_weight"),
+        )  # fmt: skip
+        loss = kd_loss(
+            self.kd_option("kd_loss"), log_probs, teacher, targets.mask,
+            temperature=temperature, frame_weights=weights,
+            student_lengths=lengths, teacher_lengths=lengths, blank_index=blank,
+        )  # fmt: skip
+        stats = {
+            "blank_share": blank_share(targets.log_probs, targets.mask, blank, self.kd_option("blank_threshold")),
+            "agreement": agreement_rate(log_probs.detach(), targets.log_probs, targets.mask),
+            "lost_mass": targets.lost_mass,
+        }
+        return loss, stats
+
+    def _accumulate(self, ctc: torch.Tensor, kd: torch.Tensor, stats: dict) -> None:
+        self._kd_batches += 1
+        self._kd_totals["ctc_loss"] += float(ctc.detach())
+        self._kd_totals["kd_loss"] += float(kd.detach())
+        for key, value in stats.items():
+            self._kd_totals[key] += float(value)
+
+    def kd_stats(self) -> dict:
+        """Per-epoch means of the KD numbers (for the train logger); empty if no KD ran."""
+        if not getattr(self, "_kd_batches", 0):
+            return {}
+        stats = {key: total / self._kd_batches for key, total in self._kd_totals.items()}
+        weight, temperature = self.kd_schedule()
+        stats.update(kd_weight=weight, temperature=temperature)
+        return stats
+
+
+class DistillBrain(KDMixin, CTCBrain):
+    """A CTC student trained on ``(1 - kd_weight) * CTC + kd_weight * KD``.
+
+    Attach teacher targets with ``attach_targets`` (``speech_kd.distill``
+    does this from the yaml). KD statistics are logged with the training
+    loss every epoch.
+    """
+
+    def stage_stats(self, stage, stage_loss) -> dict:
+        """CTC stats plus, for training, the epoch's KD numbers."""
+        stats = super().stage_stats(stage, stage_loss)
+        if stage == sb.Stage.TRAIN:
+            stats.update(self.kd_stats())
+        return stats

@@ -1,0 +1,163 @@
+"""Teacher targets for a batch, live or from the cache, in the student's terms.
+
+Two interchangeable strategies with one call signature::
+
+    targets = strategy(batch, student_lengths, student_max)  # -> Targets
+
+:class:`OnlineTargets` runs the teacher on the batch's clean waveforms;
+:class:`CachedTargets` reads what ``speech-kd cache-targets`` stored, by
+utterance ID. Both hand their teacher-space posteriors to the same
+:class:`TargetAligner`, which maps the vocabulary and the frame rate onto the
+student's, so the loss code never knows where targets came from.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from speech_kd.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
+from speech_kd.teachers.base import Teacher, TeacherOutput
+
+__all__ = ["Targets", "TargetAligner", "OnlineTargets", "CachedTargets"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Targets:
+    """Teacher posteriors aligned to the student.
+
+    Attributes
+    ----------
+    log_probs : torch.Tensor
+        ``[B, T, V]`` teacher log-posteriors over the student's tokens at the
+        student's frame rate (``T`` = student frames).
+    mask : torch.Tensor
+        ``[B, T]`` bool, True on the student's valid frames.
+    lost_mass : float
+        Mean teacher probability per valid frame that had no student token.
+    """
+
+    log_probs: torch.Tensor
+    mask: torch.Tensor
+    lost_mass: float = 0.0
+
+
+class TargetAligner:
+    """Map teacher-space posteriors onto the student's vocabulary and frame rate.
+
+    Parameters
+    ----------
+    teacher_tokens, teacher_blank, teacher_frame_shift :
+        The teacher's declared token strings, blank index and seconds per frame.
+    student_tokens, student_blank, student_frame_shift :
+        The student's.
+    max_unmapped_mass : float
+        More teacher mass without a student token (mean over frames of a
+        batch) is an error naming the tokens.
+    frame_tolerance : int
+        Teacher and student lengths may differ by this many frames after
+        resampling (edge effects of convolutions); more is an error.
+    """
+
+    def __init__(
+        self,
+        teacher_tokens: list[str],
+        teacher_blank: int,
+        teacher_frame_shift: float,
+        student_tokens: list[str],
+        student_blank: int,
+        student_frame_shift: float,
+        max_unmapped_mass: float = 0.05,
+        frame_tolerance: int = 2,
+    ) -> None:
+        self.vocab = VocabMap.build(
+            teacher_tokens, teacher_blank, student_tokens, student_blank, max_unmapped_mass=max_unmapped_mass
+        )
+        self.teacher_frame_shift = teacher_frame_shift
+        self.student_frame_shift = student_frame_shift
+        self.frame_tolerance = frame_tolerance
+        self._matrix_device = None
+
+    def report(self) -> str:
+        """Start-up summary: vocabulary mapping and frame-rate conversion."""
+        rate = (
+            f"frame shift: teacher {self.teacher_frame_shift * 1000:.1f} ms -> student "
+            f"{self.student_frame_shift * 1000:.1f} ms "
+            + ("(identical)" if abs(self.teacher_frame_shift - self.student_frame_shift) < 1e-6 else
+               "(posteriors resampled: area-averaged probabilities, see speech_kd.align.resample_frames)")
+        )
+        return self.vocab.report() + "\n" + rate
+
+    def __call__(self, out: TeacherOutput, student_lengths: torch.Tensor, student_max: int) -> Targets:
+        """Align one batch of teacher output ``[B, Tt, Vt]`` to ``[B, student_max, Vs]``."""
+        log_probs, lengths = out.log_probs, out.lengths
+        if self._matrix_device != log_probs.device:
+            self.vocab.matrix = self.vocab.matrix.to(log_probs.device)
+            self._matrix_device = log_probs.device
+        lost = 0.0
+        if not self.vocab.is_identity:
+            teacher_mask = lengths_to_mask(lengths, log_probs.shape[1])
+            log_probs, lost_mass = self.vocab.map_log_probs(log_probs, teacher_mask)
+            lost = self.vocab.check_mass(lost_mass, teacher_mask)
+        log_probs, lengths = resample_frames(log_probs, lengths, self.teacher_frame_shift, self.student_frame_shift)
+        student_lengths = student_lengths.to(lengths.device)
+        log_probs = reconcile_lengths(log_probs, lengths, student_lengths, student_max, self.frame_tolerance)
+        return Targets(log_probs, lengths_to_mask(student_lengths, student_max), lost)
+
+
+def _resample_wavs(wavs: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+    import torchaudio.functional as AF
+
+    return AF.resample(wavs, orig, new)
+
+
+class OnlineTargets:
+    """Run the (frozen) teacher on each batch's clean waveforms.
+
+    Audio at the student's sample rate is resampled to the teacher's when
+    they differ. The teacher runs without gradients, in eval mode.
+    """
+
+    def __init__(self, teacher: Teacher, aligner: TargetAligner, sample_rate: int) -> None:
+        self.teacher = teacher
+        self.aligner = aligner
+        self.sample_rate = sample_rate
+        if teacher.sample_rate != sample_rate:
+            logger.warning(
+                "teacher %s expects %d Hz, the data is %d Hz: resampling the teacher's input",
+                teacher.name, teacher.sample_rate, sample_rate,
+            )
+
+    def to(self, device) -> OnlineTargets:
+        """Place the teacher on the student's device."""
+        self.teacher.to(device)
+        return self
+
+    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int) -> Targets:
+        """Targets for ``batch`` (uses ``batch.sig``: clean waveforms and relative lengths)."""
+        wavs, wav_lens = batch.sig
+        if self.teacher.sample_rate != self.sample_rate:
+            wavs = _resample_wavs(wavs, self.sample_rate, self.teacher.sample_rate)
+        out = self.teacher(wavs, wav_lens)
+        return self.aligner(out, student_lengths, student_max)
+
+
+class CachedTargets:
+    """Read the teacher's stored posteriors by utterance ID (see ``speech_kd.cache``)."""
+
+    def __init__(self, reader, aligner: TargetAligner) -> None:
+        self.reader = reader
+        self.aligner = aligner
+
+    def to(self, device) -> CachedTargets:
+        """Nothing to move: targets are read straight onto the batch's device."""
+        return self
+
+    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int) -> Targets:
+        """Targets for ``batch`` (uses ``batch.id``); missing IDs raise ``CacheMissError``."""
+        out = self.reader.batch(list(batch.id), device=student_lengths.device)
+        return self.aligner(out, student_lengths, student_max)

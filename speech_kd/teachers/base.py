@@ -1,0 +1,166 @@
+"""The teacher interface shared by every kind of teacher.
+
+A teacher turns a batch of waveforms into frame log-posteriors over its own
+tokens. Everything the distillation needs to line those up with a student is
+declared, never guessed: its token strings, blank index, frame shift and
+sample rate. Adapters register themselves with :func:`register_teacher` and
+are built by :func:`load_teacher`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "Teacher",
+    "TeacherError",
+    "TeacherOutput",
+    "register_teacher",
+    "load_teacher",
+    "measure_frame_shift",
+    "TEACHER_KINDS",
+]
+
+
+class TeacherError(ValueError):
+    """A teacher that cannot be loaded or used, with the reason."""
+
+
+@dataclass
+class TeacherOutput:
+    """Teacher posteriors for one batch.
+
+    Attributes
+    ----------
+    log_probs : torch.Tensor
+        ``[B, T, V]`` float32 log-posteriors over the teacher's tokens.
+    lengths : torch.Tensor
+        ``[B]`` int64, number of valid frames of each utterance.
+    """
+
+    log_probs: torch.Tensor
+    lengths: torch.Tensor
+
+
+class Teacher(torch.nn.Module, ABC):
+    """A frozen CTC acoustic model seen through one small interface.
+
+    Attributes set by every adapter: ``tokens`` (index -> string),
+    ``blank_index``, ``frame_shift`` (seconds per output frame),
+    ``sample_rate`` (Hz the model expects) and ``name``. The teacher is kept in
+    eval mode and runs without gradients.
+    """
+
+    tokens: list[str]
+    blank_index: int
+    frame_shift: float
+    sample_rate: int
+    name: str
+
+    @abstractmethod
+    def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
+        """Log-posteriors for ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
+        """Run :meth:`posteriors` in eval mode without gradients; check the output."""
+        self.eval()
+        with torch.no_grad():
+            out = self.posteriors(wavs, wav_lens)
+        if out.log_probs.dim() != 3 or out.log_probs.shape[-1] != len(self.tokens):
+            raise TeacherError(
+                f"teacher {self.name}: output shape {tuple(out.log_probs.shape)} does not match its "
+                f"{len(self.tokens)} tokens"
+            )
+        if not torch.isfinite(out.log_probs).all():
+            raise TeacherError(f"teacher {self.name}: non-finite posteriors (NaN/inf) for batch")
+        return out
+
+    def train(self, mode: bool = True):
+        """Teachers stay in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    def fingerprint(self) -> str:
+        """Hash of the weights, tokens and frame shift (identifies the teacher)."""
+        digest = hashlib.sha256()
+        digest.update(repr((self.tokens, self.blank_index, round(self.frame_shift, 6))).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+TEACHER_KINDS: dict[str, Callable[..., Teacher]] = {}
+
+
+def register_teacher(kind: str):
+    """Class decorator: make an adapter loadable as ``load_teacher(..., kind=kind)``."""
+
+    def wrap(cls):
+        TEACHER_KINDS[kind] = cls
+        return cls
+
+    return wrap
+
+
+def detect_kind(source: str | os.PathLike) -> str:
+    """Guess the adapter for a local folder from the files it holds."""
+    path = Path(source)
+    if not path.exists():
+        raise TeacherError(f"teacher folder {source} does not exist")
+    if (path / "hyperparams.yaml").exists():
+        return "speechbrain"
+    if (path / "config.json").exists():
+        return "huggingface"
+    raise TeacherError(
+        f"{source}: not a teacher folder (expected a SpeechBrain hyperparams.yaml or a Hugging Face config.json)"
+    )
+
+
+def load_teacher(source: str | os.PathLike, kind: str = "auto", device: str = "cpu", **kwargs) -> Teacher:
+    """Build a teacher from a local folder.
+
+    Parameters
+    ----------
+    source : path-like
+        A SpeechBrain ``EncoderASR`` folder or a Hugging Face ``...ForCTC`` folder.
+    kind : str
+        ``auto`` (detect from the folder), ``speechbrain`` or ``huggingface``.
+    device : str
+        Where the teacher runs (the student's device).
+    """
+    # adapters register on import
+    from speech_kd.teachers import hf, sb  # noqa: F401
+
+    if kind == "auto":
+        kind = detect_kind(source)
+    if kind not in TEACHER_KINDS:
+        raise TeacherError(f"unknown teacher kind {kind!r}; known: {sorted(TEACHER_KINDS)}")
+    teacher = TEACHER_KINDS[kind](source, device=device, **kwargs)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def measure_frame_shift(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_rate: int,
+                        device: str = "cpu") -> float:
+    """Seconds per output frame of ``run(wavs, wav_lens) -> [B, T, ...]``.
+
+    Runs 2 s and 4 s of low noise and divides the extra duration by the extra
+    frames, so fixed edge effects (convolution padding) cancel out.
+    """
+    gen = torch.Generator().manual_seed(0)
+    frames = []
+    for seconds in (2, 4):
+        wav = 0.01 * torch.randn(1, seconds * sample_rate, generator=gen)
+        with torch.no_grad():
+            out = run(wav.to(device), torch.ones(1, device=device))
+        frames.append(out.shape[1])
+    if frames[1] <= frames[0]:
+        raise TeacherError("model output does not grow with the input length: not a frame-level CTC model")
+    return 2.0 / (frames[1] - frames[0])

@@ -1,0 +1,84 @@
+"""Teachers from SpeechBrain ``EncoderASR`` folders (ours, or SpeechBrain's hub models saved locally)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from speech_kd.dataio import token_strings
+from speech_kd.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
+
+__all__ = ["SpeechBrainTeacher"]
+
+
+def _blank_index(asr, tokens: list[str]) -> int:
+    """The CTC blank: from the decoding function, the hparams, or the ``<blank>`` label."""
+    decoding = getattr(asr.hparams, "decoding_function", None)
+    keywords = getattr(decoding, "keywords", {}) or {}
+    for key in ("blank_id", "blank_index"):
+        if key in keywords:
+            return int(keywords[key])
+    for key in ("blank_index", "blank_id"):
+        if hasattr(asr.hparams, key):
+            return int(getattr(asr.hparams, key))
+    if "<blank>" in tokens:
+        return tokens.index("<blank>")
+    raise TeacherError("cannot tell the CTC blank index of this SpeechBrain model")
+
+
+@register_teacher("speechbrain")
+class SpeechBrainTeacher(Teacher):
+    """A SpeechBrain ``EncoderASR`` folder whose ``encode_batch`` returns frame log-probs.
+
+    Loaded with network access disabled. The frame shift is measured by
+    running the encoder on two probe lengths (see ``measure_frame_shift``).
+    """
+
+    def __init__(self, source: str | os.PathLike, device: str = "cpu", savedir: str | None = None) -> None:
+        super().__init__()
+        from speechbrain.inference.ASR import EncoderASR
+        from speechbrain.utils.fetching import FetchConfig
+
+        source = Path(source)
+        if not (source / "hyperparams.yaml").exists():
+            raise TeacherError(f"{source}: no hyperparams.yaml, not a SpeechBrain model folder")
+        savedir = savedir or tempfile.mkdtemp(prefix="speechkd_teacher_")
+        try:
+            asr = EncoderASR.from_hparams(
+                source=str(source.resolve()),
+                savedir=savedir,
+                run_opts={"device": device},
+                fetch_config=FetchConfig(allow_network=False),
+            )
+        except Exception as err:
+            raise TeacherError(f"{source}: cannot load as a SpeechBrain EncoderASR ({err})") from err
+        self.asr = asr
+        self.asr.mods.eval()
+        self.name = f"speechbrain:{source.name}"
+        self.sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
+        self.tokens = token_strings(asr.tokenizer)
+        self.blank_index = _blank_index(asr, self.tokens)
+        self.device_name = device
+        probe = self.asr.encode_batch(torch.zeros(1, self.sample_rate), torch.ones(1))
+        if probe.dim() != 3 or probe.shape[-1] != len(self.tokens):
+            raise TeacherError(
+                f"{source}: encode_batch returns shape {tuple(probe.shape)}, not frame posteriors over "
+                f"{len(self.tokens)} tokens: not a CTC model"
+            )
+        self.frame_shift = measure_frame_shift(self.asr.encode_batch, self.sample_rate, device)
+        self._outputs_log_probs = bool(torch.allclose(probe.exp().sum(-1), torch.ones(1), atol=1e-3))
+
+    def state_dict(self, *args, **kwargs):
+        """Weights of the underlying encoder (used for the fingerprint)."""
+        return self.asr.mods.state_dict(*args, **kwargs)
+
+    def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
+        """Frame log-posteriors ``[B, T, V]`` and valid frame counts ``[B]``."""
+        out = self.asr.encode_batch(wavs, wav_lens).float()
+        if not self._outputs_log_probs:
+            out = out.log_softmax(-1)
+        lengths = torch.round(wav_lens.to(out.device) * out.shape[1]).long().clamp(1, out.shape[1])
+        return TeacherOutput(out, lengths)

@@ -1,0 +1,50 @@
+"""Evaluation: jiwer-exact metrics, the CLI contract, JSON keys and per-utterance output."""
+
+from __future__ import annotations
+
+import json
+
+import jiwer
+import pytest
+
+from speech_kd.cli import main
+from speech_kd.metrics import error_rates, utterance_errors
+
+
+def test_error_rates_match_jiwer_on_known_texts():
+    refs = ["THE CAT SAT ON THE MAT", "A QUICK BROWN FOX", "HELLO"]
+    hyps = ["THE CAT SAT ON MAT", "A QUICK BROWN BOX JUMPS", "HELLO"]
+    rates = error_rates(refs, hyps)
+    assert rates.wer == pytest.approx(100 * jiwer.wer(refs, hyps))
+    assert rates.cer == pytest.approx(100 * jiwer.cer(refs, hyps))
+    assert (rates.substitutions, rates.deletions, rates.insertions) == (1, 1, 1)
+    assert rates.num_utts == 3
+
+
+def test_error_rates_normalise_case_and_spaces():
+    assert error_rates(["hello  world"], ["HELLO WORLD "]).wer == 0.0
+
+
+def test_utterance_errors_worst_first_with_alignment():
+    per = utterance_errors(["a", "b"], ["ONE TWO", "THREE FOUR"], ["ONE TWO", "THREE FIVE SIX"])
+    assert [u.utt_id for u in per] == ["b", "a"]
+    assert per[0].errors == 2 and "REF" in per[0].alignment and "HYP" in per[0].alignment
+
+
+def test_evaluate_cli_on_csv_and_on_librispeech_folder(trained_run, tiny_corpus, tmp_path, capsys):
+    out_json = tmp_path / "eval.json"
+    assert main(["evaluate", "--asr", str(trained_run / "model"), "--csv", str(trained_run / "data" / "test.csv"),
+                 "--json", str(out_json)]) == 0  # fmt: skip
+    summary = json.loads(out_json.read_text())
+    assert {"wer", "cer", "num_utts", "params", "rtf"} <= set(summary)
+    assert summary["num_utts"] == len((trained_run / "data" / "test.csv").read_text().strip().splitlines()) - 1
+    assert summary["params"] > 1000 and summary["rtf"] > 0
+    utts = (tmp_path / "eval_utts.txt").read_text()
+    assert utts.count("REF:") == summary["num_utts"]
+    printed = capsys.readouterr().out
+    assert "WER" in printed and "RTF" in printed
+
+    out2 = tmp_path / "eval2.json"
+    main(["evaluate", "--asr", str(trained_run / "model"), "--data_folder", str(tiny_corpus), "--split", "test",
+          "--json", str(out2)])  # fmt: skip
+    assert json.loads(out2.read_text())["wer"] == summary["wer"]

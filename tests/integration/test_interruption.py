@@ -1,0 +1,54 @@
+"""SIGKILL at a random moment, rerun the same command: training resumes and ends with the same step count."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tests.conftest import REPO, TINY_MODEL
+
+EPOCHS = 3
+
+
+def _command(corpus: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "speech_kd.cli", "train", str(REPO / "hparams/teacher.yaml"),
+            f"--data_folder={corpus}", f"--output_folder={out}", f"--number_of_epochs={EPOCHS}",
+            "--ckpt_interval_steps=2", "--keep_checkpoints=2", *TINY_MODEL]  # fmt: skip
+
+
+def _final_step(out: Path) -> int:
+    ckpts = sorted((out / "save").glob("CKPT+*"), key=lambda p: p.stat().st_mtime)
+    assert ckpts, "no checkpoint written"
+    return torch.load(ckpts[-1] / "lr_scheduler.ckpt")["current_step"]
+
+
+def test_sigkill_then_rerun_resumes(tiny_corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    clean = tmp_path / "clean"
+    subprocess.run(_command(tiny_corpus, clean), check=True, env=env, capture_output=True, cwd=REPO)
+    expected = _final_step(clean)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_command(tiny_corpus, killed), env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((killed / "save").glob("CKPT+*")):
+        time.sleep(0.05)
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    result = subprocess.run(_command(tiny_corpus, killed), env=env, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _final_step(killed) == expected
+    assert (killed / "model" / "model.ckpt").exists()
+    epochs_logged = [line for line in (killed / "train_log.txt").read_text().splitlines() if line.startswith("epoch:")]
+    assert [line.split(",")[0] for line in epochs_logged] == [f"epoch: {e}" for e in range(1, EPOCHS + 1)]
