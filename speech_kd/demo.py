@@ -13,8 +13,6 @@ import logging
 import time
 from pathlib import Path
 
-from speech_kd.evaluate import evaluate_model
-
 __all__ = ["run_demo", "SHIPPED_TEACHER", "DemoSizes"]
 
 logger = logging.getLogger(__name__)
@@ -68,51 +66,28 @@ def _teacher(out: Path, corpus: Path, sizes: DemoSizes, quick: bool) -> Path:
 
 def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
     """Run the whole demo into ``out``; return the results table as a dict."""
-    from speech_kd.cache import cache_targets
-    from speech_kd.distill import run_distillation
-    from speech_kd.prepare import prepare_librispeech
+    from speech_kd.bench_kd import main as bench_kd
 
     started = time.time()
     out = Path(out)
     sizes = DemoSizes(quick)
-    print("== 1/5 synthesising the corpus")
+    print("== 1/4 synthesising the corpus", flush=True)
     corpus = _synth(out, sizes)
-    print("== 2/5 teacher")
+    print("== 2/4 teacher", flush=True)
     teacher = _teacher(out, corpus, sizes, quick)
-    print(f"teacher: {teacher}")
-    print("== 3/5 caching the teacher's soft targets (the teacher runs once)")
-    csvs = prepare_librispeech(corpus, out / "data", splits=["train", "test"]).csv_files
-    cache = out / "cache"
-    print(json.dumps(cache_targets(str(teacher), csvs["train"], cache), indent=2))
-    common = [str(REPO / "hparams/distill.yaml"), f"--teacher_source={teacher}", f"--data_folder={corpus}",
-              f"--number_of_epochs={sizes.epochs}", *sizes.student_overrides]  # fmt: skip
-    print("== 4/5 students: distilled from the cached targets, and the same student from scratch")
-    run_distillation([*common, f"--output_folder={out / 'student_kd'}", f"--targets_cache={cache}"])
-    run_distillation([*common, f"--output_folder={out / 'student_scratch'}", "--kd_weight=0"])
-    print("== 5/5 evaluating on the test split")
-    models = {"teacher": teacher, "student_kd": out / "student_kd" / "model",
-              "student_scratch": out / "student_scratch" / "model"}  # fmt: skip
-    results = {}
-    for name, folder in models.items():
-        results[name] = evaluate_model(folder, csvs["test"], json_path=out / f"eval_{name}.json",
-                                       utts_path=out / f"eval_{name}_utts.txt").summary  # fmt: skip
-    table = format_table(results)
-    (out / "results.md").write_text(table + "\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"teacher: {teacher}", flush=True)
+    print("== 3/4 cache the teacher's soft targets, then train the student with KD and from scratch", flush=True)
+    argv = ["--data", str(corpus), "--teacher", str(teacher), "--out", str(out), "--epochs", str(sizes.epochs),
+            "--variants", "scratch", "kl_t2"]  # fmt: skip
+    if sizes.student_overrides:
+        argv += ["--extra", *sizes.student_overrides]
+    results = bench_kd(argv)
+    print("== 4/4 report", flush=True)
     try:
         from speech_kd.report import build_report
 
-        print(f"report: {build_report(out / 'student_kd')}")
-    except ImportError:
-        pass
-    print(table)
-    print(f"demo finished in {(time.time() - started) / 60:.1f} min; results in {out}")
+        print(f"report: {build_report(out / 'kl_t2', results_json=out / 'results.json')}")
+    except ImportError:  # the report module is optional for the demo
+        logger.warning("speech_kd.report not available: no HTML report")
+    print(f"demo finished in {(time.time() - started) / 60:.1f} min; everything is in {out}")
     return results
-
-
-def format_table(results: dict) -> str:
-    """Markdown table of WER, CER, parameters and RTF per model."""
-    lines = ["| model | WER % | CER % | parameters | RTF |", "|---|---:|---:|---:|---:|"]
-    for name, s in results.items():
-        lines.append(f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} |")
-    return "\n".join(lines)

@@ -54,18 +54,23 @@ def prepare_csvs(hparams: dict) -> dict[str, list[str]]:
     return {role: [result.csv_files[s] for s in names] for role, names in roles.items()}
 
 
+def merge_role_csvs(hparams: dict, csvs: dict[str, list[str]]) -> None:
+    """Write ``train.csv`` and ``dev.csv`` (all train / dev splits merged) into the run folder."""
+    folder = Path(hparams["output_folder"])
+    merge_csvs(csvs["train"], folder / "train.csv")
+    merge_csvs(csvs["dev"], folder / "dev.csv")
+
+
 def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_shift: float) -> dict:
     """Datasets for train (merged splits), dev (merged) and each test split."""
     folder = Path(hparams["output_folder"])
-    train_csv = merge_csvs(csvs["train"], folder / "train.csv")
-    dev_csv = merge_csvs(csvs["dev"], folder / "dev.csv")
+    train_csv, dev_csv = folder / "train.csv", folder / "dev.csv"
     common = {"tokenizer": tokenizer, "sample_rate": hparams["sample_rate"], "frame_shift": frame_shift}
     return {
         "train": load_dataset(train_csv, max_duration=hparams.get("avoid_if_longer_than"), **common),
         "dev": load_dataset(dev_csv, sorting="descending", **common),
         "test": {
-            Path(c).stem: load_dataset(c, sorting="descending", **{**common, "frame_shift": None})
-            for c in csvs["test"]
+            Path(c).stem: load_dataset(c, sorting="descending", **{**common, "frame_shift": None}) for c in csvs["test"]
         },
     }
 
@@ -88,6 +93,7 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
     if argv and not argv[0].startswith("-"):
         argv[0] = resolve_hparams_file(argv[0])
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched by torchrun
     hparams_text = Path(hparams_file).read_text()
     hparams = load_hyperpyyaml(hparams_text, overrides)
     sb.create_experiment_directory(
@@ -95,16 +101,14 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
         hyperparams_to_save=hparams_file,
         overrides=overrides,
     )
-    csvs = {}
     if not hparams.get("skip_prep", False):
         run_on_main(prepare_csvs, kwargs={"hparams": hparams})
     csvs = prepare_csvs(hparams)  # up to date now: only reads the stamps
+    run_on_main(merge_role_csvs, kwargs={"hparams": hparams, "csvs": csvs})
 
     tokenizer = make_tokenizer(hparams["alphabet"], hparams["blank_index"])
     if len(tokenizer) != hparams["output_neurons"]:
-        raise ValueError(
-            f"output_neurons={hparams['output_neurons']} but the alphabet gives {len(tokenizer)} tokens"
-        )
+        raise ValueError(f"output_neurons={hparams['output_neurons']} but the alphabet gives {len(tokenizer)} tokens")
     frame_shift = hparams.get("frame_shift", 0.04)
     datasets = build_datasets(hparams, tokenizer, csvs, frame_shift)
 
@@ -138,7 +142,8 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
     for name, dataset in datasets["test"].items():
         brain.evaluate(dataset, min_key="CER", test_loader_kwargs={"batch_size": hparams.get("eval_batch_size", 8)})
         results[name] = brain.test_stats
-        _write_hypotheses(Path(hparams["output_folder"]) / f"hyp_{name}.txt", brain.test_hypotheses)
+        if sb.utils.distributed.if_main_process():
+            _write_hypotheses(Path(hparams["output_folder"]) / f"hyp_{name}.txt", brain.test_hypotheses)
     if not results:  # no test split: still load the best checkpoint before export
         brain.checkpointer.recover_if_possible(min_key="CER")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import speechbrain as sb
@@ -15,7 +14,6 @@ from speech_kd.brain import CTCBrain
 from speech_kd.dataio import TranscriptError, load_dataset, make_tokenizer
 from speech_kd.prepare import prepare_librispeech
 from speech_kd.train import run_training
-
 from tests.conftest import REPO, TINY_MODEL
 
 

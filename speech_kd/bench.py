@@ -1,0 +1,215 @@
+"""``speech-kd bench``: speed ratios measured side by side, on this machine, in one run.
+
+Each figure is the median over ``--repeats`` timed repetitions after a warm-up.
+Models are the architectures of ``hparams/teacher.yaml`` and
+``hparams/distill.yaml`` (random weights: speed does not depend on them);
+audio is a few seconds of synthesised speech per utterance.
+
+Measured:
+
+- feature extraction (80-dim log-mel fbank): the batched on-device ``Fbank``
+  our recipes use, against librosa per utterance, and against SpeechBrain's
+  ``Fbank`` called per utterance (audio seconds per second);
+- one training step (forward, backward, optimizer) of the student alone, with
+  an online teacher (KD), and with cached targets (KD);
+- inference real-time factor of teacher and student, and the speed-up;
+- ``speech-kd evaluate`` throughput (utterances per second, RTF).
+
+JSON keys (``--json``): ``features_vs_librosa``, ``cached_kd_over_plain``,
+``online_kd_over_plain``, ``student_speedup`` plus the raw timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+__all__ = ["main", "median_time"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def median_time(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds (CUDA synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _corpus(tmp: Path) -> Path:
+    from speech_kd.synth import SplitSpec, SynthConfig, synthesize_corpus
+
+    root = tmp / "corpus"
+    synthesize_corpus(root, SynthConfig(splits=(SplitSpec("train", 0.02, 4), SplitSpec("test", 0.01, 2)), seed=11))
+    return root
+
+
+def _batch(csv_path: str, tokenizer, n: int, device: str):
+    import speechbrain as sb
+
+    from speech_kd.dataio import load_dataset
+
+    data = load_dataset(csv_path, tokenizer, sorting="descending")
+    loader = sb.dataio.dataloader.make_dataloader(data, batch_size=n)
+    return next(iter(loader)).to(device)
+
+
+def _brain(yaml: str, out: Path, device: str, overrides: dict | None = None):
+    from hyperpyyaml import load_hyperpyyaml
+
+    from speech_kd.kd import DistillBrain
+
+    hparams = load_hyperpyyaml((REPO / yaml).read_text(), {"data_folder": "unused", "output_folder": str(out),
+                                                           **(overrides or {})})  # fmt: skip
+    brain = DistillBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
+                         run_opts={"device": device})  # fmt: skip
+    return brain, hparams
+
+
+def bench_features(batch, repeats: int, device: str) -> dict:
+    """Audio seconds per second of feature extraction, three ways."""
+    import librosa
+    from speechbrain.lobes.features import Fbank
+
+    wavs, lens = batch.sig
+    seconds = float((lens * wavs.shape[1]).sum()) / 16000
+    ours = Fbank(n_mels=80, n_fft=400, win_length=25, hop_length=10).to(device)
+    per_utt = [wavs[i, : int(lens[i] * wavs.shape[1])] for i in range(wavs.shape[0])]
+    cpu_utts = [w.cpu().numpy() for w in per_utt]
+
+    def run_ours():
+        with torch.no_grad():
+            ours(wavs)
+
+    def run_sb_per_utt():
+        with torch.no_grad():
+            for w in per_utt:
+                ours(w.unsqueeze(0))
+
+    def run_librosa():
+        for w in cpu_utts:
+            mel = librosa.feature.melspectrogram(y=w, sr=16000, n_fft=400, hop_length=160, n_mels=80)
+            librosa.power_to_db(mel)
+
+    t_ours, t_sb, t_lib = (median_time(f, repeats) for f in (run_ours, run_sb_per_utt, run_librosa))
+    return {
+        "features_ours_audio_s_per_s": seconds / t_ours,
+        "features_sb_per_utt_audio_s_per_s": seconds / t_sb,
+        "features_librosa_audio_s_per_s": seconds / t_lib,
+        "features_vs_librosa": t_lib / t_ours,
+        "features_vs_sb_per_utt": t_sb / t_ours,
+    }
+
+
+def bench_steps(batch, tokenizer, teacher_dir: Path, repeats: int, device: str, tmp: Path) -> dict:
+    """Seconds per training step: plain, online KD, cached KD."""
+    from speech_kd.cache import CacheReader, write_cache
+    from speech_kd.dataio import token_strings
+    from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
+    from speech_kd.teachers.base import load_teacher
+
+    brain, hparams = _brain("hparams/distill.yaml", tmp / "student", device, {"kd_weight": 0.5})
+    brain.tokenizer = tokenizer
+    brain.on_fit_start()
+    teacher = load_teacher(teacher_dir, device=device)
+    tokens = token_strings(tokenizer)
+    aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, tokens, 0,
+                            hparams["frame_shift"])  # fmt: skip
+    results = {}
+    brain.hparams.kd_weight = 0.0
+    results["step_plain_s"] = median_time(lambda: brain.fit_batch(batch), repeats)
+    brain.hparams.kd_weight = 0.5
+    brain.attach_targets(OnlineTargets(teacher, aligner, 16000))
+    results["step_online_kd_s"] = median_time(lambda: brain.fit_batch(batch), repeats)
+    csv = tmp / "batch.csv"
+    csv.write_text("ID,duration,wav,spk_id,wrd\n" + "".join(
+        f"{uid},{dur},{wav},0,{wrd}\n" for uid, dur, wav, wrd in zip(batch.id, batch.duration, batch.wav, batch.wrd)
+    ))  # fmt: skip
+    write_cache(teacher, csv, tmp / "cache", device=device, progress=False)
+    brain.attach_targets(CachedTargets(CacheReader(tmp / "cache"), aligner))
+    results["step_cached_kd_s"] = median_time(lambda: brain.fit_batch(batch), repeats)
+    results["cached_kd_over_plain"] = results["step_cached_kd_s"] / results["step_plain_s"]
+    results["online_kd_over_plain"] = results["step_online_kd_s"] / results["step_plain_s"]
+    return results
+
+
+def bench_inference(batch, model_dirs: dict, repeats: int, device: str) -> dict:
+    """Real-time factor of each exported model (encode + greedy decode)."""
+    from speech_kd.evaluate import load_asr
+
+    wavs, lens = batch.sig
+    seconds = float((lens * wavs.shape[1]).sum()) / 16000
+    out = {}
+    for name, folder in model_dirs.items():
+        asr = load_asr(folder, device=device)
+        out[f"rtf_{name}"] = median_time(lambda asr=asr: asr.transcribe_batch(wavs, lens), repeats) / seconds
+    out["student_speedup"] = out["rtf_teacher"] / out["rtf_student"]
+    return out
+
+
+def _export_random(yaml: str, out: Path, tokenizer) -> Path:
+    """A randomly initialised model of ``yaml``'s architecture as a model folder."""
+    from speech_kd.export import export_model_folder
+
+    text = (REPO / yaml).read_text()
+    _, hparams = _brain(yaml, out, "cpu")
+    hparams["normalize"].train()
+    hparams["normalize"](torch.randn(2, 50, 80), torch.ones(2))
+    return export_model_folder(hparams, text, tokenizer, out / "model")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run every benchmark and print one table (see module docstring)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    from speech_kd.dataio import make_tokenizer
+    from speech_kd.evaluate import evaluate_model
+    from speech_kd.prepare import prepare_librispeech
+
+    tmp = Path(tempfile.mkdtemp(prefix="speechkd_bench_"))
+    tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    corpus = _corpus(tmp)
+    csvs = prepare_librispeech(corpus, tmp / "data").csv_files
+    batch = _batch(csvs["train"], tokenizer, args.batch_size, args.device)
+    models = {"teacher": _export_random("hparams/teacher.yaml", tmp / "teacher", tokenizer),
+              "student": _export_random("hparams/distill.yaml", tmp / "student_export", tokenizer)}  # fmt: skip
+
+    results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+               "threads": torch.get_num_threads(), "batch_utts": args.batch_size,
+               "batch_audio_s": float((batch.sig[1] * batch.sig[0].shape[1]).sum()) / 16000}  # fmt: skip
+    results.update(bench_features(batch, args.repeats, args.device))
+    results.update(bench_steps(batch, tokenizer, models["teacher"], args.repeats, args.device, tmp))
+    results.update(bench_inference(batch, models, args.repeats, args.device))
+    ev = evaluate_model(models["student"], csvs["test"], device=args.device, progress=False).summary
+    results.update(evaluate_utts_per_s=ev["utts_per_second"], evaluate_rtf=ev["rtf"])
+
+    width = max(len(k) for k in results)
+    for key, value in results.items():
+        print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

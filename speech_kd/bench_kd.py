@@ -1,0 +1,180 @@
+"""Does distillation help? Teacher vs the same student from scratch and with KD variants.
+
+Every student run uses identical data, epochs and seed; only the KD settings
+differ (``scratch`` is ``--kd_weight=0``). Runs are independent processes
+(one torch thread each, ``--parallel`` at a time) so two fit on two cores.
+
+Example (the README's results table)::
+
+    python -m speech_kd.bench_kd --data data/synth --teacher results/teacher_synth3h/model \
+        --out results/kd_bench --epochs 15 --variants scratch kl_t2 kl_t2_w09
+
+Without ``--teacher`` a teacher is first trained with ``hparams/teacher.yaml``.
+Prints and writes ``OUT/results.md`` and ``OUT/results.json``: WER, CER,
+parameters, RTF per model, and the share of the scratch-teacher WER gap each
+KD variant closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["VARIANTS", "main", "gap_closed"]
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: named KD settings (overrides of hparams/distill.yaml)
+VARIANTS: dict[str, list[str]] = {
+    "scratch": ["--kd_weight=0"],
+    "kl_t1": ["--kd_weight=0.5", "--temperature=1"],
+    "kl_t2": ["--kd_weight=0.5", "--temperature=2"],
+    "kl_t2_online": ["--kd_weight=0.5", "--temperature=2"],  # same as kl_t2, live teacher instead of the cache
+    "kl_t4": ["--kd_weight=0.5", "--temperature=4"],
+    "kl_t2_w09": ["--kd_weight=0.9", "--temperature=2"],
+    "kl_t2_top4": ["--kd_weight=0.5", "--temperature=2", "--kd_topk=4"],
+    "kl_t2_blankdown": ["--kd_weight=0.5", "--temperature=2", "--blank_mode=downweight"],
+    "ce_hard": ["--kd_weight=0.5", "--kd_loss=ce"],
+    "ctc_teacher_path": ["--kd_weight=0.5", "--kd_loss=ctc"],
+    "mse": ["--kd_weight=0.5", "--kd_loss=mse"],
+}
+
+
+def gap_closed(scratch_wer: float, kd_wer: float, teacher_wer: float) -> float:
+    """Share of the scratch-to-teacher WER gap that KD closes (1.0 = reaches the teacher).
+
+    Examples
+    --------
+    >>> gap_closed(60.0, 40.0, 20.0)
+    0.5
+    """
+    gap = scratch_wer - teacher_wer
+    return (scratch_wer - kd_wer) / gap if gap > 0 else float("nan")
+
+
+def _speech_kd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "speech_kd.cli", *args]
+
+
+def _epochs_done(folder: Path) -> int:
+    history = folder / "history.jsonl"
+    return len(history.read_text().splitlines()) if history.exists() else 0
+
+
+def _run_all(
+    commands: dict[str, list[str]], logs: Path, parallel: int, epochs: dict[str, tuple[Path, int]] | None = None
+) -> None:
+    """Run the commands ``parallel`` at a time, one torch thread each; fail loudly.
+
+    ``epochs`` maps a run name to (output folder, epochs): a progress bar per
+    run follows its ``history.jsonl``. Output of each run goes to ``logs/NAME.log``.
+    """
+    from tqdm import tqdm
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
+    epochs = epochs or {}
+    bars = {name: tqdm(total=total, desc=name, unit="epoch", position=i, leave=True)
+            for i, (name, (_, total)) in enumerate(epochs.items())}  # fmt: skip
+    pending = list(commands.items())
+    running: list[tuple[str, subprocess.Popen]] = []
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, cmd = pending.pop(0)
+                log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
+                tqdm.write(f"[bench_kd] start {name}: {' '.join(cmd[2:])}")
+                running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                       cwd=REPO)))  # fmt: skip
+            time.sleep(2)
+            for name, bar in bars.items():
+                bar.update(_epochs_done(epochs[name][0]) - bar.n)
+            for name, proc in list(running):
+                if proc.poll() is not None:
+                    running.remove((name, proc))
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see {logs / (name + '.log')}")
+                    tqdm.write(f"[bench_kd] done {name}")
+    finally:
+        for _, proc in running:
+            proc.kill()
+        for bar in bars.values():
+            bar.close()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point; returns the results dict."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="LibriSpeech-layout folder with train/dev/test")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--teacher", default=None, help="teacher model folder (default: train one)")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--teacher_epochs", type=int, default=10)
+    parser.add_argument("--student", default="hparams/distill.yaml")
+    parser.add_argument("--variants", nargs="+", default=["scratch", "kl_t2"], choices=sorted(VARIANTS))
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1986)
+    parser.add_argument("--extra", nargs="*", default=[], help="more --key=value overrides for every student")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out).resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    data = str(Path(args.data).resolve())
+    teacher = args.teacher
+    if teacher is None:
+        run = out / "teacher"
+        _run_all({"teacher": _speech_kd("train", str(REPO / "hparams/teacher.yaml"), f"--data_folder={data}",
+                                        f"--output_folder={run}", f"--number_of_epochs={args.teacher_epochs}")},
+                 logs, 1)  # fmt: skip
+        teacher = str(run / "model")
+    teacher = str(Path(teacher).resolve())
+
+    from speech_kd.prepare import prepare_librispeech
+
+    csvs = prepare_librispeech(data, out / "data", splits=["train", "test"]).csv_files
+    cache = out / "cache"
+    _run_all({"cache": _speech_kd("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache))},
+             logs, 1)  # fmt: skip
+
+    students = {}
+    for name in args.variants:
+        cmd = _speech_kd("distill", str(REPO / args.student), f"--teacher_source={teacher}", f"--data_folder={data}",
+                         f"--output_folder={out / name}", f"--number_of_epochs={args.epochs}", f"--seed={args.seed}",
+                         *VARIANTS[name], *args.extra)  # fmt: skip
+        if name != "scratch" and not name.endswith("_online"):
+            cmd.append(f"--targets_cache={cache}")
+        students[name] = cmd
+    _run_all(students, logs, args.parallel, {name: (out / name, args.epochs) for name in students})
+
+    from speech_kd.evaluate import evaluate_model
+
+    results = {"teacher": evaluate_model(teacher, csvs["test"], json_path=out / "eval_teacher.json").summary}
+    for name in args.variants:
+        results[name] = evaluate_model(out / name / "model", csvs["test"], json_path=out / f"eval_{name}.json").summary
+    table = format_results(results)
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table)
+    return results
+
+
+def format_results(results: dict) -> str:
+    """Markdown table; KD rows get the share of the scratch-teacher gap they close."""
+    teacher = results.get("teacher", {}).get("wer")
+    scratch = results.get("scratch", {}).get("wer")
+    lines = ["| model | WER % | CER % | parameters | RTF | WER gap closed |", "|---|---:|---:|---:|---:|---:|"]
+    for name, s in results.items():
+        closed = ""
+        if name not in ("teacher", "scratch") and teacher is not None and scratch is not None:
+            closed = f"{100 * gap_closed(scratch, s['wer'], teacher):.0f} %"
+        lines.append(f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} | {closed} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

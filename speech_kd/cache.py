@@ -1,0 +1,910 @@
+"""Soft-target cache: run the teacher once, read its posteriors for many epochs.
+
+:func:`write_cache` runs a :class:`~speech_kd.teachers.base.Teacher` over a
+CSV manifest and stores a compact copy of its frame posteriors, keyed by
+utterance ID; :class:`CacheReader` turns them back into dense log-posteriors
+for any batch (any order, subset, shuffling or DDP split), at the cost of a
+memory-mapped read and a scatter. Targets stay in the teacher's token space
+and frame rate; ``speech_kd.targets.TargetAligner`` maps them to the student.
+
+Storage scheme (per teacher frame ``t`` with probabilities ``p_t [V]``)
+-------------------------------------------------------------------------
+1. Sort the tokens by probability and keep the smallest prefix whose
+   cumulative probability reaches ``mass`` (default 0.98), at most ``top_k``
+   tokens (default 8, at most 255).
+2. Quantise each kept probability to one byte, ``q = floor(255 p + 1/2)``
+   (``round(255 p)``, halves up), so ``|q/255 - p| <= 1/510``. Trailing kept
+   tokens with ``q == 0`` are dropped (the most probable token is always kept).
+3. Store a ``uint8`` count per frame, the kept token ids (``uint8`` when
+   ``V <= 256``, else ``uint16``) and the ``q`` bytes. A frame where the
+   teacher is nearly certain (one token kept with ``q == 255``, i.e.
+   ``p >= 254.5/255``) stores count ``0``, its one token id and no
+   probability byte: the probability is implied to be ``255/255``.
+
+   So a frame costs ``1 + id_bytes`` when certain and ``1 + k (id_bytes + 1)``
+   with ``k`` kept tokens otherwise: 2 bytes for a confident CTC blank or spike
+   with a character vocabulary (3 with a 5,000-token BPE vocabulary), at most
+   ``1 + 8 * 3 = 25`` bytes for a flat BPE frame. ``tests/unit/test_cache.py``
+   measures 2.6 payload bytes per frame on synthetic peaky character
+   posteriors (66% certain frames), 2.8 bytes per frame for a whole cache
+   folder (meta.json, shards.json and shard header included; 8,370 frames of
+   a peaky 29-token teacher, 42x smaller than fp32) and 3.7 payload bytes per
+   frame for peaky 5,000-token posteriors (fp32: 20,000).
+
+Reconstruction (:func:`decode`): the ``k`` stored tokens get ``q/255``; the
+residual ``r = max(1 - sum q/255, 1e-6)`` is spread uniformly over the other
+``V - k`` tokens (none when ``k == V``); the frame is then renormalised by
+``sum q/255 + r``. Each frame sums to one and every probability is positive,
+except a stored token whose byte is 0 (only possible as the top token of a
+near-uniform frame over more than 510 tokens), whose log-probability is
+clamped at ``log(1e-30)``.
+
+Error. With ``m`` the true mass of the tokens not stored and ``k`` tokens
+stored, every probability of the frame satisfies::
+
+    |p_hat - p| <= m + (k + 1) / 510 + 1e-6
+
+Stored tokens are off by at most ``1/510`` (quantisation) plus the
+renormalisation, which is zero unless the rounded probabilities sum above one
+and then at most ``k/510 + 1e-6``; the other tokens are off by at most
+``m`` (the truncated mass, ``<= 1 - mass`` unless the ``top_k`` cap stopped
+first) plus the rounding error folded into the residual. In practice the
+rounding errors cancel and the largest error is close to ``max(1/510, m)``.
+
+Layout of ``CACHE_DIR``
+-----------------------
+``meta.json``
+    ``format_version``, ``teacher_name``, ``teacher_fingerprint``,
+    ``teacher_tokens``, ``blank_index``, ``frame_shift``, ``sample_rate``,
+    ``scheme`` (``top_k``, ``mass``, ``prob_levels`` 255, ``id_dtype``,
+    ``residual_floor``), ``student_tokens`` (or null), ``data_fingerprint``
+    (:func:`data_fingerprint` of the manifest's IDs and durations), ``csv``,
+    ``utterances``, ``frames`` (null until complete), ``complete``,
+    ``created`` and ``completed`` (ISO times).
+``shards.json``
+    ``{"format_version": 1, "shards": [{"name", "sha256", "bytes",
+    "utterances", "frames"}, ...]}``: only finished shards, replaced
+    atomically after each one.
+``shard-00000.bin``, ...
+    One self-contained little-endian file per shard: the magic
+    ``b"SKDCACH1"``, a ``uint64`` header length, a UTF-8 JSON header padded
+    with spaces to a multiple of 8 bytes, then three sections each starting on
+    an 8-byte boundary: ``counts`` (``uint8 [F]``), ``ids`` (``[E]``),
+    ``probs`` (``uint8 [P]``). The header holds ``frames`` F, ``entries`` E,
+    ``probs`` P, ``id_dtype``, the byte ``sections`` offsets and ``utts``:
+    ``[utt_id, frame_offset, num_frames, entry_offset, prob_offset]`` rows.
+
+Writing is atomic (temporary name, fsync, ``os.replace``) and resumable: a
+rerun skips the utterances of listed shards whose size and sha256 still
+match, and refuses a folder made for another teacher, data or scheme. One
+writer per folder at a time.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speech_kd.teachers.base import Teacher, TeacherOutput
+
+__all__ = [
+    "CacheError",
+    "CacheMissError",
+    "CacheReader",
+    "EncodedFrames",
+    "cache_targets",
+    "data_fingerprint",
+    "decode",
+    "decode_into",
+    "encode",
+    "write_cache",
+    "FORMAT_VERSION",
+    "PAD_LOG_PROB",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PROB_LEVELS = 255
+RESIDUAL_FLOOR = 1e-6
+#: log-probability of the non-blank tokens on padding frames (blank gets 0)
+PAD_LOG_PROB = math.log(1e-8)
+SHARD_MAGIC = b"SKDCACH1"
+META_NAME = "meta.json"
+MANIFEST_NAME = "shards.json"
+SHARD_PATTERN = "shard-{:05d}.bin"
+_TINY = 1e-30  # probabilities are clamped here before a log
+#: meta.json keys that must agree before a rerun may add to a folder
+_IDENTITY_KEYS = (
+    "format_version", "teacher_fingerprint", "teacher_tokens", "blank_index", "frame_shift", "sample_rate",
+    "scheme", "student_tokens", "data_fingerprint",
+)  # fmt: skip
+
+
+class CacheError(RuntimeError):
+    """A cache that cannot be written or used, with the reason."""
+
+
+class CacheMissError(CacheError):
+    """Utterance IDs asked for that the cache does not hold (``missing`` lists them)."""
+
+    def __init__(self, missing: Sequence[str], cache_dir: str | os.PathLike) -> None:
+        self.missing = list(missing)
+        shown = ", ".join(self.missing[:20]) + (f", ... ({len(self.missing)} in all)" if len(self.missing) > 20 else "")
+        super().__init__(f"cache {cache_dir} has no targets for {len(self.missing)} utterance(s): {shown}")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class EncodedFrames:
+    """The stored form of one utterance's posteriors.
+
+    Attributes
+    ----------
+    counts : np.ndarray
+        ``[T]`` uint8: tokens kept per frame; ``0`` marks a certain frame
+        (one token id, no probability byte).
+    ids : np.ndarray
+        ``[E]`` uint8 or uint16 token ids, ``E = sum(max(counts, 1))``.
+    probs : np.ndarray
+        ``[P]`` uint8 quantised probabilities ``round(255 p)``, ``P = sum(counts)``.
+    """
+
+    counts: np.ndarray
+    ids: np.ndarray
+    probs: np.ndarray
+
+    @property
+    def num_frames(self) -> int:
+        """Number of teacher frames ``T``."""
+        return len(self.counts)
+
+    @property
+    def nbytes(self) -> int:
+        """Payload bytes (without shard headers)."""
+        return self.counts.nbytes + self.ids.nbytes + self.probs.nbytes
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """Token id type: ``uint8`` up to 256 tokens, else ``uint16`` (up to 65,536)."""
+    if vocab_size <= 256:
+        return np.dtype(np.uint8)
+    if vocab_size <= 65536:
+        return np.dtype(np.uint16)
+    raise CacheError(f"vocabulary of {vocab_size} tokens is too large for the cache (max 65536)")
+
+
+def _check_scheme(top_k: int, mass: float) -> None:
+    if not 1 <= top_k <= 255:
+        raise CacheError(f"top_k must be in 1..255, got {top_k}")
+    if not 0.0 < mass <= 1.0:
+        raise CacheError(f"mass must be in (0, 1], got {mass}")
+
+
+def encode(log_probs: torch.Tensor, top_k: int = 8, mass: float = 0.98) -> EncodedFrames:
+    """Compress ``[T, V]`` log-posteriors of one utterance (see the module docstring).
+
+    Parameters
+    ----------
+    log_probs : torch.Tensor
+        ``[T, V]`` log-probabilities (renormalised here), on any device.
+    top_k : int
+        Most tokens kept per frame (1..255).
+    mass : float
+        Cumulative probability at which a frame stops keeping tokens.
+
+    Returns
+    -------
+    EncodedFrames
+        The per-frame counts, token ids and probability bytes.
+    """
+    _check_scheme(top_k, mass)
+    if log_probs.dim() != 2:
+        raise CacheError(f"encode expects [T, V] log-probs, got shape {tuple(log_probs.shape)}")
+    num_tokens = log_probs.shape[1]
+    k = min(top_k, num_tokens)
+    top_lp, top_ids = torch.log_softmax(log_probs.float(), dim=-1).topk(k, dim=-1)
+    top_p = top_lp.exp()
+    needed = ((top_p.cumsum(-1) < mass).sum(-1) + 1).clamp(max=k)
+    quant = torch.floor(top_p * PROB_LEVELS + 0.5).clamp(0, PROB_LEVELS)
+    nonzero = (quant > 0).sum(-1)  # quant is non-increasing along the row
+    kept = torch.minimum(needed, nonzero).clamp(min=1)
+    certain = (kept == 1) & (quant[:, 0] == PROB_LEVELS)
+    keep = torch.arange(k, device=kept.device)[None, :] < kept[:, None]
+    return EncodedFrames(
+        counts=torch.where(certain, 0, kept).to(torch.uint8).cpu().numpy(),
+        ids=top_ids[keep].cpu().numpy().astype(id_dtype(num_tokens)),
+        probs=quant[keep & ~certain[:, None]].to(torch.uint8).cpu().numpy(),
+    )
+
+
+def _dequantise(counts: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-entry frame index, per-entry probability and per-frame id count."""
+    n_ids = np.maximum(counts.astype(np.int64), 1)
+    frame = np.repeat(np.arange(len(counts)), n_ids)
+    entry_p = np.ones(len(frame), dtype=np.float64)
+    entry_p[np.repeat(counts > 0, n_ids)] = probs / PROB_LEVELS
+    return frame, entry_p, n_ids
+
+
+def _log_parts(
+    counts: np.ndarray, ids: np.ndarray, probs: np.ndarray, vocab_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reconstruction in the log domain (module docstring), without building dense probabilities.
+
+    Returns
+    -------
+    tuple of np.ndarray
+        Entry frame indices ``[E]``, entry token ids ``[E]``, entry
+        log-probabilities ``[E]`` and, per frame, the log-probability of every
+        token not stored ``[T]``.
+    """
+    frame, entry_p, n_ids = _dequantise(counts, probs)
+    if len(ids) != len(frame) or len(probs) != int(counts.sum(dtype=np.int64)):
+        raise CacheError(f"corrupt entry: {len(counts)} frames need {len(frame)} ids / {counts.sum()} probs, "
+                         f"found {len(ids)} / {len(probs)}")
+    if len(ids) and int(ids.max()) >= vocab_size:
+        raise CacheError(f"corrupt entry: token id {int(ids.max())} outside the {vocab_size}-token vocabulary")
+    stored = np.bincount(frame, weights=entry_p, minlength=len(counts))
+    others = vocab_size - n_ids
+    residual = np.where(others > 0, np.maximum(1.0 - stored, RESIDUAL_FLOOR), 0.0)
+    log_total = np.log(np.maximum(stored + residual, _TINY))
+    log_fill = np.log(np.maximum(residual / np.maximum(others, 1), _TINY)) - log_total
+    log_entry = np.log(np.maximum(entry_p, _TINY)) - log_total[frame]
+    return frame, ids.astype(np.int64), log_entry, log_fill
+
+
+def decode_into(out: np.ndarray, counts: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> None:
+    """Write the dense log-probabilities of stored frames into ``out [T, V]`` (float32, e.g. a batch row)."""
+    frame, tokens, log_entry, log_fill = _log_parts(counts, ids, probs, out.shape[1])
+    out[:] = log_fill[:, None]
+    out[frame, tokens] = log_entry
+
+
+def decode(encoded: EncodedFrames, vocab_size: int) -> torch.Tensor:
+    """Dense ``[T, V]`` float32 log-probabilities of one encoded utterance.
+
+    Stored tokens get their dequantised probabilities, the residual mass
+    ``max(1 - sum, 1e-6)`` is spread uniformly over the other tokens and the
+    frame is renormalised (module docstring, with its error bound).
+    """
+    out = np.empty((encoded.num_frames, vocab_size), dtype=np.float32)
+    decode_into(out, encoded.counts, encoded.ids, encoded.probs)
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def data_fingerprint(ids_and_durations: Iterable[tuple[str, float]]) -> str:
+    """sha256 (first 16 hex digits) of the sorted ``(utterance ID, duration)`` pairs.
+
+    Durations are rounded to milliseconds, so a manifest rewritten with
+    other float formatting keeps its fingerprint.
+    """
+    digest = hashlib.sha256()
+    for uid, duration in sorted((str(u), round(float(d), 3)) for u, d in ids_and_durations):
+        digest.update(f"{uid}\t{duration:.3f}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_pieces(fh, pieces: Iterable[bytes | memoryview]) -> None:
+    """Write every piece to the open file ``fh`` (split out so tests can fail it)."""
+    for piece in pieces:
+        fh.write(piece)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not supported on every platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, pieces: Iterable[bytes | memoryview]) -> None:
+    """Write ``pieces`` to ``path`` via a temporary file, fsync and ``os.replace``.
+
+    On any error the temporary file is removed; a full disk (ENOSPC/EDQUOT)
+    becomes a :class:`CacheError` naming the file.
+    """
+    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            _write_pieces(fh, pieces)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise CacheError(
+                f"disk full while writing {path.name} in {path.parent} ({err}); the temporary file was removed "
+                "and finished shards stay valid: free some space and rerun to resume"
+            ) from err
+        raise
+    _fsync_dir(path.parent)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _write_atomic(path, [json.dumps(obj, indent=1).encode()])
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as err:
+        raise CacheError(f"{path}: unreadable ({err.__class__.__name__}: {err})") from err
+
+
+def _pad8(size: int) -> int:
+    return -size % 8
+
+
+def _shard_pieces(utts: list[tuple[str, EncodedFrames]], vocab_size: int) -> list[bytes]:
+    """The bytes of one shard file holding ``utts`` (layout in the module docstring)."""
+    rows, frames, entries, nprobs = [], 0, 0, 0
+    for uid, enc in utts:
+        rows.append([uid, frames, enc.num_frames, entries, nprobs])
+        frames, entries, nprobs = frames + enc.num_frames, entries + len(enc.ids), nprobs + len(enc.probs)
+    dtype = id_dtype(vocab_size)
+    sizes = {"counts": frames, "ids": entries * dtype.itemsize, "probs": nprobs}
+    header = {"frames": frames, "entries": entries, "probs": nprobs, "id_dtype": dtype.name, "utts": rows}
+    # the header holds the section offsets, which depend on the header's own length: iterate to a fixed point
+    start = 0
+    while True:
+        sections, offset = {}, start
+        for name, size in sizes.items():
+            sections[name] = offset
+            offset += size + _pad8(size)
+        header["sections"] = sections
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * _pad8(len(blob))
+        if len(SHARD_MAGIC) + 8 + len(blob) == start:
+            break
+        start = len(SHARD_MAGIC) + 8 + len(blob)
+    pieces = [SHARD_MAGIC, np.uint64(len(blob)).tobytes(), blob]
+    for part in ("counts", "ids", "probs"):
+        arrays = [getattr(enc, part) for _, enc in utts]
+        target = (dtype if part == "ids" else np.dtype(np.uint8)).newbyteorder("<")
+        data = np.concatenate(arrays).astype(target).tobytes() if arrays else b""
+        pieces += [data, b"\0" * _pad8(len(data))]
+    return pieces
+
+
+def _read_shard_header(path: Path) -> dict:
+    """The JSON header of a shard file (raises :class:`CacheError` naming it when unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(len(SHARD_MAGIC))
+            if magic != SHARD_MAGIC:
+                raise CacheError(f"{path.name}: not a cache shard (bad magic {magic!r})")
+            (size,) = np.frombuffer(fh.read(8), dtype="<u8")
+            header = json.loads(fh.read(int(size)))
+    except (OSError, ValueError) as err:
+        raise CacheError(f"{path.name}: unreadable shard header ({err.__class__.__name__}: {err})") from err
+    return header
+
+
+def _dir_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# --------------------------------------------------------------------------- compatibility
+
+
+def _describe_tokens(name: str, a: Sequence[str] | None, b: Sequence[str] | None) -> str:
+    if a is None or b is None:
+        return f"{name} {'recorded' if a is not None else 'none'} != {'given' if b is not None else 'none'}"
+    if len(a) != len(b):
+        return f"{name} differ: {len(a)} != {len(b)} tokens"
+    first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    return f"{name} differ at index {first}: {a[first]!r} != {b[first]!r}"
+
+
+def _differences(cached: dict, wanted: dict) -> list[str]:
+    """Human-readable ``key cached != wanted`` lines for every key of ``wanted`` that differs."""
+    out = []
+    for key, value in wanted.items():
+        have = cached.get(key)
+        if key in ("teacher_tokens", "student_tokens"):
+            if (list(have) if have is not None else None) != (list(value) if value is not None else None):
+                out.append(_describe_tokens(key.replace("_", " "), have, value))
+        elif key == "frame_shift":
+            if have is None or abs(float(have) - float(value)) > 1e-6:
+                out.append(f"frame shift {have} != {value}")
+        elif have != value:
+            out.append(f"{key.replace('_', ' ')} {have} != {value}")
+    return out
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class _Utt:
+    uid: str
+    duration: float
+    wav: str
+
+
+def _read_manifest(csv_path: str | os.PathLike) -> list[_Utt]:
+    """Utterances of a SpeechBrain CSV (``ID``, ``duration``, ``wav``), checked for duplicates."""
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"ID", "duration", "wav"} - set(reader.fieldnames or [])
+        if missing:
+            raise CacheError(f"{csv_path}: missing column(s) {sorted(missing)}")
+        utts = [_Utt(row["ID"], float(row["duration"]), row["wav"]) for row in reader]
+    if not utts:
+        raise CacheError(f"{csv_path}: no utterances")
+    dups = sorted(uid for uid, n in Counter(u.uid for u in utts).items() if n > 1)
+    if dups:
+        raise CacheError(f"{csv_path}: duplicate utterance IDs {dups[:10]}")
+    return utts
+
+
+def _new_meta(teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: float, student_tokens) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "teacher_name": teacher.name,
+        "teacher_fingerprint": teacher.fingerprint(),
+        "teacher_tokens": list(teacher.tokens),
+        "blank_index": int(teacher.blank_index),
+        "frame_shift": float(teacher.frame_shift),
+        "sample_rate": int(teacher.sample_rate),
+        "scheme": {
+            "top_k": int(top_k), "mass": float(mass), "prob_levels": PROB_LEVELS,
+            "id_dtype": id_dtype(len(teacher.tokens)).name, "residual_floor": RESIDUAL_FLOOR,
+        },  # fmt: skip
+        "student_tokens": list(student_tokens) if student_tokens is not None else None,
+        "data_fingerprint": data_fingerprint((u.uid, u.duration) for u in utts),
+        "csv": str(csv_path),
+        "utterances": len(utts),
+        "frames": None,
+        "complete": False,
+        "created": _now(),
+        "completed": None,
+    }
+
+
+def _open_out_dir(out_dir: Path, meta: dict) -> dict:
+    """Create ``out_dir`` or check that it holds a cache of the same inputs; return the meta to keep."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = out_dir / META_NAME
+    if not meta_path.exists():
+        others = [p.name for p in out_dir.iterdir() if ".tmp." not in p.name]
+        if others:
+            raise CacheError(f"{out_dir} is not empty and holds no cache {META_NAME} (found {others[:5]}); "
+                             "use an empty or new folder")
+        _write_json(meta_path, meta)
+        return meta
+    old = _read_json(meta_path)
+    diffs = _differences(old, {key: meta[key] for key in _IDENTITY_KEYS})
+    if diffs:
+        raise CacheError(
+            f"{out_dir} holds a cache made from other inputs (cache != requested): " + "; ".join(diffs)
+            + ". Use another folder, or delete this one to rebuild it."
+        )
+    return old
+
+
+def _verified_shards(out_dir: Path, entries: list[dict]) -> tuple[list[dict], set[str]]:
+    """Listed shards whose size and sha256 still match, and the utterance IDs they hold."""
+    good, done = [], set()
+    for entry in entries:
+        path = out_dir / entry["name"]
+        problem = _shard_problem(path, entry)
+        if problem:
+            logger.warning("cache: %s; its utterances will be recomputed", problem)
+            path.unlink(missing_ok=True)
+            continue
+        good.append(entry)
+        done.update(row[0] for row in _read_shard_header(path)["utts"])
+    return good, done
+
+
+def _shard_problem(path: Path, entry: dict) -> str | None:
+    """Why a listed shard is unusable (missing, wrong size, wrong sha256), or ``None``."""
+    if not path.exists():
+        return f"{path.name}: missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        how = "truncated" if size < entry["bytes"] else "grown"
+        return f"{path.name}: {size} bytes, {entry['bytes']} listed ({how})"
+    if _file_sha256(path) != entry["sha256"]:
+        return f"{path.name}: sha256 mismatch (corrupted)"
+    return None
+
+
+def _remove_leftovers(out_dir: Path, listed: set[str]) -> None:
+    """Delete temporary files and shard files that no finished-shard list names (a killed run's)."""
+    for path in out_dir.iterdir():
+        if ".tmp." in path.name or (path.name.startswith("shard-") and path.name not in listed):
+            logger.info("cache: removing leftover %s", path.name)
+            path.unlink(missing_ok=True)
+
+
+def _batches(utts: list[_Utt], batch_seconds: float) -> Iterator[list[_Utt]]:
+    """Consecutive batches of length-sorted ``utts`` whose padded audio ``B * longest <= batch_seconds``."""
+    batch: list[_Utt] = []
+    for utt in utts:
+        if batch and (len(batch) + 1) * max(utt.duration, batch[-1].duration) > batch_seconds:
+            yield batch
+            batch = []
+        batch.append(utt)
+    if batch:
+        yield batch
+
+
+def _load_wavs(batch: list[_Utt], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-padded waveforms ``[B, S]`` and relative lengths ``[B]``."""
+    from speech_kd.audio import read_audio
+
+    sigs = [read_audio(utt.wav, sample_rate) for utt in batch]
+    longest = max(len(s) for s in sigs)
+    wavs = torch.zeros(len(sigs), longest)
+    for i, sig in enumerate(sigs):
+        wavs[i, : len(sig)] = sig
+    return wavs, torch.tensor([len(s) / longest for s in sigs])
+
+
+def _encode_batch(teacher: Teacher, batch: list[_Utt], device: str, top_k: int, mass: float) -> list[EncodedFrames]:
+    """Run the teacher on one batch and encode each utterance's valid frames."""
+    wavs, wav_lens = _load_wavs(batch, teacher.sample_rate)
+    with torch.no_grad():
+        out = teacher(wavs.to(device), wav_lens.to(device))
+    return [encode(out.log_probs[i, : int(out.lengths[i])], top_k, mass) for i in range(len(batch))]
+
+
+def _write_shard(out_dir: Path, number: int, utts: list[tuple[str, EncodedFrames]], vocab_size: int) -> dict:
+    """Write one shard atomically and return its ``shards.json`` entry."""
+    path = out_dir / SHARD_PATTERN.format(number)
+    pieces = _shard_pieces(utts, vocab_size)
+    _write_atomic(path, pieces)
+    digest = hashlib.sha256()
+    for piece in pieces:
+        digest.update(piece)
+    return {
+        "name": path.name, "sha256": digest.hexdigest(), "bytes": sum(len(p) for p in pieces),
+        "utterances": len(utts), "frames": sum(enc.num_frames for _, enc in utts),
+    }  # fmt: skip
+
+
+def _save_manifest(out_dir: Path, entries: list[dict]) -> None:
+    _write_json(out_dir / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "shards": entries})
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="utt", desc="caching teacher targets", disable=not enabled)
+
+
+def write_cache(
+    teacher: Teacher,
+    csv_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    batch_seconds: float = 120.0,
+    shard_utts: int = 2000,
+    top_k: int = 8,
+    mass: float = 0.98,
+    device: str = "cpu",
+    student_tokens: Sequence[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run ``teacher`` once over a manifest and store its soft targets in ``out_dir``.
+
+    Parameters
+    ----------
+    teacher : Teacher
+        Any teacher; it runs in eval mode without gradients on ``device``.
+    csv_path : path-like
+        SpeechBrain CSV with at least ``ID``, ``duration`` and ``wav``.
+    out_dir : path-like
+        Cache folder: new, empty, or a previous (possibly interrupted) cache
+        of the same teacher, data and scheme, which is completed.
+    batch_seconds : float
+        Padded audio per teacher batch (``B * longest duration``).
+    shard_utts : int
+        Utterances per shard file.
+    top_k, mass : int, float
+        Storage scheme (module docstring).
+    device : str
+        Where the teacher runs.
+    student_tokens : sequence of str, optional
+        Recorded in ``meta.json`` so readers can check what the cache was made for.
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    dict
+        ``utterances``, ``frames``, ``bytes`` (whole folder), ``bytes_per_frame``,
+        ``fp32_bytes`` (``frames * V * 4``), ``compression_ratio``, ``seconds``,
+        plus ``shards``, ``teacher_utterances`` (run now) and ``reused_utterances``.
+    """
+    start = time.monotonic()
+    _check_scheme(top_k, mass)
+    if shard_utts < 1 or batch_seconds <= 0:
+        raise CacheError(f"shard_utts ({shard_utts}) and batch_seconds ({batch_seconds}) must be positive")
+    out_dir = Path(out_dir)
+    utts = sorted(_read_manifest(csv_path), key=lambda u: (u.duration, u.uid))
+    meta = _open_out_dir(out_dir, _new_meta(teacher, utts, csv_path, top_k, mass, student_tokens))
+    entries = _read_json(out_dir / MANIFEST_NAME)["shards"] if (out_dir / MANIFEST_NAME).exists() else []
+    _remove_leftovers(out_dir, {e["name"] for e in entries})
+    entries, done = _verified_shards(out_dir, entries)
+    todo = [u for u in utts if u.uid not in done]
+    if done:
+        logger.info("cache %s: resuming, %d of %d utterances already stored", out_dir, len(done), len(utts))
+    teacher.to(device)
+    next_number = 1 + max((int(e["name"][6:11]) for e in entries), default=-1)
+    with _progress(len(todo), progress) as bar:
+        for first in range(0, len(todo), shard_utts):
+            chunk, stored = todo[first : first + shard_utts], []
+            for batch in _batches(chunk, batch_seconds):
+                stored += zip((u.uid for u in batch), _encode_batch(teacher, batch, device, top_k, mass))
+                bar.update(len(batch))
+            entries.append(_write_shard(out_dir, next_number, stored, len(teacher.tokens)))
+            next_number += 1
+            _save_manifest(out_dir, entries)
+    _save_manifest(out_dir, entries)
+    frames = sum(e["frames"] for e in entries)
+    meta.update(frames=frames, complete=True, completed=meta.get("completed") or _now())
+    _write_json(out_dir / META_NAME, meta)
+    return _summary(out_dir, meta, entries, len(todo), len(done), time.monotonic() - start)
+
+
+def _summary(out_dir: Path, meta: dict, entries: list[dict], ran: int, reused: int, seconds: float) -> dict:
+    frames = meta["frames"]
+    size = _dir_bytes(out_dir)
+    fp32 = frames * len(meta["teacher_tokens"]) * 4
+    return {
+        "out_dir": str(out_dir), "utterances": sum(e["utterances"] for e in entries), "frames": frames,
+        "bytes": size, "bytes_per_frame": size / max(frames, 1), "fp32_bytes": fp32,
+        "compression_ratio": fp32 / max(size, 1), "seconds": round(seconds, 3), "shards": len(entries),
+        "teacher_utterances": ran, "reused_utterances": reused,
+    }  # fmt: skip
+
+
+def cache_targets(
+    teacher_source: str | os.PathLike, csv_path: str | os.PathLike, out_dir: str | os.PathLike, *,
+    kind: str = "auto", **kw,
+) -> dict:  # fmt: skip
+    """Load a teacher folder with ``load_teacher`` and :func:`write_cache` its targets (same keywords)."""
+    from speech_kd.teachers.base import load_teacher
+
+    teacher = load_teacher(teacher_source, kind=kind, device=kw.get("device", "cpu"))
+    return write_cache(teacher, csv_path, out_dir, **kw)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class _Where:
+    shard: int
+    frame: int
+    frames: int
+    entry: int
+    prob: int
+
+
+class CacheReader:
+    """Read cached teacher posteriors by utterance ID.
+
+    Shard files are memory-mapped lazily, once per process: the reader can be
+    handed to DataLoader workers (fork or spawn); no open file or memory map
+    is pickled.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        A folder written by :func:`write_cache`.
+    verify : bool
+        Recompute every shard's sha256 now; raise :class:`CacheError` naming
+        the truncated or corrupted ones.
+    allow_incomplete : bool
+        Accept a cache whose writing was interrupted (missing utterances then
+        raise :class:`CacheMissError` when asked for).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, verify: bool = False, allow_incomplete: bool = False) -> None:
+        self.out_dir = Path(out_dir)
+        if not (self.out_dir / META_NAME).exists():
+            raise CacheError(f"{self.out_dir}: not a targets cache (no {META_NAME}); make one with cache-targets")
+        self._meta = _read_json(self.out_dir / META_NAME)
+        if self._meta.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{self.out_dir}: cache format {self._meta.get('format_version')}, "
+                             f"this code reads {FORMAT_VERSION}; rebuild the cache")
+        if not self._meta.get("complete") and not allow_incomplete:
+            raise CacheError(f"{self.out_dir}: incomplete cache (writing was interrupted); "
+                             "rerun cache-targets with the same arguments to finish it")
+        manifest = self.out_dir / MANIFEST_NAME
+        self._entries: list[dict] = _read_json(manifest)["shards"] if manifest.exists() else []
+        self.vocab_size = len(self._meta["teacher_tokens"])
+        self.blank_index = int(self._meta["blank_index"])
+        self._index: dict[str, _Where] | None = None
+        self._layout: list[dict] = []
+        self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._pid = os.getpid()
+        if verify:
+            problems = self.verify()
+            if problems:
+                raise CacheError(f"{self.out_dir}: damaged shard(s): " + "; ".join(problems))
+
+    # -- pickling: never ship memory maps to workers
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    @property
+    def metadata(self) -> dict:
+        """The cache's ``meta.json`` (a copy)."""
+        return json.loads(json.dumps(self._meta))
+
+    @property
+    def ids(self) -> set[str]:
+        """Utterance IDs with stored targets."""
+        return set(self._where())
+
+    def __contains__(self, utt_id: object) -> bool:
+        return utt_id in self._where()
+
+    def __len__(self) -> int:
+        return len(self._where())
+
+    def num_frames(self, utt_id: str) -> int:
+        """Teacher frames stored for ``utt_id``."""
+        return self._locate([utt_id])[0].frames
+
+    def _where(self) -> dict[str, _Where]:
+        """utt_id -> location, built from the shard headers on first use."""
+        if self._index is None:
+            index, layout = {}, []
+            for number, entry in enumerate(self._entries):
+                path = self.out_dir / entry["name"]
+                size = path.stat().st_size if path.exists() else -1
+                if size != entry["bytes"]:
+                    raise CacheError(f"{entry['name']}: {size} bytes, {entry['bytes']} listed in {MANIFEST_NAME} "
+                                     "(truncated or missing; run CacheReader.verify() or rebuild)")
+                header = _read_shard_header(path)
+                layout.append({key: value for key, value in header.items() if key != "utts"})
+                for uid, frame, frames, ent, prob in header["utts"]:
+                    index[uid] = _Where(number, frame, frames, ent, prob)
+            self._index, self._layout = index, layout
+        return self._index
+
+    def _arrays(self, number: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Memory-mapped ``counts``, ``ids``, ``probs`` of one shard (opened once per process)."""
+        if self._pid != os.getpid():
+            self._maps, self._pid = {}, os.getpid()
+        if number not in self._maps:
+            lay = self._layout[number]
+            raw = np.memmap(self.out_dir / self._entries[number]["name"], dtype=np.uint8, mode="r")
+            sec, dtype = lay["sections"], np.dtype(lay["id_dtype"]).newbyteorder("<")
+            self._maps[number] = (
+                raw[sec["counts"] : sec["counts"] + lay["frames"]],
+                raw[sec["ids"] : sec["ids"] + lay["entries"] * dtype.itemsize].view(dtype),
+                raw[sec["probs"] : sec["probs"] + lay["probs"]],
+            )
+        return self._maps[number]
+
+    def _locate(self, utt_ids: Sequence[str]) -> list[_Where]:
+        index = self._where()
+        missing = [uid for uid in utt_ids if uid not in index]
+        if missing:
+            raise CacheMissError(missing, self.out_dir)
+        return [index[uid] for uid in utt_ids]
+
+    def _decode_into(self, out: np.ndarray, where: _Where) -> None:
+        counts, ids, probs = self._arrays(where.shard)
+        c = counts[where.frame : where.frame + where.frames]
+        n_ids = int(np.maximum(c, 1).sum(dtype=np.int64))
+        n_probs = int(c.sum(dtype=np.int64))
+        decode_into(out, c, ids[where.entry : where.entry + n_ids], probs[where.prob : where.prob + n_probs])
+
+    def get(self, utt_id: str) -> torch.Tensor:
+        """Dense ``[T, V]`` float32 log-posteriors of one utterance (teacher tokens and frame rate)."""
+        (where,) = self._locate([utt_id])
+        out = np.empty((where.frames, self.vocab_size), dtype=np.float32)
+        self._decode_into(out, where)
+        return torch.from_numpy(out)
+
+    def batch(self, utt_ids: Sequence[str], device: str | torch.device = "cpu") -> TeacherOutput:
+        """Padded targets of several utterances, as a teacher would return them.
+
+        Parameters
+        ----------
+        utt_ids : sequence of str
+            Utterance IDs; any missing one raises :class:`CacheMissError` listing them all.
+        device : str or torch.device
+            Where the returned tensors live.
+
+        Returns
+        -------
+        TeacherOutput
+            ``log_probs [B, Tmax, V]`` float32 and ``lengths [B]`` int64. Padding
+            frames hold the blank token with probability 1: log-prob ``0`` on
+            blank and ``log(1e-8)`` (:data:`PAD_LOG_PROB`) elsewhere.
+        """
+        wheres = self._locate(list(utt_ids))
+        longest = max((w.frames for w in wheres), default=0)
+        out = np.empty((len(wheres), longest, self.vocab_size), dtype=np.float32)
+        for row, where in enumerate(wheres):
+            self._decode_into(out[row, : where.frames], where)
+            out[row, where.frames :] = PAD_LOG_PROB
+            out[row, where.frames :, self.blank_index] = 0.0
+        lengths = torch.tensor([w.frames for w in wheres], dtype=torch.int64)
+        return TeacherOutput(torch.from_numpy(out).to(device), lengths.to(device))
+
+    def check_compatible(
+        self,
+        teacher_fingerprint: str | None = None,
+        teacher_tokens: Sequence[str] | None = None,
+        student_tokens: Sequence[str] | None = None,
+        data_ids_fingerprint: str | None = None,
+        frame_shift: float | None = None,
+    ) -> None:
+        """Raise :class:`CacheError` saying what differs between the cache and what is given.
+
+        Only the arguments given are checked. ``student_tokens`` is checked
+        only when the cache recorded the student it was made for (targets are
+        stored in the teacher's token space, so any student can use them).
+        """
+        wanted = {
+            "teacher_fingerprint": teacher_fingerprint, "teacher_tokens": teacher_tokens,
+            "data_fingerprint": data_ids_fingerprint, "frame_shift": frame_shift,
+        }  # fmt: skip
+        wanted = {key: value for key, value in wanted.items() if value is not None}
+        if student_tokens is not None and self._meta.get("student_tokens") is not None:
+            wanted["student_tokens"] = student_tokens
+        diffs = _differences(self._meta, wanted)
+        if diffs:
+            raise CacheError(f"cache {self.out_dir} does not match (cache != given): " + "; ".join(diffs))
+
+    def verify(self) -> list[str]:
+        """Recompute each shard's size and sha256; one ``"shard-NNNNN.bin: problem"`` line per bad shard."""
+        problems = [_shard_problem(self.out_dir / e["name"], e) for e in self._entries]
+        return [p for p in problems if p]

@@ -1,0 +1,85 @@
+"""Distillation end to end: live teacher, cached targets, and the errors users meet first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import speechbrain as sb
+import torch
+
+from speech_kd.cache import CacheError, CacheReader, cache_targets
+from speech_kd.cli import main
+from speech_kd.dataio import load_dataset, make_tokenizer, token_strings
+from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.teachers.base import TeacherError, load_teacher
+from tests.conftest import REPO, TINY_MODEL
+
+DISTILL = str(REPO / "hparams/distill.yaml")
+
+
+def _distill(corpus, out, *extra):
+    return main(["distill", DISTILL, f"--data_folder={corpus}", f"--output_folder={out}", "--number_of_epochs=1",
+                 *TINY_MODEL, *extra])  # fmt: skip
+
+
+def test_distill_with_live_teacher(trained_run, tiny_corpus, tmp_path):
+    out = tmp_path / "kd"
+    assert _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", "--kd_weight=0.5") == 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    train = history[-1]["train"]
+    assert train["kd_loss"] > 0 and 0 <= train["agreement"] <= 1 and 0 <= train["blank_share"] <= 1
+    assert train["kd_weight"] == 0.5
+    assert (out / "model" / "hyperparams.yaml").exists()
+    setup = (out / "kd_setup.txt").read_text()
+    assert "frame shift" in setup
+    log = (out / "train_log.txt").read_text()
+    assert "kd_loss" in log
+
+
+def test_cached_targets_equal_live_targets(trained_run, tiny_corpus, tmp_path):
+    teacher = load_teacher(trained_run / "model")
+    csv = trained_run / "train.csv"
+    summary = cache_targets(str(trained_run / "model"), csv, tmp_path / "cache", progress=False)
+    assert summary["bytes_per_frame"] <= 8  # tiny random-ish teacher: not peaky; see bench for real figures
+    tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    tokens = token_strings(tokenizer)
+    aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, tokens, 0, 0.04)
+    data = load_dataset(csv, tokenizer, sorting="descending")
+    batch = next(iter(sb.dataio.dataloader.make_dataloader(data, batch_size=3)))
+    n = int(batch.sig[0].shape[1] / 16000 / 0.04) + 1
+    lengths = torch.round(batch.sig[1] * n).long()
+    live = OnlineTargets(teacher, aligner, 16000)(batch, lengths, n)
+    cached = CachedTargets(CacheReader(tmp_path / "cache"), aligner)(batch, lengths, n)
+    mask = live.mask
+    diff = (live.log_probs.exp() - cached.log_probs.exp()).abs()[mask]
+    assert diff.max() < 0.05  # quantisation (1/510 per token) plus the truncated tail mass
+
+
+def test_distill_from_cache_and_cache_mismatch(trained_run, tiny_corpus, tmp_path):
+    cache = tmp_path / "cache"
+    assert main(["cache-targets", "--teacher", str(trained_run / "model"), "--csv", str(trained_run / "train.csv"),
+                 "--out", str(cache)]) == 0  # fmt: skip
+    out = tmp_path / "kd_cached"
+    assert _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", f"--targets_cache={cache}") == 0
+    assert (out / "model" / "model.ckpt").exists()
+    # a different teacher (other weights) must not silently use this cache
+    other = tmp_path / "other_teacher"
+    shutil.copytree(trained_run / "model", other)
+    state = torch.load(other / "model.ckpt")
+    state = {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(state, other / "model.ckpt")
+    with pytest.raises(CacheError, match="fingerprint"):
+        _distill(tiny_corpus, tmp_path / "bad", f"--teacher_source={other}", f"--targets_cache={cache}")
+
+
+def test_bad_teacher_folders_fail_before_training(tiny_corpus, tmp_path):
+    with pytest.raises(TeacherError, match="does not exist"):
+        _distill(tiny_corpus, tmp_path / "a", f"--teacher_source={tmp_path / 'nowhere'}")
+    not_a_model = tmp_path / "empty_teacher"
+    not_a_model.mkdir()
+    with pytest.raises(TeacherError, match="not a teacher folder"):
+        _distill(tiny_corpus, tmp_path / "b", f"--teacher_source={not_a_model}")
+    with pytest.raises(ValueError, match="teacher_source"):
+        _distill(tiny_corpus, tmp_path / "c")

@@ -1,0 +1,448 @@
+"""The soft-target cache: storage scheme, error bound, atomic/resumable writing, damage detection, reading."""
+
+from __future__ import annotations
+
+import csv
+import errno
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from speech_kd import cache as cache_mod
+from speech_kd.audio import read_audio
+from speech_kd.cache import (
+    PAD_LOG_PROB,
+    CacheError,
+    CacheMissError,
+    CacheReader,
+    data_fingerprint,
+    decode,
+    encode,
+    write_cache,
+)
+from speech_kd.teachers.base import Teacher, TeacherOutput
+
+SR = 16000
+FRAME = 640  # 40 ms
+CHARS = ["<blank>", " ", "'"] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]  # 29 tokens
+
+
+class FramedTeacher(Teacher):
+    """A real (tiny) teacher: a fixed random linear layer over RMS-normalised 40 ms frames.
+
+    ``scale`` and ``blank_bias`` make its posteriors CTC-like: mostly confident
+    blanks, some confident spikes, a few uncertain frames. It counts the
+    utterances it has been run on.
+    """
+
+    def __init__(self, seed: int = 0, tokens: list[str] | None = None, scale: float = 30.0, blank_bias: float = 70.0):
+        super().__init__()
+        self.tokens = list(tokens or CHARS)
+        self.blank_index, self.frame_shift, self.sample_rate = 0, FRAME / SR, SR
+        self.name = f"framed-linear-{seed}"
+        gen = torch.Generator().manual_seed(seed)
+        self.proj = torch.nn.Linear(FRAME, len(self.tokens), bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(len(self.tokens), FRAME, generator=gen) / FRAME**0.5)
+        self.scale, self.blank_bias = scale, blank_bias
+        self.utterances_run = 0
+
+    def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
+        batch, samples = wavs.shape
+        frames = samples // FRAME
+        x = wavs[:, : frames * FRAME].reshape(batch, frames, FRAME)
+        x = x / (x.pow(2).mean(-1, keepdim=True).sqrt() + 1e-8)
+        logits = self.scale * self.proj(x)
+        logits[..., self.blank_index] += self.blank_bias
+        lengths = torch.div(torch.round(wav_lens * samples).long(), FRAME, rounding_mode="floor")
+        self.utterances_run += batch
+        return TeacherOutput(torch.log_softmax(logits, -1), lengths)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def peaky_log_probs(frames: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    """Synthetic CTC-like posteriors ``[T, V]``: 70% blank frames, spikes, 10% two-token transitions.
+
+    The mass left to the other tokens is log-uniform in 1e-6..3e-2, spread
+    unevenly (a few runner-ups), so frames range from certain to uncertain.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.arange(frames)
+    top = torch.where(torch.rand(frames, generator=gen) < 0.7, 0, torch.randint(1, vocab, (frames,), generator=gen))
+    second = torch.randint(0, vocab, (frames,), generator=gen)
+    rest = 10 ** (-6 + 4.5 * torch.rand(frames, generator=gen, dtype=torch.float64))
+    split = torch.where(torch.rand(frames, generator=gen) < 0.1, 0.2 + 0.5 * torch.rand(frames, generator=gen), 0.0)
+    weights = torch.exp(2 * torch.randn(frames, vocab, generator=gen, dtype=torch.float64))
+    weights[rows, top] = 0
+    probs = weights / weights.sum(-1, keepdim=True) * rest[:, None]
+    probs[rows, top] += (1 - rest) * (1 - split)
+    probs[rows, second] += (1 - rest) * split
+    return probs.log().float()
+
+
+def error_and_bound(log_probs: torch.Tensor, enc) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame max abs probability error of the round trip, and the documented bound m + (k+1)/510 + 1e-6."""
+    vocab = log_probs.shape[1]
+    probs = torch.log_softmax(log_probs.double(), -1).exp()
+    err = (decode(enc, vocab).double().exp() - probs).abs().max(-1).values
+    kept = torch.from_numpy(np.maximum(enc.counts, 1).astype(np.int64))
+    frame = torch.repeat_interleave(torch.arange(len(kept)), kept)
+    ids = torch.from_numpy(enc.ids.astype(np.int64))
+    stored_mass = torch.zeros(len(kept), dtype=torch.float64).index_add_(0, frame, probs[frame, ids])
+    return err, (1 - stored_mass) + (kept + 1) / 510 + 1e-6
+
+
+def write_corpus(folder: Path, durations: list[float], seed: int = 0) -> Path:
+    """Real WAV/FLAC files (16 kHz mono noise and sines) and their SpeechBrain CSV."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i, seconds in enumerate(durations):
+        t = np.arange(int(seconds * SR)) / SR
+        sig = 0.1 * rng.standard_normal(len(t)) + 0.05 * np.sin(2 * np.pi * (200 + 50 * i) * t)
+        path = folder / f"utt{i:03d}.{'flac' if i % 2 else 'wav'}"
+        sf.write(path, sig.astype(np.float32), SR)
+        rows.append({"ID": f"utt{i:03d}", "duration": f"{len(t) / SR:.4f}", "wav": str(path), "spk_id": "s0",
+                     "wrd": "A"})  # fmt: skip
+    csv_path = folder / "data.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["ID", "duration", "wav", "spk_id", "wrd"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return csv_path
+
+
+def reference(teacher: Teacher, wav: str) -> torch.Tensor:
+    """The teacher's log-probs ``[T, V]`` for one file run alone."""
+    sig = read_audio(wav, SR)[None]
+    out = teacher(sig, torch.ones(1))
+    return out.log_probs[0, : int(out.lengths[0])]
+
+
+def manifest_rows(csv_path: Path) -> list[dict]:
+    with open(csv_path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+DURATIONS = [3.0, 7.3, 5.1, 8.0, 4.4, 6.6, 2.2, 9.0, 5.5, 7.7, 3.3, 6.0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_corpus(tmp_path_factory.mktemp("audio"), DURATIONS)
+
+
+@pytest.fixture(scope="module")
+def built(corpus, tmp_path_factory) -> tuple[Path, dict]:
+    """A finished cache of the corpus in 4 shards of 3 utterances."""
+    out = tmp_path_factory.mktemp("cache") / "targets"
+    summary = write_cache(FramedTeacher(), corpus, out, shard_utts=3, batch_seconds=20.0, progress=False)
+    return out, summary
+
+
+@pytest.fixture()
+def cache_copy(built, tmp_path) -> Path:
+    """A private copy of the finished cache (for tests that damage it)."""
+    return Path(shutil.copytree(built[0], tmp_path / "targets"))
+
+
+# --------------------------------------------------------------------------- storage scheme
+
+
+def test_peaky_char_roundtrip_error_bound_and_size():
+    log_probs = peaky_log_probs(20000, len(CHARS))
+    enc = encode(log_probs)
+    err, bound = error_and_bound(log_probs, enc)
+    assert bool((err <= bound + 1e-6).all())
+    assert float(err.max()) < 0.05
+    rec = decode(enc, len(CHARS)).double().exp()
+    assert torch.allclose(rec.sum(-1), torch.ones(len(rec), dtype=torch.float64), atol=1e-5)
+    bytes_per_frame = enc.nbytes / len(log_probs)
+    print(f"char vocab: {bytes_per_frame:.2f} payload bytes/frame, max abs prob error {float(err.max()):.4f}, "
+          f"{(enc.counts == 0).mean():.0%} certain frames")  # fmt: skip
+    assert enc.ids.dtype == np.uint8
+    assert bytes_per_frame <= 4.0
+
+
+def test_bpe_5000_vocab_stays_small():
+    log_probs = peaky_log_probs(4000, 5000, seed=1)
+    enc = encode(log_probs)
+    err, bound = error_and_bound(log_probs, enc)
+    assert enc.ids.dtype == np.uint16
+    assert bool((err <= bound + 1e-6).all())
+    bytes_per_frame = enc.nbytes / len(log_probs)
+    print(f"5000-token vocab: {bytes_per_frame:.2f} payload bytes/frame (fp32 would be 20000)")
+    assert bytes_per_frame <= 6.0
+
+
+def test_certain_frame_stores_no_probability_byte():
+    probs = torch.tensor([[0.999, 0.0005, 0.0005], [0.9, 0.09, 0.01], [254.4 / 255, 0.6 / 255, 0.0]])
+    enc = encode(probs.clamp_min(1e-12).log(), top_k=8, mass=0.98)
+    assert enc.counts.tolist() == [0, 2, 1]
+    assert enc.ids.tolist() == [0, 0, 1, 0]
+    assert enc.probs.tolist() == [round(0.9 * 255), round(0.09 * 255), 254]
+    rec = decode(enc, 3).exp()
+    assert float(rec[0, 0]) == pytest.approx(1 / (1 + 1e-6), abs=1e-7)
+    assert float(rec[1, 2]) == pytest.approx(1 - (230 + 23) / 255, abs=1e-6)
+
+
+def test_top_k_cap_and_flat_frames():
+    flat = torch.zeros(3, 50)
+    enc = encode(flat, top_k=4, mass=0.98)
+    assert enc.counts.tolist() == [4, 4, 4]
+    assert torch.allclose(decode(enc, 50).exp(), torch.full((3, 50), 0.02), atol=1 / 510)
+
+
+def test_roundtrip_property():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=25, deadline=None)
+    @hypothesis.given(
+        frames=st.integers(1, 20), vocab=st.integers(2, 300), top_k=st.integers(1, 12),
+        mass=st.floats(0.5, 1.0), sharpness=st.floats(0.0, 30.0), seed=st.integers(0, 2**16),
+    )  # fmt: skip
+    def check(frames, vocab, top_k, mass, sharpness, seed):
+        gen = torch.Generator().manual_seed(seed)
+        log_probs = torch.log_softmax(sharpness * torch.randn(frames, vocab, generator=gen), -1)
+        enc = encode(log_probs, top_k=top_k, mass=mass)
+        assert enc.num_frames == frames and int(enc.counts.max()) <= min(top_k, vocab)
+        assert len(enc.ids) == int(np.maximum(enc.counts, 1).sum()) and len(enc.probs) == int(enc.counts.sum())
+        err, bound = error_and_bound(log_probs, enc)
+        assert bool((err <= bound + 1e-6).all())
+        assert torch.isfinite(decode(enc, vocab)).all()
+
+    check()
+
+
+def test_data_fingerprint_ignores_order_and_float_format():
+    a = data_fingerprint([("u1", 1.5), ("u2", 2.25)])
+    assert a == data_fingerprint([("u2", "2.2500"), ("u1", 1.5)])
+    assert a != data_fingerprint([("u1", 1.5), ("u2", 2.5)])
+    assert a != data_fingerprint([("u1", 1.5)])
+
+
+# --------------------------------------------------------------------------- writing and reading
+
+
+def test_write_cache_end_to_end(built, corpus):
+    out, summary = built
+    teacher = FramedTeacher()
+    assert summary["utterances"] == len(DURATIONS) and summary["shards"] == 4
+    assert summary["frames"] == sum(math.floor(float(r["duration"]) * SR) // FRAME for r in manifest_rows(corpus))
+    assert summary["bytes"] == sum(p.stat().st_size for p in out.iterdir())
+    assert summary["fp32_bytes"] == summary["frames"] * len(CHARS) * 4
+    assert summary["compression_ratio"] == pytest.approx(summary["fp32_bytes"] / summary["bytes"])
+    assert summary["bytes_per_frame"] <= 6.0  # 4 tiny shards: meta.json and shard headers weigh here
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json"] + [f"shard-{i:05d}.bin" for i in range(4)] + [
+        "shards.json"
+    ]
+    reader = CacheReader(out, verify=True)
+    meta = reader.metadata
+    assert meta["complete"] and meta["teacher_fingerprint"] == teacher.fingerprint()
+    assert meta["teacher_tokens"] == CHARS and meta["scheme"]["top_k"] == 8 and meta["frames"] == summary["frames"]
+    assert reader.ids == {r["ID"] for r in manifest_rows(corpus)}
+    for row in manifest_rows(corpus)[:4]:
+        ref = reference(teacher, row["wav"])
+        got = reader.get(row["ID"])
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        _, bound = error_and_bound(ref, encode(ref))  # the teacher run alone vs in a padded batch: same bound
+        assert float((got.exp() - ref.exp()).abs().max()) <= float(bound.max()) + 1e-4
+
+
+def test_whole_cache_folder_bytes_per_frame(tmp_path):
+    """The size goal, measured on the folder: <= 4 bytes per teacher frame for peaky character posteriors."""
+    csv_path = write_corpus(tmp_path / "audio", [12.0 + 0.5 * i for i in range(20)], seed=1)
+    summary = write_cache(FramedTeacher(), csv_path, tmp_path / "c", progress=True)
+    print(f"whole cache folder: {summary['bytes_per_frame']:.2f} bytes/teacher frame, "
+          f"{summary['compression_ratio']:.0f}x smaller than fp32 ({summary['frames']} frames)")  # fmt: skip
+    assert summary["frames"] > 6000
+    assert summary["bytes_per_frame"] <= 4.0
+
+
+def test_batch_pads_with_certain_blank_and_lists_missing_ids(built):
+    reader = CacheReader(built[0])
+    out = reader.batch(["utt006", "utt007"])  # 2.2 s and 9.0 s
+    assert out.lengths.tolist() == [55, 225] and out.lengths.dtype == torch.int64
+    assert out.log_probs.shape == (2, 225, len(CHARS))
+    assert torch.equal(out.log_probs[0, :55], reader.get("utt006"))
+    pad = out.log_probs[0, 55:]
+    assert torch.all(pad[:, 0] == 0) and torch.allclose(pad[:, 1:], torch.tensor(PAD_LOG_PROB))
+    assert "utt001" in reader and "nope" not in reader
+    with pytest.raises(CacheMissError, match="2 utterance.*nope, gone") as info:
+        reader.batch(["utt001", "nope", "gone"])
+    assert info.value.missing == ["nope", "gone"]
+
+
+def test_rerun_of_finished_cache_runs_no_teacher(built, corpus, cache_copy):
+    teacher = FramedTeacher()
+    summary = write_cache(teacher, corpus, cache_copy, shard_utts=3, batch_seconds=20.0, progress=False)
+    assert teacher.utterances_run == 0 and summary["reused_utterances"] == len(DURATIONS)
+    assert summary["frames"] == built[1]["frames"]
+
+
+def test_resume_after_kill_only_runs_missing_utterances(built, corpus, cache_copy):
+    listing = json.loads((cache_copy / "shards.json").read_text())
+    last = listing["shards"].pop()
+    (cache_copy / "shards.json").write_text(json.dumps(listing))  # killed before the last shard was listed
+    (cache_copy / "shard-00004.bin.tmp.999").write_bytes(b"half a shard")  # and in the middle of a next one
+    meta = json.loads((cache_copy / "meta.json").read_text())
+    (cache_copy / "meta.json").write_text(json.dumps({**meta, "complete": False, "frames": None}))
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheReader(cache_copy)
+
+    teacher = FramedTeacher()
+    summary = write_cache(teacher, corpus, cache_copy, shard_utts=3, batch_seconds=20.0, progress=False)
+    assert teacher.utterances_run == last["utterances"] == 3
+    assert summary["reused_utterances"] == len(DURATIONS) - 3 and summary["teacher_utterances"] == 3
+    assert not list(cache_copy.glob("*.tmp*"))
+    assert json.loads((cache_copy / "shards.json").read_text())["shards"][-1] == last  # rewritten identically
+    assert CacheReader(cache_copy, verify=True).ids == CacheReader(built[0]).ids
+
+
+def test_truncated_shard_is_named(cache_copy):
+    shard = cache_copy / "shard-00002.bin"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    problems = CacheReader(cache_copy).verify()
+    assert len(problems) == 1 and problems[0].startswith("shard-00002.bin") and "truncated" in problems[0]
+    with pytest.raises(CacheError, match="shard-00002.bin"):
+        CacheReader(cache_copy, verify=True)
+    with pytest.raises(CacheError, match="shard-00002.bin.*truncated"):
+        CacheReader(cache_copy).get("utt000")
+
+
+def test_corrupted_byte_is_detected(cache_copy):
+    shard = cache_copy / "shard-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    assert CacheReader(cache_copy).verify() == ["shard-00001.bin: sha256 mismatch (corrupted)"]
+
+
+def test_corrupted_shard_is_recomputed_on_rerun(corpus, cache_copy):
+    shard = cache_copy / "shard-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    teacher = FramedTeacher()
+    write_cache(teacher, corpus, cache_copy, shard_utts=3, batch_seconds=20.0, progress=False)
+    assert teacher.utterances_run == 3
+    assert CacheReader(cache_copy, verify=True).verify() == []
+
+
+def test_other_teacher_or_data_into_the_same_folder_is_refused(corpus, cache_copy, tmp_path):
+    with pytest.raises(CacheError, match="teacher fingerprint [0-9a-f]{16} != [0-9a-f]{16}"):
+        write_cache(FramedTeacher(seed=1), corpus, cache_copy, progress=False)
+    rows = manifest_rows(corpus)[:-1]
+    fewer = tmp_path / "fewer.csv"
+    with open(fewer, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(CacheError, match="data fingerprint"):
+        write_cache(FramedTeacher(), fewer, cache_copy, progress=False)
+    with pytest.raises(CacheError, match="scheme"):
+        write_cache(FramedTeacher(), corpus, cache_copy, top_k=4, progress=False)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(CacheError, match="not empty"):
+        write_cache(FramedTeacher(), corpus, tmp_path / "other", progress=False)
+
+
+def test_check_compatible_says_what_differs(built, corpus):
+    reader = CacheReader(built[0])
+    teacher = FramedTeacher()
+    ids = data_fingerprint((r["ID"], float(r["duration"])) for r in manifest_rows(corpus))
+    reader.check_compatible(teacher.fingerprint(), teacher.tokens, ["x"], ids, 0.04)  # student not recorded: ok
+    other = FramedTeacher(seed=3).fingerprint()
+    with pytest.raises(CacheError, match=f"teacher fingerprint {teacher.fingerprint()} != {other}"):
+        reader.check_compatible(teacher_fingerprint=other)
+    with pytest.raises(CacheError, match="teacher tokens differ at index 3: 'A' != 'a'"):
+        reader.check_compatible(teacher_tokens=CHARS[:3] + ["a"] + CHARS[4:])
+    with pytest.raises(CacheError, match="frame shift 0.04 != 0.02"):
+        reader.check_compatible(frame_shift=0.02)
+    with pytest.raises(CacheError, match="data fingerprint"):
+        reader.check_compatible(data_ids_fingerprint="0" * 16)
+
+
+def test_recorded_student_tokens_are_checked(corpus, tmp_path):
+    out = tmp_path / "c"
+    write_cache(FramedTeacher(), corpus, out, student_tokens=CHARS[:10], progress=False)
+    reader = CacheReader(out)
+    reader.check_compatible(student_tokens=CHARS[:10])
+    with pytest.raises(CacheError, match="student tokens differ: 10 != 11 tokens"):
+        reader.check_compatible(student_tokens=CHARS[:11])
+
+
+def test_disk_full_removes_temp_and_keeps_finished_shards(corpus, tmp_path, monkeypatch):
+    real = cache_mod._write_pieces
+
+    def fail_second_shard(fh, pieces):
+        if "shard-00001" in fh.name:
+            fh.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fh, pieces)
+
+    monkeypatch.setattr(cache_mod, "_write_pieces", fail_second_shard)
+    out = tmp_path / "full"
+    with pytest.raises(CacheError, match="disk full while writing shard-00001.bin"):
+        write_cache(FramedTeacher(), corpus, out, shard_utts=3, progress=False)
+    assert not list(out.glob("*.tmp*"))
+    assert [e["name"] for e in json.loads((out / "shards.json").read_text())["shards"]] == ["shard-00000.bin"]
+    assert CacheReader(out, allow_incomplete=True).verify() == []
+    monkeypatch.setattr(cache_mod, "_write_pieces", real)
+    teacher = FramedTeacher()
+    write_cache(teacher, corpus, out, shard_utts=3, progress=False)
+    assert teacher.utterances_run == len(DURATIONS) - 3
+
+
+class _Targets(torch.utils.data.Dataset):
+    def __init__(self, reader: CacheReader, ids: list[str]) -> None:
+        self.reader, self.ids = reader, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.reader.get(self.ids[i])
+
+
+def test_reading_from_dataloader_workers(built):
+    reader = CacheReader(built[0])
+    ids = sorted(reader.ids)
+    expected = reader.batch(ids[:2])  # maps opened in the parent first: workers must not reuse them
+    loader = torch.utils.data.DataLoader(_Targets(reader, ids), batch_size=3, num_workers=2, collate_fn=list)
+    got = [item for batch in loader for item in batch]
+    assert [len(g) for g in got] == [reader.num_frames(uid) for uid in ids]
+    assert torch.equal(got[0], expected.log_probs[0, : expected.lengths[0]])
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._maps == {} and torch.equal(clone.get(ids[3]), got[3])
+
+
+def test_cache_targets_from_a_teacher_folder(corpus, tmp_path):
+    testing = pytest.importorskip("speech_kd.testing")
+    from speech_kd.cache import cache_targets
+    from speech_kd.teachers.base import load_teacher
+
+    folder = tmp_path / "teacher"
+    testing.make_tiny_sb_model(folder, seed=0)
+    summary = cache_targets(str(folder), corpus, tmp_path / "c", batch_seconds=30.0, progress=False)
+    assert summary["utterances"] == len(DURATIONS) and summary["frames"] > 0
+    teacher = load_teacher(folder)
+    reader = CacheReader(tmp_path / "c", verify=True)
+    reader.check_compatible(teacher_fingerprint=teacher.fingerprint(), teacher_tokens=teacher.tokens)
+    longest = max(manifest_rows(corpus), key=lambda r: float(r["duration"]))  # not padded in its batch
+    ref = reference(teacher, longest["wav"])
+    _, bound = error_and_bound(ref, encode(ref))
+    got = reader.get(longest["ID"])
+    assert got.shape == ref.shape and torch.isfinite(got).all()
+    assert torch.allclose(got.double().exp().sum(-1), torch.ones(len(got), dtype=torch.float64), atol=1e-4)
+    assert float(((got.exp() - ref.exp()).abs().max(-1).values - bound).max()) <= 1e-3
