@@ -42,9 +42,7 @@ class AudioInfo:
         return self.frames / self.sample_rate
 
 
-def probe_audio(
-    path: str | os.PathLike, sample_rate: int | None = None, channels: int | None = 1
-) -> AudioInfo:
+def probe_audio(path: str | os.PathLike, sample_rate: int | None = None, channels: int | None = 1) -> AudioInfo:
     """Read an audio header and check it; raise :class:`AudioError` when unusable.
 
     Parameters

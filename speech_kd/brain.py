@@ -198,4 +198,3 @@ class CTCBrain(sb.Brain):
             )
             self.test_stats = stats
             self.test_hypotheses = list(zip(self._ids, self._refs, self._hyps))
-

@@ -109,7 +109,9 @@ def _cmd_demo(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (train/distill are handled before it, see ``main``)."""
-    parser = argparse.ArgumentParser(prog="speech-kd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="speech-kd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="synthesise a LibriSpeech-layout English corpus offline")

@@ -65,7 +65,9 @@ class KDMixin:
 
     def kd_schedule(self) -> tuple[float, float]:
         """``(kd_weight, temperature)`` for the current epoch."""
-        epoch = max(1, getattr(self.hparams.epoch_counter, "current", 1)) if hasattr(self.hparams, "epoch_counter") else 1
+        epoch = (
+            max(1, getattr(self.hparams.epoch_counter, "current", 1)) if hasattr(self.hparams, "epoch_counter") else 1
+        )
         ramp = self.kd_option("kd_ramp_epochs")
         weight = linear_ramp(self.kd_option("kd_weight"), self.kd_option("kd_weight_final"), epoch, ramp)
         temp = linear_ramp(self.kd_option("temperature"), self.kd_option("temperature_final"), epoch, ramp)
@@ -135,17 +137,17 @@ class KDMixin:
         return loss, stats
 
     def _accumulate(self, ctc: torch.Tensor, kd: torch.Tensor, stats: dict) -> None:
+        """Sum this batch's numbers as detached tensors: no host-device sync in the training loop."""
         self._kd_batches += 1
-        self._kd_totals["ctc_loss"] += float(ctc.detach())
-        self._kd_totals["kd_loss"] += float(kd.detach())
-        for key, value in stats.items():
-            self._kd_totals[key] += float(value)
+        for key, value in {"ctc_loss": ctc, "kd_loss": kd, **stats}.items():
+            value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
+            self._kd_totals[key] = self._kd_totals[key] + value
 
     def kd_stats(self) -> dict:
         """Per-epoch means of the KD numbers (for the train logger); empty if no KD ran."""
         if not getattr(self, "_kd_batches", 0):
             return {}
-        stats = {key: total / self._kd_batches for key, total in self._kd_totals.items()}
+        stats = {key: float(total) / self._kd_batches for key, total in self._kd_totals.items()}
         weight, temperature = self.kd_schedule()
         stats.update(kd_weight=weight, temperature=temperature)
         return stats

@@ -87,8 +87,11 @@ class TargetAligner:
         rate = (
             f"frame shift: teacher {self.teacher_frame_shift * 1000:.1f} ms -> student "
             f"{self.student_frame_shift * 1000:.1f} ms "
-            + ("(identical)" if abs(self.teacher_frame_shift - self.student_frame_shift) < 1e-6 else
-               "(posteriors resampled: area-averaged probabilities, see speech_kd.align.resample_frames)")
+            + (
+                "(identical)"
+                if abs(self.teacher_frame_shift - self.student_frame_shift) < 1e-6
+                else "(posteriors resampled: area-averaged probabilities, see speech_kd.align.resample_frames)"
+            )
         )
         return self.vocab.report() + "\n" + rate
 
@@ -129,7 +132,9 @@ class OnlineTargets:
         if teacher.sample_rate != sample_rate:
             logger.warning(
                 "teacher %s expects %d Hz, the data is %d Hz: resampling the teacher's input",
-                teacher.name, teacher.sample_rate, sample_rate,
+                teacher.name,
+                teacher.sample_rate,
+                sample_rate,
             )
 
     def to(self, device) -> OnlineTargets:

@@ -151,8 +151,9 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
         u.flac_path(root).parent.mkdir(parents=True, exist_ok=True)
     if todo:
         with mp.get_context("fork").Pool(max(1, config.jobs)) as pool:
-            for _ in tqdm(pool.imap_unordered(_render_job, todo, chunksize=8), total=len(todo),
-                          desc="synthesising", unit="utt"):
+            for _ in tqdm(
+                pool.imap_unordered(_render_job, todo, chunksize=8), total=len(todo), desc="synthesising", unit="utt"
+            ):
                 pass
 
     _write_transcripts(root, plan)

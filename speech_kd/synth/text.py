@@ -70,10 +70,7 @@ _TIMES = (
     "before sunrise|during the storm|in the spring|last winter|at noon|"
     "every sunday|once upon a time|for many years|all night"
 ).split("|")
-_NUMBERS = (
-    "two three four five six seven eight nine ten eleven twelve twenty thirty "
-    "forty fifty a hundred"
-).split()
+_NUMBERS = ("two three four five six seven eight nine ten eleven twelve twenty thirty forty fifty a hundred").split()
 _SUBJECT_PRONOUNS = "he she they we i you".split()
 _CONNECTIVES = "and but so because while although when until".split()
 _SAID = "said asked replied cried answered whispered explained".split()

@@ -118,8 +118,7 @@ def check_engines() -> None:
     missing = [exe for exe in ("espeak-ng", "flite", "text2wave", "sox") if shutil.which(exe) is None]
     if missing:
         raise RuntimeError(
-            f"missing programs {missing}: install Debian packages {' '.join(DEBIAN_PACKAGES)} "
-            "(`make setup` does this)"
+            f"missing programs {missing}: install Debian packages {' '.join(DEBIAN_PACKAGES)} (`make setup` does this)"
         )
 
 

@@ -10,6 +10,7 @@ are built by :func:`load_teacher`.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -135,11 +136,11 @@ def load_teacher(source: str | os.PathLike, kind: str = "auto", device: str = "c
     device : str
         Where the teacher runs (the student's device).
     """
-    # adapters register on import
-    from speech_kd.teachers import hf, sb  # noqa: F401
-
     if kind == "auto":
         kind = detect_kind(source)
+    # adapters register themselves on import
+    importlib.import_module({"speechbrain": "speech_kd.teachers.sb", "huggingface": "speech_kd.teachers.hf"}
+                            .get(kind, "speech_kd.teachers.sb"))  # fmt: skip
     if kind not in TEACHER_KINDS:
         raise TeacherError(f"unknown teacher kind {kind!r}; known: {sorted(TEACHER_KINDS)}")
     teacher = TEACHER_KINDS[kind](source, device=device, **kwargs)

@@ -42,7 +42,8 @@ def test_cached_targets_equal_live_targets(trained_run, tiny_corpus, tmp_path):
     teacher = load_teacher(trained_run / "model")
     csv = trained_run / "train.csv"
     summary = cache_targets(str(trained_run / "model"), csv, tmp_path / "cache", progress=False)
-    assert summary["bytes_per_frame"] <= 8  # tiny random-ish teacher: not peaky; see bench for real figures
+    # a barely trained teacher is not peaky (8 tokens kept per frame); the real figures are in the README
+    assert summary["bytes_per_frame"] < 29 * 4 / 5
     tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     tokens = token_strings(tokenizer)
     aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, tokens, 0, 0.04)

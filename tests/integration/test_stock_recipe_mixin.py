@@ -43,9 +43,10 @@ def _setup(tiny_corpus, tmp_path, teacher, kd_weight):
     overrides = {a[2:].split("=")[0]: float(a.split("=")[1]) if "." in a else int(a.split("=")[1]) for a in TINY_MODEL}
     hparams = load_hyperpyyaml(
         (REPO / "hparams/teacher.yaml").read_text(),
-        {"data_folder": str(tiny_corpus), "output_folder": str(tmp_path), **overrides, "dropout": 0.0,
-         "teacher_source": str(teacher), "kd_weight": kd_weight, "temperature": 2.0},
+        {"data_folder": str(tiny_corpus), "output_folder": str(tmp_path), **overrides, "dropout": 0.0},
     )  # fmt: skip
+    # the keys a user adds to their recipe's yaml (frame_shift and sample_rate are already there)
+    hparams.update(teacher_source=str(teacher), kd_weight=kd_weight, temperature=2.0)
     tokenizer = make_tokenizer(hparams["alphabet"])
     csv = prepare_librispeech(tiny_corpus, tmp_path, splits=["train"]).csv_files["train"]
     batch = next(iter(sb.dataio.dataloader.make_dataloader(load_dataset(csv, tokenizer, sorting="ascending"),

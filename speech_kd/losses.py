@@ -1,0 +1,273 @@
+"""Knowledge-distillation losses for CTC students, as small pure functions.
+
+Shapes (legend): ``B`` batch, ``T`` frames (the student's), ``V`` tokens (the
+student's vocabulary).
+
+- ``student_log_probs`` ``[B, T, V]``: the student's log-softmax outputs.
+  ``softmax(log_probs / T) == softmax(logits / T)``, so log-probs are all a
+  temperature needs.
+- ``teacher_log_probs`` ``[B, T, V]``: the teacher's log-posteriors already
+  mapped to the student's vocabulary and frame rate (``speech_kd.targets``);
+  entries may be ``-inf`` after :func:`topk_restrict`.
+- ``mask`` ``[B, T]`` bool: valid (non-padding) student frames.
+- ``frame_weights`` ``[B, T]`` float or ``None``: per-frame weights (blank handling).
+
+Every loss returns a scalar: the weighted mean over valid frames. The teacher
+side is detached inside each function, so no gradient can reach the teacher.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "KD_LOSSES",
+    "agreement_rate",
+    "blank_frame_weights",
+    "blank_share",
+    "kd_ce_hard",
+    "kd_ctc_collapsed",
+    "kd_kl",
+    "kd_loss",
+    "kd_mse",
+    "soften",
+    "topk_restrict",
+]
+
+
+def _weighted_frame_mean(
+    per_frame: torch.Tensor, mask: torch.Tensor, frame_weights: torch.Tensor | None
+) -> torch.Tensor:
+    """``sum(loss * w * mask) / sum(w * mask)`` over ``[B, T]``, 0 when nothing is valid."""
+    weights = mask.to(per_frame.dtype)
+    if frame_weights is not None:
+        weights = weights * frame_weights.to(per_frame.dtype)
+    return (per_frame * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
+def soften(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature-softened log-distribution ``log_softmax(log_probs / T)`` ``[B, T, V]``.
+
+    Examples
+    --------
+    >>> x = torch.log(torch.tensor([[[0.9, 0.1]]]))
+    >>> torch.allclose(soften(x, 1.0).exp(), x.exp())
+    True
+    >>> torch.allclose(soften(x, 1e6).exp(), torch.tensor([0.5, 0.5]))
+    True
+    """
+    return torch.log_softmax(log_probs / temperature, dim=-1)
+
+
+def topk_restrict(teacher_log_probs: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep each frame's ``k`` most likely teacher tokens, renormalised; others ``-inf``.
+
+    ``k=None`` or ``k >= V`` returns the input unchanged.
+
+    Examples
+    --------
+    >>> x = torch.log(torch.tensor([[[0.5, 0.3, 0.2]]]))
+    >>> torch.allclose(topk_restrict(x, 2).exp(), torch.tensor([0.625, 0.375, 0.0]))
+    True
+    """
+    if k is None or k >= teacher_log_probs.shape[-1]:
+        return teacher_log_probs
+    values, index = teacher_log_probs.topk(int(k), dim=-1)
+    restricted = torch.full_like(teacher_log_probs, float("-inf"))
+    restricted.scatter_(-1, index, torch.log_softmax(values, dim=-1))
+    return restricted
+
+
+def kd_kl(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float = 1.0,
+    frame_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Hinton KD: ``T^2 * KL(p_teacher^T || p_student^T)`` per frame, mean over valid frames.
+
+    ``p^T = softmax(log_probs / T)``. The ``T^2`` factor keeps gradient
+    magnitudes comparable across temperatures (Hinton et al. 2015). Teacher
+    entries at ``-inf`` (top-k restricted) contribute nothing.
+
+    Examples
+    --------
+    >>> s = torch.log_softmax(torch.randn(2, 5, 4), -1)
+    >>> float(kd_kl(s, s, torch.ones(2, 5, dtype=torch.bool), temperature=2.0)) < 1e-6
+    True
+    """
+    teacher = soften(teacher_log_probs.detach(), temperature)
+    student = soften(student_log_probs, temperature)
+    p_teacher = teacher.exp()
+    # where the teacher has no mass (p == 0, log p == -inf) the term is 0; avoid 0 * -inf = nan
+    log_ratio = torch.where(p_teacher > 0, teacher - student, torch.zeros_like(teacher))
+    per_frame = (p_teacher * log_ratio).sum(-1)
+    return temperature**2 * _weighted_frame_mean(per_frame, mask, frame_weights)
+
+
+def kd_ce_hard(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    frame_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the student to the teacher's per-frame argmax token.
+
+    Examples
+    --------
+    >>> t = torch.log(torch.tensor([[[0.1, 0.9]]]))
+    >>> s = torch.log(torch.tensor([[[0.5, 0.5]]]))
+    >>> round(float(kd_ce_hard(s, t, torch.ones(1, 1, dtype=torch.bool))), 4)
+    0.6931
+    """
+    target = teacher_log_probs.detach().argmax(-1)
+    per_frame = -student_log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return _weighted_frame_mean(per_frame, mask, frame_weights)
+
+
+def kd_mse(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    frame_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean squared error between log-softmax outputs, averaged over ``V`` then frames.
+
+    ``-inf`` teacher entries are clamped to ``log(1e-8)`` first.
+    """
+    teacher = teacher_log_probs.detach().clamp(min=-18.42)
+    per_frame = (student_log_probs - teacher).pow(2).mean(-1)
+    return _weighted_frame_mean(per_frame, mask, frame_weights)
+
+
+def collapse_greedy(teacher_log_probs: torch.Tensor, lengths: torch.Tensor, blank_index: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The teacher's greedy CTC path, collapsed: labels ``[B, L]`` (padded with 0) and lengths ``[B]``.
+
+    Repeats are merged and blanks dropped, vectorised over the batch.
+
+    Examples
+    --------
+    >>> path = torch.tensor([[0, 3, 3, 0, 3, 2, 2, 0]])
+    >>> logp = torch.nn.functional.one_hot(path, 4).float().log()
+    >>> collapse_greedy(logp, torch.tensor([8]), 0)
+    (tensor([[3, 3, 2]]), tensor([3]))
+    """
+    best = teacher_log_probs.detach().argmax(-1)  # [B, T]
+    frames = torch.arange(best.shape[1], device=best.device)
+    valid = frames.unsqueeze(0) < lengths.to(best.device).unsqueeze(1)
+    changed = torch.ones_like(best, dtype=torch.bool)
+    changed[:, 1:] = best[:, 1:] != best[:, :-1]
+    keep = changed & (best != blank_index) & valid
+    out_lengths = keep.sum(1)
+    width = max(int(out_lengths.max()), 1) if best.shape[0] else 1
+    # position of each kept label within its row, via a cumulative count
+    position = keep.long().cumsum(1) - 1
+    labels = torch.zeros(best.shape[0], width, dtype=torch.long, device=best.device)
+    rows = torch.arange(best.shape[0], device=best.device).unsqueeze(1).expand_as(best)
+    labels[rows[keep], position[keep]] = best[keep]
+    return labels, out_lengths
+
+
+def kd_ctc_collapsed(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    student_lengths: torch.Tensor,
+    teacher_lengths: torch.Tensor,
+    blank_index: int,
+) -> torch.Tensor:
+    """CTC loss of the student against the teacher's collapsed greedy path.
+
+    The teacher's hard transcript stands in for the reference (sequence-level
+    KD on the frame posteriors, as SpeechBrain's ``ctc_loss_kd`` but batched).
+    ``torch.nn.functional.ctc_loss`` with ``reduction="mean"``: each
+    utterance's loss is divided by its target length, then averaged;
+    ``zero_infinity=True``.
+    """
+    labels, label_lengths = collapse_greedy(teacher_log_probs, teacher_lengths, blank_index)
+    return F.ctc_loss(
+        student_log_probs.transpose(0, 1),
+        labels,
+        student_lengths.to(torch.long),
+        label_lengths.clamp(min=0),
+        blank=blank_index,
+        reduction="mean",
+        zero_infinity=True,
+    )
+
+
+def blank_frame_weights(
+    teacher_log_probs: torch.Tensor,
+    blank_index: int,
+    mode: str = "none",
+    threshold: float = 0.9,
+    weight: float = 0.1,
+) -> torch.Tensor:
+    """Per-frame weights ``[B, T]`` for blank-dominated teacher frames.
+
+    ``none``: all ones; ``downweight``: ``weight`` where the teacher's blank
+    probability exceeds ``threshold``; ``drop``: 0 there.
+
+    Examples
+    --------
+    >>> t = torch.log(torch.tensor([[[0.95, 0.05], [0.2, 0.8]]]))
+    >>> torch.allclose(blank_frame_weights(t, 0, "downweight", 0.9, 0.1), torch.tensor([[0.1, 1.0]]))
+    True
+    """
+    ones = torch.ones(teacher_log_probs.shape[:2], device=teacher_log_probs.device)
+    if mode == "none":
+        return ones
+    blanky = teacher_log_probs.detach()[..., blank_index].exp() > threshold
+    if mode == "downweight":
+        return torch.where(blanky, torch.full_like(ones, weight), ones)
+    if mode == "drop":
+        return torch.where(blanky, torch.zeros_like(ones), ones)
+    raise ValueError(f"blank_mode must be none, downweight or drop, not {mode!r}")
+
+
+KD_LOSSES = {"kl": kd_kl, "ce": kd_ce_hard, "mse": kd_mse, "ctc": kd_ctc_collapsed}
+
+
+def kd_loss(
+    name: str,
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    frame_weights: torch.Tensor | None = None,
+    student_lengths: torch.Tensor | None = None,
+    teacher_lengths: torch.Tensor | None = None,
+    blank_index: int = 0,
+) -> torch.Tensor:
+    """Dispatch to the KD loss ``name`` (``kl``, ``ce``, ``mse`` or ``ctc``)."""
+    if name == "kl":
+        return kd_kl(student_log_probs, teacher_log_probs, mask, temperature, frame_weights)
+    if name == "ce":
+        return kd_ce_hard(student_log_probs, teacher_log_probs, mask, frame_weights)
+    if name == "mse":
+        return kd_mse(student_log_probs, teacher_log_probs, mask, frame_weights)
+    if name == "ctc":
+        if student_lengths is None:
+            student_lengths = mask.sum(1)
+        if teacher_lengths is None:
+            teacher_lengths = student_lengths
+        return kd_ctc_collapsed(student_log_probs, teacher_log_probs, student_lengths, teacher_lengths, blank_index)
+    raise ValueError(f"unknown kd_loss {name!r}; known: {sorted(KD_LOSSES)}")
+
+
+def agreement_rate(
+    student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Share of valid frames where student and teacher argmax tokens agree (0-dim tensor)."""
+    agree = (student_log_probs.argmax(-1) == teacher_log_probs.argmax(-1)) & mask
+    return agree.sum() / mask.sum().clamp(min=1)
+
+
+def blank_share(teacher_log_probs: torch.Tensor, mask: torch.Tensor, blank_index: int, threshold: float
+                ) -> torch.Tensor:  # fmt: skip
+    """Share of valid frames where the teacher's blank probability exceeds ``threshold`` (0-dim tensor)."""
+    blanky = (teacher_log_probs[..., blank_index].exp() > threshold) & mask
+    return blanky.sum() / mask.sum().clamp(min=1)
