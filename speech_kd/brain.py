@@ -165,11 +165,17 @@ class CTCBrain(sb.Brain):
         return stats
 
     def _append_history(self, epoch, lr, valid_stats) -> None:
-        """One JSON line per epoch in ``<output_folder>/history.jsonl`` (read by the report)."""
+        """One JSON line per epoch in ``<output_folder>/history.jsonl`` (read by the report).
+
+        Written after the epoch's checkpoint, so a run killed in between
+        repeats the line on resume: readers keep the last line per epoch.
+        """
         folder = getattr(self.hparams, "output_folder", None)
         if folder is None or not sb.utils.distributed.if_main_process():
             return
-        record = {"epoch": epoch, "lr": lr, "train": getattr(self, "train_stats", {}), "valid": valid_stats}
+        step = getattr(getattr(self.hparams, "lr_scheduler", None), "current_step", self.optimizer_step)
+        record = {"epoch": epoch, "step": step, "lr": lr, "train": getattr(self, "train_stats", {}),
+                  "valid": valid_stats}  # fmt: skip
         with open(Path(folder) / "history.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
 
@@ -186,12 +192,12 @@ class CTCBrain(sb.Brain):
                 train_stats=getattr(self, "train_stats", None),
                 valid_stats=stats,
             )
-            self._append_history(epoch, lr, stats)
             self.checkpointer.save_and_keep_only(
                 meta={"CER": stats["CER"], "WER": stats["WER"], "epoch": epoch},
                 min_keys=["CER"],
                 num_to_keep=getattr(self.hparams, "keep_checkpoints", 1),
             )
+            self._append_history(epoch, lr, stats)
         elif stage == sb.Stage.TEST:
             self.hparams.train_logger.log_stats(
                 stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats
