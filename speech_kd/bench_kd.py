@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variants", nargs="+", default=["scratch", "kl_t2"], choices=sorted(VARIANTS))
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1986)
-    parser.add_argument("--extra", nargs="*", default=[], help="more --key=value overrides for every student")
+    parser.add_argument("--extra", default="", help='more overrides for every student: --extra="--key=value ..."')
     args = parser.parse_args(argv)
 
     out = Path(args.out).resolve()
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.variants:
         cmd = _speech_kd("distill", str(REPO / args.student), f"--teacher_source={teacher}", f"--data_folder={data}",
                          f"--output_folder={out / name}", f"--number_of_epochs={args.epochs}", f"--seed={args.seed}",
-                         *VARIANTS[name], *args.extra)  # fmt: skip
+                         *VARIANTS[name], *args.extra.split())  # fmt: skip
         if name != "scratch" and not name.endswith("_online"):
             cmd.append(f"--targets_cache={cache}")
         students[name] = cmd

@@ -80,7 +80,7 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
     argv = ["--data", str(corpus), "--teacher", str(teacher), "--out", str(out), "--epochs", str(sizes.epochs),
             "--variants", "scratch", "kl_t2"]  # fmt: skip
     if sizes.student_overrides:
-        argv += ["--extra", *sizes.student_overrides]
+        argv.append("--extra=" + " ".join(sizes.student_overrides))
     results = bench_kd(argv)
     print("== 4/4 report", flush=True)
     try:
