@@ -148,8 +148,9 @@ def load_teacher(source: str | os.PathLike, kind: str = "auto", device: str = "c
     return teacher.eval()
 
 
-def measure_frame_shift(run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_rate: int,
-                        device: str = "cpu") -> float:
+def measure_frame_shift(
+    run: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sample_rate: int, device: str = "cpu"
+) -> float:
     """Seconds per output frame of ``run(wavs, wav_lens) -> [B, T, ...]``.
 
     Runs 2 s and 4 s of low noise and divides the extra duration by the extra

@@ -84,3 +84,19 @@ def test_bad_teacher_folders_fail_before_training(tiny_corpus, tmp_path):
         _distill(tiny_corpus, tmp_path / "b", f"--teacher_source={not_a_model}")
     with pytest.raises(ValueError, match="teacher_source"):
         _distill(tiny_corpus, tmp_path / "c")
+
+
+def test_distill_from_huggingface_teacher_maps_vocab_and_frame_rate(tiny_corpus, tmp_path):
+    pytest.importorskip("transformers")
+    from speech_kd.align import VocabMappingError
+    from speech_kd.testing import make_tiny_hf_ctc
+
+    hf = make_tiny_hf_ctc(tmp_path / "w2v")
+    # an untrained wav2vec2 spreads ~3/32 of its mass on <s>, </s>, <unk>: more than the 5 % allowed
+    with pytest.raises(VocabMappingError, match="<unk>"):
+        _distill(tiny_corpus, tmp_path / "strict", f"--teacher_source={hf}")
+    out = tmp_path / "kd_hf"
+    assert _distill(tiny_corpus, out, f"--teacher_source={hf}", "--max_unmapped_mass=0.3") == 0
+    setup = (out / "kd_setup.txt").read_text()
+    assert "20.0 ms" in setup and "40.0 ms" in setup
+    assert (out / "model" / "model.ckpt").exists()
