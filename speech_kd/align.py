@@ -218,7 +218,10 @@ class VocabMap:
         ['<s>']
         """
         teacher_tokens, student_tokens = list(teacher_tokens), list(student_tokens)
-        for name, tokens, blank in (("teacher", teacher_tokens, teacher_blank), ("student", student_tokens, student_blank)):
+        for name, tokens, blank in (
+            ("teacher", teacher_tokens, teacher_blank),
+            ("student", student_tokens, student_blank),
+        ):
             if not 0 <= blank < len(tokens):
                 raise VocabMappingError(f"{name} blank index {blank} is outside its {len(tokens)} tokens")
         exact: dict[str, int] = {}
@@ -254,7 +257,9 @@ class VocabMap:
     def is_identity(self) -> bool:
         """True when ``Vt == Vs`` and the matrix is the identity (callers skip the mapping)."""
         vt, vs = self.matrix.shape
-        return vt == vs and bool(torch.equal(self.matrix, torch.eye(vt, dtype=self.matrix.dtype, device=self.matrix.device)))
+        return vt == vs and bool(
+            torch.equal(self.matrix, torch.eye(vt, dtype=self.matrix.dtype, device=self.matrix.device))
+        )
 
     def uncovered(self) -> list[str]:
         """Student tokens (blank excluded) that no teacher token reaches."""
@@ -286,8 +291,11 @@ class VocabMap:
             f"mapped: {len(pairs)} of {len(self.teacher_tokens) - 1} non-blank teacher tokens, plus blank -> blank",
         ]
         if renamed:
-            lines.append("renamed: " + ", ".join(renamed[:_NAMES_SHOWN])
-                         + (f", ... (+{len(renamed) - _NAMES_SHOWN} more)" if len(renamed) > _NAMES_SHOWN else ""))
+            lines.append(
+                "renamed: "
+                + ", ".join(renamed[:_NAMES_SHOWN])
+                + (f", ... (+{len(renamed) - _NAMES_SHOWN} more)" if len(renamed) > _NAMES_SHOWN else "")
+            )
         lines.append(f"unmapped teacher tokens ({len(self.unmapped)}): {_names(self.unmapped) or '-'}")
         lines.append(f"student tokens no teacher token reaches ({len(uncovered)}): {_names(uncovered) or '-'}")
         lines.append(f"tolerated unmapped teacher mass per frame: {100 * self.max_unmapped_mass:.1f}%")

@@ -257,8 +257,10 @@ def _log_parts(
     """
     frame, entry_p, n_ids = _dequantise(counts, probs)
     if len(ids) != len(frame) or len(probs) != int(counts.sum(dtype=np.int64)):
-        raise CacheError(f"corrupt entry: {len(counts)} frames need {len(frame)} ids / {counts.sum()} probs, "
-                         f"found {len(ids)} / {len(probs)}")
+        raise CacheError(
+            f"corrupt entry: {len(counts)} frames need {len(frame)} ids / {counts.sum()} probs, "
+            f"found {len(ids)} / {len(probs)}"
+        )
     if len(ids) and int(ids.max()) >= vocab_size:
         raise CacheError(f"corrupt entry: token id {int(ids.max())} outside the {vocab_size}-token vocabulary")
     stored = np.bincount(frame, weights=entry_p, minlength=len(counts))
@@ -489,8 +491,11 @@ def _new_meta(teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: fl
         "frame_shift": float(teacher.frame_shift),
         "sample_rate": int(teacher.sample_rate),
         "scheme": {
-            "top_k": int(top_k), "mass": float(mass), "prob_levels": PROB_LEVELS,
-            "id_dtype": id_dtype(len(teacher.tokens)).name, "residual_floor": RESIDUAL_FLOOR,
+            "top_k": int(top_k),
+            "mass": float(mass),
+            "prob_levels": PROB_LEVELS,
+            "id_dtype": id_dtype(len(teacher.tokens)).name,
+            "residual_floor": RESIDUAL_FLOOR,
         },  # fmt: skip
         "student_tokens": list(student_tokens) if student_tokens is not None else None,
         "data_fingerprint": data_fingerprint((u.uid, u.duration) for u in utts),
@@ -510,15 +515,18 @@ def _open_out_dir(out_dir: Path, meta: dict) -> dict:
     if not meta_path.exists():
         others = [p.name for p in out_dir.iterdir() if ".tmp." not in p.name]
         if others:
-            raise CacheError(f"{out_dir} is not empty and holds no cache {META_NAME} (found {others[:5]}); "
-                             "use an empty or new folder")
+            raise CacheError(
+                f"{out_dir} is not empty and holds no cache {META_NAME} (found {others[:5]}); "
+                "use an empty or new folder"
+            )
         _write_json(meta_path, meta)
         return meta
     old = _read_json(meta_path)
     diffs = _differences(old, {key: meta[key] for key in _IDENTITY_KEYS})
     if diffs:
         raise CacheError(
-            f"{out_dir} holds a cache made from other inputs (cache != requested): " + "; ".join(diffs)
+            f"{out_dir} holds a cache made from other inputs (cache != requested): "
+            + "; ".join(diffs)
             + ". Use another folder, or delete this one to rebuild it."
         )
     return old
@@ -751,11 +759,15 @@ class CacheReader:
             raise CacheError(f"{self.out_dir}: not a targets cache (no {META_NAME}); make one with cache-targets")
         self._meta = _read_json(self.out_dir / META_NAME)
         if self._meta.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{self.out_dir}: cache format {self._meta.get('format_version')}, "
-                             f"this code reads {FORMAT_VERSION}; rebuild the cache")
+            raise CacheError(
+                f"{self.out_dir}: cache format {self._meta.get('format_version')}, "
+                f"this code reads {FORMAT_VERSION}; rebuild the cache"
+            )
         if not self._meta.get("complete") and not allow_incomplete:
-            raise CacheError(f"{self.out_dir}: incomplete cache (writing was interrupted); "
-                             "rerun cache-targets with the same arguments to finish it")
+            raise CacheError(
+                f"{self.out_dir}: incomplete cache (writing was interrupted); "
+                "rerun cache-targets with the same arguments to finish it"
+            )
         manifest = self.out_dir / MANIFEST_NAME
         self._entries: list[dict] = _read_json(manifest)["shards"] if manifest.exists() else []
         self.vocab_size = len(self._meta["teacher_tokens"])
@@ -807,8 +819,10 @@ class CacheReader:
                 path = self.out_dir / entry["name"]
                 size = path.stat().st_size if path.exists() else -1
                 if size != entry["bytes"]:
-                    raise CacheError(f"{entry['name']}: {size} bytes, {entry['bytes']} listed in {MANIFEST_NAME} "
-                                     "(truncated or missing; run CacheReader.verify() or rebuild)")
+                    raise CacheError(
+                        f"{entry['name']}: {size} bytes, {entry['bytes']} listed in {MANIFEST_NAME} "
+                        "(truncated or missing; run CacheReader.verify() or rebuild)"
+                    )
                 header = _read_shard_header(path)
                 layout.append({key: value for key, value in header.items() if key != "utts"})
                 for uid, frame, frames, ent, prob in header["utts"]:
