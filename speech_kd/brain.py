@@ -19,6 +19,7 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
+from speech_kd.features import SharedFeatures, fbank_signature
 from speech_kd.metrics import error_rates
 
 __all__ = ["CTCBrain", "run_chain"]
@@ -95,20 +96,44 @@ class CTCBrain(sb.Brain):
         return {"normalize": spec_augment}
 
     def compute_forward(self, batch, stage):
-        """Waveforms -> frame log-probs ``[B, T, V]``; returns ``(log_probs, wav_lens)``."""
+        """Waveforms -> frame log-probs ``[B, T, V]``; returns ``(log_probs, wav_lens)``.
+
+        On clean (not speed-perturbed) training batches the fbank output is
+        kept in ``self.shared_features`` for a teacher with the same fbank.
+        """
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
-        if stage == sb.Stage.TRAIN and getattr(self.hparams, "speed_perturb", False):
+        perturbed = stage == sb.Stage.TRAIN and getattr(self.hparams, "speed_perturb", False)
+        if perturbed:
             wavs = self.hparams.wav_augment(wavs)
+        hooks = self._augment_hooks(stage)
+        self.shared_features = None
+        first = self.hparams.encoder_chain[0]
+        signature = self._feature_signature()
+        if stage == sb.Stage.TRAIN and not perturbed and signature is not None and first not in hooks:
+            hooks[first] = self._keep_features(wav_lens, signature)
         log_probs = run_chain(
             self._module_table(),
             self.hparams.encoder_chain,
             wavs,
             wav_lens,
-            after=self._augment_hooks(stage),
+            after=hooks,
             epoch=self.hparams.epoch_counter.current,
         )
         return log_probs, wav_lens
+
+    def _feature_signature(self) -> tuple | None:
+        """``fbank_signature`` of the chain's first module (computed once)."""
+        if not hasattr(self, "_fbank_signature"):
+            self._fbank_signature = fbank_signature(self._module_table()[self.hparams.encoder_chain[0]])
+        return self._fbank_signature
+
+    def _keep_features(self, wav_lens: torch.Tensor, signature: tuple):
+        def keep(feats: torch.Tensor) -> torch.Tensor:
+            self.shared_features = SharedFeatures(feats.detach(), wav_lens, signature)
+            return feats
+
+        return keep
 
     def ctc_objective(self, predictions, batch) -> torch.Tensor:
         """CTC loss of the student outputs against the transcripts."""

@@ -117,7 +117,12 @@ class KDMixin:
                 "utterance (disable concat_original-style augmentation for distillation)"
             )
         lengths = relative_to_frames(wav_lens, student_max)
-        targets = self.kd_targets(batch, lengths, student_max)
+        features = getattr(self, "shared_features", None)
+        targets = (
+            self.kd_targets(batch, lengths, student_max, features=features)
+            if features is not None
+            else self.kd_targets(batch, lengths, student_max)
+        )
         blank = self.kd_option("blank_index")
         teacher = topk_restrict(targets.log_probs, self.kd_option("kd_topk"))
         weights = blank_frame_weights(

@@ -142,12 +142,18 @@ class OnlineTargets:
         self.teacher.to(device)
         return self
 
-    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int) -> Targets:
-        """Targets for ``batch`` (uses ``batch.sig``: clean waveforms and relative lengths)."""
+    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int, features=None) -> Targets:
+        """Targets for ``batch`` (uses ``batch.sig``: clean waveforms and relative lengths).
+
+        ``features`` (``speech_kd.features.SharedFeatures``): the student's
+        clean fbank of this batch; a teacher with the same fbank settings
+        starts from it, so the spectrum is computed once per batch.
+        """
         wavs, wav_lens = batch.sig
         if self.teacher.sample_rate != self.sample_rate:
             wavs = _resample_wavs(wavs, self.sample_rate, self.teacher.sample_rate)
-        out = self.teacher(wavs, wav_lens)
+            features = None
+        out = self.teacher(wavs, wav_lens, features=features)
         return self.aligner(out, student_lengths, student_max)
 
 
@@ -162,7 +168,8 @@ class CachedTargets:
         """Nothing to move: targets are read straight onto the batch's device."""
         return self
 
-    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int) -> Targets:
+    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int, features=None) -> Targets:
         """Targets for ``batch`` (uses ``batch.id``); missing IDs raise ``CacheMissError``."""
+        del features  # the cache needs no audio
         out = self.reader.batch(list(batch.id), device=student_lengths.device)
         return self.aligner(out, student_lengths, student_max)

@@ -64,16 +64,32 @@ class Teacher(torch.nn.Module, ABC):
     frame_shift: float
     sample_rate: int
     name: str
+    #: ``speech_kd.features.fbank_signature`` of the teacher's own fbank when it
+    #: can start from precomputed features (see :meth:`posteriors_from_features`)
+    feature_signature: tuple | None = None
 
     @abstractmethod
     def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
         """Log-posteriors for ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
 
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
-        """Run :meth:`posteriors` in eval mode without gradients; check the output."""
+    def posteriors_from_features(self, feats: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
+        """Log-posteriors from precomputed fbank ``feats [B, T, n_mels]`` (only if ``feature_signature``)."""
+        raise NotImplementedError(f"teacher {self.name} cannot start from precomputed features")
+
+    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor, features=None) -> TeacherOutput:
+        """Run :meth:`posteriors` in eval mode without gradients; check the output.
+
+        ``features`` (a ``speech_kd.features.SharedFeatures``) is the
+        student's fbank of the same batch: when it was computed with exactly
+        the teacher's fbank settings, the teacher starts from it instead of
+        recomputing the spectrum.
+        """
         self.eval()
         with torch.no_grad():
-            out = self.posteriors(wavs, wav_lens)
+            if features is not None and features.usable_by(self.feature_signature):
+                out = self.posteriors_from_features(features.feats, features.wav_lens)
+            else:
+                out = self.posteriors(wavs, wav_lens)
         if out.log_probs.dim() != 3 or out.log_probs.shape[-1] != len(self.tokens):
             raise TeacherError(
                 f"teacher {self.name}: output shape {tuple(out.log_probs.shape)} does not match its "

@@ -7,8 +7,10 @@ import tempfile
 from pathlib import Path
 
 import torch
+from speechbrain.nnet.containers import LengthsCapableSequential
 
 from speech_kd.dataio import token_strings
+from speech_kd.features import fbank_signature
 from speech_kd.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
 
 __all__ = ["SpeechBrainTeacher"]
@@ -70,6 +72,19 @@ class SpeechBrainTeacher(Teacher):
             )
         self.frame_shift = measure_frame_shift(self.asr.encode_batch, self.sample_rate, device)
         self._outputs_log_probs = bool(torch.allclose(probe.exp().sum(-1), torch.ones(1), atol=1e-3))
+        self._after_features = self._layers_after_fbank()
+        if self._after_features is not None:
+            self.feature_signature = fbank_signature(next(iter(self.asr.mods.encoder.values())))
+
+    def _layers_after_fbank(self) -> list | None:
+        """The encoder's layers after a leading ``Fbank``, with their lengths-argument names, or ``None``."""
+        encoder = getattr(self.asr.mods, "encoder", None)
+        if not isinstance(encoder, LengthsCapableSequential) or len(encoder) < 2:
+            return None
+        layers = list(zip(encoder.values(), encoder.lengths_arg_names))
+        if fbank_signature(layers[0][0]) is None:
+            return None
+        return layers[1:]
 
     def state_dict(self, *args, **kwargs):
         """Weights of the underlying encoder (used for the fingerprint)."""
@@ -77,7 +92,19 @@ class SpeechBrainTeacher(Teacher):
 
     def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
         """Frame log-posteriors ``[B, T, V]`` and valid frame counts ``[B]``."""
-        out = self.asr.encode_batch(wavs, wav_lens).float()
+        return self._finish(self.asr.encode_batch(wavs, wav_lens).float(), wav_lens)
+
+    def posteriors_from_features(self, feats: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
+        """The encoder after its fbank, applied to the student's fbank ``feats [B, T, n_mels]``."""
+        x = feats.to(self.asr.device)
+        wav_lens = wav_lens.to(self.asr.device)
+        for layer, lengths_arg in self._after_features:
+            x = layer(x, **{lengths_arg: wav_lens}) if lengths_arg else layer(x)
+            if isinstance(x, tuple):
+                x = x[0]
+        return self._finish(x.float(), wav_lens)
+
+    def _finish(self, out: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
         if not self._outputs_log_probs:
             out = out.log_softmax(-1)
         lengths = torch.round(wav_lens.to(out.device) * out.shape[1]).long().clamp(1, out.shape[1])

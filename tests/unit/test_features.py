@@ -1,0 +1,97 @@
+"""Features: agreement with a librosa reference, fp32 spectrum under autocast, sharing with the teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from speechbrain.lobes.features import Fbank
+
+from speech_kd.features import REFERENCE_TOLERANCE_DB, SharedFeatures, fbank_signature, librosa_fbank
+
+
+def _speech_like(seconds: float = 1.5, seed: int = 0) -> torch.Tensor:
+    """Harmonic tones with a moving pitch plus noise bursts: a spectrum with structure, not flat noise."""
+    gen = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(16000 * seconds)) / 16000
+    pitch = 120 + 40 * torch.sin(2 * torch.pi * 0.7 * t)
+    phase = 2 * torch.pi * torch.cumsum(pitch, 0) / 16000
+    wav = sum(torch.sin(k * phase) / k for k in range(1, 12))
+    envelope = (torch.sin(2 * torch.pi * 3 * t) > 0).float() * 0.9 + 0.1
+    return (0.1 * wav * envelope + 0.01 * torch.randn(t.shape, generator=gen)).float()
+
+
+def test_fbank_matches_librosa_reference(tiny_corpus):
+    from speech_kd.audio import read_audio
+
+    fbank = Fbank(n_mels=80, n_fft=400, win_length=25, hop_length=10)
+    files = sorted(tiny_corpus.glob("train/*/*/*.flac"))[:3]
+    assert files
+    for wav in [read_audio(f) for f in files] + [_speech_like()]:
+        ours = fbank(wav.unsqueeze(0))[0].numpy()
+        ref = librosa_fbank(wav.numpy())
+        assert ours.shape == ref.shape
+        diff = np.abs(ours - ref)
+        mean_tol, p99_tol = REFERENCE_TOLERANCE_DB
+        assert diff.mean() < mean_tol and np.percentile(diff, 99) < p99_tol, (diff.mean(), np.percentile(diff, 99))
+
+
+def test_spectrum_stays_fp32_under_autocast():
+    fbank = Fbank(n_mels=80)
+    wav = _speech_like().unsqueeze(0)
+    ref = fbank(wav)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fbank(wav.to(torch.bfloat16))
+    assert got.dtype == torch.float32
+    # bf16 input rounding is the only difference: far below the 1 dB quantum that matters
+    assert (got - ref).abs().mean() < 0.5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_features_match_cpu_and_stay_fp32():
+    fbank = Fbank(n_mels=80)
+    wav = _speech_like().unsqueeze(0)
+    ref = fbank(wav)
+    gpu = fbank.to("cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        got = gpu(wav.cuda())
+    assert got.dtype == torch.float32 and got.device.type == "cuda"
+    assert torch.allclose(got.cpu(), ref, atol=1e-2)
+
+
+def test_signature_tells_which_fbanks_may_share():
+    base = fbank_signature(Fbank(n_mels=80))
+    assert base is not None and base == fbank_signature(Fbank(n_mels=80))
+    assert base != fbank_signature(Fbank(n_mels=40))
+    assert base != fbank_signature(Fbank(n_mels=80, hop_length=20))
+    assert fbank_signature(Fbank(n_mels=80, deltas=True)) is None
+    assert fbank_signature(torch.nn.Identity()) is None
+    shared = SharedFeatures(torch.zeros(1, 5, 80), torch.ones(1), base)
+    assert shared.usable_by(base) and not shared.usable_by(None)
+
+
+def test_teacher_starts_from_the_students_fbank(trained_run):
+    """A teacher with the student's fbank settings gives the same posteriors from shared features,
+    and its own fbank is not run."""
+    from speech_kd.teachers.base import load_teacher
+
+    teacher = load_teacher(trained_run / "model")
+    assert teacher.feature_signature == fbank_signature(Fbank(n_mels=80))
+    wavs = torch.stack([_speech_like(1.2, 0), _speech_like(1.2, 1)])
+    wavs[1, 12000:] = 0.0
+    lens = torch.tensor([1.0, 0.75])
+    full = teacher(wavs, lens)
+    feats = Fbank(n_mels=80)(wavs)
+
+    calls = []
+    fbank_module = next(iter(teacher.asr.mods.encoder.values()))
+    handle = fbank_module.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        shared = teacher(wavs, lens, features=SharedFeatures(feats, lens, teacher.feature_signature))
+        mismatched = SharedFeatures(feats, lens, fbank_signature(Fbank(n_mels=40)))
+        teacher(wavs, lens, features=mismatched)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # only the mismatched call ran the teacher's own fbank
+    assert torch.equal(shared.lengths, full.lengths)
+    assert torch.allclose(shared.log_probs, full.log_probs, atol=1e-5)
