@@ -22,6 +22,7 @@ JSON keys (``--json``): ``features_vs_librosa``, ``cached_kd_over_plain``,
 from __future__ import annotations
 
 import argparse
+import csv as csv_mod
 import json
 import statistics
 import tempfile
@@ -116,8 +117,10 @@ def bench_features(batch, repeats: int, device: str) -> dict:
     }
 
 
-def bench_steps(batch, tokenizer, teacher_dir: Path, repeats: int, device: str, tmp: Path) -> dict:
+def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int, device: str, tmp: Path) -> dict:
     """Seconds per training step: plain, online KD, cached KD."""
+    import speechbrain as sb
+
     from speech_kd.cache import CacheReader, write_cache
     from speech_kd.dataio import token_strings
     from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
@@ -126,6 +129,7 @@ def bench_steps(batch, tokenizer, teacher_dir: Path, repeats: int, device: str, 
     brain, hparams = _brain("hparams/distill.yaml", tmp / "student", device, {"kd_weight": 0.5})
     brain.tokenizer = tokenizer
     brain.on_fit_start()
+    brain.on_stage_start(sb.Stage.TRAIN, 1)
     teacher = load_teacher(teacher_dir, device=device)
     tokens = token_strings(tokenizer)
     aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, tokens, 0,
@@ -137,9 +141,11 @@ def bench_steps(batch, tokenizer, teacher_dir: Path, repeats: int, device: str, 
     brain.attach_targets(OnlineTargets(teacher, aligner, 16000))
     results["step_online_kd_s"] = median_time(lambda: brain.fit_batch(batch), repeats)
     csv = tmp / "batch.csv"
-    csv.write_text("ID,duration,wav,spk_id,wrd\n" + "".join(
-        f"{uid},{dur},{wav},0,{wrd}\n" for uid, dur, wav, wrd in zip(batch.id, batch.duration, batch.wav, batch.wrd)
-    ))  # fmt: skip
+    with open(csv_path, newline="") as src, open(csv, "w", newline="") as dst:
+        rows = [row for row in csv_mod.DictReader(src) if row["ID"] in set(batch.id)]
+        writer = csv_mod.DictWriter(dst, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     write_cache(teacher, csv, tmp / "cache", device=device, progress=False)
     brain.attach_targets(CachedTargets(CacheReader(tmp / "cache"), aligner))
     results["step_cached_kd_s"] = median_time(lambda: brain.fit_batch(batch), repeats)
@@ -198,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict:
                "threads": torch.get_num_threads(), "batch_utts": args.batch_size,
                "batch_audio_s": float((batch.sig[1] * batch.sig[0].shape[1]).sum()) / 16000}  # fmt: skip
     results.update(bench_features(batch, args.repeats, args.device))
-    results.update(bench_steps(batch, tokenizer, models["teacher"], args.repeats, args.device, tmp))
+    results.update(bench_steps(batch, csvs["train"], tokenizer, models["teacher"], args.repeats, args.device, tmp))
     results.update(bench_inference(batch, models, args.repeats, args.device))
     ev = evaluate_model(models["student"], csvs["test"], device=args.device, progress=False).summary
     results.update(evaluate_utts_per_s=ev["utts_per_second"], evaluate_rtf=ev["rtf"])

@@ -189,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
 
             run_distillation(argv[1:])
         return 0
+    if argv and argv[0] == "bench":  # its own parser: speech-kd bench --help lists every option
+        from speech_kd.bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     args.func(args)
     return 0

@@ -1,0 +1,19 @@
+"""``speech-kd bench`` runs end to end on CPU and writes the ratio keys the issue pins (timings not asserted)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+def test_bench_writes_ratio_table(tmp_path, capsys):
+    from speech_kd.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--repeats", "1", "--batch_size", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    for key in ("features_vs_librosa", "cached_kd_over_plain", "online_kd_over_plain", "student_speedup",
+                "features_vs_sb_per_utt", "rtf_teacher", "rtf_student", "evaluate_utts_per_s"):  # fmt: skip
+        assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+    assert results["device"] == "cpu"
+    assert "features_vs_librosa" in capsys.readouterr().out
