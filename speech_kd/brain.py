@@ -10,6 +10,7 @@ fixed points: waveform augmentation before the chain, SpecAugment after
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -27,12 +28,18 @@ __all__ = ["CTCBrain", "run_chain"]
 logger = logging.getLogger(__name__)
 
 
-def _accepts(module: torch.nn.Module, name: str) -> bool:
-    forward = getattr(module, "forward", module)
+@functools.cache
+def _parameter_names(func) -> frozenset:
     try:
-        return name in inspect.signature(forward).parameters
+        return frozenset(inspect.signature(func).parameters)
     except (TypeError, ValueError):
-        return False
+        return frozenset()
+
+
+def _accepts(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``module.forward`` takes ``name`` (memoised per class: this runs for every module of every batch)."""
+    forward = getattr(type(module), "forward", None) or getattr(module, "forward", module)
+    return name in _parameter_names(forward)
 
 
 def run_chain(
