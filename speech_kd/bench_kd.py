@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.variants:
         cmd = _speech_kd("distill", str(REPO / args.student), f"--teacher_source={teacher}", f"--data_folder={data}",
                          f"--output_folder={out / name}", f"--number_of_epochs={args.epochs}", f"--seed={args.seed}",
-                         *VARIANTS[name], *args.extra.split())  # fmt: skip
+                         "--report_after_run=False", *VARIANTS[name], *args.extra.split())  # fmt: skip
         if name != "scratch" and not name.endswith("_online"):
             cmd.append(f"--targets_cache={cache}")
         students[name] = cmd

@@ -76,6 +76,10 @@ def _cmd_evaluate(args) -> None:
     )
     if args.json:
         print(f"wrote {args.json}" + (f" and {utts}" if utts else ""))
+    if args.html:
+        from speech_kd.report import evaluation_page
+
+        print(f"wrote {evaluation_page(result.summary, result.utterances, args.html)}")
 
 
 def _cmd_cache_targets(args) -> None:
@@ -91,8 +95,15 @@ def _cmd_cache_targets(args) -> None:
 def _cmd_report(args) -> None:
     from speech_kd.report import build_report
 
-    path = build_report(args.run_dir)
-    print(f"wrote {path}")
+    compare = {}
+    for item in args.compare or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--compare expects NAME=FOLDER, got {item!r}")
+        compare[name] = folder
+    path = build_report(args.run_dir, compare=compare, max_utts=args.max_utts or None, evaluate=not args.no_eval,
+                        device=args.device)  # fmt: skip
+    print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
 def _cmd_bench(args) -> None:
@@ -142,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utts", default=None, help="per-utterance file (default: next to --json)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch_seconds", type=float, default=60.0)
+    p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("cache-targets", help="run a teacher once and store its soft targets")
@@ -156,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="HTML/Markdown report of a run folder")
     p.add_argument("run_dir")
+    p.add_argument("--compare", action="append", metavar="NAME=FOLDER", help="another model folder for the table")
+    p.add_argument("--max_utts", type=int, default=200, help="test utterances scored per model (0: all)")
+    p.add_argument("--no-eval", dest="no_eval", action="store_true", help="skip the WER table")
+    p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")

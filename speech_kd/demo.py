@@ -83,11 +83,9 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
         argv.append("--extra=" + " ".join(sizes.student_overrides))
     results = bench_kd(argv)
     print("== 4/4 report", flush=True)
-    try:
-        from speech_kd.report import build_report
+    from speech_kd.report import build_report
 
-        print(f"report: {build_report(out / 'kl_t2', results_json=out / 'results.json')}")
-    except ImportError:  # the report module is optional for the demo
-        logger.warning("speech_kd.report not available: no HTML report")
+    report = build_report(out / "kl_t2", compare={"scratch": out / "scratch" / "model"}, max_utts=None)
+    print(f"report: {report}")
     print(f"demo finished in {(time.time() - started) / 60:.1f} min; everything is in {out}")
     return results

@@ -8,6 +8,7 @@ are reported at start-up, before the first batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -17,7 +18,13 @@ from speech_kd.kd import DistillBrain
 from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.train import run_training
 
-__all__ = ["run_distillation", "make_targets"]
+__all__ = ["run_distillation", "make_targets", "RUN_KEYS"]
+
+#: resolved settings written to OUTPUT/kd_run.json (SpeechBrain's saved hyperparams.yaml keeps
+#: the yaml's text, in which command-line overrides of some keys do not show)
+RUN_KEYS = ("teacher_source", "teacher_kind", "targets_cache", "kd_weight", "kd_weight_final", "temperature",
+            "temperature_final", "kd_ramp_epochs", "kd_loss", "kd_topk", "blank_mode", "blank_threshold",
+            "blank_weight", "blank_index", "frame_shift", "number_of_epochs", "seed")  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +36,13 @@ def _teacher_sources(value) -> list[str]:
 
 
 def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
-    """Build ``OnlineTargets`` or ``CachedTargets`` as the yaml says."""
+    """Build ``OnlineTargets`` or ``CachedTargets`` as the yaml says.
+
+    ``teacher_precision`` (fp32 default) is the autocast the live teacher
+    runs under, independent of the student's ``--precision``;
+    ``teacher_overrides`` (a dict) is passed to a SpeechBrain teacher's
+    ``from_hparams`` (e.g. to point its wav2vec2 ``source`` at a local folder).
+    """
     from speech_kd.teachers.base import load_teacher
 
     sources = _teacher_sources(hparams.get("teacher_source"))
@@ -39,7 +52,8 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     teacher = None
     if sources:
         if len(sources) == 1:
-            teacher = load_teacher(sources[0], kind=hparams.get("teacher_kind", "auto"), device=device)
+            extra = {"overrides": dict(hparams["teacher_overrides"])} if hparams.get("teacher_overrides") else {}
+            teacher = load_teacher(sources[0], kind=hparams.get("teacher_kind", "auto"), device=device, **extra)
         else:
             from speech_kd.teachers.ensemble import load_ensemble
 
@@ -65,7 +79,7 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
         source = f"cache {cache_dir} (teacher {meta.get('teacher_name')})"
     else:
         aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, **common)
-        strategy = OnlineTargets(teacher, aligner, hparams["sample_rate"])
+        strategy = OnlineTargets(teacher, aligner, hparams["sample_rate"], hparams.get("teacher_precision", "fp32"))
         source = f"live teacher {teacher.name}"
     logger.info("KD targets from %s\n%s", source, aligner.report())
     return strategy
@@ -75,13 +89,35 @@ def run_distillation(argv: list[str] | None = None) -> dict:
     """Distil as ``hparams/distill.yaml`` says; same arguments as :func:`run_training`."""
     argv = list(sys.argv[1:] if argv is None else argv)
 
+    run = {}
+
     def setup(brain, hparams, datasets):
+        run.update(output_folder=hparams["output_folder"], report_after_run=hparams.get("report_after_run", True))
         if hparams.get("kd_weight", 0.0) == 0.0 and hparams.get("kd_weight_final") in (None, 0.0):
             logger.info("kd_weight=0: training the student without a teacher (the baseline)")
             return
         targets = make_targets(hparams, token_strings(brain.tokenizer), device=str(brain.device))
         brain.attach_targets(targets)
-        report = Path(hparams["output_folder"]) / "kd_setup.txt"
-        report.write_text(targets.aligner.report() + "\n")
+        out = Path(hparams["output_folder"])
+        (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
+        resolved = {key: hparams.get(key) for key in RUN_KEYS}
+        (out / "kd_run.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
-    return run_training(argv, brain_class=DistillBrain, setup=setup)
+    results = run_training(argv, brain_class=DistillBrain, setup=setup)
+    _report(run)
+    return results
+
+
+def _report(run: dict) -> None:
+    """Write OUTPUT/report.html at the end of a run (main process; a failure only warns)."""
+    import speechbrain as sb
+
+    out = run.get("output_folder")
+    if not out or not run.get("report_after_run", True) or not sb.utils.distributed.if_main_process():
+        return
+    try:
+        from speech_kd.report import build_report
+
+        logger.info("report: %s", build_report(out, max_utts=100))
+    except Exception as err:  # the model is already saved; a report problem must not fail the run
+        logger.warning("could not write the run report: %s", err)

@@ -1,0 +1,88 @@
+"""A tiny page builder writing the same content as self-contained HTML and as Markdown.
+
+HTML inlines every image as a ``data:image/png;base64`` URI and escapes all
+text; Markdown links the PNGs written to a ``*_files`` folder. No network,
+no template engine.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+__all__ = ["Page"]
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1400px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ccc; }
+img { max-width: 100%; height: auto; display: block; margin: 0.5em 0; }
+table { border-collapse: collapse; margin: 0.5em 0; } td, th { border: 1px solid #ccc; padding: 3px 8px; }
+th { background: #f3f3f3; } td { text-align: right; } td:first-child { text-align: left; }
+pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; font-size: 0.85em; }
+"""
+
+# sets data-broken-images on <body> once loaded: the number of images that failed to decode
+_CHECK = (
+    "<script>window.addEventListener('load',function(){var n=0;"
+    "document.querySelectorAll('img').forEach(function(i){if(!i.complete||i.naturalWidth===0)n++;});"
+    "document.body.setAttribute('data-broken-images',String(n));});</script>"
+)
+
+
+class Page:
+    """Accumulates blocks, then writes ``page.html`` and ``page.md`` (images into ``files_dir``)."""
+
+    def __init__(self, title: str, files_dir: Path) -> None:
+        self.title = title
+        self.files_dir = Path(files_dir)
+        self._html: list[str] = [f"<h1>{html.escape(title)}</h1>"]
+        self._md: list[str] = [f"# {title}", ""]
+
+    def heading(self, text: str) -> None:
+        """A section title."""
+        self._html.append(f"<h2>{html.escape(text)}</h2>")
+        self._md += [f"## {text}", ""]
+
+    def paragraph(self, text: str) -> None:
+        """A paragraph of plain text."""
+        self._html.append(f"<p>{html.escape(text)}</p>")
+        self._md += [text, ""]
+
+    def preformatted(self, text: str) -> None:
+        """Monospaced text (alignments, transcripts, yaml)."""
+        self._html.append(f"<pre>{html.escape(text)}</pre>")
+        self._md += ["```", text.rstrip("\n"), "```", ""]
+
+    def details(self, summary: str, text: str) -> None:
+        """Collapsed monospaced text."""
+        self._html.append(f"<details><summary>{html.escape(summary)}</summary><pre>{html.escape(text)}</pre></details>")
+        self._md += [f"<details><summary>{summary}</summary>", "", "```yaml", text.rstrip("\n"), "```"]
+        self._md += ["</details>", ""]
+
+    def table(self, header: list[str], rows: list[list]) -> None:
+        """A table of strings/numbers."""
+        head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+        self._html.append(f"<table><tr>{head}</tr>{body}</table>")
+        self._md += ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+        self._md += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+        self._md.append("")
+
+    def image(self, name: str, png: bytes, alt: str) -> None:
+        """A PNG: inlined in the HTML, written to ``files_dir/name`` for the Markdown."""
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        (self.files_dir / name).write_bytes(png)
+        data = base64.b64encode(png).decode("ascii")
+        self._html.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">')
+        self._md += [f"![{alt}]({self.files_dir.name}/{name})", ""]
+
+    def write(self, html_path: Path, md_path: Path) -> Path:
+        """Write both files; return the HTML path."""
+        doc = (
+            f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>'
+            f"<style>{_STYLE}</style>{_CHECK}</head><body>" + "\n".join(self._html) + "</body></html>\n"
+        )
+        Path(html_path).write_text(doc, encoding="utf-8")
+        Path(md_path).write_text("\n".join(self._md) + "\n", encoding="utf-8")
+        return Path(html_path)
