@@ -37,6 +37,8 @@ VARIANTS: dict[str, list[str]] = {
     "kl_t2_online": ["--kd_weight=0.5", "--temperature=2"],  # same as kl_t2, live teacher instead of the cache
     "kl_t4": ["--kd_weight=0.5", "--temperature=4"],
     "kl_t2_w09": ["--kd_weight=0.9", "--temperature=2"],
+    "kl_t1_w09": ["--kd_weight=0.9", "--temperature=1"],
+    "kl_t1_w1": ["--kd_weight=1.0", "--temperature=1"],
     "kl_t2_top4": ["--kd_weight=0.5", "--temperature=2", "--kd_topk=4"],
     "kl_t2_blankdown": ["--kd_weight=0.5", "--temperature=2", "--blank_mode=downweight"],
     "ce_hard": ["--kd_weight=0.5", "--kd_loss=ce"],

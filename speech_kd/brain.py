@@ -20,10 +20,11 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
+from speech_kd.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
 from speech_kd.features import SharedFeatures, fbank_signature
 from speech_kd.metrics import error_rates
 
-__all__ = ["CTCBrain", "run_chain"]
+__all__ = ["CTCBrain", "NonFiniteLossError", "run_chain"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,14 @@ def _parameter_names(func) -> frozenset:
 
 
 def _accepts(module: torch.nn.Module, name: str) -> bool:
-    """Whether ``module.forward`` takes ``name`` (memoised per class: this runs for every module of every batch)."""
+    """Whether ``module.forward`` takes ``name`` (memoised per class: this runs for every module of every batch).
+
+    A DDP/DataParallel wrapper is looked through: its own ``forward(*inputs,
+    **kwargs)`` names no argument, and judging by it would silently drop the
+    lengths (and with them the padding masks) of every wrapped module.
+    """
+    if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        module = module.module
     forward = getattr(type(module), "forward", None) or getattr(module, "forward", module)
     return name in _parameter_names(forward)
 
@@ -73,6 +81,20 @@ def run_chain(
     return x
 
 
+class NonFiniteLossError(RuntimeError):
+    """Training stopped: the loss kept being NaN/inf (the message lists the likely causes)."""
+
+
+def _grads_finite(parameters) -> bool:
+    """Whether every gradient is finite (one host sync for all of them)."""
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return True
+    foreach_norm = getattr(torch, "_foreach_norm", None)
+    norms = foreach_norm(grads) if foreach_norm is not None else [torch.linalg.vector_norm(g) for g in grads]
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())
+
+
 class CTCBrain(sb.Brain):
     """Character CTC ASR: greedy decoding, WER/CER on dev and test.
 
@@ -81,6 +103,14 @@ class CTCBrain(sb.Brain):
     ``epoch_counter``, ``train_logger``, and optionally ``wav_augment`` /
     ``speed_perturb``, ``spec_augment_time`` / ``spec_augment_freq`` /
     ``spec_augment``. ``self.tokenizer`` must be set before fitting.
+
+    Under DDP (``torchrun``) the numbers it logs cover all processes: the
+    training loss and the KD statistics are combined over the processes'
+    batches, and WER/CER are computed from the hypotheses of all processes
+    (de-duplicated by utterance ID: SpeechBrain 1.1.2 gives every process the
+    whole dev and test sets). A batch with a non-finite loss or non-finite
+    gradients updates nothing; more than ``--nonfinite_patience`` such
+    batches in an epoch stop the run with :class:`NonFiniteLossError`.
     """
 
     tokenizer = None
@@ -165,10 +195,20 @@ class CTCBrain(sb.Brain):
 
     # ------------------------------------------------------------------- hooks
     def make_dataloader(self, dataset, stage, ckpt_prefix="dataloader-", **loader_kwargs):
-        """Remember the number of training batches for the LR schedule."""
+        """Remember the number of training batches (this process's share) for the LR schedule.
+
+        A ``batch_sampler`` with ``set_epoch`` (``DynamicBatchSampler``) is
+        made the Brain's ``train_sampler`` in a single process too, so every
+        epoch draws new batches from ``seed + epoch``: SpeechBrain only does
+        this for the DDP wrapper, and without it each epoch would repeat the
+        first epoch's batches in the same order.
+        """
         loader = super().make_dataloader(dataset, stage, ckpt_prefix, **loader_kwargs)
         if stage == sb.Stage.TRAIN:
             self._train_batches = len(loader)
+            batch_sampler = loader_kwargs.get("batch_sampler")
+            if self.train_sampler is None and hasattr(batch_sampler, "set_epoch"):
+                self.train_sampler = batch_sampler
         return loader
 
     def on_fit_start(self):
@@ -179,21 +219,107 @@ class CTCBrain(sb.Brain):
             steps = batches * self.hparams.number_of_epochs // max(1, self.grad_accumulation_factor)
             self.hparams.lr_scheduler.set_total_steps(steps)
 
+    def on_fit_batch_start(self, batch, should_step):
+        """Remember the batch's utterance IDs (named if its loss is not finite)."""
+        self._batch_ids = list(getattr(batch, "id", []))
+
     def on_fit_batch_end(self, batch, outputs, loss, should_step):
         """Advance the per-step learning-rate schedule."""
         if should_step:
             self.hparams.lr_scheduler(self.optimizer)
 
+    # ------------------------------------------------------ non-finite losses
+    def check_loss_isfinite(self, loss):
+        """Count a non-finite loss, name its batch, and stop once ``--nonfinite_patience`` is exceeded.
+
+        Called by ``Brain.fit_batch`` before ``backward``. The batch's update
+        is then skipped by :meth:`optimizers_step` (its gradients are not
+        finite). The count restarts every epoch, as in SpeechBrain.
+        """
+        if torch.isfinite(loss):
+            return
+        self.nonfinite_count = getattr(self, "nonfinite_count", 0) + 1
+        ids = getattr(self, "_batch_ids", [])
+        self._nonfinite_ids = (getattr(self, "_nonfinite_ids", []) + [ids[:5]])[-3:]
+        logger.warning(
+            "non-finite training loss (%s) on batch %d of epoch %s (%s%s): update skipped; %d of "
+            "--nonfinite_patience=%d this epoch",
+            float(loss.detach()), self.step, self.hparams.epoch_counter.current, ", ".join(ids[:5]),
+            ", ..." if len(ids) > 5 else "", self.nonfinite_count, self.nonfinite_patience,
+        )  # fmt: skip
+        if self.nonfinite_count > self.nonfinite_patience:
+            raise NonFiniteLossError(self._nonfinite_message())
+
+    def _nonfinite_message(self) -> str:
+        hp = self.hparams
+        lr = self.optimizer.param_groups[0]["lr"] if getattr(self, "optimizer", None) else None
+        teacher = getattr(hp, "teacher_precision", None)
+        batches = "; ".join(", ".join(ids) for ids in getattr(self, "_nonfinite_ids", []))
+        return (
+            f"training stopped: the loss was NaN/inf on {self.nonfinite_count} batches of epoch "
+            f"{hp.epoch_counter.current}, more than --nonfinite_patience={self.nonfinite_patience} "
+            "(those batches updated nothing). Likely causes, most common first:\n"
+            f"  - learning rate too high (lr now {lr}, peak lr={getattr(hp, 'lr', '?')}, "
+            f"warmup_steps={getattr(hp, 'warmup_steps', '?')}): lower --lr or raise --warmup_steps;\n"
+            f"  - fp16 overflow (--precision={self.precision}): use --precision=bf16 or fp32;\n"
+            "  - utterances shorter than their transcripts (no CTC path: infinite unless the CTC loss uses "
+            f"zero_infinity=True, as ctc_cost here does): check that frame_shift={getattr(hp, 'frame_shift', '?')} "
+            "is the model's real output frame shift (such utterances are skipped at loading only if it is);\n"
+            "  - non-finite teacher outputs or KD terms"
+            + (f" (teacher_precision={teacher}; an fp16 teacher can overflow)" if teacher else "")
+            + f".\nLast non-finite batches (utterance IDs): {batches or '?'}"
+        )
+
+    def optimizers_step(self):
+        """Skip the update when a gradient is NaN/inf; otherwise SpeechBrain's step.
+
+        Under DDP the gradients are already averaged over the processes, so
+        every process sees the same verdict and skips the same steps (one
+        process's non-finite batch poisons the average for all). With fp16
+        the gradient scaler does this check itself.
+        """
+        if not self.scaler.is_enabled() and not _grads_finite(self.modules.parameters()):
+            self.skipped_steps = getattr(self, "skipped_steps", 0) + 1
+            logger.warning("non-finite gradients: optimizer step skipped (%d so far)", self.skipped_steps)
+            self.zero_grad(set_to_none=True)
+            return
+        super().optimizers_step()
+
+    # ------------------------------------------------------------ statistics
     def on_stage_start(self, stage, epoch=None):
         """Reset the hypothesis buffers."""
         self._ids, self._hyps, self._refs = [], [], []
 
+    def _gather_hypotheses(self) -> None:
+        """Merge every process's ``(id, ref, hyp)`` rows, one per utterance ID (no-op in one process)."""
+        if not is_distributed():
+            return
+        merged: dict = {}
+        for ids, refs, hyps in gather_objects((self._ids, self._refs, self._hyps)):
+            for row in zip(ids, refs, hyps):
+                merged.setdefault(row[0], row)
+        self._ids = [row[0] for row in merged.values()]
+        self._refs = [row[1] for row in merged.values()]
+        self._hyps = [row[2] for row in merged.values()]
+
     def stage_stats(self, stage, stage_loss) -> dict:
-        """Numbers to log at the end of a stage (subclasses add theirs)."""
-        stats = {"loss": stage_loss}
-        if stage != sb.Stage.TRAIN and self._refs:
-            rates = error_rates(self._refs, self._hyps)
-            stats.update(WER=rates.wer, CER=rates.cer)
+        """Numbers to log at the end of a stage, over all processes (subclasses add theirs).
+
+        Must run on every process under DDP (it is called from
+        ``on_stage_end``, which SpeechBrain runs on all of them).
+        """
+        batches = max(self.step, 1)
+        stats = {"loss": weighted_mean_across(float(stage_loss), batches)}
+        if stage == sb.Stage.TRAIN:
+            self.batches_per_rank = [int(n) for n in gather_objects(self.step)]
+            if is_distributed() and rank() == 0:
+                logger.info("epoch %s: training batches per process %s (world size %d)",
+                            self.hparams.epoch_counter.current, self.batches_per_rank, world_size())  # fmt: skip
+        else:
+            self._gather_hypotheses()
+            if self._refs:
+                rates = error_rates(self._refs, self._hyps)
+                stats.update(WER=rates.wer, CER=rates.cer)
         return stats
 
     def _append_history(self, epoch, lr, valid_stats) -> None:
@@ -207,7 +333,7 @@ class CTCBrain(sb.Brain):
             return
         step = getattr(getattr(self.hparams, "lr_scheduler", None), "current_step", self.optimizer_step)
         record = {"epoch": epoch, "step": step, "lr": lr, "train": getattr(self, "train_stats", {}),
-                  "valid": valid_stats}  # fmt: skip
+                  "valid": valid_stats, "batches_per_rank": getattr(self, "batches_per_rank", None)}  # fmt: skip
         with open(Path(folder) / "history.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
 

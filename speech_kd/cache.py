@@ -713,12 +713,17 @@ def _summary(out_dir: Path, meta: dict, entries: list[dict], ran: int, reused: i
 
 def cache_targets(
     teacher_source: str | os.PathLike, csv_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-    kind: str = "auto", **kw,
+    kind: str = "auto", teacher_overrides: dict | None = None, **kw,
 ) -> dict:  # fmt: skip
-    """Load a teacher folder with ``load_teacher`` and :func:`write_cache` its targets (same keywords)."""
+    """Load a teacher folder with ``load_teacher`` and :func:`write_cache` its targets (same keywords).
+
+    ``teacher_overrides`` replace keys of a SpeechBrain teacher's
+    ``hyperparams.yaml`` (the ``teacher_overrides`` of the distillation yaml).
+    """
     from speech_kd.teachers.base import load_teacher
 
-    teacher = load_teacher(teacher_source, kind=kind, device=kw.get("device", "cpu"))
+    extra = {"overrides": dict(teacher_overrides)} if teacher_overrides else {}
+    teacher = load_teacher(teacher_source, kind=kind, device=kw.get("device", "cpu"), **extra)
     return write_cache(teacher, csv_path, out_dir, **kw)
 
 

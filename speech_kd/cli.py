@@ -83,11 +83,14 @@ def _cmd_evaluate(args) -> None:
 
 
 def _cmd_cache_targets(args) -> None:
+    import yaml
+
     from speech_kd.cache import cache_targets
 
+    overrides = yaml.safe_load(args.teacher_overrides) if args.teacher_overrides else None
     summary = cache_targets(
         args.teacher, args.csv, args.out, device=args.device, top_k=args.top_k, mass=args.mass,
-        batch_seconds=args.batch_seconds,
+        batch_seconds=args.batch_seconds, teacher_overrides=overrides,
     )  # fmt: skip
     print(json.dumps(summary, indent=2))
 
@@ -164,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=8)
     p.add_argument("--mass", type=float, default=0.98)
     p.add_argument("--batch_seconds", type=float, default=120.0)
+    p.add_argument("--teacher_overrides", default=None,
+                   help="YAML dict of keys replaced in a SpeechBrain teacher's hyperparams.yaml, "
+                        "e.g. '{wav2vec2_hub: teachers/wav2vec2-large-960h-lv60-self}'")  # fmt: skip
     p.set_defaults(func=_cmd_cache_targets)
 
     p = sub.add_parser("report", help="HTML/Markdown report of a run folder")

@@ -27,7 +27,9 @@ import torch
 
 from speech_kd.align import relative_to_frames
 from speech_kd.brain import CTCBrain
+from speech_kd.distributed import sum_across
 from speech_kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
+from speech_kd.precision import autocast_for
 from speech_kd.schedules import linear_ramp
 
 __all__ = ["KDMixin", "DistillBrain"]
@@ -41,6 +43,7 @@ _DEFAULTS = {
     "temperature_final": None,
     "kd_ramp_epochs": 1,
     "kd_loss": "kl",
+    "kd_reduction": "frame",
     "kd_topk": None,
     "blank_mode": "none",
     "blank_threshold": 0.9,
@@ -93,6 +96,7 @@ class KDMixin:
         super().on_stage_start(stage, epoch)
         self._kd_totals = {"ctc_loss": 0.0, "kd_loss": 0.0, "blank_share": 0.0, "agreement": 0.0, "lost_mass": 0.0}
         self._kd_batches = 0
+        self._kd_finite = 0.0
 
     def compute_objectives(self, predictions, batch, stage):
         """The Brain's CTC loss, mixed with KD on training batches."""
@@ -124,16 +128,20 @@ class KDMixin:
             else self.kd_targets(batch, lengths, student_max)
         )
         blank = self.kd_option("blank_index")
-        teacher = topk_restrict(targets.log_probs, self.kd_option("kd_topk"))
-        weights = blank_frame_weights(
-            targets.log_probs, blank, self.kd_option("blank_mode"),
-            self.kd_option("blank_threshold"), self.kd_option("blank_weight"),
-        )  # fmt: skip
-        loss = kd_loss(
-            self.kd_option("kd_loss"), log_probs, teacher, targets.mask,
-            temperature=temperature, frame_weights=weights,
-            student_lengths=lengths, teacher_lengths=lengths, blank_index=blank,
-        )  # fmt: skip
+        # the KD term in fp32 whatever --precision says: small probabilities and the T^2 scale need it
+        with autocast_for(log_probs.device.type, "fp32"):
+            log_probs = log_probs.float()
+            teacher = topk_restrict(targets.log_probs.float(), self.kd_option("kd_topk"))
+            weights = blank_frame_weights(
+                targets.log_probs, blank, self.kd_option("blank_mode"),
+                self.kd_option("blank_threshold"), self.kd_option("blank_weight"),
+            )  # fmt: skip
+            loss = kd_loss(
+                self.kd_option("kd_loss"), log_probs, teacher, targets.mask,
+                temperature=temperature, frame_weights=weights,
+                student_lengths=lengths, teacher_lengths=lengths, blank_index=blank,
+                reduction=self.kd_option("kd_reduction"),
+            )  # fmt: skip
         stats = {
             "blank_share": blank_share(targets.log_probs, targets.mask, blank, self.kd_option("blank_threshold")),
             "agreement": agreement_rate(log_probs.detach(), targets.log_probs, targets.mask),
@@ -142,17 +150,34 @@ class KDMixin:
         return loss, stats
 
     def _accumulate(self, ctc: torch.Tensor, kd: torch.Tensor, stats: dict) -> None:
-        """Sum this batch's numbers as detached tensors: no host-device sync in the training loop."""
+        """Sum this batch's numbers as detached tensors: no host-device sync in the training loop.
+
+        A batch whose CTC or KD loss is not finite (its update is skipped,
+        see ``CTCBrain.check_loss_isfinite``) is left out of the means,
+        without a sync: it adds zeros and does not count.
+        """
         self._kd_batches += 1
+        finite = torch.isfinite(ctc.detach()) & torch.isfinite(kd.detach())
+        self._kd_finite = self._kd_finite + finite.to(torch.float64)
         for key, value in {"ctc_loss": ctc, "kd_loss": kd, **stats}.items():
-            value = value.detach() if isinstance(value, torch.Tensor) else torch.tensor(float(value))
-            self._kd_totals[key] = self._kd_totals[key] + value
+            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
+            value = torch.as_tensor(value, dtype=torch.float64, device=finite.device)
+            self._kd_totals[key] = self._kd_totals[key] + torch.where(finite, value, torch.zeros_like(value))
 
     def kd_stats(self) -> dict:
-        """Per-epoch means of the KD numbers (for the train logger); empty if no KD ran."""
+        """Per-epoch means of the KD numbers (for the train logger); empty if no KD ran.
+
+        Under DDP the sums and counts of all processes are combined, so the
+        means cover every training batch of the epoch; call it on every
+        process (as ``on_stage_end`` is).
+        """
         if not getattr(self, "_kd_batches", 0):
             return {}
-        stats = {key: float(total) / self._kd_batches for key, total in self._kd_totals.items()}
+        keys = list(self._kd_totals)
+        local = [torch.as_tensor(self._kd_totals[k], dtype=torch.float64).cpu() for k in keys]
+        totals = sum_across(torch.stack([*local, torch.as_tensor(self._kd_finite, dtype=torch.float64).cpu()]))
+        counted = float(totals[-1])
+        stats = {key: float(totals[i]) / counted if counted else float("nan") for i, key in enumerate(keys)}
         weight, temperature = self.kd_schedule()
         stats.update(kd_weight=weight, temperature=temperature)
         return stats

@@ -36,14 +36,29 @@ __all__ = [
 ]
 
 
+REDUCTIONS = ("utterance", "frame")
+
+
 def _weighted_frame_mean(
-    per_frame: torch.Tensor, mask: torch.Tensor, frame_weights: torch.Tensor | None
+    per_frame: torch.Tensor, mask: torch.Tensor, frame_weights: torch.Tensor | None, reduction: str = "frame"
 ) -> torch.Tensor:
-    """``sum(loss * w * mask) / sum(w * mask)`` over ``[B, T]``, 0 when nothing is valid."""
+    """Reduce a ``[B, T]`` per-frame loss over the valid (``mask``), weighted frames.
+
+    ``frame``: ``sum(loss * w * mask) / sum(w * mask)``, a mean per frame.
+    ``utterance``: ``sum(loss * w * mask) / B``, a sum over each utterance's
+    frames averaged over the batch: the scale of SpeechBrain's
+    ``ctc_loss(reduction="batchmean")``, so ``kd_weight`` mixes like with like.
+    Zero when nothing is valid.
+    """
     weights = mask.to(per_frame.dtype)
     if frame_weights is not None:
         weights = weights * frame_weights.to(per_frame.dtype)
-    return (per_frame * weights).sum() / weights.sum().clamp(min=1e-8)
+    total = (per_frame * weights).sum()
+    if reduction == "frame":
+        return total / weights.sum().clamp(min=1e-8)
+    if reduction == "utterance":
+        return total / max(1, per_frame.shape[0])
+    raise ValueError(f"kd_reduction must be one of {REDUCTIONS}, not {reduction!r}")
 
 
 def soften(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -85,8 +100,9 @@ def kd_kl(
     mask: torch.Tensor,
     temperature: float = 1.0,
     frame_weights: torch.Tensor | None = None,
+    reduction: str = "frame",
 ) -> torch.Tensor:
-    """Hinton KD: ``T^2 * KL(p_teacher^T || p_student^T)`` per frame, mean over valid frames.
+    """Hinton KD: ``T^2 * KL(p_teacher^T || p_student^T)`` per frame, reduced over valid frames.
 
     ``p^T = softmax(log_probs / T)``. The ``T^2`` factor keeps gradient
     magnitudes comparable across temperatures (Hinton et al. 2015). Teacher
@@ -104,7 +120,7 @@ def kd_kl(
     # where the teacher has no mass (p == 0, log p == -inf) the term is 0; avoid 0 * -inf = nan
     log_ratio = torch.where(p_teacher > 0, teacher - student, torch.zeros_like(teacher))
     per_frame = (p_teacher * log_ratio).sum(-1)
-    return temperature**2 * _weighted_frame_mean(per_frame, mask, frame_weights)
+    return temperature**2 * _weighted_frame_mean(per_frame, mask, frame_weights, reduction)
 
 
 def kd_ce_hard(
@@ -112,6 +128,7 @@ def kd_ce_hard(
     teacher_log_probs: torch.Tensor,
     mask: torch.Tensor,
     frame_weights: torch.Tensor | None = None,
+    reduction: str = "frame",
 ) -> torch.Tensor:
     """Cross-entropy of the student to the teacher's per-frame argmax token.
 
@@ -124,7 +141,7 @@ def kd_ce_hard(
     """
     target = teacher_log_probs.detach().argmax(-1)
     per_frame = -student_log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    return _weighted_frame_mean(per_frame, mask, frame_weights)
+    return _weighted_frame_mean(per_frame, mask, frame_weights, reduction)
 
 
 def kd_mse(
@@ -132,6 +149,7 @@ def kd_mse(
     teacher_log_probs: torch.Tensor,
     mask: torch.Tensor,
     frame_weights: torch.Tensor | None = None,
+    reduction: str = "frame",
 ) -> torch.Tensor:
     """Mean squared error between log-softmax outputs, averaged over ``V`` then frames.
 
@@ -139,7 +157,7 @@ def kd_mse(
     """
     teacher = teacher_log_probs.detach().clamp(min=-18.42)
     per_frame = (student_log_probs - teacher).pow(2).mean(-1)
-    return _weighted_frame_mean(per_frame, mask, frame_weights)
+    return _weighted_frame_mean(per_frame, mask, frame_weights, reduction)
 
 
 def collapse_greedy(teacher_log_probs: torch.Tensor, lengths: torch.Tensor, blank_index: int
@@ -241,14 +259,19 @@ def kd_loss(
     student_lengths: torch.Tensor | None = None,
     teacher_lengths: torch.Tensor | None = None,
     blank_index: int = 0,
+    reduction: str = "frame",
 ) -> torch.Tensor:
-    """Dispatch to the KD loss ``name`` (``kl``, ``ce``, ``mse`` or ``ctc``)."""
+    """Dispatch to the KD loss ``name`` (``kl``, ``ce``, ``mse`` or ``ctc``).
+
+    ``reduction`` (``frame`` or ``utterance``, see ``_weighted_frame_mean``)
+    applies to the frame-wise losses; ``ctc`` is per utterance by nature.
+    """
     if name == "kl":
-        return kd_kl(student_log_probs, teacher_log_probs, mask, temperature, frame_weights)
+        return kd_kl(student_log_probs, teacher_log_probs, mask, temperature, frame_weights, reduction)
     if name == "ce":
-        return kd_ce_hard(student_log_probs, teacher_log_probs, mask, frame_weights)
+        return kd_ce_hard(student_log_probs, teacher_log_probs, mask, frame_weights, reduction)
     if name == "mse":
-        return kd_mse(student_log_probs, teacher_log_probs, mask, frame_weights)
+        return kd_mse(student_log_probs, teacher_log_probs, mask, frame_weights, reduction)
     if name == "ctc":
         if student_lengths is None:
             student_lengths = mask.sum(1)

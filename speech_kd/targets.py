@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from speech_kd.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
+from speech_kd.precision import autocast_for, check_precision
 from speech_kd.teachers.base import Teacher, TeacherOutput
 
 __all__ = ["Targets", "TargetAligner", "OnlineTargets", "CachedTargets"]
@@ -122,13 +123,19 @@ class OnlineTargets:
     """Run the (frozen) teacher on each batch's clean waveforms.
 
     Audio at the student's sample rate is resampled to the teacher's when
-    they differ. The teacher runs without gradients, in eval mode.
+    they differ. The teacher runs without gradients, in eval mode, under its
+    own ``precision`` (``fp32``, ``bf16`` or ``fp16``), whatever autocast the
+    student's ``--precision`` opened around the call; the mapping to the
+    student's vocabulary and frame rate is done in fp32.
     """
 
-    def __init__(self, teacher: Teacher, aligner: TargetAligner, sample_rate: int) -> None:
+    def __init__(self, teacher: Teacher, aligner: TargetAligner, sample_rate: int, precision: str = "fp32") -> None:
         self.teacher = teacher
         self.aligner = aligner
         self.sample_rate = sample_rate
+        self.precision = precision
+        weight = next(iter(teacher.parameters()), None)
+        check_precision(precision, weight.device.type if weight is not None else "cuda", what="teacher_precision")
         if teacher.sample_rate != sample_rate:
             logger.warning(
                 "teacher %s expects %d Hz, the data is %d Hz: resampling the teacher's input",
@@ -138,7 +145,8 @@ class OnlineTargets:
             )
 
     def to(self, device) -> OnlineTargets:
-        """Place the teacher on the student's device."""
+        """Place the teacher on the student's device (refused if it cannot run ``precision`` there)."""
+        check_precision(self.precision, torch.device(device).type, what="teacher_precision")
         self.teacher.to(device)
         return self
 
@@ -147,14 +155,21 @@ class OnlineTargets:
 
         ``features`` (``speech_kd.features.SharedFeatures``): the student's
         clean fbank of this batch; a teacher with the same fbank settings
-        starts from it, so the spectrum is computed once per batch.
+        starts from it, so the spectrum is computed once per batch (only
+        when they are fp32: features computed under a bf16/fp16 student
+        autocast are not what the teacher would compute).
         """
         wavs, wav_lens = batch.sig
-        if self.teacher.sample_rate != self.sample_rate:
-            wavs = _resample_wavs(wavs, self.sample_rate, self.teacher.sample_rate)
+        if features is not None and features.feats.dtype != torch.float32:
             features = None
-        out = self.teacher(wavs, wav_lens, features=features)
-        return self.aligner(out, student_lengths, student_max)
+        device_type = wavs.device.type
+        with autocast_for(device_type, self.precision):
+            if self.teacher.sample_rate != self.sample_rate:
+                wavs = _resample_wavs(wavs, self.sample_rate, self.teacher.sample_rate)
+                features = None
+            out = self.teacher(wavs, wav_lens, features=features)
+        with autocast_for(device_type, "fp32"):
+            return self.aligner(out, student_lengths, student_max)
 
 
 class CachedTargets:
@@ -172,4 +187,5 @@ class CachedTargets:
         """Targets for ``batch`` (uses ``batch.id``); missing IDs raise ``CacheMissError``."""
         del features  # the cache needs no audio
         out = self.reader.batch(list(batch.id), device=student_lengths.device)
-        return self.aligner(out, student_lengths, student_max)
+        with autocast_for(student_lengths.device.type, "fp32"):
+            return self.aligner(out, student_lengths, student_max)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["WAV2VEC2_VOCAB", "make_tiny_hf_ctc", "make_tiny_sb_model", "whitenoise"]
+__all__ = ["WAV2VEC2_VOCAB", "make_tiny_hf_ctc", "make_tiny_sb_model", "make_tiny_sb_wav2vec2", "whitenoise"]
 
 #: the vocabulary layout of facebook/wav2vec2-base-960h (ids 0..31)
 WAV2VEC2_VOCAB = ["<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLUMWCFGYPBVK'XJQZ"]
@@ -79,3 +79,98 @@ def make_tiny_sb_model(folder: str | os.PathLike, seed: int = 0) -> str:
     hparams["normalize"](torch.randn(2, 50, 80), torch.ones(2))
     export_model_folder(hparams, text, make_tokenizer(hparams["alphabet"]), folder)
     return str(folder)
+
+
+#: the layout of SpeechBrain's ``speechbrain/asr-wav2vec2-librispeech`` hyperparams.yaml (a Hugging Face
+#: wav2vec2 encoder named by hub id, a DNN, a CTC layer, a SentencePiece character tokenizer, blank 0),
+#: at toy size
+_SB_WAV2VEC2_YAML = """# Stand-in for speechbrain/asr-wav2vec2-librispeech, random weights (speech_kd.testing)
+sample_rate: 16000
+wav2vec2_hub: {hub}
+wav2vec2_folder: wav2vec2_checkpoint
+dnn_neurons: 32
+output_neurons: 29
+blank_index: 0
+
+wav2vec2: !new:speechbrain.lobes.models.huggingface_transformers.wav2vec2.Wav2Vec2
+    source: !ref <wav2vec2_hub>
+    output_norm: True
+    freeze: True
+    save_path: !ref <wav2vec2_folder>
+
+enc: !new:speechbrain.lobes.models.VanillaNN.VanillaNN
+    input_shape: [null, null, 32]
+    activation: !name:torch.nn.LeakyReLU
+    dnn_blocks: 2
+    dnn_neurons: !ref <dnn_neurons>
+
+ctc_lin: !new:speechbrain.nnet.linear.Linear
+    input_size: !ref <dnn_neurons>
+    n_neurons: !ref <output_neurons>
+
+log_softmax: !new:speechbrain.nnet.activations.Softmax
+    apply_log: True
+
+tokenizer: !new:sentencepiece.SentencePieceProcessor
+
+asr_model: !new:torch.nn.ModuleList
+    - [!ref <enc>, !ref <ctc_lin>]
+
+encoder: !new:speechbrain.nnet.containers.LengthsCapableSequential
+    wav2vec2: !ref <wav2vec2>
+    enc: !ref <enc>
+    ctc_lin: !ref <ctc_lin>
+    log_softmax: !ref <log_softmax>
+
+decoding_function: !name:speechbrain.decoders.ctc_greedy_decode
+    blank_id: !ref <blank_index>
+
+modules:
+    encoder: !ref <encoder>
+
+pretrainer: !new:speechbrain.utils.parameter_transfer.Pretrainer
+    loadables:
+        wav2vec2: !ref <wav2vec2>
+        asr: !ref <asr_model>
+        tokenizer: !ref <tokenizer>
+"""
+
+
+def make_tiny_sb_wav2vec2(folder: str | os.PathLike, seed: int = 0) -> tuple[str, str]:
+    """Save a toy stand-in for ``speechbrain/asr-wav2vec2-librispeech`` (random weights).
+
+    Same layout as that model's folder: ``hyperparams.yaml`` whose wav2vec2
+    encoder is built from a Hugging Face id (``wav2vec2_hub``) and then
+    loaded from ``wav2vec2.ckpt``, ``asr.ckpt`` (DNN + CTC layer) and a
+    SentencePiece character tokenizer in ``tokenizer.ckpt`` (``<unk>`` at id
+    0 as the CTC blank, ``▁`` as the word boundary). As with the real folder
+    used offline, the hub id must be overridden by a local folder when
+    loading: ``load_teacher(folder, overrides={"wav2vec2_hub": hub})``.
+
+    Returns
+    -------
+    (folder, hub) : tuple of str
+        The model folder and the local Hugging Face folder that stands in for
+        the hub id.
+    """
+    import io
+
+    import sentencepiece as spm
+    from hyperpyyaml import load_hyperpyyaml
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hub = make_tiny_hf_ctc(folder.parent / (folder.name + "_hf_encoder"), seed=seed)
+    model = io.BytesIO()
+    pangrams = ["THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG'S BACK", "PACK MY BOX WITH FIVE DOZEN LIQUOR JUGS"]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(pangrams * 20), model_writer=model, model_type="char", vocab_size=29,
+        bos_id=-1, eos_id=-1, unk_id=0, character_coverage=1.0, minloglevel=2,
+    )  # fmt: skip
+    (folder / "tokenizer.ckpt").write_bytes(model.getvalue())
+    torch.manual_seed(seed)
+    hparams = load_hyperpyyaml(_SB_WAV2VEC2_YAML.format(hub=hub))  # a local source: nothing is written to save_path
+    torch.save(hparams["wav2vec2"].state_dict(), folder / "wav2vec2.ckpt")
+    torch.save(hparams["asr_model"].state_dict(), folder / "asr.ckpt")
+    (folder / "hyperparams.yaml").write_text(_SB_WAV2VEC2_YAML.format(hub="facebook/wav2vec2-large-960h-lv60-self"))
+    return str(folder), hub

@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import speechbrain as sb
+import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
 from speech_kd.brain import CTCBrain
 from speech_kd.dataio import dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
 from speech_kd.export import export_model_folder
+from speech_kd.precision import check_precision
 from speech_kd.prepare import prepare_librispeech
 
-__all__ = ["run_training", "prepare_csvs", "resolve_hparams_file"]
+__all__ = ["run_training", "prepare_csvs", "resolve_hparams_file", "check_run_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +78,49 @@ def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_s
     }
 
 
+def _run_option(run_opts, hparams: dict, name: str):
+    """A run option as ``sb.Brain`` resolves it: command line, else yaml, else SpeechBrain's default."""
+    if name in getattr(run_opts, "overridden_args", ()):
+        return run_opts[name]
+    return hparams.get(name, run_opts[name])
+
+
+def _launched_by_torchrun() -> bool:
+    return os.environ.get("RANK") is not None and os.environ.get("LOCAL_RANK") is not None
+
+
+def check_run_options(run_opts, hparams: dict | None = None) -> None:
+    """Refuse settings that would fail later, with what to do instead (before any data preparation).
+
+    * ``--precision=fp16`` (or ``--eval_precision``) on a CPU run: SpeechBrain
+      supports fp16 autocast on CUDA only (bf16 works on CPU).
+    * under ``torchrun`` without CUDA, the default ``nccl`` backend cannot
+      work: ``--distributed_backend=gloo`` is needed.
+    """
+    hparams = hparams or {}
+    device = _run_option(run_opts, hparams, "device") or sb.utils.distributed.infer_device()
+    device_type = str(device).split(":")[0]
+    check_precision(_run_option(run_opts, hparams, "precision"), device_type, "--precision")
+    check_precision(_run_option(run_opts, hparams, "eval_precision"), device_type, "--eval_precision")
+    backend = run_opts["distributed_backend"]
+    if _launched_by_torchrun() and backend == "nccl" and (device_type != "cuda" or not torch.cuda.is_available()):
+        raise ValueError(
+            f"torchrun launched this run on {device_type} with --distributed_backend=nccl, which needs CUDA "
+            "GPUs: add --distributed_backend=gloo to train with CPU processes"
+        )
+
+
+def _check_ddp_batches(sampler, hparams: dict) -> None:
+    """Under DDP every process needs two or more batches (SpeechBrain's batch-sampler wrapper breaks on one)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if _launched_by_torchrun() else 1
+    if processes > 1 and len(sampler) <= processes:
+        raise ValueError(
+            f"{len(sampler)} training batches for {processes} processes: each process needs two or more "
+            f"(SpeechBrain's DistributedSamplerWrapper fails on one). Lower max_batch_length (now "
+            f"{hparams['max_batch_length']} s) or use fewer processes"
+        )
+
+
 def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CTCBrain, setup=None) -> dict:
     """Train (or distill) as the yaml says; return the test results per split.
 
@@ -93,9 +139,11 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
     if argv and not argv[0].startswith("-"):
         argv[0] = resolve_hparams_file(argv[0])
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    check_run_options(run_opts)
     sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched by torchrun
     hparams_text = Path(hparams_file).read_text()
     hparams = load_hyperpyyaml(hparams_text, overrides)
+    check_run_options(run_opts, hparams)  # now with the yaml's precision
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,
@@ -130,6 +178,7 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
         max_batch_ex=hparams["max_batch_ex"],
         seed=hparams["seed"],
     )
+    _check_ddp_batches(sampler, hparams)
     brain.fit(
         hparams["epoch_counter"],
         datasets["train"],

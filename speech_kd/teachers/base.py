@@ -96,7 +96,10 @@ class Teacher(torch.nn.Module, ABC):
                 f"{len(self.tokens)} tokens"
             )
         if not torch.isfinite(out.log_probs).all():
-            raise TeacherError(f"teacher {self.name}: non-finite posteriors (NaN/inf) for batch")
+            raise TeacherError(
+                f"teacher {self.name}: non-finite posteriors (NaN/inf) for this batch. A teacher run at "
+                "teacher_precision=fp16 can overflow (use fp32 or bf16); otherwise check its weights and the audio"
+            )
         return out
 
     def train(self, mode: bool = True):

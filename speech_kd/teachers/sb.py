@@ -37,9 +37,18 @@ class SpeechBrainTeacher(Teacher):
 
     Loaded with network access disabled. The frame shift is measured by
     running the encoder on two probe lengths (see ``measure_frame_shift``).
+    ``overrides`` replace keys of the folder's ``hyperparams.yaml`` when it is
+    loaded, e.g. ``{"wav2vec2_hub": "teachers/wav2vec2-large-960h-lv60-self"}``
+    for a model whose yaml names a Hugging Face hub id it would download.
     """
 
-    def __init__(self, source: str | os.PathLike, device: str = "cpu", savedir: str | None = None) -> None:
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        device: str = "cpu",
+        savedir: str | None = None,
+        overrides: dict | None = None,
+    ) -> None:
         super().__init__()
         from speechbrain.inference.ASR import EncoderASR
         from speechbrain.utils.fetching import FetchConfig
@@ -54,6 +63,7 @@ class SpeechBrainTeacher(Teacher):
                 savedir=savedir,
                 run_opts={"device": device},
                 fetch_config=FetchConfig(allow_network=False),
+                overrides=dict(overrides or {}),
             )
         except Exception as err:
             raise TeacherError(f"{source}: cannot load as a SpeechBrain EncoderASR ({err})") from err

@@ -1,4 +1,9 @@
-"""SIGKILL at a random moment, rerun the same command: training resumes and ends with the same step count."""
+"""SIGKILL at a random moment, rerun the same command: training resumes and ends with the same step count.
+
+Run for ``train`` and for ``distill`` (live teacher: nothing of it is in the
+checkpoints, the rerun loads it again), with intra-epoch checkpoints every
+two optimizer steps (``--ckpt_interval_steps=2``).
+"""
 
 from __future__ import annotations
 
@@ -11,15 +16,22 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from speech_kd.testing import make_tiny_sb_model
 from tests.conftest import REPO, TINY_MODEL
 
 EPOCHS = 3
 
 
-def _command(corpus: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "speech_kd.cli", "train", str(REPO / "hparams/teacher.yaml"),
+def _command(corpus: Path, out: Path, kind: str, teacher: str | None) -> list[str]:
+    if kind == "train":
+        recipe = ["train", str(REPO / "hparams/teacher.yaml")]
+    else:
+        recipe = ["distill", str(REPO / "hparams/distill.yaml"), f"--teacher_source={teacher}",
+                  "--report_after_run=False"]  # fmt: skip
+    return [sys.executable, "-m", "speech_kd.cli", *recipe,
             f"--data_folder={corpus}", f"--output_folder={out}", f"--number_of_epochs={EPOCHS}",
             "--ckpt_interval_steps=2", "--keep_checkpoints=2", *TINY_MODEL]  # fmt: skip
 
@@ -34,14 +46,16 @@ def _final_step(out: Path) -> int:
     return _history(out)[EPOCHS]["step"]
 
 
-def test_sigkill_then_rerun_resumes(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("kind", ["train", "distill"])
+def test_sigkill_then_rerun_resumes(tiny_corpus, tmp_path, kind):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    teacher = make_tiny_sb_model(tmp_path / "teacher" / "model") if kind == "distill" else None
     clean = tmp_path / "clean"
-    subprocess.run(_command(tiny_corpus, clean), check=True, env=env, capture_output=True, cwd=REPO)
+    subprocess.run(_command(tiny_corpus, clean, kind, teacher), check=True, env=env, capture_output=True, cwd=REPO)
     expected = _final_step(clean)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command(tiny_corpus, killed), env=env, cwd=REPO,
+    proc = subprocess.Popen(_command(tiny_corpus, killed, kind, teacher), env=env, cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
     while time.time() < deadline and not list((killed / "save").glob("CKPT+*")):
@@ -51,7 +65,8 @@ def test_sigkill_then_rerun_resumes(tiny_corpus, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    result = subprocess.run(_command(tiny_corpus, killed), env=env, capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(_command(tiny_corpus, killed, kind, teacher), env=env, capture_output=True, text=True,
+                            cwd=REPO)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert _final_step(killed) == expected
     assert (killed / "model" / "model.ckpt").exists()
