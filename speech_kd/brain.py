@@ -337,6 +337,26 @@ class CTCBrain(sb.Brain):
         with open(Path(folder) / "history.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
 
+    def _train_loggers(self) -> list:
+        """The yaml's ``train_logger``, plus SpeechBrain's ``TensorboardLogger`` when ``use_tensorboard``.
+
+        TensorBoard events go to ``tensorboard_logs`` (default
+        ``OUTPUT/tensorboard``), written by the main process only; the same
+        per-epoch numbers as the log file (CTC and KD losses, blank share,
+        agreement, dev WER/CER, learning rate).
+        """
+        loggers = [self.hparams.train_logger]
+        if getattr(self.hparams, "use_tensorboard", False) and sb.utils.distributed.if_main_process():
+            if getattr(self, "_tensorboard", None) is None:
+                from speechbrain.utils.train_logger import TensorboardLogger
+
+                folder = getattr(self.hparams, "tensorboard_logs", None) or str(
+                    Path(self.hparams.output_folder) / "tensorboard"
+                )
+                self._tensorboard = TensorboardLogger(folder)
+            loggers.append(self._tensorboard)
+        return loggers
+
     def on_stage_end(self, stage, stage_loss, epoch=None):
         """Log, checkpoint on dev CER, write test hypotheses."""
         stats = self.stage_stats(stage, stage_loss)
@@ -345,11 +365,12 @@ class CTCBrain(sb.Brain):
             return
         if stage == sb.Stage.VALID:
             lr = self.optimizer.param_groups[0]["lr"]
-            self.hparams.train_logger.log_stats(
-                stats_meta={"epoch": epoch, "lr": lr},
-                train_stats=getattr(self, "train_stats", None),
-                valid_stats=stats,
-            )
+            for logger_ in self._train_loggers():
+                logger_.log_stats(
+                    stats_meta={"epoch": epoch, "lr": lr},
+                    train_stats=getattr(self, "train_stats", None),
+                    valid_stats=stats,
+                )
             self.checkpointer.save_and_keep_only(
                 meta={"CER": stats["CER"], "WER": stats["WER"], "epoch": epoch},
                 min_keys=["CER"],

@@ -26,7 +26,8 @@ def _distill(corpus, out, *extra):
 
 def test_distill_with_live_teacher(trained_run, tiny_corpus, tmp_path):
     out = tmp_path / "kd"
-    assert _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", "--kd_weight=0.5") == 0
+    assert _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", "--kd_weight=0.5",
+                    "--use_tensorboard=True") == 0  # fmt: skip
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     train = history[-1]["train"]
     assert train["kd_loss"] > 0 and 0 <= train["agreement"] <= 1 and 0 <= train["blank_share"] <= 1
@@ -36,6 +37,13 @@ def test_distill_with_live_teacher(trained_run, tiny_corpus, tmp_path):
     assert "frame shift" in setup
     log = (out / "train_log.txt").read_text()
     assert "kd_loss" in log
+    # the same per-epoch numbers in TensorBoard (SpeechBrain's TensorboardLogger)
+    event_acc = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_acc.EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"kd_loss/train", "ctc_loss/train", "agreement/train", "blank_share/train", "CER/valid", "lr"} <= tags
+    assert events.Scalars("kd_loss/train")[0].value == pytest.approx(train["kd_loss"], rel=1e-5)
 
 
 def test_cached_targets_equal_live_targets(trained_run, tiny_corpus, tmp_path):
