@@ -7,8 +7,8 @@ Commands::
     speech-kd train HPARAMS.yaml --key=value ...     SpeechBrain-style training
     speech-kd distill HPARAMS.yaml --teacher_source=FOLDER --key=value ...
     speech-kd cache-targets --teacher FOLDER --csv train.csv --out CACHE_DIR
-    speech-kd evaluate --asr FOLDER (--csv TEST.csv | --data_folder DIR --split NAME) [--json PATH]
-    speech-kd report RUN_DIR
+    speech-kd evaluate --asr FOLDER (--csv TEST.csv | --data_folder DIR --split NAME) [--json PATH] [--html PATH]
+    speech-kd report RUN_DIR [--compare NAME=FOLDER ...] [--max_utts N] [--no-eval]
     speech-kd bench [--json PATH]
     speech-kd demo [--out DIR]
 """
@@ -79,7 +79,7 @@ def _cmd_evaluate(args) -> None:
     if args.html:
         from speech_kd.report import evaluation_page
 
-        print(f"wrote {evaluation_page(result.summary, result.utterances, args.html)}")
+        print(f"wrote {evaluation_page(result.summary, result.utterances, args.html, device=args.device)}")
 
 
 def _cmd_cache_targets(args) -> None:
@@ -105,7 +105,7 @@ def _cmd_report(args) -> None:
             raise SystemExit(f"--compare expects NAME=FOLDER, got {item!r}")
         compare[name] = folder
     path = build_report(args.run_dir, compare=compare, max_utts=args.max_utts or None, evaluate=not args.no_eval,
-                        device=args.device)  # fmt: skip
+                        n_posteriorgrams=args.posteriorgrams, device=args.device)  # fmt: skip
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
@@ -176,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--compare", action="append", metavar="NAME=FOLDER", help="another model folder for the table")
     p.add_argument("--max_utts", type=int, default=200, help="test utterances scored per model (0: all)")
-    p.add_argument("--no-eval", dest="no_eval", action="store_true", help="skip the WER table")
+    p.add_argument("--posteriorgrams", type=int, default=3, help="dev utterances drawn as posteriorgrams")
+    p.add_argument("--no-eval", dest="no_eval", action="store_true",
+                   help="skip scoring (the table shows the run's test_results.json)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_report)
 

@@ -22,9 +22,10 @@ __all__ = ["run_distillation", "make_targets", "RUN_KEYS"]
 
 #: resolved settings written to OUTPUT/kd_run.json (SpeechBrain's saved hyperparams.yaml keeps
 #: the yaml's text, in which command-line overrides of some keys do not show)
-RUN_KEYS = ("teacher_source", "teacher_kind", "targets_cache", "kd_weight", "kd_weight_final", "temperature",
-            "temperature_final", "kd_ramp_epochs", "kd_loss", "kd_topk", "blank_mode", "blank_threshold",
-            "blank_weight", "blank_index", "frame_shift", "number_of_epochs", "seed")  # fmt: skip
+RUN_KEYS = ("teacher_source", "teacher_kind", "teacher_overrides", "ensemble_weights", "targets_cache", "kd_weight",
+            "kd_weight_final", "temperature", "temperature_final", "kd_ramp_epochs", "kd_loss", "kd_reduction",
+            "kd_topk", "blank_mode", "blank_threshold", "blank_weight", "blank_index", "frame_shift",
+            "max_unmapped_mass", "frame_tolerance", "number_of_epochs", "seed")  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def run_distillation(argv: list[str] | None = None) -> dict:
     run = {}
 
     def setup(brain, hparams, datasets):
-        run.update(output_folder=hparams["output_folder"], report_after_run=hparams.get("report_after_run", True))
+        run.update(output_folder=hparams["output_folder"], report_after_run=hparams.get("report_after_run", True),
+                   device=str(brain.device))  # fmt: skip
         if hparams.get("kd_weight", 0.0) == 0.0 and hparams.get("kd_weight_final") in (None, 0.0):
             logger.info("kd_weight=0: training the student without a teacher (the baseline)")
             return
@@ -118,6 +120,6 @@ def _report(run: dict) -> None:
     try:
         from speech_kd.report import build_report
 
-        logger.info("report: %s", build_report(out, max_utts=100))
+        logger.info("report: %s", build_report(out, max_utts=100, device=run.get("device", "cpu")))
     except Exception as err:  # the model is already saved; a report problem must not fail the run
         logger.warning("could not write the run report: %s", err)
