@@ -84,8 +84,9 @@ def _brain(yaml: str, out: Path, device: str, overrides: dict | None = None):
 
 def bench_features(batch, repeats: int, device: str) -> dict:
     """Audio seconds per second of feature extraction, three ways."""
-    import librosa
     from speechbrain.lobes.features import Fbank
+
+    from speech_kd.features import librosa_fbank
 
     wavs, lens = batch.sig
     seconds = float((lens * wavs.shape[1]).sum()) / 16000
@@ -104,8 +105,7 @@ def bench_features(batch, repeats: int, device: str) -> dict:
 
     def run_librosa():
         for w in cpu_utts:
-            mel = librosa.feature.melspectrogram(y=w, sr=16000, n_fft=400, hop_length=160, n_mels=80)
-            librosa.power_to_db(mel)
+            librosa_fbank(w)
 
     t_ours, t_sb, t_lib = (median_time(f, repeats) for f in (run_ours, run_sb_per_utt, run_librosa))
     return {
@@ -142,7 +142,8 @@ def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int
     results["step_online_kd_s"] = median_time(lambda: brain.fit_batch(batch), repeats)
     csv = tmp / "batch.csv"
     with open(csv_path, newline="") as src, open(csv, "w", newline="") as dst:
-        rows = [row for row in csv_mod.DictReader(src) if row["ID"] in set(batch.id)]
+        wanted = set(batch.id)
+        rows = [row for row in csv_mod.DictReader(src) if row["ID"] in wanted]
         writer = csv_mod.DictWriter(dst, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

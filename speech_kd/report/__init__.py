@@ -147,9 +147,12 @@ def greedy_text(log_probs: np.ndarray, tokens: list[str], blank: int) -> str:
     >>> greedy_text(lp, ["<blank>", "A", "B"], blank=0)
     'AB'
     """
-    best = log_probs.argmax(-1)
-    keep = [int(b) for i, b in enumerate(best) if b != blank and (i == 0 or b != best[i - 1])]
-    return "".join(tokens[i] for i in keep).replace("▁", " ").strip()
+    from speech_kd.losses import collapse_greedy
+
+    labels, lengths = collapse_greedy(
+        torch.from_numpy(np.asarray(log_probs))[None], torch.tensor([len(log_probs)]), blank
+    )
+    return "".join(tokens[i] for i in labels[0, : int(lengths[0])].tolist()).replace("▁", " ").strip()
 
 
 def spike_offsets(teacher: np.ndarray, student: np.ndarray, blank: int, max_frames: int = 10) -> np.ndarray:
