@@ -11,33 +11,40 @@ Storage scheme (per teacher frame ``t`` with probabilities ``p_t [V]``)
 -------------------------------------------------------------------------
 1. Sort the tokens by probability and keep the smallest prefix whose
    cumulative probability reaches ``mass`` (default 0.98), at most ``top_k``
-   tokens (default 8, at most 255).
+   tokens (default 8, at most 127).
 2. Quantise each kept probability to one byte, ``q = floor(255 p + 1/2)``
    (``round(255 p)``, halves up), so ``|q/255 - p| <= 1/510``. Trailing kept
    tokens with ``q == 0`` are dropped (the most probable token is always kept).
-3. Store a ``uint8`` count per frame, the kept token ids (``uint8`` when
-   ``V <= 256``, else ``uint16``) and the ``q`` bytes. A frame where the
-   teacher is nearly certain (one token kept with ``q == 255``, i.e.
-   ``p >= 254.5/255``) stores count ``0``, its one token id and no
-   probability byte: the probability is implied to be ``255/255``.
+3. A frame whose top token alone reaches ``mass`` (or rounds to ``q == 255``)
+   is *certain*: it stores its token id and no probability, which is implied
+   to be one. Every other frame stores its ``k`` kept token ids and their
+   ``q`` bytes. :func:`encode` returns this per-frame form
+   (:class:`EncodedFrames`: ``counts`` is ``0`` for a certain frame).
+4. In the shard file each utterance becomes *codes*: a byte ``k`` (1..127)
+   for an uncertain frame, or ``128 + n - 1`` for a run of ``n`` (1..128)
+   consecutive certain frames of the same token, stored with a single id.
+   CTC posteriors are mostly long runs of confident blanks, so a run of
+   blanks costs two bytes whatever its length.
+5. The codes, ids (``uint8`` when ``V <= 256``, else little-endian
+   ``uint16``) and ``q`` bytes of ``block_utts`` (default 16) consecutive
+   utterances are concatenated stream by stream and compressed with raw
+   DEFLATE (``zlib``, level 9): ids and probability bytes are far from
+   uniform, and the entropy coder takes advantage of it.
 
-   So a frame costs ``1 + id_bytes`` when certain and ``1 + k (id_bytes + 1)``
-   with ``k`` kept tokens otherwise: 2 bytes for a confident CTC blank or spike
-   with a character vocabulary (3 with a 5,000-token BPE vocabulary), at most
-   ``1 + 8 * 3 = 25`` bytes for a flat BPE frame. ``tests/unit/test_cache.py``
-   measures 2.6 payload bytes per frame on synthetic peaky character
-   posteriors (66% certain frames), 2.8 bytes per frame for a whole cache
-   folder (meta.json, shards.json and shard header included; 8,370 frames of
-   a peaky 29-token teacher, 42x smaller than fp32) and 3.7 payload bytes per
-   frame for peaky 5,000-token posteriors (fp32: 20,000).
+Measured on the demo's cache (the shipped 3.15M teacher over the 1-hour demo
+corpus, 83,999 frames, 29 tokens; README "The soft-target cache"): 3.57
+bytes per frame for the whole folder (5.8 with format 1, which had neither
+runs nor compression), against 116 for fp32 posteriors.
+``tests/unit/test_cache.py`` measures the folder size for peaky character
+posteriors and the payload for a peaky 5,000-token vocabulary.
 
-Reconstruction (:func:`decode`): the ``k`` stored tokens get ``q/255``; the
-residual ``r = max(1 - sum q/255, 1e-6)`` is spread uniformly over the other
-``V - k`` tokens (none when ``k == V``); the frame is then renormalised by
-``sum q/255 + r``. Each frame sums to one and every probability is positive,
-except a stored token whose byte is 0 (only possible as the top token of a
-near-uniform frame over more than 510 tokens), whose log-probability is
-clamped at ``log(1e-30)``.
+Reconstruction (:func:`decode`): the ``k`` stored tokens get ``q/255`` (a
+certain frame's token gets 1); the residual ``r = max(1 - sum q/255, 1e-6)``
+is spread uniformly over the other ``V - k`` tokens (none when ``k == V``);
+the frame is then renormalised by ``sum q/255 + r``. Each frame sums to one
+and every probability is positive, except a stored token whose byte is 0
+(only possible as the top token of a near-uniform frame over more than 510
+tokens), whose log-probability is clamped at ``log(1e-30)``.
 
 Error. With ``m`` the true mass of the tokens not stored and ``k`` tokens
 stored, every probability of the frame satisfies::
@@ -48,7 +55,8 @@ Stored tokens are off by at most ``1/510`` (quantisation) plus the
 renormalisation, which is zero unless the rounded probabilities sum above one
 and then at most ``k/510 + 1e-6``; the other tokens are off by at most
 ``m`` (the truncated mass, ``<= 1 - mass`` unless the ``top_k`` cap stopped
-first) plus the rounding error folded into the residual. In practice the
+first) plus the rounding error folded into the residual. A certain frame is
+off by at most ``m <= 1 - mass`` (plus the ``1e-6`` floor). In practice the
 rounding errors cancel and the largest error is close to ``max(1/510, m)``.
 
 Layout of ``CACHE_DIR``
@@ -57,27 +65,30 @@ Layout of ``CACHE_DIR``
     ``format_version``, ``teacher_name``, ``teacher_fingerprint``,
     ``teacher_tokens``, ``blank_index``, ``frame_shift``, ``sample_rate``,
     ``scheme`` (``top_k``, ``mass``, ``prob_levels`` 255, ``id_dtype``,
-    ``residual_floor``), ``student_tokens`` (or null), ``data_fingerprint``
+    ``residual_floor``, ``certain``, ``max_run``, ``block_utts``,
+    ``compression``), ``student_tokens`` (or null), ``data_fingerprint``
     (:func:`data_fingerprint` of the manifest's IDs and durations), ``csv``,
     ``utterances``, ``frames`` (null until complete), ``complete``,
     ``created`` and ``completed`` (ISO times).
 ``shards.json``
-    ``{"format_version": 1, "shards": [{"name", "sha256", "bytes",
+    ``{"format_version": 2, "shards": [{"name", "sha256", "bytes",
     "utterances", "frames"}, ...]}``: only finished shards, replaced
     atomically after each one.
 ``shard-00000.bin``, ...
-    One self-contained little-endian file per shard: the magic
-    ``b"SKDCACH1"``, a ``uint64`` header length, a UTF-8 JSON header padded
-    with spaces to a multiple of 8 bytes, then three sections each starting on
-    an 8-byte boundary: ``counts`` (``uint8 [F]``), ``ids`` (``[E]``),
-    ``probs`` (``uint8 [P]``). The header holds ``frames`` F, ``entries`` E,
-    ``probs`` P, ``id_dtype``, the byte ``sections`` offsets and ``utts``:
-    ``[utt_id, frame_offset, num_frames, entry_offset, prob_offset]`` rows.
+    One self-contained file per shard: the magic ``b"SKDCACH2"``, a
+    little-endian ``uint64`` header length, the header (zlib-compressed
+    UTF-8 JSON), then the compressed blocks back to back. The header holds
+    ``frames``, ``id_dtype``, ``blocks`` (``[offset, bytes]`` of each block,
+    the offset counted from the end of the header) and ``utts``: ``[utt_id, block, num_frames, codes, ids, probs]``
+    rows, the last three being the utterance's lengths in each stream of its
+    block (utterances appear in a block in the order of the rows).
 
-Writing is atomic (temporary name, fsync, ``os.replace``) and resumable: a
-rerun skips the utterances of listed shards whose size and sha256 still
-match, and refuses a folder made for another teacher, data or scheme. One
-writer per folder at a time.
+Reading memory-maps the shard and decompresses one block (16 utterances,
+tens of microseconds) per utterance asked for; the last 64 decoded blocks of
+each process are kept. Writing is atomic (temporary name, fsync,
+``os.replace``) and resumable: a rerun skips the utterances of listed shards
+whose size and sha256 still match, and refuses a folder made for another
+teacher, data or scheme. One writer per folder at a time.
 """
 
 from __future__ import annotations
@@ -90,7 +101,8 @@ import logging
 import math
 import os
 import time
-from collections import Counter
+import zlib
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -118,12 +130,18 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PROB_LEVELS = 255
 RESIDUAL_FLOOR = 1e-6
 #: log-probability of the non-blank tokens on padding frames (blank gets 0)
 PAD_LOG_PROB = math.log(1e-8)
-SHARD_MAGIC = b"SKDCACH1"
+SHARD_MAGIC = b"SKDCACH2"
+#: utterances per compressed block of a shard
+BLOCK_UTTS = 16
+#: longest run of certain frames one code byte holds
+MAX_RUN = 128
+#: decoded blocks kept per reader process
+_BLOCK_CACHE = 64
 META_NAME = "meta.json"
 MANIFEST_NAME = "shards.json"
 SHARD_PATTERN = "shard-{:05d}.bin"
@@ -159,7 +177,7 @@ class EncodedFrames:
     ----------
     counts : np.ndarray
         ``[T]`` uint8: tokens kept per frame; ``0`` marks a certain frame
-        (one token id, no probability byte).
+        (one token id, no probability byte, the probability implied to be one).
     ids : np.ndarray
         ``[E]`` uint8 or uint16 token ids, ``E = sum(max(counts, 1))``.
     probs : np.ndarray
@@ -177,7 +195,7 @@ class EncodedFrames:
 
     @property
     def nbytes(self) -> int:
-        """Payload bytes (without shard headers)."""
+        """Bytes of the per-frame form, before run-length coding and compression."""
         return self.counts.nbytes + self.ids.nbytes + self.probs.nbytes
 
 
@@ -191,8 +209,8 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 def _check_scheme(top_k: int, mass: float) -> None:
-    if not 1 <= top_k <= 255:
-        raise CacheError(f"top_k must be in 1..255, got {top_k}")
+    if not 1 <= top_k <= 127:
+        raise CacheError(f"top_k must be in 1..127, got {top_k}")
     if not 0.0 < mass <= 1.0:
         raise CacheError(f"mass must be in (0, 1], got {mass}")
 
@@ -205,7 +223,7 @@ def encode(log_probs: torch.Tensor, top_k: int = 8, mass: float = 0.98) -> Encod
     log_probs : torch.Tensor
         ``[T, V]`` log-probabilities (renormalised here), on any device.
     top_k : int
-        Most tokens kept per frame (1..255).
+        Most tokens kept per frame (1..127).
     mass : float
         Cumulative probability at which a frame stops keeping tokens.
 
@@ -225,7 +243,7 @@ def encode(log_probs: torch.Tensor, top_k: int = 8, mass: float = 0.98) -> Encod
     quant = torch.floor(top_p * PROB_LEVELS + 0.5).clamp(0, PROB_LEVELS)
     nonzero = (quant > 0).sum(-1)  # quant is non-increasing along the row
     kept = torch.minimum(needed, nonzero).clamp(min=1)
-    certain = (kept == 1) & (quant[:, 0] == PROB_LEVELS)
+    certain = (needed == 1) | ((kept == 1) & (quant[:, 0] == PROB_LEVELS))
     keep = torch.arange(k, device=kept.device)[None, :] < kept[:, None]
     return EncodedFrames(
         counts=torch.where(certain, 0, kept).to(torch.uint8).cpu().numpy(),
@@ -289,6 +307,57 @@ def decode(encoded: EncodedFrames, vocab_size: int) -> torch.Tensor:
     out = np.empty((encoded.num_frames, vocab_size), dtype=np.float32)
     decode_into(out, encoded.counts, encoded.ids, encoded.probs)
     return torch.from_numpy(out)
+
+
+def to_codes(enc: EncodedFrames) -> tuple[np.ndarray, np.ndarray]:
+    """Run-length code one utterance: ``codes [C]`` uint8 and the ids they use.
+
+    An uncertain frame keeps its code ``k`` and its ``k`` ids; consecutive
+    certain frames of the same token become one code ``128 + n - 1``
+    (``n <= 128``) and one id. Probability bytes are unchanged.
+
+    Examples
+    --------
+    >>> enc = EncodedFrames(np.array([0, 0, 0, 2, 0], np.uint8), np.array([0, 0, 0, 5, 0, 7], np.uint8),
+    ...                     np.array([200, 50], np.uint8))
+    >>> codes, ids = to_codes(enc)
+    >>> codes.tolist(), ids.tolist()
+    ([130, 2, 128], [0, 5, 0, 7])
+    """
+    counts = enc.counts
+    frames = len(counts)
+    if frames == 0:
+        return np.zeros(0, np.uint8), enc.ids[:0]
+    n_ids = np.maximum(counts, 1).astype(np.int64)
+    first_id = enc.ids[np.cumsum(n_ids) - n_ids]
+    certain = counts == 0
+    same = np.zeros(frames, dtype=bool)
+    same[1:] = certain[1:] & certain[:-1] & (first_id[1:] == first_id[:-1])
+    run_start = np.flatnonzero(~same)
+    pos = np.arange(frames) - np.repeat(run_start, np.diff(np.append(run_start, frames)))
+    opens = ~same | (pos % MAX_RUN == 0)  # a frame that starts a code
+    starts = np.flatnonzero(opens)
+    lengths = np.diff(np.append(starts, frames))
+    codes = np.where(certain[starts], 127 + lengths, counts[starts]).astype(np.uint8)
+    return codes, enc.ids[np.repeat(opens, n_ids)]
+
+
+def from_codes(codes: np.ndarray, ids: np.ndarray, num_probs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`to_codes`: per-frame ``counts`` and the ids of every frame.
+
+    Raises :class:`CacheError` when the codes do not fit the number of ids
+    and probability bytes stored with them.
+    """
+    codes = codes.astype(np.int64)
+    run = codes >= 128
+    frames_per_code = np.where(run, codes - 127, 1)
+    ids_per_code = np.where(run, 1, codes)
+    if (codes == 0).any() or int(ids_per_code.sum()) != len(ids) or int(np.where(run, 0, codes).sum()) != num_probs:
+        raise CacheError(
+            f"corrupt entry: {len(codes)} codes do not match {len(ids)} ids and {num_probs} probability bytes"
+        )
+    counts = np.repeat(np.where(run, 0, codes), frames_per_code).astype(np.uint8)
+    return counts, np.repeat(ids, np.repeat(np.where(run, frames_per_code, 1), ids_per_code))
 
 
 # --------------------------------------------------------------------------- files
@@ -374,35 +443,40 @@ def _pad8(size: int) -> int:
     return -size % 8
 
 
+def _deflate(data: bytes) -> bytes:
+    """Raw DEFLATE (no zlib header or checksum: shards carry a sha256)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return packer.compress(data) + packer.flush()
+
+
+def _inflate(data: bytes | memoryview, where: str) -> bytes:
+    try:
+        unpacker = zlib.decompressobj(-15)
+        out = unpacker.decompress(data) + unpacker.flush()
+    except zlib.error as err:
+        raise CacheError(f"{where}: corrupt compressed block ({err}); run CacheReader.verify() or rebuild") from err
+    if not unpacker.eof:
+        raise CacheError(f"{where}: truncated compressed block; run CacheReader.verify() or rebuild")
+    return out
+
+
 def _shard_pieces(utts: list[tuple[str, EncodedFrames]], vocab_size: int) -> list[bytes]:
     """The bytes of one shard file holding ``utts`` (layout in the module docstring)."""
-    rows, frames, entries, nprobs = [], 0, 0, 0
-    for uid, enc in utts:
-        rows.append([uid, frames, enc.num_frames, entries, nprobs])
-        frames, entries, nprobs = frames + enc.num_frames, entries + len(enc.ids), nprobs + len(enc.probs)
-    dtype = id_dtype(vocab_size)
-    sizes = {"counts": frames, "ids": entries * dtype.itemsize, "probs": nprobs}
-    header = {"frames": frames, "entries": entries, "probs": nprobs, "id_dtype": dtype.name, "utts": rows}
-    # the header holds the section offsets, which depend on the header's own length: iterate to a fixed point
-    start = 0
-    while True:
-        sections, offset = {}, start
-        for name, size in sizes.items():
-            sections[name] = offset
-            offset += size + _pad8(size)
-        header["sections"] = sections
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * _pad8(len(blob))
-        if len(SHARD_MAGIC) + 8 + len(blob) == start:
-            break
-        start = len(SHARD_MAGIC) + 8 + len(blob)
-    pieces = [SHARD_MAGIC, np.uint64(len(blob)).tobytes(), blob]
-    for part in ("counts", "ids", "probs"):
-        arrays = [getattr(enc, part) for _, enc in utts]
-        target = (dtype if part == "ids" else np.dtype(np.uint8)).newbyteorder("<")
-        data = np.concatenate(arrays).astype(target).tobytes() if arrays else b""
-        pieces += [data, b"\0" * _pad8(len(data))]
-    return pieces
+    dtype = id_dtype(vocab_size).newbyteorder("<")
+    rows, blocks = [], []
+    for first in range(0, len(utts), BLOCK_UTTS):
+        streams: tuple[list, list, list] = ([], [], [])
+        for uid, enc in utts[first : first + BLOCK_UTTS]:
+            codes, ids = to_codes(enc)
+            rows.append([uid, len(blocks), enc.num_frames, len(codes), len(ids), len(enc.probs)])
+            for stream, part in zip(streams, (codes, ids.astype(dtype), enc.probs)):
+                stream.append(part.tobytes())
+        blocks.append(_deflate(b"".join(b"".join(stream) for stream in streams)))
+    header = {"frames": sum(enc.num_frames for _, enc in utts), "id_dtype": id_dtype(vocab_size).name, "utts": rows}
+    offsets = np.cumsum([0] + [len(b) for b in blocks])[:-1].tolist()  # from the end of the header
+    header["blocks"] = [[offset, len(block)] for offset, block in zip(offsets, blocks)]
+    blob = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    return [SHARD_MAGIC, np.uint64(len(blob)).astype("<u8").tobytes(), blob, *blocks]
 
 
 def _read_shard_header(path: Path) -> dict:
@@ -411,10 +485,12 @@ def _read_shard_header(path: Path) -> dict:
         with open(path, "rb") as fh:
             magic = fh.read(len(SHARD_MAGIC))
             if magic != SHARD_MAGIC:
-                raise CacheError(f"{path.name}: not a cache shard (bad magic {magic!r})")
+                old = " (a cache of an older format: rebuild it)" if magic.startswith(SHARD_MAGIC[:7]) else ""
+                raise CacheError(f"{path.name}: not a cache shard (bad magic {magic!r}){old}")
             (size,) = np.frombuffer(fh.read(8), dtype="<u8")
-            header = json.loads(fh.read(int(size)))
-    except (OSError, ValueError) as err:
+            header = json.loads(zlib.decompress(fh.read(int(size))))
+            header["header_bytes"] = int(size)
+    except (OSError, ValueError, zlib.error) as err:
         raise CacheError(f"{path.name}: unreadable shard header ({err.__class__.__name__}: {err})") from err
     return header
 
@@ -496,6 +572,10 @@ def _new_meta(teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: fl
             "prob_levels": PROB_LEVELS,
             "id_dtype": id_dtype(len(teacher.tokens)).name,
             "residual_floor": RESIDUAL_FLOOR,
+            "certain": "top token >= mass",
+            "max_run": MAX_RUN,
+            "block_utts": BLOCK_UTTS,
+            "compression": "deflate-9",
         },  # fmt: skip
         "student_tokens": list(student_tokens) if student_tokens is not None else None,
         "data_fingerprint": data_fingerprint((u.uid, u.duration) for u in utts),
@@ -732,19 +812,23 @@ def cache_targets(
 
 @dataclass(frozen=True)
 class _Where:
+    """Where one utterance lives: its shard and block, and its slices of the block's three streams."""
+
     shard: int
-    frame: int
+    block: int
     frames: int
-    entry: int
-    prob: int
+    codes: slice
+    ids: slice
+    probs: slice
 
 
 class CacheReader:
     """Read cached teacher posteriors by utterance ID.
 
-    Shard files are memory-mapped lazily, once per process: the reader can be
-    handed to DataLoader workers (fork or spawn); no open file or memory map
-    is pickled.
+    Shard files are memory-mapped lazily, once per process, and a reader
+    decompresses only the blocks it is asked for (keeping the last 64): it
+    can be handed to DataLoader workers (fork or spawn); no open file,
+    memory map or decoded block is pickled.
 
     Parameters
     ----------
@@ -779,7 +863,8 @@ class CacheReader:
         self.blank_index = int(self._meta["blank_index"])
         self._index: dict[str, _Where] | None = None
         self._layout: list[dict] = []
-        self._maps: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._maps: dict[int, np.ndarray] = {}
+        self._blocks: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
         self._pid = os.getpid()
         if verify:
             problems = self.verify()
@@ -789,7 +874,7 @@ class CacheReader:
     # -- pickling: never ship memory maps to workers
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_maps"] = {}
+        state["_maps"], state["_blocks"] = {}, OrderedDict()
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -829,26 +914,42 @@ class CacheReader:
                         "(truncated or missing; run CacheReader.verify() or rebuild)"
                     )
                 header = _read_shard_header(path)
-                layout.append({key: value for key, value in header.items() if key != "utts"})
-                for uid, frame, frames, ent, prob in header["utts"]:
-                    index[uid] = _Where(number, frame, frames, ent, prob)
+                dtype = np.dtype(header["id_dtype"]).newbyteorder("<")
+                totals = np.zeros((len(header["blocks"]), 3), dtype=np.int64)  # codes, ids, probs per block
+                for uid, block, frames, n_codes, n_ids, n_probs in header["utts"]:
+                    c, i, p = totals[block]
+                    index[uid] = _Where(number, block, frames, slice(c, c + n_codes), slice(i, i + n_ids),
+                                        slice(p, p + n_probs))  # fmt: skip
+                    totals[block] += (n_codes, n_ids, n_probs)
+                start = len(SHARD_MAGIC) + 8 + header["header_bytes"]
+                blocks = [(start + offset, size) for offset, size in header["blocks"]]
+                layout.append({"blocks": blocks, "totals": totals, "dtype": dtype})
             self._index, self._layout = index, layout
         return self._index
 
-    def _arrays(self, number: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Memory-mapped ``counts``, ``ids``, ``probs`` of one shard (opened once per process)."""
+    def _block(self, shard: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The decompressed ``codes``, ``ids`` and ``probs`` streams of one block (kept for reuse)."""
         if self._pid != os.getpid():
-            self._maps, self._pid = {}, os.getpid()
-        if number not in self._maps:
-            lay = self._layout[number]
-            raw = np.memmap(self.out_dir / self._entries[number]["name"], dtype=np.uint8, mode="r")
-            sec, dtype = lay["sections"], np.dtype(lay["id_dtype"]).newbyteorder("<")
-            self._maps[number] = (
-                raw[sec["counts"] : sec["counts"] + lay["frames"]],
-                raw[sec["ids"] : sec["ids"] + lay["entries"] * dtype.itemsize].view(dtype),
-                raw[sec["probs"] : sec["probs"] + lay["probs"]],
-            )
-        return self._maps[number]
+            self._maps, self._blocks, self._pid = {}, OrderedDict(), os.getpid()
+        key = (shard, block)
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return self._blocks[key]
+        name = self._entries[shard]["name"]
+        if shard not in self._maps:
+            self._maps[shard] = np.memmap(self.out_dir / name, dtype=np.uint8, mode="r")
+        lay = self._layout[shard]
+        offset, size = lay["blocks"][block]
+        data = np.frombuffer(_inflate(self._maps[shard][offset : offset + size], f"{name} block {block}"), np.uint8)
+        n_codes, n_ids, n_probs = (int(n) for n in lay["totals"][block])
+        id_bytes = n_ids * lay["dtype"].itemsize
+        if len(data) != n_codes + id_bytes + n_probs:
+            raise CacheError(f"{name} block {block}: {len(data)} bytes, header says {n_codes + id_bytes + n_probs}")
+        streams = (data[:n_codes], data[n_codes : n_codes + id_bytes].view(lay["dtype"]), data[n_codes + id_bytes :])
+        self._blocks[key] = streams
+        if len(self._blocks) > _BLOCK_CACHE:
+            self._blocks.popitem(last=False)
+        return streams
 
     def _locate(self, utt_ids: Sequence[str]) -> list[_Where]:
         index = self._where()
@@ -858,11 +959,13 @@ class CacheReader:
         return [index[uid] for uid in utt_ids]
 
     def _decode_into(self, out: np.ndarray, where: _Where) -> None:
-        counts, ids, probs = self._arrays(where.shard)
-        c = counts[where.frame : where.frame + where.frames]
-        n_ids = int(np.maximum(c, 1).sum(dtype=np.int64))
-        n_probs = int(c.sum(dtype=np.int64))
-        decode_into(out, c, ids[where.entry : where.entry + n_ids], probs[where.prob : where.prob + n_probs])
+        codes, ids, probs = self._block(where.shard, where.block)
+        probs = probs[where.probs]
+        counts, frame_ids = from_codes(codes[where.codes], ids[where.ids], len(probs))
+        if len(counts) != where.frames:
+            name = self._entries[where.shard]["name"]
+            raise CacheError(f"{name}: corrupt entry ({len(counts)} frames decoded, {where.frames} listed)")
+        decode_into(out, counts, frame_ids, probs)
 
     def get(self, utt_id: str) -> torch.Tensor:
         """Dense ``[T, V]`` float32 log-posteriors of one utterance (teacher tokens and frame rate)."""

@@ -179,19 +179,39 @@ def test_bpe_5000_vocab_stays_small():
     assert enc.ids.dtype == np.uint16
     assert bool((err <= bound + 1e-6).all())
     bytes_per_frame = enc.nbytes / len(log_probs)
-    print(f"5000-token vocab: {bytes_per_frame:.2f} payload bytes/frame (fp32 would be 20000)")
-    assert bytes_per_frame <= 6.0
+    utts = [(f"u{i}", encode(log_probs[i * 400 : (i + 1) * 400])) for i in range(10)]
+    shard_bytes = sum(len(piece) for piece in cache_mod._shard_pieces(utts, 5000))
+    print(f"5000-token vocab: {bytes_per_frame:.2f} payload bytes/frame before runs and compression, "
+          f"{shard_bytes / len(log_probs):.2f} in a shard file (fp32 would be 20000)")  # fmt: skip
+    assert bytes_per_frame <= 6.0 and shard_bytes / len(log_probs) <= 4.0
 
 
 def test_certain_frame_stores_no_probability_byte():
-    probs = torch.tensor([[0.999, 0.0005, 0.0005], [0.9, 0.09, 0.01], [254.4 / 255, 0.6 / 255, 0.0]])
+    probs = torch.tensor([[0.999, 0.0005, 0.0005], [0.9, 0.09, 0.01], [0.985, 0.015, 0.0], [0.97, 0.03, 0.0]])
     enc = encode(probs.clamp_min(1e-12).log(), top_k=8, mass=0.98)
-    assert enc.counts.tolist() == [0, 2, 1]
-    assert enc.ids.tolist() == [0, 0, 1, 0]
-    assert enc.probs.tolist() == [round(0.9 * 255), round(0.09 * 255), 254]
+    assert enc.counts.tolist() == [0, 2, 0, 2]  # the top token reaches the mass: certain
+    assert enc.ids.tolist() == [0, 0, 1, 0, 0, 1]
+    assert enc.probs.tolist() == [round(0.9 * 255), round(0.09 * 255), round(0.97 * 255), round(0.03 * 255)]
     rec = decode(enc, 3).exp()
     assert float(rec[0, 0]) == pytest.approx(1 / (1 + 1e-6), abs=1e-7)
+    assert float(rec[2, 0]) == pytest.approx(1 / (1 + 1e-6), abs=1e-7)  # off by the truncated 0.015 <= 1 - mass
     assert float(rec[1, 2]) == pytest.approx(1 - (230 + 23) / 255, abs=1e-6)
+
+
+def test_runs_of_certain_frames_take_one_code_and_one_id():
+    blank_run = torch.full((300, 5), -30.0)
+    blank_run[:, 0] = 0.0
+    spike = torch.tensor([[-30.0, 0.0, -30.0, -30.0, -30.0], [-0.4, -1.1, -30.0, -30.0, -30.0]])
+    log_probs = torch.cat([blank_run, spike, blank_run[:3]])
+    enc = encode(log_probs)
+    codes, ids = cache_mod.to_codes(enc)
+    # 300 blanks = runs of 128 + 128 + 44, one certain 'token 1', one uncertain frame, 3 blanks
+    assert codes.tolist() == [255, 255, 127 + 44, 128, 2, 127 + 3]
+    assert ids.tolist() == [0, 0, 0, 1, 0, 1, 0]
+    counts, frame_ids = cache_mod.from_codes(codes, ids, len(enc.probs))
+    assert np.array_equal(counts, enc.counts) and np.array_equal(frame_ids, enc.ids)
+    with pytest.raises(CacheError, match="corrupt entry"):
+        cache_mod.from_codes(codes, ids[:-1], len(enc.probs))
 
 
 def test_top_k_cap_and_flat_frames():
@@ -206,13 +226,15 @@ def test_roundtrip_random_shapes(case):
     """Randomised sweep (seeded per case, so a failure is reproducible by its id): any shape,
     vocabulary, top-k, mass and sharpness round-trips within the stated error bound."""
     rng = np.random.default_rng(case)
-    frames, vocab, top_k = int(rng.integers(1, 21)), int(rng.integers(2, 301)), int(rng.integers(1, 13))
+    frames, vocab, top_k = int(rng.integers(1, 400)), int(rng.integers(2, 301)), int(rng.integers(1, 13))
     mass, sharpness = float(rng.uniform(0.5, 1.0)), float(rng.uniform(0.0, 30.0))
     gen = torch.Generator().manual_seed(case)
     log_probs = torch.log_softmax(sharpness * torch.randn(frames, vocab, generator=gen), -1)
     enc = encode(log_probs, top_k=top_k, mass=mass)
     assert enc.num_frames == frames and int(enc.counts.max()) <= min(top_k, vocab)
     assert len(enc.ids) == int(np.maximum(enc.counts, 1).sum()) and len(enc.probs) == int(enc.counts.sum())
+    counts, frame_ids = cache_mod.from_codes(*cache_mod.to_codes(enc), len(enc.probs))
+    assert np.array_equal(counts, enc.counts) and np.array_equal(frame_ids, enc.ids)
     err, bound = error_and_bound(log_probs, enc)
     assert bool((err <= bound + 1e-6).all())
     assert torch.isfinite(decode(enc, vocab)).all()
