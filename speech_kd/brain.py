@@ -137,12 +137,17 @@ class CTCBrain(sb.Brain):
 
         On clean (not speed-perturbed) training batches the fbank output is
         kept in ``self.shared_features`` for a teacher with the same fbank.
+        Speed-perturbed training waveforms are kept in ``self.perturbed_wavs``
+        (``(wavs [B, S'], wav_lens [B])``), so that a live teacher hears the
+        same perturbed audio as the student and their frames line up.
         """
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         perturbed = stage == sb.Stage.TRAIN and getattr(self.hparams, "speed_perturb", False)
+        self.perturbed_wavs = None
         if perturbed:
             wavs = self.hparams.wav_augment(wavs)
+            self.perturbed_wavs = (wavs, wav_lens)
         hooks = self._augment_hooks(stage)
         self.shared_features = None
         first = self.hparams.encoder_chain[0]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from speech_kd.dataio import token_strings
 from speech_kd.kd import DistillBrain
-from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.targets import PERTURBED_CACHE_ERROR, CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.train import run_training
 
 __all__ = ["run_distillation", "make_targets", "RUN_KEYS"]
@@ -69,6 +69,9 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     }
     if cache_dir:
         from speech_kd.cache import CacheReader
+
+        if hparams.get("speed_perturb"):
+            raise ValueError(f"--targets_cache={cache_dir}: {PERTURBED_CACHE_ERROR}")
 
         reader = CacheReader(cache_dir)
         meta = reader.metadata

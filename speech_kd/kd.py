@@ -121,12 +121,12 @@ class KDMixin:
                 "utterance (disable concat_original-style augmentation for distillation)"
             )
         lengths = relative_to_frames(wav_lens, student_max)
-        features = getattr(self, "shared_features", None)
-        targets = (
-            self.kd_targets(batch, lengths, student_max, features=features)
-            if features is not None
-            else self.kd_targets(batch, lengths, student_max)
-        )
+        extra = {}  # only what this Brain provides, so user target strategies need not take these keywords
+        if getattr(self, "shared_features", None) is not None:
+            extra["features"] = self.shared_features
+        if getattr(self, "perturbed_wavs", None) is not None:
+            extra["wavs"] = self.perturbed_wavs
+        targets = self.kd_targets(batch, lengths, student_max, **extra)
         blank = self.kd_option("blank_index")
         # the KD term in fp32 whatever --precision says: small probabilities and the T^2 scale need it
         with autocast_for(log_probs.device.type, "fp32"):

@@ -150,16 +150,19 @@ class OnlineTargets:
         self.teacher.to(device)
         return self
 
-    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int, features=None) -> Targets:
+    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int, features=None, wavs=None) -> Targets:
         """Targets for ``batch`` (uses ``batch.sig``: clean waveforms and relative lengths).
 
-        ``features`` (``speech_kd.features.SharedFeatures``): the student's
+        ``wavs``: ``(waveforms [B, S], relative lengths [B])`` the student
+        actually heard, when they differ from ``batch.sig`` (speed
+        perturbation): the teacher then runs on those, so its frames match
+        the student's. ``features`` (``speech_kd.features.SharedFeatures``): the student's
         clean fbank of this batch; a teacher with the same fbank settings
         starts from it, so the spectrum is computed once per batch (only
         when they are fp32: features computed under a bf16/fp16 student
         autocast are not what the teacher would compute).
         """
-        wavs, wav_lens = batch.sig
+        wavs, wav_lens = wavs if wavs is not None else batch.sig
         if features is not None and features.feats.dtype != torch.float32:
             features = None
         device_type = wavs.device.type
@@ -170,6 +173,13 @@ class OnlineTargets:
             out = self.teacher(wavs, wav_lens, features=features)
         with autocast_for(device_type, "fp32"):
             return self.aligner(out, student_lengths, student_max)
+
+
+PERTURBED_CACHE_ERROR = (
+    "the student's training audio is speed-perturbed, but cached targets were computed on the clean audio: "
+    "their frames would not line up. Use the live teacher (no --targets_cache) with speed_perturb=True, "
+    "or set speed_perturb=False"
+)
 
 
 class CachedTargets:
@@ -183,8 +193,10 @@ class CachedTargets:
         """Nothing to move: targets are read straight onto the batch's device."""
         return self
 
-    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int, features=None) -> Targets:
+    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int, features=None, wavs=None) -> Targets:
         """Targets for ``batch`` (uses ``batch.id``); missing IDs raise ``CacheMissError``."""
+        if wavs is not None:
+            raise ValueError(PERTURBED_CACHE_ERROR)
         del features  # the cache needs no audio
         out = self.reader.batch(list(batch.id), device=student_lengths.device)
         with autocast_for(student_lengths.device.type, "fp32"):

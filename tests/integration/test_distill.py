@@ -83,6 +83,24 @@ def test_distill_from_cache_and_cache_mismatch(trained_run, tiny_corpus, tmp_pat
         _distill(tiny_corpus, tmp_path / "bad", f"--teacher_source={other}", f"--targets_cache={cache}")
 
 
+def test_live_teacher_hears_the_speed_perturbed_audio(trained_run, tiny_corpus, tmp_path):
+    """With speed perturbation (always 0.9x here) the live teacher runs on the student's perturbed audio:
+    on the clean audio its frames would be 10 % more than the student's, far beyond frame_tolerance."""
+    out = tmp_path / "kd_sp"
+    assert _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", "--speed_perturb=True",
+                    "--speeds=[90]") == 0  # fmt: skip
+    train = json.loads((out / "history.jsonl").read_text().splitlines()[-1])["train"]
+    assert train["kd_loss"] > 0 and train["lost_mass"] < 1e-6
+
+
+def test_speed_perturbation_with_a_cache_is_refused_before_training(trained_run, tiny_corpus, tmp_path):
+    cache = tmp_path / "cache"
+    cache_targets(str(trained_run / "model"), trained_run / "train.csv", cache, progress=False)
+    with pytest.raises(ValueError, match="speed-perturbed.*live teacher"):
+        _distill(tiny_corpus, tmp_path / "kd", f"--targets_cache={cache}", "--speed_perturb=True")
+    assert not (tmp_path / "kd" / "history.jsonl").exists() and not list((tmp_path / "kd").glob("save/CKPT*"))
+
+
 def test_bad_teacher_folders_fail_before_training(tiny_corpus, tmp_path):
     with pytest.raises(TeacherError, match="does not exist"):
         _distill(tiny_corpus, tmp_path / "a", f"--teacher_source={tmp_path / 'nowhere'}")
