@@ -82,27 +82,36 @@ def make_tiny_sb_model(folder: str | os.PathLike, seed: int = 0) -> str:
 
 
 #: the layout of SpeechBrain's ``speechbrain/asr-wav2vec2-librispeech`` hyperparams.yaml (a Hugging Face
-#: wav2vec2 encoder named by hub id, a DNN, a CTC layer, a SentencePiece character tokenizer, blank 0),
-#: at toy size
+#: wav2vec2 encoder named by hub id, a DNN, a CTC layer over 31 outputs, a ``CTCTextEncoder`` of characters
+#: with ``<blank>``, ``<bos>``, ``<eos>`` at 0, 1, 2), at toy size: ``dnn_neurons`` and the DNN's input
+#: size (1024 in the real file) shrunk to the tiny wav2vec2's 32
 _SB_WAV2VEC2_YAML = """# Stand-in for speechbrain/asr-wav2vec2-librispeech, random weights (speech_kd.testing)
 sample_rate: 16000
 wav2vec2_hub: {hub}
-wav2vec2_folder: wav2vec2_checkpoint
-dnn_neurons: 32
-output_neurons: 29
-blank_index: 0
 
-wav2vec2: !new:speechbrain.lobes.models.huggingface_transformers.wav2vec2.Wav2Vec2
-    source: !ref <wav2vec2_hub>
-    output_norm: True
-    freeze: True
-    save_path: !ref <wav2vec2_folder>
+# Model parameters
+dnn_layers: 2
+dnn_neurons: 32
+
+# Outputs
+output_neurons: 31  # <blank>, <bos>, <eos> + 28 characters
+
+# Decoding parameters
+blank_index: 0
+bos_index: 1
+eos_index: 2
 
 enc: !new:speechbrain.lobes.models.VanillaNN.VanillaNN
     input_shape: [null, null, 32]
     activation: !name:torch.nn.LeakyReLU
-    dnn_blocks: 2
+    dnn_blocks: !ref <dnn_layers>
     dnn_neurons: !ref <dnn_neurons>
+
+wav2vec2: !new:speechbrain.lobes.models.huggingface_transformers.Wav2Vec2
+    source: !ref <wav2vec2_hub>
+    output_norm: True
+    freeze: True
+    save_path: model_checkpoints
 
 ctc_lin: !new:speechbrain.nnet.linear.Linear
     input_size: !ref <dnn_neurons>
@@ -111,10 +120,10 @@ ctc_lin: !new:speechbrain.nnet.linear.Linear
 log_softmax: !new:speechbrain.nnet.activations.Softmax
     apply_log: True
 
-tokenizer: !new:sentencepiece.SentencePieceProcessor
-
 asr_model: !new:torch.nn.ModuleList
     - [!ref <enc>, !ref <ctc_lin>]
+
+tokenizer: !new:speechbrain.dataio.encoder.CTCTextEncoder
 
 encoder: !new:speechbrain.nnet.containers.LengthsCapableSequential
     wav2vec2: !ref <wav2vec2>
@@ -141,11 +150,14 @@ def make_tiny_sb_wav2vec2(folder: str | os.PathLike, seed: int = 0) -> tuple[str
 
     Same layout as that model's folder: ``hyperparams.yaml`` whose wav2vec2
     encoder is built from a Hugging Face id (``wav2vec2_hub``) and then
-    loaded from ``wav2vec2.ckpt``, ``asr.ckpt`` (DNN + CTC layer) and a
-    SentencePiece character tokenizer in ``tokenizer.ckpt`` (``<unk>`` at id
-    0 as the CTC blank, ``▁`` as the word boundary). As with the real folder
-    used offline, the hub id must be overridden by a local folder when
-    loading: ``load_teacher(folder, overrides={"wav2vec2_hub": hub})``.
+    loaded from ``wav2vec2.ckpt``, ``asr.ckpt`` (DNN + CTC layer over 31
+    outputs) and a ``CTCTextEncoder`` in ``tokenizer.ckpt``, made as
+    SpeechBrain's recipe makes it (``load_or_create`` with special labels):
+    ``<blank>`` 0 (the CTC blank), ``<bos>`` 1, ``<eos>`` 2 and 28 characters
+    (upper-case letters, ``'`` and a literal space) in order of first
+    appearance, the three that first held ids 0-2 moved to the end. As with
+    the real folder used offline, the hub id must be overridden by a local
+    folder when loading: ``load_teacher(folder, overrides={"wav2vec2_hub": hub})``.
 
     Returns
     -------
@@ -153,23 +165,21 @@ def make_tiny_sb_wav2vec2(folder: str | os.PathLike, seed: int = 0) -> tuple[str
         The model folder and the local Hugging Face folder that stands in for
         the hub id.
     """
-    import io
-
-    import sentencepiece as spm
     from hyperpyyaml import load_hyperpyyaml
+    from speechbrain.dataio.encoder import CTCTextEncoder
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     hub = make_tiny_hf_ctc(folder.parent / (folder.name + "_hf_encoder"), seed=seed)
-    model = io.BytesIO()
-    pangrams = ["THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG'S BACK", "PACK MY BOX WITH FIVE DOZEN LIQUOR JUGS"]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(pangrams * 20), model_writer=model, model_type="char", vocab_size=29,
-        bos_id=-1, eos_id=-1, unk_id=0, character_coverage=1.0, minloglevel=2,
+    tokenizer = CTCTextEncoder()
+    tokenizer.load_or_create(
+        folder / "tokenizer.ckpt", from_iterables=[["THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG'S BACK"]],
+        sequence_input=True, special_labels={"blank_label": 0, "bos_label": 1, "eos_label": 2},
     )  # fmt: skip
-    (folder / "tokenizer.ckpt").write_bytes(model.getvalue())
     torch.manual_seed(seed)
     hparams = load_hyperpyyaml(_SB_WAV2VEC2_YAML.format(hub=hub))  # a local source: nothing is written to save_path
+    if len(tokenizer) != hparams["output_neurons"]:
+        raise RuntimeError(f"{len(tokenizer)} tokens for {hparams['output_neurons']} outputs")
     torch.save(hparams["wav2vec2"].state_dict(), folder / "wav2vec2.ckpt")
     torch.save(hparams["asr_model"].state_dict(), folder / "asr.ckpt")
     (folder / "hyperparams.yaml").write_text(_SB_WAV2VEC2_YAML.format(hub="facebook/wav2vec2-large-960h-lv60-self"))
