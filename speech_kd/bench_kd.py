@@ -7,7 +7,7 @@ differ (``scratch`` is ``--kd_weight=0``). Runs are independent processes
 Example (the README's results table)::
 
     python -m speech_kd.bench_kd --data data/synth --teacher results/teacher_synth3h/model \
-        --out results/kd_bench --epochs 15 --variants scratch kl_t2 kl_t2_w09
+        --out results/kd_bench --epochs 15 --variants scratch kd kl_t2
 
 Without ``--teacher`` a teacher is first trained with ``hparams/teacher.yaml``.
 Prints and writes ``OUT/results.md`` and ``OUT/results.json``: WER, CER,
@@ -29,12 +29,16 @@ __all__ = ["VARIANTS", "main", "gap_closed"]
 
 REPO = Path(__file__).resolve().parent.parent
 
-#: named KD settings (overrides of hparams/distill.yaml)
+#: named KD settings (overrides of hparams/distill.yaml). Any name may end in ``_online`` (the
+#: live teacher instead of the cache) or ``_sp`` (speed perturbation 0.9/1.0/1.1x, for both the
+#: student and the live teacher, which then hears the perturbed audio): see :func:`variant_args`.
 VARIANTS: dict[str, list[str]] = {
     "scratch": ["--kd_weight=0"],
+    "kd": [],  # the KD settings of the student yaml itself (hparams/distill.yaml's defaults)
+    "kd_blankdown": ["--blank_mode=downweight"],  # kd with blank-dominated teacher frames weighted 0.1
+    "kd_top4": ["--kd_topk=4"],  # kd with the teacher restricted to its top 4 tokens per frame
     "kl_t1": ["--kd_weight=0.5", "--temperature=1"],
     "kl_t2": ["--kd_weight=0.5", "--temperature=2"],
-    "kl_t2_online": ["--kd_weight=0.5", "--temperature=2"],  # same as kl_t2, live teacher instead of the cache
     "kl_t4": ["--kd_weight=0.5", "--temperature=4"],
     "kl_t2_w09": ["--kd_weight=0.9", "--temperature=2"],
     "kl_t1_w09": ["--kd_weight=0.9", "--temperature=1"],
@@ -45,6 +49,27 @@ VARIANTS: dict[str, list[str]] = {
     "ctc_teacher_path": ["--kd_weight=0.5", "--kd_loss=ctc"],
     "mse": ["--kd_weight=0.5", "--kd_loss=mse"],
 }
+
+
+def variant_args(name: str) -> tuple[list[str], bool]:
+    """Overrides of a variant name and whether it reads the cache (else the live teacher, or none).
+
+    Examples
+    --------
+    >>> variant_args("kl_t2")
+    (['--kd_weight=0.5', '--temperature=2'], True)
+    >>> variant_args("kl_t2_online")
+    (['--kd_weight=0.5', '--temperature=2'], False)
+    >>> variant_args("scratch_sp")
+    (['--kd_weight=0', '--speed_perturb=True'], False)
+    """
+    base, extra, cached = name, [], True
+    for suffix, args in (("_sp", ["--speed_perturb=True"]), ("_online", [])):
+        if base.endswith(suffix):
+            base, extra, cached = base[: -len(suffix)], args + extra, False
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, optionally + _online or _sp")
+    return VARIANTS[base] + extra, cached and base != "scratch"
 
 
 def gap_closed(scratch_wer: float, kd_wer: float, teacher_wer: float) -> float:
@@ -117,12 +142,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--teacher_epochs", type=int, default=10)
     parser.add_argument("--student", default="hparams/distill.yaml")
-    parser.add_argument("--variants", nargs="+", default=["scratch", "kl_t2"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["scratch", "kd"],
+                        help=f"names among {sorted(VARIANTS)}, each optionally + _online (live teacher) or _sp "
+                        "(speed perturbation, live teacher)")  # fmt: skip
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1986)
     parser.add_argument("--extra", default="", help='more overrides for every student: --extra="--key=value ..."')
     args = parser.parse_args(argv)
 
+    for name in args.variants:
+        variant_args(name)  # unknown names fail before anything runs
     out = Path(args.out).resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -145,10 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     students = {}
     for name in args.variants:
+        overrides, cached = variant_args(name)
         cmd = _speech_kd("distill", str(REPO / args.student), f"--teacher_source={teacher}", f"--data_folder={data}",
                          f"--output_folder={out / name}", f"--number_of_epochs={args.epochs}", f"--seed={args.seed}",
-                         "--report_after_run=False", *VARIANTS[name], *args.extra.split())  # fmt: skip
-        if name != "scratch" and not name.endswith("_online"):
+                         "--report_after_run=False", *overrides, *args.extra.split())  # fmt: skip
+        if cached:
             cmd.append(f"--targets_cache={cache}")
         students[name] = cmd
     _run_all(students, logs, args.parallel, {name: (out / name, args.epochs) for name in students})

@@ -78,14 +78,14 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
     print(f"teacher: {teacher}", flush=True)
     print("== 3/4 cache the teacher's soft targets, then train the student with KD and from scratch", flush=True)
     argv = ["--data", str(corpus), "--teacher", str(teacher), "--out", str(out), "--epochs", str(sizes.epochs),
-            "--variants", "scratch", "kl_t2"]  # fmt: skip
+            "--variants", "scratch", "kd"]  # fmt: skip
     if sizes.student_overrides:
         argv.append("--extra=" + " ".join(sizes.student_overrides))
     results = bench_kd(argv)
     print("== 4/4 report", flush=True)
     from speech_kd.report import build_report
 
-    report = build_report(out / "kl_t2", compare={"scratch": out / "scratch" / "model"}, max_utts=None)
+    report = build_report(out / "kd", compare={"scratch": out / "scratch" / "model"}, max_utts=None)
     print(f"report: {report}")
     print(f"demo finished in {(time.time() - started) / 60:.1f} min; everything is in {out}")
     return results
