@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -86,6 +88,15 @@ def gap_closed(scratch_wer: float, kd_wer: float, teacher_wer: float) -> float:
 
 def _speech_kd(*args: str) -> list[str]:
     return [sys.executable, "-m", "speech_kd.cli", *args]
+
+
+def train_seconds_per_epoch(folder: Path) -> float | None:
+    """Median wall time of a run's training stages (``train_seconds`` in ``history.jsonl``), or ``None``."""
+    from speech_kd.report import load_history
+
+    times = [row.get("train_seconds") for row in load_history(folder)]
+    times = [t for t in times if isinstance(t, (int, float)) and math.isfinite(t)]
+    return statistics.median(times) if times else None
 
 
 def _epochs_done(folder: Path) -> int:
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"teacher": evaluate_model(teacher, csvs["test"], json_path=out / "eval_teacher.json").summary}
     for name in args.variants:
         results[name] = evaluate_model(out / name / "model", csvs["test"], json_path=out / f"eval_{name}.json").summary
+        results[name]["train_s_per_epoch"] = train_seconds_per_epoch(out / name)
     table = format_results(results)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -196,15 +208,26 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def format_results(results: dict) -> str:
-    """Markdown table; KD rows get the share of the scratch-teacher gap they close."""
+    """Markdown table; KD rows get the share of the scratch-teacher gap they close.
+
+    ``s/epoch`` is the median wall time of a student's training stage
+    (students run side by side, so their times are comparable), and
+    ``vs scratch`` its ratio to the scratch student's.
+    """
     teacher = results.get("teacher", {}).get("wer")
     scratch = results.get("scratch", {}).get("wer")
-    lines = ["| model | WER % | CER % | parameters | RTF | WER gap closed |", "|---|---:|---:|---:|---:|---:|"]
+    base_time = results.get("scratch", {}).get("train_s_per_epoch")
+    lines = ["| model | WER % | CER % | parameters | RTF | WER gap closed | s/epoch | vs scratch |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, s in results.items():
         closed = ""
         if name not in ("teacher", "scratch") and teacher is not None and scratch is not None:
             closed = f"{100 * gap_closed(scratch, s['wer'], teacher):.0f} %"
-        lines.append(f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} | {closed} |")
+        seconds = s.get("train_s_per_epoch")
+        timing = f"{seconds:.1f} | " if seconds else " | "
+        timing += f"{seconds / base_time:.2f}" if seconds and base_time else ""
+        lines.append(f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} | {closed} | "
+                     f"{timing} |")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import logging
+import time
 from pathlib import Path
 
 import speechbrain as sb
@@ -292,8 +293,10 @@ class CTCBrain(sb.Brain):
 
     # ------------------------------------------------------------ statistics
     def on_stage_start(self, stage, epoch=None):
-        """Reset the hypothesis buffers."""
+        """Reset the hypothesis buffers; start the training stage's clock."""
         self._ids, self._hyps, self._refs = [], [], []
+        if stage == sb.Stage.TRAIN:
+            self._train_started = time.monotonic()
 
     def _gather_hypotheses(self) -> None:
         """Merge every process's ``(id, ref, hyp)`` rows, one per utterance ID (no-op in one process)."""
@@ -332,13 +335,16 @@ class CTCBrain(sb.Brain):
 
         Written after the epoch's checkpoint, so a run killed in between
         repeats the line on resume: readers keep the last line per epoch.
+        ``train_seconds`` is the wall time of the epoch's training stage (of
+        its resumed part, after an interruption inside the epoch).
         """
         folder = getattr(self.hparams, "output_folder", None)
         if folder is None or not sb.utils.distributed.if_main_process():
             return
         step = getattr(getattr(self.hparams, "lr_scheduler", None), "current_step", self.optimizer_step)
         record = {"epoch": epoch, "step": step, "lr": lr, "train": getattr(self, "train_stats", {}),
-                  "valid": valid_stats, "batches_per_rank": getattr(self, "batches_per_rank", None)}  # fmt: skip
+                  "valid": valid_stats, "batches_per_rank": getattr(self, "batches_per_rank", None),
+                  "train_seconds": round(getattr(self, "train_seconds", float("nan")), 3)}  # fmt: skip
         with open(Path(folder) / "history.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
 
@@ -367,6 +373,7 @@ class CTCBrain(sb.Brain):
         stats = self.stage_stats(stage, stage_loss)
         if stage == sb.Stage.TRAIN:
             self.train_stats = stats
+            self.train_seconds = time.monotonic() - getattr(self, "_train_started", time.monotonic())
             return
         if stage == sb.Stage.VALID:
             lr = self.optimizer.param_groups[0]["lr"]
