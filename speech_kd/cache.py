@@ -4,7 +4,7 @@
 CSV manifest and stores a compact copy of its frame posteriors, keyed by
 utterance ID; :class:`CacheReader` turns them back into dense log-posteriors
 for any batch (any order, subset, shuffling or DDP split), at the cost of a
-memory-mapped read and a scatter. Targets stay in the teacher's token space
+memory-mapped read, the decompression of a small block and a scatter. Targets stay in the teacher's token space
 and frame rate; ``speech_kd.targets.TargetAligner`` maps them to the student.
 
 Storage scheme (per teacher frame ``t`` with probabilities ``p_t [V]``)
@@ -437,10 +437,6 @@ def _read_json(path: Path) -> dict:
         raise
     except (OSError, ValueError) as err:
         raise CacheError(f"{path}: unreadable ({err.__class__.__name__}: {err})") from err
-
-
-def _pad8(size: int) -> int:
-    return -size % 8
 
 
 def _deflate(data: bytes) -> bytes:
