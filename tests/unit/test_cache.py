@@ -344,6 +344,20 @@ def test_corrupted_byte_is_detected(cache_copy):
     assert CacheReader(cache_copy).verify() == ["shard-00001.bin: sha256 mismatch (corrupted)"]
 
 
+def test_damaged_block_is_an_error_when_read_not_wrong_targets(cache_copy):
+    """A flipped byte inside a compressed block, read without verify(): an error naming shard and block."""
+    shard = cache_copy / "shard-00001.bin"
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0x5A  # inside the shard's last (only) block
+    shard.write_bytes(bytes(data))
+    reader = CacheReader(cache_copy)
+    in_shard = [uid for uid in sorted(reader.ids) if reader._where()[uid].shard == 1]
+    assert in_shard
+    for uid in in_shard:
+        with pytest.raises(CacheError, match=r"shard-00001.bin block 0: damaged compressed block"):
+            reader.get(uid)
+
+
 def test_corrupted_shard_is_recomputed_on_rerun(corpus, cache_copy):
     shard = cache_copy / "shard-00000.bin"
     shard.write_bytes(shard.read_bytes()[:100])
