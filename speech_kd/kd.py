@@ -10,7 +10,11 @@ strategy::
     asr_brain.attach_targets(make_targets(hparams, student_tokens))
 
 The Brain's own ``compute_objectives`` (its CTC loss) is kept; on training
-batches the mixin returns ``(1 - kd_weight) * ctc + kd_weight * kd``. The
+batches the mixin returns ``(1 - kd_weight) * ctc + kd_weight * kd``. A live
+teacher hears ``batch.sig``; a Brain that speed-perturbs its training audio
+sets ``self.perturbed_wavs = (wavs, wav_lens)`` in ``compute_forward`` (as
+``CTCBrain`` does), and the teacher hears those instead, so that their frames
+line up (cached targets refuse them). The
 teacher lives in the target strategy, not in ``modules``: it is never
 wrapped by DDP, never saved in the student's checkpoints, and runs on the
 student's device without gradients. Options are read from the hparams
