@@ -441,7 +441,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _compress(data: bytes) -> bytes:
-    """One block in zlib format: DEFLATE plus an Adler-32 checksum, so a damaged block is caught when read."""
+    """A block or a shard header in zlib format: DEFLATE plus an Adler-32 checksum, so damage is caught when read."""
     return zlib.compress(data, 9)
 
 
@@ -469,7 +469,7 @@ def _shard_pieces(utts: list[tuple[str, EncodedFrames]], vocab_size: int) -> lis
     header = {"frames": sum(enc.num_frames for _, enc in utts), "id_dtype": id_dtype(vocab_size).name, "utts": rows}
     offsets = np.cumsum([0] + [len(b) for b in blocks])[:-1].tolist()  # from the end of the header
     header["blocks"] = [[offset, len(block)] for offset, block in zip(offsets, blocks)]
-    blob = zlib.compress(json.dumps(header, separators=(",", ":")).encode(), 9)
+    blob = _compress(json.dumps(header, separators=(",", ":")).encode())
     return [SHARD_MAGIC, np.uint64(len(blob)).astype("<u8").tobytes(), blob, *blocks]
 
 
