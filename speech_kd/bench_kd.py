@@ -4,10 +4,10 @@ Every student run uses identical data, epochs and seed; only the KD settings
 differ (``scratch`` is ``--kd_weight=0``). Runs are independent processes
 (one torch thread each, ``--parallel`` at a time) so two fit on two cores.
 
-Example (the README's results table)::
+Example (the README's 40-epoch table)::
 
-    python -m speech_kd.bench_kd --data data/synth --teacher results/teacher_synth3h/model \
-        --out results/kd_bench --epochs 15 --variants scratch kd kl_t2
+    python -m speech_kd.bench_kd --data demo_run/corpus --teacher speech_kd/pretrained/teacher_synth \
+        --out results/kd_long --epochs 40 --variants scratch kd
 
 Without ``--teacher`` a teacher is first trained with ``hparams/teacher.yaml``.
 Prints and writes ``OUT/results.md`` and ``OUT/results.json``: WER, CER,
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--extra", default="", help='more overrides for every student: --extra="--key=value ..."')
     args = parser.parse_args(argv)
 
-    for name in args.variants:
-        variant_args(name)  # unknown names fail before anything runs
+    variants = {name: variant_args(name) for name in args.variants}  # unknown names fail before anything runs
     out = Path(args.out).resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -184,8 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
              logs, 1)  # fmt: skip
 
     students = {}
-    for name in args.variants:
-        overrides, cached = variant_args(name)
+    for name, (overrides, cached) in variants.items():
         cmd = _speech_kd("distill", str(REPO / args.student), f"--teacher_source={teacher}", f"--data_folder={data}",
                          f"--output_folder={out / name}", f"--number_of_epochs={args.epochs}", f"--seed={args.seed}",
                          "--report_after_run=False", *overrides, *args.extra.split())  # fmt: skip

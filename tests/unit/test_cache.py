@@ -325,6 +325,13 @@ def test_resume_after_kill_only_runs_missing_utterances(built, corpus, cache_cop
     assert CacheReader(cache_copy, verify=True).ids == CacheReader(built[0]).ids
 
 
+def test_cache_of_an_older_format_is_refused_with_rebuild(cache_copy):
+    meta = json.loads((cache_copy / "meta.json").read_text())
+    (cache_copy / "meta.json").write_text(json.dumps({**meta, "format_version": 1}))
+    with pytest.raises(CacheError, match="cache format 1, this code reads 2; rebuild the cache"):
+        CacheReader(cache_copy)
+
+
 def test_truncated_shard_is_named(cache_copy):
     shard = cache_copy / "shard-00002.bin"
     shard.write_bytes(shard.read_bytes()[:-7])
