@@ -21,6 +21,7 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
+from speech_kd.checkpoints import make_atomic
 from speech_kd.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
 from speech_kd.features import SharedFeatures, fbank_signature
 from speech_kd.metrics import error_rates
@@ -115,6 +116,10 @@ class CTCBrain(sb.Brain):
     """
 
     tokenizer = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        make_atomic(self.checkpointer)  # a kill during a save cannot leave a checkpoint that fails to load
 
     # ------------------------------------------------------------------ forward
     def _module_table(self) -> dict:

@@ -31,6 +31,7 @@ import torch
 
 from speech_kd.align import relative_to_frames
 from speech_kd.brain import CTCBrain
+from speech_kd.checkpoints import make_atomic
 from speech_kd.distributed import sum_across
 from speech_kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
 from speech_kd.precision import autocast_for
@@ -60,6 +61,10 @@ class KDMixin:
     """Mix a KD term into a CTC Brain's training objective (see module docstring)."""
 
     kd_targets = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        make_atomic(self.checkpointer)  # the host Brain's checkpoints survive a kill during a save
 
     def attach_targets(self, targets) -> None:
         """Use ``targets(batch, student_lengths, student_max) -> Targets`` (online or cached)."""

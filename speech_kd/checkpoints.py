@@ -1,0 +1,211 @@
+"""Checkpoints that a kill cannot break: SpeechBrain's Checkpointer, saved atomically.
+
+SpeechBrain 1.1.2 writes a checkpoint's ``CKPT.yaml`` first and the parameter
+files after it, and ``CKPT.yaml`` is what marks a folder as a checkpoint. A run
+killed during a save therefore leaves a "checkpoint" whose model or optimizer
+file is truncated, and the rerun dies on it (``EOFError`` inside
+``torch.load``) instead of resuming.
+
+:class:`AtomicCheckpointer` is a drop-in ``Checkpointer`` that
+
+- writes the meta file as ``CKPT.yaml.partial`` and renames it to
+  ``CKPT.yaml`` (atomic on POSIX) only after every parameter file is written
+  and flushed to disk, so a killed save leaves a folder without ``CKPT.yaml``,
+  which recovery never loads and removes;
+- on recovery, if a checkpoint fails to load and one of its files is
+  unreadable (empty, or a truncated torch zip archive: checkpoints written by
+  the stock Checkpointer, or a disk that lost data), renames that folder to
+  ``unreadable-CKPT+...`` (kept, not deleted), warns with the file and the
+  problem, and loads the next checkpoint in order instead. A load error with
+  every file readable (a checkpoint of a differently shaped model, say) is
+  raised unchanged: that is a configuration problem, not damage.
+
+:func:`make_atomic` turns a stock ``Checkpointer`` into one in place; the
+Brains of this package call it, so a recipe's yaml may keep SpeechBrain's class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+from speechbrain.utils.checkpoints import METAFNAME, Checkpoint, Checkpointer
+from speechbrain.utils.distributed import ddp_barrier, if_main_process
+
+__all__ = ["AtomicCheckpointer", "PARTIAL_META", "make_atomic", "unreadable_files"]
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_META = METAFNAME + ".partial"
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def unreadable_files(folder: str | Path) -> dict[str, str]:
+    """Files of a checkpoint folder that cannot be read back, with the reason.
+
+    Checks what a kill or a full disk leaves: empty files, and torch archives
+    (zip) whose central directory or member checksums are damaged. Text files
+    (counters, dataloader state) are only checked for being non-empty.
+
+    Parameters
+    ----------
+    folder : str or Path
+        A checkpoint folder (``CKPT+...``).
+
+    Returns
+    -------
+    dict
+        ``{file name: problem}``, empty when every file reads.
+
+    Example
+    -------
+    >>> import tempfile, torch
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> torch.save({"w": torch.zeros(3)}, folder / "model.ckpt")
+    >>> unreadable_files(folder)
+    {}
+    >>> data = (folder / "model.ckpt").read_bytes()
+    >>> _ = (folder / "model.ckpt").write_bytes(data[: len(data) // 2])
+    >>> unreadable_files(folder)
+    {'model.ckpt': 'truncated or damaged torch archive (File is not a zip file)'}
+    """
+    problems: dict[str, str] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if not path.is_file() or path.name in (METAFNAME, PARTIAL_META):
+            continue
+        if path.stat().st_size == 0:
+            problems[path.name] = "empty file"
+            continue
+        with open(path, "rb") as handle:
+            if handle.read(4) != _ZIP_MAGIC:
+                continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as error:
+            problems[path.name] = f"truncated or damaged torch archive ({error})"
+            continue
+        if bad is not None:
+            problems[path.name] = f"damaged torch archive (checksum of {bad})"
+    return problems
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointer(Checkpointer):
+    """A ``speechbrain.utils.checkpoints.Checkpointer`` whose saves are atomic (see module docstring).
+
+    Same constructor and methods as SpeechBrain's; use it in HyperPyYAML as
+    ``checkpointer: !new:speech_kd.checkpoints.AtomicCheckpointer``.
+
+    Example
+    -------
+    >>> import tempfile, torch
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> ckpt = AtomicCheckpointer(tempfile.mkdtemp(), {"layer": layer})
+    >>> saved = ckpt.save_checkpoint()
+    >>> sorted(p.name for p in saved.path.iterdir())
+    ['CKPT.yaml', 'layer.ckpt']
+    >>> ckpt.recover_if_possible().path == saved.path
+    True
+    """
+
+    def _save_checkpoint_metafile(self, fpath, meta_to_include={}, end_of_epoch=True):  # noqa: B006 (SpeechBrain's signature)
+        return super()._save_checkpoint_metafile(Path(fpath).with_name(PARTIAL_META), meta_to_include, end_of_epoch)
+
+    def save_checkpoint(self, meta={}, end_of_epoch=True, name=None, verbosity=logging.INFO):  # noqa: B006
+        """Save like SpeechBrain, then mark the folder complete by renaming its meta file."""
+        checkpoint = super().save_checkpoint(meta, end_of_epoch, name, verbosity)
+        ddp_barrier()  # every process has written its files (FSDP saves on all of them)
+        if checkpoint is not None:
+            folder = Path(checkpoint.path)
+            for path in folder.iterdir():
+                _fsync(path)
+            os.replace(folder / PARTIAL_META, folder / METAFNAME)
+            _fsync(folder)
+        ddp_barrier()
+        return checkpoint
+
+    def remove_unfinished(self) -> list[Path]:
+        """Delete folders of saves that never finished (``CKPT.yaml.partial``, no ``CKPT.yaml``).
+
+        Nothing is lost: such a folder was never a checkpoint.
+
+        Returns
+        -------
+        list of Path
+            The folders removed.
+        """
+        removed = []
+        if if_main_process():
+            for folder in sorted(self.checkpoints_dir.glob("CKPT+*")):
+                if (folder / PARTIAL_META).exists() and not (folder / METAFNAME).exists():
+                    logger.warning("removing %s: a checkpoint save that was interrupted before it finished", folder)
+                    shutil.rmtree(folder)
+                    removed.append(folder)
+        ddp_barrier()
+        return removed
+
+    def recover_if_possible(self, importance_key=None, max_key=None, min_key=None, ckpt_predicate=None):
+        """Load the checkpoint SpeechBrain would choose, skipping (and setting aside) unreadable ones.
+
+        Returns
+        -------
+        Checkpoint or None
+            The checkpoint loaded, ``None`` when there is none.
+        """
+        self.remove_unfinished()
+        while True:
+            chosen = self.find_checkpoint(importance_key, max_key, min_key, ckpt_predicate)
+            if chosen is None:
+                logger.info("Would load a checkpoint here, but none found yet.")
+                return None
+            try:
+                self.load_checkpoint(chosen)
+                return chosen
+            except Exception as error:
+                problems = unreadable_files(chosen.path)
+                if not problems:
+                    raise
+                self._set_aside(chosen, problems, error)
+
+    def _set_aside(self, checkpoint: Checkpoint, problems: dict[str, str], error: Exception) -> None:
+        folder = Path(checkpoint.path)
+        aside = folder.with_name("unreadable-" + folder.name)
+        details = "; ".join(f"{name}: {why}" for name, why in problems.items())
+        logger.warning(
+            "checkpoint %s cannot be loaded (%s: %s): moved to %s; trying the next checkpoint",
+            folder, details, type(error).__name__, aside,
+        )  # fmt: skip
+        if if_main_process():
+            os.replace(folder, aside)
+        ddp_barrier()
+
+
+def make_atomic(checkpointer: Checkpointer | None) -> Checkpointer | None:
+    """Give a stock SpeechBrain ``Checkpointer`` the atomic saves and safe recovery of :class:`AtomicCheckpointer`.
+
+    Changes the object's class in place (the subclass adds no state), so every
+    reference to it, including the Brain's and the yaml's, gets the behaviour.
+    Other classes (a user's own subclass) are left alone.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> ckpt = make_atomic(Checkpointer(tempfile.mkdtemp()))
+    >>> type(ckpt).__name__
+    'AtomicCheckpointer'
+    """
+    if checkpointer is not None and type(checkpointer) is Checkpointer:
+        checkpointer.__class__ = AtomicCheckpointer
+        logger.debug("checkpointer %s: saves made atomic", checkpointer.checkpoints_dir)
+    return checkpointer
