@@ -7,9 +7,11 @@ audio is a few seconds of synthesised speech per utterance.
 
 Measured:
 
-- feature extraction (80-dim log-mel fbank): the batched on-device ``Fbank``
-  our recipes use, against librosa per utterance, and against SpeechBrain's
-  ``Fbank`` called per utterance (audio seconds per second);
+- feature extraction (80-dim log-mel fbank): ours (``fast_fbank``, batched,
+  on the training device, what the training Brains run), against librosa per
+  utterance and SpeechBrain's ``Fbank`` batched and per utterance (audio
+  seconds per second), plus ``torch.stft`` alone as the ceiling of any
+  FFT-based fbank;
 - one training step (forward, backward, optimizer) of the student alone, with
   an online teacher (KD), and with cached targets (KD);
 - inference real-time factor of teacher and student, and the speed-up;
@@ -83,38 +85,51 @@ def _brain(yaml: str, out: Path, device: str, overrides: dict | None = None):
 
 
 def bench_features(batch, repeats: int, device: str) -> dict:
-    """Audio seconds per second of feature extraction, three ways."""
+    """Audio seconds per second of feature extraction, five ways, and the FFT's ceiling.
+
+    ``ours`` is what the training Brains run: :func:`speech_kd.features.fast_fbank`
+    on the padded batch, on the training device. ``stft_only`` is ``torch.stft``
+    alone on the same batch, a ceiling for any FFT-based fbank on this machine:
+    ``features_stft_only_vs_librosa`` says how far past librosa any fbank could go.
+    """
     from speechbrain.lobes.features import Fbank
 
-    from speech_kd.features import librosa_fbank
+    from speech_kd.features import fast_fbank, librosa_fbank
 
     wavs, lens = batch.sig
     seconds = float((lens * wavs.shape[1]).sum()) / 16000
-    ours = Fbank(n_mels=80, n_fft=400, win_length=25, hop_length=10).to(device)
+    fbank = Fbank(n_mels=80, n_fft=400, win_length=25, hop_length=10).to(device)
+    stft = fbank.compute_STFT
+    window = stft.window.to(device)
     per_utt = [wavs[i, : int(lens[i] * wavs.shape[1])] for i in range(wavs.shape[0])]
     cpu_utts = [w.cpu().numpy() for w in per_utt]
 
-    def run_ours():
-        with torch.no_grad():
-            ours(wavs)
-
-    def run_sb_per_utt():
-        with torch.no_grad():
-            for w in per_utt:
-                ours(w.unsqueeze(0))
-
-    def run_librosa():
-        for w in cpu_utts:
-            librosa_fbank(w)
-
-    t_ours, t_sb, t_lib = (median_time(f, repeats) for f in (run_ours, run_sb_per_utt, run_librosa))
-    return {
-        "features_ours_audio_s_per_s": seconds / t_ours,
-        "features_sb_per_utt_audio_s_per_s": seconds / t_sb,
-        "features_librosa_audio_s_per_s": seconds / t_lib,
-        "features_vs_librosa": t_lib / t_ours,
-        "features_vs_sb_per_utt": t_sb / t_ours,
+    runs = {
+        "ours": lambda: fast_fbank(fbank, wavs),
+        "sb_batched": lambda: fbank(wavs),
+        "sb_per_utt": lambda: [fbank(w.unsqueeze(0)) for w in per_utt],
+        "librosa": lambda: [librosa_fbank(w) for w in cpu_utts],
+        "stft_only": lambda: torch.stft(
+            wavs,
+            stft.n_fft,
+            stft.hop_length,
+            stft.win_length,
+            window,
+            center=True,
+            pad_mode="constant",
+            return_complex=True,
+        ),
     }
+    with torch.no_grad():
+        times = {name: median_time(run, repeats) for name, run in runs.items()}
+    results = {f"features_{name}_audio_s_per_s": seconds / t for name, t in times.items()}
+    results.update(
+        features_vs_librosa=times["librosa"] / times["ours"],
+        features_vs_sb_batched=times["sb_batched"] / times["ours"],
+        features_vs_sb_per_utt=times["sb_per_utt"] / times["ours"],
+        features_stft_only_vs_librosa=times["librosa"] / times["stft_only"],
+    )
+    return results
 
 
 def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int, device: str, tmp: Path) -> dict:

@@ -23,7 +23,7 @@ from speechbrain.decoders.ctc import ctc_greedy_decode
 
 from speech_kd.checkpoints import make_atomic
 from speech_kd.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
-from speech_kd.features import SharedFeatures, fbank_signature
+from speech_kd.features import SharedFeatures, fast_fbank, fast_fbank_applies, fbank_signature
 from speech_kd.metrics import error_rates
 
 __all__ = ["CTCBrain", "NonFiniteLossError", "run_chain"]
@@ -66,6 +66,8 @@ def run_chain(
     ``lengths`` or ``wav_lens`` (as ``LengthsCapableSequential`` does), and
     the epoch when it takes ``epoch`` (``InputNormalization``). ``after`` maps
     a module name to a callable applied to its output (augmentation hooks).
+    A plain SpeechBrain ``Fbank`` is computed by :func:`~speech_kd.features.fast_fbank`
+    (same output, fewer passes over memory).
     """
     x = wavs
     for name in chain:
@@ -77,7 +79,10 @@ def run_chain(
             kwargs["wav_lens"] = wav_lens
         if epoch is not None and _accepts(module, "epoch"):
             kwargs["epoch"] = epoch
-        x = module(x, **kwargs)
+        if x.dim() == 2 and fast_fbank_applies(module):
+            x = fast_fbank(module, x)
+        else:
+            x = module(x, **kwargs)
         if after and name in after:
             x = after[name](x)
     return x

@@ -10,7 +10,7 @@ import torch
 from speechbrain.nnet.containers import LengthsCapableSequential
 
 from speech_kd.dataio import token_strings
-from speech_kd.features import fbank_signature
+from speech_kd.features import fast_fbank, fast_fbank_applies, fbank_signature
 from speech_kd.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
 
 __all__ = ["SpeechBrainTeacher"]
@@ -84,7 +84,8 @@ class SpeechBrainTeacher(Teacher):
         self._outputs_log_probs = bool(torch.allclose(probe.exp().sum(-1), torch.ones(1), atol=1e-3))
         self._after_features = self._layers_after_fbank()
         if self._after_features is not None:
-            self.feature_signature = fbank_signature(next(iter(self.asr.mods.encoder.values())))
+            self._fbank = next(iter(self.asr.mods.encoder.values()))
+            self.feature_signature = fbank_signature(self._fbank)
 
     def _layers_after_fbank(self) -> list | None:
         """The encoder's layers after a leading ``Fbank``, with their lengths-argument names, or ``None``."""
@@ -101,7 +102,14 @@ class SpeechBrainTeacher(Teacher):
         return self.asr.mods.state_dict(*args, **kwargs)
 
     def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
-        """Frame log-posteriors ``[B, T, V]`` and valid frame counts ``[B]``."""
+        """Frame log-posteriors ``[B, T, V]`` and valid frame counts ``[B]``.
+
+        With a leading plain ``Fbank`` the spectrum is computed by
+        :func:`~speech_kd.features.fast_fbank` (same output), then the rest of the encoder.
+        """
+        if self._after_features is not None and wavs.dim() == 2 and fast_fbank_applies(self._fbank):
+            feats = fast_fbank(self._fbank, wavs.to(self.asr.device).float())
+            return self.posteriors_from_features(feats, wav_lens)
         return self._finish(self.asr.encode_batch(wavs, wav_lens).float(), wav_lens)
 
     def posteriors_from_features(self, feats: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:

@@ -13,7 +13,8 @@ def test_bench_writes_ratio_table(tmp_path, capsys):
     assert main(["bench", "--repeats", "1", "--batch_size", "2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     for key in ("features_vs_librosa", "cached_kd_over_plain", "online_kd_over_plain", "student_speedup",
-                "features_vs_sb_per_utt", "rtf_teacher", "rtf_student", "evaluate_utts_per_s"):  # fmt: skip
+                "features_vs_sb_per_utt", "features_vs_sb_batched",
+                "features_stft_only_vs_librosa", "rtf_teacher", "rtf_student", "evaluate_utts_per_s"):  # fmt: skip
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
     assert results["device"] == "cpu"
     assert "features_vs_librosa" in capsys.readouterr().out

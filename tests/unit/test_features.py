@@ -7,7 +7,14 @@ import pytest
 import torch
 from speechbrain.lobes.features import Fbank
 
-from speech_kd.features import REFERENCE_TOLERANCE_DB, SharedFeatures, fbank_signature, librosa_fbank
+from speech_kd.features import (
+    REFERENCE_TOLERANCE_DB,
+    SharedFeatures,
+    fast_fbank,
+    fast_fbank_applies,
+    fbank_signature,
+    librosa_fbank,
+)
 
 
 def _speech_like(seconds: float = 1.5, seed: int = 0) -> torch.Tensor:
@@ -36,13 +43,37 @@ def test_fbank_matches_librosa_reference(tiny_corpus):
         assert diff.mean() < mean_tol and np.percentile(diff, 99) < p99_tol, (diff.mean(), np.percentile(diff, 99))
 
 
+def test_fast_fbank_is_speechbrains_fbank_on_a_padded_batch(tiny_corpus):
+    from speech_kd.audio import read_audio
+
+    wavs = [read_audio(f) for f in sorted(tiny_corpus.glob("train/*/*/*.flac"))[:4]] + [_speech_like()]
+    batch = torch.zeros(len(wavs), max(len(w) for w in wavs))
+    for i, w in enumerate(wavs):
+        batch[i, : len(w)] = w
+    for fbank in (Fbank(n_mels=80), Fbank(n_mels=40, n_fft=512, hop_length=20, f_min=20, f_max=7600)):
+        ref = fbank(batch)
+        got = fast_fbank(fbank, batch)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        assert (got - ref).abs().max() < 1e-4  # dB; bit-identical in practice
+
+
+def test_fast_fbank_applies_only_where_it_is_exact():
+    assert fast_fbank_applies(Fbank(n_mels=80))
+    assert not fast_fbank_applies(Fbank(n_mels=80, deltas=True))
+    assert not fast_fbank_applies(torch.nn.Identity())
+    perturbed = Fbank(n_mels=80, param_rand_factor=0.1)
+    assert not fast_fbank_applies(perturbed.train()) and fast_fbank_applies(perturbed.eval())
+
+
 def test_spectrum_stays_fp32_under_autocast():
     fbank = Fbank(n_mels=80)
     wav = _speech_like().unsqueeze(0)
     ref = fbank(wav)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = fbank(wav.to(torch.bfloat16))
-    assert got.dtype == torch.float32
+        fast = fast_fbank(fbank, wav.to(torch.bfloat16))
+    assert got.dtype == torch.float32 and fast.dtype == torch.float32
+    assert torch.allclose(fast, got, atol=1e-4)
     # bf16 input rounding is the only difference: far below the 1 dB quantum that matters
     assert (got - ref).abs().mean() < 0.5
 
@@ -55,8 +86,10 @@ def test_cuda_features_match_cpu_and_stay_fp32():
     gpu = fbank.to("cuda")
     with torch.autocast("cuda", dtype=torch.float16):
         got = gpu(wav.cuda())
+        fast = fast_fbank(gpu, wav.cuda())
     assert got.dtype == torch.float32 and got.device.type == "cuda"
-    assert torch.allclose(got.cpu(), ref, atol=1e-2)
+    assert fast.dtype == torch.float32 and fast.device.type == "cuda"
+    assert torch.allclose(got.cpu(), ref, atol=1e-2) and torch.allclose(fast.cpu(), ref, atol=1e-2)
 
 
 def test_signature_tells_which_fbanks_may_share():
@@ -70,7 +103,7 @@ def test_signature_tells_which_fbanks_may_share():
     assert shared.usable_by(base) and not shared.usable_by(None)
 
 
-def test_teacher_starts_from_the_students_fbank(trained_run):
+def test_teacher_starts_from_the_students_fbank(trained_run, monkeypatch):
     """A teacher with the student's fbank settings gives the same posteriors from shared features,
     and its own fbank is not run."""
     from speech_kd.teachers.base import load_teacher
@@ -83,15 +116,19 @@ def test_teacher_starts_from_the_students_fbank(trained_run):
     full = teacher(wavs, lens)
     feats = Fbank(n_mels=80)(wavs)
 
+    import speech_kd.teachers.sb as sb_teacher
+
     calls = []
     fbank_module = next(iter(teacher.asr.mods.encoder.values()))
-    handle = fbank_module.register_forward_hook(lambda *args: calls.append(1))
+    handle = fbank_module.register_forward_hook(lambda *args: calls.append("Fbank.forward"))
+    real_fast = sb_teacher.fast_fbank
+    monkeypatch.setattr(sb_teacher, "fast_fbank", lambda *a: calls.append("fast_fbank") or real_fast(*a))
     try:
         shared = teacher(wavs, lens, features=SharedFeatures(feats, lens, teacher.feature_signature))
         mismatched = SharedFeatures(feats, lens, fbank_signature(Fbank(n_mels=40)))
         teacher(wavs, lens, features=mismatched)
     finally:
         handle.remove()
-    assert len(calls) == 1  # only the mismatched call ran the teacher's own fbank
+    assert calls == ["fast_fbank"]  # only the mismatched call ran the teacher's own fbank
     assert torch.equal(shared.lengths, full.lengths)
     assert torch.allclose(shared.log_probs, full.log_probs, atol=1e-5)
