@@ -355,8 +355,14 @@ class CTCBrain(sb.Brain):
         record = {"epoch": epoch, "step": step, "lr": lr, "train": getattr(self, "train_stats", {}),
                   "valid": valid_stats, "batches_per_rank": getattr(self, "batches_per_rank", None),
                   "train_seconds": round(getattr(self, "train_seconds", float("nan")), 3)}  # fmt: skip
-        with open(Path(folder) / "history.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, default=float) + "\n")
+        path = Path(folder) / "history.jsonl"
+        line = (json.dumps(record, default=float) + "\n").encode()
+        with open(path, "a+b") as fh:
+            if fh.seek(0, 2) > 0:
+                fh.seek(-1, 2)
+                if fh.read(1) != b"\n":  # a line cut short by a crash is ended, not continued
+                    line = b"\n" + line
+            fh.write(line)  # one write per line
 
     def _train_loggers(self) -> list:
         """The yaml's ``train_logger``, plus SpeechBrain's ``TensorboardLogger`` when ``use_tensorboard``.

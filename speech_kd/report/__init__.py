@@ -51,10 +51,15 @@ def load_history(run_dir: str | os.PathLike) -> list[dict]:
     if not path.exists():
         return []
     rows = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
             row = json.loads(line)
-            rows[row["epoch"]] = row
+        except json.JSONDecodeError:  # a line cut short by a crash (power loss); the rerun wrote the epoch again
+            logger.warning("%s line %d is not JSON (cut short?): skipped", path, number)
+            continue
+        rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
 
 
