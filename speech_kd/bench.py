@@ -121,7 +121,17 @@ def bench_features(batch, repeats: int, device: str) -> dict:
         ),
     }
     with torch.no_grad():
-        times = {name: median_time(run, repeats) for name, run in runs.items()}
+        # A few milliseconds each: more repeats than the steps get, the torch ones interleaved so drifts hit
+        # all alike. librosa runs apart, after a pause: numpy's BLAS threads spin-wait after each call and
+        # took the cores from whichever torch run came next (torch.stft measured 9x slower right after it).
+        torch_runs = {name: run for name, run in runs.items() if name != "librosa"}
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(4):
+            for name, run in torch_runs.items():
+                samples[name].append(median_time(run, max(5, repeats)))
+        time.sleep(0.5)
+        samples["librosa"] = [median_time(runs["librosa"], max(5, repeats)) for _ in range(2)]
+        times = {name: statistics.median(values) for name, values in samples.items()}
     results = {f"features_{name}_audio_s_per_s": seconds / t for name, t in times.items()}
     results.update(
         features_vs_librosa=times["librosa"] / times["ours"],
