@@ -20,7 +20,7 @@ import json
 import logging
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 # train/distill take SpeechBrain's own argument syntax (yaml + --key=value overrides)
 _PASSTHROUGH = {"train", "distill"}
@@ -223,5 +223,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _is_input_error(error: BaseException) -> bool:
+    """Errors that are about the user's files or settings, told as one line instead of a traceback.
+
+    Our own error types (bad audio, transcripts, vocabularies, frame rates,
+    caches, teachers, non-finite losses) and the ``ValueError``/``OSError``
+    families that name the file or option at fault. Anything else is a bug and
+    keeps its traceback.
+    """
+    from speech_kd.brain import NonFiniteLossError
+    from speech_kd.cache import CacheError
+
+    return isinstance(error, (ValueError, OSError, CacheError, NonFiniteLossError))
+
+
+def run(argv: list[str] | None = None) -> int:
+    """The ``speech-kd`` script: :func:`main`, with errors in the user's input told in one line.
+
+    ``speech-kd CMD ...: error: MESSAGE`` on stderr and exit status 2, with no
+    traceback; set ``SPEECH_KD_TRACEBACK=1`` to get the traceback as well.
+    """
+    import os
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(argv)
+    except Exception as error:
+        if os.environ.get("SPEECH_KD_TRACEBACK") or not _is_input_error(error):
+            raise
+        command = argv[0] if argv else ""
+        print(f"speech-kd {command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -48,3 +48,21 @@ def test_evaluate_cli_on_csv_and_on_librispeech_folder(trained_run, tiny_corpus,
     main(["evaluate", "--asr", str(trained_run / "model"), "--data_folder", str(tiny_corpus), "--split", "test",
           "--json", str(out2)])  # fmt: skip
     assert json.loads(out2.read_text())["wer"] == summary["wer"]
+
+
+def test_script_tells_a_missing_manifest_in_one_line(trained_run, tmp_path):
+    """The ``speech-kd`` script: a user's missing file is one line naming it and exit status 2, no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    missing = tmp_path / "dev.csv"
+    model = str(trained_run / "model")
+    cmd = [sys.executable, "-m", "speech_kd.cli", "evaluate", "--asr", model, "--csv", str(missing)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    expected = f"speech-kd evaluate: error: FileNotFoundError: [Errno 2] No such file or directory: '{missing}'"
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    debug = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SPEECH_KD_TRACEBACK": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
