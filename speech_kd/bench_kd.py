@@ -10,9 +10,10 @@ Example (the README's 40-epoch table)::
         --out results/kd_long --epochs 40 --variants scratch kd
 
 Without ``--teacher`` a teacher is first trained with ``hparams/teacher.yaml``.
-Prints and writes ``OUT/results.md`` and ``OUT/results.json``: WER, CER,
-parameters, RTF per model, and the share of the scratch-teacher WER gap each
-KD variant closes.
+Prints and writes ``OUT/results.md`` and ``OUT/results.json``: test WER, CER,
+parameters, RTF per model, dev WER and CER, and the share of the
+scratch-teacher WER gap each KD variant closes on test and on dev (two sets
+of unseen speakers: with a small gap one set alone says little).
 """
 
 from __future__ import annotations
@@ -100,8 +101,10 @@ def train_seconds_per_epoch(folder: Path) -> float | None:
 
 
 def _epochs_done(folder: Path) -> int:
-    history = folder / "history.jsonl"
-    return len(history.read_text().splitlines()) if history.exists() else 0
+    """Epochs finished by a run (a resumed epoch's repeated history line counts once)."""
+    from speech_kd.report import load_history
+
+    return len(load_history(folder))
 
 
 def _run_all(
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from speech_kd.prepare import prepare_librispeech
 
-    csvs = prepare_librispeech(data, out / "data", splits=["train", "test"]).csv_files
+    csvs = prepare_librispeech(data, out / "data", splits=["train", "dev", "test"]).csv_files
     cache = out / "cache"
     _run_all({"cache": _speech_kd("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache))},
              logs, 1)  # fmt: skip
@@ -194,10 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     from speech_kd.evaluate import evaluate_model
 
-    results = {"teacher": evaluate_model(teacher, csvs["test"], json_path=out / "eval_teacher.json").summary}
-    for name in args.variants:
-        results[name] = evaluate_model(out / name / "model", csvs["test"], json_path=out / f"eval_{name}.json").summary
-        results[name]["train_s_per_epoch"] = train_seconds_per_epoch(out / name)
+    results = {}
+    for name, model in {"teacher": teacher, **{v: out / v / "model" for v in args.variants}}.items():
+        results[name] = evaluate_model(model, csvs["test"], json_path=out / f"eval_{name}.json").summary
+        dev = evaluate_model(model, csvs["dev"], json_path=out / f"eval_{name}_dev.json").summary
+        results[name].update(dev_wer=dev["wer"], dev_cer=dev["cer"])
+        if name != "teacher":
+            results[name]["train_s_per_epoch"] = train_seconds_per_epoch(out / name)
     table = format_results(results)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -212,20 +218,26 @@ def format_results(results: dict) -> str:
     (students run side by side, so their times are comparable), and
     ``vs scratch`` its ratio to the scratch student's.
     """
-    teacher = results.get("teacher", {}).get("wer")
-    scratch = results.get("scratch", {}).get("wer")
     base_time = results.get("scratch", {}).get("train_s_per_epoch")
-    lines = ["| model | WER % | CER % | parameters | RTF | WER gap closed | s/epoch | vs scratch |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+
+    def closed(name: str, key: str) -> str:
+        teacher, scratch = results.get("teacher", {}).get(key), results.get("scratch", {}).get(key)
+        if name in ("teacher", "scratch") or teacher is None or scratch is None or key not in results[name]:
+            return ""
+        return f"{100 * gap_closed(scratch, results[name][key], teacher):.0f} %"
+
+    def number(row: dict, key: str) -> str:
+        return f"{row[key]:.2f}" if key in row else ""
+
+    lines = ["| model | WER % | CER % | parameters | RTF | WER gap closed | dev WER % | dev CER % | dev WER gap closed "
+             "| s/epoch | vs scratch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, s in results.items():
-        closed = ""
-        if name not in ("teacher", "scratch") and teacher is not None and scratch is not None:
-            closed = f"{100 * gap_closed(scratch, s['wer'], teacher):.0f} %"
         seconds = s.get("train_s_per_epoch")
         timing = f"{seconds:.1f} | " if seconds else " | "
         timing += f"{seconds / base_time:.2f}" if seconds and base_time else ""
-        lines.append(f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} | {closed} | "
-                     f"{timing} |")  # fmt: skip
+        lines.append(f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} | "
+                     f"{closed(name, 'wer')} | {number(s, 'dev_wer')} | {number(s, 'dev_cer')} | "
+                     f"{closed(name, 'dev_wer')} | {timing} |")  # fmt: skip
     return "\n".join(lines)
 
 

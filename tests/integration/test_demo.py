@@ -14,11 +14,11 @@ def test_quick_demo_runs_offline_end_to_end(tmp_path, monkeypatch):
     results = run_demo(tmp_path / "demo", quick=True)
     assert set(results) == {"teacher", "scratch", "kd"}
     for summary in results.values():
-        assert {"wer", "cer", "params", "rtf", "num_utts"} <= set(summary)
+        assert {"wer", "cer", "params", "rtf", "num_utts", "dev_wer", "dev_cer"} <= set(summary)
     assert results["kd"]["params"] == results["scratch"]["params"] < results["teacher"]["params"]
     assert results["kd"]["train_s_per_epoch"] > 0 and results["scratch"]["train_s_per_epoch"] > 0
     table = (tmp_path / "demo" / "results.md").read_text()
-    assert "| kd |" in table and "WER gap closed" in table and "vs scratch" in table
+    assert "| kd |" in table and "WER gap closed" in table and "dev WER gap closed" in table and "vs scratch" in table
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == results
     meta = json.loads((tmp_path / "demo" / "cache" / "meta.json").read_text())
     assert meta["teacher_tokens"][0] == "<blank>"
