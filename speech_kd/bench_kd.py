@@ -224,6 +224,8 @@ def format_results(results: dict) -> str:
         teacher, scratch = results.get("teacher", {}).get(key), results.get("scratch", {}).get(key)
         if name in ("teacher", "scratch") or teacher is None or scratch is None or key not in results[name]:
             return ""
+        if scratch <= teacher:  # the scratch student is already as good as the teacher: no gap to close
+            return "no gap"
         return f"{100 * gap_closed(scratch, results[name][key], teacher):.0f} %"
 
     def number(row: dict, key: str) -> str:
