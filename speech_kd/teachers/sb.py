@@ -108,7 +108,7 @@ class SpeechBrainTeacher(Teacher):
         :func:`~speech_kd.features.fast_fbank` (same output), then the rest of the encoder.
         """
         if self._after_features is not None and wavs.dim() == 2 and fast_fbank_applies(self._fbank):
-            feats = fast_fbank(self._fbank, wavs.to(self.asr.device).float())
+            feats = fast_fbank(self._fbank, wavs.to(self.asr.device))  # fast_fbank casts to fp32 itself
             return self.posteriors_from_features(feats, wav_lens)
         return self._finish(self.asr.encode_batch(wavs, wav_lens).float(), wav_lens)
 
