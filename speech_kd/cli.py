@@ -9,6 +9,7 @@ Commands::
     speech-kd cache-targets --teacher FOLDER --csv train.csv --out CACHE_DIR
     speech-kd evaluate --asr FOLDER (--csv TEST.csv | --data_folder DIR --split NAME) [--json PATH] [--html PATH]
     speech-kd report RUN_DIR [--compare NAME=FOLDER ...] [--max_utts N] [--no-eval]
+    speech-kd compare --teacher T_utts.txt --scratch S_utts.txt ... --kd K_utts.txt ... [--json PATH]
     speech-kd bench [--json PATH]
     speech-kd demo [--out DIR]
 """
@@ -109,6 +110,17 @@ def _cmd_report(args) -> None:
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
+def _cmd_compare(args) -> None:
+    from speech_kd.compare import compare_files, format_comparison
+
+    if len(args.scratch) != len(args.kd) and min(len(args.scratch), len(args.kd)) > 1:
+        raise ValueError(f"--scratch has {len(args.scratch)} files and --kd {len(args.kd)}: give one per seed, paired")
+    result = compare_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
+    print(format_comparison(result))
+    if args.json:
+        print(f"wrote {args.json}")
+
+
 def _cmd_bench(args) -> None:
     from speech_kd.bench import main as bench_main
 
@@ -181,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip scoring (the table shows the run's test_results.json)")  # fmt: skip
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="share of the teacher gap KD closes, with a bootstrap interval")
+    p.add_argument("--teacher", required=True, help="the teacher's per-utterance file (speech-kd evaluate --utts)")
+    p.add_argument("--scratch", required=True, nargs="+", help="scratch students' files, one per seed")
+    p.add_argument("--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order")
+    p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
+    p.add_argument("--json", default=None)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
     p.add_argument("--json", default=None)

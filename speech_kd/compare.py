@@ -1,0 +1,203 @@
+"""Is the KD student really better? Gap closed with a bootstrap interval.
+
+A single test set of a hundred utterances and a single seed move a student's
+WER by several points, which can be more than the whole scratch-to-teacher gap
+distillation is meant to close. This module takes the per-utterance files that
+``speech-kd evaluate`` writes (``--utts``, or next to ``--json``) for a teacher,
+one or more scratch students and as many KD students (one per seed, paired by
+position), and reports
+
+- each model's WER, and the mean over seeds of the scratch and KD students;
+- the share of the WER gap KD closes, ``(scratch - kd) / (scratch - teacher)``
+  on those means;
+- a bootstrap interval for that share and for the WER difference, resampling
+  the test utterances (the same draw for every model, so the comparison is
+  paired) and, with two or more seed pairs, the seed pairs too, so that both
+  test-set noise and training noise are in the interval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["read_utterance_errors", "GapComparison", "compare_gap", "compare_files", "format_comparison"]
+
+_HEADER = re.compile(r"^(\S+)  WER [0-9.]+%  \((\d+) errors / (\d+) words\)$")
+
+
+def read_utterance_errors(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """``{utt_id: (word_errors, reference_words)}`` from a ``speech-kd evaluate`` utterance file."""
+    out: dict[str, tuple[int, int]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            match = _HEADER.match(line.rstrip("\n"))
+            if match:
+                out[match.group(1)] = (int(match.group(2)), int(match.group(3)))
+    if not out:
+        raise ValueError(f"{path}: no per-utterance lines (expected the --utts file of speech-kd evaluate)")
+    return out
+
+
+@dataclass
+class GapComparison:
+    """Result of :func:`compare_gap`; WERs in %, shares as fractions."""
+
+    num_utts: int
+    teacher_wer: float
+    scratch_wers: list[float]
+    kd_wers: list[float]
+    scratch_mean: float
+    kd_mean: float
+    gap_closed: float
+    gap_closed_interval: tuple[float, float]
+    wer_gain: float
+    wer_gain_interval: tuple[float, float]
+    prob_kd_better: float
+    prob_half_gap: float
+    resample_seeds: bool
+    confidence: float
+    draws: int
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def _matrix(runs: list[dict[str, tuple[int, int]]], ids: list[str], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Errors ``[R, N]`` and reference words ``[N]``; every run must cover exactly ``ids``."""
+    words = np.array([runs[0][u][1] for u in ids], dtype=np.float64)
+    errors = np.zeros((len(runs), len(ids)))
+    for r, (run, name) in enumerate(zip(runs, names)):
+        missing, extra = set(ids) - set(run), set(run) - set(ids)
+        if missing or extra:
+            raise ValueError(
+                f"{name}: scored on different utterances than {names[0]} "
+                f"({len(missing)} missing, e.g. {sorted(missing)[:3]}; {len(extra)} extra, e.g. {sorted(extra)[:3]})"
+            )
+        if any(run[u][1] != runs[0][u][1] for u in ids):
+            raise ValueError(f"{name}: reference word counts differ from {names[0]}: not the same test set")
+        errors[r] = [run[u][0] for u in ids]
+    return errors, words
+
+
+def compare_gap(
+    teacher: dict[str, tuple[int, int]],
+    scratch: list[dict[str, tuple[int, int]]],
+    kd: list[dict[str, tuple[int, int]]],
+    draws: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
+    names: list[str] | None = None,
+) -> GapComparison:
+    """Share of the scratch-to-teacher WER gap closed by KD, with a paired bootstrap interval.
+
+    Arguments are :func:`read_utterance_errors` results; ``scratch[i]`` and
+    ``kd[i]`` are the same seed. Seed pairs are resampled too when there are
+    at least two of them and as many scratch as KD runs.
+
+    Example
+    -------
+    >>> t = {"a": (1, 10), "b": (2, 10), "c": (1, 10)}
+    >>> s = {"a": (5, 10), "b": (4, 10), "c": (6, 10)}
+    >>> k = {"a": (3, 10), "b": (3, 10), "c": (3, 10)}
+    >>> round(compare_gap(t, [s], [k], draws=200).gap_closed, 3)
+    0.545
+    """
+    if not scratch or not kd:
+        raise ValueError("need at least one scratch and one KD run")
+    runs = [teacher, *scratch, *kd]
+    names = names or ["teacher"] + [f"scratch[{i}]" for i in range(len(scratch))] + [f"kd[{i}]" for i in range(len(kd))]
+    ids = sorted(teacher)
+    errors, words = _matrix(runs, ids, names)
+    n, n_s = len(ids), len(scratch)
+
+    def shares(weights: np.ndarray, seed_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Gap share and WER gain for each row of utterance ``weights [D, N]``."""
+        wer = 100.0 * (weights @ errors.T) / (weights @ words)[:, None]  # [D, R]
+        t, s, k = wer[:, 0], wer[:, 1 : 1 + n_s], wer[:, 1 + n_s :]
+        if seed_rows is not None:
+            s = np.take_along_axis(s, seed_rows, axis=1)
+            k = np.take_along_axis(k, seed_rows, axis=1)
+        gain = s.mean(1) - k.mean(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            share = gain / (s.mean(1) - t)
+        return share, gain
+
+    share0, gain0 = shares(np.ones((1, n)), None)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)
+    resample_seeds = len(scratch) == len(kd) and len(scratch) >= 2
+    seed_rows = rng.integers(0, n_s, size=(draws, n_s)) if resample_seeds else None
+    share, gain = shares(weights, seed_rows)
+    lo, hi = 50.0 * (1 - confidence), 100.0 - 50.0 * (1 - confidence)
+    wer = 100.0 * errors.sum(1) / words.sum()
+    finite = share[np.isfinite(share)]
+    return GapComparison(
+        num_utts=n,
+        teacher_wer=float(wer[0]),
+        scratch_wers=[float(x) for x in wer[1 : 1 + n_s]],
+        kd_wers=[float(x) for x in wer[1 + n_s :]],
+        scratch_mean=float(wer[1 : 1 + n_s].mean()),
+        kd_mean=float(wer[1 + n_s :].mean()),
+        gap_closed=float(share0[0]),
+        gap_closed_interval=(float(np.percentile(finite, lo)), float(np.percentile(finite, hi))),
+        wer_gain=float(gain0[0]),
+        wer_gain_interval=(float(np.percentile(gain, lo)), float(np.percentile(gain, hi))),
+        prob_kd_better=float((gain > 0).mean()),
+        prob_half_gap=float((finite >= 0.5).mean()) if finite.size else float("nan"),
+        resample_seeds=resample_seeds,
+        confidence=confidence,
+        draws=draws,
+    )
+
+
+def format_comparison(result: GapComparison) -> str:
+    """A short Markdown summary of a :class:`GapComparison`."""
+    pct = round(100 * result.confidence)
+    what = "utterances and seed pairs" if result.resample_seeds else "utterances"
+    lines = [
+        f"test utterances: {result.num_utts}",
+        "",
+        "| model | WER % |",
+        "|---|---:|",
+        f"| teacher | {result.teacher_wer:.2f} |",
+        *[f"| scratch [{i}] | {w:.2f} |" for i, w in enumerate(result.scratch_wers)],
+        *[f"| kd [{i}] | {w:.2f} |" for i, w in enumerate(result.kd_wers)],
+        f"| scratch, mean | {result.scratch_mean:.2f} |",
+        f"| kd, mean | {result.kd_mean:.2f} |",
+        "",
+        f"WER gap closed by KD: {100 * result.gap_closed:.0f} % "
+        f"({pct} % interval {100 * result.gap_closed_interval[0]:.0f} to {100 * result.gap_closed_interval[1]:.0f} %)",
+        f"KD WER gain over scratch: {result.wer_gain:.2f} points "
+        f"({pct} % interval {result.wer_gain_interval[0]:.2f} to {result.wer_gain_interval[1]:.2f})",
+        f"share of bootstrap draws with KD better than scratch: {result.prob_kd_better:.3f}; "
+        f"closing at least half of the gap: {result.prob_half_gap:.3f}",
+        f"({result.draws} bootstrap draws over {what})",
+    ]
+    return "\n".join(lines)
+
+
+def compare_files(
+    teacher: str | os.PathLike,
+    scratch: list[str | os.PathLike],
+    kd: list[str | os.PathLike],
+    json_path: str | os.PathLike | None = None,
+    draws: int = 2000,
+) -> GapComparison:
+    """:func:`compare_gap` on utterance files; optionally writes the result as JSON."""
+    paths = [teacher, *scratch, *kd]
+    runs = [read_utterance_errors(p) for p in paths]
+    result = compare_gap(runs[0], runs[1 : 1 + len(scratch)], runs[1 + len(scratch) :], draws=draws,
+                         names=[str(p) for p in paths])  # fmt: skip
+    if json_path:
+        data = result.to_dict() | {"files": {"teacher": str(teacher), "scratch": [str(p) for p in scratch],
+                                             "kd": [str(p) for p in kd]}}  # fmt: skip
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(data, indent=2) + "\n")
+    return result
