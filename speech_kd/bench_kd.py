@@ -148,7 +148,7 @@ def _run_all(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point; returns the results dict."""
+    """Command-line entry point; returns the results dict (with several seeds: ``{"seeds", "mean"}``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="LibriSpeech-layout folder with train/dev/test")
     parser.add_argument("--out", required=True)
@@ -161,10 +161,23 @@ def main(argv: list[str] | None = None) -> dict:
                         "(speed perturbation, live teacher)")  # fmt: skip
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1986)
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="several seeds: runs in OUT/seed_S/; mean table, bootstrap interval, dev curves",
+    )
+    parser.add_argument(
+        "--test_data", default=None, help="score the test split of this folder instead (a larger test set)"
+    )
     parser.add_argument("--extra", default="", help='more overrides for every student: --extra="--key=value ..."')
     args = parser.parse_args(argv)
 
     variants = {name: variant_args(name) for name in args.variants}  # unknown names fail before anything runs
+    seeds = args.seeds or [args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {seeds}")
     out = Path(args.out).resolve()
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -181,34 +194,129 @@ def main(argv: list[str] | None = None) -> dict:
     from speech_kd.prepare import prepare_librispeech
 
     csvs = prepare_librispeech(data, out / "data", splits=["train", "dev", "test"]).csv_files
+    if args.test_data:
+        csvs["test"] = prepare_librispeech(
+            Path(args.test_data).resolve(), out / "data_test", splits=["test"]
+        ).csv_files["test"]
     cache = out / "cache"
     _run_all({"cache": _speech_kd("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache))},
              logs, 1)  # fmt: skip
 
-    students = {}
-    for name, (overrides, cached) in variants.items():
-        cmd = _speech_kd("distill", str(REPO / args.student), f"--teacher_source={teacher}", f"--data_folder={data}",
-                         f"--output_folder={out / name}", f"--number_of_epochs={args.epochs}", f"--seed={args.seed}",
-                         "--report_after_run=False", *overrides, *args.extra.split())  # fmt: skip
-        if cached:
-            cmd.append(f"--targets_cache={cache}")
-        students[name] = cmd
-    _run_all(students, logs, args.parallel, {name: (out / name, args.epochs) for name in students})
+    folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
+    students, progress = {}, {}
+    for seed, folder in folders.items():
+        for name, (overrides, cached) in variants.items():
+            cmd = _speech_kd("distill", str(REPO / args.student), f"--teacher_source={teacher}",
+                             f"--data_folder={data}", f"--output_folder={folder / name}",
+                             f"--number_of_epochs={args.epochs}", f"--seed={seed}", "--report_after_run=False",
+                             *overrides, *args.extra.split())  # fmt: skip
+            if cached:
+                cmd.append(f"--targets_cache={cache}")
+            key = name if len(seeds) == 1 else f"{name}_seed{seed}"
+            students[key] = cmd
+            progress[key] = (folder / name, args.epochs)
+    _run_all(students, logs, args.parallel, progress)
 
-    from speech_kd.evaluate import evaluate_model
-
-    results = {}
-    for name, model in {"teacher": teacher, **{v: out / v / "model" for v in args.variants}}.items():
-        results[name] = evaluate_model(model, csvs["test"], json_path=out / f"eval_{name}.json").summary
-        dev = evaluate_model(model, csvs["dev"], json_path=out / f"eval_{name}_dev.json").summary
-        results[name].update(dev_wer=dev["wer"], dev_cer=dev["cer"])
-        if name != "teacher":
-            results[name]["train_s_per_epoch"] = train_seconds_per_epoch(out / name)
-    table = format_results(results)
+    teacher_scores = _evaluate(Path(teacher), csvs, out, "teacher")
+    per_seed = {}
+    for seed, folder in folders.items():
+        results = {"teacher": teacher_scores}
+        for name in args.variants:
+            results[name] = _evaluate(folder / name / "model", csvs, folder, name)
+            results[name]["train_s_per_epoch"] = train_seconds_per_epoch(folder / name)
+        (folder / "results.md").write_text(format_results(results) + "\n")
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        per_seed[seed] = results
+    if len(seeds) == 1:
+        table, results = format_results(per_seed[seeds[0]]), per_seed[seeds[0]]
+    else:
+        results = {"seeds": per_seed, "mean": summarise_seeds(per_seed, out, folders, args.variants)}
+        table = format_seed_summary(results["mean"], seeds)
+        _seed_figure(out, folders, args.variants, teacher_scores.get("dev_wer"))
+        table += "\n\n" + "\n\n".join(f"seed {s}:\n\n{format_results(r)}" for s, r in per_seed.items())
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
     return results
+
+
+def _evaluate(model: Path, csvs: dict, folder: Path, name: str) -> dict:
+    """Test and dev scores of one model; per-utterance files ``eval_NAME[_dev]_utts.txt`` beside the JSON."""
+    from speech_kd.evaluate import evaluate_model
+
+    scores = evaluate_model(model, csvs["test"], json_path=folder / f"eval_{name}.json",
+                            utts_path=folder / f"eval_{name}_utts.txt").summary  # fmt: skip
+    dev = evaluate_model(model, csvs["dev"], json_path=folder / f"eval_{name}_dev.json",
+                         utts_path=folder / f"eval_{name}_dev_utts.txt").summary  # fmt: skip
+    return {**scores, "dev_wer": dev["wer"], "dev_cer": dev["cer"]}
+
+
+def summarise_seeds(per_seed: dict, out: Path, folders: dict, variants: list[str]) -> dict:
+    """Mean scores over seeds per model and, for KD variants, the gap closed with a bootstrap interval.
+
+    The interval (:func:`speech_kd.compare.compare_gap`) resamples test
+    utterances and seed pairs, on test and on dev.
+    """
+    from speech_kd.compare import compare_gap, read_utterance_errors
+
+    keys = ("wer", "cer", "dev_wer", "dev_cer", "train_s_per_epoch")
+    summary = {}
+    for name in ["teacher", *variants]:
+        rows = [r[name] for r in per_seed.values()]
+        summary[name] = {
+            k: statistics.mean(r[k] for r in rows) for k in keys if all(r.get(k) is not None for r in rows)
+        }
+        summary[name]["params"] = rows[0]["params"]
+    if "scratch" in variants:
+        for split, suffix in (("test", ""), ("dev", "_dev")):
+            teacher = read_utterance_errors(out / f"eval_teacher{suffix}_utts.txt")
+            scratch = [read_utterance_errors(f / f"eval_scratch{suffix}_utts.txt") for f in folders.values()]
+            for name in variants:
+                if name == "scratch":
+                    continue
+                kd = [read_utterance_errors(f / f"eval_{name}{suffix}_utts.txt") for f in folders.values()]
+                gap = compare_gap(teacher, scratch, kd)
+                summary[name][f"{split}_gap"] = {
+                    "closed": gap.gap_closed, "interval": gap.gap_closed_interval, "wer_gain": gap.wer_gain,
+                    "wer_gain_interval": gap.wer_gain_interval, "prob_kd_better": gap.prob_kd_better,
+                    "num_utts": gap.num_utts,
+                }  # fmt: skip
+    return summary
+
+
+def format_seed_summary(summary: dict, seeds: list[int]) -> str:
+    """Markdown table of the means over seeds, with the bootstrap intervals of the gap closed."""
+
+    def gap(row: dict, split: str) -> str:
+        g = row.get(f"{split}_gap")
+        if not g:
+            return ""
+        lo, hi = g["interval"]
+        return f"{100 * g['closed']:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+    def gain(row: dict) -> str:
+        g = row.get("test_gap")
+        return f"{g['wer_gain']:.2f} [{g['wer_gain_interval'][0]:.2f}, {g['wer_gain_interval'][1]:.2f}]" if g else ""
+
+    lines = [f"mean over seeds {', '.join(map(str, seeds))}; [95 % bootstrap interval over test utterances and "
+             "seed pairs]", "",
+             "| model | WER % | CER % | dev WER % | dev CER % | parameters | WER gap closed | dev WER gap closed "
+             "| WER gain (points) | s/epoch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for name, row in summary.items():
+        seconds = row.get("train_s_per_epoch")
+        lines.append(f"| {name} | {row['wer']:.2f} | {row['cer']:.2f} | {row.get('dev_wer', float('nan')):.2f} | "
+                     f"{row.get('dev_cer', float('nan')):.2f} | {row['params']:,} | {gap(row, 'test')} | "
+                     f"{gap(row, 'dev')} | {gain(row)} | {f'{seconds:.1f}' if seconds else ''} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _seed_figure(out: Path, folders: dict, variants: list[str], teacher_dev_wer: float | None) -> None:
+    """``OUT/dev_wer.png``: dev WER per epoch of each variant, mean and min-max band over seeds."""
+    from speech_kd.report import load_history
+    from speech_kd.report.plots import seed_curves
+
+    groups = {name: [load_history(f / name) for f in folders.values()] for name in variants}
+    (out / "dev_wer.png").write_bytes(seed_curves(groups, teacher=teacher_dev_wer))
 
 
 def format_results(results: dict) -> str:

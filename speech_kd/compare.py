@@ -146,7 +146,7 @@ def compare_gap(
         scratch_mean=float(wer[1 : 1 + n_s].mean()),
         kd_mean=float(wer[1 + n_s :].mean()),
         gap_closed=float(share0[0]),
-        gap_closed_interval=(float(np.percentile(finite, lo)), float(np.percentile(finite, hi))),
+        gap_closed_interval=(_percentile(finite, lo), _percentile(finite, hi)),
         wer_gain=float(gain0[0]),
         wer_gain_interval=(float(np.percentile(gain, lo)), float(np.percentile(gain, hi))),
         prob_kd_better=float((gain > 0).mean()),
@@ -155,6 +155,11 @@ def compare_gap(
         confidence=confidence,
         draws=draws,
     )
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """``q``-th percentile, NaN for no values (every draw had no gap to close)."""
+    return float(np.percentile(values, q)) if values.size else float("nan")
 
 
 def format_comparison(result: GapComparison) -> str:

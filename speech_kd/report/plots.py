@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
-__all__ = ["learning_curves", "posteriorgram", "wer_bars", "size_vs_wer", "spike_frames", "shown_tokens"]
+__all__ = ["learning_curves", "posteriorgram", "wer_bars", "size_vs_wer", "spike_frames", "shown_tokens", "seed_curves"]
 
 DPI = 110
 #: KD diagnostics of ``history.jsonl`` drawn on the 0..1 axis of the learning curves
@@ -309,4 +309,46 @@ def size_vs_wer(rows: list[dict]) -> bytes:
     ax.set(xlabel="parameters (log scale)", ylabel="test WER (%)", title="Size against accuracy")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), title="model: size, WER", title_fontsize=8)
+    return _png(fig)
+
+
+def seed_curves(groups: dict[str, list[list[dict]]], teacher: float | None = None, metric: str = "WER") -> bytes:
+    """Dev ``metric`` per epoch of several models, each trained with several seeds: mean line, min-max band.
+
+    Parameters
+    ----------
+    groups : dict
+        Model name -> one ``history.jsonl`` row list per seed (see :func:`learning_curves`).
+    teacher : float, optional
+        The teacher's dev ``metric`` (%), drawn as a horizontal line.
+    metric : str
+        ``WER`` or ``CER`` (a key of each row's ``valid``).
+
+    Examples
+    --------
+    >>> h = lambda *w: [{"epoch": i + 1, "valid": {"WER": x}} for i, x in enumerate(w)]
+    >>> seed_curves({"scratch": [h(90, 60), h(80, 50)], "kd": [h(70, 45), h(60, 44)]}, teacher=40.0)[1:4]
+    b'PNG'
+    """
+    fig, ax = plt.subplots(figsize=(7.5, 4.0), constrained_layout=True)
+    top = 0.0
+    for name, runs in groups.items():
+        epochs = min(len(run) for run in runs)
+        if epochs == 0:
+            continue
+        values = np.array([_series(run[:epochs], "valid", metric) for run in runs])  # [seeds, epochs]
+        x = np.arange(1, epochs + 1)
+        mean = np.nanmean(values, axis=0)
+        (line,) = ax.plot(x, mean, lw=1.8, label=f"{name} (mean of {len(runs)}; last {mean[-1]:.1f} %)")
+        if len(runs) > 1:
+            ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(),
+                            alpha=0.18, lw=0)  # fmt: skip
+        top = max(top, float(np.nanmax(values[:, min(2, epochs - 1) :])))
+    if teacher is not None:
+        ax.axhline(teacher, color="0.3", ls="--", lw=1.2, label=f"teacher ({teacher:.1f} %)")
+    ax.set_ylim(0, min(100.0, top * 1.08) if top else 100.0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch", ylabel=f"dev {metric} (%)", title=f"Dev {metric} per epoch (band: min-max over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(**{**_BELOW, "ncol": 2})
     return _png(fig)
