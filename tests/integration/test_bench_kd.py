@@ -30,3 +30,8 @@ def test_several_seeds_give_a_mean_table_with_intervals_and_a_figure(trained_run
     assert table.startswith("mean over seeds 11, 12") and "seed 12:" in table
     assert (out / "dev_wer.png").read_bytes()[1:4] == b"PNG"
     assert json.loads((out / "results.json").read_text())["mean"]["kd"]["params"] == mean["kd"]["params"]
+
+    # the same command again reuses the finished runs: nothing retrained, the same scores
+    again = bench_kd(argv)
+    assert again["mean"]["kd"]["wer"] == mean["kd"]["wer"]
+    assert len((out / "seed_11" / "kd" / "history.jsonl").read_text().splitlines()) == 1
