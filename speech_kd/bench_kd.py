@@ -9,6 +9,16 @@ Example (the README's 40-epoch table)::
     python -m speech_kd.bench_kd --data demo_run/corpus --teacher speech_kd/pretrained/teacher_synth \
         --out results/kd_long --epochs 40 --variants scratch kd
 
+With ``--seeds S1 S2 ...`` every variant is trained once per seed (``OUT/seed_S/``) and
+``OUT/results.md`` adds the means over seeds, the gap closed with a 95 % bootstrap
+interval over test utterances and seed pairs (:mod:`speech_kd.compare`) and
+``OUT/dev_wer.png`` (dev WER per epoch, band over seeds); ``--test_data`` scores
+another folder's (larger) test split. Finished runs are reused, so the same
+command with more seeds only trains the new ones::
+
+    python -m speech_kd.bench_kd --data data/synth --teacher speech_kd/pretrained/teacher_synth \
+        --out results/kd3h12 --epochs 12 --seeds 1986 7 3 4 5 6 --test_data data/synth_bigtest
+
 Without ``--teacher`` a teacher is first trained with ``hparams/teacher.yaml``.
 Prints and writes ``OUT/results.md`` and ``OUT/results.json``: test WER, CER,
 parameters, RTF per model, dev WER and CER, and the share of the
