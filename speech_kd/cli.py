@@ -113,8 +113,6 @@ def _cmd_report(args) -> None:
 def _cmd_compare(args) -> None:
     from speech_kd.compare import compare_files, format_comparison
 
-    if len(args.scratch) != len(args.kd) and min(len(args.scratch), len(args.kd)) > 1:
-        raise ValueError(f"--scratch has {len(args.scratch)} files and --kd {len(args.kd)}: give one per seed, paired")
     result = compare_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
     print(format_comparison(result))
     if args.json:

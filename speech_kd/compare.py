@@ -98,8 +98,8 @@ def compare_gap(
     """Share of the scratch-to-teacher WER gap closed by KD, with a paired bootstrap interval.
 
     Arguments are :func:`read_utterance_errors` results; ``scratch[i]`` and
-    ``kd[i]`` are the same seed. Seed pairs are resampled too when there are
-    at least two of them and as many scratch as KD runs.
+    ``kd[i]`` are the same seed, so the counts must match unless one side is a
+    single run. Seed pairs are resampled too when there are at least two.
 
     Example
     -------
@@ -111,6 +111,8 @@ def compare_gap(
     """
     if not scratch or not kd:
         raise ValueError("need at least one scratch and one KD run")
+    if len(scratch) != len(kd) and min(len(scratch), len(kd)) > 1:
+        raise ValueError(f"{len(scratch)} scratch runs and {len(kd)} KD runs: give one of each per seed, paired")
     runs = [teacher, *scratch, *kd]
     names = names or ["teacher"] + [f"scratch[{i}]" for i in range(len(scratch))] + [f"kd[{i}]" for i in range(len(kd))]
     ids = sorted(teacher)

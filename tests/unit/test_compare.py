@@ -84,6 +84,13 @@ def test_different_test_sets_are_an_error_naming_the_file():
         compare_gap(teacher, [{"a": (2, 5), "b": (2, 6)}], [{"a": (1, 5), "b": (1, 5)}])
 
 
+def test_unpaired_seed_counts_are_an_error():
+    run = {"a": (1, 5), "b": (1, 5)}
+    with pytest.raises(ValueError, match="2 scratch runs and 3 KD runs"):
+        compare_gap(run, [run, run], [run, run, run])
+    assert compare_gap(run, [run], [run, run, run], draws=10).num_utts == 2  # one baseline against three seeds
+
+
 def test_not_an_utterance_file_is_an_error(tmp_path):
     path = tmp_path / "x.txt"
     path.write_text("hello\n")
