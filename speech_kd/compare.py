@@ -20,28 +20,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from speech_kd.metrics import read_utterance_errors
+
 __all__ = ["read_utterance_errors", "GapComparison", "compare_gap", "compare_files", "format_comparison"]
-
-_HEADER = re.compile(r"^(\S+)  WER [0-9.]+%  \((\d+) errors / (\d+) words\)$")
-
-
-def read_utterance_errors(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """``{utt_id: (word_errors, reference_words)}`` from a ``speech-kd evaluate`` utterance file."""
-    out: dict[str, tuple[int, int]] = {}
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            match = _HEADER.match(line.rstrip("\n"))
-            if match:
-                out[match.group(1)] = (int(match.group(2)), int(match.group(3)))
-    if not out:
-        raise ValueError(f"{path}: no per-utterance lines (expected the --utts file of speech-kd evaluate)")
-    return out
 
 
 @dataclass

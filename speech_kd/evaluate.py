@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from speech_kd.audio import read_audio
-from speech_kd.metrics import error_rates, utterance_errors
+from speech_kd.metrics import error_rates, utterance_errors, write_utterances
 
 __all__ = ["load_asr", "evaluate_model", "EvalResult", "read_manifest"]
 
@@ -167,12 +167,3 @@ def evaluate_model(
     if utts_path:
         write_utterances(per_utt, utts_path)
     return EvalResult(summary, per_utt)
-
-
-def write_utterances(per_utt: list, path: str | os.PathLike) -> None:
-    """Per-utterance reference/hypothesis/errors, worst first."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as fh:
-        for u in per_utt:
-            fh.write(f"{u.utt_id}  WER {u.wer:.1f}%  ({u.errors} errors / {u.ref_words} words)\n")
-            fh.write(u.alignment + "\n\n")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import jiwer
 
-__all__ = ["ErrorRates", "UtteranceErrors", "normalize_text", "error_rates", "utterance_errors"]
+__all__ = [
+    "ErrorRates", "UtteranceErrors", "normalize_text", "error_rates", "utterance_errors", "write_utterances",
+    "read_utterance_errors",
+]  # fmt: skip
 
 
 def normalize_text(text: str) -> str:
@@ -107,4 +113,30 @@ def utterance_errors(ids: list[str], refs: list[str], hyps: list[str]) -> list[U
         n = len(ref.split())
         out.append(UtteranceErrors(uid, ref, hyp, errors, n, 100.0 * errors / max(1, n), alignment))
     out.sort(key=lambda u: (-u.wer, -u.errors, u.utt_id))
+    return out
+
+
+def write_utterances(per_utt: list, path: str | os.PathLike) -> None:
+    """Per-utterance reference/hypothesis/errors, worst first."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        for u in per_utt:
+            fh.write(f"{u.utt_id}  WER {u.wer:.1f}%  ({u.errors} errors / {u.ref_words} words)\n")
+            fh.write(u.alignment + "\n\n")
+
+
+#: the header line of each utterance in :func:`write_utterances`' file
+_UTTERANCE_HEADER = re.compile(r"^(\S+)  WER [0-9.]+%  \((\d+) errors / (\d+) words\)$")
+
+
+def read_utterance_errors(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """``{utt_id: (word_errors, reference_words)}`` from a file of :func:`write_utterances` (``--utts``)."""
+    out: dict[str, tuple[int, int]] = {}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            match = _UTTERANCE_HEADER.match(line.rstrip("\n"))
+            if match:
+                out[match.group(1)] = (int(match.group(2)), int(match.group(3)))
+    if not out:
+        raise ValueError(f"{path}: no per-utterance lines (expected the --utts file of speech-kd evaluate)")
     return out

@@ -8,8 +8,7 @@ import pytest
 
 from speech_kd.cli import main
 from speech_kd.compare import compare_gap, read_utterance_errors
-from speech_kd.evaluate import write_utterances
-from speech_kd.metrics import utterance_errors
+from speech_kd.metrics import utterance_errors, write_utterances
 
 WORDS = "the cat sat on a mat with big red hat and ran far away".split()
 
