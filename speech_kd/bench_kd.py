@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="LibriSpeech-layout folder with train/dev/test")
     parser.add_argument("--out", required=True)
-    parser.add_argument("--teacher", default=None, help="teacher model folder (default: train one)")
+    parser.add_argument("--teacher", default=None,
+                        help="teacher model folder, or A,B,... for an ensemble (default: train one)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--teacher_epochs", type=int, default=10)
     parser.add_argument("--student", default="hparams/distill.yaml")
@@ -199,7 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
                                         f"--output_folder={run}", f"--number_of_epochs={args.teacher_epochs}")},
                  logs, 1)  # fmt: skip
         teacher = str(run / "model")
-    teacher = str(Path(teacher).resolve())
+    from speech_kd.teachers.ensemble import teacher_sources
+
+    teacher = ",".join(str(Path(t).resolve()) for t in teacher_sources(teacher))  # A,B,...: an ensemble teacher
 
     from speech_kd.prepare import prepare_librispeech
 
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
             progress[key] = (folder / name, args.epochs)
     _run_all(students, logs, args.parallel, progress)
 
-    teacher_scores = _evaluate(Path(teacher), csvs, out, "teacher")
+    teacher_scores = _evaluate(teacher, csvs, out, "teacher")
     per_seed = {}
     for seed, folder in folders.items():
         results = {"teacher": teacher_scores}
@@ -250,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def _evaluate(model: Path, csvs: dict, folder: Path, name: str) -> dict:
+def _evaluate(model: Path | str, csvs: dict, folder: Path, name: str) -> dict:
     """Test and dev scores of one model; per-utterance files ``eval_NAME[_dev]_utts.txt`` beside the JSON."""
     from speech_kd.evaluate import evaluate_model
 

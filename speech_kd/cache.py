@@ -789,15 +789,14 @@ def cache_targets(
     teacher_source: str | os.PathLike, csv_path: str | os.PathLike, out_dir: str | os.PathLike, *,
     kind: str = "auto", teacher_overrides: dict | None = None, **kw,
 ) -> dict:  # fmt: skip
-    """Load a teacher folder with ``load_teacher`` and :func:`write_cache` its targets (same keywords).
+    """Load a teacher (one folder, or comma-separated folders: an ensemble) and :func:`write_cache` its targets.
 
     ``teacher_overrides`` replace keys of a SpeechBrain teacher's
     ``hyperparams.yaml`` (the ``teacher_overrides`` of the distillation yaml).
     """
-    from speech_kd.teachers.base import load_teacher
+    from speech_kd.teachers.ensemble import load_teachers
 
-    extra = {"overrides": dict(teacher_overrides)} if teacher_overrides else {}
-    teacher = load_teacher(teacher_source, kind=kind, device=kw.get("device", "cpu"), **extra)
+    teacher = load_teachers(teacher_source, kind=kind, device=kw.get("device", "cpu"), overrides=teacher_overrides)
     return write_cache(teacher, csv_path, out_dir, **kw)
 
 

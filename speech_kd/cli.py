@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_prepare)
 
     p = sub.add_parser("evaluate", help="WER/CER, parameters and RTF of a model folder")
-    p.add_argument("--asr", required=True, help="model folder (EncoderASR-loadable)")
+    p.add_argument("--asr", required=True, help="model folder (EncoderASR-loadable); A,B,... scores their ensemble")
     p.add_argument("--csv", default=None, help="SpeechBrain CSV manifest")
     p.add_argument("--data_folder", default=None, help="LibriSpeech-layout folder (with --split)")
     p.add_argument("--split", default=None)

@@ -30,12 +30,6 @@ RUN_KEYS = ("teacher_source", "teacher_kind", "teacher_overrides", "ensemble_wei
 logger = logging.getLogger(__name__)
 
 
-def _teacher_sources(value) -> list[str]:
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [s.strip() for s in str(value or "").split(",") if s.strip()]
-
-
 def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     """Build ``OnlineTargets`` or ``CachedTargets`` as the yaml says.
 
@@ -44,21 +38,17 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     ``teacher_overrides`` (a dict) is passed to a SpeechBrain teacher's
     ``from_hparams`` (e.g. to point its wav2vec2 ``source`` at a local folder).
     """
-    from speech_kd.teachers.base import load_teacher
+    from speech_kd.teachers.ensemble import load_teachers, teacher_sources
 
-    sources = _teacher_sources(hparams.get("teacher_source"))
+    sources = teacher_sources(hparams.get("teacher_source"))
     cache_dir = str(hparams.get("targets_cache") or "")
     if not sources and not cache_dir:
         raise ValueError("distillation needs --teacher_source=FOLDER (or --targets_cache=CACHE_DIR)")
     teacher = None
     if sources:
-        if len(sources) == 1:
-            extra = {"overrides": dict(hparams["teacher_overrides"])} if hparams.get("teacher_overrides") else {}
-            teacher = load_teacher(sources[0], kind=hparams.get("teacher_kind", "auto"), device=device, **extra)
-        else:
-            from speech_kd.teachers.ensemble import load_ensemble
-
-            teacher = load_ensemble(sources, weights=hparams.get("ensemble_weights"), device=device)
+        teacher = load_teachers(sources, kind=hparams.get("teacher_kind", "auto"), device=device,
+                                overrides=hparams.get("teacher_overrides") or None,
+                                weights=hparams.get("ensemble_weights"))  # fmt: skip
 
     common = {
         "student_tokens": student_tokens,

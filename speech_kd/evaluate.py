@@ -21,8 +21,9 @@ from tqdm import tqdm
 
 from speech_kd.audio import read_audio
 from speech_kd.metrics import error_rates, utterance_errors, write_utterances
+from speech_kd.teachers.ensemble import teacher_sources
 
-__all__ = ["load_asr", "evaluate_model", "EvalResult", "read_manifest"]
+__all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "read_manifest"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,48 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
 
 def count_parameters(asr) -> int:
     """Number of parameters of the loaded model's modules."""
+    if isinstance(asr, EnsembleASR):
+        return asr.num_parameters()
     return sum(p.numel() for p in asr.mods.parameters())
+
+
+class EnsembleASR:
+    """Greedy CTC transcription from the averaged posteriors of several model folders.
+
+    What ``evaluate --asr A,B,...`` runs, so that an ensemble teacher is scored
+    exactly as distillation sees it (:class:`~speech_kd.teachers.ensemble.EnsembleTeacher`:
+    probabilities averaged on the first member's vocabulary and frame rate).
+    Word delimiters ``|`` / ``\u2581`` become spaces.
+    """
+
+    def __init__(self, folders: list[str], device: str = "cpu") -> None:
+        from speech_kd.teachers.ensemble import load_ensemble
+
+        self.teacher = load_ensemble(folders, device=device)
+        self.sample_rate = self.teacher.sample_rate
+        self.device = device
+
+    def num_parameters(self) -> int:
+        """Parameters of all members together."""
+        total = 0
+        for member in self.teacher.members:
+            asr = getattr(member, "asr", None)
+            modules = asr.mods if asr is not None else member
+            total += sum(p.numel() for p in modules.parameters())
+        return total
+
+    def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
+        """Words and token ids of ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
+        out = self.teacher(wavs.to(self.device), wav_lens.to(self.device))
+        best = out.log_probs.argmax(-1).cpu()
+        words, ids = [], []
+        for row, length in zip(best, out.lengths.cpu()):
+            path = torch.unique_consecutive(row[: int(length)])
+            kept = [int(t) for t in path if int(t) != self.teacher.blank_index]
+            text = "".join(self.teacher.tokens[t] for t in kept).replace("|", " ").replace("\u2581", " ")
+            words.append(" ".join(text.split()))
+            ids.append(kept)
+        return words, ids
 
 
 def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
@@ -105,6 +147,8 @@ def evaluate_model(
 ) -> EvalResult:
     """Transcribe a test set with the model folder and score it.
 
+    ``asr_folder`` may name several folders separated by commas: their
+    ensemble (:class:`EnsembleASR`) is scored, ``params`` counting all members.
     Give either ``csv_path`` (a SpeechBrain manifest) or ``data_folder`` and
     ``split`` (a LibriSpeech-layout folder, prepared on the fly; unusable
     utterances are reported and skipped). Writes ``json_path`` (keys ``wer``,
@@ -119,8 +163,13 @@ def evaluate_model(
         tmp = tempfile.mkdtemp(prefix="speechkd_eval_")
         csv_path = prepare_split(data_folder, split, tmp).csv_files[split]
     rows = read_manifest(csv_path)
-    asr = load_asr(asr_folder, device=device)
-    sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
+    folders = teacher_sources(asr_folder)
+    if len(folders) > 1:
+        asr = EnsembleASR(folders, device=device)
+        sample_rate = asr.sample_rate
+    else:
+        asr = load_asr(asr_folder, device=device)
+        sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
 
     ids, refs, hyps = [], [], []
     audio_seconds = compute_seconds = 0.0

@@ -66,3 +66,32 @@ def test_script_tells_a_missing_manifest_in_one_line(trained_run, tmp_path):
     assert "Traceback" not in result.stderr
     debug = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SPEECH_KD_TRACEBACK": "1"})
     assert debug.returncode == 1 and "Traceback" in debug.stderr
+
+
+def test_evaluate_scores_an_ensemble_of_folders(trained_run, tmp_path):
+    """``--asr A,B``: the ensemble's greedy transcripts; a model averaged with itself reads as the model alone."""
+    from speech_kd.metrics import read_utterance_errors
+
+    model, csv = str(trained_run / "model"), str(trained_run / "data" / "test.csv")
+    main(["evaluate", "--asr", model, "--csv", csv, "--json", str(tmp_path / "one.json")])
+    main(["evaluate", "--asr", f"{model},{model}", "--csv", csv, "--json", str(tmp_path / "two.json")])
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["params"] == 2 * one["params"]
+    assert (two["wer"], two["cer"], two["num_utts"]) == (one["wer"], one["cer"], one["num_utts"])
+    assert read_utterance_errors(tmp_path / "two_utts.txt") == read_utterance_errors(tmp_path / "one_utts.txt")
+
+
+def test_ensemble_asr_decodes_as_encoder_asr_does(tmp_path):
+    """Greedy decoding of the averaged posteriors equals SpeechBrain's own on a random model (non-empty text)."""
+    import torch
+
+    from speech_kd.evaluate import EnsembleASR, load_asr
+    from speech_kd.testing import make_tiny_sb_model, whitenoise
+
+    folder = make_tiny_sb_model(tmp_path / "model", seed=3)
+    wavs = torch.stack([whitenoise(1.5, seed=1), torch.cat([whitenoise(1.0, seed=2), torch.zeros(8000)])])
+    lens = torch.tensor([1.0, 2 / 3])
+    expected, _ = load_asr(folder).transcribe_batch(wavs, lens)
+    words, _ = EnsembleASR([folder, folder]).transcribe_batch(wavs, lens)
+    assert all(text.strip() for text in expected)
+    assert words == [" ".join(text.split()) for text in expected]

@@ -95,3 +95,18 @@ def test_ensemble_of_hf_and_sb_teachers(sb_folder, hf_folder):
     assert out.log_probs.shape == ref.log_probs.shape
     assert torch.equal(out.lengths, ref.lengths)
     assert torch.allclose(out.log_probs.exp().sum(-1), torch.ones(out.log_probs.shape[:2]), atol=1e-3)
+
+
+def test_load_teachers_one_folder_or_an_ensemble(sb_folder, hf_folder):
+    """``teacher_source`` with one folder is that teacher; ``A,B`` is their ensemble; overrides need one teacher."""
+    from speech_kd.teachers.ensemble import EnsembleTeacher, load_teachers
+
+    single = load_teachers(str(sb_folder))
+    assert not isinstance(single, EnsembleTeacher) and single.fingerprint() == load_teacher(sb_folder).fingerprint()
+    pair = load_teachers(f"{sb_folder}, {hf_folder}")
+    assert isinstance(pair, EnsembleTeacher) and len(pair.members) == 2
+    assert pair.fingerprint() != single.fingerprint()
+    with pytest.raises(ValueError, match="apply to one teacher"):
+        load_teachers([str(sb_folder), str(hf_folder)], overrides={"sample_rate": 8000})
+    with pytest.raises(ValueError, match="no teacher folder"):
+        load_teachers(" , ")
