@@ -19,7 +19,9 @@ command with more seeds only trains the new ones::
     python -m speech_kd.bench_kd --data data/synth --teacher speech_kd/pretrained/teacher_synth \
         --out results/kd3h12 --epochs 12 --seeds 1986 7 3 4 5 6 --test_data data/synth_bigtest
 
-Without ``--teacher`` a teacher is first trained with ``hparams/teacher.yaml``.
+``--teacher A,B,...`` distils from the ensemble of those folders (cached once; scored with
+``speech-kd evaluate --asr A,B,...``). Without ``--teacher`` a teacher is first trained with
+``hparams/teacher.yaml``.
 Prints and writes ``OUT/results.md`` and ``OUT/results.json``: test WER, CER,
 parameters, RTF per model, dev WER and CER, and the share of the
 scratch-teacher WER gap each KD variant closes on test and on dev (two sets
