@@ -334,18 +334,30 @@ def _seed_figure(out: Path, folders: dict, variants: list[str], teacher_dev_wer:
     (out / "dev_wer.png").write_bytes(seed_curves(groups, teacher=teacher_dev_wer))
 
 
+def baseline_of(name: str, names) -> str:
+    """The scratch run a variant is compared with: ``scratch_sp`` for ``*_sp`` variants when it ran, else ``scratch``.
+
+    Examples
+    --------
+    >>> baseline_of("kd_sp", ["scratch", "scratch_sp", "kd_sp"]), baseline_of("kd_sp", ["scratch", "kd_sp"])
+    ('scratch_sp', 'scratch')
+    """
+    return "scratch_sp" if name.endswith("_sp") and "scratch_sp" in names else "scratch"
+
+
 def format_results(results: dict) -> str:
-    """Markdown table; KD rows get the share of the scratch-teacher gap they close.
+    """Markdown table; KD rows get the share of the gap between their scratch run and the teacher they close.
 
     ``s/epoch`` is the median wall time of a student's training stage
     (students run side by side, so their times are comparable), and
-    ``vs scratch`` its ratio to the scratch student's.
+    ``vs scratch`` its ratio to the scratch student's (``scratch_sp`` for
+    ``*_sp`` variants, which differ from ``scratch`` by their augmentation).
     """
-    base_time = results.get("scratch", {}).get("train_s_per_epoch")
 
     def closed(name: str, key: str) -> str:
-        teacher, scratch = results.get("teacher", {}).get(key), results.get("scratch", {}).get(key)
-        if name in ("teacher", "scratch") or teacher is None or scratch is None or key not in results[name]:
+        teacher, scratch = results.get("teacher", {}).get(key), results.get(baseline_of(name, results), {}).get(key)
+        if name == "teacher" or name.startswith("scratch") or teacher is None or scratch is None \
+                or key not in results[name]:  # fmt: skip
             return ""
         if scratch <= teacher:  # the scratch student is already as good as the teacher: no gap to close
             return "no gap"
@@ -358,6 +370,7 @@ def format_results(results: dict) -> str:
              "| s/epoch | vs scratch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, s in results.items():
         seconds = s.get("train_s_per_epoch")
+        base_time = results.get(baseline_of(name, results), {}).get("train_s_per_epoch")
         timing = f"{seconds:.1f} | " if seconds else " | "
         timing += f"{seconds / base_time:.2f}" if seconds and base_time else ""
         lines.append(f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} | "
