@@ -46,8 +46,6 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
 
 def count_parameters(asr) -> int:
     """Number of parameters of the loaded model's modules."""
-    if isinstance(asr, EnsembleASR):
-        return asr.num_parameters()
     return sum(p.numel() for p in asr.mods.parameters())
 
 
@@ -57,7 +55,8 @@ class EnsembleASR:
     What ``evaluate --asr A,B,...`` runs, so that an ensemble teacher is scored
     exactly as distillation sees it (:class:`~speech_kd.teachers.ensemble.EnsembleTeacher`:
     probabilities averaged on the first member's vocabulary and frame rate).
-    Word delimiters ``|`` / ``\u2581`` become spaces.
+    Word delimiters ``|`` / ``\u2581`` become spaces. ``mods`` holds every
+    member's modules, as ``EncoderASR.mods`` does for one model.
     """
 
     def __init__(self, folders: list[str], device: str = "cpu") -> None:
@@ -66,28 +65,19 @@ class EnsembleASR:
         self.teacher = load_ensemble(folders, device=device)
         self.sample_rate = self.teacher.sample_rate
         self.device = device
-
-    def num_parameters(self) -> int:
-        """Parameters of all members together."""
-        total = 0
-        for member in self.teacher.members:
-            asr = getattr(member, "asr", None)
-            modules = asr.mods if asr is not None else member
-            total += sum(p.numel() for p in modules.parameters())
-        return total
+        self.mods = torch.nn.ModuleList(
+            member.asr.mods if hasattr(member, "asr") else member for member in self.teacher.members
+        )
 
     def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
         """Words and token ids of ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
+        from speech_kd.losses import collapse_greedy
+
         out = self.teacher(wavs.to(self.device), wav_lens.to(self.device))
-        best = out.log_probs.argmax(-1).cpu()
-        words, ids = [], []
-        for row, length in zip(best, out.lengths.cpu()):
-            path = torch.unique_consecutive(row[: int(length)])
-            kept = [int(t) for t in path if int(t) != self.teacher.blank_index]
-            text = "".join(self.teacher.tokens[t] for t in kept).replace("|", " ").replace("\u2581", " ")
-            words.append(" ".join(text.split()))
-            ids.append(kept)
-        return words, ids
+        labels, lengths = collapse_greedy(out.log_probs, out.lengths, self.teacher.blank_index)
+        ids = [row[:length].tolist() for row, length in zip(labels.cpu(), lengths.cpu())]
+        texts = ("".join(self.teacher.tokens[t] for t in row).replace("|", " ").replace("\u2581", " ") for row in ids)
+        return [" ".join(text.split()) for text in texts], ids
 
 
 def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
