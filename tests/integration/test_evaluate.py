@@ -95,3 +95,12 @@ def test_ensemble_asr_decodes_as_encoder_asr_does(tmp_path):
     words, _ = EnsembleASR([folder, folder]).transcribe_batch(wavs, lens)
     assert all(text.strip() for text in expected)
     assert words == [" ".join(text.split()) for text in expected]
+
+
+def test_an_ensemble_member_that_does_not_exist_is_named(trained_run, tmp_path):
+    from speech_kd.evaluate import evaluate_model
+    from speech_kd.teachers.base import TeacherError
+
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(TeacherError, match=f"{missing} does not exist"):
+        evaluate_model(f"{trained_run / 'model'},{missing}", trained_run / "data" / "test.csv", progress=False)
