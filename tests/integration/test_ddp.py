@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,6 +47,13 @@ pytestmark = pytest.mark.skipif(
 #: no randomness or batch-composition dependence in the forward pass (see module docstring)
 EQUIVALENT = ["--dropout=0", "--cnn_dropout=0", "--spec_augment=False", "--norm_type=sentence",
               "--sorting=ascending", "--report_after_run=False", "--noprogressbar"]  # fmt: skip
+
+
+#: A C++ ``std::terminate`` inside torch's gloo backend that aborted rank 0 (or 1) right as training
+#: started, twice in about 20 runs of the whole suite under ``pytest -n 2`` (never in 15 runs of this test
+#: alone): nothing of ours runs a thread there. The test retries once when the log shows it, so a
+#: second failure, or any other failure, still fails.
+GLOO_ABORT = "terminate called without an active exception"
 
 
 def _free_port() -> int:
@@ -88,6 +96,11 @@ def test_two_process_ddp_equals_one_process(tiny_corpus, tmp_path, targets):
                "--distributed_backend=gloo"]  # fmt: skip
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
+    if result.returncode != 0 and GLOO_ABORT in log:  # see GLOO_ABORT: once more, on a fresh port
+        command[2] = f"--master_port={_free_port()}"
+        shutil.rmtree(ddp, ignore_errors=True)
+        result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        log = result.stdout + result.stderr
     assert result.returncode == 0, log[-4000:]
 
     single = tmp_path / "single"
