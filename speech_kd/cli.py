@@ -35,7 +35,8 @@ def _cmd_synth(args) -> None:
         SplitSpec("dev", args.dev_hours, args.dev_speakers),
         SplitSpec("test", args.test_hours, args.test_speakers),
     )
-    config = SynthConfig(splits=splits, seed=args.seed, jobs=args.jobs)
+    jobs = {"jobs": args.jobs} if args.jobs else {}  # default: all cores
+    config = SynthConfig(splits=splits, seed=args.seed, **jobs)
     summary = synthesize_corpus(args.out_dir, config)
     print(json.dumps(summary, indent=2))
 

@@ -104,3 +104,20 @@ def test_prepare_reports_and_skips_bad_files(corpus_copy, tmp_path):
     skipped_csv = _read_csv(tmp_path / "train_skipped.csv")
     assert {r["ID"] for r in skipped_csv} == set(reasons)
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_synth_command_with_its_defaults(tmp_path, capsys):
+    """``speech-kd synth OUT`` as the README writes it: no --jobs (was a TypeError: jobs=None reached the pool)."""
+    import json
+
+    from speech_kd.cli import main
+
+    out = tmp_path / "corpus"
+    argv = ["synth", str(out), "--hours", "0.004", "--speakers", "2", "--dev_hours", "0.002", "--dev_speakers", "1",
+            "--test_hours", "0.002", "--test_speakers", "1"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out)
+    for split in ("train", "dev", "test"):
+        flacs = list((out / split).glob("*/*/*.flac"))
+        assert flacs and sf.info(str(flacs[0])).samplerate == 16000, split
+    assert summary
