@@ -222,10 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     from speech_kd.dataio import make_tokenizer
     from speech_kd.evaluate import evaluate_model
     from speech_kd.prepare import prepare_librispeech
-    from speech_kd.runtime import keep_freed_memory
 
-    if args.device.startswith("cpu"):
-        keep_freed_memory()  # as training and evaluate run (speech_kd.runtime); librosa, in this process, gains too
     tmp = Path(tempfile.mkdtemp(prefix="speechkd_bench_"))
     tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     corpus = _corpus(tmp)

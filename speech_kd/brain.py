@@ -25,7 +25,6 @@ from speech_kd.checkpoints import make_atomic
 from speech_kd.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
 from speech_kd.features import SharedFeatures, fast_fbank, fast_fbank_applies, fbank_signature
 from speech_kd.metrics import error_rates
-from speech_kd.runtime import keep_freed_memory
 
 __all__ = ["CTCBrain", "NonFiniteLossError", "run_chain"]
 
@@ -126,8 +125,6 @@ class CTCBrain(sb.Brain):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         make_atomic(self.checkpointer)  # a kill during a save cannot leave a checkpoint that fails to load
-        if str(self.device).startswith("cpu"):
-            keep_freed_memory()  # no page faults for the same activations every step (speech_kd.runtime)
 
     # ------------------------------------------------------------------ forward
     def _module_table(self) -> dict:

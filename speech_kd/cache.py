@@ -112,7 +112,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speech_kd.runtime import keep_freed_memory
 from speech_kd.teachers.base import Teacher, TeacherOutput
 
 __all__ = [
@@ -757,8 +756,6 @@ def write_cache(
     if done:
         logger.info("cache %s: resuming, %d of %d utterances already stored", out_dir, len(done), len(utts))
     teacher.to(device)
-    if str(device).startswith("cpu"):
-        keep_freed_memory()  # speech_kd.runtime: no page faults for the same buffers every batch
     next_number = 1 + max((int(e["name"][6:11]) for e in entries), default=-1)
     with _progress(len(todo), progress) as bar:
         for first in range(0, len(todo), shard_utts):

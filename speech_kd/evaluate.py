@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from speech_kd.audio import read_audio
 from speech_kd.metrics import error_rates, utterance_errors, write_utterances
-from speech_kd.runtime import keep_freed_memory
 from speech_kd.teachers.ensemble import teacher_sources
 
 __all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "read_manifest"]
@@ -146,8 +145,6 @@ def evaluate_model(
     ``cer``, ``num_utts``, ``params``, ``rtf``, ...) and ``utts_path`` (one
     block per utterance, worst first, with jiwer's alignment) when given.
     """
-    if str(device).startswith("cpu"):
-        keep_freed_memory()  # speech_kd.runtime: no page faults for the same buffers every batch
     if csv_path is None:
         if data_folder is None or split is None:
             raise ValueError("give --csv, or --data_folder and --split")

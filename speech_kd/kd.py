@@ -35,7 +35,6 @@ from speech_kd.checkpoints import make_atomic
 from speech_kd.distributed import sum_across
 from speech_kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
 from speech_kd.precision import autocast_for
-from speech_kd.runtime import keep_freed_memory
 from speech_kd.schedules import linear_ramp
 
 __all__ = ["KDMixin", "DistillBrain"]
@@ -66,8 +65,6 @@ class KDMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         make_atomic(self.checkpointer)  # the host Brain's checkpoints survive a kill during a save
-        if str(self.device).startswith("cpu"):
-            keep_freed_memory()  # no page faults for the same activations every step (speech_kd.runtime)
 
     def attach_targets(self, targets) -> None:
         """Use ``targets(batch, student_lengths, student_max) -> Targets`` (online or cached)."""
