@@ -214,7 +214,8 @@ def fast_fbank(module: torch.nn.Module, wavs: torch.Tensor) -> torch.Tensor:
     with torch.autocast(device_type=wavs.device.type, enabled=False):
         wavs = wavs.float()
         blocks = _mel_blocks(module, wavs.device)
-        mel = torch.cat([_mel_power(module, piece, blocks) for piece in wavs.split(chunk_size(module, wavs))])
+        pieces = [_mel_power(module, piece, blocks) for piece in wavs.split(chunk_size(module, wavs))]
+        mel = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         # SpeechBrain: db = m * log10(max(x, amin)) - m * db_multiplier, then max(db, max_utt(db) - top_db)
         peak = mel.amax(dim=(1, 2), keepdim=True).clamp_(min=banks.amin)
         floor = peak.mul_(10.0 ** (-banks.top_db / banks.multiplier)).clamp_(min=banks.amin)

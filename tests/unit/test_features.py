@@ -57,6 +57,17 @@ def test_fast_fbank_is_speechbrains_fbank_on_a_padded_batch(tiny_corpus):
         assert (got - ref).abs().max() < 1e-4  # dB: another order of float operations, same numbers
 
 
+def test_fast_fbank_in_pieces_is_the_same(monkeypatch):
+    """On CPU the batch goes through in pieces; each utterance keeps its own top_db floor across them."""
+    from speech_kd import features
+
+    wavs = torch.stack([_speech_like(2.0, seed) * scale for seed, scale in ((0, 1.0), (1, 0.01), (2, 30.0))])
+    fbank = Fbank(n_mels=80)
+    monkeypatch.setattr(features, "CPU_CHUNK_BYTES", 1)  # one utterance per piece
+    assert features.chunk_size(fbank, wavs) == 1
+    assert (fast_fbank(fbank, wavs) - fbank(wavs)).abs().max() < 1e-4
+
+
 def test_fast_fbank_applies_only_where_it_is_exact():
     assert fast_fbank_applies(Fbank(n_mels=80))
     assert not fast_fbank_applies(Fbank(n_mels=80, deltas=True))
