@@ -7,15 +7,23 @@ every recipe treat both the same)::
     OUT_DIR/SPLIT/SPK/CHAPTER/SPK-CHAPTER.trans.txt
     OUT_DIR/SPEAKERS.TXT
     OUT_DIR/synth_config.json
+    OUT_DIR/synth_plan.json
 
 Speakers and sentences are disjoint between splits. Everything is drawn
 from one seed, and each utterance's content depends only on its index, so
-the corpus is identical whatever the number of worker processes, and a rerun
-after an interruption only renders what is missing.
+the corpus is identical whatever the number of worker processes (sox runs in
+repeatable mode, so even its dither is the same), and a rerun after an
+interruption only renders what is missing. ``synth_plan.json`` records what
+each audio file was rendered from (speaker and sentence), written before any
+rendering: a rerun keeps a file only when the new plan wants exactly that
+audio there, renders it again otherwise, and removes the files of the old
+plan that the new one does not have, so a rerun into the same folder with
+another seed or speaker count never pairs old audio with new transcripts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -145,10 +153,11 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     plan = _plan(config)
-
-    todo = [(u.speaker, u.text, str(u.flac_path(root))) for u in plan if not u.flac_path(root).exists()]
+    _reconcile_with_previous_plan(root, plan)
     for u in plan:
         u.flac_path(root).parent.mkdir(parents=True, exist_ok=True)
+
+    todo = [(u.speaker, u.text, str(u.flac_path(root))) for u in plan if not u.flac_path(root).exists()]
     if todo:
         with mp.get_context("fork").Pool(max(1, config.jobs)) as pool:
             for _ in tqdm(
@@ -160,6 +169,44 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
     _write_speakers(root, plan)
     (root / "synth_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     return _summarise(root, plan)
+
+
+PLAN_NAME = "synth_plan.json"
+
+
+def _audio_key(u: _Utterance) -> str:
+    """What decides an utterance's audio: its speaker (engine, voice, perturbations) and its sentence."""
+    return hashlib.sha1(f"{u.speaker!r}|{u.text}".encode()).hexdigest()[:16]
+
+
+def _reconcile_with_previous_plan(root: Path, plan: list[_Utterance]) -> None:
+    """Delete audio that the new ``plan`` does not want as it is, then record the plan (before rendering).
+
+    Files of the previous plan (``synth_plan.json``) are kept where the new
+    plan wants the same speaker and sentence at the same path; the rest are
+    removed, with the transcripts of chapters the new plan no longer has. A
+    folder with audio but no plan record (made by hand, or by a version that
+    wrote none) has its planned files rendered again.
+    """
+    wanted = {str(u.flac_path(root).relative_to(root)): _audio_key(u) for u in plan}
+    plan_file = root / PLAN_NAME
+    previous = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+    stale = {path for path, key in previous.items() if wanted.get(path) != key}
+    stale |= {path for path in wanted if path not in previous}
+    for path in sorted(stale):
+        (root / path).unlink(missing_ok=True)
+    chapters = {str(Path(path).parent) for path in wanted}
+    for path in previous:
+        chapter = Path(path).parent
+        if str(chapter) not in chapters:
+            for trans in (root / chapter).glob("*.trans.txt"):
+                trans.unlink()
+            for folder in (root / chapter, root / chapter.parent):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
+    tmp = plan_file.with_suffix(".json.part")
+    tmp.write_text(json.dumps(wanted, indent=0, sort_keys=True) + "\n")
+    os.replace(tmp, plan_file)
 
 
 def _write_transcripts(root: Path, plan: list[_Utterance]) -> None:

@@ -161,6 +161,6 @@ def render(speaker: Speaker, text: str, out_path: str | os.PathLike) -> None:
             effects += ["reverb", str(speaker.reverb), "50", "60"]
         # normalise, then a fixed speaker gain; pad 0.1-0.2 s of silence at both ends
         effects += ["norm", str(speaker.gain_db), "pad", "0.15", "0.15"]
-        cmd = ["sox", "-q", raw, "-b", "16", str(part), *effects]
+        cmd = ["sox", "-q", "-R", raw, "-b", "16", str(part), *effects]  # -R: repeatable dither
         subprocess.run(cmd, check=True, capture_output=True)
         os.replace(part, out_path)
