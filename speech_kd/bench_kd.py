@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from speech_kd.compare import gap_closed
+
 __all__ = ["VARIANTS", "main", "gap_closed"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,18 +103,6 @@ def merge_overrides(variant: list[str], extra: list[str]) -> list[str]:
     """
     given = {arg.split("=", 1)[0] for arg in extra}
     return [arg for arg in variant if arg.split("=", 1)[0] not in given] + list(extra)
-
-
-def gap_closed(scratch_wer: float, kd_wer: float, teacher_wer: float) -> float:
-    """Share of the scratch-to-teacher WER gap that KD closes (1.0 = reaches the teacher).
-
-    Examples
-    --------
-    >>> gap_closed(60.0, 40.0, 20.0)
-    0.5
-    """
-    gap = scratch_wer - teacher_wer
-    return (scratch_wer - kd_wer) / gap if gap > 0 else float("nan")
 
 
 def _speech_kd(*args: str) -> list[str]:

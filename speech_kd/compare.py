@@ -27,7 +27,7 @@ import numpy as np
 
 from speech_kd.metrics import read_utterance_errors
 
-__all__ = ["read_utterance_errors", "GapComparison", "compare_gap", "compare_files", "format_comparison"]
+__all__ = ["read_utterance_errors", "GapComparison", "gap_closed", "compare_gap", "compare_files", "format_comparison"]
 
 
 @dataclass
@@ -53,6 +53,18 @@ class GapComparison:
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict."""
         return dict(self.__dict__)
+
+
+def gap_closed(scratch_wer: float, kd_wer: float, teacher_wer: float) -> float:
+    """Share of the scratch-to-teacher WER gap that KD closes (1.0 = reaches the teacher).
+
+    Examples
+    --------
+    >>> gap_closed(60.0, 40.0, 20.0)
+    0.5
+    """
+    gap = scratch_wer - teacher_wer
+    return (scratch_wer - kd_wer) / gap if gap > 0 else float("nan")
 
 
 def _matrix(runs: list[dict[str, tuple[int, int]]], ids: list[str], names: list[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speech_kd.compare import gap_closed
 from speech_kd.report import plots
 from speech_kd.report.html import Page
 
@@ -321,7 +322,7 @@ def _gap_closed(rows: list[dict], run_name: str) -> dict[str, str]:
     teacher, scratch, kd = by_name.get("teacher"), by_name.get("scratch"), by_name.get(run_name)
     if not (teacher and scratch and kd) or abs(scratch["wer"] - teacher["wer"]) < 1e-9:
         return {}
-    return {run_name: f"{100 * (scratch['wer'] - kd['wer']) / (scratch['wer'] - teacher['wer']):.0f} %"}
+    return {run_name: f"{100 * gap_closed(scratch['wer'], kd['wer'], teacher['wer']):.0f} %"}
 
 
 def _scores_section(page: Page, run: _Run, compare: dict, max_utts: int | None, device: str) -> None:
