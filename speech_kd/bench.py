@@ -212,7 +212,8 @@ def _export_random(yaml: str, out: Path, tokenizer) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every benchmark and print one table (see module docstring)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="speech-kd bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--json", default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -244,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     for key, value in results.items():
         print(f"{key:<{width}}  {value:.4g}" if isinstance(value, float) else f"{key:<{width}}  {value}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return results
 

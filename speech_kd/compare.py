@@ -19,6 +19,7 @@ position), and reports
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -188,6 +189,17 @@ def format_comparison(result: GapComparison) -> str:
     return "\n".join(lines)
 
 
+def _finite_or_none(value):
+    """``value`` with every NaN/inf float replaced by ``None``: strict JSON has no NaN (no gap to close -> null)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    return value
+
+
 def compare_files(
     teacher: str | os.PathLike,
     scratch: list[str | os.PathLike],
@@ -204,5 +216,5 @@ def compare_files(
         data = result.to_dict() | {"files": {"teacher": str(teacher), "scratch": [str(p) for p in scratch],
                                              "kd": [str(p) for p in kd]}}  # fmt: skip
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(data, indent=2) + "\n")
+        Path(json_path).write_text(json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
     return result

@@ -79,6 +79,12 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     return strategy
 
 
+def _absolute_if_local(source: str) -> str:
+    """``source`` made absolute when it names an existing local path; anything else (a hub ID) as given."""
+    path = Path(source.strip())
+    return str(path.resolve()) if path.exists() else source.strip()
+
+
 def run_distillation(argv: list[str] | None = None) -> dict:
     """Distil as ``hparams/distill.yaml`` says; same arguments as :func:`run_training`."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -96,6 +102,9 @@ def run_distillation(argv: list[str] | None = None) -> dict:
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
         resolved = {key: hparams.get(key) for key in RUN_KEYS}
+        for key in ("teacher_source", "targets_cache"):  # absolute, so `speech-kd report` finds them from anywhere
+            if resolved.get(key):
+                resolved[key] = ",".join(_absolute_if_local(s) for s in str(resolved[key]).split(","))
         (out / "kd_run.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
     results = run_training(argv, brain_class=DistillBrain, setup=setup)

@@ -216,6 +216,9 @@ def prepare_librispeech(
         splits = sorted(p.name for p in data_folder.iterdir() if p.is_dir() and any(p.glob("*/*/*.trans.txt")))
         if not splits:
             raise FileNotFoundError(f"no LibriSpeech-layout split (SPLIT/SPK/CHAPTER/*.trans.txt) in {data_folder}")
+    missing = [split for split in splits if not (data_folder / split).is_dir()]
+    if missing:  # before any CSV is written: a typo in the last split must not leave the first ones half-done
+        raise FileNotFoundError(f"no split folder {', '.join(missing)} in {data_folder}")
     total = PrepareResult()
     for split in splits:
         stamp = Path(save_folder) / f"prepare_{split}.json"

@@ -24,10 +24,12 @@ def _distill(corpus, out, *extra):
                  *TINY_MODEL, *extra])  # fmt: skip
 
 
-def test_distill_with_live_teacher(trained_run, tiny_corpus, tmp_path):
+def test_distill_with_live_teacher(trained_run, tiny_corpus, tmp_path, monkeypatch):
     out = tmp_path / "kd"
-    assert _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", "--kd_weight=0.5",
-                    "--use_tensorboard=True") == 0  # fmt: skip
+    monkeypatch.chdir(trained_run)  # a teacher named relative to the working directory
+    assert _distill(tiny_corpus, out, "--teacher_source=model", "--kd_weight=0.5", "--use_tensorboard=True") == 0
+    # recorded absolute, so `speech-kd report` finds the teacher from any folder
+    assert json.loads((out / "kd_run.json").read_text())["teacher_source"] == str((trained_run / "model").resolve())
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     train = history[-1]["train"]
     assert train["kd_loss"] > 0 and 0 <= train["agreement"] <= 1 and 0 <= train["blank_share"] <= 1

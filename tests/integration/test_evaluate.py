@@ -44,10 +44,11 @@ def test_evaluate_cli_on_csv_and_on_librispeech_folder(trained_run, tiny_corpus,
     printed = capsys.readouterr().out
     assert "WER" in printed and "RTF" in printed
 
-    out2 = tmp_path / "eval2.json"
+    out2 = tmp_path / "res.v1" / "eval2.json"  # a dot in a folder name: the utterance file still goes beside it
     main(["evaluate", "--asr", str(trained_run / "model"), "--data_folder", str(tiny_corpus), "--split", "test",
           "--json", str(out2)])  # fmt: skip
     assert json.loads(out2.read_text())["wer"] == summary["wer"]
+    assert (tmp_path / "res.v1" / "eval2_utts.txt").exists()
 
 
 def test_script_tells_a_missing_manifest_in_one_line(trained_run, tmp_path):

@@ -151,3 +151,11 @@ def test_synth_is_repeatable_and_a_rerun_with_another_seed_never_mixes_corpora(t
     assert rerun.keys() == fresh.keys()
     assert all(np.array_equal(rerun[k], fresh[k]) for k in fresh)
     assert _all_transcripts(tmp_path / "a") == _all_transcripts(tmp_path / "fresh")
+
+
+def test_prepare_checks_every_split_before_writing(tiny_corpus, tmp_path):
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="nope"):
+        prepare_librispeech(tiny_corpus, tmp_path / "csv", splits=["train", "nope"])
+    assert not list((tmp_path / "csv").glob("*.csv"))

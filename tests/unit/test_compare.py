@@ -112,3 +112,10 @@ def test_compare_cli(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["num_utts"] == 40 and len(data["kd_wers"]) == 2 and data["gap_closed"] > 0.3
     assert data["files"]["kd"] == [files["k1"], files["k2"]]
+
+    # no gap to close (the "teacher" is a scratch run): null in strict JSON, not NaN
+    argv = ["compare", "--teacher", files["s1"], "--scratch", files["s1"], "--kd", files["k1"], "--draws", "50",
+            "--json", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["gap_closed"] is None
