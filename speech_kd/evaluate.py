@@ -52,8 +52,9 @@ def count_parameters(asr) -> int:
 class EnsembleASR:
     """Greedy CTC transcription from the averaged posteriors of several model folders.
 
-    What ``evaluate --asr A,B,...`` runs, so that an ensemble teacher is scored
-    exactly as distillation sees it (:class:`~speech_kd.teachers.ensemble.EnsembleTeacher`:
+    What ``evaluate --asr A,B,...`` runs (and ``--asr HF_FOLDER``: one member,
+    any folder :func:`~speech_kd.teachers.base.load_teacher` reads), so that a
+    teacher is scored exactly as distillation sees it (:class:`~speech_kd.teachers.ensemble.EnsembleTeacher`:
     probabilities averaged on the first member's vocabulary and frame rate).
     Word delimiters ``|`` / ``\u2581`` become spaces. ``mods`` holds every
     member's modules, as ``EncoderASR.mods`` does for one model.
@@ -154,7 +155,8 @@ def evaluate_model(
         csv_path = prepare_split(data_folder, split, tmp).csv_files[split]
     rows = read_manifest(csv_path)
     folders = teacher_sources(asr_folder)
-    if len(folders) > 1:
+    if len(folders) > 1 or not (Path(folders[0]) / "hyperparams.yaml").exists():
+        # several folders, or one that is not a SpeechBrain folder (a Hugging Face CTC model): the teacher loader
         asr = EnsembleASR(folders, device=device)
         sample_rate = asr.sample_rate
     else:

@@ -105,3 +105,16 @@ def test_an_ensemble_member_that_does_not_exist_is_named(trained_run, tmp_path):
     missing = tmp_path / "no_such_model"
     with pytest.raises(TeacherError, match=f"{missing} does not exist"):
         evaluate_model(f"{trained_run / 'model'},{missing}", trained_run / "data" / "test.csv", progress=False)
+
+
+def test_evaluate_scores_a_hugging_face_folder_as_distillation_reads_it(trained_run, tmp_path):
+    """``--asr HF_FOLDER`` (no hyperparams.yaml) goes through the teacher loader, as in an ensemble."""
+    from speech_kd.testing import make_tiny_hf_ctc
+
+    hf = make_tiny_hf_ctc(tmp_path / "w2v")
+    csv = str(trained_run / "data" / "test.csv")
+    assert main(["evaluate", "--asr", hf, "--csv", csv, "--json", str(tmp_path / "hf.json")]) == 0
+    assert main(["evaluate", "--asr", f"{hf},{hf}", "--csv", csv, "--json", str(tmp_path / "hf2.json")]) == 0
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("hf", "hf2"))
+    assert one["num_utts"] > 0 and one["params"] > 0 and two["params"] == 2 * one["params"]
+    assert (one["wer"], one["cer"]) == (two["wer"], two["cer"])
