@@ -79,6 +79,24 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     return strategy
 
 
+def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
+    """Raise :class:`~speech_kd.cache.CacheError` before training when training utterances have no cached targets.
+
+    A cache made for other data (or an older manifest) would otherwise fail at
+    the first batch that holds such an utterance, possibly hours in.
+    """
+    from speech_kd.cache import CacheError
+
+    missing = sorted(set(train_ids) - reader.ids)
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise CacheError(
+            f"--targets_cache={cache_dir}: {len(missing)} of {len(train_ids)} training utterances have no cached "
+            f"targets ({shown}); cache made from {reader.metadata.get('csv')}: run speech-kd cache-targets on this "
+            "training CSV (it completes an existing cache)"
+        )
+
+
 def _absolute_if_local(source: str) -> str:
     """``source`` made absolute when it names an existing local path; anything else (a hub ID) as given."""
     path = Path(source.strip())
@@ -98,6 +116,8 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             logger.info("kd_weight=0: training the student without a teacher (the baseline)")
             return
         targets = make_targets(hparams, token_strings(brain.tokenizer), device=str(brain.device))
+        if isinstance(targets, CachedTargets):
+            check_cache_covers(targets.reader, datasets["train"].data_ids, hparams["targets_cache"])
         brain.attach_targets(targets)
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")

@@ -85,6 +85,19 @@ def test_distill_from_cache_and_cache_mismatch(trained_run, tiny_corpus, tmp_pat
         _distill(tiny_corpus, tmp_path / "bad", f"--teacher_source={other}", f"--targets_cache={cache}")
 
 
+def test_a_cache_missing_training_utterances_is_refused_before_training(trained_run, tiny_corpus, tmp_path):
+    lines = (trained_run / "train.csv").read_text().splitlines()
+    subset = tmp_path / "subset.csv"
+    subset.write_text("\n".join(lines[:4]) + "\n")  # header + 3 utterances
+    cache = tmp_path / "cache"
+    assert main(["cache-targets", "--teacher", str(trained_run / "model"), "--csv", str(subset),
+                 "--out", str(cache)]) == 0  # fmt: skip
+    out = tmp_path / "kd"
+    with pytest.raises(CacheError, match=rf"{len(lines) - 4} of {len(lines) - 1} training utterances have no cached"):
+        _distill(tiny_corpus, out, f"--targets_cache={cache}")
+    assert not (out / "history.jsonl").exists()  # refused before the first batch
+
+
 def test_live_teacher_hears_the_speed_perturbed_audio(trained_run, tiny_corpus, tmp_path):
     """With speed perturbation (always 0.9x here) the live teacher runs on the student's perturbed audio:
     on the clean audio its frames would be 10 % more than the student's, far beyond frame_tolerance."""
