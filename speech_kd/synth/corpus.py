@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import zlib
@@ -37,6 +38,8 @@ from speech_kd.synth.text import SentenceGenerator
 from speech_kd.synth.voices import Speaker, check_engines, make_speakers, render
 
 __all__ = ["SplitSpec", "SynthConfig", "synthesize_corpus", "DEFAULT_SPLITS"]
+
+logger = logging.getLogger(__name__)
 
 #: seconds of speech per transcript character, used to plan split sizes
 _SECONDS_PER_CHAR = 0.068
@@ -168,7 +171,13 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
     _write_transcripts(root, plan)
     _write_speakers(root, plan)
     (root / "synth_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-    return _summarise(root, plan)
+    summary = _summarise(root, plan)
+    for split in config.splits:
+        got = summary.get(split.name, {}).get("speakers", 0)
+        if got < split.speakers:
+            logger.warning("split %s: %d of %d speakers have utterances (%.3f h is too little for them all)",
+                           split.name, got, split.speakers, split.hours)  # fmt: skip
+    return summary
 
 
 PLAN_NAME = "synth_plan.json"
