@@ -64,11 +64,35 @@ def probe_audio(path: str | os.PathLike, sample_rate: int | None = None, channel
         raise AudioError(path, f"unreadable audio ({err.__class__.__name__}: {err})") from err
     if info.frames <= 0:
         raise AudioError(path, "empty audio (0 samples)")
+    _check_decodes(path, info.frames)
     if sample_rate is not None and info.samplerate != sample_rate:
         raise AudioError(path, f"sample rate {info.samplerate} Hz, expected {sample_rate} Hz")
     if channels is not None and info.channels != channels:
         raise AudioError(path, f"{info.channels} channels, expected {channels}")
     return AudioInfo(str(path), info.samplerate, info.channels, info.frames)
+
+
+#: samples decoded at each end of a file by :func:`probe_audio` (a few ms of work per file)
+PROBE_SAMPLES = 4096
+
+
+def _check_decodes(path: str | os.PathLike, frames: int) -> None:
+    """Decode the first and the last :data:`PROBE_SAMPLES` samples: a header alone does not show truncation.
+
+    A FLAC cut short (a copy that stopped, a full disk) still has a header
+    announcing all its samples; it fails only when the decoder reaches the
+    missing part, which without this check happened mid-epoch in training.
+    """
+    try:
+        with sf.SoundFile(str(path)) as fh:
+            head = fh.read(min(PROBE_SAMPLES, frames), dtype="float32")
+            fh.seek(max(0, frames - PROBE_SAMPLES))
+            tail = fh.read(PROBE_SAMPLES, dtype="float32")
+    except Exception as err:  # soundfile raises several types for corrupt data
+        raise AudioError(path, f"corrupt or truncated audio ({err.__class__.__name__}: {err})") from err
+    expected_tail = min(PROBE_SAMPLES, frames)
+    if len(head) < min(PROBE_SAMPLES, frames) or len(tail) < expected_tail:
+        raise AudioError(path, f"truncated audio: the header announces {frames} samples, fewer could be decoded")
 
 
 def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> torch.Tensor:
@@ -78,6 +102,8 @@ def read_audio(path: str | os.PathLike, sample_rate: int | None = None) -> torch
     and differs from the file's, the signal is resampled (band-limited sinc,
     ``torchaudio.functional.resample``), so models always see their own rate.
     """
+    if not os.path.exists(path):
+        raise AudioError(path, "file does not exist")
     try:
         data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except Exception as err:

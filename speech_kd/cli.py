@@ -94,7 +94,7 @@ def _cmd_cache_targets(args) -> None:
     overrides = yaml.safe_load(args.teacher_overrides) if args.teacher_overrides else None
     summary = cache_targets(
         args.teacher, args.csv, args.out, device=args.device, top_k=args.top_k, mass=args.mass,
-        batch_seconds=args.batch_seconds, teacher_overrides=overrides,
+        batch_seconds=args.batch_seconds, shard_utts=args.shard_utts, teacher_overrides=overrides,
     )  # fmt: skip
     print(json.dumps(summary, indent=2))
 
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=8)
     p.add_argument("--mass", type=float, default=0.98)
     p.add_argument("--batch_seconds", type=float, default=120.0)
+    p.add_argument("--shard_utts", type=int, default=2000,
+                   help="utterances per shard file (an interrupted run redoes at most one shard)")  # fmt: skip
     p.add_argument("--teacher_overrides", default=None,
                    help="YAML dict of keys replaced in a SpeechBrain teacher's hyperparams.yaml, "
                         "e.g. '{wav2vec2_hub: teachers/wav2vec2-large-960h-lv60-self}'")  # fmt: skip
@@ -259,6 +261,10 @@ def _is_input_error(error: BaseException) -> bool:
     return isinstance(error, (ValueError, OSError, CacheError, NonFiniteLossError))
 
 
+#: commands that continue from where an interrupted run stopped (checkpoints, cache shards)
+RESUMABLE = {"train", "distill", "cache-targets", "demo"}
+
+
 def run(argv: list[str] | None = None) -> int:
     """The ``speech-kd`` script: :func:`main`, with errors in the user's input told in one line.
 
@@ -270,6 +276,13 @@ def run(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        if os.environ.get("SPEECH_KD_TRACEBACK"):
+            raise
+        command = argv[0] if argv else ""
+        hint = " (run the same command again to resume)" if command in RESUMABLE else ""
+        print(f"speech-kd {command}: interrupted{hint}", file=sys.stderr)
+        return 130
     except Exception as error:
         if os.environ.get("SPEECH_KD_TRACEBACK") or not _is_input_error(error):
             raise

@@ -140,6 +140,10 @@ def load_dataset(
     sorting : str
         ``ascending``, ``descending`` or ``random`` (order left as in the CSV).
     """
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        has_rows = sum(1 for line in fh if line.strip()) > 1
+    if not has_rows:  # SpeechBrain's from_csv fails with an IndexError on a header-only file
+        raise TranscriptError(f"{csv_path}: no utterances (an empty split, or every file was skipped by prepare)")
     data = DynamicItemDataset.from_csv(csv_path=str(csv_path))
     known = set(tokenizer.lab2ind)
     bad = {uid: sorted(set(ex["wrd"]) - known) for uid, ex in data.data.items() if set(ex["wrd"]) - known}

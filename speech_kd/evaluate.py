@@ -23,9 +23,13 @@ from speech_kd.audio import read_audio
 from speech_kd.metrics import error_rates, utterance_errors, write_utterances
 from speech_kd.teachers.ensemble import teacher_sources
 
-__all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "read_manifest"]
+__all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "ModelFolderError", "read_manifest"]
 
 logger = logging.getLogger(__name__)
+
+
+class ModelFolderError(ValueError):
+    """A model folder that exists but does not load (damaged checkpoint, broken hyperparams.yaml)."""
 
 
 def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None = None):
@@ -36,12 +40,18 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
     folder = Path(folder)
     if not (folder / "hyperparams.yaml").exists():
         raise FileNotFoundError(f"{folder}: not a model folder (no hyperparams.yaml)")
-    return EncoderASR.from_hparams(
-        source=str(folder.resolve()),
-        savedir=savedir or tempfile.mkdtemp(prefix="speechkd_asr_"),
-        run_opts={"device": device},
-        fetch_config=FetchConfig(allow_network=False),
-    )
+    try:
+        return EncoderASR.from_hparams(
+            source=str(folder.resolve()),
+            savedir=savedir or tempfile.mkdtemp(prefix="speechkd_asr_"),
+            run_opts={"device": device},
+            fetch_config=FetchConfig(allow_network=False),
+        )
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError) as err:  # a damaged checkpoint, a bad yaml
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ModelFolderError(
+            f"{folder}: cannot load as a SpeechBrain EncoderASR folder ({err.__class__.__name__}: {first_line})"
+        ) from err
 
 
 def count_parameters(asr) -> int:
@@ -83,8 +93,11 @@ class EnsembleASR:
 
 def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
     """Rows of a SpeechBrain CSV (``ID,duration,wav,...,wrd``)."""
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{csv_path}: not UTF-8 text ({err})") from err
     missing = {"ID", "wav", "wrd"} - set(rows[0] if rows else {})
     if not rows:
         raise ValueError(f"{csv_path}: empty manifest")
@@ -146,6 +159,9 @@ def evaluate_model(
     ``cer``, ``num_utts``, ``params``, ``rtf``, ...) and ``utts_path`` (one
     block per utterance, worst first, with jiwer's alignment) when given.
     """
+    for out in (json_path, utts_path):  # before the work: a path that cannot be written fails now, not after it
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
     if csv_path is None:
         if data_folder is None or split is None:
             raise ValueError("give --csv, or --data_folder and --split")

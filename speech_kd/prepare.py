@@ -166,6 +166,9 @@ def prepare_split(
     result.hours[split] = round(sum(float(r[1]) for r in rows) / 3600.0, 4)
     for item in skipped:
         logger.warning("skipped %s (%s): %s", item.utt_id, item.path, item.reason)
+    if not rows:
+        logger.warning("%s: no usable utterance in split %s (%d skipped); its CSV is empty", csv_path, split,
+                       len(skipped))  # fmt: skip
     return result
 
 

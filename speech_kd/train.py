@@ -121,6 +121,21 @@ def _check_ddp_batches(sampler, hparams: dict) -> None:
         )
 
 
+def load_hparams(hparams_file: str, text: str, overrides) -> dict:
+    """``load_hyperpyyaml`` with a one-line error naming the file for an unknown key or broken YAML."""
+    from ruamel.yaml import YAMLError
+
+    try:
+        return load_hyperpyyaml(text, overrides)
+    except KeyError as err:
+        if "Override" not in str(err):
+            raise
+        key = str(err.args[0]).split(" not found in")[0].removeprefix("Override ")
+        raise ValueError(f"{hparams_file}: --{key.strip(chr(39))}=... overrides a key this yaml does not have") from err
+    except YAMLError as err:
+        raise ValueError(f"{hparams_file} with overrides {overrides!r}: not valid YAML ({err})") from err
+
+
 def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CTCBrain, setup=None) -> dict:
     """Train (or distill) as the yaml says; return the test results per split.
 
@@ -142,7 +157,7 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
     check_run_options(run_opts)
     sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched by torchrun
     hparams_text = Path(hparams_file).read_text()
-    hparams = load_hyperpyyaml(hparams_text, overrides)
+    hparams = load_hparams(hparams_file, hparams_text, overrides)
     check_run_options(run_opts, hparams)  # now with the yaml's precision
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],

@@ -118,3 +118,15 @@ def test_evaluate_scores_a_hugging_face_folder_as_distillation_reads_it(trained_
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("hf", "hf2"))
     assert one["num_utts"] > 0 and one["params"] > 0 and two["params"] == 2 * one["params"]
     assert (one["wer"], one["cer"]) == (two["wer"], two["cer"])
+
+
+def test_a_damaged_model_folder_is_named_in_one_line(trained_run, tmp_path):
+    import shutil
+
+    from speech_kd.evaluate import ModelFolderError, load_asr
+
+    broken = tmp_path / "model"
+    shutil.copytree(trained_run / "model", broken)
+    (broken / "model.ckpt").write_bytes((broken / "model.ckpt").read_bytes()[:100])
+    with pytest.raises(ModelFolderError, match=f"{broken}: cannot load"):
+        load_asr(broken)

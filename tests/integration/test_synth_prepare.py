@@ -71,7 +71,7 @@ def test_prepare_reports_and_skips_bad_files(corpus_copy, tmp_path):
     for trans in sorted(split.glob("*/*/*.trans.txt")):
         for line in trans.read_text().splitlines():
             chapters[line.split(" ", 1)[0]] = trans.parent
-    ids = sorted(chapters)[:5]
+    ids = sorted(chapters)[:6]
 
     def flac(uid):
         return chapters[uid] / f"{uid}.flac"
@@ -81,6 +81,8 @@ def test_prepare_reports_and_skips_bad_files(corpus_copy, tmp_path):
     sf.write(flac(ids[2]), np.zeros(8000, dtype="float32"), 8000)  # wrong rate
     sf.write(flac(ids[3]), np.zeros((16000, 2), dtype="float32"), 16000)  # stereo
     flac(ids[4]).unlink()  # transcript line without audio
+    whole = flac(ids[5]).read_bytes()
+    flac(ids[5]).write_bytes(whole[: len(whole) // 2])  # cut short: the header still announces every sample
     chapter = chapters[ids[0]]
     spk, chap = chapter.parent.name, chapter.name
     sf.write(chapter / f"{spk}-{chap}-9999.flac", np.zeros(16000, dtype="float32"), 16000)  # audio, no line
@@ -96,11 +98,12 @@ def test_prepare_reports_and_skips_bad_files(corpus_copy, tmp_path):
     assert "sample rate 8000" in reasons[ids[2]]
     assert "2 channels" in reasons[ids[3]]
     assert reasons[ids[4]] == "transcript line without audio"
+    assert "truncated" in reasons[ids[5]]
     assert reasons[f"{spk}-{chap}-9999"] == "audio without a transcript line"
     assert "outside the alphabet" in reasons[f"{spk}-{chap}-9998"] and "4" in reasons[f"{spk}-{chap}-9998"]
     kept = {r["ID"] for r in _read_csv(result.csv_files["train"])}
     assert not kept & set(reasons)
-    assert len(kept) == n_lines - 6
+    assert len(kept) == n_lines - 7
     skipped_csv = _read_csv(tmp_path / "train_skipped.csv")
     assert {r["ID"] for r in skipped_csv} == set(reasons)
     assert not list(tmp_path.glob("*.tmp"))

@@ -1,0 +1,41 @@
+"""User mistakes told in one line: an interrupted command, an unknown override, an empty split."""
+
+from __future__ import annotations
+
+import pytest
+
+from speech_kd import cli
+from tests.conftest import REPO
+
+
+def test_interrupt_says_how_to_resume(monkeypatch, capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted)
+    monkeypatch.delenv("SPEECH_KD_TRACEBACK", raising=False)
+    assert cli.run(["train", "hparams/student.yaml"]) == 130
+    assert "speech-kd train: interrupted (run the same command again to resume)" in capsys.readouterr().err
+    assert cli.run(["evaluate"]) == 130
+    assert capsys.readouterr().err.strip() == "speech-kd evaluate: interrupted"
+
+
+def test_unknown_override_and_broken_yaml_name_the_file():
+    from speech_kd.train import load_hparams
+
+    path = REPO / "hparams/student.yaml"
+    text = path.read_text()
+    with pytest.raises(ValueError, match=r"student.yaml: --nope=\.\.\. overrides a key this yaml does not have"):
+        load_hparams(str(path), text, {"data_folder": "d", "nope": 1})
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_hparams(str(path), text, "data_folder: d\nlr: [1")
+
+
+def test_an_empty_split_is_an_error_naming_its_csv(tmp_path):
+    from speech_kd.dataio import TranscriptError, load_dataset, make_tokenizer
+    from speech_kd.prepare import CSV_HEADER
+
+    csv = tmp_path / "train.csv"
+    csv.write_text(",".join(CSV_HEADER) + "\n")
+    with pytest.raises(TranscriptError, match=f"{csv}: no utterances"):
+        load_dataset(csv, make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
