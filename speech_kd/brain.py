@@ -399,12 +399,14 @@ class CTCBrain(sb.Brain):
                     train_stats=getattr(self, "train_stats", None),
                     valid_stats=stats,
                 )
+            # history first: a kill between the two then repeats the epoch (and its line, the last one wins)
+            # instead of resuming past an epoch whose line was never written
+            self._append_history(epoch, lr, stats)
             self.checkpointer.save_and_keep_only(
                 meta={"CER": stats["CER"], "WER": stats["WER"], "epoch": epoch},
                 min_keys=["CER"],
                 num_to_keep=getattr(self.hparams, "keep_checkpoints", 1),
             )
-            self._append_history(epoch, lr, stats)
         elif stage == sb.Stage.TEST:
             self.hparams.train_logger.log_stats(
                 stats_meta={"Epoch loaded": self.hparams.epoch_counter.current}, test_stats=stats

@@ -75,3 +75,34 @@ def test_sigkill_then_rerun_resumes(tiny_corpus, tmp_path, kind):
     for ckpt in (killed / "save").glob("CKPT+*"):  # every checkpoint left behind is complete
         assert (ckpt / "CKPT.yaml").exists() and (ckpt / "model.ckpt").exists()
         torch.load(ckpt / "model.ckpt")
+
+
+def test_a_kill_during_the_epoch_end_save_loses_no_history_line(tiny_corpus, tmp_path, monkeypatch):
+    """The epoch's history line is written before its checkpoint: dying in the save repeats the epoch, never skips it.
+
+    (The other order lost the line for good: the rerun found the epoch's checkpoint, skipped the epoch,
+    and its history had no row for it; seen once in ``test_sigkill_then_rerun_resumes[train]``.)
+    """
+    from speech_kd.checkpoints import AtomicCheckpointer
+    from speech_kd.train import run_training
+
+    class Killed(Exception):
+        pass
+
+    real = AtomicCheckpointer.save_and_keep_only
+
+    def dies_at_the_last_epoch(self, *args, meta=None, **kwargs):
+        if (meta or {}).get("epoch") == EPOCHS:
+            raise Killed
+        return real(self, *args, meta=meta, **kwargs)
+
+    out = tmp_path / "run"
+    argv = [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
+            f"--number_of_epochs={EPOCHS}", *TINY_MODEL]  # fmt: skip
+    monkeypatch.setattr(AtomicCheckpointer, "save_and_keep_only", dies_at_the_last_epoch)
+    with pytest.raises(Killed):
+        run_training(argv)
+    assert EPOCHS in _history(out)
+    monkeypatch.setattr(AtomicCheckpointer, "save_and_keep_only", real)
+    run_training(argv)  # the rerun trains the last epoch again and writes its line again
+    assert sorted(_history(out)) == list(range(1, EPOCHS + 1))
