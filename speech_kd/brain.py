@@ -21,7 +21,7 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
-from speech_kd.checkpoints import make_atomic
+from speech_kd.checkpoints import add_random_states, make_atomic
 from speech_kd.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
 from speech_kd.features import SharedFeatures, fast_fbank, fast_fbank_applies, fbank_signature
 from speech_kd.metrics import error_rates
@@ -125,6 +125,7 @@ class CTCBrain(sb.Brain):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         make_atomic(self.checkpointer)  # a kill during a save cannot leave a checkpoint that fails to load
+        add_random_states(self.checkpointer)  # a resumed run draws what the interrupted one would have
 
     # ------------------------------------------------------------------ forward
     def _module_table(self) -> dict:

@@ -22,20 +22,36 @@ file is truncated, and the rerun dies on it (``EOFError`` inside
 
 :func:`make_atomic` turns a stock ``Checkpointer`` into one in place; the
 Brains of this package call it, so a recipe's yaml may keep SpeechBrain's class.
+
+:class:`RandomStates` (added by :func:`add_random_states`, which the Brains
+also call) checkpoints the random number generators, so a resumed run draws
+the same dropout masks, SpecAugment masks and speed factors as the run it
+continues and ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import zipfile
 from pathlib import Path
 
-from speechbrain.utils.checkpoints import METAFNAME, Checkpoint, Checkpointer
+import numpy as np
+import torch
+from speechbrain.utils.checkpoints import (
+    METAFNAME,
+    Checkpoint,
+    Checkpointer,
+    mark_as_loader,
+    mark_as_saver,
+    register_checkpoint_hooks,
+)
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
-__all__ = ["AtomicCheckpointer", "PARTIAL_META", "make_atomic", "unreadable_files"]
+__all__ = ["AtomicCheckpointer", "PARTIAL_META", "RandomStates", "add_random_states", "make_atomic",
+           "unreadable_files"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -209,3 +225,40 @@ def make_atomic(checkpointer: Checkpointer | None) -> Checkpointer | None:
         checkpointer.__class__ = AtomicCheckpointer
         logger.debug("checkpointer %s: saves made atomic", checkpointer.checkpoints_dir)
     return checkpointer
+
+
+@register_checkpoint_hooks
+class RandomStates:
+    """The Python, NumPy and torch (CPU and every CUDA device) generator states, as one recoverable.
+
+    Saved with each checkpoint, restored on recovery: without it a resumed run
+    continued from the seed's initial state and drew other masks and speed
+    factors than the run it replaces (a 12-epoch run resumed after epoch 4
+    ended 6 CER points away on a tiny corpus). Under DDP every process starts
+    from the same seed (SpeechBrain's ``seed_everything``) and the main
+    process's states are the ones saved, as SpeechBrain saves the rest.
+    """
+
+    @mark_as_saver
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the current states to ``path``."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                    "cuda": cuda}, path)  # fmt: skip
+
+    @mark_as_loader
+    def load(self, path: str | os.PathLike, end_of_epoch: bool = False) -> None:
+        """Restore the states saved at ``path``."""
+        del end_of_epoch  # the same either way
+        state = torch.load(path, weights_only=False)
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def add_random_states(checkpointer: Checkpointer | None) -> None:
+    """Checkpoint the random generators too (:class:`RandomStates`; optional, so older checkpoints still load)."""
+    if checkpointer is not None and "random_states" not in checkpointer.recoverables:
+        checkpointer.add_recoverable("random_states", RandomStates(), optional_load=True)

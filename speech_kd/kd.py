@@ -31,7 +31,7 @@ import torch
 
 from speech_kd.align import relative_to_frames
 from speech_kd.brain import CTCBrain
-from speech_kd.checkpoints import make_atomic
+from speech_kd.checkpoints import add_random_states, make_atomic
 from speech_kd.distributed import sum_across
 from speech_kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
 from speech_kd.precision import autocast_for
@@ -65,6 +65,7 @@ class KDMixin:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         make_atomic(self.checkpointer)  # the host Brain's checkpoints survive a kill during a save
+        add_random_states(self.checkpointer)  # a resumed run draws what the interrupted one would have
 
     def attach_targets(self, targets) -> None:
         """Use ``targets(batch, student_lengths, student_max) -> Targets`` (online or cached)."""
