@@ -91,6 +91,37 @@ class EnsembleASR:
         return [" ".join(text.split()) for text in texts], ids
 
 
+def model_characters(asr) -> set[str] | None:
+    """Upper-cased characters the model can write (word delimiters ``|``/``▁`` as spaces), or ``None``.
+
+    From ``EncoderASR.tokenizer`` or an :class:`EnsembleASR`'s teacher tokens;
+    special tokens such as ``<blank>`` are left out.
+    """
+    tokens = getattr(getattr(asr, "teacher", None), "tokens", None)
+    if tokens is None:
+        tokens = list(getattr(getattr(asr, "tokenizer", None), "lab2ind", {}) or [])
+    chars = set()
+    for token in tokens:
+        token = str(token)
+        if token.startswith("<") and token.endswith(">") and len(token) > 2:
+            continue
+        chars |= set(token.replace("|", " ").replace("▁", " ").upper())
+    return chars or None
+
+
+def _warn_unreachable_characters(asr, refs: list[str], csv_path) -> None:
+    """Warn when references use characters the model cannot output: each one is an error it cannot avoid."""
+    chars = model_characters(asr)
+    if chars is None:
+        return
+    bad = [ref for ref in refs if set(" ".join(ref.upper().split())) - chars - {" "}]
+    if bad:
+        extra = sorted(set("".join(bad).upper()) - chars - {" "})
+        logger.warning("%s: %d of %d reference transcripts use characters the model cannot output (%s); "
+                       "they are scored as they are, so each counts as an error", csv_path, len(bad), len(refs),
+                       "".join(extra))  # fmt: skip
+
+
 def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
     """Rows of a SpeechBrain CSV (``ID,duration,wav,...,wrd``)."""
     try:
@@ -198,6 +229,7 @@ def evaluate_model(
             refs += [r["wrd"] for r in batch]
             hyps += list(words)
 
+    _warn_unreachable_characters(asr, refs, csv_path)
     rates = error_rates(refs, hyps)
     summary = {
         "wer": round(rates.wer, 3),

@@ -130,3 +130,26 @@ def test_a_damaged_model_folder_is_named_in_one_line(trained_run, tmp_path):
     (broken / "model.ckpt").write_bytes((broken / "model.ckpt").read_bytes()[:100])
     with pytest.raises(ModelFolderError, match=f"{broken}: cannot load"):
         load_asr(broken)
+
+
+def test_references_the_model_cannot_spell_are_warned_about(trained_run, tmp_path, caplog):
+    import csv as csv_mod
+    import logging
+
+    from speech_kd.evaluate import evaluate_model
+
+    with open(trained_run / "data" / "test.csv", newline="") as fh:
+        rows = list(csv_mod.DictReader(fh))
+    rows[0]["wrd"] += " 42 CAF\u00c9"
+    edited = tmp_path / "test.csv"
+    with open(edited, "w", newline="") as fh:
+        writer = csv_mod.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with caplog.at_level(logging.WARNING, logger="speech_kd.evaluate"):
+        evaluate_model(trained_run / "model", edited, progress=False)
+    assert f"1 of {len(rows)} reference transcripts use characters the model cannot output (24\u00c9)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="speech_kd.evaluate"):
+        evaluate_model(trained_run / "model", trained_run / "data" / "test.csv", progress=False)
+    assert "cannot output" not in caplog.text
