@@ -162,6 +162,29 @@ class EvalResult:
     utterances: list
 
 
+def _warn_converted_audio(rows: list[dict], sample_rate: int, csv_path) -> None:
+    """Warn when files are not mono at the model's rate: they are resampled / averaged, which can cost accuracy."""
+    import soundfile as sf
+
+    other_rate, multi = [], []
+    for row in rows:
+        try:
+            info = sf.info(row["wav"])
+        except Exception:  # noqa: BLE001 - unreadable files are reported, with their path, when read
+            continue
+        if info.samplerate != sample_rate:
+            other_rate.append(f"{row['wav']}: {info.samplerate} Hz")
+        if info.channels != 1:
+            multi.append(f"{row['wav']}: {info.channels} channels")
+    if other_rate:
+        logger.warning("%s: %d of %d files are not at the model's %d Hz and are resampled (e.g. %s); audio "
+                       "recorded at a lower rate lacks the high band the model was trained on", csv_path,
+                       len(other_rate), len(rows), sample_rate, other_rate[0])  # fmt: skip
+    if multi:
+        logger.warning("%s: %d of %d files have several channels and are averaged to mono (e.g. %s)", csv_path,
+                       len(multi), len(rows), multi[0])  # fmt: skip
+
+
 def _load_batch(batch: list[dict], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded waveforms ``[B, S]`` and lengths in samples ``[B]`` of one batch of manifest rows."""
     wavs = [read_audio(r["wav"], sample_rate) for r in batch]
@@ -210,6 +233,7 @@ def evaluate_model(
         asr = load_asr(asr_folder, device=device)
         sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
 
+    _warn_converted_audio(rows, sample_rate, csv_path)
     ids, refs, hyps = [], [], []
     audio_seconds = compute_seconds = 0.0
     batches = _batches(rows, batch_seconds)

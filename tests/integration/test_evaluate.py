@@ -132,7 +132,7 @@ def test_a_damaged_model_folder_is_named_in_one_line(trained_run, tmp_path):
         load_asr(broken)
 
 
-def test_references_the_model_cannot_spell_are_warned_about(trained_run, tmp_path, caplog):
+def test_evaluate_warns_about_what_it_scores_other_than_given(trained_run, tmp_path, caplog):
     import csv as csv_mod
     import logging
 
@@ -152,4 +152,23 @@ def test_references_the_model_cannot_spell_are_warned_about(trained_run, tmp_pat
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="speech_kd.evaluate"):
         evaluate_model(trained_run / "model", trained_run / "data" / "test.csv", progress=False)
-    assert "cannot output" not in caplog.text
+    assert "cannot output" not in caplog.text and "resampled" not in caplog.text
+
+    # one file at 8 kHz, one in stereo: scored (resampled, averaged), and said so
+    import numpy as np
+    import soundfile as sf
+
+    data, rate = sf.read(rows[0]["wav"], dtype="float32")
+    sf.write(tmp_path / "low.flac", data[::2], rate // 2)
+    sf.write(tmp_path / "stereo.flac", np.stack([data, data], axis=1), rate)
+    rows[0]["wav"], rows[1]["wav"] = str(tmp_path / "low.flac"), str(tmp_path / "stereo.flac")
+    with open(edited, "w", newline="") as fh:
+        writer = csv_mod.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="speech_kd.evaluate"):
+        result = evaluate_model(trained_run / "model", edited, progress=False)
+    assert result.summary["num_utts"] == len(rows)
+    assert f"1 of {len(rows)} files are not at the model's 16000 Hz and are resampled" in caplog.text
+    assert f"1 of {len(rows)} files have several channels" in caplog.text
