@@ -344,8 +344,9 @@ class CTCBrain(sb.Brain):
     def _append_history(self, epoch, lr, valid_stats) -> None:
         """One JSON line per epoch in ``<output_folder>/history.jsonl`` (read by the report).
 
-        Written after the epoch's checkpoint, so a run killed in between
-        repeats the line on resume: readers keep the last line per epoch.
+        Written before the epoch's checkpoint, so a run killed in between
+        repeats the epoch and its line on resume (readers keep the last line
+        per epoch) instead of skipping a checkpointed epoch that has no line.
         ``train_seconds`` is the wall time of the epoch's training stage (of
         its resumed part, after an interruption inside the epoch).
         """

@@ -227,35 +227,59 @@ def make_atomic(checkpointer: Checkpointer | None) -> Checkpointer | None:
     return checkpointer
 
 
-@register_checkpoint_hooks
 class RandomStates:
-    """The Python, NumPy and torch (CPU and every CUDA device) generator states, as one recoverable.
+    """Every process's Python, NumPy and torch (CPU, and its CUDA device) generator states, as one recoverable.
 
     Saved with each checkpoint, restored on recovery: without it a resumed run
     continued from the seed's initial state and drew other masks and speed
     factors than the run it replaces (a 12-epoch run resumed after epoch 4
-    ended 6 CER points away on a tiny corpus). Under DDP every process starts
-    from the same seed (SpeechBrain's ``seed_everything``) and the main
-    process's states are the ones saved, as SpeechBrain saves the rest.
+    ended 6 CER points away on a tiny corpus). Under DDP the processes' states
+    differ after the first batch (their batches differ), so the save gathers
+    all of them and each process restores its own; a checkpoint made with
+    another number of processes restores none (with a warning). The CUDA
+    state is that of the process's current device, and only once CUDA is in
+    use (reading it would otherwise start CUDA in a CPU run).
     """
+
+    @staticmethod
+    def _local() -> dict:
+        cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": cuda}  # fmt: skip
 
     @mark_as_saver
     def save(self, path: str | os.PathLike) -> None:
-        """Write the current states to ``path``."""
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-        torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                    "cuda": cuda}, path)  # fmt: skip
+        """Gather every process's states; the main process writes them to ``path``.
+
+        Runs on every process (registered with ``save_on_main_only=False``):
+        the gather is a collective.
+        """
+        from speech_kd.distributed import gather_objects
+
+        states = gather_objects(self._local())
+        if if_main_process():
+            torch.save({"states": states}, path)
 
     @mark_as_loader
     def load(self, path: str | os.PathLike, end_of_epoch: bool = False) -> None:
-        """Restore the states saved at ``path``."""
+        """Restore this process's states from ``path``."""
+        from speech_kd.distributed import rank, world_size
+
         del end_of_epoch  # the same either way
-        state = torch.load(path, weights_only=False)
+        states = torch.load(path, weights_only=False)["states"]
+        if len(states) != world_size():
+            logger.warning("%s: random states of %d processes, this run has %d: not restored (it goes on with "
+                           "other random draws)", path, len(states), world_size())  # fmt: skip
+            return
+        state = states[rank()]
         random.setstate(state["python"])
         np.random.set_state(state["numpy"])
         torch.set_rng_state(state["torch"])
-        if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if state["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
+
+
+register_checkpoint_hooks(RandomStates, save_on_main_only=False)
 
 
 def add_random_states(checkpointer: Checkpointer | None) -> None:

@@ -225,6 +225,8 @@ def evaluate_model(
         csv_path = prepare_split(data_folder, split, tmp).csv_files[split]
     rows = read_manifest(csv_path)
     folders = teacher_sources(asr_folder)
+    if not folders:
+        raise ValueError("--asr names no model folder")
     if len(folders) > 1 or not (Path(folders[0]) / "hyperparams.yaml").exists():
         # several folders, or one that is not a SpeechBrain folder (a Hugging Face CTC model): the teacher loader
         asr = EnsembleASR(folders, device=device)

@@ -198,7 +198,13 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
         hparams["epoch_counter"],
         datasets["train"],
         datasets["dev"],
-        train_loader_kwargs={"batch_sampler": sampler, "num_workers": hparams["num_workers"]},
+        # the loader's own generator: starting an epoch's iterator draws a seed from it, which from the global
+        # generator would shift every later draw of a run resumed mid-epoch (checkpoints.RandomStates)
+        train_loader_kwargs={
+            "batch_sampler": sampler,
+            "num_workers": hparams["num_workers"],
+            "generator": torch.Generator().manual_seed(hparams["seed"]),
+        },  # fmt: skip
         valid_loader_kwargs={"batch_size": hparams.get("eval_batch_size", 8)},
     )
 

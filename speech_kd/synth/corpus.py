@@ -199,7 +199,12 @@ def _reconcile_with_previous_plan(root: Path, plan: list[_Utterance]) -> None:
     """
     wanted = {str(u.flac_path(root).relative_to(root)): _audio_key(u) for u in plan}
     plan_file = root / PLAN_NAME
-    previous = json.loads(plan_file.read_text()) if plan_file.exists() else {}
+    if plan_file.exists():
+        previous = json.loads(plan_file.read_text())
+    else:  # unknown origin: every audio file there is stale (the transcripts go with their chapters below)
+        previous = {str(p.relative_to(root)): "" for p in root.glob("*/*/*/*.flac")}
+    for part in root.glob("*/*/*/*.part.flac"):  # a render interrupted before its rename
+        part.unlink()
     stale = {path for path, key in previous.items() if wanted.get(path) != key}
     stale |= {path for path in wanted if path not in previous}
     for path in sorted(stale):

@@ -114,3 +114,40 @@ def test_a_kill_during_the_epoch_end_save_loses_nothing(tiny_corpus, tmp_path, m
     resumed, straight = (torch.load(o / "model" / "model.ckpt") for o in (out, clean))
     assert resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+@pytest.mark.parametrize("kill_at_batch", [3, 5])
+def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(tiny_corpus, tmp_path, monkeypatch,
+                                                                          kill_at_batch):  # fmt: skip
+    """Resumed from an intra-epoch checkpoint, the run draws what it would have drawn: the same final weights.
+
+    (The train loader has its own generator: starting an epoch's iterator drew a seed from the global one,
+    which after a resume mid-epoch shifted every later dropout/SpecAugment/speed draw.)
+    """
+    from speech_kd.brain import CTCBrain
+    from speech_kd.train import run_training
+
+    class Killed(Exception):
+        pass
+
+    real = CTCBrain.fit_batch
+    calls = {"n": 0}
+
+    def dies_at_a_batch(self, batch):
+        calls["n"] += 1
+        if calls["n"] == kill_at_batch:
+            raise Killed
+        return real(self, batch)
+
+    def argv(out: Path) -> list[str]:
+        return [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
+                "--number_of_epochs=2", "--ckpt_interval_steps=2", *TINY_MODEL]  # fmt: skip
+
+    monkeypatch.setattr(CTCBrain, "fit_batch", dies_at_a_batch)
+    with pytest.raises(Killed):
+        run_training(argv(tmp_path / "killed"))
+    monkeypatch.setattr(CTCBrain, "fit_batch", real)
+    run_training(argv(tmp_path / "killed"))
+    run_training(argv(tmp_path / "clean"))
+    resumed, straight = (torch.load(tmp_path / o / "model" / "model.ckpt") for o in ("killed", "clean"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
