@@ -217,8 +217,10 @@ def fast_fbank(module: torch.nn.Module, wavs: torch.Tensor) -> torch.Tensor:
         pieces = [_mel_power(module, piece, blocks) for piece in wavs.split(chunk_size(module, wavs))]
         mel = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         # SpeechBrain: db = m * log10(max(x, amin)) - m * db_multiplier, then max(db, max_utt(db) - top_db)
-        peak = mel.amax(dim=(1, 2), keepdim=True).clamp_(min=banks.amin)
-        floor = peak.mul_(10.0 ** (-banks.top_db / banks.multiplier)).clamp_(min=banks.amin)
+        peak = mel.amax(dim=(1, 2), keepdim=True).clamp(min=banks.amin)
+        floor = (peak * 10.0 ** (-banks.top_db / banks.multiplier)).clamp(min=banks.amin)
+        if mel.requires_grad:  # waveform gradients (an attack, a learnable front end): no in-place ops
+            return torch.log10(torch.maximum(mel, floor)) * banks.multiplier - banks.multiplier * banks.db_multiplier
         db = mel.clamp_(min=floor).log10_().mul_(banks.multiplier)
         return db.sub_(banks.multiplier * banks.db_multiplier)
 

@@ -143,3 +143,12 @@ def test_teacher_starts_from_the_students_fbank(trained_run, monkeypatch):
     assert calls == ["fast_fbank"]  # only the mismatched call ran the teacher's own fbank
     assert torch.equal(shared.lengths, full.lengths)
     assert torch.allclose(shared.log_probs, full.log_probs, atol=1e-5)
+
+
+def test_fast_fbank_passes_gradients_to_the_waveform():
+    fbank = Fbank(n_mels=80)
+    wav = _speech_like(0.5).unsqueeze(0)
+    ours, theirs = wav.clone().requires_grad_(), wav.clone().requires_grad_()
+    fast_fbank(fbank, ours).sum().backward()
+    fbank(theirs).sum().backward()
+    assert torch.allclose(ours.grad, theirs.grad, rtol=1e-3, atol=1e-3 * theirs.grad.abs().max().item())
