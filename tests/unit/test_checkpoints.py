@@ -116,3 +116,63 @@ def test_make_atomic_upgrades_only_the_stock_class(tmp_path):
     assert type(make_atomic(Checkpointer(tmp_path / "a"))) is AtomicCheckpointer
     assert type(make_atomic(Mine(tmp_path / "b"))) is Mine
     assert make_atomic(None) is None
+
+
+_RNG_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    from speech_kd.checkpoints import RandomStates
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(100 + rank)  # the processes' generators differ, as after a few DDP batches
+    path = sys.argv[1]
+    RandomStates().save(path)  # a collective: every process takes part, the main one writes
+    dist.barrier()
+    expected = torch.rand(3)
+    torch.manual_seed(7)  # a fresh process would start here
+    RandomStates().load(path)
+    got = torch.rand(3)
+    print(rank, torch.equal(got, expected), expected.tolist())
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_random_states_under_ddp_each_process_gets_its_own(tmp_path):
+    """Two gloo processes with different generator states: after save and load, each draws what it would have."""
+    import socket
+
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "rng.py"
+    script.write_text(_RNG_SCRIPT)
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "rng.ckpt")], stdout=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(r)})
+             for r in range(2)]  # fmt: skip
+    outputs = [p.communicate(timeout=120)[0].split(maxsplit=2) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert [o[1] for o in outputs] == ["True", "True"]  # each process restored its own state
+    assert outputs[0][2] != outputs[1][2]  # and the two states were different ones
+
+
+def test_random_states_from_another_process_count_are_not_restored(tmp_path, caplog):
+    from speech_kd.checkpoints import RandomStates
+
+    torch.save({"states": [RandomStates._local(), RandomStates._local()]}, tmp_path / "rng.ckpt")
+    torch.manual_seed(3)
+    expected = torch.rand(2)
+    torch.manual_seed(3)
+    RandomStates().load(tmp_path / "rng.ckpt")
+    assert torch.equal(torch.rand(2), expected)
+    assert "random states of 2 processes, this run has 1: not restored" in caplog.text
