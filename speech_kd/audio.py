@@ -83,15 +83,15 @@ def _check_decodes(path: str | os.PathLike, frames: int) -> None:
     announcing all its samples; it fails only when the decoder reaches the
     missing part, which without this check happened mid-epoch in training.
     """
+    wanted = min(PROBE_SAMPLES, frames)
     try:
         with sf.SoundFile(str(path)) as fh:
-            head = fh.read(min(PROBE_SAMPLES, frames), dtype="float32")
-            fh.seek(max(0, frames - PROBE_SAMPLES))
-            tail = fh.read(PROBE_SAMPLES, dtype="float32")
+            head = fh.read(wanted, dtype="float32")
+            fh.seek(frames - wanted)
+            tail = fh.read(wanted, dtype="float32")
     except Exception as err:  # soundfile raises several types for corrupt data
         raise AudioError(path, f"corrupt or truncated audio ({err.__class__.__name__}: {err})") from err
-    expected_tail = min(PROBE_SAMPLES, frames)
-    if len(head) < min(PROBE_SAMPLES, frames) or len(tail) < expected_tail:
+    if len(head) < wanted or len(tail) < wanted:
         raise AudioError(path, f"truncated audio: the header announces {frames} samples, fewer could be decoded")
 
 

@@ -99,8 +99,8 @@ def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
 
 def _absolute_if_local(source: str) -> str:
     """``source`` made absolute when it names an existing local path; anything else (a hub ID) as given."""
-    path = Path(source.strip())
-    return str(path.resolve()) if path.exists() else source.strip()
+    path = Path(source)
+    return str(path.resolve()) if path.exists() else source
 
 
 def run_distillation(argv: list[str] | None = None) -> dict:
@@ -122,9 +122,11 @@ def run_distillation(argv: list[str] | None = None) -> dict:
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
         resolved = {key: hparams.get(key) for key in RUN_KEYS}
+        from speech_kd.teachers.ensemble import teacher_sources
+
         for key in ("teacher_source", "targets_cache"):  # absolute, so `speech-kd report` finds them from anywhere
             if resolved.get(key):
-                resolved[key] = ",".join(_absolute_if_local(s) for s in str(resolved[key]).split(","))
+                resolved[key] = ",".join(_absolute_if_local(s) for s in teacher_sources(resolved[key]))
         (out / "kd_run.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
 
     results = run_training(argv, brain_class=DistillBrain, setup=setup)

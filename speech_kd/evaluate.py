@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from speech_kd.audio import read_audio
-from speech_kd.metrics import error_rates, utterance_errors, write_utterances
+from speech_kd.metrics import error_rates, normalize_text, utterance_errors, write_utterances
 from speech_kd.teachers.ensemble import teacher_sources
 
 __all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "ModelFolderError", "read_manifest"]
@@ -87,8 +87,13 @@ class EnsembleASR:
         out = self.teacher(wavs.to(self.device), wav_lens.to(self.device))
         labels, lengths = collapse_greedy(out.log_probs, out.lengths, self.teacher.blank_index)
         ids = [row[:length].tolist() for row, length in zip(labels.cpu(), lengths.cpu())]
-        texts = ("".join(self.teacher.tokens[t] for t in row).replace("|", " ").replace("\u2581", " ") for row in ids)
+        texts = (_delimiters_to_spaces("".join(self.teacher.tokens[t] for t in row)) for row in ids)
         return [" ".join(text.split()) for text in texts], ids
+
+
+def _delimiters_to_spaces(text: str) -> str:
+    """Word delimiter tokens (``|`` of wav2vec2, ``▁`` of SentencePiece) as spaces."""
+    return text.replace("|", " ").replace("▁", " ")
 
 
 def model_characters(asr) -> set[str] | None:
@@ -105,7 +110,7 @@ def model_characters(asr) -> set[str] | None:
         token = str(token)
         if token.startswith("<") and token.endswith(">") and len(token) > 2:
             continue
-        chars |= set(token.replace("|", " ").replace("▁", " ").upper())
+        chars |= set(_delimiters_to_spaces(token).upper())
     return chars or None
 
 
@@ -114,9 +119,9 @@ def _warn_unreachable_characters(asr, refs: list[str], csv_path) -> None:
     chars = model_characters(asr)
     if chars is None:
         return
-    bad = [ref for ref in refs if set(" ".join(ref.upper().split())) - chars - {" "}]
+    bad = [ref for ref in refs if set(normalize_text(ref)) - chars - {" "}]
     if bad:
-        extra = sorted(set("".join(bad).upper()) - chars - {" "})
+        extra = sorted(set(normalize_text(" ".join(bad))) - chars - {" "})
         logger.warning("%s: %d of %d reference transcripts use characters the model cannot output (%s); "
                        "they are scored as they are, so each counts as an error", csv_path, len(bad), len(refs),
                        "".join(extra))  # fmt: skip

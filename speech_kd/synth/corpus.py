@@ -193,9 +193,9 @@ def _reconcile_with_previous_plan(root: Path, plan: list[_Utterance]) -> None:
 
     Files of the previous plan (``synth_plan.json``) are kept where the new
     plan wants the same speaker and sentence at the same path; the rest are
-    removed, with the transcripts of chapters the new plan no longer has. A
+    removed, with the transcripts of chapters the new plan no longer has. In a
     folder with audio but no plan record (made by hand, or by a version that
-    wrote none) has its planned files rendered again.
+    wrote none) no file is trusted: all are removed and the plan rendered anew.
     """
     wanted = {str(u.flac_path(root).relative_to(root)): _audio_key(u) for u in plan}
     plan_file = root / PLAN_NAME
