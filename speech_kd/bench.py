@@ -90,8 +90,8 @@ def bench_features(batch, repeats: int, device: str) -> dict:
     ``ours`` is what the training Brains run: :func:`speech_kd.features.fast_fbank`
     on the padded batch, on the training device. ``stft_only`` is ``torch.stft``
     alone on the same batch, in the same pieces as ``ours`` (on CPU a whole
-    batch at once page-faults its temporaries in on every call and ran 1.2 to
-    6.3 ms for the same work), a ceiling for any FFT-based fbank on this machine:
+    batch at once can page-fault its temporaries in on every call and run
+    several times slower for the same work), a ceiling for any FFT-based fbank on this machine:
     ``features_stft_only_vs_librosa`` says how far past librosa any fbank could go.
     """
     from speechbrain.lobes.features import Fbank

@@ -232,8 +232,7 @@ class RandomStates:
 
     Saved with each checkpoint, restored on recovery: without it a resumed run
     continued from the seed's initial state and drew other masks and speed
-    factors than the run it replaces (a 12-epoch run resumed after epoch 4
-    ended 6 CER points away on a tiny corpus). Under DDP the processes' states
+    factors than the run it replaces, ending with other weights. Under DDP the processes' states
     differ after the first batch (their batches differ), so the save gathers
     all of them and each process restores its own; a checkpoint made with
     another number of processes restores none (with a warning). The CUDA

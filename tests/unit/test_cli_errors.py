@@ -39,3 +39,19 @@ def test_an_empty_split_is_an_error_naming_its_csv(tmp_path):
     csv.write_text(",".join(CSV_HEADER) + "\n")
     with pytest.raises(TranscriptError, match=f"{csv}: no utterances"):
         load_dataset(csv, make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+
+
+def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
+    from speech_kd.evaluate import read_manifest
+
+    csv = tmp_path / "test.csv"
+    csv.write_bytes("ID,duration,wav,spk_id,wrd\na,1.0,x.flac,1,CAF\u00c9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{csv}: not UTF-8 text"):
+        read_manifest(csv)
+
+
+def test_reading_a_missing_audio_file_says_so(tmp_path):
+    from speech_kd.audio import AudioError, read_audio
+
+    with pytest.raises(AudioError, match="nothere.flac: file does not exist"):
+        read_audio(tmp_path / "nothere.flac")
