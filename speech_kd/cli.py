@@ -286,8 +286,15 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as error:
         if os.environ.get("SPEECH_KD_TRACEBACK") or not _is_input_error(error):
             raise
+        from speech_kd.audio import AudioError
+
         command = argv[0] if argv else ""
         print(f"speech-kd {command}: error: {type(error).__name__}: {error}", file=sys.stderr)
+        if isinstance(error, AudioError) and command in RESUMABLE:
+            # found while reading a batch (prepare checks headers and both ends, not every sample):
+            # the run would die on the same file again, so say how to get past it without losing work
+            print(f"speech-kd {command}: fix or re-encode {error.path}, or delete its row from the manifest, "
+                  "then run the same command again: it resumes from its last checkpoint", file=sys.stderr)  # fmt: skip
         return 2
 
 

@@ -20,6 +20,26 @@ def test_interrupt_says_how_to_resume(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "speech-kd evaluate: interrupted"
 
 
+def test_bad_audio_met_in_training_says_how_to_go_on(monkeypatch, capsys, tmp_path):
+    from speech_kd.audio import read_audio
+
+    broken = tmp_path / "utt1.flac"
+    broken.write_bytes(b"fLaC" + bytes(200))  # a FLAC signature and nothing decodable
+
+    def reads_broken_audio(argv):
+        read_audio(broken)
+
+    monkeypatch.setattr(cli, "main", reads_broken_audio)
+    monkeypatch.delenv("SPEECH_KD_TRACEBACK", raising=False)
+    assert cli.run(["train", "hparams/student.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert f"speech-kd train: error: AudioError: {broken}: unreadable audio" in err
+    assert f"fix or re-encode {broken}, or delete its row from the manifest" in err
+    assert "resumes from its last checkpoint" in err
+    assert cli.run(["evaluate"]) == 2
+    assert "resumes" not in capsys.readouterr().err  # evaluate keeps no checkpoint
+
+
 def test_unknown_override_and_broken_yaml_name_the_file():
     from speech_kd.train import load_hparams
 
