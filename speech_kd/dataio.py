@@ -4,7 +4,11 @@ Each batch carries ``id``, ``sig`` (waveforms ``[B, S]`` with relative
 lengths ``[B]``) and ``tokens`` (character IDs ``[B, L]`` with relative
 lengths). Transcripts with characters the tokenizer lacks are an error that
 names the utterances; utterances too short for their labels under CTC are
-skipped and reported, never trained on.
+skipped and reported, never trained on. Training and dev sets built with
+``skip_unreadable=True`` drop an utterance whose audio fails to decode when it
+is read (damage inside a file that ``prepare``'s probes of its two ends did
+not reach) with a warning naming the file, instead of ending a long run:
+:func:`collate_readable` then pads the rest of the batch.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
-from speech_kd.audio import read_audio
+from speech_kd.audio import AudioError, read_audio
 
 __all__ = [
     "make_tokenizer",
@@ -29,6 +33,7 @@ __all__ = [
     "merge_csvs",
     "ctc_min_frames",
     "load_dataset",
+    "collate_readable",
     "dynamic_batch_sampler",
     "TranscriptError",
 ]
@@ -119,6 +124,7 @@ def load_dataset(
     frame_shift: float | None = 0.04,
     max_duration: float | None = None,
     sorting: str = "random",
+    skip_unreadable: bool = False,
 ) -> DynamicItemDataset:
     """Dataset for one manifest, with audio and token pipelines attached.
 
@@ -139,6 +145,10 @@ def load_dataset(
         Longer utterances are skipped and logged.
     sorting : str
         ``ascending``, ``descending`` or ``random`` (order left as in the CSV).
+    skip_unreadable : bool
+        An utterance whose audio raises :class:`~speech_kd.audio.AudioError`
+        when read gets ``sig = None`` and a warning naming the file, for
+        :func:`collate_readable` to drop; otherwise the error propagates.
     """
     with open(csv_path, newline="", encoding="utf-8") as fh:
         has_rows = sum(1 for line in fh if line.strip()) > 1
@@ -175,7 +185,13 @@ def load_dataset(
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        return read_audio(wav, sample_rate)
+        if not skip_unreadable:
+            return read_audio(wav, sample_rate)
+        try:
+            return read_audio(wav, sample_rate)
+        except AudioError as err:
+            logger.warning("skipping %s: %s (fix or remove the file; this utterance is left out)", err.path, err.reason)
+            return None
 
     @sb.utils.data_pipeline.takes("wrd")
     @sb.utils.data_pipeline.provides("tokens")
@@ -194,6 +210,21 @@ def load_dataset(
         key_min_value=key_min,
         key_test={"id": lambda uid: uid in keep},
     )
+
+
+def collate_readable(examples: list[dict]) -> sb.dataio.batch.PaddedBatch:
+    """``PaddedBatch`` of the examples whose audio could be read (``sig`` not ``None``).
+
+    The collate function of loaders over datasets made with
+    ``load_dataset(..., skip_unreadable=True)``. A batch in which no audio
+    could be read is an :class:`~speech_kd.audio.AudioError` naming its
+    utterances (a padded batch cannot be empty).
+    """
+    readable = [ex for ex in examples if ex["sig"] is not None]
+    if not readable:
+        ids = ", ".join(str(ex["id"]) for ex in examples)
+        raise AudioError(ids, "no audio of this batch could be read (see the warnings above)")
+    return sb.dataio.batch.PaddedBatch(readable)
 
 
 def dynamic_batch_sampler(

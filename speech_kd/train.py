@@ -20,7 +20,7 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
 from speech_kd.brain import CTCBrain
-from speech_kd.dataio import dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
+from speech_kd.dataio import collate_readable, dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
 from speech_kd.export import export_model_folder
 from speech_kd.precision import check_precision
 from speech_kd.prepare import prepare_librispeech
@@ -65,13 +65,20 @@ def merge_role_csvs(hparams: dict, csvs: dict[str, list[str]]) -> None:
 
 
 def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_shift: float) -> dict:
-    """Datasets for train (merged splits), dev (merged) and each test split."""
+    """Datasets for train (merged splits), dev (merged) and each test split.
+
+    Train and dev leave out, with a warning, utterances whose audio turns out
+    unreadable when read (loaded with :func:`~speech_kd.dataio.collate_readable`);
+    a test split still stops at one, so no test score silently covers fewer utterances.
+    """
     folder = Path(hparams["output_folder"])
     train_csv, dev_csv = folder / "train.csv", folder / "dev.csv"
     common = {"tokenizer": tokenizer, "sample_rate": hparams["sample_rate"], "frame_shift": frame_shift}
     return {
-        "train": load_dataset(train_csv, max_duration=hparams.get("avoid_if_longer_than"), **common),
-        "dev": load_dataset(dev_csv, sorting="descending", **common),
+        "train": load_dataset(
+            train_csv, max_duration=hparams.get("avoid_if_longer_than"), skip_unreadable=True, **common
+        ),
+        "dev": load_dataset(dev_csv, sorting="descending", skip_unreadable=True, **common),
         "test": {
             Path(c).stem: load_dataset(c, sorting="descending", **{**common, "frame_shift": None}) for c in csvs["test"]
         },
@@ -204,8 +211,9 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
             "batch_sampler": sampler,
             "num_workers": hparams["num_workers"],
             "generator": torch.Generator().manual_seed(hparams["seed"]),
+            "collate_fn": collate_readable,
         },  # fmt: skip
-        valid_loader_kwargs={"batch_size": hparams.get("eval_batch_size", 8)},
+        valid_loader_kwargs={"batch_size": hparams.get("eval_batch_size", 8), "collate_fn": collate_readable},
     )
 
     results = {}

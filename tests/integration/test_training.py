@@ -118,3 +118,35 @@ def test_utterances_too_short_for_their_labels_are_skipped(tmp_path, caplog):
     data = load_dataset(csv, make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"), frame_shift=0.04)
     assert len(data) == 1
     assert "short" in caplog.text and "too short" in caplog.text
+
+
+def _damage_middle(path) -> None:
+    """Overwrite 4 kB in the middle of a FLAC: its header and both ends still decode, its middle does not."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid - 2000 : mid + 2000] = (
+        torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8).numpy().tobytes()
+    )
+    path.write_bytes(bytes(data))
+
+
+def test_audio_damaged_inside_is_left_out_of_training_with_a_warning(corpus_copy, tmp_path):
+    from speech_kd.audio import AudioError, probe_audio, read_audio
+
+    train_files = sorted((corpus_copy / "train").rglob("*.flac"))
+    dev_files = sorted((corpus_copy / "dev").rglob("*.flac"))
+    for path in (train_files[3], dev_files[1]):
+        _damage_middle(path)
+        probe_audio(path)  # prepare's checks pass: the damage is found only when the whole file is read
+        with pytest.raises(AudioError, match="unreadable audio"):
+            read_audio(path)
+    out = tmp_path / "run"
+    run_training(
+        [str(REPO / "hparams/teacher.yaml"), f"--data_folder={corpus_copy}", f"--output_folder={out}",
+         "--number_of_epochs=1", *TINY_MODEL]
+    )  # fmt: skip
+    log = (out / "log.txt").read_text()  # SpeechBrain's run log, where our warnings go
+    for path in (train_files[3], dev_files[1]):
+        assert f"skipping {path}: unreadable audio" in log
+    assert (out / "model" / "model.ckpt").exists()
+    assert re.findall(r"epoch: (\d+)", (out / "train_log.txt").read_text()) == ["1"]
