@@ -185,11 +185,11 @@ def load_dataset(
     @sb.utils.data_pipeline.takes("wav")
     @sb.utils.data_pipeline.provides("sig")
     def audio_pipeline(wav):
-        if not skip_unreadable:
-            return read_audio(wav, sample_rate)
         try:
             return read_audio(wav, sample_rate)
         except AudioError as err:
+            if not skip_unreadable:
+                raise
             logger.warning("skipping %s: %s (fix or remove the file; this utterance is left out)", err.path, err.reason)
             return None
 
@@ -217,13 +217,14 @@ def collate_readable(examples: list[dict]) -> sb.dataio.batch.PaddedBatch:
 
     The collate function of loaders over datasets made with
     ``load_dataset(..., skip_unreadable=True)``. A batch in which no audio
-    could be read is an :class:`~speech_kd.audio.AudioError` naming its
-    utterances (a padded batch cannot be empty).
+    could be read is a ``ValueError`` naming its utterances (a padded batch
+    cannot be empty; each file was named in its own warning).
     """
     readable = [ex for ex in examples if ex["sig"] is not None]
     if not readable:
         ids = ", ".join(str(ex["id"]) for ex in examples)
-        raise AudioError(ids, "no audio of this batch could be read (see the warnings above)")
+        raise ValueError(f"utterances {ids}: none of this batch's audio could be read (the warnings above name "
+                         "each file); fix the files or delete their manifest rows")  # fmt: skip
     return sb.dataio.batch.PaddedBatch(readable)
 
 

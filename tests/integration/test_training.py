@@ -150,3 +150,21 @@ def test_audio_damaged_inside_is_left_out_of_training_with_a_warning(corpus_copy
         assert f"skipping {path}: unreadable audio" in log
     assert (out / "model" / "model.ckpt").exists()
     assert re.findall(r"epoch: (\d+)", (out / "train_log.txt").read_text()) == ["1"]
+
+
+def test_a_batch_with_no_readable_audio_names_its_utterances(tmp_path, caplog):
+    import soundfile as sf
+
+    from speech_kd.dataio import collate_readable
+
+    good, broken = tmp_path / "good.flac", tmp_path / "broken.flac"
+    sf.write(good, 0.1 * torch.randn(16000).numpy(), 16000)
+    broken.write_bytes(b"fLaC" + bytes(200))
+    csv = tmp_path / "two.csv"
+    csv.write_text(f"ID,duration,wav,spk_id,wrd\nok,1.0,{good},1,HI\nbad,1.0,{broken},1,HI\n")
+    data = load_dataset(csv, make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"), skip_unreadable=True)
+    ok, bad = (data[i] for i in range(2))
+    assert f"skipping {broken}: unreadable audio" in caplog.text
+    assert collate_readable([ok, bad]).id == ["ok"]
+    with pytest.raises(ValueError, match="utterances bad: none of this batch's audio could be read"):
+        collate_readable([bad])
