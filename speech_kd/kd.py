@@ -83,6 +83,7 @@ class KDMixin:
         )
         ramp = self.kd_option("kd_ramp_epochs")
         weight = linear_ramp(self.kd_option("kd_weight"), self.kd_option("kd_weight_final"), epoch, ramp)
+        weight *= getattr(self, "kd_weight_scale", 1.0)  # set by a remedy that anneals KD (1.0: none)
         temp = linear_ramp(self.kd_option("temperature"), self.kd_option("temperature_final"), epoch, ramp)
         return weight, temp
 
