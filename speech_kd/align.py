@@ -28,6 +28,7 @@ __all__ = [
     "lengths_to_mask",
     "relative_to_frames",
     "VocabMappingError",
+    "unit_kind",
     "VocabMap",
     "FrameRateError",
     "resample_frames",
@@ -133,6 +134,27 @@ def _match_token(
     return None
 
 
+def unit_kind(tokens: list[str], blank: int) -> str:
+    """``"character"`` or ``"subword"``: what a vocabulary's units are.
+
+    Blank, ``<...>``/``[...]`` specials and word markers (``▁``, ``|``) are
+    set aside; a vocabulary is sub-word when at least 10 % of the rest (and
+    two or more) are longer than one character.
+
+    Examples
+    --------
+    >>> unit_kind(["<blank>", " ", "A", "B"], 0), unit_kind(["<unk>", "▁THE", "▁A", "ING", "S"], 0)
+    ('character', 'subword')
+    """
+    units = []
+    for i, token in enumerate(tokens):
+        if i == blank or (len(token) > 2 and token[0] + token[-1] in ("<>", "[]")):
+            continue
+        units.append(token.replace("▁", "").replace("|", ""))
+    long = sum(len(unit) > 1 for unit in units)
+    return "subword" if long >= 2 and long >= 0.1 * max(1, len(units)) else "character"
+
+
 @dataclass
 class VocabMap:
     """Teacher-to-student token mapping.
@@ -224,6 +246,15 @@ class VocabMap:
         ):
             if not 0 <= blank < len(tokens):
                 raise VocabMappingError(f"{name} blank index {blank} is outside its {len(tokens)} tokens")
+        kinds = unit_kind(teacher_tokens, teacher_blank), unit_kind(student_tokens, student_blank)
+        if kinds[0] != kinds[1]:
+            pieces = teacher_tokens if kinds[0] == "subword" else student_tokens
+            examples = [t for t in pieces if len(t.replace("▁", "").replace("|", "")) > 1 and t[:1] not in "<["][:3]
+            raise VocabMappingError(
+                f"the teacher's units are {kinds[0]}s and the student's are {kinds[1]}s (e.g. {_names(examples)}): "
+                "frame-level KD maps units one to one on each frame, so they must be of the same kind; give the "
+                "student the teacher's kind of units (e.g. the same tokenizer, token_type), or use another teacher"
+            )
         exact: dict[str, int] = {}
         folded: dict[str, int] = {}
         for j, token in enumerate(student_tokens):
@@ -562,7 +593,8 @@ def reconcile_lengths(
                           for i in off[:5])  # fmt: skip
         raise FrameRateError(
             f"teacher and student frame counts differ by more than {tolerance} ({shown}"
-            f"{'; ...' if len(off) > 5 else ''}): check both models' frame shifts and the audio given to each"
+            f"{'; ...' if len(off) > 5 else ''}): check both models' frame shifts (frame_shift in the yaml) and the "
+            "audio given to each; frame_tolerance raises the limit"
         )
     last = (torch.minimum(lengths, target_lengths).clamp(1, log_probs.shape[1]) - 1).unsqueeze(1)  # [B, 1]
     idx = torch.minimum(torch.arange(target_max, device=device).unsqueeze(0), last)  # [B, target_max]

@@ -70,18 +70,33 @@ def make_tokenizer(alphabet: str, blank_index: int = 0) -> CTCTextEncoder:
 
 
 def token_strings(tokenizer) -> list[str]:
-    """Token strings in index order, from a ``CTCTextEncoder`` or a SentencePiece model.
+    """Token strings in index order: the student's output units, as the vocabulary mapping reads them.
+
+    Accepts SpeechBrain's ``CTCTextEncoder`` (``ind2lab``), SpeechBrain's
+    ``SentencePiece`` wrapper (its ``.sp`` model, character or BPE units), a
+    ``sentencepiece.SentencePieceProcessor``, or a plain list of token
+    strings (index order, blank included).
 
     Examples
     --------
     >>> token_strings(make_tokenizer("AB"))
     ['<blank>', 'A', 'B']
+    >>> token_strings(["<blank>", "▁", "A"])
+    ['<blank>', '▁', 'A']
     """
+    if isinstance(tokenizer, (list, tuple)):
+        if not all(isinstance(token, str) for token in tokenizer):
+            raise TypeError("a token list must hold strings (index order, blank included)")
+        return list(tokenizer)
     if hasattr(tokenizer, "ind2lab"):
         return [str(tokenizer.ind2lab[i]) for i in range(len(tokenizer.ind2lab))]
-    if hasattr(tokenizer, "id_to_piece"):
-        return [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size())]
-    raise TypeError(f"unsupported tokenizer type {type(tokenizer).__name__}")
+    processor = getattr(tokenizer, "sp", tokenizer)  # SpeechBrain's SentencePiece wraps the processor as .sp
+    if hasattr(processor, "id_to_piece"):
+        return [processor.id_to_piece(i) for i in range(processor.get_piece_size())]
+    raise TypeError(
+        f"unsupported tokenizer type {type(tokenizer).__name__}: pass a CTCTextEncoder, SpeechBrain's SentencePiece, "
+        "a sentencepiece processor, or the list of token strings in index order"
+    )
 
 
 def merge_csvs(csv_files: list[str], out_csv: str | os.PathLike) -> str:

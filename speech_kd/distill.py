@@ -2,8 +2,11 @@
 
 ``teacher_source`` names the teacher folder(s) (comma-separated for an
 ensemble); ``targets_cache`` switches from the live teacher to a cache made by
-``speech-kd cache-targets``. The vocabulary mapping and frame-rate handling
-are reported at start-up, before the first batch.
+``speech-kd cache-targets`` (comma-separated: several caches of one teacher,
+e.g. the transcribed and the untranscribed manifests). ``unlabeled_splits``
+adds untranscribed audio, KD only (:mod:`speech_kd.unlabeled`). The
+vocabulary mapping and frame-rate handling are reported at start-up, before
+the first batch.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 from speech_kd.dataio import token_strings
 from speech_kd.kd import DistillBrain
 from speech_kd.targets import PERTURBED_CACHE_ERROR, CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.teacher_check import check_teacher
 from speech_kd.train import run_training
 
 __all__ = ["run_distillation", "make_targets", "RUN_KEYS"]
@@ -24,8 +28,10 @@ __all__ = ["run_distillation", "make_targets", "RUN_KEYS"]
 #: the yaml's text, in which command-line overrides of some keys do not show)
 RUN_KEYS = ("teacher_source", "teacher_kind", "teacher_overrides", "ensemble_weights", "targets_cache", "kd_weight",
             "kd_weight_final", "temperature", "temperature_final", "kd_ramp_epochs", "kd_loss", "kd_reduction",
-            "kd_topk", "blank_mode", "blank_threshold", "blank_weight", "blank_index", "frame_shift",
-            "max_unmapped_mass", "frame_tolerance", "number_of_epochs", "seed")  # fmt: skip
+            "kd_topk", "kd_anneal", "kd_anneal_margin", "blank_mode", "blank_threshold", "blank_weight", "blank_index",
+            "frame_shift",
+            "max_unmapped_mass", "frame_tolerance", "number_of_epochs", "seed", "unlabeled_splits",
+            "unlabeled_fraction", "unlabeled_min_confidence", "unlabeled_kd_loss")  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +58,18 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
 
     common = {
         "student_tokens": student_tokens,
-        "student_blank": hparams["blank_index"],
-        "student_frame_shift": hparams["frame_shift"],
+        "student_blank": hparams.get("blank_index", 0),
+        "student_frame_shift": hparams.get("frame_shift"),  # None: measured on the first training batch
         "max_unmapped_mass": hparams.get("max_unmapped_mass", 0.05),
-        "frame_tolerance": hparams.get("frame_tolerance", 2),
+        "frame_tolerance": hparams.get("frame_tolerance"),  # None: from the two frame shifts
     }
     if cache_dir:
-        from speech_kd.cache import CacheReader
+        from speech_kd.cache import open_cache
 
         if hparams.get("speed_perturb"):
             raise ValueError(f"--targets_cache={cache_dir}: {PERTURBED_CACHE_ERROR}")
 
-        reader = CacheReader(cache_dir)
+        reader = open_cache(cache_dir)  # A,B,...: several caches of one teacher (e.g. transcribed + untranscribed)
         meta = reader.metadata
         if teacher is not None:
             reader.check_compatible(teacher_fingerprint=teacher.fingerprint(), teacher_tokens=teacher.tokens)
@@ -93,7 +99,8 @@ def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
         raise CacheError(
             f"--targets_cache={cache_dir}: {len(missing)} of {len(train_ids)} training utterances have no cached "
             f"targets ({shown}); cache made from {reader.metadata.get('csv')}: run speech-kd cache-targets on this "
-            "training CSV (it completes an existing cache)"
+            "training CSV (it completes an existing cache); for untranscribed audio, cache OUTPUT/unlabeled.csv "
+            "into its own folder and give both: --targets_cache=TRAIN_CACHE,UNLABELED_CACHE"
         )
 
 
@@ -116,8 +123,15 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             logger.info("kd_weight=0: training the student without a teacher (the baseline)")
             return
         targets = make_targets(hparams, token_strings(brain.tokenizer), device=str(brain.device))
+        unlabeled = datasets.get("unlabeled")
         if isinstance(targets, CachedTargets):
-            check_cache_covers(targets.reader, datasets["train"].data_ids, hparams["targets_cache"])
+            ids = list(datasets["train"].data_ids) + (list(unlabeled.data_ids) if unlabeled is not None else [])
+            check_cache_covers(targets.reader, ids, hparams["targets_cache"])
+        if unlabeled is not None and hparams.get("unlabeled_min_confidence"):
+            from speech_kd.unlabeled import filter_unlabeled
+
+            datasets["unlabeled"] = filter_unlabeled(targets, unlabeled, float(hparams["unlabeled_min_confidence"]),
+                                                     hparams["output_folder"], hparams["sample_rate"], brain.device)  # fmt: skip
         brain.attach_targets(targets)
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
@@ -128,6 +142,7 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             if resolved.get(key):
                 resolved[key] = ",".join(_absolute_if_local(s) for s in teacher_sources(resolved[key]))
         (out / "kd_run.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
+        check_teacher(brain, hparams, targets, datasets)  # OUTPUT/teacher_dev.json, compared every epoch (issue 21)
 
     results = run_training(argv, brain_class=DistillBrain, setup=setup)
     _report(run)

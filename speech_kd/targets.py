@@ -14,6 +14,7 @@ student's, so the loss code never knows where targets came from.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from speech_kd.align import VocabMap, lengths_to_mask, reconcile_lengths, resamp
 from speech_kd.precision import autocast_for, check_precision
 from speech_kd.teachers.base import Teacher, TeacherOutput
 
-__all__ = ["Targets", "TargetAligner", "OnlineTargets", "CachedTargets"]
+__all__ = ["Targets", "TargetAligner", "auto_frame_tolerance", "OnlineTargets", "CachedTargets", "select_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +60,13 @@ class TargetAligner:
     max_unmapped_mass : float
         More teacher mass without a student token (mean over frames of a
         batch) is an error naming the tokens.
-    frame_tolerance : int
-        Teacher and student lengths may differ by this many frames after
-        resampling (edge effects of convolutions); more is an error.
+    frame_tolerance : int, optional
+        Teacher and student lengths may differ by this many student frames
+        after resampling (edge effects of convolutions); more is an error.
+        ``None`` (default): :func:`auto_frame_tolerance` of the two frame
+        shifts (2 frames at equal rates, more when the teacher's frames are
+        coarser, since one teacher frame of edge error is several student
+        frames).
     """
 
     def __init__(
@@ -71,20 +76,34 @@ class TargetAligner:
         teacher_frame_shift: float,
         student_tokens: list[str],
         student_blank: int,
-        student_frame_shift: float,
+        student_frame_shift: float | None,
         max_unmapped_mass: float = 0.05,
-        frame_tolerance: int = 2,
+        frame_tolerance: int | None = None,
     ) -> None:
         self.vocab = VocabMap.build(
             teacher_tokens, teacher_blank, student_tokens, student_blank, max_unmapped_mass=max_unmapped_mass
         )
         self.teacher_frame_shift = teacher_frame_shift
-        self.student_frame_shift = student_frame_shift
+        self._tolerance_setting = frame_tolerance
+        self.student_frame_shift = None
         self.frame_tolerance = frame_tolerance
+        if student_frame_shift is not None:
+            self.set_student_frame_shift(student_frame_shift)
         self._matrix_device = None
+
+    def set_student_frame_shift(self, seconds: float) -> None:
+        """Set (or, when it was not given, fill in once measured) the student's seconds per frame."""
+        self.student_frame_shift = float(seconds)
+        if self._tolerance_setting is None:
+            self.frame_tolerance = auto_frame_tolerance(self.teacher_frame_shift, self.student_frame_shift)
 
     def report(self) -> str:
         """Start-up summary: vocabulary mapping and frame-rate conversion."""
+        if self.student_frame_shift is None:
+            return (
+                self.vocab.report() + f"\nframe shift: teacher {self.teacher_frame_shift * 1000:.1f} ms -> student "
+                "(not set: measured on the first training batch)"
+            )
         rate = (
             f"frame shift: teacher {self.teacher_frame_shift * 1000:.1f} ms -> student "
             f"{self.student_frame_shift * 1000:.1f} ms "
@@ -93,6 +112,7 @@ class TargetAligner:
                 if abs(self.teacher_frame_shift - self.student_frame_shift) < 1e-6
                 else "(posteriors resampled: area-averaged probabilities, see speech_kd.align.resample_frames)"
             )
+            + f"; length differences up to {self.frame_tolerance} student frames are reconciled"
         )
         return self.vocab.report() + "\n" + rate
 
@@ -107,10 +127,25 @@ class TargetAligner:
             teacher_mask = lengths_to_mask(lengths, log_probs.shape[1])
             log_probs, lost_mass = self.vocab.map_log_probs(log_probs, teacher_mask)
             lost = self.vocab.check_mass(lost_mass, teacher_mask)
+        if self.student_frame_shift is None:
+            raise ValueError("the student's frame shift is not known yet: set frame_shift (seconds per output frame)")
         log_probs, lengths = resample_frames(log_probs, lengths, self.teacher_frame_shift, self.student_frame_shift)
         student_lengths = student_lengths.to(lengths.device)
         log_probs = reconcile_lengths(log_probs, lengths, student_lengths, student_max, self.frame_tolerance)
         return Targets(log_probs, lengths_to_mask(student_lengths, student_max), lost)
+
+
+def auto_frame_tolerance(teacher_frame_shift: float, student_frame_shift: float) -> int:
+    """Student frames of length difference to accept: 2 per teacher frame's worth of student frames.
+
+    Examples
+    --------
+    >>> auto_frame_tolerance(0.04, 0.04), auto_frame_tolerance(0.04, 0.02), auto_frame_tolerance(0.02, 0.04)
+    (2, 4, 2)
+    >>> auto_frame_tolerance(0.04, 0.01)
+    8
+    """
+    return 2 * max(1, math.ceil(teacher_frame_shift / student_frame_shift - 1e-6))
 
 
 def _resample_wavs(wavs: torch.Tensor, orig: int, new: int) -> torch.Tensor:
@@ -150,7 +185,9 @@ class OnlineTargets:
         self.teacher.to(device)
         return self
 
-    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int, features=None, wavs=None) -> Targets:
+    def __call__(
+        self, batch, student_lengths: torch.Tensor, student_max: int, features=None, wavs=None, rows=None
+    ) -> Targets:
         """Targets for ``batch`` (uses ``batch.sig``: clean waveforms and relative lengths).
 
         ``wavs``: ``(waveforms [B, S], relative lengths [B])`` the student
@@ -160,7 +197,10 @@ class OnlineTargets:
         clean fbank of this batch; a teacher with the same fbank settings
         starts from it, so the spectrum is computed once per batch (only
         when they are fp32: features computed under a bf16/fp16 student
-        autocast are not what the teacher would compute).
+        autocast are not what the teacher would compute). ``rows`` (long
+        ``[B']``): student row ``i`` takes the teacher output of input row
+        ``rows[i]`` (augmentation that repeats rows, e.g. ``concat_original``);
+        ``None``: one student row per input row.
         """
         wavs, wav_lens = wavs if wavs is not None else batch.sig
         if features is not None and features.feats.dtype != torch.float32:
@@ -172,7 +212,7 @@ class OnlineTargets:
                 features = None
             out = self.teacher(wavs, wav_lens, features=features)
         with autocast_for(device_type, "fp32"):
-            return self.aligner(out, student_lengths, student_max)
+            return self.aligner(select_rows(out, rows), student_lengths, student_max)
 
 
 PERTURBED_CACHE_ERROR = (
@@ -185,6 +225,8 @@ PERTURBED_CACHE_ERROR = (
 class CachedTargets:
     """Read the teacher's stored posteriors by utterance ID (see ``speech_kd.cache``)."""
 
+    reads_cache = True  # needs no audio; augmented rows are matched to utterances, not to waveforms
+
     def __init__(self, reader, aligner: TargetAligner) -> None:
         self.reader = reader
         self.aligner = aligner
@@ -193,11 +235,33 @@ class CachedTargets:
         """Nothing to move: targets are read straight onto the batch's device."""
         return self
 
-    def __call__(self, batch, student_lengths: torch.Tensor, student_max: int, features=None, wavs=None) -> Targets:
-        """Targets for ``batch`` (uses ``batch.id``); missing IDs raise ``CacheMissError``."""
+    def __call__(
+        self, batch, student_lengths: torch.Tensor, student_max: int, features=None, wavs=None, rows=None
+    ) -> Targets:
+        """Targets for ``batch`` (uses ``batch.id``); missing IDs raise ``CacheMissError``.
+
+        ``rows`` (long ``[B']``): student row ``i`` takes utterance
+        ``batch.id[rows[i]]``'s targets (augmentation that keeps the time axis
+        but repeats rows, e.g. ``concat_original`` with noise or chunk drops).
+        """
         if wavs is not None:
             raise ValueError(PERTURBED_CACHE_ERROR)
         del features  # the cache needs no audio
         out = self.reader.batch(list(batch.id), device=student_lengths.device)
         with autocast_for(student_lengths.device.type, "fp32"):
-            return self.aligner(out, student_lengths, student_max)
+            return self.aligner(select_rows(out, rows), student_lengths, student_max)
+
+
+def select_rows(out: TeacherOutput, rows: torch.Tensor | None) -> TeacherOutput:
+    """``out`` with its batch rows picked (and repeated) by ``rows`` (long ``[B']``); ``None``: unchanged.
+
+    Examples
+    --------
+    >>> out = TeacherOutput(torch.arange(2.0).view(2, 1, 1), torch.tensor([1, 1]))
+    >>> select_rows(out, torch.tensor([0, 1, 1])).log_probs.flatten()
+    tensor([0., 1., 1.])
+    """
+    if rows is None:
+        return out
+    rows = rows.to(out.log_probs.device)
+    return TeacherOutput(out.log_probs.index_select(0, rows), out.lengths.index_select(0, rows.to(out.lengths.device)))

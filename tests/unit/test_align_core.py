@@ -30,14 +30,24 @@ def test_lowercase_teacher_is_case_folded():
     assert not vmap.unmapped and vmap.matrix[1, STUDENT.index("A")] == 1
 
 
-def test_bpe_teacher_that_loses_mass_is_an_error_naming_tokens():
-    bpe = ["<blank>", "▁THE", "ING", "▁A", "S", "E"]
-    vmap = VocabMap.build(bpe, 0, STUDENT, 0)
-    assert "▁THE" in vmap.unmapped
-    probs = torch.full((1, 4, len(bpe)), 1.0 / len(bpe))
+def test_teacher_that_loses_mass_is_an_error_naming_tokens():
+    teacher = ["<blank>", "<s>", "#", "A", "S", "E"]  # characters, two without a student counterpart
+    vmap = VocabMap.build(teacher, 0, STUDENT, 0)
+    assert vmap.unmapped == ["<s>", "#"]
+    probs = torch.full((1, 4, len(teacher)), 1.0 / len(teacher))
     _, lost = vmap.map_log_probs(probs.log())
-    with pytest.raises(VocabMappingError, match="THE"):
+    with pytest.raises(VocabMappingError, match="'<s>', '#'"):
         vmap.check_mass(lost, torch.ones(1, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("swap", [False, True])
+def test_subword_and_character_units_are_refused_before_training(swap):
+    bpe = ["<blank>", "▁THE", "ING", "▁A", "S", "E"]
+    pair = (STUDENT, bpe) if swap else (bpe, STUDENT)
+    with pytest.raises(VocabMappingError, match="subwords.*characters|characters.*subwords") as err:
+        VocabMap.build(pair[0], 0, pair[1], 0)
+    assert "'▁THE'" in str(err.value)
+    assert VocabMap.build(bpe, 0, list(bpe), 0).is_identity  # the same BPE units on both sides map one to one
 
 
 def test_nothing_maps_is_an_error():
