@@ -54,6 +54,8 @@ VARIANTS: dict[str, list[str]] = {
     # 0.004 is the KD student's best): each student is compared at the rate that suits it (README)
     "scratch": ["--kd_weight=0", "--lr=0.002"],
     "kd": [],  # the KD settings of the student yaml itself (hparams/distill.yaml's defaults)
+    "kd_anneal": ["--kd_anneal=True"],  # kd with teacher annealing on (KD fades as the student reaches the teacher)
+    "kd_plain": ["--kd_anneal=False"],  # kd with teacher annealing off (the KD weight as configured, all run long)
     "kd_blankdown": ["--blank_mode=downweight"],  # kd with blank-dominated teacher frames weighted 0.1
     "kd_top4": ["--kd_topk=4"],  # kd with the teacher restricted to its top 4 tokens per frame
     "kl_t1": ["--kd_weight=0.5", "--temperature=1"],

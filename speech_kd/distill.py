@@ -28,8 +28,8 @@ __all__ = ["run_distillation", "make_targets", "RUN_KEYS"]
 #: the yaml's text, in which command-line overrides of some keys do not show)
 RUN_KEYS = ("teacher_source", "teacher_kind", "teacher_overrides", "ensemble_weights", "targets_cache", "kd_weight",
             "kd_weight_final", "temperature", "temperature_final", "kd_ramp_epochs", "kd_loss", "kd_reduction",
-            "kd_topk", "kd_anneal", "kd_anneal_margin", "blank_mode", "blank_threshold", "blank_weight", "blank_index",
-            "frame_shift",
+            "kd_anneal", "kd_anneal_margin",
+            "kd_topk", "blank_mode", "blank_threshold", "blank_weight", "blank_index", "frame_shift",
             "max_unmapped_mass", "frame_tolerance", "number_of_epochs", "seed", "unlabeled_splits",
             "unlabeled_fraction", "unlabeled_min_confidence", "unlabeled_kd_loss")  # fmt: skip
 
