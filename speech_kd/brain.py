@@ -190,9 +190,23 @@ class CTCBrain(sb.Brain):
         return keep
 
     def ctc_objective(self, predictions, batch) -> torch.Tensor:
-        """CTC loss of the student outputs against the transcripts."""
+        """CTC loss of the student outputs against the transcripts.
+
+        Utterances without a transcript (empty ``wrd``, untranscribed audio)
+        are left out, per utterance; a batch of them only has a CTC loss of 0
+        (still attached to the graph). ``speech_kd``'s training batches are
+        never mixed (:mod:`speech_kd.unlabeled`); this keeps any other loader safe.
+        """
         log_probs, wav_lens = predictions
         tokens, token_lens = batch.tokens
+        words = getattr(batch, "wrd", None)
+        if words is not None and not isinstance(words, torch.Tensor) and any(not str(w).strip() for w in words):
+            keep = torch.tensor([bool(str(w).strip()) for w in words], device=log_probs.device)
+            if not keep.any():
+                return log_probs.sum() * 0.0
+            log_probs, wav_lens = log_probs[keep], wav_lens[keep]
+            # relative token lengths stay relative to the same padded width
+            tokens, token_lens = tokens[keep.to(tokens.device)], token_lens[keep.to(token_lens.device)]
         return self.hparams.ctc_cost(log_probs, tokens, wav_lens, token_lens)
 
     def compute_objectives(self, predictions, batch, stage):

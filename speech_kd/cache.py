@@ -118,12 +118,14 @@ __all__ = [
     "CacheError",
     "CacheMissError",
     "CacheReader",
+    "CacheUnion",
     "EncodedFrames",
     "cache_targets",
     "data_fingerprint",
     "decode",
     "decode_into",
     "encode",
+    "open_cache",
     "write_cache",
     "FORMAT_VERSION",
     "PAD_LOG_PROB",
@@ -1023,3 +1025,98 @@ class CacheReader:
         """Recompute each shard's size and sha256; one ``"shard-NNNNN.bin: problem"`` line per bad shard."""
         problems = [_shard_problem(self.out_dir / e["name"], e) for e in self._entries]
         return [p for p in problems if p]
+
+
+class CacheUnion:
+    """Several caches of one teacher read as one (``targets_cache: A,B``), e.g. transcribed + untranscribed audio.
+
+    Each folder is a :class:`CacheReader`; they must hold the same teacher
+    (fingerprint, tokens, blank, frame shift), which is checked when opened.
+    An utterance ID found in several caches is read from the first one listed.
+    Same reading interface as :class:`CacheReader` (``metadata``, ``ids``,
+    ``batch``, ``get``, ``check_compatible``), so :class:`~speech_kd.targets.CachedTargets`
+    takes either.
+
+    Parameters
+    ----------
+    out_dirs : sequence of path-like
+        Cache folders written by :func:`write_cache`.
+    """
+
+    _SAME = ("teacher_fingerprint", "teacher_tokens", "blank_index", "frame_shift", "sample_rate")
+
+    def __init__(self, out_dirs: Sequence[str | os.PathLike]) -> None:
+        self.readers = [CacheReader(d) for d in out_dirs]
+        if not self.readers:
+            raise CacheError("CacheUnion needs at least one cache folder")
+        first = self.readers[0]
+        for other in self.readers[1:]:
+            diffs = _differences(other._meta, {key: first._meta.get(key) for key in self._SAME})
+            if diffs:
+                raise CacheError(f"caches {first.out_dir} and {other.out_dir} were made by different teachers or "
+                                 "settings: " + "; ".join(diffs))  # fmt: skip
+        self.out_dir = ",".join(str(r.out_dir) for r in self.readers)
+        self.vocab_size = first.vocab_size
+        self.blank_index = first.blank_index
+        self._owner: dict[str, CacheReader] | None = None
+
+    def _owners(self) -> dict[str, CacheReader]:
+        if self._owner is None:
+            self._owner = {}
+            for reader in reversed(self.readers):  # the first cache listed wins
+                self._owner.update(dict.fromkeys(reader.ids, reader))
+        return self._owner
+
+    @property
+    def metadata(self) -> dict:
+        """The first cache's ``meta.json``, with ``csv`` listing every cache's manifest."""
+        meta = self.readers[0].metadata
+        meta["csv"] = ", ".join(str(r.metadata.get("csv")) for r in self.readers)
+        return meta
+
+    @property
+    def ids(self) -> set[str]:
+        """Utterance IDs stored in any of the caches."""
+        return set(self._owners())
+
+    def __contains__(self, utt_id: object) -> bool:
+        return utt_id in self._owners()
+
+    def __len__(self) -> int:
+        return len(self._owners())
+
+    def get(self, utt_id: str) -> torch.Tensor:
+        """Dense ``[T, V]`` log-posteriors of one utterance, from the cache that holds it."""
+        reader = self._owners().get(utt_id)
+        if reader is None:
+            raise CacheMissError([utt_id], self.out_dir)
+        return reader.get(utt_id)
+
+    def batch(self, utt_ids: Sequence[str], device: str | torch.device = "cpu") -> TeacherOutput:
+        """Padded targets of several utterances, as :meth:`CacheReader.batch` returns them."""
+        owners = self._owners()
+        missing = [uid for uid in utt_ids if uid not in owners]
+        if missing:
+            raise CacheMissError(missing, self.out_dir)
+        readers = {id(owners[uid]) for uid in utt_ids}
+        if len(readers) == 1:  # the usual case: a batch from one pool
+            return owners[utt_ids[0]].batch(utt_ids, device=device)
+        rows = [owners[uid].get(uid) for uid in utt_ids]
+        longest = max(len(row) for row in rows)
+        out = torch.full((len(rows), longest, self.vocab_size), PAD_LOG_PROB, dtype=torch.float32)
+        out[:, :, self.blank_index] = 0.0
+        for i, row in enumerate(rows):
+            out[i, : len(row)] = row
+        lengths = torch.tensor([len(row) for row in rows], dtype=torch.int64)
+        return TeacherOutput(out.to(device), lengths.to(device))
+
+    def check_compatible(self, **kwargs) -> None:
+        """:meth:`CacheReader.check_compatible` on every cache."""
+        for reader in self.readers:
+            reader.check_compatible(**kwargs)
+
+
+def open_cache(spec: str | os.PathLike) -> CacheReader | CacheUnion:
+    """A :class:`CacheReader` for one folder, a :class:`CacheUnion` for comma-separated folders ``A,B,...``."""
+    dirs = [part.strip() for part in str(spec).split(",") if part.strip()]
+    return CacheReader(dirs[0]) if len(dirs) == 1 else CacheUnion(dirs)

@@ -3,7 +3,7 @@
 Commands::
 
     speech-kd synth OUT_DIR [--hours H] ...          synthesise a LibriSpeech-layout corpus
-    speech-kd prepare DATA_FOLDER --save_folder DIR [--splits NAME ...]
+    speech-kd prepare DATA_FOLDER --save_folder DIR [--splits NAME ...] [--unlabeled_splits NAME ...]
     speech-kd train HPARAMS.yaml --key=value ...     SpeechBrain-style training
     speech-kd distill HPARAMS.yaml --teacher_source=FOLDER --key=value ...
     speech-kd cache-targets --teacher FOLDER --csv train.csv --out CACHE_DIR
@@ -36,6 +36,9 @@ def _cmd_synth(args) -> None:
         SplitSpec("dev", args.dev_hours, args.dev_speakers),
         SplitSpec("test", args.test_hours, args.test_speakers),
     )
+    if args.untranscribed_hours:
+        splits += (SplitSpec(args.untranscribed_name, args.untranscribed_hours, args.untranscribed_speakers,
+                             transcribed=False),)  # fmt: skip
     jobs = {"jobs": args.jobs} if args.jobs else {}  # default: all cores
     config = SynthConfig(splits=splits, seed=args.seed, **jobs)
     summary = synthesize_corpus(args.out_dir, config)
@@ -45,7 +48,8 @@ def _cmd_synth(args) -> None:
 def _cmd_prepare(args) -> None:
     from speech_kd.prepare import prepare_librispeech
 
-    result = prepare_librispeech(args.data_folder, args.save_folder, splits=args.splits, skip_if_done=not args.force)
+    result = prepare_librispeech(args.data_folder, args.save_folder, splits=args.splits, skip_if_done=not args.force,
+                                 unlabeled_splits=args.unlabeled_splits)  # fmt: skip
     for split, path in result.csv_files.items():
         kept = result.kept.get(split)
         print(f"{split}: {path}" + (f" ({kept} utterances, {result.hours[split]:.3f} h)" if kept is not None else ""))
@@ -150,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev_speakers", type=int, default=10)
     p.add_argument("--test_hours", type=float, default=0.15)
     p.add_argument("--test_speakers", type=int, default=10)
+    p.add_argument(
+        "--untranscribed_hours",
+        type=float,
+        default=0.0,
+        help="hours of an untranscribed split (no .trans.txt; its own speakers, sentences not in dev/test)",
+    )
+    p.add_argument("--untranscribed_speakers", type=int, default=50)
+    p.add_argument("--untranscribed_name", default="untranscribed", help="folder name of the untranscribed split")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     p.set_defaults(func=_cmd_synth)
@@ -158,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data_folder")
     p.add_argument("--save_folder", required=True)
     p.add_argument("--splits", nargs="+", default=None, help="split folder names (default: all)")
+    unlabeled_help = "untranscribed split folders: every .flac/.wav under each, empty wrd (transcripts ignored)"
+    p.add_argument("--unlabeled_splits", nargs="+", default=None, help=unlabeled_help)
     p.add_argument("--force", action="store_true", help="redo splits whose CSV is up to date")
     p.set_defaults(func=_cmd_prepare)
 

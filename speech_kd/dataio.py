@@ -34,6 +34,7 @@ __all__ = [
     "ctc_min_frames",
     "load_dataset",
     "collate_readable",
+    "pad_right_or_empty",
     "dynamic_batch_sampler",
     "TranscriptError",
 ]
@@ -240,7 +241,24 @@ def collate_readable(examples: list[dict]) -> sb.dataio.batch.PaddedBatch:
         ids = ", ".join(str(ex["id"]) for ex in examples)
         raise ValueError(f"utterances {ids}: none of this batch's audio could be read (the warnings above name "
                          "each file); fix the files or delete their manifest rows")  # fmt: skip
-    return sb.dataio.batch.PaddedBatch(readable)
+    return sb.dataio.batch.PaddedBatch(readable, padding_func=pad_right_or_empty)
+
+
+def pad_right_or_empty(tensors: list[torch.Tensor], **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """SpeechBrain's ``batch_pad_right``, plus a batch of empty sequences (untranscribed audio's ``tokens``).
+
+    SpeechBrain divides by the longest length, so a batch of empty sequences
+    fails there; it becomes ``[B, 0]`` with relative lengths 0.
+
+    Examples
+    --------
+    >>> padded, lengths = pad_right_or_empty([torch.tensor([], dtype=torch.long)] * 2)
+    >>> padded.shape, lengths.tolist()
+    (torch.Size([2, 0]), [0.0, 0.0])
+    """
+    if tensors and all(t.dim() == 1 and t.shape[0] == 0 for t in tensors):
+        return torch.zeros(len(tensors), 0, dtype=tensors[0].dtype), torch.zeros(len(tensors))
+    return sb.utils.data_utils.batch_pad_right(tensors, **kwargs)
 
 
 def dynamic_batch_sampler(

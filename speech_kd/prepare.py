@@ -11,6 +11,13 @@ every utterance left out and why. Bad utterances never stop the run: each is
 reported by name and reason, counted and skipped. CSVs are written under a
 temporary name and renamed, so an interrupted run leaves no half-written
 manifest.
+
+*Untranscribed* splits (``unlabeled_splits``) list every ``.flac``/``.wav``
+file under the split folder, at any depth (LibriSpeech layout, whose
+``.trans.txt`` files are then ignored, or any plain tree of audio files), with
+an empty ``wrd``; the same audio checks apply and their ``_skipped.csv`` is
+written the same way. Utterance IDs are the file names without extension
+(the relative path, ``/`` replaced by ``__``, for names that occur twice).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 
 from speech_kd.audio import AudioError, probe_audio
 
-__all__ = ["LIBRISPEECH_ALPHABET", "PrepareResult", "prepare_librispeech", "Skipped"]
+__all__ = ["LIBRISPEECH_ALPHABET", "PrepareResult", "prepare_librispeech", "prepare_unlabeled_split", "Skipped"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,24 +141,34 @@ def prepare_split(
         if problem:
             skipped.append(Skipped(split, utt_id, str(audio[utt_id]), problem))
             continue
-        candidates.append((utt_id, audio[utt_id], norm))
+        candidates.append((utt_id, audio[utt_id], norm, utt_id.split("-")[0]))
+
+    rows = _probe_rows(candidates, split, skipped, sample_rate, workers)
+    return _write_split(result, split, save_folder, rows)
+
+
+def _probe_rows(candidates: list, split: str, skipped: list[Skipped], sample_rate: int, workers: int) -> list:
+    """CSV rows of the ``(utt_id, path, wrd, spk_id)`` candidates whose audio passes the checks."""
 
     def probe(item):
-        utt_id, path, norm = item
         try:
-            return item, probe_audio(path, sample_rate=sample_rate, channels=1), None
+            return item, probe_audio(item[1], sample_rate=sample_rate, channels=1), None
         except AudioError as err:
             return item, None, err.reason
 
     rows = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for (utt_id, path, norm), info, problem in pool.map(probe, candidates):
+        for (utt_id, path, norm, spk_id), info, problem in pool.map(probe, candidates):
             if problem:
                 skipped.append(Skipped(split, utt_id, str(path), problem))
                 continue
-            spk_id = utt_id.split("-")[0]
             rows.append([utt_id, f"{info.duration:.3f}", str(Path(path).resolve()), spk_id, norm])
+    return rows
 
+
+def _write_split(result: PrepareResult, split: str, save_folder: str | os.PathLike, rows: list) -> PrepareResult:
+    """Write ``SPLIT.csv`` and ``SPLIT_skipped.csv`` atomically; log what was skipped."""
+    skipped = result.skipped
     save = Path(save_folder)
     save.mkdir(parents=True, exist_ok=True)
     csv_path = save / f"{split}.csv"
@@ -172,6 +189,82 @@ def prepare_split(
     return result
 
 
+def _unlabeled_ids(split_dir: Path, files: list[Path]) -> list[str]:
+    """Utterance IDs: file stems, or relative paths (``/`` -> ``__``) for stems that occur twice.
+
+    Examples
+    --------
+    >>> root = Path("split")
+    >>> _unlabeled_ids(root, [root / "a" / "1.wav", root / "b" / "1.wav", root / "b" / "2.flac"])
+    ['a__1.wav', 'b__1.wav', '2']
+    """
+    counts = Counter(path.stem for path in files)
+    return [
+        path.stem if counts[path.stem] == 1 else str(path.relative_to(split_dir)).replace(os.sep, "__")
+        for path in files
+    ]
+
+
+def _speaker_of(split: str, split_dir: Path, path: Path, utt_id: str) -> str:
+    """LibriSpeech's speaker (``SPK`` of ``SPK-CHAPTER-UTT``), else the top folder under the split."""
+    parts = utt_id.split("-")
+    if len(parts) == 3 and all(part.isdigit() for part in parts):
+        return parts[0]
+    rel = path.relative_to(split_dir).parts
+    return rel[0] if len(rel) > 1 else split
+
+
+def prepare_unlabeled_split(
+    data_folder: str | os.PathLike,
+    split: str,
+    save_folder: str | os.PathLike,
+    sample_rate: int = 16000,
+    workers: int = 8,
+) -> PrepareResult:
+    """Write ``SAVE_FOLDER/SPLIT.csv`` for an untranscribed split: every audio file under it, ``wrd`` empty.
+
+    Parameters
+    ----------
+    data_folder : path-like
+        Folder holding the split folder.
+    split : str
+        Split folder name; searched at any depth for ``.flac`` and ``.wav``
+        files (``*.trans.txt`` files are ignored).
+    save_folder : path-like
+        Where ``SPLIT.csv`` and ``SPLIT_skipped.csv`` go.
+    sample_rate : int
+        Audio at another rate is skipped and reported, as for transcribed splits.
+    workers : int
+        Threads probing the audio files.
+
+    Returns
+    -------
+    PrepareResult
+        The CSV path, kept count, hours and skipped files of the split.
+
+    Raises
+    ------
+    FileNotFoundError
+        The split folder does not exist, or holds no ``.flac``/``.wav`` file.
+    """
+    split_dir = Path(data_folder) / split
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"unlabeled split folder {split_dir} does not exist (data_folder={data_folder})")
+    files = sorted(
+        path
+        for ext in AUDIO_EXTENSIONS
+        for path in split_dir.rglob(f"*{ext}")
+        if path.is_file() and not path.name.endswith(".part" + ext)
+    )
+    if not files:
+        raise FileNotFoundError(f"unlabeled split folder {split_dir} holds no .flac or .wav file")
+    result = PrepareResult()
+    ids = _unlabeled_ids(split_dir, files)
+    candidates = [(uid, path, "", _speaker_of(split, split_dir, path, uid)) for uid, path in zip(ids, files)]
+    rows = _probe_rows(candidates, split, result.skipped, sample_rate, workers)
+    return _write_split(result, split, save_folder, rows)
+
+
 def _atomic_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
@@ -188,6 +281,7 @@ def prepare_librispeech(
     sample_rate: int = 16000,
     alphabet: str = LIBRISPEECH_ALPHABET,
     skip_if_done: bool = True,
+    unlabeled_splits: list[str] | tuple[str, ...] | None = None,
 ) -> PrepareResult:
     """Prepare several splits of a LibriSpeech-layout folder.
 
@@ -206,6 +300,10 @@ def prepare_librispeech(
     skip_if_done : bool
         Reuse a split's CSV when it was made from the same inputs and settings
         (recorded in ``SAVE_FOLDER/prepare_SPLIT.json``).
+    unlabeled_splits : list of str, optional
+        Split folders prepared as untranscribed audio
+        (:func:`prepare_unlabeled_split`: every audio file, empty ``wrd``,
+        transcripts ignored); never in the default ``splits``.
 
     Returns
     -------
@@ -215,29 +313,43 @@ def prepare_librispeech(
     data_folder = Path(data_folder)
     if not data_folder.is_dir():
         raise FileNotFoundError(f"data_folder {data_folder} does not exist")
-    if not splits:
+    unlabeled = list(unlabeled_splits or [])
+    both = sorted(set(unlabeled) & set(splits or []))
+    if both:
+        raise ValueError(f"split(s) {', '.join(both)} given as transcribed and as unlabeled: name each in one list")
+    if not splits and not unlabeled:
         splits = sorted(p.name for p in data_folder.iterdir() if p.is_dir() and any(p.glob("*/*/*.trans.txt")))
         if not splits:
             raise FileNotFoundError(f"no LibriSpeech-layout split (SPLIT/SPK/CHAPTER/*.trans.txt) in {data_folder}")
+    splits = list(splits or [])
     missing = [split for split in splits if not (data_folder / split).is_dir()]
     if missing:  # before any CSV is written: a typo in the last split must not leave the first ones half-done
         raise FileNotFoundError(f"no split folder {', '.join(missing)} in {data_folder}")
+    missing = [split for split in unlabeled if not (data_folder / split).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"unlabeled split folder {', '.join(missing)} does not exist in {data_folder}")
     total = PrepareResult()
-    for split in splits:
+    for split in [*splits, *unlabeled]:
+        is_unlabeled = split in unlabeled
         stamp = Path(save_folder) / f"prepare_{split}.json"
         settings = {
             "data_folder": str(data_folder.resolve()),
             "split": split,
             "sample_rate": sample_rate,
             "alphabet": alphabet,
-            "mtime": _tree_mtime(data_folder / split),
+            "mtime": _tree_mtime(data_folder / split, deep=is_unlabeled),
         }
+        if is_unlabeled:
+            settings["unlabeled"] = True
         csv_path = Path(save_folder) / f"{split}.csv"
         if skip_if_done and csv_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
             logger.info("%s is up to date, skipping preparation", csv_path)
             total.csv_files[split] = str(csv_path)
             continue
-        res = prepare_split(data_folder, split, save_folder, sample_rate, alphabet)
+        if is_unlabeled:
+            res = prepare_unlabeled_split(data_folder, split, save_folder, sample_rate)
+        else:
+            res = prepare_split(data_folder, split, save_folder, sample_rate, alphabet)
         total.csv_files.update(res.csv_files)
         total.kept.update(res.kept)
         total.hours.update(res.hours)
@@ -246,8 +358,10 @@ def prepare_librispeech(
     return total
 
 
-def _tree_mtime(folder: Path) -> float:
-    """Latest modification time of the split's chapter folders (detects edits)."""
+def _tree_mtime(folder: Path, deep: bool = False) -> float:
+    """Latest modification time of the split's chapter folders (``deep``: of every folder in it; detects edits)."""
     if not folder.is_dir():
         return 0.0
+    if deep:
+        return max((p.stat().st_mtime for p in [folder, *folder.rglob("*")] if p.is_dir()), default=0.0)
     return max((p.stat().st_mtime for p in folder.glob("*/*")), default=0.0)

@@ -45,12 +45,14 @@ def prepare_csvs(hparams: dict) -> dict[str, list[str]]:
     folder = Path(hparams["output_folder"])
     roles = {"train": hparams["train_splits"], "dev": hparams["dev_splits"], "test": hparams["test_splits"]}
     splits = sorted({s for names in roles.values() for s in names})
+    roles["unlabeled"] = list(hparams.get("unlabeled_splits") or [])  # untranscribed audio (speech_kd.unlabeled)
     result = prepare_librispeech(
         hparams["data_folder"],
         folder / "data",
         splits=splits,
         sample_rate=hparams["sample_rate"],
         alphabet=hparams["alphabet"],
+        unlabeled_splits=roles["unlabeled"],
     )
     for split, counts in result.skipped_counts().items():
         logger.warning("%s: skipped %s (see %s/data/%s_skipped.csv)", split, dict(counts), folder, split)
@@ -58,14 +60,16 @@ def prepare_csvs(hparams: dict) -> dict[str, list[str]]:
 
 
 def merge_role_csvs(hparams: dict, csvs: dict[str, list[str]]) -> None:
-    """Write ``train.csv`` and ``dev.csv`` (all train / dev splits merged) into the run folder."""
+    """Write ``train.csv``, ``dev.csv`` and ``unlabeled.csv`` (each role's splits merged) into the run folder."""
     folder = Path(hparams["output_folder"])
     merge_csvs(csvs["train"], folder / "train.csv")
     merge_csvs(csvs["dev"], folder / "dev.csv")
+    if csvs.get("unlabeled"):
+        merge_csvs(csvs["unlabeled"], folder / "unlabeled.csv")
 
 
 def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_shift: float) -> dict:
-    """Datasets for train (merged splits), dev (merged) and each test split.
+    """Datasets for train (merged splits), dev (merged), each test split and ``unlabeled`` (``None`` without).
 
     Train and dev leave out, with a warning, utterances whose audio turns out
     unreadable when read (loaded with :func:`~speech_kd.dataio.collate_readable`);
@@ -74,7 +78,7 @@ def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_s
     folder = Path(hparams["output_folder"])
     train_csv, dev_csv = folder / "train.csv", folder / "dev.csv"
     common = {"tokenizer": tokenizer, "sample_rate": hparams["sample_rate"], "frame_shift": frame_shift}
-    return {
+    datasets = {
         "train": load_dataset(
             train_csv, max_duration=hparams.get("avoid_if_longer_than"), skip_unreadable=True, **common
         ),
@@ -82,7 +86,13 @@ def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_s
         "test": {
             Path(c).stem: load_dataset(c, sorting="descending", **{**common, "frame_shift": None}) for c in csvs["test"]
         },
+        "unlabeled": None,
     }
+    if csvs.get("unlabeled"):  # untranscribed audio (speech_kd.unlabeled): KD only
+        max_duration = hparams.get("avoid_if_longer_than")
+        datasets["unlabeled"] = load_dataset(folder / "unlabeled.csv", max_duration=max_duration, skip_unreadable=True,
+                                             **common)  # fmt: skip
+    return datasets
 
 
 def _run_option(run_opts, hparams: dict, name: str):
@@ -200,10 +210,19 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
         max_batch_ex=hparams["max_batch_ex"],
         seed=hparams["seed"],
     )
+    train_set = datasets["train"]
+    if datasets.get("unlabeled") is not None:
+        if getattr(brain, "kd_targets", None) is None:  # no teacher (kd_weight=0, or speech-kd train): no use for it
+            logger.warning("unlabeled_splits: not used, this run has no teacher targets (untranscribed audio only "
+                           "feeds the KD term)")  # fmt: skip
+        else:
+            from speech_kd.unlabeled import mix_unlabeled
+
+            train_set, sampler = mix_unlabeled(train_set, datasets["unlabeled"], sampler, hparams)
     _check_ddp_batches(sampler, hparams)
     brain.fit(
         hparams["epoch_counter"],
-        datasets["train"],
+        train_set,
         datasets["dev"],
         # the loader's own generator: starting an epoch's iterator draws a seed from it, which from the global
         # generator would shift every later draw of a run resumed mid-epoch (checkpoints.RandomStates)

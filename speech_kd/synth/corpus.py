@@ -9,7 +9,11 @@ every recipe treat both the same)::
     OUT_DIR/synth_config.json
     OUT_DIR/synth_plan.json
 
-Speakers and sentences are disjoint between splits. Everything is drawn
+Speakers and sentences are disjoint between splits. A split made with
+``SplitSpec(..., transcribed=False)`` is *untranscribed*: no ``.trans.txt``
+(its sentences go to ``OUT_DIR/SPLIT.references.txt``, for scoring pseudo-labels
+only), its own speakers, and sentences that no other split has; adding one
+leaves the other splits exactly as they were. Everything is drawn
 from one seed, and each utterance's content depends only on its index, so
 the corpus is identical whatever the number of worker processes (sox runs in
 repeatable mode, so even its dither is the same), and a rerun after an
@@ -47,11 +51,12 @@ _SECONDS_PER_CHAR = 0.068
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """One split to synthesise: its name, hours of audio and speaker count."""
+    """One split to synthesise: its name, hours of audio, speaker count and whether it gets transcripts."""
 
     name: str
     hours: float
     speakers: int
+    transcribed: bool = True
 
 
 DEFAULT_SPLITS = (
@@ -73,7 +78,8 @@ class SynthConfig:
     def to_dict(self) -> dict:
         """JSON-friendly view (``jobs`` omitted: it does not change the output)."""
         return {
-            "splits": [vars(s) for s in self.splits],
+            # a transcribed split is written as before this field existed (same config file, same corpus)
+            "splits": [{k: v for k, v in vars(s).items() if k != "transcribed" or not v} for s in self.splits],
             "seed": self.seed,
             "chapters_per_speaker": self.chapters_per_speaker,
         }
@@ -112,18 +118,24 @@ def _plan(config: SynthConfig) -> list[_Utterance]:
     """Decide every utterance (split, speaker, chapter, text) before rendering."""
     if len(config.splits) > 20:
         raise ValueError("at most 20 splits")
+    # sentence ownership is shared out among the transcribed splits only, so adding an untranscribed
+    # split changes none of them; an untranscribed split takes sentences of the training split's share
+    # from its own generator, skipping every sentence already planned
+    owners = [s.name for s in config.splits if s.transcribed]
     plan: list[_Utterance] = []
     for k, split in enumerate(config.splits):
         if split.speakers < 1:
             raise ValueError(f"split {split.name!r} needs at least one speaker")
         speakers = make_speakers(split.speakers, seed=config.seed * 1000 + k, first_id=100 + 1000 * k)
-        sentences = SentenceGenerator(seed=config.seed)
+        owner = owners.index(split.name) if split.transcribed else 0
+        sentences = SentenceGenerator(seed=config.seed if split.transcribed else config.seed + 7919 * (k + 1))
+        taken = set() if split.transcribed else {u.text for u in plan}
         budget = split.hours * 3600.0
         counters = [0] * len(speakers)
         n = 0
         while budget > 0:
             for text in sentences.take(256):
-                if _sentence_owner(text, len(config.splits)) != k:
+                if _sentence_owner(text, max(1, len(owners))) != owner or text in taken:
                     continue
                 slot = n % len(speakers)
                 n += 1
@@ -168,7 +180,8 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
             ):
                 pass
 
-    _write_transcripts(root, plan)
+    _write_transcripts(root, [u for u in plan if u.split in _transcribed(config)])
+    _write_references(root, [u for u in plan if u.split not in _transcribed(config)])
     _write_speakers(root, plan)
     (root / "synth_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     summary = _summarise(root, plan)
@@ -233,6 +246,24 @@ def _write_transcripts(root: Path, plan: list[_Utterance]) -> None:
         tmp = folder / f"{spk}-{chapter}.trans.txt.part"
         tmp.write_text("".join(lines))
         os.replace(tmp, folder / f"{spk}-{chapter}.trans.txt")
+
+
+def _transcribed(config: SynthConfig) -> set[str]:
+    return {s.name for s in config.splits if s.transcribed}
+
+
+def _write_references(root: Path, plan: list[_Utterance]) -> None:
+    """``OUT_DIR/SPLIT.references.txt`` (``UTT_ID TEXT`` lines) of each untranscribed split, outside its folder."""
+    by_split: dict[str, list[_Utterance]] = {}
+    for u in plan:
+        by_split.setdefault(u.split, []).append(u)
+    for folder in {u.flac_path(root).parent for u in plan}:  # a folder that was transcribed in an earlier plan
+        for trans in folder.glob("*.trans.txt"):
+            trans.unlink()
+    for split, utts in by_split.items():
+        tmp = root / f"{split}.references.txt.part"
+        tmp.write_text("".join(f"{u.utt_id} {u.text}\n" for u in sorted(utts, key=lambda u: u.utt_id)))
+        os.replace(tmp, root / f"{split}.references.txt")
 
 
 def _write_speakers(root: Path, plan: list[_Utterance]) -> None:
