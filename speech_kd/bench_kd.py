@@ -19,6 +19,20 @@ command with more seeds only trains the new ones::
     python -m speech_kd.bench_kd --data data/synth --teacher speech_kd/pretrained/teacher_synth \
         --out results/kd3h12 --epochs 12 --seeds 1986 7 3 4 5 6 --test_data data/synth_bigtest
 
+Untranscribed audio (README "Untranscribed audio", ``docs/untranscribed.md``):
+``--transcribed_fraction F`` keeps the transcripts of a fraction ``F`` of the
+training split (every ``1/F``-th utterance, ``OUT/partition/transcribed``) and
+makes the rest an untranscribed split (``OUT/partition/untranscribed``, no
+transcripts); ``--unlabeled SPLIT`` takes the untranscribed split from another
+folder of ``--data`` instead (other speakers, say). Every student then trains on
+``transcribed``; the ``kd_unlabeled*`` variants add ``untranscribed``
+(``kd_unlabeled_filter`` with ``--unlabeled_min_confidence=--min_confidence``),
+from a second cache::
+
+    python -m speech_kd.bench_kd --data data/synth --teacher speech_kd/pretrained/teacher_synth --out results/unl \
+        --epochs 12 --seeds 1986 7 --transcribed_fraction 0.1667 \
+        --variants scratch kd kd_unlabeled kd_unlabeled_filter
+
 ``--teacher A,B,...`` distils from the ensemble of those folders (cached once; scored with
 ``speech-kd evaluate --asr A,B,...``). Without ``--teacher`` a teacher is first trained with
 ``hparams/teacher.yaml``.
@@ -56,6 +70,10 @@ VARIANTS: dict[str, list[str]] = {
     "kd": [],  # the KD settings of the student yaml itself (hparams/distill.yaml's defaults)
     "kd_anneal": ["--kd_anneal=True"],  # kd with teacher annealing on (KD fades as the student reaches the teacher)
     "kd_plain": ["--kd_anneal=False"],  # kd with teacher annealing off (the KD weight as configured, all run long)
+    # untranscribed audio (needs --transcribed_fraction or --unlabeled): KD on the split named untranscribed too
+    "kd_unlabeled": ["--unlabeled_splits=[untranscribed]"],
+    "kd_unlabeled_filter": ["--unlabeled_splits=[untranscribed]"],  # + --unlabeled_min_confidence=--min_confidence
+    "kd_unlabeled_pl": ["--unlabeled_splits=[untranscribed]", "--unlabeled_kd_loss=ctc"],  # pseudo-labels there
     "kd_blankdown": ["--blank_mode=downweight"],  # kd with blank-dominated teacher frames weighted 0.1
     "kd_top4": ["--kd_topk=4"],  # kd with the teacher restricted to its top 4 tokens per frame
     "kl_t1": ["--kd_weight=0.5", "--temperature=1"],
@@ -193,6 +211,19 @@ def main(argv: list[str] | None = None) -> dict:
         "--test_data", default=None, help="score the test split of this folder instead (a larger test set)"
     )
     parser.add_argument("--extra", default="", help='more overrides for every student: --extra="--key=value ..."')
+    parser.add_argument(
+        "--transcribed_fraction",
+        type=float,
+        default=None,
+        help="keep the transcripts of this fraction of the train split; the rest is untranscribed",
+    )
+    parser.add_argument(
+        "--unlabeled",
+        default=None,
+        help="split folder of --data used as the untranscribed audio (default: the rest of train)",
+    )
+    parser.add_argument("--min_confidence", type=float, default=0.85,
+                        help="unlabeled_min_confidence of the kd_unlabeled_filter variant")  # fmt: skip
     args = parser.parse_args(argv)
 
     variants = {name: variant_args(name) for name in args.variants}  # unknown names fail before anything runs
@@ -216,14 +247,26 @@ def main(argv: list[str] | None = None) -> dict:
 
     from speech_kd.prepare import prepare_librispeech
 
-    csvs = prepare_librispeech(data, out / "data", splits=["train", "dev", "test"]).csv_files
+    train_split, unlabeled_csv = "train", None
+    if args.transcribed_fraction or args.unlabeled:
+        data = str(make_partition(Path(data), out / "partition", args.transcribed_fraction, args.unlabeled))
+        train_split = "transcribed" if args.transcribed_fraction else "train"
+        unlabeled_csv = prepare_librispeech(data, out / "data", splits=[],
+                                            unlabeled_splits=["untranscribed"]).csv_files["untranscribed"]  # fmt: skip
+    elif any(name.startswith("kd_unlabeled") for name in args.variants):
+        raise ValueError("the kd_unlabeled variants need --transcribed_fraction or --unlabeled")
+    csvs = prepare_librispeech(data, out / "data", splits=[train_split, "dev", "test"]).csv_files
+    csvs["train"] = csvs[train_split]
     if args.test_data:
         csvs["test"] = prepare_librispeech(
             Path(args.test_data).resolve(), out / "data_test", splits=["test"]
         ).csv_files["test"]
     cache = out / "cache"
-    _run_all({"cache": _speech_kd("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache))},
-             logs, 1)  # fmt: skip
+    caches = {"cache": _speech_kd("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache))}
+    if unlabeled_csv:
+        caches["cache_unlabeled"] = _speech_kd("cache-targets", "--teacher", teacher, "--csv", unlabeled_csv, "--out",
+                                               str(out / "cache_unlabeled"))  # fmt: skip
+    _run_all(caches, logs, 1)
 
     folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
     students, progress = {}, {}
@@ -233,8 +276,13 @@ def main(argv: list[str] | None = None) -> dict:
                              f"--data_folder={data}", f"--output_folder={folder / name}",
                              f"--number_of_epochs={args.epochs}", f"--seed={seed}", "--report_after_run=False",
                              *merge_overrides(overrides, args.extra.split()))  # fmt: skip
+            if train_split != "train":
+                cmd.append(f"--train_splits=[{train_split}]")
+            if name.startswith("kd_unlabeled_filter"):
+                cmd.append(f"--unlabeled_min_confidence={args.min_confidence}")
             if cached:
-                cmd.append(f"--targets_cache={cache}")
+                both = name.startswith("kd_unlabeled")
+                cmd.append(f"--targets_cache={cache}" + (f",{out / 'cache_unlabeled'}" if both else ""))
             key = name if len(seeds) == 1 else f"{name}_seed{seed}"
             students[key] = cmd
             progress[key] = (folder / name, args.epochs)
@@ -261,6 +309,57 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
     return results
+
+
+def make_partition(data: Path, out: Path, transcribed_fraction: float | None, unlabeled: str | None) -> Path:
+    """A LibriSpeech-layout folder of symbolic links: ``dev``, ``test`` and the training audio, split in two.
+
+    With ``transcribed_fraction`` ``F``, ``transcribed`` holds every ``1/F``-th
+    utterance of ``data/train`` (in ID order, spread evenly over speakers) with
+    its transcript, and ``untranscribed`` the others without transcripts. With
+    ``unlabeled``, ``untranscribed`` is that split folder of ``data`` instead
+    (``train`` then stays whole, unless ``F`` is given too).
+
+    Returns
+    -------
+    Path
+        ``out``, to use as the data folder.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("dev", "test", *(() if transcribed_fraction else ("train",))):
+        link = out / split
+        if not link.exists():
+            link.symlink_to((data / split).resolve(), target_is_directory=True)
+    if unlabeled:
+        link = out / "untranscribed"
+        if not link.exists():
+            link.symlink_to((data / unlabeled).resolve(), target_is_directory=True)
+    if not transcribed_fraction:
+        return out
+    if not 0 < transcribed_fraction < 1:
+        raise ValueError(f"--transcribed_fraction={transcribed_fraction}: must be between 0 and 1")
+    lines = {}
+    for trans in sorted((data / "train").glob("*/*/*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                lines[line.split(" ", 1)[0]] = (line, trans.parent)
+    chapters: dict[Path, list[str]] = {}
+    for i, uid in enumerate(sorted(lines)):
+        line, chapter = lines[uid]
+        keep = math.floor((i + 1) * transcribed_fraction) > math.floor(i * transcribed_fraction)
+        rel = chapter.relative_to(data / "train")
+        if not keep and unlabeled:
+            continue
+        target = out / ("transcribed" if keep else "untranscribed") / rel
+        target.mkdir(parents=True, exist_ok=True)
+        link = target / f"{uid}.flac"
+        if not link.exists():
+            link.symlink_to((chapter / f"{uid}.flac").resolve())
+        if keep:
+            chapters.setdefault(target, []).append(line)
+    for target, kept in chapters.items():
+        (target / f"{target.parent.name}-{target.name}.trans.txt").write_text("\n".join(kept) + "\n")
+    return out
 
 
 def _evaluate(model: Path | str, csvs: dict, folder: Path, name: str) -> dict:
