@@ -251,10 +251,10 @@ def prepare_unlabeled_split(
     if not split_dir.is_dir():
         raise FileNotFoundError(f"unlabeled split folder {split_dir} does not exist (data_folder={data_folder})")
     files = sorted(
-        path
-        for ext in AUDIO_EXTENSIONS
-        for path in split_dir.rglob(f"*{ext}")
-        if path.is_file() and not path.name.endswith(".part" + ext)
+        Path(folder) / name
+        for folder, _, names in os.walk(split_dir, followlinks=True)  # linked folders too (rglob skips them)
+        for name in names
+        if name.endswith(AUDIO_EXTENSIONS) and not name.endswith(tuple(".part" + ext for ext in AUDIO_EXTENSIONS))
     )
     if not files:
         raise FileNotFoundError(f"unlabeled split folder {split_dir} holds no .flac or .wav file")
@@ -363,5 +363,5 @@ def _tree_mtime(folder: Path, deep: bool = False) -> float:
     if not folder.is_dir():
         return 0.0
     if deep:
-        return max((p.stat().st_mtime for p in [folder, *folder.rglob("*")] if p.is_dir()), default=0.0)
+        return max(os.stat(path).st_mtime for path, _, _ in os.walk(folder, followlinks=True))
     return max((p.stat().st_mtime for p in folder.glob("*/*")), default=0.0)

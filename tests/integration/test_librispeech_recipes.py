@@ -14,6 +14,7 @@ uses to point the hub id at a local folder.
 
 from __future__ import annotations
 
+import csv
 import json
 import runpy
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY_MODEL
+from tests.integration.test_unlabeled import unlabeled_corpus  # noqa: F401 F811 (a fixture)
 
 RECIPE = REPO / "recipes" / "LibriSpeech"
 #: the tiny corpus's split names, a student small enough for seconds, one epoch
@@ -100,3 +102,34 @@ def test_distill_recipe_speechbrain_wav2vec2_teacher(tiny_corpus, tmp_path, monk
                 f"--teacher_overrides={{wav2vec2_hub: {hub}}}", f"--targets_cache={cache}",
                 "--max_unmapped_mass=0.3", "--report_after_run=False", monkeypatch=monkeypatch)  # fmt: skip
     assert _check_run(cached)["train"]["kd_loss"] > 0
+
+
+def test_distill_recipe_with_untranscribed_splits(unlabeled_corpus, tmp_path, monkeypatch):  # noqa: F811
+    """distill_wav2vec2_base_960h_unlabeled.yaml with its own split names: train-clean-360 and train-other-500
+    (transcripts present, as in LibriSpeech, and ignored) are untranscribed audio beside train-clean-100."""
+    pytest.importorskip("transformers")
+    from speech_kd.testing import make_tiny_hf_ctc
+
+    data = tmp_path / "LibriSpeech"
+    data.mkdir()
+    for name, split in (("train-clean-100", "train"), ("dev", "dev"), ("test", "test")):
+        (data / name).symlink_to(unlabeled_corpus / split, target_is_directory=True)
+    speakers = sorted((unlabeled_corpus / "untranscribed").iterdir())
+    for name, speaker in zip(("train-clean-360", "train-other-500"), speakers):
+        (data / name).mkdir()
+        (data / name / speaker.name).symlink_to(speaker, target_is_directory=True)
+    chapter = next((data / "train-other-500").glob("*/*"))
+    (chapter / f"{speaker.name}-{chapter.name}.trans.txt").write_text("not a line of this chapter\n")
+    teacher = make_tiny_hf_ctc(tmp_path / "wav2vec2-base-960h")
+    out = tmp_path / "kd_unlabeled"
+    overrides = [arg for arg in TINY_LIBRISPEECH if not arg.startswith("--train_splits")]
+    argv = [str(RECIPE / "distill.py"), "hparams/distill_wav2vec2_base_960h_unlabeled.yaml", f"--data_folder={data}",
+            f"--output_folder={out}", *overrides, f"--teacher_source={teacher}", "--max_unmapped_mass=0.3",
+            "--report_after_run=False", "--unlabeled_fraction=1.0"]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(argv[0], run_name="__main__")
+    record = _check_run(out)
+    assert record["train"]["kd_loss"] > 0 and 0 < record["train"]["untranscribed_share"] < 1
+    with open(out / "unlabeled.csv", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["ID"].split("-")[0] for r in rows} == {s.name for s in speakers[:2]} and not any(r["wrd"] for r in rows)
