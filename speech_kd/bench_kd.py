@@ -54,7 +54,7 @@ import sys
 import time
 from pathlib import Path
 
-from speech_kd.compare import gap_closed
+from speech_kd.compare import gap_closed, no_gap_label
 
 __all__ = ["VARIANTS", "main", "gap_closed"]
 
@@ -401,7 +401,9 @@ def summarise_seeds(per_seed: dict, out: Path, folders: dict, variants: list[str
                 summary[name][f"{split}_gap"] = {
                     "closed": gap.gap_closed, "interval": gap.gap_closed_interval, "wer_gain": gap.wer_gain,
                     "wer_gain_interval": gap.wer_gain_interval, "prob_kd_better": gap.prob_kd_better,
-                    "num_utts": gap.num_utts,
+                    "num_utts": gap.num_utts, "teacher_better": gap.teacher_better,
+                    "teacher_advantage": gap.teacher_advantage,
+                    "teacher_advantage_interval": gap.teacher_advantage_interval,
                 }  # fmt: skip
     return summary
 
@@ -413,6 +415,9 @@ def format_seed_summary(summary: dict, seeds: list[int]) -> str:
         g = row.get(f"{split}_gap")
         if not g:
             return ""
+        if not g.get("teacher_better", True):  # no gap to close: say so, with how far the teacher is behind
+            lo, hi = g["teacher_advantage_interval"]
+            return f"teacher worse than scratch by {-g['teacher_advantage']:.2f} [{-hi:.2f}, {-lo:.2f}]"
         lo, hi = g["interval"]
         return f"{100 * g['closed']:.0f} % [{100 * lo:.0f}, {100 * hi:.0f}]"
 
@@ -467,7 +472,7 @@ def format_results(results: dict) -> str:
                 or key not in results[name]:  # fmt: skip
             return ""
         if scratch <= teacher:  # the scratch student is already as good as the teacher: no gap to close
-            return "no gap"
+            return no_gap_label(scratch, teacher)
         return f"{100 * gap_closed(scratch, results[name][key], teacher):.0f} %"
 
     def number(row: dict, key: str) -> str:

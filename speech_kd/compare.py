@@ -9,7 +9,10 @@ position), and reports
 
 - each model's WER, and the mean over seeds of the scratch and KD students;
 - the share of the WER gap KD closes, ``(scratch - kd) / (scratch - teacher)``
-  on those means;
+  on those means, when there is a gap: a teacher that is not better than the
+  scratch students (a teacher trained too briefly, on other data) is reported
+  as "teacher worse than scratch", with how far, never as a negative or
+  undefined share; KD is then judged by its WER difference from scratch alone;
 - a bootstrap interval for that share and for the WER difference, resampling
   the test utterances (the same draw for every model, so the comparison is
   paired) and, with two or more seed pairs, the seed pairs too, so that both
@@ -28,7 +31,8 @@ import numpy as np
 
 from speech_kd.metrics import read_utterance_errors
 
-__all__ = ["read_utterance_errors", "GapComparison", "gap_closed", "compare_gap", "compare_files", "format_comparison"]
+__all__ = ["read_utterance_errors", "GapComparison", "gap_closed", "no_gap_label", "compare_gap", "compare_files",
+           "format_comparison"]  # fmt: skip
 
 
 @dataclass
@@ -50,6 +54,14 @@ class GapComparison:
     resample_seeds: bool
     confidence: float
     draws: int
+    teacher_advantage: float = float("nan")
+    teacher_advantage_interval: tuple[float, float] = (float("nan"), float("nan"))
+    prob_no_gap: float = float("nan")
+
+    @property
+    def teacher_better(self) -> bool:
+        """Whether the teacher beats the mean scratch student (there is a gap for KD to close)."""
+        return self.teacher_advantage > 0
 
     def to_dict(self) -> dict:
         """The fields as a JSON-ready dict."""
@@ -66,6 +78,19 @@ def gap_closed(scratch_wer: float, kd_wer: float, teacher_wer: float) -> float:
     """
     gap = scratch_wer - teacher_wer
     return (scratch_wer - kd_wer) / gap if gap > 0 else float("nan")
+
+
+def no_gap_label(scratch_wer: float, teacher_wer: float) -> str | None:
+    """What to show instead of a share when the teacher is not better than the scratch student, else ``None``.
+
+    Examples
+    --------
+    >>> no_gap_label(50.77, 57.00), no_gap_label(60.0, 60.0), no_gap_label(60.0, 40.0)
+    ('teacher worse than scratch', 'teacher = scratch (no gap)', None)
+    """
+    if scratch_wer > teacher_wer:
+        return None
+    return "teacher worse than scratch" if scratch_wer < teacher_wer else "teacher = scratch (no gap)"
 
 
 def _matrix(runs: list[dict[str, tuple[int, int]]], ids: list[str], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -118,27 +143,28 @@ def compare_gap(
     errors, words = _matrix(runs, ids, names)
     n, n_s = len(ids), len(scratch)
 
-    def shares(weights: np.ndarray, seed_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Gap share and WER gain for each row of utterance ``weights [D, N]``."""
+    def shares(weights: np.ndarray, seed_rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Gap share (NaN: teacher not better), WER gain and teacher advantage per row of ``weights [D, N]``."""
         wer = 100.0 * (weights @ errors.T) / (weights @ words)[:, None]  # [D, R]
         t, s, k = wer[:, 0], wer[:, 1 : 1 + n_s], wer[:, 1 + n_s :]
         if seed_rows is not None:
             s = np.take_along_axis(s, seed_rows, axis=1)
             k = np.take_along_axis(k, seed_rows, axis=1)
-        gain = s.mean(1) - k.mean(1)
+        gain, advantage = s.mean(1) - k.mean(1), s.mean(1) - t
         with np.errstate(divide="ignore", invalid="ignore"):
-            share = gain / (s.mean(1) - t)
-        return share, gain
+            share = np.where(advantage > 0, gain / advantage, np.nan)  # no gap: no share (not a negative one)
+        return share, gain, advantage
 
-    share0, gain0 = shares(np.ones((1, n)), None)
+    share0, gain0, advantage0 = shares(np.ones((1, n)), None)
     rng = np.random.default_rng(seed)
     weights = rng.multinomial(n, np.full(n, 1.0 / n), size=draws).astype(np.float64)
     resample_seeds = len(scratch) == len(kd) and len(scratch) >= 2
     seed_rows = rng.integers(0, n_s, size=(draws, n_s)) if resample_seeds else None
-    share, gain = shares(weights, seed_rows)
+    share, gain, advantage = shares(weights, seed_rows)
     lo, hi = 50.0 * (1 - confidence), 100.0 - 50.0 * (1 - confidence)
     wer = 100.0 * errors.sum(1) / words.sum()
-    finite = share[np.isfinite(share)]
+    # the share's interval over the draws that have a gap, and only when the measured teacher has one
+    finite = share[np.isfinite(share)] if advantage0[0] > 0 else np.array([])
     return GapComparison(
         num_utts=n,
         teacher_wer=float(wer[0]),
@@ -155,6 +181,9 @@ def compare_gap(
         resample_seeds=resample_seeds,
         confidence=confidence,
         draws=draws,
+        teacher_advantage=float(advantage0[0]),
+        teacher_advantage_interval=(float(np.percentile(advantage, lo)), float(np.percentile(advantage, hi))),
+        prob_no_gap=float((advantage <= 0).mean()),
     )
 
 
@@ -178,12 +207,28 @@ def format_comparison(result: GapComparison) -> str:
         f"| scratch, mean | {result.scratch_mean:.2f} |",
         f"| kd, mean | {result.kd_mean:.2f} |",
         "",
-        f"WER gap closed by KD: {100 * result.gap_closed:.0f} % "
-        f"({pct} % interval {100 * result.gap_closed_interval[0]:.0f} to {100 * result.gap_closed_interval[1]:.0f} %)",
-        f"KD WER gain over scratch: {result.wer_gain:.2f} points "
+    ]
+    adv_lo, adv_hi = result.teacher_advantage_interval
+    if result.teacher_better:
+        lines += [
+            f"teacher better than scratch by {result.teacher_advantage:.2f} WER points "
+            f"({pct} % interval {adv_lo:.2f} to {adv_hi:.2f}; draws with no gap: {result.prob_no_gap:.3f})",
+            f"WER gap closed by KD: {100 * result.gap_closed:.0f} % ({pct} % interval "
+            f"{100 * result.gap_closed_interval[0]:.0f} to {100 * result.gap_closed_interval[1]:.0f} %)",
+        ]
+    else:
+        lines += [
+            f"{no_gap_label(result.scratch_mean, result.teacher_wer)}: the teacher's WER is "
+            f"{-result.teacher_advantage:.2f} points above the scratch students' mean ({pct} % interval "
+            f"{-adv_hi:.2f} to {-adv_lo:.2f}), so there is no gap for KD to close and no share is given: judge KD "
+            "by its WER against scratch below (KD pulls the student toward the teacher; see kd_anneal)",
+        ]
+    verdict = "better" if result.wer_gain > 0 else "worse"
+    lines += [
+        f"KD WER gain over scratch: {result.wer_gain:.2f} points, KD {verdict} "
         f"({pct} % interval {result.wer_gain_interval[0]:.2f} to {result.wer_gain_interval[1]:.2f})",
-        f"share of bootstrap draws with KD better than scratch: {result.prob_kd_better:.3f}; "
-        f"closing at least half of the gap: {result.prob_half_gap:.3f}",
+        f"share of bootstrap draws with KD better than scratch: {result.prob_kd_better:.3f}"
+        + (f"; closing at least half of the gap: {result.prob_half_gap:.3f}" if result.teacher_better else ""),
         f"({result.draws} bootstrap draws over {what})",
     ]
     return "\n".join(lines)
@@ -213,8 +258,9 @@ def compare_files(
     result = compare_gap(runs[0], runs[1 : 1 + len(scratch)], runs[1 + len(scratch) :], draws=draws,
                          names=[str(p) for p in paths])  # fmt: skip
     if json_path:
-        data = result.to_dict() | {"files": {"teacher": str(teacher), "scratch": [str(p) for p in scratch],
-                                             "kd": [str(p) for p in kd]}}  # fmt: skip
+        data = result.to_dict() | {"teacher_better": result.teacher_better}
+        data |= {"files": {"teacher": str(teacher), "scratch": [str(p) for p in scratch],
+                           "kd": [str(p) for p in kd]}}  # fmt: skip
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
     return result

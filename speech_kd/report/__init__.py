@@ -34,11 +34,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speech_kd.compare import gap_closed
+from speech_kd.compare import gap_closed, no_gap_label
 from speech_kd.report import plots
 from speech_kd.report.html import Page
+from speech_kd.teacher_check import REACHED_ADVICE, read_teacher_score
 
-__all__ = ["build_report", "evaluation_page", "load_history", "greedy_text", "spike_offsets"]
+__all__ = ["build_report", "evaluation_page", "load_history", "greedy_text", "spike_offsets", "reached_teacher_epoch"]
 
 logger = logging.getLogger(__name__)
 
@@ -317,11 +318,19 @@ def _evaluate_models(models: dict[str, Path], test_csv: Path, device: str) -> li
 
 
 def _gap_closed(rows: list[dict], run_name: str) -> dict[str, str]:
-    """``WER gap closed`` of the KD student: (scratch - KD) / (scratch - teacher), when both references exist."""
+    """``WER gap closed`` of the KD student: (scratch - KD) / (scratch - teacher), when both references exist.
+
+    A teacher that is not better than the scratch student leaves no gap to
+    close: the cell then says so (``teacher worse than scratch``), never a
+    negative or undefined share.
+    """
     by_name = {r["name"]: r for r in rows}
     teacher, scratch, kd = by_name.get("teacher"), by_name.get("scratch"), by_name.get(run_name)
-    if not (teacher and scratch and kd) or scratch["wer"] - teacher["wer"] < 1e-9:
-        return {}  # no gap to close (the scratch student is as good as the teacher, or better)
+    if not (teacher and scratch and kd):
+        return {}
+    label = no_gap_label(scratch["wer"], teacher["wer"])
+    if label is not None:
+        return {run_name: label}
     return {run_name: f"{100 * gap_closed(scratch['wer'], kd['wer'], teacher['wer']):.0f} %"}
 
 
@@ -341,6 +350,16 @@ def _scores_section(page: Page, run: _Run, compare: dict, max_utts: int | None, 
         f"upper-cased; RTF = compute seconds / audio seconds on {device})."
     )
     gap = _gap_closed(rows, run.folder.name)
+    if gap.get(run.folder.name, "").startswith("teacher"):
+        by_name = {r["name"]: r for r in rows}
+        teacher, scratch, kd = by_name["teacher"], by_name["scratch"], by_name[run.folder.name]
+        verdict = "better" if kd["wer"] < scratch["wer"] else "worse" if kd["wer"] > scratch["wer"] else "no different"
+        page.paragraph(
+            f"The teacher (WER {teacher['wer']:.2f}) is not better than the student from scratch ({scratch['wer']:.2f})"
+            f" on this test set: there is no gap for KD to close, so no share is given. This KD student "
+            f"({kd['wer']:.2f}) is {verdict} than scratch by {abs(kd['wer'] - scratch['wer']):.2f} points; on a few "
+            "hundred utterances and one seed a point or two is noise (`speech-kd compare` gives an interval)."
+        )
     header = ["model", "WER %", "CER %", "parameters", "RTF"] + (["WER gap closed"] if gap else [])
     page.table(header, [[r["name"], f"{r['wer']:.2f}", f"{r['cer']:.2f}", f"{r['params']:,}", f"{r['rtf']:.4f}",
                          *([gap.get(r["name"], "")] if gap else [])] for r in rows])  # fmt: skip
@@ -377,9 +396,46 @@ def _summary_rows(run: _Run, history: list[dict]) -> list[list[str]]:
         for key in ("kd_loss", "kd_weight", "temperature", "kd_reduction", "blank_mode"):
             if run.setting(key):
                 rows.append([key, run.setting(key)])
+        teacher = read_teacher_score(run.folder)
+        if teacher is not None:
+            how = "decoded from the targets cache" if teacher.source == "cache" else "live teacher"
+            rows.append(["teacher dev WER / CER %", f"{teacher.wer:.2f} / {teacher.cer:.2f} ({how}, "
+                                                    f"{teacher.num_utts} utterances, before training)"])  # fmt: skip
+            rows.append(["student vs teacher on dev", _versus_teacher(history, teacher.wer)])
+        anneal = run.setting("kd_anneal")
+        if anneal:
+            rows.append(["kd_anneal", f"{anneal} (margin {run.setting('kd_anneal_margin') or '?'})"])
     else:
         rows.append(["teacher", "none (no KD in this run)"])
     return rows
+
+
+def reached_teacher_epoch(history: list[dict], teacher_wer: float) -> int | None:
+    """First epoch whose dev WER is at or below the teacher's dev WER, or ``None``.
+
+    Examples
+    --------
+    >>> rows = [{"epoch": e, "valid": {"WER": w}} for e, w in ((1, 90.0), (2, 60.0), (3, 55.0))]
+    >>> reached_teacher_epoch(rows, 60.0), reached_teacher_epoch(rows, 50.0)
+    (2, None)
+    """
+    for row in history:
+        wer = row.get("valid", {}).get("WER")
+        if wer is not None and wer <= teacher_wer:
+            return int(row["epoch"])
+    return None
+
+
+def _versus_teacher(history: list[dict], teacher_wer: float) -> str:
+    """One line: when the student reached the teacher on dev, or how far above it it ended."""
+    wers = [row["valid"]["WER"] for row in history if "WER" in row.get("valid", {})]
+    if not wers:
+        return "no dev WER in history.jsonl"
+    epoch = reached_teacher_epoch(history, teacher_wer)
+    if epoch is not None:
+        return (f"reached the teacher at epoch {epoch} (best dev WER {min(wers):.2f} against the teacher's "
+                f"{teacher_wer:.2f}; see the note below)")  # fmt: skip
+    return f"best dev WER {min(wers):.2f}, {min(wers) - teacher_wer:.2f} points above the teacher's {teacher_wer:.2f}"
 
 
 # ---------------------------------------------------------------------------------------------- pages
@@ -424,12 +480,19 @@ def build_report(
     page = Page(f"speech_kd report: {run.folder.name}", run.folder / "report_files")
     history = load_history(run.folder)
     page.table(["run", ""], _summary_rows(run, history), numeric=False)
+    teacher = read_teacher_score(run.folder) if run.kd else None
+    reached = reached_teacher_epoch(history, teacher.wer) if teacher is not None else None
+    if reached is not None:
+        page.paragraph(f"Note: the student reached its teacher on dev at epoch {reached} (teacher dev WER "
+                       f"{teacher.wer:.2f}): {REACHED_ADVICE}.")  # fmt: skip
 
     page.heading("Learning curves")
     if history:
         reduction = run.setting("kd_reduction") or "utterance"
-        page.image("learning_curves.png", plots.learning_curves(history, reduction),
-                   "Loss, dev error rates and learning rate")  # fmt: skip
+        page.image("learning_curves.png",
+                   plots.learning_curves(history, reduction, teacher_wer=teacher.wer if teacher else None),
+                   "Loss, dev error rates (dashed: the teacher's dev WER, measured before training) and learning "
+                   "rate")  # fmt: skip
         last = history[-1].get("train", {})
         kd_keys = [k for k in ("kd_weight", "temperature", "blank_share", "agreement", "lost_mass") if k in last]
         if kd_keys:

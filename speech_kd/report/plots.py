@@ -47,7 +47,7 @@ def _has(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).any())
 
 
-def learning_curves(history: list[dict], kd_reduction: str = "utterance") -> bytes:
+def learning_curves(history: list[dict], kd_reduction: str = "utterance", teacher_wer: float | None = None) -> bytes:
     """Per-epoch losses (total, CTC, KD), dev WER/CER, learning rate and KD diagnostics.
 
     Parameters
@@ -58,6 +58,8 @@ def learning_curves(history: list[dict], kd_reduction: str = "utterance") -> byt
         and ``temperature`` to ``train``.
     kd_reduction : str
         ``utterance`` or ``frame``: the unit of the KD loss axis.
+    teacher_wer : float, optional
+        The teacher's dev WER (``teacher_dev.json``), drawn as a dashed line on the dev panel.
 
     Returns
     -------
@@ -99,6 +101,8 @@ def learning_curves(history: list[dict], kd_reduction: str = "utterance") -> byt
     ax = axes[1]
     ax.plot(epochs, _series(history, "valid", "WER"), "o-", markersize=8, label="dev WER")
     ax.plot(epochs, _series(history, "valid", "CER"), "s--", markersize=5, label="dev CER")  # visible on equal values
+    if teacher_wer is not None:
+        ax.axhline(teacher_wer, color="black", linestyle="--", linewidth=1, label=f"teacher dev WER {teacher_wer:.1f}")
     ax.set(xlabel="epoch", ylabel="error rate (%)", title="Dev error rates (greedy decoding)")
     ax.legend(**_BELOW)
 

@@ -110,8 +110,8 @@ def test_wer_gap_closed():
     rows = [{"name": "teacher", "wer": 20.0}, {"name": "kd", "wer": 40.0}, {"name": "scratch", "wer": 60.0}]
     assert _gap_closed(rows, "kd") == {"kd": "50 %"}
     assert _gap_closed(rows[:2], "kd") == {}
-    better_than_teacher = [{**rows[0], "wer": 70.0}, *rows[1:]]  # no gap to close: no column, not "nan %"
-    assert _gap_closed(better_than_teacher, "kd") == {}
+    better_than_teacher = [{**rows[0], "wer": 70.0}, *rows[1:]]  # no gap to close: said so, not "nan %" or "-50 %"
+    assert _gap_closed(better_than_teacher, "kd") == {"kd": "teacher worse than scratch"}
 
 
 def test_evaluate_html_worst_first(trained_run, tmp_path):

@@ -119,3 +119,27 @@ def test_compare_cli(tmp_path, capsys):
     assert main(argv) == 0
     text = out.read_text()
     assert "NaN" not in text and json.loads(text)["gap_closed"] is None
+
+
+def test_teacher_worse_than_scratch_is_said_not_a_negative_share(tmp_path, capsys):
+    # issue 21: a teacher trained too briefly is worse than the student from scratch; the old share
+    # (scratch - kd) / (scratch - teacher) then came out negative (e.g. -60 %) or undefined
+    refs, rng = _runs(60, seed=5)
+    files = {}
+    for name, rate in [("t", 0.6), ("s1", 0.3), ("s2", 0.35), ("k1", 0.5), ("k2", 0.55)]:
+        hyps = {u: _corrupt(r, rate, rng) for u, r in refs.items()}
+        files[name] = str(_utts_file(tmp_path / f"{name}.txt", refs, hyps))
+    runs = {k: read_utterance_errors(v) for k, v in files.items()}
+    result = compare_gap(runs["t"], [runs["s1"], runs["s2"]], [runs["k1"], runs["k2"]], draws=300)
+    assert not result.teacher_better and result.teacher_advantage < -10
+    assert result.teacher_advantage_interval[1] < 0 and result.prob_no_gap == 1.0
+    assert np.isnan(result.gap_closed) and all(np.isnan(result.gap_closed_interval))
+    assert result.wer_gain < 0 and result.prob_kd_better < 0.05  # KD toward the worse teacher made it worse
+    argv = ["compare", "--teacher", files["t"], "--scratch", files["s1"], files["s2"], "--kd", files["k1"],
+            files["k2"], "--draws", "300", "--json", str(tmp_path / "c.json")]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "teacher worse than scratch" in printed and "KD worse" in printed
+    assert "gap closed by KD" not in printed and "nan" not in printed.lower()
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert data["teacher_better"] is False and data["gap_closed"] is None and data["teacher_advantage"] < 0
