@@ -85,7 +85,8 @@ def time_changing_augmentations(hparams) -> list[str]:
     for key, value in values.items():
         if type(value).__name__ in {"SpeedPerturb", "Resample"} and isinstance(value, torch.nn.Module):
             if not any(key in entry for entry in found):
-                found.append(f"{key} ({type(value).__name__})")
+                where = "at the top level of the yaml: a data pipeline may apply it"
+                found.append(f"{key} ({type(value).__name__}, {where})")
     return found
 
 

@@ -97,6 +97,24 @@ def untranscribed_rows(batch) -> list[bool] | None:
     return [not str(w).strip() for w in words]
 
 
+def _pad_units(targets, student_units: int):
+    """``targets`` widened to ``student_units`` outputs; the extra ones get no teacher probability (``-inf``).
+
+    A SentencePiece char model can have fewer pieces than ``output_neurons``
+    (the stock LibriSpeech yaml's 31 on a corpus without some letter).
+    """
+    have = targets.log_probs.shape[-1]
+    if have == student_units:
+        return targets
+    if have > student_units:
+        raise KDSetupError(
+            f"the student's CTC output has {student_units} units but its tokenizer has {have} tokens: the "
+            "tokenizer given to token_strings(...) is not the one the model's output layer was sized for"
+        )
+    pad = targets.log_probs.new_full((*targets.log_probs.shape[:-1], student_units - have), float("-inf"))
+    return type(targets)(torch.cat([targets.log_probs, pad], dim=-1), targets.mask, targets.lost_mass)
+
+
 class KDMixin:
     """Mix a KD term into a CTC Brain's training objective (see the module docstring)."""
 
@@ -157,7 +175,7 @@ class KDMixin:
                 f"the bases: class {type(self).__name__}(KDMixin, ...)"
             )
         if getattr(targets, "reads_cache", False):
-            moving = time_changing_augmentations(self.hparams)
+            moving = self.kd_time_changing_augmentations()
             if moving:
                 raise KDSetupError(
                     "cached teacher targets were computed on the original audio, but these augmentations move "
@@ -168,6 +186,10 @@ class KDMixin:
         if hasattr(targets, "to"):
             targets.to(self.device)
         self.kd_targets = targets
+
+    def kd_time_changing_augmentations(self) -> list[str]:
+        """Yaml keys of augmentations that would misalign cached targets (see ``augment_rows``)."""
+        return time_changing_augmentations(self.hparams)
 
     # ---------------------------------------------------------------- options
     def kd_option(self, name: str):
@@ -344,6 +366,7 @@ class KDMixin:
         self._kd_check_frames(log_probs, extra, batch)
         lengths = relative_to_frames(wav_lens, student_max)
         targets = self.kd_targets(batch, lengths, student_max, **extra)
+        targets = _pad_units(targets, log_probs.shape[-1])
         blank = self.kd_option("blank_index")
         # the KD term in fp32 whatever --precision says: small probabilities and the T^2 scale need it
         with autocast_for(log_probs.device.type, "fp32"):
@@ -432,6 +455,10 @@ class DistillBrain(TeacherAnnealMixin, KDMixin, CTCBrain):
     """
 
     kd_mixed_batches_ok = True
+
+    def kd_time_changing_augmentations(self) -> list[str]:
+        """None: ``CTCBrain`` speed-perturbs only with ``speed_perturb: True``, which ``make_targets`` refuses."""
+        return []
 
     def stage_stats(self, stage, stage_loss) -> dict:
         """CTC stats plus, for training, the epoch's KD numbers."""
