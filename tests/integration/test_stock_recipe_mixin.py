@@ -1,8 +1,9 @@
-"""The README's promise: three lines add KD to a stock SpeechBrain CTC recipe.
+"""KDMixin wrapped around a minimal CTC Brain, step by step: the KD mix, a frozen teacher kept out of checkpoints.
 
-``StockASR`` is SpeechBrain's LibriSpeech CTC recipe Brain reduced to its
-CTC core (compute_forward returns ``(p_ctc, wav_lens)``; compute_objectives
-returns the CTC loss). The KD version differs by exactly the README's lines.
+``StockASR`` is a CTC Brain reduced to its core (compute_forward returns
+``(p_ctc, wav_lens)``; compute_objectives returns the CTC loss). The README's
+lines applied to whole SpeechBrain-shaped recipes run through ``fit()`` are in
+``test_recipe_lines.py``.
 """
 
 from __future__ import annotations
