@@ -130,8 +130,9 @@ def run_distillation(argv: list[str] | None = None) -> dict:
         if unlabeled is not None and hparams.get("unlabeled_min_confidence"):
             from speech_kd.unlabeled import filter_unlabeled
 
-            datasets["unlabeled"] = filter_unlabeled(targets, unlabeled, float(hparams["unlabeled_min_confidence"]),
-                                                     hparams["output_folder"], hparams["sample_rate"], brain.device)  # fmt: skip
+            threshold = float(hparams["unlabeled_min_confidence"])
+            datasets["unlabeled"] = filter_unlabeled(targets, unlabeled, threshold, hparams["output_folder"],
+                                                     hparams["sample_rate"], brain.device)  # fmt: skip
         brain.attach_targets(targets)
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
