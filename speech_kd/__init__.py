@@ -21,6 +21,7 @@ _EXPORTS = {
     "CTCBrain": "speech_kd.brain",
     "DistillBrain": "speech_kd.kd",
     "KDMixin": "speech_kd.kd",
+    "KDSetupError": "speech_kd.kd",
     "load_teacher": "speech_kd.teachers.base",
     "make_targets": "speech_kd.distill",
     "run_distillation": "speech_kd.distill",

@@ -85,8 +85,8 @@ _WRAPPED = ("compute_forward", "compute_objectives", "on_stage_start", "on_stage
 _STAT_KEYS = ("ctc_loss", "kd_loss", "blank_share", "agreement", "lost_mass")
 
 
-class KDSetupError(RuntimeError):
-    """KD cannot run as set up (the message says what to change)."""
+class KDSetupError(ValueError):
+    """KD cannot run as set up (the message says what to change; ``speech-kd`` prints it as one line)."""
 
 
 def untranscribed_rows(batch) -> list[bool] | None:
@@ -183,9 +183,23 @@ class KDMixin:
                     "yaml (augmentations that keep the time axis, e.g. DropFreq, DropChunk, AddNoise, stay), or "
                     "use the live teacher (no targets_cache)"
                 )
+        self._kd_check_options()
         if hasattr(targets, "to"):
             targets.to(self.device)
         self.kd_targets = targets
+
+    def _kd_check_options(self) -> None:
+        """Weights outside ``[0, 1]`` would turn the recipe's loss negative; temperatures must be positive."""
+        for key in ("kd_weight", "kd_weight_final"):
+            value = self.kd_option(key)
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise KDSetupError(
+                    f"{key}={value}: must be between 0 and 1 (loss = (1 - kd_weight) * recipe loss + kd_weight * KD)"
+                )
+        for key in ("temperature", "temperature_final"):
+            value = self.kd_option(key)
+            if value is not None and not float(value) > 0.0:
+                raise KDSetupError(f"{key}={value}: must be > 0")
 
     def kd_time_changing_augmentations(self) -> list[str]:
         """Yaml keys of augmentations that would misalign cached targets (see ``augment_rows``)."""

@@ -234,3 +234,10 @@ def test_sentencepiece_students(teacher, tmp_path, model_type):
     else:
         with pytest.raises(VocabMappingError, match="teacher's units are characters and the student's are subwords"):
             make_targets(hparams, tokens)
+
+
+def test_kd_weight_outside_zero_one_is_refused(teacher):
+    brain = _brain(KDRecipe, teacher, augment=False)
+    brain.hparams.kd_weight = 2.0
+    with pytest.raises(KDSetupError, match="kd_weight=2.0: must be between 0 and 1"):
+        _attach(brain)
