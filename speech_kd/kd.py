@@ -71,7 +71,7 @@ _DEFAULTS = {
     "kd_ramp_epochs": 1,
     "kd_loss": "kl",
     "unlabeled_kd_loss": None,
-    "kd_reduction": "frame",
+    "kd_reduction": "auto",
     "kd_topk": None,
     "kd_outputs": None,
     "blank_mode": "none",
@@ -208,7 +208,35 @@ class KDMixin:
     # ---------------------------------------------------------------- options
     def kd_option(self, name: str):
         """A KD setting from the hparams, or its documented default."""
-        return getattr(self.hparams, name, _DEFAULTS[name])
+        value = getattr(self.hparams, name, _DEFAULTS[name])
+        if name == "kd_reduction" and value in (None, "auto"):
+            value = self._kd_auto_reduction()
+        return value
+
+    def _kd_auto_reduction(self) -> str:
+        """``kd_reduction`` matching the scale of the recipe's CTC loss (``auto``, the mixin's default).
+
+        SpeechBrain's ``ctc_loss(reduction="batchmean")`` (the LibriSpeech
+        recipes) sums over frames and averages over utterances: KD summed the
+        same way (``utterance``) mixes like with like. ``reduction="mean"``
+        (its default, e.g. TIMIT) divides by the transcript lengths, the
+        scale of a per-frame mean (``frame``). Found in the hparams'
+        ``!name:speechbrain.nnet.losses.ctc_loss`` entries; none found:
+        ``utterance``.
+        """
+        if getattr(self, "_kd_reduction_found", None) is None:
+            import functools
+
+            reductions = [
+                value.keywords.get("reduction", "mean")
+                for value in vars(self.hparams).values()
+                if isinstance(value, functools.partial) and getattr(value.func, "__name__", "") == "ctc_loss"
+            ]
+            found = "frame" if reductions and reductions[0] == "mean" else "utterance"
+            logger.info("kd_reduction=%s (auto: the recipe's CTC loss has reduction=%s)", found,
+                        reductions[0] if reductions else "not found: batchmean assumed")  # fmt: skip
+            self._kd_reduction_found = found
+        return self._kd_reduction_found
 
     def kd_schedule(self) -> tuple[float, float]:
         """``(kd_weight, temperature)`` for the current epoch."""

@@ -241,3 +241,16 @@ def test_kd_weight_outside_zero_one_is_refused(teacher):
     brain.hparams.kd_weight = 2.0
     with pytest.raises(KDSetupError, match="kd_weight=2.0: must be between 0 and 1"):
         _attach(brain)
+
+
+@pytest.mark.parametrize(
+    ("reduction", "expected"), [("batchmean", "utterance"), ("mean", "frame"), (None, "utterance")]
+)
+def test_kd_reduction_follows_the_recipes_ctc_loss(teacher, reduction, expected):
+    import functools
+
+    extra = {} if reduction is None else {"ctc_cost": functools.partial(sb.nnet.losses.ctc_loss, reduction=reduction)}
+    if reduction == "mean":
+        extra = {"compute_cost": functools.partial(sb.nnet.losses.ctc_loss, blank_index=0)}  # TIMIT: the default
+    brain = _brain(KDRecipe, teacher, augment=False, **extra)
+    assert brain.kd_option("kd_reduction") == expected
