@@ -491,8 +491,7 @@ def build_report(
         reduction = run.setting("kd_reduction") or "utterance"
         page.image("learning_curves.png",
                    plots.learning_curves(history, reduction, teacher_wer=teacher.wer if teacher else None),
-                   "Loss, dev error rates (dashed: the teacher's dev WER, measured before training) and learning "
-                   "rate")  # fmt: skip
+                   "Loss, dev error rates and learning rate")  # fmt: skip (the dashed line: the teacher's dev WER)
         last = history[-1].get("train", {})
         kd_keys = [k for k in ("kd_weight", "temperature", "blank_share", "agreement", "lost_mass") if k in last]
         if kd_keys:
