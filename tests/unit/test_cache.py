@@ -14,7 +14,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from speech_kd import cache as cache_mod
 from speech_kd.audio import read_audio
 from speech_kd.cache import (
     PAD_LOG_PROB,
@@ -26,6 +25,8 @@ from speech_kd.cache import (
     encode,
     write_cache,
 )
+from speech_kd.cache import format as cache_format
+from speech_kd.cache import storage as cache_storage
 from speech_kd.teachers.base import Teacher, TeacherOutput
 
 SR = 16000
@@ -180,7 +181,7 @@ def test_bpe_5000_vocab_stays_small():
     assert bool((err <= bound + 1e-6).all())
     bytes_per_frame = enc.nbytes / len(log_probs)
     utts = [(f"u{i}", encode(log_probs[i * 400 : (i + 1) * 400])) for i in range(10)]
-    shard_bytes = sum(len(piece) for piece in cache_mod._shard_pieces(utts, 5000))
+    shard_bytes = sum(len(piece) for piece in cache_format._shard_pieces(utts, 5000))
     print(f"5000-token vocab: {bytes_per_frame:.2f} payload bytes/frame before runs and compression, "
           f"{shard_bytes / len(log_probs):.2f} in a shard file (fp32 would be 20000)")  # fmt: skip
     assert bytes_per_frame <= 6.0 and shard_bytes / len(log_probs) <= 4.0
@@ -204,14 +205,14 @@ def test_runs_of_certain_frames_take_one_code_and_one_id():
     spike = torch.tensor([[-30.0, 0.0, -30.0, -30.0, -30.0], [-0.4, -1.1, -30.0, -30.0, -30.0]])
     log_probs = torch.cat([blank_run, spike, blank_run[:3]])
     enc = encode(log_probs)
-    codes, ids = cache_mod.to_codes(enc)
+    codes, ids = cache_format.to_codes(enc)
     # 300 blanks = runs of 128 + 128 + 44, one certain 'token 1', one uncertain frame, 3 blanks
     assert codes.tolist() == [255, 255, 127 + 44, 128, 2, 127 + 3]
     assert ids.tolist() == [0, 0, 0, 1, 0, 1, 0]
-    counts, frame_ids = cache_mod.from_codes(codes, ids, len(enc.probs))
+    counts, frame_ids = cache_format.from_codes(codes, ids, len(enc.probs))
     assert np.array_equal(counts, enc.counts) and np.array_equal(frame_ids, enc.ids)
     with pytest.raises(CacheError, match="corrupt entry"):
-        cache_mod.from_codes(codes, ids[:-1], len(enc.probs))
+        cache_format.from_codes(codes, ids[:-1], len(enc.probs))
 
 
 def test_top_k_cap_and_flat_frames():
@@ -233,7 +234,7 @@ def test_roundtrip_random_shapes(case):
     enc = encode(log_probs, top_k=top_k, mass=mass)
     assert enc.num_frames == frames and int(enc.counts.max()) <= min(top_k, vocab)
     assert len(enc.ids) == int(np.maximum(enc.counts, 1).sum()) and len(enc.probs) == int(enc.counts.sum())
-    counts, frame_ids = cache_mod.from_codes(*cache_mod.to_codes(enc), len(enc.probs))
+    counts, frame_ids = cache_format.from_codes(*cache_format.to_codes(enc), len(enc.probs))
     assert np.array_equal(counts, enc.counts) and np.array_equal(frame_ids, enc.ids)
     err, bound = error_and_bound(log_probs, enc)
     assert bool((err <= bound + 1e-6).all())
@@ -419,7 +420,7 @@ def test_recorded_student_tokens_are_checked(corpus, tmp_path):
 
 
 def test_disk_full_removes_temp_and_keeps_finished_shards(corpus, tmp_path, monkeypatch):
-    real = cache_mod._write_pieces
+    real = cache_storage._write_pieces
 
     def fail_second_shard(fh, pieces):
         if "shard-00001" in fh.name:
@@ -427,14 +428,14 @@ def test_disk_full_removes_temp_and_keeps_finished_shards(corpus, tmp_path, monk
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fh, pieces)
 
-    monkeypatch.setattr(cache_mod, "_write_pieces", fail_second_shard)
+    monkeypatch.setattr(cache_storage, "_write_pieces", fail_second_shard)
     out = tmp_path / "full"
     with pytest.raises(CacheError, match="disk full while writing shard-00001.bin"):
         write_cache(FramedTeacher(), corpus, out, shard_utts=3, progress=False)
     assert not list(out.glob("*.tmp*"))
     assert [e["name"] for e in json.loads((out / "shards.json").read_text())["shards"]] == ["shard-00000.bin"]
     assert CacheReader(out, allow_incomplete=True).verify() == []
-    monkeypatch.setattr(cache_mod, "_write_pieces", real)
+    monkeypatch.setattr(cache_storage, "_write_pieces", real)
     teacher = FramedTeacher()
     write_cache(teacher, corpus, out, shard_utts=3, progress=False)
     assert teacher.utterances_run == len(DURATIONS) - 3

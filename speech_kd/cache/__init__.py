@@ -1,0 +1,44 @@
+"""Soft-target cache: run the teacher once, read its posteriors for many epochs.
+
+:func:`write_cache` (``speech-kd cache-targets``) runs a teacher over a CSV
+manifest and stores a compact copy of its frame posteriors, keyed by utterance
+ID; :class:`CacheReader` turns them back into dense log-posteriors for any
+batch. One module per job:
+
+- :mod:`speech_kd.cache.format`: the frame encoding (top-k tokens, one byte per
+  probability, runs of certain frames), its error bound and the shard layout;
+- :mod:`speech_kd.cache.storage`: crash-safe writes (temp file, fsync, rename);
+- :mod:`speech_kd.cache.writer`: the resumable writer and its checks;
+- :mod:`speech_kd.cache.reader`: the memory-mapped reader, several caches read as one.
+"""
+
+from speech_kd.cache.format import (
+    FORMAT_VERSION,
+    PAD_LOG_PROB,
+    CacheError,
+    CacheMissError,
+    EncodedFrames,
+    data_fingerprint,
+    decode,
+    decode_into,
+    encode,
+)
+from speech_kd.cache.reader import CacheReader, CacheUnion, open_cache
+from speech_kd.cache.writer import cache_targets, write_cache
+
+__all__ = [
+    "CacheError",
+    "CacheMissError",
+    "CacheReader",
+    "CacheUnion",
+    "EncodedFrames",
+    "cache_targets",
+    "data_fingerprint",
+    "decode",
+    "decode_into",
+    "encode",
+    "open_cache",
+    "write_cache",
+    "FORMAT_VERSION",
+    "PAD_LOG_PROB",
+]
