@@ -210,15 +210,21 @@ def _export_random(yaml: str, out: Path, tokenizer) -> Path:
     return export_model_folder(hparams, text, tokenizer, out / "model")
 
 
+def build_parser(prog: str = "speech-kd bench") -> argparse.ArgumentParser:
+    """The speed benchmark's options (``speech-kd bench --help``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--json", default=None, help="also write the measured numbers here")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median kept)")
+    parser.add_argument("--batch_size", type=int, default=8, help="utterances per benchmark batch")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu or cuda (default: cuda when available)")  # fmt: skip
+    return parser
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Run every benchmark and print one table (see module docstring)."""
-    parser = argparse.ArgumentParser(prog="speech-kd bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     from speech_kd.dataio import make_tokenizer
     from speech_kd.evaluate import evaluate_model

@@ -6,7 +6,7 @@ differ (``scratch`` is ``--kd_weight=0``). Runs are independent processes
 
 Example (the README's 40-epoch table)::
 
-    python -m speech_kd.bench_kd --data demo_run/corpus --teacher speech_kd/pretrained/teacher_synth \
+    speech-kd bench-kd --data demo_run/corpus --teacher speech_kd/pretrained/teacher_synth \
         --out results/kd_long --epochs 40 --variants scratch kd
 
 With ``--seeds S1 S2 ...`` every variant is trained once per seed (``OUT/seed_S/``) and
@@ -16,7 +16,7 @@ interval over test utterances and seed pairs (:mod:`speech_kd.compare`) and
 another folder's (larger) test split. Finished runs are reused, so the same
 command with more seeds only trains the new ones::
 
-    python -m speech_kd.bench_kd --data data/synth --teacher speech_kd/pretrained/teacher_synth \
+    speech-kd bench-kd --data data/synth --teacher speech_kd/pretrained/teacher_synth \
         --out results/kd3h12 --epochs 12 --seeds 1986 7 3 4 5 6 --test_data data/synth_bigtest
 
 Untranscribed audio (README "Untranscribed audio", ``docs/untranscribed.md``):
@@ -29,7 +29,7 @@ folder of ``--data`` instead (other speakers, say). Every student then trains on
 (``kd_unlabeled_filter`` with ``--unlabeled_min_confidence=--min_confidence``),
 from a second cache::
 
-    python -m speech_kd.bench_kd --data data/synth --teacher speech_kd/pretrained/teacher_synth --out results/unl \
+    speech-kd bench-kd --data data/synth --teacher speech_kd/pretrained/teacher_synth --out results/unl \
         --epochs 12 --seeds 1986 7 --transcribed_fraction 0.1667 \
         --variants scratch kd kd_unlabeled kd_unlabeled_filter
 
@@ -185,21 +185,23 @@ def _run_all(
             bar.close()
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command-line entry point; returns the results dict (with several seeds: ``{"seeds", "mean"}``)."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
+    """The experiment runner's options (``speech-kd bench-kd --help``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--data", required=True, help="LibriSpeech-layout folder with train/dev/test")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="output folder: one run folder per variant, results.md/json")
     parser.add_argument("--teacher", default=None,
                         help="teacher model folder, or A,B,... for an ensemble (default: train one)")  # fmt: skip
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--teacher_epochs", type=int, default=10)
-    parser.add_argument("--student", default="hparams/distill.yaml")
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs of every student")
+    parser.add_argument("--teacher_epochs", type=int, default=10,
+                        help="epochs of the teacher trained when --teacher is not given")  # fmt: skip
+    parser.add_argument("--student", default="hparams/distill.yaml", help="the students' yaml")
     parser.add_argument("--variants", nargs="+", default=["scratch", "kd"],
                         help=f"names among {sorted(VARIANTS)}, each optionally + _online (live teacher) or _sp "
                         "(speed perturbation, live teacher)")  # fmt: skip
-    parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1986)
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (one torch thread each)")
+    parser.add_argument("--seed", type=int, default=1986, help="the seed of a single-seed run")
     parser.add_argument(
         "--seeds",
         type=int,
@@ -224,7 +226,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--min_confidence", type=float, default=0.85,
                         help="unlabeled_min_confidence of the kd_unlabeled_filter variant")  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point; returns the results dict (with several seeds: ``{"seeds", "mean"}``)."""
+    args = build_parser().parse_args(argv)
 
     variants = {name: variant_args(name) for name in args.variants}  # unknown names fail before anything runs
     seeds = args.seeds or [args.seed]

@@ -10,7 +10,8 @@ Commands::
     speech-kd evaluate --asr FOLDER (--csv TEST.csv | --data_folder DIR --split NAME) [--json PATH] [--html PATH]
     speech-kd report RUN_DIR [--compare NAME=FOLDER ...] [--max_utts N] [--no-eval]
     speech-kd compare --teacher T_utts.txt --scratch S_utts.txt ... --kd K_utts.txt ... [--json PATH]
-    speech-kd bench [--json PATH]
+    speech-kd bench [--json PATH]                    speed benchmarks
+    speech-kd bench-kd --data DIR --out DIR ...      experiments: scratch vs KD students over seeds
     speech-kd demo [--out DIR]
 """
 
@@ -126,12 +127,6 @@ def _cmd_compare(args) -> None:
         print(f"wrote {args.json}")
 
 
-def _cmd_bench(args) -> None:
-    from speech_kd.bench import main as bench_main
-
-    bench_main(["--json", args.json] if args.json else [])
-
-
 def _cmd_demo(args) -> None:
     from speech_kd.demo import run_demo
 
@@ -146,29 +141,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="synthesise a LibriSpeech-layout English corpus offline")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="corpus folder to write (train/, dev/, test/ in LibriSpeech layout)")
     hours_help = "hours of training audio, planned from sentence lengths (comes out ~7%% shorter: 0.93 h for 1)"
     p.add_argument("--hours", type=float, default=1.0, help=hours_help)
     p.add_argument("--speakers", type=int, default=100, help="training speakers")
-    p.add_argument("--dev_hours", type=float, default=0.15)
-    p.add_argument("--dev_speakers", type=int, default=10)
-    p.add_argument("--test_hours", type=float, default=0.15)
-    p.add_argument("--test_speakers", type=int, default=10)
+    p.add_argument("--dev_hours", type=float, default=0.15, help="hours of the dev split")
+    p.add_argument("--dev_speakers", type=int, default=10, help="dev speakers (none of them in other splits)")
+    p.add_argument("--test_hours", type=float, default=0.15, help="hours of the test split")
+    p.add_argument("--test_speakers", type=int, default=10, help="test speakers (none of them in other splits)")
     p.add_argument(
         "--untranscribed_hours",
         type=float,
         default=0.0,
         help="hours of an untranscribed split (no .trans.txt; its own speakers, sentences not in dev/test)",
     )
-    p.add_argument("--untranscribed_speakers", type=int, default=50)
+    p.add_argument("--untranscribed_speakers", type=int, default=50, help="speakers of the untranscribed split")
     p.add_argument("--untranscribed_name", default="untranscribed", help="folder name of the untranscribed split")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="the same seed and sizes give the same corpus")
     p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("prepare", help="LibriSpeech-layout folder -> SpeechBrain CSVs")
-    p.add_argument("data_folder")
-    p.add_argument("--save_folder", required=True)
+    p.add_argument("data_folder", help="LibriSpeech-layout folder: one sub-folder per split")
+    p.add_argument("--save_folder", required=True, help="where SPLIT.csv and SPLIT_skipped.csv are written")
     p.add_argument("--splits", nargs="+", default=None, help="split folder names (default: all)")
     unlabeled_help = "untranscribed split folders: every .flac/.wav under each, empty wrd (transcripts ignored)"
     p.add_argument("--unlabeled_splits", nargs="+", default=None, help=unlabeled_help)
@@ -179,22 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr", required=True, help="model folder (EncoderASR-loadable); A,B,... scores their ensemble")
     p.add_argument("--csv", default=None, help="SpeechBrain CSV manifest")
     p.add_argument("--data_folder", default=None, help="LibriSpeech-layout folder (with --split)")
-    p.add_argument("--split", default=None)
+    p.add_argument("--split", default=None, help="split folder under --data_folder (e.g. test-clean)")
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--utts", default=None, help="per-utterance file (default: next to --json)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch_seconds", type=float, default=60.0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch_seconds", type=float, default=60.0, help="seconds of audio per batch")
     p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("cache-targets", help="run a teacher once and store its soft targets")
-    p.add_argument("--teacher", required=True)
-    p.add_argument("--csv", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--top_k", type=int, default=8)
-    p.add_argument("--mass", type=float, default=0.98)
-    p.add_argument("--batch_seconds", type=float, default=120.0)
+    p.add_argument("--teacher", required=True, help="teacher folder (SpeechBrain or Hugging Face); A,B,... an ensemble")
+    p.add_argument("--csv", required=True, help="SpeechBrain CSV manifest of the utterances to cache")
+    p.add_argument("--out", required=True, help="cache folder; an existing one for the same teacher is completed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--top_k", type=int, default=8, help="most tokens stored per frame (at most 127)")
+    p.add_argument("--mass", type=float, default=0.98, help="tokens stored per frame until this probability")
+    p.add_argument("--batch_seconds", type=float, default=120.0, help="seconds of audio per teacher batch")
     p.add_argument("--shard_utts", type=int, default=2000,
                    help="utterances per shard file (an interrupted run redoes at most one shard)")  # fmt: skip
     p.add_argument("--teacher_overrides", default=None,
@@ -203,13 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_cache_targets)
 
     p = sub.add_parser("report", help="HTML/Markdown report of a run folder")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a train or distill output folder")
     p.add_argument("--compare", action="append", metavar="NAME=FOLDER", help="another model folder for the table")
     p.add_argument("--max_utts", type=int, default=200, help="test utterances scored per model (0: all)")
     p.add_argument("--posteriorgrams", type=int, default=3, help="dev utterances drawn as posteriorgrams")
     p.add_argument("--no-eval", dest="no_eval", action="store_true",
                    help="skip scoring (the table shows the run's test_results.json)")  # fmt: skip
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("compare", help="share of the teacher gap KD closes, with a bootstrap interval")
@@ -217,21 +212,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scratch", required=True, nargs="+", help="scratch students' files, one per seed")
     p.add_argument("--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order")
     p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_cmd_compare)
 
-    p = sub.add_parser("bench", help="speed benchmarks (ratios measured side by side)")
-    p.add_argument("--json", default=None)
-    p.set_defaults(func=_cmd_bench)
+    # these four have their own parsers (see main): listed here for speech-kd --help
+    sub.add_parser("bench", help="speed benchmarks (ratios measured side by side): speech-kd bench --help")
+    sub.add_parser(
+        "bench-kd", help="experiments: teacher vs scratch and KD students over seeds: speech-kd bench-kd --help"
+    )
 
     p = sub.add_parser("demo", help="synthesise, distil and evaluate end to end, offline")
-    p.add_argument("--out", default="demo_run")
+    p.add_argument("--out", default="demo_run", help="output folder (corpus, runs, results.md)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, minutes)")
     p.set_defaults(func=_cmd_demo)
 
     sub.add_parser("train", help="train a CTC model: speech-kd train HPARAMS.yaml --key=value ...")
     sub.add_parser("distill", help="distil a student: speech-kd distill HPARAMS.yaml --teacher_source=DIR ...")
     return parser
+
+
+def all_parsers() -> dict[str, argparse.ArgumentParser]:
+    """Every verb's parser, by verb (``train``/``distill`` take a yaml: SpeechBrain's own syntax); for the docs."""
+    from speech_kd.bench import build_parser as bench_parser
+    from speech_kd.bench_kd import build_parser as bench_kd_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parsers = {name: p for name, p in sub.choices.items() if name not in ("bench", "bench-kd", "train", "distill")}
+    parsers["bench"], parsers["bench-kd"] = bench_parser(), bench_kd_parser()
+    return parsers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         from speech_kd.bench import main as bench_main
 
         bench_main(argv[1:])
+        return 0
+    if argv and argv[0] == "bench-kd":
+        from speech_kd.bench_kd import main as bench_kd_main
+
+        bench_kd_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
     args.func(args)
