@@ -27,6 +27,10 @@ Brains of this package call it, so a recipe's yaml may keep SpeechBrain's class.
 also call) checkpoints the random number generators, so a resumed run draws
 the same dropout masks, SpecAugment masks and speed factors as the run it
 continues and ends with the same weights as an uninterrupted one.
+
+:class:`FolderLock` keeps one writer per output or cache folder: a ``.lock``
+file holding the writer's host and PID, taken over (with a message) when that
+process is gone, so a killed run never leaves a folder stuck.
 """
 
 from __future__ import annotations
@@ -50,13 +54,115 @@ from speechbrain.utils.checkpoints import (
 )
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
-__all__ = ["AtomicCheckpointer", "PARTIAL_META", "RandomStates", "add_random_states", "make_atomic",
-           "unreadable_files"]  # fmt: skip
+__all__ = ["AtomicCheckpointer", "FolderLock", "FolderLockedError", "PARTIAL_META", "RandomStates",
+           "add_random_states", "make_atomic", "unreadable_files"]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 PARTIAL_META = METAFNAME + ".partial"
 _ZIP_MAGIC = b"PK\x03\x04"
+LOCK_NAME = ".lock"
+
+
+class FolderLockedError(ValueError):
+    """Another live process is writing into the folder."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+class FolderLock:
+    """One writer per folder: ``FOLDER/.lock`` holds ``HOST PID`` while a run writes there.
+
+    Taken with ``O_CREAT | O_EXCL``. A lock whose process no longer runs on
+    this host (a killed run) is taken over with a warning; a live one raises
+    :class:`FolderLockedError` naming its PID. A lock written on another host
+    (a shared file system) is honoured unless it is older than ``stale_hours``.
+    Released when the ``with`` block (or :meth:`release`) ends; the process
+    exiting without release leaves a lock the next run takes over.
+
+    Parameters
+    ----------
+    folder : path-like
+        The folder to guard (created if missing).
+    what : str
+        How errors name the user's command (e.g. ``"output folder"``).
+    stale_hours : float
+        Age after which another host's lock is treated as stale.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str = "folder", stale_hours: float = 72.0) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.what = what
+        self.stale_hours = stale_hours
+        self.held = False
+
+    def _owner(self) -> tuple[str, int] | None:
+        try:
+            host, _, pid = self.path.read_text().strip().partition(" ")
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None
+
+    def acquire(self) -> FolderLock:
+        """Take the lock or raise :class:`FolderLockedError`; return ``self``."""
+        import socket
+        import time
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        me = f"{socket.gethostname()} {os.getpid()}\n"
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner[1] == os.getpid() and owner[0] == socket.gethostname():
+                    return self  # this process holds it already (an outer caller): not ours to release
+                if owner is not None:
+                    host, pid = owner
+                    same_host = host == socket.gethostname()
+                    try:
+                        age_h = (time.time() - self.path.stat().st_mtime) / 3600
+                    except OSError:
+                        continue  # released meanwhile: try again
+                    if (same_host and _process_alive(pid)) or (not same_host and age_h < self.stale_hours):
+                        raise FolderLockedError(
+                            f"{self.folder}: another run (PID {pid} on {host}) is writing this {self.what} "
+                            f"({self.path}); wait for it, or use another folder"
+                        ) from None
+                    logger.warning("%s: taking over the lock of PID %d on %s, which is no longer running",
+                                   self.folder, pid, host)  # fmt: skip
+                else:
+                    logger.warning("%s: taking over an unreadable lock file %s", self.folder, self.path)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me)
+            self.held = True
+            return self
+        raise FolderLockedError(f"{self.folder}: could not take the lock {self.path} (another run keeps taking it)")
+
+    def release(self) -> None:
+        """Remove the lock file if this process holds it."""
+        import socket
+
+        if self.held and self._owner() == (socket.gethostname(), os.getpid()):
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def unreadable_files(folder: str | Path) -> dict[str, str]:

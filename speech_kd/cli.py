@@ -100,6 +100,7 @@ def _cmd_cache_targets(args) -> None:
     summary = cache_targets(
         args.teacher, args.csv, args.out, device=args.device, top_k=args.top_k, mass=args.mass,
         batch_seconds=args.batch_seconds, shard_utts=args.shard_utts, teacher_overrides=overrides,
+        max_duration=args.max_duration,
     )  # fmt: skip
     print(json.dumps(summary, indent=2))
 
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top_k", type=int, default=8, help="most tokens stored per frame (at most 127)")
     p.add_argument("--mass", type=float, default=0.98, help="tokens stored per frame until this probability")
     p.add_argument("--batch_seconds", type=float, default=120.0, help="seconds of audio per teacher batch")
+    p.add_argument("--max_duration", type=float, default=60.0,
+                   help="skip utterances longer than this (seconds; a warning names each); 0: no limit")  # fmt: skip
     p.add_argument("--shard_utts", type=int, default=2000,
                    help="utterances per shard file (an interrupted run redoes at most one shard)")  # fmt: skip
     p.add_argument("--teacher_overrides", default=None,

@@ -31,6 +31,7 @@ __all__ = [
     "make_tokenizer",
     "token_strings",
     "merge_csvs",
+    "read_csv_rows",
     "ctc_min_frames",
     "load_dataset",
     "collate_readable",
@@ -98,6 +99,83 @@ def token_strings(tokenizer) -> list[str]:
         f"unsupported tokenizer type {type(tokenizer).__name__}: pass a CTCTextEncoder, SpeechBrain's SentencePiece, "
         "a sentencepiece processor, or the list of token strings in index order"
     )
+
+
+def read_csv_rows(csv_path: str | os.PathLike, required: tuple[str, ...] = ("ID", "duration", "wav")) -> list[dict]:
+    r"""Rows of a SpeechBrain CSV manifest, checked: every problem is a ``ValueError`` naming the file (and row).
+
+    A UTF-8 byte-order mark is ignored. Refused: text that is not UTF-8, a
+    malformed CSV, a header without one of the ``required`` columns, a row
+    with fewer fields than the header or an empty ``ID``, and a ``duration``
+    (when the file has that column) that is not a finite, non-negative number
+    of seconds.
+
+    Parameters
+    ----------
+    csv_path : path-like
+        The manifest.
+    required : tuple of str
+        Columns that must be in the header.
+
+    Returns
+    -------
+    list of dict
+        One dict per data row (column -> text), blank lines left out.
+
+    Raises
+    ------
+    ValueError
+        What is wrong and where (``FILE: row N (ID): ...``); ``OSError`` for a file that cannot be opened.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "m.csv"
+    >>> _ = path.write_text("ID,duration,wav\na,1.5,a.wav\nb,long,b.wav\n")
+    >>> read_csv_rows(path)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ...m.csv: row 3 (b): duration 'long' is not a number of seconds
+    """
+    rows: list[dict] = []
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            header = [str(name) for name in (reader.fieldnames or [])]
+            missing = [col for col in required if col not in header]
+            if missing:
+                shown = ",".join(header)[:200] if header else "empty file"
+                raise ValueError(f"{csv_path}: no column(s) {', '.join(missing)} in the header ({shown}); a "
+                                 f"manifest needs {','.join(required)}")  # fmt: skip
+            for row in reader:
+                line = reader.line_num
+                if None in row:
+                    raise ValueError(f"{csv_path}: row {line} has more fields than the header")
+                if not any((value or "").strip() for value in row.values()):
+                    continue
+                if any(value is None for value in row.values()):
+                    raise ValueError(f"{csv_path}: row {line} has fewer fields than the header ({len(header)})")
+                uid = row.get("ID")
+                if "ID" in header and not (uid or "").strip():
+                    raise ValueError(f"{csv_path}: row {line}: empty ID")
+                if "duration" in header:
+                    _check_duration(row["duration"], f"{csv_path}: row {line} ({uid})")
+                rows.append(row)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{csv_path}: not UTF-8 text ({err})") from err
+    except csv.Error as err:
+        raise ValueError(f"{csv_path}: not a readable CSV ({err})") from err
+    return rows
+
+
+def _check_duration(value: str, where: str) -> float:
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: duration {value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{where}: duration {value!r} is not a number of seconds")
+    return seconds
 
 
 def merge_csvs(csv_files: list[str], out_csv: str | os.PathLike) -> str:

@@ -68,7 +68,7 @@ Layout of ``CACHE_DIR``
     ``scheme`` (``top_k``, ``mass``, ``prob_levels`` 255, ``id_dtype``,
     ``residual_floor``, ``certain``, ``max_run``, ``block_utts``,
     ``compression``), ``student_tokens`` (or null), ``data_fingerprint``
-    (:func:`data_fingerprint` of the manifest's IDs and durations), ``csv``,
+    (:func:`data_fingerprint` of the IDs and durations of the manifest last written from), ``csv``,
     ``utterances``, ``frames`` (null until complete), ``complete``,
     ``created`` and ``completed`` (ISO times).
 ``shards.json``
@@ -80,16 +80,19 @@ Layout of ``CACHE_DIR``
     little-endian ``uint64`` header length, the header (zlib-compressed
     UTF-8 JSON), then the compressed blocks back to back. The header holds
     ``frames``, ``id_dtype``, ``blocks`` (``[offset, bytes]`` of each block,
-    the offset counted from the end of the header) and ``utts``: ``[utt_id, block, num_frames, codes, ids, probs]``
-    rows, the last three being the utterance's lengths in each stream of its
-    block (utterances appear in a block in the order of the rows).
+    the offset counted from the end of the header) and ``utts``: ``[utt_id, block, num_frames, codes, ids, probs,
+    duration, audio_bytes]`` rows, ``codes, ids, probs`` being the utterance's lengths in each stream of its
+    block (utterances appear in a block in the order of the rows) and the last two what it was computed from
+    (the manifest's duration and the audio file's size; absent in caches written before they were recorded).
 
 Reading memory-maps the shard and decompresses one block (16 utterances,
 tens of microseconds) per utterance asked for; the last 64 decoded blocks of
 each process are kept. Writing is atomic (temporary name, fsync,
 ``os.replace``) and resumable: a rerun skips the utterances of listed shards
 whose size and sha256 still match, and refuses a folder made for another
-teacher, data or scheme. One writer per folder at a time.
+teacher or scheme, or holding other audio (duration or file size) under an ID
+of the manifest; utterances no longer in the manifest are kept. One writer per
+folder at a time (``.lock``, :mod:`speech_kd.checkpoints`).
 """
 
 from __future__ import annotations
@@ -129,7 +132,7 @@ _TINY = 1e-30  # probabilities are clamped here before a log
 #: meta.json keys that must agree before a rerun may add to a folder
 _IDENTITY_KEYS = (
     "format_version", "teacher_fingerprint", "teacher_tokens", "blank_index", "frame_shift", "sample_rate",
-    "scheme", "student_tokens", "data_fingerprint",
+    "scheme", "student_tokens",
 )  # fmt: skip
 
 
@@ -355,6 +358,34 @@ def data_fingerprint(ids_and_durations: Iterable[tuple[str, float]]) -> str:
     return digest.hexdigest()[:16]
 
 
+def utt_data_differs(cached: tuple[float, int] | None, given: tuple[float, int]) -> bool:
+    """Whether a cached utterance's ``(duration, audio bytes)`` is not the one ``given`` under the same ID.
+
+    Durations are compared to the millisecond (manifests store three
+    decimals); a size of ``-1`` (the file could not be looked at) matches any
+    size. An utterance cached before these records existed (``None``) never differs.
+
+    Examples
+    --------
+    >>> utt_data_differs((2.5, 1000), (2.5004, 1000)), utt_data_differs((2.5, 1000), (2.5, 1200))
+    (False, True)
+    """
+    if cached is None:
+        return False
+    if abs(float(cached[0]) - float(given[0])) > 0.0015:
+        return True
+    return -1 not in (int(cached[1]), int(given[1])) and int(cached[1]) != int(given[1])
+
+
+def describe_data_differences(diffs: list[tuple[str, tuple[float, int], tuple[float, int]]], given: str) -> str:
+    """``N utterance(s) ...: ID (cache 2.100 s 33644 bytes != GIVEN 3.000 s 48044 bytes), ...`` (first five)."""
+    shown = ", ".join(
+        f"{uid} (cache {c[0]:.3f} s {c[1]} bytes != {given} {g[0]:.3f} s {g[1]} bytes)" for uid, c, g in diffs[:5]
+    )
+    more = ", ..." if len(diffs) > 5 else ""
+    return f"{len(diffs)} utterance(s) with other audio under the same ID: {shown}{more}"
+
+
 def _compress(data: bytes) -> bytes:
     """A block or a shard header in zlib format: DEFLATE plus an Adler-32 checksum, so damage is caught when read."""
     return zlib.compress(data, 9)
@@ -369,15 +400,25 @@ def _decompress(data: bytes | memoryview, where: str) -> bytes:
         ) from err
 
 
-def _shard_pieces(utts: list[tuple[str, EncodedFrames]], vocab_size: int) -> list[bytes]:
-    """The bytes of one shard file holding ``utts`` (layout in the module docstring)."""
+def _shard_pieces(
+    utts: list[tuple[str, EncodedFrames]], vocab_size: int, data: dict[str, tuple[float, int]] | None = None
+) -> list[bytes]:
+    """The bytes of one shard file holding ``utts`` (layout in the module docstring).
+
+    ``data`` maps an utterance ID to the ``(duration, audio file bytes)`` it
+    was computed from, appended to its header row (:func:`utt_data_differs`).
+    """
     dtype = id_dtype(vocab_size).newbyteorder("<")
     rows, blocks = [], []
+    data = data or {}
     for first in range(0, len(utts), BLOCK_UTTS):
         streams: tuple[list, list, list] = ([], [], [])
         for uid, enc in utts[first : first + BLOCK_UTTS]:
             codes, ids = to_codes(enc)
-            rows.append([uid, len(blocks), enc.num_frames, len(codes), len(ids), len(enc.probs)])
+            row = [uid, len(blocks), enc.num_frames, len(codes), len(ids), len(enc.probs)]
+            if uid in data:
+                row += [round(float(data[uid][0]), 3), int(data[uid][1])]
+            rows.append(row)
             for stream, part in zip(streams, (codes, ids.astype(dtype), enc.probs)):
                 stream.append(part.tobytes())
         blocks.append(_compress(b"".join(b"".join(stream) for stream in streams)))

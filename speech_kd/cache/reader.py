@@ -86,6 +86,7 @@ class CacheReader:
         self.vocab_size = len(self._meta["teacher_tokens"])
         self.blank_index = int(self._meta["blank_index"])
         self._index: dict[str, _Where] | None = None
+        self._data: dict[str, tuple[float, int]] = {}
         self._layout: list[dict] = []
         self._maps: dict[int, np.ndarray] = {}
         self._blocks: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
@@ -125,10 +126,18 @@ class CacheReader:
         """Teacher frames stored for ``utt_id``."""
         return self._locate([utt_id])[0].frames
 
+    def utt_data(self) -> dict[str, tuple[float, int]]:
+        """ID -> ``(duration, audio file bytes)`` each stored utterance was computed from.
+
+        Caches written before these were recorded have none (an empty dict).
+        """
+        self._where()
+        return dict(self._data)
+
     def _where(self) -> dict[str, _Where]:
         """utt_id -> location, built from the shard headers on first use."""
         if self._index is None:
-            index, layout = {}, []
+            index, layout, data = {}, [], {}
             for number, entry in enumerate(self._entries):
                 path = self.out_dir / entry["name"]
                 size = path.stat().st_size if path.exists() else -1
@@ -140,7 +149,9 @@ class CacheReader:
                 header = _read_shard_header(path)
                 dtype = np.dtype(header["id_dtype"]).newbyteorder("<")
                 totals = np.zeros((len(header["blocks"]), 3), dtype=np.int64)  # codes, ids, probs per block
-                for uid, block, frames, n_codes, n_ids, n_probs in header["utts"]:
+                for uid, block, frames, n_codes, n_ids, n_probs, *source in header["utts"]:
+                    if len(source) >= 2:
+                        data[uid] = (float(source[0]), int(source[1]))
                     c, i, p = totals[block]
                     index[uid] = _Where(number, block, frames, slice(c, c + n_codes), slice(i, i + n_ids),
                                         slice(p, p + n_probs))  # fmt: skip
@@ -148,7 +159,7 @@ class CacheReader:
                 start = len(SHARD_MAGIC) + 8 + header["header_bytes"]
                 blocks = [(start + offset, size) for offset, size in header["blocks"]]
                 layout.append({"blocks": blocks, "totals": totals, "dtype": dtype})
-            self._index, self._layout = index, layout
+            self._index, self._layout, self._data = index, layout, data
         return self._index
 
     def _block(self, shard: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -302,6 +313,13 @@ class CacheUnion:
         meta = self.readers[0].metadata
         meta["csv"] = ", ".join(str(r.metadata.get("csv")) for r in self.readers)
         return meta
+
+    def utt_data(self) -> dict[str, tuple[float, int]]:
+        """:meth:`CacheReader.utt_data` of the cache each ID is read from."""
+        out: dict[str, tuple[float, int]] = {}
+        for reader in reversed(self.readers):  # the first cache listed wins
+            out.update(reader.utt_data())
+        return out
 
     @property
     def ids(self) -> set[str]:

@@ -81,7 +81,8 @@ def _read_json(path: Path) -> dict:
 
 
 def _dir_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    """Bytes of the cache's files (the writer's ``.lock`` left out)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != ".lock")
 
 
 def _now() -> str:

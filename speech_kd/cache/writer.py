@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import logging
 import os
@@ -30,10 +29,13 @@ from speech_kd.cache.format import (
     _read_shard_header,
     _shard_pieces,
     data_fingerprint,
+    describe_data_differences,
     encode,
     id_dtype,
+    utt_data_differs,
 )
 from speech_kd.cache.storage import _dir_bytes, _file_sha256, _now, _read_json, _write_atomic, _write_json
+from speech_kd.checkpoints import LOCK_NAME, FolderLock
 from speech_kd.teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
@@ -67,21 +69,39 @@ def _differences(cached: dict, wanted: dict) -> list[str]:
 # --------------------------------------------------------------------------- writing
 
 
+#: default longest utterance cache-targets runs the teacher on (seconds); longer ones are skipped with a warning
+MAX_DURATION = 60.0
+
+
 @dataclass(frozen=True)
 class _Utt:
     uid: str
     duration: float
     wav: str
+    bytes: int = -1
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Size in bytes of the file ``path`` points to (links followed), ``-1`` when it cannot be looked at."""
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
 
 
 def _read_manifest(csv_path: str | os.PathLike) -> list[_Utt]:
-    """Utterances of a SpeechBrain CSV (``ID``, ``duration``, ``wav``), checked for duplicates."""
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = {"ID", "duration", "wav"} - set(reader.fieldnames or [])
-        if missing:
-            raise CacheError(f"{csv_path}: missing column(s) {sorted(missing)}")
-        utts = [_Utt(row["ID"], float(row["duration"]), row["wav"]) for row in reader]
+    """Utterances of a SpeechBrain CSV (``ID``, ``duration``, ``wav``), checked for duplicates.
+
+    Raises :class:`CacheError` naming the file (and row) for a missing
+    column, a duration that is not a number, or duplicate IDs.
+    """
+    from speech_kd.dataio import read_csv_rows
+
+    try:
+        rows = read_csv_rows(csv_path, required=("ID", "duration", "wav"))
+    except ValueError as err:
+        raise CacheError(str(err)) from err
+    utts = [_Utt(row["ID"], float(row["duration"]), row["wav"], file_size(row["wav"])) for row in rows]
     if not utts:
         raise CacheError(f"{csv_path}: no utterances")
     dups = sorted(uid for uid, n in Counter(u.uid for u in utts).items() if n > 1)
@@ -122,11 +142,15 @@ def _new_meta(teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: fl
 
 
 def _open_out_dir(out_dir: Path, meta: dict) -> dict:
-    """Create ``out_dir`` or check that it holds a cache of the same inputs; return the meta to keep."""
+    """Create ``out_dir`` or check that it holds a cache of the same teacher and scheme; return the meta to keep.
+
+    The data is checked per utterance (:func:`_check_stored_data`), so a
+    manifest that gained or lost rows resumes.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / META_NAME
     if not meta_path.exists():
-        others = [p.name for p in out_dir.iterdir() if ".tmp." not in p.name]
+        others = [p.name for p in out_dir.iterdir() if ".tmp." not in p.name and p.name != LOCK_NAME]
         if others:
             raise CacheError(
                 f"{out_dir} is not empty and holds no cache {META_NAME} (found {others[:5]}); "
@@ -142,12 +166,26 @@ def _open_out_dir(out_dir: Path, meta: dict) -> dict:
             + "; ".join(diffs)
             + ". Use another folder, or delete this one to rebuild it."
         )
+    old.update(csv=meta["csv"], data_fingerprint=meta["data_fingerprint"])  # the manifest this run writes from
     return old
 
 
-def _verified_shards(out_dir: Path, entries: list[dict]) -> tuple[list[dict], set[str]]:
-    """Listed shards whose size and sha256 still match, and the utterance IDs they hold."""
-    good, done = [], set()
+def _check_stored_data(out_dir: Path, utts: list[_Utt], done: dict[str, tuple[float, int] | None], csv_path) -> None:
+    """Raise :class:`CacheError` naming the IDs whose stored targets were computed from other audio than the CSV's."""
+    diffs = [(u.uid, done[u.uid], (u.duration, u.bytes)) for u in utts
+             if u.uid in done and utt_data_differs(done[u.uid], (u.duration, u.bytes))]  # fmt: skip
+    if diffs:
+        raise CacheError(
+            f"{out_dir} holds targets of other audio than {csv_path}: "
+            + describe_data_differences(diffs, "csv")
+            + ". A cache holds one audio per ID: use another folder, or delete this one to rebuild it."
+        )
+
+
+def _verified_shards(out_dir: Path, entries: list[dict]) -> tuple[list[dict], dict[str, tuple[float, int] | None]]:
+    """Listed shards whose size and sha256 still match, and the utterances they hold (ID -> duration, bytes)."""
+    good: list[dict] = []
+    done: dict[str, tuple[float, int] | None] = {}
     for entry in entries:
         path = out_dir / entry["name"]
         problem = _shard_problem(path, entry)
@@ -156,7 +194,8 @@ def _verified_shards(out_dir: Path, entries: list[dict]) -> tuple[list[dict], se
             path.unlink(missing_ok=True)
             continue
         good.append(entry)
-        done.update(row[0] for row in _read_shard_header(path)["utts"])
+        for row in _read_shard_header(path)["utts"]:
+            done[row[0]] = (float(row[6]), int(row[7])) if len(row) >= 8 else None
     return good, done
 
 
@@ -213,10 +252,13 @@ def _encode_batch(teacher: Teacher, batch: list[_Utt], device: str, top_k: int, 
     return [encode(out.log_probs[i, : int(out.lengths[i])], top_k, mass) for i in range(len(batch))]
 
 
-def _write_shard(out_dir: Path, number: int, utts: list[tuple[str, EncodedFrames]], vocab_size: int) -> dict:
+def _write_shard(
+    out_dir: Path, number: int, utts: list[tuple[str, EncodedFrames]], vocab_size: int,
+    data: dict[str, tuple[float, int]] | None = None,
+) -> dict:  # fmt: skip
     """Write one shard atomically and return its ``shards.json`` entry."""
     path = out_dir / SHARD_PATTERN.format(number)
-    pieces = _shard_pieces(utts, vocab_size)
+    pieces = _shard_pieces(utts, vocab_size, data)
     _write_atomic(path, pieces)
     digest = hashlib.sha256()
     for piece in pieces:
@@ -249,6 +291,7 @@ def write_cache(
     device: str = "cpu",
     student_tokens: Sequence[str] | None = None,
     progress: bool = True,
+    max_duration: float | None = MAX_DURATION,
 ) -> dict:
     """Run ``teacher`` once over a manifest and store its soft targets in ``out_dir``.
 
@@ -273,6 +316,10 @@ def write_cache(
         Recorded in ``meta.json`` so readers can check what the cache was made for.
     progress : bool
         Show a tqdm progress bar.
+    max_duration : float, optional
+        Utterances longer than this (seconds, by the manifest) are skipped
+        with a warning naming each file, so one long recording cannot
+        exhaust memory; ``None`` or 0: no limit.
 
     Returns
     -------
@@ -287,13 +334,34 @@ def write_cache(
         raise CacheError(f"shard_utts ({shard_utts}) and batch_seconds ({batch_seconds}) must be positive")
     out_dir = Path(out_dir)
     utts = sorted(_read_manifest(csv_path), key=lambda u: (u.duration, u.uid))
+    if max_duration:
+        too_long = [u for u in utts if u.duration > max_duration]
+        for utt in too_long:
+            logger.warning("cache: skipping %s (%s): %.1f s, longer than max_duration=%.1f s", utt.uid, utt.wav,
+                           utt.duration, max_duration)  # fmt: skip
+        utts = [u for u in utts if u.duration <= max_duration]
+        if not utts:
+            raise CacheError(f"{csv_path}: every utterance is longer than max_duration={max_duration} s")
+    with FolderLock(out_dir, "cache folder"):
+        return _write_locked(teacher, csv_path, out_dir, utts, start, batch_seconds, shard_utts, top_k, mass, device,
+                             student_tokens, progress)  # fmt: skip
+
+
+def _write_locked(
+    teacher: Teacher, csv_path, out_dir: Path, utts: list[_Utt], start: float, batch_seconds: float,
+    shard_utts: int, top_k: int, mass: float, device: str, student_tokens, progress: bool,
+) -> dict:  # fmt: skip
+    """:func:`write_cache`'s work, under the folder's lock."""
     meta = _open_out_dir(out_dir, _new_meta(teacher, utts, csv_path, top_k, mass, student_tokens))
     entries = _read_json(out_dir / MANIFEST_NAME)["shards"] if (out_dir / MANIFEST_NAME).exists() else []
     _remove_leftovers(out_dir, {e["name"] for e in entries})
     entries, done = _verified_shards(out_dir, entries)
+    _check_stored_data(out_dir, utts, done, csv_path)
     todo = [u for u in utts if u.uid not in done]
     if done:
-        logger.info("cache %s: resuming, %d of %d utterances already stored", out_dir, len(done), len(utts))
+        wanted = sum(1 for u in utts if u.uid in done)
+        logger.info("cache %s: resuming, %d of %d utterances already stored (%d stored in all)", out_dir, wanted,
+                    len(utts), len(done))  # fmt: skip
     teacher.to(device)
     next_number = 1 + max((int(e["name"][6:11]) for e in entries), default=-1)
     with _progress(len(todo), progress) as bar:
@@ -302,14 +370,16 @@ def write_cache(
             for batch in _batches(chunk, batch_seconds):
                 stored += zip((u.uid for u in batch), _encode_batch(teacher, batch, device, top_k, mass))
                 bar.update(len(batch))
-            entries.append(_write_shard(out_dir, next_number, stored, len(teacher.tokens)))
+            data = {u.uid: (u.duration, u.bytes) for u in chunk}
+            entries.append(_write_shard(out_dir, next_number, stored, len(teacher.tokens), data))
             next_number += 1
             _save_manifest(out_dir, entries)
     _save_manifest(out_dir, entries)
     frames = sum(e["frames"] for e in entries)
-    meta.update(frames=frames, complete=True, completed=meta.get("completed") or _now())
+    meta.update(frames=frames, complete=True, completed=meta.get("completed") or _now(),
+                utterances=sum(e["utterances"] for e in entries))  # fmt: skip
     _write_json(out_dir / META_NAME, meta)
-    return _summary(out_dir, meta, entries, len(todo), len(done), time.monotonic() - start)
+    return _summary(out_dir, meta, entries, len(todo), len(utts) - len(todo), time.monotonic() - start)
 
 
 def _summary(out_dir: Path, meta: dict, entries: list[dict], ran: int, reused: int, seconds: float) -> dict:

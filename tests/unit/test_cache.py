@@ -384,14 +384,81 @@ def test_other_teacher_or_data_into_the_same_folder_is_refused(corpus, cache_cop
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with pytest.raises(CacheError, match="data fingerprint"):
-        write_cache(FramedTeacher(), fewer, cache_copy, progress=False)
     with pytest.raises(CacheError, match="scheme"):
         write_cache(FramedTeacher(), corpus, cache_copy, top_k=4, progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(CacheError, match="not empty"):
         write_cache(FramedTeacher(), corpus, tmp_path / "other", progress=False)
+
+
+def _write_rows(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_manifest_that_lost_rows_resumes_and_keeps_every_shard(corpus, cache_copy, tmp_path):
+    """Issue 16: a row deleted from the manifest (a bad file) resumes; nothing stored is lost."""
+    before = {p.name: p.read_bytes() for p in cache_copy.glob("shard-*.bin")}
+    rows = manifest_rows(corpus)
+    fewer = _write_rows(tmp_path / "fewer.csv", rows[:4] + rows[5:])
+    teacher = FramedTeacher()
+    summary = write_cache(teacher, fewer, cache_copy, progress=False)
+    assert teacher.utterances_run == 0 and summary["reused_utterances"] == len(rows) - 1
+    assert {p.name: p.read_bytes() for p in cache_copy.glob("shard-*.bin")} == before
+    reader = CacheReader(cache_copy)
+    assert reader.ids == {r["ID"] for r in rows} and reader.metadata["csv"] == str(fewer)
+    assert not (cache_copy / ".lock").exists()
+
+
+def test_other_audio_under_a_cached_id_is_refused_naming_it(corpus, cache_copy, tmp_path):
+    rows = manifest_rows(corpus)
+    longer = [dict(r) for r in rows]
+    longer[2]["duration"] = f"{float(rows[2]['duration']) + 1:.3f}"
+    with pytest.raises(CacheError, match=rf"1 utterance\(s\) with other audio under the same ID: {rows[2]['ID']} "):
+        write_cache(FramedTeacher(), _write_rows(tmp_path / "longer.csv", longer), cache_copy, progress=False)
+    swapped = [dict(r) for r in rows]
+    swapped[3]["wav"] = rows[7]["wav"]  # same duration written, another (bigger) file
+    with pytest.raises(CacheError, match=rf"{rows[3]['ID']} \(cache .* bytes != csv .* bytes\)"):
+        write_cache(FramedTeacher(), _write_rows(tmp_path / "swapped.csv", swapped), cache_copy, progress=False)
+
+
+def test_second_writer_is_refused_and_a_dead_ones_lock_taken_over(corpus, cache_copy, tmp_path, caplog):
+    import socket
+    import subprocess
+
+    lock = cache_copy / ".lock"
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        lock.write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        with pytest.raises(ValueError, match=f"another run \\(PID {sleeper.pid} on "):
+            write_cache(FramedTeacher(), corpus, cache_copy, progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    write_cache(FramedTeacher(), corpus, cache_copy, progress=False)  # its process is gone: taken over
+    assert f"taking over the lock of PID {sleeper.pid}" in caplog.text and not lock.exists()
+
+
+def test_longer_than_max_duration_is_skipped_naming_the_file(corpus, tmp_path, caplog):
+    summary = write_cache(FramedTeacher(), corpus, tmp_path / "c", max_duration=8.0, progress=False)
+    assert summary["utterances"] == len(DURATIONS) - 1
+    long_row = next(r for r in manifest_rows(corpus) if float(r["duration"]) > 8.0)
+    assert f"skipping {long_row['ID']} ({long_row['wav']}): 9.0 s, longer than max_duration=8.0 s" in caplog.text
+
+
+def test_manifest_errors_name_file_and_row(tmp_path):
+    no_duration = tmp_path / "a.csv"
+    no_duration.write_text("ID,wav\nx,x.wav\n")
+    with pytest.raises(CacheError, match=r"a.csv: no column\(s\) duration in the header \(ID,wav\)"):
+        write_cache(FramedTeacher(), no_duration, tmp_path / "c", progress=False)
+    bad = tmp_path / "b.csv"
+    bad.write_text("ID,duration,wav\nx,1.0,x.wav\ny,1.2s,y.wav\n")
+    with pytest.raises(CacheError, match=r"b.csv: row 3 \(y\): duration '1.2s' is not a number of seconds"):
+        write_cache(FramedTeacher(), bad, tmp_path / "c", progress=False)
 
 
 def test_check_compatible_says_what_differs(built, corpus):
