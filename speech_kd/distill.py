@@ -104,6 +104,41 @@ def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
         )
 
 
+def check_cache_data(reader, datasets: list, cache_dir) -> None:
+    """Raise :class:`~speech_kd.cache.CacheError` naming the IDs whose cached targets were made from other audio.
+
+    Compared per utterance: the duration in the run's manifest and the size
+    of its audio file against what the cache recorded under the same ID
+    (:func:`~speech_kd.cache.format.utt_data_differs`). A cache holding more
+    utterances than the run uses is fine. A cache written before these
+    records existed is used with a warning (its data cannot be checked).
+    """
+    from speech_kd.cache import CacheError
+    from speech_kd.cache.format import describe_data_differences, utt_data_differs
+    from speech_kd.cache.writer import file_size
+
+    cached = reader.utt_data()
+    if not cached:
+        logger.warning("--targets_cache=%s: made before caches recorded each utterance's duration and file size, "
+                       "so whether it holds this run's audio cannot be checked; rebuild it to get the check",
+                       cache_dir)  # fmt: skip
+        return
+    diffs = []
+    for dataset in datasets:
+        for uid in [] if dataset is None else dataset.data_ids:
+            row = dataset.data[uid]
+            if uid in cached:
+                given = (float(row["duration"]), file_size(row["wav"]))
+                if utt_data_differs(cached[uid], given):
+                    diffs.append((uid, cached[uid], given))
+    if diffs:
+        raise CacheError(
+            f"--targets_cache={cache_dir}: cache made from {reader.metadata.get('csv')} holds other audio than this "
+            f"run's: {describe_data_differences(diffs, 'run')}; make a cache of this run's train.csv in a new folder "
+            "(speech-kd cache-targets --csv OUTPUT/train.csv --out NEW_CACHE)"
+        )
+
+
 def _absolute_if_local(source: str) -> str:
     """``source`` made absolute when it names an existing local path; anything else (a hub ID) as given."""
     path = Path(source)
@@ -127,6 +162,7 @@ def run_distillation(argv: list[str] | None = None) -> dict:
         if isinstance(targets, CachedTargets):
             ids = list(datasets["train"].data_ids) + (list(unlabeled.data_ids) if unlabeled is not None else [])
             check_cache_covers(targets.reader, ids, hparams["targets_cache"])
+            check_cache_data(targets.reader, [datasets["train"], unlabeled], hparams["targets_cache"])
         if unlabeled is not None and hparams.get("unlabeled_min_confidence"):
             from speech_kd.unlabeled import filter_unlabeled
 

@@ -98,6 +98,25 @@ def test_a_cache_missing_training_utterances_is_refused_before_training(trained_
     assert not (out / "history.jsonl").exists()  # refused before the first batch
 
 
+def test_a_cache_of_other_audio_under_the_same_ids_is_refused_naming_them(trained_run, corpus_copy, tmp_path):
+    """Issue 16: a cache covering more than the run is fine; another file under a cached ID is refused by name."""
+    from speech_kd.distill import check_cache_data
+
+    rows = (trained_run / "train.csv").read_text().splitlines()
+    dev = (trained_run / "dev.csv").read_text().splitlines()[1:]
+    superset = tmp_path / "train_and_dev.csv"
+    superset.write_text("\n".join(rows + dev) + "\n")
+    cache = tmp_path / "cache"
+    cache_targets(str(trained_run / "model"), superset, cache, progress=False)
+    tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    check_cache_data(CacheReader(cache), [load_dataset(trained_run / "train.csv", tokenizer)], cache)  # more: fine
+    wavs = sorted((corpus_copy / "train").glob("*/*/*.flac"), key=lambda p: p.stat().st_size)
+    shutil.copyfile(wavs[-1], wavs[0])  # the shortest utterance's file replaced by the longest one's audio
+    with pytest.raises(CacheError, match=rf"1 utterance\(s\) with other audio under the same ID: {wavs[0].stem} \("):
+        _distill(corpus_copy, tmp_path / "kd", f"--targets_cache={cache}")
+    assert not (tmp_path / "kd" / "history.jsonl").exists()
+
+
 def test_live_teacher_hears_the_speed_perturbed_audio(trained_run, tiny_corpus, tmp_path):
     """With speed perturbation (always 0.9x here) the live teacher runs on the student's perturbed audio:
     on the clean audio its frames would be 10 % more than the student's, far beyond frame_tolerance."""
