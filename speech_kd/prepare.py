@@ -75,7 +75,7 @@ def _read_transcripts(split_dir: Path, skipped: list[Skipped], split: str) -> di
     out: dict[str, tuple[str, Path]] = {}
     for trans in sorted(split_dir.glob("*/*/*.trans.txt")):
         try:
-            lines = trans.read_text(encoding="utf-8").splitlines()
+            lines = trans.read_text(encoding="utf-8-sig").splitlines()  # -sig: a byte-order mark is not text
         except (OSError, UnicodeDecodeError) as err:
             skipped.append(Skipped(split, "-", str(trans), f"unreadable transcript file ({err})"))
             continue
@@ -337,15 +337,18 @@ def prepare_librispeech(
             "split": split,
             "sample_rate": sample_rate,
             "alphabet": alphabet,
-            "mtime": _tree_mtime(data_folder / split, deep=is_unlabeled),
+            "files": split_files(data_folder / split, deep=is_unlabeled),
         }
         if is_unlabeled:
             settings["unlabeled"] = True
         csv_path = Path(save_folder) / f"{split}.csv"
-        if skip_if_done and csv_path.exists() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+        old = _read_stamp(stamp) if skip_if_done and csv_path.exists() else None
+        if old == settings:
             logger.info("%s is up to date, skipping preparation", csv_path)
             total.csv_files[split] = str(csv_path)
             continue
+        if old is not None:
+            logger.info("%s: redoing split %s (%s)", csv_path, split, _what_changed(old, settings))
         if is_unlabeled:
             res = prepare_unlabeled_split(data_folder, split, save_folder, sample_rate)
         else:
@@ -354,14 +357,69 @@ def prepare_librispeech(
         total.kept.update(res.kept)
         total.hours.update(res.hours)
         total.skipped.extend(res.skipped)
-        stamp.write_text(json.dumps(settings, indent=1))
+        tmp = stamp.with_name(stamp.name + ".tmp")
+        tmp.write_text(json.dumps(settings, separators=(",", ":")))
+        os.replace(tmp, stamp)
     return total
 
 
-def _tree_mtime(folder: Path, deep: bool = False) -> float:
-    """Latest modification time of the split's chapter folders (``deep``: of every folder in it; detects edits)."""
+def _read_stamp(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def split_files(folder: Path, deep: bool = False) -> dict[str, list[int]]:
+    """``relative path -> [size, mtime_ns]`` of the split's audio and transcript files (links followed).
+
+    LibriSpeech layout: the files in ``SPLIT/SPK/CHAPTER/``; ``deep``
+    (untranscribed splits): every audio file at any depth. Recorded in
+    ``prepare_SPLIT.json``: a file replaced, edited in place, added or removed
+    changes it, and the split is prepared again. Cost: one ``stat`` per file
+    (docs/robustness.md has the measurement on a 100-hour-sized tree).
+    """
+    out: dict[str, list[int]] = {}
     if not folder.is_dir():
-        return 0.0
+        return out
     if deep:
-        return max(os.stat(path).st_mtime for path, _, _ in os.walk(folder, followlinks=True))
-    return max((p.stat().st_mtime for p in folder.glob("*/*")), default=0.0)
+        for path, _, names in os.walk(folder, followlinks=True):
+            for name in names:
+                if name.endswith(AUDIO_EXTENSIONS):
+                    full = os.path.join(path, name)
+                    out[os.path.relpath(full, folder)] = _size_mtime(full)
+        return out
+    for speaker in os.scandir(folder):
+        if not speaker.is_dir():
+            continue
+        for chapter in os.scandir(speaker.path):
+            if not chapter.is_dir():
+                continue
+            for entry in os.scandir(chapter.path):
+                if entry.name.endswith((*AUDIO_EXTENSIONS, ".trans.txt")):
+                    out[f"{speaker.name}/{chapter.name}/{entry.name}"] = _size_mtime(entry.path)
+    return dict(sorted(out.items()))
+
+
+def _size_mtime(path: str) -> list[int]:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return [-1, -1]  # a dangling link: prepare reports the file as missing
+    return [info.st_size, info.st_mtime_ns]
+
+
+def _what_changed(old: dict, new: dict) -> str:
+    """``settings differ: ...`` or ``N files changed (a, b, ...)`` between two prepare stamps."""
+    keys = [key for key in new if key != "files" and old.get(key) != new[key]]
+    if keys:
+        return "settings differ: " + ", ".join(keys)
+    before, after = old.get("files") or {}, new["files"]
+    changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
+    if not changed:
+        return "no file record"
+    return (
+        f"{len(changed)} file(s) changed, added or removed: "
+        + ", ".join(changed[:3])
+        + (", ..." if len(changed) > 3 else "")
+    )
