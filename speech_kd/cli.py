@@ -61,13 +61,24 @@ def _cmd_prepare(args) -> None:
         print(f"  skipped {item.split}/{item.utt_id}: {item.path}: {item.reason}")
 
 
+def check_device(device: str) -> None:
+    """Refuse ``cuda`` devices when this process sees no CUDA GPU (one line instead of a traceback later)."""
+    import torch
+
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}: no CUDA GPU is available to this process (torch.cuda.is_available() "
+                         "is False); use --device=cpu")  # fmt: skip
+
+
 def _cmd_evaluate(args) -> None:
-    from speech_kd.evaluate import evaluate_model
+    from speech_kd.evaluate import check_writable, evaluate_model, write_outputs
 
     utts = args.utts
     if utts is None and args.json:
         json_path = Path(args.json)
         utts = str(json_path.with_name(json_path.stem + "_utts.txt"))  # x.json -> x_utts.txt, in its folder
+    check_device(args.device)
+    check_writable(args.json, utts)  # now, not after the scoring
     result = evaluate_model(
         args.asr,
         csv_path=args.csv,
@@ -75,14 +86,15 @@ def _cmd_evaluate(args) -> None:
         split=args.split,
         device=args.device,
         batch_seconds=args.batch_seconds,
-        json_path=args.json,
-        utts_path=utts,
+        max_duration=args.max_duration,
     )
     s = result.summary
     print(
         f"WER {s['wer']:.2f}%  CER {s['cer']:.2f}%  utterances {s['num_utts']}  "
-        f"params {s['params']:,}  RTF {s['rtf']:.4f}"
+        f"params {s['params']:,}  RTF {s['rtf']:.4f}",
+        flush=True,
     )
+    write_outputs(result, args.json, utts)  # after the WER is printed: a failing disk does not hide it
     if args.json:
         print(f"wrote {args.json}" + (f" and {utts}" if utts else ""))
     if args.html:
@@ -96,6 +108,7 @@ def _cmd_cache_targets(args) -> None:
 
     from speech_kd.cache import cache_targets
 
+    check_device(args.device)
     overrides = yaml.safe_load(args.teacher_overrides) if args.teacher_overrides else None
     summary = cache_targets(
         args.teacher, args.csv, args.out, device=args.device, top_k=args.top_k, mass=args.mass,
@@ -180,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--utts", default=None, help="per-utterance file (default: next to --json)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--batch_seconds", type=float, default=60.0, help="seconds of audio per batch")
+    p.add_argument("--max_duration", type=float, default=60.0,
+                   help="longer utterances (seconds) are not scored, a warning names each; 0: no limit")  # fmt: skip
     p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
     p.set_defaults(func=_cmd_evaluate)
 
@@ -303,8 +318,19 @@ def run(argv: list[str] | None = None) -> int:
     traceback; set ``SPEECH_KD_TRACEBACK=1`` to get the traceback as well.
     """
     import os
+    import signal
+    import threading
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    received: list[int] = []
+
+    def on_sigterm(signum, frame):  # SIGTERM (kill, a scheduler's stop) ends the run as Ctrl-C does
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         return main(argv)
     except KeyboardInterrupt:
@@ -313,7 +339,7 @@ def run(argv: list[str] | None = None) -> int:
         command = argv[0] if argv else ""
         hint = " (run the same command again to resume)" if command in RESUMABLE else ""
         print(f"speech-kd {command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        return 143 if received else 130
     except Exception as error:
         if os.environ.get("SPEECH_KD_TRACEBACK") or not _is_input_error(error):
             raise
@@ -327,6 +353,9 @@ def run(argv: list[str] | None = None) -> int:
             print(f"speech-kd {command}: fix or re-encode {error.path}, or delete its row from the manifest, "
                   "then run the same command again: it resumes from its last checkpoint", file=sys.stderr)  # fmt: skip
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

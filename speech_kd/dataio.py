@@ -244,9 +244,8 @@ def load_dataset(
         when read gets ``sig = None`` and a warning naming the file, for
         :func:`collate_readable` to drop; otherwise the error propagates.
     """
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        has_rows = sum(1 for line in fh if line.strip()) > 1
-    if not has_rows:  # SpeechBrain's from_csv fails with an IndexError on a header-only file
+    if not read_csv_rows(csv_path, required=("ID", "duration", "wav", "wrd")):
+        # SpeechBrain's from_csv fails with an IndexError on a header-only file
         raise TranscriptError(f"{csv_path}: no utterances (an empty split, or every file was skipped by prepare)")
     data = DynamicItemDataset.from_csv(csv_path=str(csv_path))
     known = set(tokenizer.lab2ind)
@@ -271,7 +270,8 @@ def load_dataset(
     if max_duration:
         too_long = {uid for uid, ex in data.data.items() if float(ex["duration"]) > max_duration}
         for uid in sorted(too_long):
-            logger.warning("skipping %s (%s): longer than %.1f s", uid, csv_path, max_duration)
+            logger.warning("skipping %s (%s in %s): %.1f s, longer than %.1f s", uid, data.data[uid]["wav"], csv_path,
+                           float(data.data[uid]["duration"]), max_duration)  # fmt: skip
         keep -= too_long
     if not keep:
         raise TranscriptError(f"{csv_path}: no usable utterance left")

@@ -6,7 +6,6 @@ The model is loaded exactly as a user would, with SpeechBrain's
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -27,6 +26,9 @@ __all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "ModelFold
 
 logger = logging.getLogger(__name__)
 
+#: default longest utterance scored (seconds); longer ones are skipped with a warning (memory bound)
+MAX_DURATION = 60.0
+
 
 class ModelFolderError(ValueError):
     """A model folder that exists but does not load (damaged checkpoint, broken hyperparams.yaml)."""
@@ -40,6 +42,11 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
     folder = Path(folder)
     if not (folder / "hyperparams.yaml").exists():
         raise FileNotFoundError(f"{folder}: not a model folder (no hyperparams.yaml)")
+    missing = [f"{name}.ckpt" for name in _pretrainer_loadables(folder / "hyperparams.yaml")
+               if not (folder / f"{name}.ckpt").exists()]  # fmt: skip
+    if missing:  # SpeechBrain would load without it (an empty tokenizer: KeyError at the first transcript)
+        raise ModelFolderError(f"{folder}: missing {', '.join(missing)} (listed in its hyperparams.yaml pretrainer); "
+                               "copy the whole model folder again")  # fmt: skip
     try:
         return EncoderASR.from_hparams(
             source=str(folder.resolve()),
@@ -52,6 +59,34 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
         raise ModelFolderError(
             f"{folder}: cannot load as a SpeechBrain EncoderASR folder ({err.__class__.__name__}: {first_line})"
         ) from err
+
+
+def _pretrainer_loadables(yaml_path: Path) -> list[str]:
+    """Names under ``pretrainer: ... loadables:`` of a model folder's yaml, when it gives no explicit ``paths``."""
+    lines = yaml_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    names: list[str] = []
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("pretrainer:"))
+    except StopIteration:
+        return names
+    block = []
+    for line in lines[start + 1 :]:
+        if line.strip() and not line.startswith((" ", "\t")):
+            break
+        block.append(line)
+    if any(line.strip().startswith("paths:") for line in block):
+        return []
+    inside, depth = False, 0
+    for line in block:
+        stripped = line.strip()
+        if stripped.startswith("loadables:"):
+            inside, depth = True, len(line) - len(line.lstrip())
+            continue
+        if inside and stripped:
+            if len(line) - len(line.lstrip()) <= depth:
+                break
+            names.append(stripped.split(":")[0].strip())
+    return names
 
 
 def count_parameters(asr) -> int:
@@ -128,18 +163,68 @@ def _warn_unreachable_characters(asr, refs: list[str], csv_path) -> None:
 
 
 def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
-    """Rows of a SpeechBrain CSV (``ID,duration,wav,...,wrd``)."""
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{csv_path}: not UTF-8 text ({err})") from err
-    missing = {"ID", "wav", "wrd"} - set(rows[0] if rows else {})
+    """Rows of a SpeechBrain CSV (``ID,wav,wrd``; ``duration`` optional).
+
+    Checked by :func:`~speech_kd.dataio.read_csv_rows` (``ValueError`` naming file and row).
+    """
+    from speech_kd.dataio import read_csv_rows
+
+    rows = read_csv_rows(csv_path, required=("ID", "wav", "wrd"))
     if not rows:
         raise ValueError(f"{csv_path}: empty manifest")
-    if missing:
-        raise ValueError(f"{csv_path}: missing columns {sorted(missing)}")
     return rows
+
+
+def _audio_seconds(row: dict) -> float:
+    """The row's duration, else the file's (from its header); 0 when neither is known (reading reports the file)."""
+    if (row.get("duration") or "").strip():
+        return float(row["duration"])
+    import soundfile as sf
+
+    try:
+        info = sf.info(row["wav"])
+    except Exception:  # noqa: BLE001 - unreadable files are reported, with their path, when read
+        return 0.0
+    return info.frames / max(info.samplerate, 1)
+
+
+def skip_long(rows: list[dict], max_duration: float | None, csv_path) -> list[dict]:
+    """``rows`` without the utterances longer than ``max_duration`` seconds, each named in a warning (memory bound)."""
+    if not max_duration:
+        return rows
+    kept = []
+    for row in rows:
+        seconds = _audio_seconds(row)
+        if seconds > max_duration:
+            logger.warning("%s: skipping %s (%s): %.1f s, longer than max_duration=%.1f s (not scored)", csv_path,
+                           row["ID"], row["wav"], seconds, max_duration)  # fmt: skip
+        else:
+            kept.append(row)
+    if not kept:
+        raise ValueError(f"{csv_path}: every utterance is longer than max_duration={max_duration} s")
+    return kept
+
+
+def check_writable(*paths: str | os.PathLike | None) -> None:
+    """Raise ``OSError`` now, before any work, for an output path that cannot be written (folder made if missing)."""
+    for out in paths:
+        if not out:
+            continue
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a folder, not a file to write")
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".write_test_"):
+            pass
+
+
+def write_outputs(result: EvalResult, json_path=None, utts_path=None) -> None:
+    """Write the summary JSON and the per-utterance file of an :class:`EvalResult`."""
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result.summary, indent=2) + "\n")
+    if utts_path:
+        write_utterances(result.utterances, utts_path)
 
 
 def _batches(rows: list[dict], batch_seconds: float) -> list[list[dict]]:
@@ -207,6 +292,7 @@ def evaluate_model(
     json_path: str | os.PathLike | None = None,
     utts_path: str | os.PathLike | None = None,
     progress: bool = True,
+    max_duration: float | None = MAX_DURATION,
 ) -> EvalResult:
     """Transcribe a test set with the model folder and score it.
 
@@ -217,10 +303,11 @@ def evaluate_model(
     utterances are reported and skipped). Writes ``json_path`` (keys ``wer``,
     ``cer``, ``num_utts``, ``params``, ``rtf``, ...) and ``utts_path`` (one
     block per utterance, worst first, with jiwer's alignment) when given.
+    Utterances longer than ``max_duration`` seconds (default 60; ``None``
+    or 0: no limit) are skipped with a warning naming each file, so one long
+    recording cannot exhaust memory.
     """
-    for out in (json_path, utts_path):  # before the work: a path that cannot be written fails now, not after it
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
+    check_writable(json_path, utts_path)  # before the work: a path that cannot be written fails now, not after it
     if csv_path is None:
         if data_folder is None or split is None:
             raise ValueError("give --csv, or --data_folder and --split")
@@ -228,7 +315,7 @@ def evaluate_model(
 
         tmp = tempfile.mkdtemp(prefix="speechkd_eval_")
         csv_path = prepare_split(data_folder, split, tmp).csv_files[split]
-    rows = read_manifest(csv_path)
+    rows = skip_long(read_manifest(csv_path), max_duration, csv_path)
     folders = teacher_sources(asr_folder)
     if not folders:
         raise ValueError("--asr names no model folder")
@@ -280,10 +367,6 @@ def evaluate_model(
         "csv": str(csv_path),
         "device": device,
     }
-    per_utt = utterance_errors(ids, refs, hyps)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(summary, indent=2) + "\n")
-    if utts_path:
-        write_utterances(per_utt, utts_path)
-    return EvalResult(summary, per_utt)
+    result = EvalResult(summary, utterance_errors(ids, refs, hyps))
+    write_outputs(result, json_path, utts_path)
+    return result

@@ -25,9 +25,20 @@ from speech_kd.export import export_model_folder
 from speech_kd.precision import check_precision
 from speech_kd.prepare import prepare_librispeech
 
-__all__ = ["run_training", "prepare_csvs", "resolve_hparams_file", "check_run_options"]
+__all__ = ["run_training", "prepare_csvs", "resolve_hparams_file", "check_run_options", "check_run_settings"]
 
 logger = logging.getLogger(__name__)
+
+#: default longest dev/test utterance (seconds) when the yaml has no ``max_eval_duration``
+MAX_EVAL_DURATION = 60.0
+#: the settings a run folder was made with (compared when it is run again)
+SETTINGS_NAME = "run_settings.json"
+#: keys that may change between runs of one folder: more epochs, other workers or batch sizes for
+#: evaluation, checkpoint timing, moved data; and paths (compared through the folder itself)
+RESUMABLE_KEYS = frozenset({
+    "number_of_epochs", "num_workers", "eval_batch_size", "ckpt_interval_minutes", "report_after_run", "skip_prep",
+    "keep_checkpoints", "use_tensorboard", "allow_changed_settings", "max_eval_duration",
+})  # fmt: skip
 
 
 def resolve_hparams_file(path: str) -> str:
@@ -71,20 +82,26 @@ def merge_role_csvs(hparams: dict, csvs: dict[str, list[str]]) -> None:
 def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_shift: float) -> dict:
     """Datasets for train (merged splits), dev (merged), each test split and ``unlabeled`` (``None`` without).
 
-    Train and dev leave out, with a warning, utterances whose audio turns out
+    Train skips utterances longer than ``avoid_if_longer_than``, dev and test
+    those longer than ``max_eval_duration`` (default 60 s), each with a
+    warning naming it. Train and dev leave out, with a warning, utterances whose audio turns out
     unreadable when read (loaded with :func:`~speech_kd.dataio.collate_readable`);
     a test split still stops at one, so no test score silently covers fewer utterances.
     """
     folder = Path(hparams["output_folder"])
     train_csv, dev_csv = folder / "train.csv", folder / "dev.csv"
     common = {"tokenizer": tokenizer, "sample_rate": hparams["sample_rate"], "frame_shift": frame_shift}
+    eval_max = hparams.get("max_eval_duration", MAX_EVAL_DURATION)  # memory bound for dev/test (0/null: none)
     datasets = {
         "train": load_dataset(
             train_csv, max_duration=hparams.get("avoid_if_longer_than"), skip_unreadable=True, **common
         ),
-        "dev": load_dataset(dev_csv, sorting="descending", skip_unreadable=True, **common),
+        "dev": load_dataset(dev_csv, sorting="descending", skip_unreadable=True, max_duration=eval_max, **common),
         "test": {
-            Path(c).stem: load_dataset(c, sorting="descending", **{**common, "frame_shift": None}) for c in csvs["test"]
+            Path(c).stem: load_dataset(
+                c, sorting="descending", max_duration=eval_max, **{**common, "frame_shift": None}
+            )
+            for c in csvs["test"]
         },
         "unlabeled": None,
     }
@@ -117,6 +134,9 @@ def check_run_options(run_opts, hparams: dict | None = None) -> None:
     hparams = hparams or {}
     device = _run_option(run_opts, hparams, "device") or sb.utils.distributed.infer_device()
     device_type = str(device).split(":")[0]
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={device}: no CUDA GPU is available to this process (torch.cuda.is_available() is "
+                         "False); use --device=cpu")  # fmt: skip
     check_precision(_run_option(run_opts, hparams, "precision"), device_type, "--precision")
     check_precision(_run_option(run_opts, hparams, "eval_precision"), device_type, "--eval_precision")
     backend = run_opts["distributed_backend"]
@@ -125,6 +145,109 @@ def check_run_options(run_opts, hparams: dict | None = None) -> None:
             f"torchrun launched this run on {device_type} with --distributed_backend=nccl, which needs CUDA "
             "GPUs: add --distributed_backend=gloo to train with CPU processes"
         )
+
+
+def _preparse(argv: list[str]) -> tuple[list[str], bool, dict]:
+    """Take out what SpeechBrain's parser cannot take; return ``(argv, allow_changed_settings, yaml_overrides)``.
+
+    * ``--allow_changed_settings[=True]``: rerun a folder with other settings
+      (:func:`check_run_settings`); works with any yaml.
+    * ``--ckpt_interval_minutes=0.5``: SpeechBrain's parser takes whole
+      minutes only; a fraction is passed as a yaml override (the yamls have the key).
+    * ``--key`` with no value (``--lr`` alone) is refused naming the key,
+      instead of becoming ``lr: null`` and a traceback later.
+    """
+    out, allow, extra = [], False, {}
+    flags = _SPEECHBRAIN_FLAGS
+    for number, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name == "--allow_changed_settings":
+            allow = not eq or value.strip().lower() in ("true", "1", "yes")
+            continue
+        if name == "--ckpt_interval_minutes" and eq:
+            try:
+                minutes = float(value)
+            except ValueError:
+                raise ValueError(f"--ckpt_interval_minutes={value}: not a number of minutes") from None
+            if minutes != int(minutes):
+                extra["ckpt_interval_minutes"] = minutes
+                continue
+        if number > 0 and arg.startswith("--") and not eq and name[2:] not in flags:
+            following = argv[number + 1] if number + 1 < len(argv) else None
+            if following is None or following.startswith("--"):
+                raise ValueError(f"{arg} needs a value: {arg}=VALUE")
+        out.append(arg)
+    return out, allow, extra
+
+
+#: SpeechBrain run options that take no value (``--debug``, ...)
+_SPEECHBRAIN_FLAGS = frozenset({
+    "test_only", "debug", "debug_persistently", "distributed_launch", "data_parallel_backend", "jit", "compile",
+    "compile_using_fullgraph", "compile_using_dynamic_shape_tracing", "auto_mix_prec", "bfloat16_mix_prec",
+    "skip_nonfinite_grads", "noprogressbar", "tqdm_colored_bar", "remove_vector_weight_decay", "profile_training",
+    "find_unused_parameters", "allow_changed_settings",
+})  # fmt: skip
+
+
+def _json_value(value):
+    """``value`` when it is plain data (numbers, text, lists, dicts of them), else ``None``."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError):
+        return None
+
+
+def run_settings(hparams: dict, hparams_file: str) -> dict:
+    """The plain-data top-level keys of a run's hyperparameters (paths and :data:`RESUMABLE_KEYS` left out)."""
+    settings = {"hparams_file": Path(hparams_file).name}
+    for key, value in hparams.items():
+        if key in RESUMABLE_KEYS or key.endswith(("_folder", "_file", "_log", "_logs")):
+            continue
+        plain = _json_value(value)
+        if plain is not None or value is None:
+            settings[key] = plain
+    return settings
+
+
+def check_run_settings(hparams: dict, hparams_file: str, allow_changed: bool = False) -> None:
+    """Refuse to continue a run folder with other settings than it was made with (``OUTPUT/run_settings.json``).
+
+    Compared only when the folder holds checkpoints (there is work to lose
+    or to mix): every plain-data key of the yaml plus command-line overrides,
+    except :data:`RESUMABLE_KEYS` and paths. ``allow_changed`` (the
+    ``--allow_changed_settings=True`` flag) turns the refusal into a warning
+    that lists what differs; the file then records the new settings.
+
+    Raises
+    ------
+    ValueError
+        ``OUTPUT: made with other settings (folder != now): lr 0.001 != 0.003; ...``.
+    """
+    folder = Path(hparams["output_folder"])
+    path = folder / SETTINGS_NAME
+    now = run_settings(hparams, hparams_file)
+    checkpointer = hparams.get("checkpointer")
+    save = Path(getattr(checkpointer, "checkpoints_dir", folder / "save"))
+    if path.exists() and any(save.glob("CKPT+*")):
+        try:
+            before = json.loads(path.read_text())
+        except ValueError:
+            before = {}
+        diffs = [f"{key} {before.get(key, '(unset)')!r} != {now.get(key, '(unset)')!r}"
+                 for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]  # fmt: skip
+        if diffs and not allow_changed:
+            raise ValueError(
+                f"{folder}: made with other settings than this run's (folder != now): {'; '.join(diffs[:8])}"
+                + ("; ..." if len(diffs) > 8 else "")
+                + ". Use another output_folder, or add --allow_changed_settings=True to continue it with these"
+            )
+        if diffs:
+            logger.warning("%s: continuing with changed settings (--allow_changed_settings): %s", folder,
+                           "; ".join(diffs))  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(now, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def _check_ddp_batches(sampler, hparams: dict) -> None:
@@ -170,12 +293,37 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv[0] = resolve_hparams_file(argv[0])
+    argv, allow_changed, extra = _preparse(argv)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
+    if extra:  # fractional --ckpt_interval_minutes: a yaml override (the Brain reads the yaml's value)
+        import yaml
+
+        overrides = (overrides + "\n" if overrides else "") + yaml.safe_dump(extra)
     check_run_options(run_opts)
     sb.utils.distributed.ddp_init_group(run_opts)  # no-op unless launched by torchrun
     hparams_text = Path(hparams_file).read_text()
     hparams = load_hparams(hparams_file, hparams_text, overrides)
     check_run_options(run_opts, hparams)  # now with the yaml's precision
+    epochs = hparams.get("number_of_epochs", 1)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
+        raise ValueError(f"--number_of_epochs={epochs}: must be a whole number, 1 or more")
+    lock = None
+    if sb.utils.distributed.if_main_process():  # one writer per output folder (DDP: the main process holds it)
+        from speech_kd.checkpoints import FolderLock
+
+        lock = FolderLock(hparams["output_folder"], "output folder").acquire()
+    try:
+        if sb.utils.distributed.if_main_process():
+            check_run_settings(hparams, hparams_file, allow_changed)
+        return _run_locked(hparams_file, hparams_text, hparams, run_opts, overrides, brain_class, setup)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(hparams_file: str, hparams_text: str, hparams: dict, run_opts, overrides: str,
+                brain_class: type[CTCBrain], setup) -> dict:  # fmt: skip
+    """:func:`run_training` once the output folder is locked and its settings checked."""
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
         hyperparams_to_save=hparams_file,

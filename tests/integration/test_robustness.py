@@ -7,6 +7,7 @@ import logging
 import shutil
 
 from speech_kd.prepare import prepare_librispeech
+from tests.conftest import REPO, TINY_MODEL
 
 
 def _rows(csv_path) -> dict[str, dict]:
@@ -41,3 +42,111 @@ def test_a_byte_order_mark_in_a_transcript_file_is_not_text(corpus_copy, tmp_pat
     result = prepare_librispeech(corpus_copy, tmp_path, splits=["dev"])
     assert result.skipped == []
     assert trans.read_text(encoding="utf-8-sig").split()[0] in _rows(result.csv_files["dev"])
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    from speech_kd.cli import run
+
+    code = run(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_one_writer_per_run_folder_changed_settings_and_long_dev_files(tiny_corpus, tmp_path, capsys, caplog):
+    """A live lock refuses a second run; a dead one is taken over; other settings are refused unless allowed;
+    dev/test utterances over max_eval_duration are skipped by name."""
+    import socket
+    import subprocess
+
+    out = tmp_path / "run"
+    dev = _rows(prepare_librispeech(tiny_corpus, out / "data", splits=["dev"]).csv_files["dev"])
+    longest = max(dev.values(), key=lambda r: float(r["duration"]))
+    limit = f"--max_eval_duration={float(longest['duration']) - 0.01:.3f}"
+    tiny = [arg for arg in TINY_MODEL if not arg.startswith("--lr=")]
+    base = ["train", str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
+            "--number_of_epochs=1", limit, *tiny]  # fmt: skip
+    assert _run(capsys, *base, "--lr=0.003")[0] == 0
+    assert f"skipping {longest['ID']} ({longest['wav']} in " in (out / "log.txt").read_text()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        (out / ".lock").write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        code, _, err = _run(capsys, *base, "--lr=0.003")
+        assert code == 2 and f"another run (PID {sleeper.pid} on" in err and len(err.strip().splitlines()) == 1
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    history = (out / "history.jsonl").read_text()
+    code, _, err = _run(capsys, *base, "--lr=0.001")
+    assert code == 2 and "made with other settings than this run's (folder != now): lr 0.003 != 0.001" in err
+    assert (out / "history.jsonl").read_text() == history and not (out / ".lock").exists()
+    code, _, err = _run(capsys, *base, "--lr=0.001", "--allow_changed_settings=True")
+    logged = caplog.text + err + (out / "log.txt").read_text()
+    assert code == 0 and f"taking over the lock of PID {sleeper.pid}" in logged and "lr 0.003 != 0.001" in logged
+
+
+def test_small_option_faults_are_one_line_errors(tiny_corpus, tmp_path, capsys):
+    base = ["train", str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}",
+            f"--output_folder={tmp_path / 'run'}", *TINY_MODEL]  # fmt: skip
+    for extra, message in (
+        (["--number_of_epochs=0"], "--number_of_epochs=0: must be a whole number, 1 or more"),
+        (["--lr"], "--lr needs a value: --lr=VALUE"),
+        (["--lr", "--seed=3"], "--lr needs a value"),
+        (["--ckpt_interval_minutes=abc"], "--ckpt_interval_minutes=abc: not a number of minutes"),
+    ):
+        code, _, err = _run(capsys, *base, *extra)
+        last = err.strip().splitlines()[-1]  # (earlier lines: SpeechBrain's logger writing to an old test's stream)
+        assert code == 2 and message in last and last.startswith("speech-kd train: error: "), (extra, err)
+    if not __import__("torch").cuda.is_available():
+        code, _, err = _run(capsys, *base, "--device=cuda")
+        assert code == 2 and "--device=cuda: no CUDA GPU is available" in err
+
+
+def test_fractional_checkpoint_interval_is_accepted():
+    from speech_kd.train import _preparse
+
+    argv, allow, extra = _preparse(["x.yaml", "--ckpt_interval_minutes=0.5", "--allow_changed_settings"])
+    assert argv == ["x.yaml"] and allow and extra == {"ckpt_interval_minutes": 0.5}
+    assert _preparse(["x.yaml", "--ckpt_interval_minutes=2", "--debug"])[0] == [
+        "x.yaml", "--ckpt_interval_minutes=2", "--debug"]  # fmt: skip
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    import speech_kd.cli as cli
+
+    def busy(argv):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    monkeypatch.setattr(cli, "main", busy)
+    code, _, err = _run(capsys, "distill", "x.yaml")
+    assert code == 143 and err.strip() == "speech-kd distill: interrupted (run the same command again to resume)"
+
+
+def test_evaluate_long_files_missing_tokenizer_and_unwritable_output(trained_run, tmp_path, capsys, caplog,
+                                                                     monkeypatch):  # fmt: skip
+    import speech_kd.evaluate as evaluate
+
+    model, csv_path = str(trained_run / "model"), str(trained_run / "dev.csv")
+    rows = _rows(csv_path)
+    longest = max(rows.values(), key=lambda r: float(r["duration"]))
+    limit = f"{float(longest['duration']) - 0.01:.3f}"
+    code, out, _ = _run(capsys, "evaluate", "--asr", model, "--csv", csv_path, "--max_duration", limit)
+    assert code == 0 and f"utterances {len(rows) - 1} " in out
+    assert f"skipping {longest['ID']} ({longest['wav']}): " in caplog.text
+    broken = tmp_path / "model"
+    shutil.copytree(model, broken)
+    (broken / "tokenizer.ckpt").unlink()
+    code, _, err = _run(capsys, "evaluate", "--asr", str(broken), "--csv", csv_path)
+    assert code == 2 and "missing tokenizer.ckpt" in err
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(evaluate, "write_utterances", full_disk)
+    code, out, err = _run(capsys, "evaluate", "--asr", model, "--csv", csv_path, "--json", str(tmp_path / "e.json"))
+    assert code == 2 and out.startswith("WER ") and "No space left on device" in err
