@@ -14,6 +14,33 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 
+
+def _hypothesis_skips_lazy_modules() -> None:
+    """Hypothesis (>= 6.13x) reads ``__file__`` of every module in ``sys.modules`` for constants; on SpeechBrain's
+    lazy modules that imports optional integrations (k2) and fails the whole session. Mark those as seen first."""
+    try:
+        from hypothesis.internal.conjecture import providers
+    except ImportError:
+        return
+    original = getattr(providers, "_get_local_constants", None)
+    seen = getattr(providers, "_seen_modules", None)
+    if original is None or seen is None or getattr(original, "_skips_lazy", False):
+        return
+
+    def get_local_constants():
+        import sys
+
+        for module in list(sys.modules.values()):
+            if type(module).__name__ in ("LazyModule", "DeprecatedModuleRedirect"):
+                seen.add(id(module))
+        return original()
+
+    get_local_constants._skips_lazy = True
+    providers._get_local_constants = get_local_constants
+
+
+_hypothesis_skips_lazy_modules()
+
 #: overrides that shrink any of our yamls to a model that trains in seconds
 TINY_MODEL = [
     "--d_model=32",
