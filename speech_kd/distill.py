@@ -66,7 +66,7 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     if cache_dir:
         from speech_kd.cache import open_cache
 
-        if hparams.get("speed_perturb"):
+        if hparams.get("speed_perturb") is True:  # CTCBrain's switch (a recipe's SpeedPerturb object: KDMixin)
             raise ValueError(f"--targets_cache={cache_dir}: {PERTURBED_CACHE_ERROR}")
 
         reader = open_cache(cache_dir)  # A,B,...: several caches of one teacher (e.g. transcribed + untranscribed)
