@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from speechbrain.decoders.ctc import ctc_greedy_decode
 from speech_kd.checkpoints import add_random_states, make_atomic
 from speech_kd.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
 from speech_kd.features import SharedFeatures, fast_fbank, fast_fbank_applies, fbank_signature
+from speech_kd.history import write_history_line
 from speech_kd.metrics import error_rates
 
 __all__ = ["CTCBrain", "NonFiniteLossError", "run_chain"]
@@ -359,8 +359,9 @@ class CTCBrain(sb.Brain):
         """One JSON line per epoch in ``<output_folder>/history.jsonl`` (read by the report).
 
         Written before the epoch's checkpoint, so a run killed in between
-        repeats the epoch and its line on resume (readers keep the last line
-        per epoch) instead of skipping a checkpointed epoch that has no line.
+        repeats the epoch on resume instead of skipping a checkpointed epoch
+        that has no line; the repeated epoch's line replaces the earlier one
+        (:func:`write_history_line`), so each epoch has one line.
         ``train_seconds`` is the wall time of the epoch's training stage (of
         its resumed part, after an interruption inside the epoch).
         """
@@ -371,14 +372,7 @@ class CTCBrain(sb.Brain):
         record = {"epoch": epoch, "step": step, "lr": lr, "train": getattr(self, "train_stats", {}),
                   "valid": valid_stats, "batches_per_rank": getattr(self, "batches_per_rank", None),
                   "train_seconds": round(getattr(self, "train_seconds", float("nan")), 3)}  # fmt: skip
-        path = Path(folder) / "history.jsonl"
-        line = (json.dumps(record, default=float) + "\n").encode()
-        with open(path, "a+b") as fh:
-            if fh.seek(0, 2) > 0:
-                fh.seek(-1, 2)
-                if fh.read(1) != b"\n":  # a line cut short by a crash is ended, not continued
-                    line = b"\n" + line
-            fh.write(line)  # one write per line
+        write_history_line(Path(folder) / "history.jsonl", record)
 
     def _train_loggers(self) -> list:
         """The yaml's ``train_logger``, plus SpeechBrain's ``TensorboardLogger`` when ``use_tensorboard``.

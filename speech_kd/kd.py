@@ -53,7 +53,7 @@ from speech_kd.align import relative_to_frames
 from speech_kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
 from speech_kd.brain import CTCBrain
 from speech_kd.checkpoints import add_random_states, make_atomic
-from speech_kd.distributed import sum_across
+from speech_kd.kd_stats import KDEpochTotals
 from speech_kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
 from speech_kd.precision import autocast_for
 from speech_kd.recipe_outputs import find_ctc_outputs
@@ -82,7 +82,6 @@ _DEFAULTS = {
 }
 
 _WRAPPED = ("compute_forward", "compute_objectives", "on_stage_start", "on_stage_end", "fit_batch")
-_STAT_KEYS = ("ctc_loss", "kd_loss", "blank_share", "agreement", "lost_mass")
 
 
 class KDSetupError(ValueError):
@@ -136,7 +135,10 @@ class KDMixin:
         for name in _WRAPPED:
             setattr(self, name, getattr(self, f"_kd_{name}"))
         self._kd_rows = AugmentationRows(find_augmenters(self.hparams)) if self.hparams is not None else None
-        self._kd_reset_stats()
+        self._kd_epoch = KDEpochTotals()
+        if self.checkpointer is not None and "kd_epoch_totals" not in self.checkpointer.recoverables:
+            # optional: checkpoints written before the sums were saved still load
+            self.checkpointer.add_recoverable("kd_epoch_totals", self._kd_epoch, optional_load=True)
         self.kd_epoch_stats: dict = {}
         self._kd_checked_frames = False
         self._wrap_train_logger()
@@ -307,8 +309,13 @@ class KDMixin:
         return (1.0 - weight) * ctc + weight * kd
 
     def _kd_on_stage_start(self, stage, epoch=None):
-        """Reset the per-epoch KD statistics, then the recipe's hook."""
-        self._kd_reset_stats()
+        """Reset the per-epoch KD statistics, then the recipe's hook.
+
+        A training stage that starts at a step past 0 was resumed from an
+        intra-epoch checkpoint: it keeps the sums that checkpoint restored.
+        """
+        if stage != sb.Stage.TRAIN or not getattr(self, "step", 0):
+            self._kd_reset_stats()
         if stage == sb.Stage.TRAIN:
             self.kd_epoch_stats = {}
         return self._kd_recipe["on_stage_start"](stage, epoch)
@@ -433,51 +440,23 @@ class KDMixin:
 
     # ---------------------------------------------------------------- statistics
     def _kd_reset_stats(self) -> None:
-        self._kd_totals = {key: 0.0 for key in _STAT_KEYS}
-        self._kd_counts = {"kd": 0.0, "ctc": 0.0}
-        self._kd_batches = 0
+        self._kd_epoch.reset()
 
     def _accumulate(self, ctc: torch.Tensor | None, kd: torch.Tensor, stats: dict) -> None:
-        """Sum this batch's numbers as detached tensors: no host-device sync in the training loop.
-
-        A batch whose CTC or KD loss is not finite (its update is skipped,
-        see ``CTCBrain.check_loss_isfinite``) is left out of the means,
-        without a sync: it adds zeros and does not count. ``ctc`` is ``None``
-        for an untranscribed batch (its ``ctc_loss`` mean leaves it out).
-        """
-        self._kd_batches += 1
-        finite = torch.isfinite(kd.detach())
-        if ctc is not None:
-            finite = finite & torch.isfinite(ctc.detach())
-        counted = {"kd_loss": kd, **stats} if ctc is None else {"ctc_loss": ctc, "kd_loss": kd, **stats}
-        for key, value in counted.items():
-            value = value.detach() if isinstance(value, torch.Tensor) else float(value)
-            value = torch.as_tensor(value, dtype=torch.float64, device=finite.device)
-            self._kd_totals[key] = self._kd_totals[key] + torch.where(finite, value, torch.zeros_like(value))
-        as_count = finite.to(torch.float64)
-        self._kd_counts["kd"] = self._kd_counts["kd"] + as_count
-        if ctc is not None:
-            self._kd_counts["ctc"] = self._kd_counts["ctc"] + as_count
+        """Add this batch's numbers to the epoch's sums (:class:`speech_kd.kd_stats.KDEpochTotals`)."""
+        self._kd_epoch.add(ctc, kd, stats)
 
     def kd_stats(self) -> dict:
         """Per-epoch means of the KD numbers (for the train logger); empty if no KD ran.
 
         Under DDP the sums and counts of all processes are combined, so the
         means cover every training batch of the epoch; call it on every
-        process (as ``on_stage_end`` is).
+        process (as ``on_stage_end`` is). After a resume from an intra-epoch
+        checkpoint they cover the batches before it too.
         """
-        if not getattr(self, "_kd_batches", 0):
+        stats = self._kd_epoch.means()
+        if not stats:
             return {}
-        keys = list(self._kd_totals)
-        values = [self._kd_totals[k] for k in keys] + [self._kd_counts["kd"], self._kd_counts["ctc"]]
-        totals = sum_across(torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu() for v in values]))
-        kd_count, ctc_count = float(totals[-2]), float(totals[-1])
-        stats = {}
-        for i, key in enumerate(keys):
-            count = ctc_count if key == "ctc_loss" else kd_count
-            stats[key] = float(totals[i]) / count if count else float("nan")
-        if ctc_count < kd_count:
-            stats["untranscribed_share"] = 1.0 - ctc_count / kd_count if kd_count else float("nan")
         weight, temperature = self.kd_schedule()
         stats.update(kd_weight=weight, temperature=temperature)
         return stats

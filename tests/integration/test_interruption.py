@@ -104,8 +104,9 @@ def test_a_kill_during_the_epoch_end_save_loses_nothing(tiny_corpus, tmp_path, m
         run_training(argv)
     assert EPOCHS in _history(out)
     monkeypatch.setattr(AtomicCheckpointer, "save_and_keep_only", real)
-    run_training(argv)  # the rerun trains the last epoch again and writes its line again
-    assert sorted(_history(out)) == list(range(1, EPOCHS + 1))
+    run_training(argv)  # the rerun trains the last epoch again and its line replaces the first one
+    epochs = [json.loads(line)["epoch"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, EPOCHS + 1))  # one line per epoch, none twice
 
     # and, the random generators being checkpointed, it draws what an uninterrupted run draws (speed
     # perturbation, SpecAugment, dropout): the same weights at the end
@@ -151,3 +152,39 @@ def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(tiny_c
     run_training(argv(tmp_path / "clean"))
     resumed, straight = (torch.load(tmp_path / o / "model" / "model.ckpt") for o in ("killed", "clean"))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_kd_statistics_of_an_epoch_resumed_mid_way_cover_all_its_batches(tiny_corpus, tmp_path, monkeypatch):
+    """Killed at the 4th training batch of epoch 1 (intra-epoch checkpoints every 2 steps), then rerun: epoch 1's
+    logged KD numbers are those of the run never killed, not only of the batches after the resume."""
+    from speech_kd.distill import run_distillation
+    from speech_kd.kd import DistillBrain
+
+    class Killed(Exception):
+        pass
+
+    teacher = make_tiny_sb_model(tmp_path / "teacher" / "model")
+    real = DistillBrain.fit_batch
+    calls = {"n": 0}
+
+    def dies_at_a_batch(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Killed
+        return real(self, batch)
+
+    def argv(out: Path) -> list[str]:
+        return [str(REPO / "hparams/distill.yaml"), f"--teacher_source={teacher}", "--report_after_run=False",
+                f"--data_folder={tiny_corpus}", f"--output_folder={out}", "--number_of_epochs=1",
+                "--ckpt_interval_steps=2", "--max_batch_length=10",
+                *(a for a in TINY_MODEL if not a.startswith("--max_batch_length"))]  # fmt: skip
+
+    monkeypatch.setattr(DistillBrain, "fit_batch", dies_at_a_batch)
+    with pytest.raises(Killed):
+        run_distillation(argv(tmp_path / "killed"))
+    monkeypatch.setattr(DistillBrain, "fit_batch", real)
+    run_distillation(argv(tmp_path / "killed"))
+    run_distillation(argv(tmp_path / "clean"))
+    resumed, straight = (_history(tmp_path / o)[1]["train"] for o in ("killed", "clean"))
+    for key in ("kd_loss", "ctc_loss", "agreement", "blank_share"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-9), key
