@@ -26,13 +26,13 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 RECIPES = REPO / "tests" / "recipes"
-HEADING = "### Adding distillation to your own SpeechBrain CTC recipe"
+HEADING = "Adding distillation to your own SpeechBrain CTC recipe"  # a heading of README.md, any level
 
 
 def readme_lines() -> dict:
     """The section's code: the three python lines, the wrapping form and the yaml keys."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
-    section = text[text.index(HEADING) :]
+    section = text[re.search(rf"^#+ {re.escape(HEADING)}$", text, re.M).start() :]
     blocks = re.findall(r"```(\w+)\n(.*?)```", section, re.S)[:3]
     assert [lang for lang, _ in blocks] == ["python", "python", "yaml"], blocks
     code = [line.split("#")[0].rstrip() for line in blocks[0][1].splitlines()]

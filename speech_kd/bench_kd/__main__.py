@@ -1,0 +1,5 @@
+"""``python -m speech_kd.bench_kd``: the same as ``speech-kd bench-kd``."""
+
+from speech_kd.bench_kd.main import main
+
+main()

@@ -1,0 +1,146 @@
+"""``speech-kd bench-kd``: the options, and one experiment from data to results table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from speech_kd.bench_kd.runs import REPO, _evaluate, _run_all, _speech_kd, make_partition, train_seconds_per_epoch
+from speech_kd.bench_kd.summary import _seed_figure, format_results, format_seed_summary, summarise_seeds
+from speech_kd.bench_kd.variants import VARIANTS, merge_overrides, variant_args
+
+
+def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
+    """The experiment runner's options (``speech-kd bench-kd --help``; the description is the package's docstring)."""
+    import speech_kd.bench_kd as package
+
+    parser = argparse.ArgumentParser(prog=prog, description=package.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--data", required=True, help="LibriSpeech-layout folder with train/dev/test")
+    parser.add_argument("--out", required=True, help="output folder: one run folder per variant, results.md/json")
+    parser.add_argument("--teacher", default=None,
+                        help="teacher model folder, or A,B,... for an ensemble (default: train one)")  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=15, help="training epochs of every student")
+    parser.add_argument("--teacher_epochs", type=int, default=10,
+                        help="epochs of the teacher trained when --teacher is not given")  # fmt: skip
+    parser.add_argument("--student", default="hparams/distill.yaml", help="the students' yaml")
+    parser.add_argument("--variants", nargs="+", default=["scratch", "kd"],
+                        help=f"names among {sorted(VARIANTS)}, each optionally + _online (live teacher) or _sp "
+                        "(speed perturbation, live teacher)")  # fmt: skip
+    parser.add_argument("--parallel", type=int, default=2, help="runs at once (one torch thread each)")
+    parser.add_argument("--seed", type=int, default=1986, help="the seed of a single-seed run")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="several seeds: runs in OUT/seed_S/; mean table, bootstrap interval, dev curves",
+    )
+    parser.add_argument(
+        "--test_data", default=None, help="score the test split of this folder instead (a larger test set)"
+    )
+    parser.add_argument("--extra", default="", help='more overrides for every student: --extra="--key=value ..."')
+    parser.add_argument(
+        "--transcribed_fraction",
+        type=float,
+        default=None,
+        help="keep the transcripts of this fraction of the train split; the rest is untranscribed",
+    )
+    parser.add_argument(
+        "--unlabeled",
+        default=None,
+        help="split folder of --data used as the untranscribed audio (default: the rest of train)",
+    )
+    parser.add_argument("--min_confidence", type=float, default=0.85,
+                        help="unlabeled_min_confidence of the kd_unlabeled_filter variant")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command-line entry point; returns the results dict (with several seeds: ``{"seeds", "mean"}``)."""
+    args = build_parser().parse_args(argv)
+
+    variants = {name: variant_args(name) for name in args.variants}  # unknown names fail before anything runs
+    seeds = args.seeds or [args.seed]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds repeats a seed: {seeds}")
+    out = Path(args.out).resolve()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    data = str(Path(args.data).resolve())
+    teacher = args.teacher
+    if teacher is None:
+        run = out / "teacher"
+        _run_all({"teacher": _speech_kd("train", str(REPO / "hparams/teacher.yaml"), f"--data_folder={data}",
+                                        f"--output_folder={run}", f"--number_of_epochs={args.teacher_epochs}")},
+                 logs, 1)  # fmt: skip
+        teacher = str(run / "model")
+    from speech_kd.teachers.ensemble import teacher_sources
+
+    teacher = ",".join(str(Path(t).resolve()) for t in teacher_sources(teacher))  # A,B,...: an ensemble teacher
+
+    from speech_kd.prepare import prepare_librispeech
+
+    train_split, unlabeled_csv = "train", None
+    if args.transcribed_fraction or args.unlabeled:
+        data = str(make_partition(Path(data), out / "partition", args.transcribed_fraction, args.unlabeled))
+        train_split = "transcribed" if args.transcribed_fraction else "train"
+        unlabeled_csv = prepare_librispeech(data, out / "data", splits=[],
+                                            unlabeled_splits=["untranscribed"]).csv_files["untranscribed"]  # fmt: skip
+    elif any(name.startswith("kd_unlabeled") for name in args.variants):
+        raise ValueError("the kd_unlabeled variants need --transcribed_fraction or --unlabeled")
+    csvs = prepare_librispeech(data, out / "data", splits=[train_split, "dev", "test"]).csv_files
+    csvs["train"] = csvs[train_split]
+    if args.test_data:
+        csvs["test"] = prepare_librispeech(
+            Path(args.test_data).resolve(), out / "data_test", splits=["test"]
+        ).csv_files["test"]
+    cache = out / "cache"
+    caches = {"cache": _speech_kd("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache))}
+    if unlabeled_csv:
+        caches["cache_unlabeled"] = _speech_kd("cache-targets", "--teacher", teacher, "--csv", unlabeled_csv, "--out",
+                                               str(out / "cache_unlabeled"))  # fmt: skip
+    _run_all(caches, logs, 1)
+
+    folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
+    students, progress = {}, {}
+    for seed, folder in folders.items():
+        for name, (overrides, cached) in variants.items():
+            cmd = _speech_kd("distill", str(REPO / args.student), f"--teacher_source={teacher}",
+                             f"--data_folder={data}", f"--output_folder={folder / name}",
+                             f"--number_of_epochs={args.epochs}", f"--seed={seed}", "--report_after_run=False",
+                             *merge_overrides(overrides, args.extra.split()))  # fmt: skip
+            if train_split != "train":
+                cmd.append(f"--train_splits=[{train_split}]")
+            if name.startswith("kd_unlabeled_filter"):
+                cmd.append(f"--unlabeled_min_confidence={args.min_confidence}")
+            if cached:
+                both = name.startswith("kd_unlabeled")
+                cmd.append(f"--targets_cache={cache}" + (f",{out / 'cache_unlabeled'}" if both else ""))
+            key = name if len(seeds) == 1 else f"{name}_seed{seed}"
+            students[key] = cmd
+            progress[key] = (folder / name, args.epochs)
+    _run_all(students, logs, args.parallel, progress)
+
+    teacher_scores = _evaluate(teacher, csvs, out, "teacher")
+    per_seed = {}
+    for seed, folder in folders.items():
+        results = {"teacher": teacher_scores}
+        for name in args.variants:
+            results[name] = _evaluate(folder / name / "model", csvs, folder, name)
+            results[name]["train_s_per_epoch"] = train_seconds_per_epoch(folder / name)
+        (folder / "results.md").write_text(format_results(results) + "\n")
+        (folder / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        per_seed[seed] = results
+    if len(seeds) == 1:
+        table, results = format_results(per_seed[seeds[0]]), per_seed[seeds[0]]
+    else:
+        results = {"seeds": per_seed, "mean": summarise_seeds(per_seed, out, folders, args.variants)}
+        table = format_seed_summary(results["mean"], seeds)
+        _seed_figure(out, folders, args.variants, teacher_scores.get("dev_wer"))
+        table += "\n\n" + "\n\n".join(f"seed {s}:\n\n{format_results(r)}" for s, r in per_seed.items())
+    (out / "results.md").write_text(table + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table)
+    return results

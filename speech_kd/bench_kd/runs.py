@@ -1,0 +1,134 @@
+"""Running an experiment's commands side by side, the untranscribed partition, and scoring each model."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def _speech_kd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "speech_kd.cli", *args]
+
+
+def train_seconds_per_epoch(folder: Path) -> float | None:
+    """Median wall time of a run's training stages (``train_seconds`` in ``history.jsonl``), or ``None``."""
+    from speech_kd.report import load_history
+
+    times = [row.get("train_seconds") for row in load_history(folder)]
+    times = [t for t in times if isinstance(t, (int, float)) and math.isfinite(t)]
+    return statistics.median(times) if times else None
+
+
+def _epochs_done(folder: Path) -> int:
+    """Epochs finished by a run (a resumed epoch's repeated history line counts once)."""
+    from speech_kd.report import load_history
+
+    return len(load_history(folder))
+
+
+def _run_all(
+    commands: dict[str, list[str]], logs: Path, parallel: int, epochs: dict[str, tuple[Path, int]] | None = None
+) -> None:
+    """Run the commands ``parallel`` at a time, one torch thread each; fail loudly.
+
+    ``epochs`` maps a run name to (output folder, epochs): a progress bar per
+    run follows its ``history.jsonl``. Output of each run goes to ``logs/NAME.log``.
+    """
+    from tqdm import tqdm
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
+    epochs = epochs or {}
+    bars = {name: tqdm(total=total, desc=name, unit="epoch", position=i, leave=True)
+            for i, (name, (_, total)) in enumerate(epochs.items())}  # fmt: skip
+    pending = list(commands.items())
+    running: list[tuple[str, subprocess.Popen]] = []
+    try:
+        while pending or running:
+            while pending and len(running) < parallel:
+                name, cmd = pending.pop(0)
+                log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
+                tqdm.write(f"[bench_kd] start {name}: {' '.join(cmd[2:])}")
+                running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                       cwd=REPO)))  # fmt: skip
+            time.sleep(2)
+            for name, bar in bars.items():
+                bar.update(_epochs_done(epochs[name][0]) - bar.n)
+            for name, proc in list(running):
+                if proc.poll() is not None:
+                    running.remove((name, proc))
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see {logs / (name + '.log')}")
+                    tqdm.write(f"[bench_kd] done {name}")
+    finally:
+        for _, proc in running:
+            proc.kill()
+        for bar in bars.values():
+            bar.close()
+
+def make_partition(data: Path, out: Path, transcribed_fraction: float | None, unlabeled: str | None) -> Path:
+    """A LibriSpeech-layout folder of symbolic links: ``dev``, ``test`` and the training audio, split in two.
+
+    With ``transcribed_fraction`` ``F``, ``transcribed`` holds every ``1/F``-th
+    utterance of ``data/train`` (in ID order, spread evenly over speakers) with
+    its transcript, and ``untranscribed`` the others without transcripts. With
+    ``unlabeled``, ``untranscribed`` is that split folder of ``data`` instead
+    (``train`` then stays whole, unless ``F`` is given too).
+
+    Returns
+    -------
+    Path
+        ``out``, to use as the data folder.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    for split in ("dev", "test", *(() if transcribed_fraction else ("train",))):
+        link = out / split
+        if not link.exists():
+            link.symlink_to((data / split).resolve(), target_is_directory=True)
+    if unlabeled:
+        link = out / "untranscribed"
+        if not link.exists():
+            link.symlink_to((data / unlabeled).resolve(), target_is_directory=True)
+    if not transcribed_fraction:
+        return out
+    if not 0 < transcribed_fraction < 1:
+        raise ValueError(f"--transcribed_fraction={transcribed_fraction}: must be between 0 and 1")
+    lines = {}
+    for trans in sorted((data / "train").glob("*/*/*.trans.txt")):
+        for line in trans.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                lines[line.split(" ", 1)[0]] = (line, trans.parent)
+    chapters: dict[Path, list[str]] = {}
+    for i, uid in enumerate(sorted(lines)):
+        line, chapter = lines[uid]
+        keep = math.floor((i + 1) * transcribed_fraction) > math.floor(i * transcribed_fraction)
+        rel = chapter.relative_to(data / "train")
+        if not keep and unlabeled:
+            continue
+        target = out / ("transcribed" if keep else "untranscribed") / rel
+        target.mkdir(parents=True, exist_ok=True)
+        link = target / f"{uid}.flac"
+        if not link.exists():
+            link.symlink_to((chapter / f"{uid}.flac").resolve())
+        if keep:
+            chapters.setdefault(target, []).append(line)
+    for target, kept in chapters.items():
+        (target / f"{target.parent.name}-{target.name}.trans.txt").write_text("\n".join(kept) + "\n")
+    return out
+
+
+def _evaluate(model: Path | str, csvs: dict, folder: Path, name: str) -> dict:
+    """Test and dev scores of one model; per-utterance files ``eval_NAME[_dev]_utts.txt`` beside the JSON."""
+    from speech_kd.evaluate import evaluate_model
+
+    scores = evaluate_model(model, csvs["test"], json_path=folder / f"eval_{name}.json",
+                            utts_path=folder / f"eval_{name}_utts.txt").summary  # fmt: skip
+    dev = evaluate_model(model, csvs["dev"], json_path=folder / f"eval_{name}_dev.json",
+                         utts_path=folder / f"eval_{name}_dev_utts.txt").summary  # fmt: skip
+    return {**scores, "dev_wer": dev["wer"], "dev_cer": dev["cer"]}

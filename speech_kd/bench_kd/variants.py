@@ -1,0 +1,67 @@
+"""The named KD settings an experiment compares (``--variants``), and how their overrides combine."""
+
+from __future__ import annotations
+
+#: named KD settings (overrides of hparams/distill.yaml). Any name may end in ``_online`` (the
+#: live teacher instead of the cache) or ``_sp`` (speed perturbation 0.9/1.0/1.1x, for both the
+#: student and the live teacher, which then hears the perturbed audio): see :func:`variant_args`.
+VARIANTS: dict[str, list[str]] = {
+    # the student without KD, at its own best learning rate (0.001 / 0.002 / 0.004 measured; the yaml's
+    # 0.004 is the KD student's best): each student is compared at the rate that suits it (docs/results.md)
+    "scratch": ["--kd_weight=0", "--lr=0.002"],
+    "kd": [],  # the KD settings of the student yaml itself (hparams/distill.yaml's defaults)
+    "kd_anneal": ["--kd_anneal=True"],  # kd with teacher annealing on (KD fades as the student reaches the teacher)
+    "kd_plain": ["--kd_anneal=False"],  # kd with teacher annealing off (the KD weight as configured, all run long)
+    # untranscribed audio (needs --transcribed_fraction or --unlabeled): KD on the split named untranscribed too
+    "kd_unlabeled": ["--unlabeled_splits=[untranscribed]"],
+    "kd_unlabeled_filter": ["--unlabeled_splits=[untranscribed]"],  # + --unlabeled_min_confidence=--min_confidence
+    "kd_unlabeled_pl": ["--unlabeled_splits=[untranscribed]", "--unlabeled_kd_loss=ctc"],  # pseudo-labels there
+    "kd_blankdown": ["--blank_mode=downweight"],  # kd with blank-dominated teacher frames weighted 0.1
+    "kd_top4": ["--kd_topk=4"],  # kd with the teacher restricted to its top 4 tokens per frame
+    "kl_t1": ["--kd_weight=0.5", "--temperature=1"],
+    "kl_t2": ["--kd_weight=0.5", "--temperature=2"],
+    "kl_t4": ["--kd_weight=0.5", "--temperature=4"],
+    "kl_t2_w09": ["--kd_weight=0.9", "--temperature=2"],
+    "kl_t1_w09": ["--kd_weight=0.9", "--temperature=1"],
+    "kl_t1_w1": ["--kd_weight=1.0", "--temperature=1"],
+    "kl_t2_top4": ["--kd_weight=0.5", "--temperature=2", "--kd_topk=4"],
+    "kl_t2_blankdown": ["--kd_weight=0.5", "--temperature=2", "--blank_mode=downweight"],
+    "ce_hard": ["--kd_weight=0.5", "--kd_loss=ce"],
+    "ctc_teacher_path": ["--kd_weight=0.5", "--kd_loss=ctc"],
+    "mse": ["--kd_weight=0.5", "--kd_loss=mse"],
+}
+
+
+def variant_args(name: str) -> tuple[list[str], bool]:
+    """Overrides of a variant name and whether it reads the cache (else the live teacher, or none).
+
+    Examples
+    --------
+    >>> variant_args("kl_t2")
+    (['--kd_weight=0.5', '--temperature=2'], True)
+    >>> variant_args("kl_t2_online")
+    (['--kd_weight=0.5', '--temperature=2'], False)
+    >>> variant_args("scratch_sp")
+    (['--kd_weight=0', '--lr=0.002', '--speed_perturb=True'], False)
+    """
+    base, extra, cached = name, [], True
+    for suffix, args in (("_sp", ["--speed_perturb=True"]), ("_online", [])):
+        if base.endswith(suffix):
+            base, extra, cached = base[: -len(suffix)], args + extra, False
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, optionally + _online or _sp")
+    return VARIANTS[base] + extra, cached and base != "scratch"
+
+
+def merge_overrides(variant: list[str], extra: list[str]) -> list[str]:
+    """A variant's ``--key=value`` overrides followed by ``extra``; a key given in ``extra`` wins.
+
+    (SpeechBrain refuses a key given twice.)
+
+    Examples
+    --------
+    >>> merge_overrides(["--kd_weight=0", "--lr=0.002"], ["--lr=0.001"])
+    ['--kd_weight=0', '--lr=0.001']
+    """
+    given = {arg.split("=", 1)[0] for arg in extra}
+    return [arg for arg in variant if arg.split("=", 1)[0] not in given] + list(extra)

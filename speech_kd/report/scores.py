@@ -1,0 +1,144 @@
+"""The report's numbers: WER/CER of each model, gap closed, the run summary, the teacher comparison."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from speech_kd.compare import gap_closed, no_gap_label
+from speech_kd.report import plots
+from speech_kd.report.html import Page
+from speech_kd.report.run import _Run, _scoring_csv, _subset_csv
+from speech_kd.teacher_check import read_teacher_score
+
+
+def _evaluate_models(models: dict[str, Path], test_csv: Path, device: str) -> list[dict]:
+    from speech_kd.evaluate import evaluate_model
+
+    rows = []
+    for name, folder in models.items():
+        s = evaluate_model(folder, test_csv, device=device, progress=False).summary
+        rows.append({"name": name, "wer": s["wer"], "cer": s["cer"], "params": s["params"], "rtf": s["rtf"],
+                     "num_utts": s["num_utts"], "folder": str(folder)})  # fmt: skip
+    return rows
+
+
+def _gap_closed(rows: list[dict], run_name: str) -> dict[str, str]:
+    """``WER gap closed`` of the KD student: (scratch - KD) / (scratch - teacher), when both references exist.
+
+    A teacher that is not better than the scratch student leaves no gap to
+    close: the cell then says so (``teacher worse than scratch``), never a
+    negative or undefined share.
+    """
+    by_name = {r["name"]: r for r in rows}
+    teacher, scratch, kd = by_name.get("teacher"), by_name.get("scratch"), by_name.get(run_name)
+    if not (teacher and scratch and kd):
+        return {}
+    label = no_gap_label(scratch["wer"], teacher["wer"])
+    if label is not None:
+        return {run_name: label}
+    return {run_name: f"{100 * gap_closed(scratch['wer'], kd['wer'], teacher['wer']):.0f} %"}
+
+
+def _scores_section(page: Page, run: _Run, compare: dict, max_utts: int | None, device: str) -> None:
+    test_csv = _scoring_csv(run.folder)
+    models: dict[str, Path] = {}
+    sources = [s for s in run.teacher_sources() if (Path(s) / "hyperparams.yaml").exists()]  # EncoderASR folders
+    for i, source in enumerate(sources):
+        models["teacher" if len(sources) == 1 else f"teacher{i + 1}"] = Path(source)
+    models[run.folder.name] = run.folder / "model"
+    for name, folder in (compare or {}).items():
+        models[name] = Path(folder)
+    subset = _subset_csv(test_csv, max_utts, run.folder / "report_files" / "eval_subset.csv")
+    rows = _evaluate_models(models, subset, device)
+    page.paragraph(
+        f"Scored on {rows[0]['num_utts']} utterances of {test_csv.name} (greedy CTC decoding, jiwer, "
+        f"upper-cased; RTF = compute seconds / audio seconds on {device})."
+    )
+    gap = _gap_closed(rows, run.folder.name)
+    if gap.get(run.folder.name, "").startswith("teacher"):
+        by_name = {r["name"]: r for r in rows}
+        teacher, scratch, kd = by_name["teacher"], by_name["scratch"], by_name[run.folder.name]
+        verdict = "better" if kd["wer"] < scratch["wer"] else "worse" if kd["wer"] > scratch["wer"] else "no different"
+        page.paragraph(
+            f"The teacher (WER {teacher['wer']:.2f}) is not better than the student from scratch ({scratch['wer']:.2f})"
+            f" on this test set: there is no gap for KD to close, so no share is given. This KD student "
+            f"({kd['wer']:.2f}) is {verdict} than scratch by {abs(kd['wer'] - scratch['wer']):.2f} points; on a few "
+            "hundred utterances and one seed a point or two is noise (`speech-kd compare` gives an interval)."
+        )
+    header = ["model", "WER %", "CER %", "parameters", "RTF"] + (["WER gap closed"] if gap else [])
+    page.table(header, [[r["name"], f"{r['wer']:.2f}", f"{r['cer']:.2f}", f"{r['params']:,}", f"{r['rtf']:.4f}",
+                         *([gap.get(r["name"], "")] if gap else [])] for r in rows])  # fmt: skip
+    page.image("error_rates.png", plots.wer_bars(rows), "Test WER and CER per model")
+    students = [r for r in rows if not r["name"].startswith("teacher")]
+    if len(students) >= 2:
+        page.image("size_vs_wer.png", plots.size_vs_wer(rows), "Parameters against WER")
+    (run.folder / "report_files" / "scores.json").write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def _cache_stats(cache_dir: str) -> dict | None:
+    if not cache_dir or not (Path(cache_dir) / "meta.json").exists():
+        return None
+    from speech_kd.cache import CacheReader
+
+    meta = CacheReader(cache_dir).metadata
+    size = sum(p.stat().st_size for p in Path(cache_dir).iterdir() if p.is_file())
+    frames = meta.get("frames") or 0
+    return {"folder": cache_dir, "teacher": meta.get("teacher_name"), "utterances": meta.get("utterances"),
+            "frames": frames, "bytes": size, "bytes_per_frame": round(size / frames, 2) if frames else None,
+            "fp32_bytes_per_frame": 4 * len(meta.get("teacher_tokens", [])), "scheme": meta.get("scheme")}  # fmt: skip
+
+
+def _summary_rows(run: _Run, history: list[dict]) -> list[list[str]]:
+    rows = [["run folder", str(run.folder.resolve())], ["epochs", str(len(history))]]
+    if history:
+        valid = history[-1].get("valid", {})
+        wer, cer = valid.get("WER", float("nan")), valid.get("CER", float("nan"))
+        rows.append(["last dev WER / CER %", f"{wer:.2f} / {cer:.2f}"])
+    if run.kd:
+        rows.append(["teacher", ", ".join(run.teacher_sources()) or "(cache only)"])
+        cache = run.setting("targets_cache")
+        rows.append(["targets", f"cache {cache}" if cache else "live teacher"])
+        for key in ("kd_loss", "kd_weight", "temperature", "kd_reduction", "blank_mode"):
+            if run.setting(key):
+                rows.append([key, run.setting(key)])
+        teacher = read_teacher_score(run.folder)
+        if teacher is not None:
+            how = "decoded from the targets cache" if teacher.source == "cache" else "live teacher"
+            rows.append(["teacher dev WER / CER %", f"{teacher.wer:.2f} / {teacher.cer:.2f} ({how}, "
+                                                    f"{teacher.num_utts} utterances, before training)"])  # fmt: skip
+            rows.append(["student vs teacher on dev", _versus_teacher(history, teacher.wer)])
+        anneal = run.setting("kd_anneal")
+        if anneal:
+            rows.append(["kd_anneal", f"{anneal} (margin {run.setting('kd_anneal_margin') or '?'})"])
+    else:
+        rows.append(["teacher", "none (no KD in this run)"])
+    return rows
+
+
+def reached_teacher_epoch(history: list[dict], teacher_wer: float) -> int | None:
+    """First epoch whose dev WER is at or below the teacher's dev WER, or ``None``.
+
+    Examples
+    --------
+    >>> rows = [{"epoch": e, "valid": {"WER": w}} for e, w in ((1, 90.0), (2, 60.0), (3, 55.0))]
+    >>> reached_teacher_epoch(rows, 60.0), reached_teacher_epoch(rows, 50.0)
+    (2, None)
+    """
+    for row in history:
+        wer = row.get("valid", {}).get("WER")
+        if wer is not None and wer <= teacher_wer:
+            return int(row["epoch"])
+    return None
+
+
+def _versus_teacher(history: list[dict], teacher_wer: float) -> str:
+    """One line: when the student reached the teacher on dev, or how far above it it ended."""
+    wers = [row["valid"]["WER"] for row in history if "WER" in row.get("valid", {})]
+    if not wers:
+        return "no dev WER in history.jsonl"
+    epoch = reached_teacher_epoch(history, teacher_wer)
+    if epoch is not None:
+        return (f"reached the teacher at epoch {epoch} (best dev WER {min(wers):.2f} against the teacher's "
+                f"{teacher_wer:.2f}; see the note below)")  # fmt: skip
+    return f"best dev WER {min(wers):.2f}, {min(wers) - teacher_wer:.2f} points above the teacher's {teacher_wer:.2f}"
