@@ -3,7 +3,8 @@
 Shared by ``speech-kd train``, ``speech-kd distill`` and ``recipes/*/train.py``
 so every entry point behaves the same. Steps, as in SpeechBrain recipes:
 prepare CSVs (on the main process), build datasets, fit with checkpoints,
-test the best checkpoint, export the model folder.
+test the best checkpoint, export the model folder. The command line and the
+run's recorded settings are :mod:`speech_kd.run_config`'s.
 """
 
 from __future__ import annotations
@@ -16,14 +17,23 @@ from pathlib import Path
 
 import speechbrain as sb
 import torch
-from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
 from speech_kd.brain import CTCBrain
 from speech_kd.dataio import collate_readable, dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
 from speech_kd.export import export_model_folder
-from speech_kd.precision import check_precision
 from speech_kd.prepare import prepare_librispeech
+from speech_kd.run_config import (  # noqa: F401 (re-exported: imported from speech_kd.train too)
+    RESUMABLE_KEYS,
+    SETTINGS_NAME,
+    _launched_by_torchrun,
+    _preparse,
+    check_run_options,
+    check_run_settings,
+    load_hparams,
+    resolve_hparams_file,
+    run_settings,
+)
 
 __all__ = ["run_training", "prepare_csvs", "resolve_hparams_file", "check_run_options", "check_run_settings"]
 
@@ -31,24 +41,6 @@ logger = logging.getLogger(__name__)
 
 #: default longest dev/test utterance (seconds) when the yaml has no ``max_eval_duration``
 MAX_EVAL_DURATION = 60.0
-#: the settings a run folder was made with (compared when it is run again)
-SETTINGS_NAME = "run_settings.json"
-#: keys that may change between runs of one folder: more epochs, other workers or batch sizes for
-#: evaluation, checkpoint timing, moved data; and paths (compared through the folder itself)
-RESUMABLE_KEYS = frozenset({
-    "number_of_epochs", "num_workers", "eval_batch_size", "ckpt_interval_minutes", "report_after_run", "skip_prep",
-    "keep_checkpoints", "use_tensorboard", "allow_changed_settings", "max_eval_duration",
-})  # fmt: skip
-
-
-def resolve_hparams_file(path: str) -> str:
-    """Find ``path`` as given, or relative to the repository that holds this package."""
-    if Path(path).exists():
-        return path
-    repo_copy = Path(__file__).resolve().parent.parent / path
-    if repo_copy.exists():
-        return str(repo_copy)
-    raise FileNotFoundError(f"hparams file {path} not found")
 
 
 def prepare_csvs(hparams: dict) -> dict[str, list[str]]:
@@ -112,144 +104,6 @@ def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_s
     return datasets
 
 
-def _run_option(run_opts, hparams: dict, name: str):
-    """A run option as ``sb.Brain`` resolves it: command line, else yaml, else SpeechBrain's default."""
-    if name in getattr(run_opts, "overridden_args", ()):
-        return run_opts[name]
-    return hparams.get(name, run_opts[name])
-
-
-def _launched_by_torchrun() -> bool:
-    return os.environ.get("RANK") is not None and os.environ.get("LOCAL_RANK") is not None
-
-
-def check_run_options(run_opts, hparams: dict | None = None) -> None:
-    """Refuse settings that would fail later, with what to do instead (before any data preparation).
-
-    * ``--precision=fp16`` (or ``--eval_precision``) on a CPU run: SpeechBrain
-      supports fp16 autocast on CUDA only (bf16 works on CPU).
-    * under ``torchrun`` without CUDA, the default ``nccl`` backend cannot
-      work: ``--distributed_backend=gloo`` is needed.
-    """
-    hparams = hparams or {}
-    device = _run_option(run_opts, hparams, "device") or sb.utils.distributed.infer_device()
-    device_type = str(device).split(":")[0]
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: no CUDA GPU is available to this process (torch.cuda.is_available() is "
-                         "False); use --device=cpu")  # fmt: skip
-    check_precision(_run_option(run_opts, hparams, "precision"), device_type, "--precision")
-    check_precision(_run_option(run_opts, hparams, "eval_precision"), device_type, "--eval_precision")
-    backend = run_opts["distributed_backend"]
-    if _launched_by_torchrun() and backend == "nccl" and (device_type != "cuda" or not torch.cuda.is_available()):
-        raise ValueError(
-            f"torchrun launched this run on {device_type} with --distributed_backend=nccl, which needs CUDA "
-            "GPUs: add --distributed_backend=gloo to train with CPU processes"
-        )
-
-
-def _preparse(argv: list[str]) -> tuple[list[str], bool, dict]:
-    """Take out what SpeechBrain's parser cannot take; return ``(argv, allow_changed_settings, yaml_overrides)``.
-
-    * ``--allow_changed_settings[=True]``: rerun a folder with other settings
-      (:func:`check_run_settings`); works with any yaml.
-    * ``--ckpt_interval_minutes=0.5``: SpeechBrain's parser takes whole
-      minutes only; a fraction is passed as a yaml override (the yamls have the key).
-    * ``--key`` with no value (``--lr`` alone) is refused naming the key,
-      instead of becoming ``lr: null`` and a traceback later.
-    """
-    out, allow, extra = [], False, {}
-    flags = _SPEECHBRAIN_FLAGS
-    for number, arg in enumerate(argv):
-        name, eq, value = arg.partition("=")
-        if name == "--allow_changed_settings":
-            allow = not eq or value.strip().lower() in ("true", "1", "yes")
-            continue
-        if name == "--ckpt_interval_minutes" and eq:
-            try:
-                minutes = float(value)
-            except ValueError:
-                raise ValueError(f"--ckpt_interval_minutes={value}: not a number of minutes") from None
-            if minutes != int(minutes):
-                extra["ckpt_interval_minutes"] = minutes
-                continue
-        if number > 0 and arg.startswith("--") and not eq and name[2:] not in flags:
-            following = argv[number + 1] if number + 1 < len(argv) else None
-            if following is None or following.startswith("--"):
-                raise ValueError(f"{arg} needs a value: {arg}=VALUE")
-        out.append(arg)
-    return out, allow, extra
-
-
-#: SpeechBrain run options that take no value (``--debug``, ...)
-_SPEECHBRAIN_FLAGS = frozenset({
-    "test_only", "debug", "debug_persistently", "distributed_launch", "data_parallel_backend", "jit", "compile",
-    "compile_using_fullgraph", "compile_using_dynamic_shape_tracing", "auto_mix_prec", "bfloat16_mix_prec",
-    "skip_nonfinite_grads", "noprogressbar", "tqdm_colored_bar", "remove_vector_weight_decay", "profile_training",
-    "find_unused_parameters", "allow_changed_settings",
-})  # fmt: skip
-
-
-def _json_value(value):
-    """``value`` when it is plain data (numbers, text, lists, dicts of them), else ``None``."""
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError):
-        return None
-
-
-def run_settings(hparams: dict, hparams_file: str) -> dict:
-    """The plain-data top-level keys of a run's hyperparameters (paths and :data:`RESUMABLE_KEYS` left out)."""
-    settings = {"hparams_file": Path(hparams_file).name}
-    for key, value in hparams.items():
-        if key in RESUMABLE_KEYS or key.endswith(("_folder", "_file", "_log", "_logs")):
-            continue
-        plain = _json_value(value)
-        if plain is not None or value is None:
-            settings[key] = plain
-    return settings
-
-
-def check_run_settings(hparams: dict, hparams_file: str, allow_changed: bool = False) -> None:
-    """Refuse to continue a run folder with other settings than it was made with (``OUTPUT/run_settings.json``).
-
-    Compared only when the folder holds checkpoints (there is work to lose
-    or to mix): every plain-data key of the yaml plus command-line overrides,
-    except :data:`RESUMABLE_KEYS` and paths. ``allow_changed`` (the
-    ``--allow_changed_settings=True`` flag) turns the refusal into a warning
-    that lists what differs; the file then records the new settings.
-
-    Raises
-    ------
-    ValueError
-        ``OUTPUT: made with other settings (folder != now): lr 0.001 != 0.003; ...``.
-    """
-    folder = Path(hparams["output_folder"])
-    path = folder / SETTINGS_NAME
-    now = run_settings(hparams, hparams_file)
-    checkpointer = hparams.get("checkpointer")
-    save = Path(getattr(checkpointer, "checkpoints_dir", folder / "save"))
-    if path.exists() and any(save.glob("CKPT+*")):
-        try:
-            before = json.loads(path.read_text())
-        except ValueError:
-            before = {}
-        diffs = [f"{key} {before.get(key, '(unset)')!r} != {now.get(key, '(unset)')!r}"
-                 for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]  # fmt: skip
-        if diffs and not allow_changed:
-            raise ValueError(
-                f"{folder}: made with other settings than this run's (folder != now): {'; '.join(diffs[:8])}"
-                + ("; ..." if len(diffs) > 8 else "")
-                + ". Use another output_folder, or add --allow_changed_settings=True to continue it with these"
-            )
-        if diffs:
-            logger.warning("%s: continuing with changed settings (--allow_changed_settings): %s", folder,
-                           "; ".join(diffs))  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(now, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def _check_ddp_batches(sampler, hparams: dict) -> None:
     """Under DDP every process needs two or more batches (SpeechBrain's batch-sampler wrapper breaks on one)."""
     processes = int(os.environ.get("WORLD_SIZE", "1")) if _launched_by_torchrun() else 1
@@ -259,21 +113,6 @@ def _check_ddp_batches(sampler, hparams: dict) -> None:
             f"(SpeechBrain's DistributedSamplerWrapper fails on one). Lower max_batch_length (now "
             f"{hparams['max_batch_length']} s) or use fewer processes"
         )
-
-
-def load_hparams(hparams_file: str, text: str, overrides) -> dict:
-    """``load_hyperpyyaml`` with a one-line error naming the file for an unknown key or broken YAML."""
-    from ruamel.yaml import YAMLError
-
-    try:
-        return load_hyperpyyaml(text, overrides)
-    except KeyError as err:
-        if "Override" not in str(err):
-            raise
-        key = str(err.args[0]).split(" not found in")[0].removeprefix("Override ")
-        raise ValueError(f"{hparams_file}: --{key.strip(chr(39))}=... overrides a key this yaml does not have") from err
-    except YAMLError as err:
-        raise ValueError(f"{hparams_file} with overrides {overrides!r}: not valid YAML ({err})") from err
 
 
 def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CTCBrain, setup=None) -> dict:

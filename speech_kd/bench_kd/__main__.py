@@ -2,4 +2,5 @@
 
 from speech_kd.bench_kd.main import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,8 @@ batch. One module per job:
 - :mod:`speech_kd.cache.format`: the frame encoding (top-k tokens, one byte per
   probability, runs of certain frames), its error bound and the shard layout;
 - :mod:`speech_kd.cache.storage`: crash-safe writes (temp file, fsync, rename);
+- :mod:`speech_kd.cache.folder`: a cache folder's metadata, the manifest it is
+  written from, and the checks a rerun makes before adding to it;
 - :mod:`speech_kd.cache.writer`: the resumable writer and its checks;
 - :mod:`speech_kd.cache.reader`: the memory-mapped reader, several caches read as one.
 """

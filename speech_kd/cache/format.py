@@ -1,98 +1,29 @@
 """The soft-target cache format: the frame encoding, its codes and the shard layout (no file I/O here).
 
-:func:`write_cache` runs a :class:`~speech_kd.teachers.base.Teacher` over a
-CSV manifest and stores a compact copy of its frame posteriors, keyed by
-utterance ID; :class:`CacheReader` turns them back into dense log-posteriors
-for any batch (any order, subset, shuffling or DDP split), at the cost of a
-memory-mapped read, the decompression of a small block and a scatter. Targets stay in the teacher's token space
-and frame rate; ``speech_kd.targets.TargetAligner`` maps them to the student.
+:func:`~speech_kd.cache.write_cache` runs a :class:`~speech_kd.teachers.base.Teacher`
+over a CSV manifest and stores a compact copy of its frame posteriors, keyed by
+utterance ID; :class:`~speech_kd.cache.CacheReader` turns them back into dense
+log-posteriors for any batch. ``docs/cache.md`` describes the format in full
+(``meta.json``, ``shards.json``, the shard files) with its measured size.
 
-Storage scheme (per teacher frame ``t`` with probabilities ``p_t [V]``)
--------------------------------------------------------------------------
-1. Sort the tokens by probability and keep the smallest prefix whose
-   cumulative probability reaches ``mass`` (default 0.98), at most ``top_k``
-   tokens (default 8, at most 127).
-2. Quantise each kept probability to one byte, ``q = floor(255 p + 1/2)``
-   (``round(255 p)``, halves up), so ``|q/255 - p| <= 1/510``. Trailing kept
-   tokens with ``q == 0`` are dropped (the most probable token is always kept).
-3. A frame whose top token alone reaches ``mass`` (or rounds to ``q == 255``)
-   is *certain*: it stores its token id and no probability, which is implied
-   to be one. Every other frame stores its ``k`` kept token ids and their
-   ``q`` bytes. :func:`encode` returns this per-frame form
-   (:class:`EncodedFrames`: ``counts`` is ``0`` for a certain frame).
-4. In the shard file each utterance becomes *codes*: a byte ``k`` (1..127)
-   for an uncertain frame, or ``128 + n - 1`` for a run of ``n`` (1..128)
-   consecutive certain frames of the same token, stored with a single id.
-   CTC posteriors are mostly long runs of confident blanks, so a run of
-   blanks costs two bytes whatever its length.
-5. The codes, ids (``uint8`` when ``V <= 256``, else little-endian
-   ``uint16``) and ``q`` bytes of ``block_utts`` (default 16) consecutive
-   utterances are concatenated stream by stream and compressed with ``zlib``
-   (DEFLATE, level 9, with its Adler-32 checksum, so a damaged block is an
-   error when read, not wrong targets): ids and probability bytes are far
-   from uniform, and the entropy coder takes advantage of it.
+Storage scheme, per teacher frame with probabilities ``p [V]``: keep the
+smallest prefix of the sorted tokens whose probability reaches ``mass``
+(default 0.98), at most ``top_k`` (default 8, at most 127); quantise each
+kept probability to one byte ``q = round(255 p)``, so ``|q/255 - p| <= 1/510``.
+A *certain* frame (its top token alone reaches ``mass``) stores only its
+token id (:class:`EncodedFrames`, :func:`encode`). In a shard each utterance
+becomes codes (:func:`to_codes`): a byte ``k`` for an uncertain frame, or
+``128 + n - 1`` for a run of ``n`` certain frames of one token, stored with a
+single id; blocks of ``BLOCK_UTTS`` utterances are zlib-compressed with their
+checksum, so a damaged block is an error, never wrong targets.
 
-Measured on the demo's cache (the shipped 3.15M teacher over the 1-hour demo
-corpus, 83,999 frames, 29 tokens; README "The soft-target cache"): 3.57
-bytes per frame for the whole folder (5.8 with format 1, which had neither
-runs nor compression), against 116 for fp32 posteriors.
-``tests/unit/test_cache.py`` measures the folder size for peaky character
-posteriors and the payload for a peaky 5,000-token vocabulary.
-
-Reconstruction (:func:`decode`): the ``k`` stored tokens get ``q/255`` (a
-certain frame's token gets 1); the residual ``r = max(1 - sum q/255, 1e-6)``
-is spread uniformly over the other ``V - k`` tokens (none when ``k == V``);
-the frame is then renormalised by ``sum q/255 + r``. Each frame sums to one
-and every probability is positive, except a stored token whose byte is 0
-(only possible as the top token of a near-uniform frame over more than 510
-tokens), whose log-probability is clamped at ``log(1e-30)``.
-
-Error. With ``m`` the true mass of the tokens not stored and ``k`` tokens
-stored, every probability of the frame satisfies::
+Reconstruction (:func:`decode`): stored tokens get ``q/255`` (a certain
+frame's token 1), the residual ``max(1 - sum q/255, 1e-6)`` is spread over the
+other tokens, and the frame is renormalised. With ``m`` the true mass of the
+tokens not stored and ``k`` tokens stored, every probability of the frame
+satisfies::
 
     |p_hat - p| <= m + (k + 1) / 510 + 1e-6
-
-Stored tokens are off by at most ``1/510`` (quantisation) plus the
-renormalisation, which is zero unless the rounded probabilities sum above one
-and then at most ``k/510 + 1e-6``; the other tokens are off by at most
-``m`` (the truncated mass, ``<= 1 - mass`` unless the ``top_k`` cap stopped
-first) plus the rounding error folded into the residual. A certain frame is
-off by at most ``m <= 1 - mass`` (plus the ``1e-6`` floor). In practice the
-rounding errors cancel and the largest error is close to ``max(1/510, m)``.
-
-Layout of ``CACHE_DIR``
------------------------
-``meta.json``
-    ``format_version``, ``teacher_name``, ``teacher_fingerprint``,
-    ``teacher_tokens``, ``blank_index``, ``frame_shift``, ``sample_rate``,
-    ``scheme`` (``top_k``, ``mass``, ``prob_levels`` 255, ``id_dtype``,
-    ``residual_floor``, ``certain``, ``max_run``, ``block_utts``,
-    ``compression``), ``student_tokens`` (or null), ``data_fingerprint``
-    (:func:`data_fingerprint` of the IDs and durations of the manifest last written from), ``csv``,
-    ``utterances``, ``frames`` (null until complete), ``complete``,
-    ``created`` and ``completed`` (ISO times).
-``shards.json``
-    ``{"format_version": 2, "shards": [{"name", "sha256", "bytes",
-    "utterances", "frames"}, ...]}``: only finished shards, replaced
-    atomically after each one.
-``shard-00000.bin``, ...
-    One self-contained file per shard: the magic ``b"SKDCACH2"``, a
-    little-endian ``uint64`` header length, the header (zlib-compressed
-    UTF-8 JSON), then the compressed blocks back to back. The header holds
-    ``frames``, ``id_dtype``, ``blocks`` (``[offset, bytes]`` of each block,
-    the offset counted from the end of the header) and ``utts``: ``[utt_id, block, num_frames, codes, ids, probs,
-    duration, audio_bytes]`` rows, ``codes, ids, probs`` being the utterance's lengths in each stream of its
-    block (utterances appear in a block in the order of the rows) and the last two what it was computed from
-    (the manifest's duration and the audio file's size; absent in caches written before they were recorded).
-
-Reading memory-maps the shard and decompresses one block (16 utterances,
-tens of microseconds) per utterance asked for; the last 64 decoded blocks of
-each process are kept. Writing is atomic (temporary name, fsync,
-``os.replace``) and resumable: a rerun skips the utterances of listed shards
-whose size and sha256 still match, and refuses a folder made for another
-teacher or scheme, or holding other audio (duration or file size) under an ID
-of the manifest; utterances no longer in the manifest are kept. One writer per
-folder at a time (``.lock``, :mod:`speech_kd.checkpoints`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speech_kd.cache.folder import _differences, _shard_problem
 from speech_kd.cache.format import (
     _BLOCK_CACHE,
     FORMAT_VERSION,
@@ -28,7 +29,6 @@ from speech_kd.cache.format import (
     from_codes,
 )
 from speech_kd.cache.storage import _read_json
-from speech_kd.cache.writer import _differences, _shard_problem
 from speech_kd.teachers.base import TeacherOutput
 
 logger = logging.getLogger(__name__)

@@ -6,218 +6,42 @@ import hashlib
 import logging
 import os
 import time
-from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from speech_kd.cache.folder import (  # noqa: F401 (file_size, _differences, _shard_problem: imported from here too)
+    _check_stored_data,
+    _differences,
+    _new_meta,
+    _open_out_dir,
+    _read_manifest,
+    _remove_leftovers,
+    _shard_problem,
+    _Utt,
+    _verified_shards,
+    file_size,
+)
 from speech_kd.cache.format import (
-    _IDENTITY_KEYS,
-    BLOCK_UTTS,
     FORMAT_VERSION,
     MANIFEST_NAME,
-    MAX_RUN,
     META_NAME,
-    PROB_LEVELS,
-    RESIDUAL_FLOOR,
     SHARD_PATTERN,
     CacheError,
     EncodedFrames,
     _check_scheme,
-    _read_shard_header,
     _shard_pieces,
-    data_fingerprint,
-    describe_data_differences,
     encode,
-    id_dtype,
-    utt_data_differs,
 )
-from speech_kd.cache.storage import _dir_bytes, _file_sha256, _now, _read_json, _write_atomic, _write_json
-from speech_kd.checkpoints import LOCK_NAME, FolderLock
+from speech_kd.cache.storage import _dir_bytes, _now, _read_json, _write_atomic, _write_json
+from speech_kd.checkpoints import FolderLock
 from speech_kd.teachers.base import Teacher
 
 logger = logging.getLogger(__name__)
 
-
-def _describe_tokens(name: str, a: Sequence[str] | None, b: Sequence[str] | None) -> str:
-    if a is None or b is None:
-        return f"{name} {'recorded' if a is not None else 'none'} != {'given' if b is not None else 'none'}"
-    if len(a) != len(b):
-        return f"{name} differ: {len(a)} != {len(b)} tokens"
-    first = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    return f"{name} differ at index {first}: {a[first]!r} != {b[first]!r}"
-
-
-def _differences(cached: dict, wanted: dict) -> list[str]:
-    """Human-readable ``key cached != wanted`` lines for every key of ``wanted`` that differs."""
-    out = []
-    for key, value in wanted.items():
-        have = cached.get(key)
-        if key in ("teacher_tokens", "student_tokens"):
-            if (list(have) if have is not None else None) != (list(value) if value is not None else None):
-                out.append(_describe_tokens(key.replace("_", " "), have, value))
-        elif key == "frame_shift":
-            if have is None or abs(float(have) - float(value)) > 1e-6:
-                out.append(f"frame shift {have} != {value}")
-        elif have != value:
-            out.append(f"{key.replace('_', ' ')} {have} != {value}")
-    return out
-
-
-# --------------------------------------------------------------------------- writing
-
-
 #: default longest utterance cache-targets runs the teacher on (seconds); longer ones are skipped with a warning
 MAX_DURATION = 60.0
-
-
-@dataclass(frozen=True)
-class _Utt:
-    uid: str
-    duration: float
-    wav: str
-    bytes: int = -1
-
-
-def file_size(path: str | os.PathLike) -> int:
-    """Size in bytes of the file ``path`` points to (links followed), ``-1`` when it cannot be looked at."""
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return -1
-
-
-def _read_manifest(csv_path: str | os.PathLike) -> list[_Utt]:
-    """Utterances of a SpeechBrain CSV (``ID``, ``duration``, ``wav``), checked for duplicates.
-
-    Raises :class:`CacheError` naming the file (and row) for a missing
-    column, a duration that is not a number, or duplicate IDs.
-    """
-    from speech_kd.dataio import read_csv_rows
-
-    try:
-        rows = read_csv_rows(csv_path, required=("ID", "duration", "wav"))
-    except ValueError as err:
-        raise CacheError(str(err)) from err
-    utts = [_Utt(row["ID"], float(row["duration"]), row["wav"], file_size(row["wav"])) for row in rows]
-    if not utts:
-        raise CacheError(f"{csv_path}: no utterances")
-    dups = sorted(uid for uid, n in Counter(u.uid for u in utts).items() if n > 1)
-    if dups:
-        raise CacheError(f"{csv_path}: duplicate utterance IDs {dups[:10]}")
-    return utts
-
-
-def _new_meta(teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: float, student_tokens) -> dict:
-    return {
-        "format_version": FORMAT_VERSION,
-        "teacher_name": teacher.name,
-        "teacher_fingerprint": teacher.fingerprint(),
-        "teacher_tokens": list(teacher.tokens),
-        "blank_index": int(teacher.blank_index),
-        "frame_shift": float(teacher.frame_shift),
-        "sample_rate": int(teacher.sample_rate),
-        "scheme": {
-            "top_k": int(top_k),
-            "mass": float(mass),
-            "prob_levels": PROB_LEVELS,
-            "id_dtype": id_dtype(len(teacher.tokens)).name,
-            "residual_floor": RESIDUAL_FLOOR,
-            "certain": "top token >= mass",
-            "max_run": MAX_RUN,
-            "block_utts": BLOCK_UTTS,
-            "compression": "zlib-9",
-        },  # fmt: skip
-        "student_tokens": list(student_tokens) if student_tokens is not None else None,
-        "data_fingerprint": data_fingerprint((u.uid, u.duration) for u in utts),
-        "csv": str(csv_path),
-        "utterances": len(utts),
-        "frames": None,
-        "complete": False,
-        "created": _now(),
-        "completed": None,
-    }
-
-
-def _open_out_dir(out_dir: Path, meta: dict) -> dict:
-    """Create ``out_dir`` or check that it holds a cache of the same teacher and scheme; return the meta to keep.
-
-    The data is checked per utterance (:func:`_check_stored_data`), so a
-    manifest that gained or lost rows resumes.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = out_dir / META_NAME
-    if not meta_path.exists():
-        others = [p.name for p in out_dir.iterdir() if ".tmp." not in p.name and p.name != LOCK_NAME]
-        if others:
-            raise CacheError(
-                f"{out_dir} is not empty and holds no cache {META_NAME} (found {others[:5]}); "
-                "use an empty or new folder"
-            )
-        _write_json(meta_path, meta)
-        return meta
-    old = _read_json(meta_path)
-    diffs = _differences(old, {key: meta[key] for key in _IDENTITY_KEYS})
-    if diffs:
-        raise CacheError(
-            f"{out_dir} holds a cache made from other inputs (cache != requested): "
-            + "; ".join(diffs)
-            + ". Use another folder, or delete this one to rebuild it."
-        )
-    old.update(csv=meta["csv"], data_fingerprint=meta["data_fingerprint"])  # the manifest this run writes from
-    return old
-
-
-def _check_stored_data(out_dir: Path, utts: list[_Utt], done: dict[str, tuple[float, int] | None], csv_path) -> None:
-    """Raise :class:`CacheError` naming the IDs whose stored targets were computed from other audio than the CSV's."""
-    diffs = [(u.uid, done[u.uid], (u.duration, u.bytes)) for u in utts
-             if u.uid in done and utt_data_differs(done[u.uid], (u.duration, u.bytes))]  # fmt: skip
-    if diffs:
-        raise CacheError(
-            f"{out_dir} holds targets of other audio than {csv_path}: "
-            + describe_data_differences(diffs, "csv")
-            + ". A cache holds one audio per ID: use another folder, or delete this one to rebuild it."
-        )
-
-
-def _verified_shards(out_dir: Path, entries: list[dict]) -> tuple[list[dict], dict[str, tuple[float, int] | None]]:
-    """Listed shards whose size and sha256 still match, and the utterances they hold (ID -> duration, bytes)."""
-    good: list[dict] = []
-    done: dict[str, tuple[float, int] | None] = {}
-    for entry in entries:
-        path = out_dir / entry["name"]
-        problem = _shard_problem(path, entry)
-        if problem:
-            logger.warning("cache: %s; its utterances will be recomputed", problem)
-            path.unlink(missing_ok=True)
-            continue
-        good.append(entry)
-        for row in _read_shard_header(path)["utts"]:
-            done[row[0]] = (float(row[6]), int(row[7])) if len(row) >= 8 else None
-    return good, done
-
-
-def _shard_problem(path: Path, entry: dict) -> str | None:
-    """Why a listed shard is unusable (missing, wrong size, wrong sha256), or ``None``."""
-    if not path.exists():
-        return f"{path.name}: missing"
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        how = "truncated" if size < entry["bytes"] else "grown"
-        return f"{path.name}: {size} bytes, {entry['bytes']} listed ({how})"
-    if _file_sha256(path) != entry["sha256"]:
-        return f"{path.name}: sha256 mismatch (corrupted)"
-    return None
-
-
-def _remove_leftovers(out_dir: Path, listed: set[str]) -> None:
-    """Delete temporary files and shard files that no finished-shard list names (a killed run's)."""
-    for path in out_dir.iterdir():
-        if ".tmp." in path.name or (path.name.startswith("shard-") and path.name not in listed):
-            logger.info("cache: removing leftover %s", path.name)
-            path.unlink(missing_ok=True)
 
 
 def _batches(utts: list[_Utt], batch_seconds: float) -> Iterator[list[_Utt]]:
@@ -407,6 +231,3 @@ def cache_targets(
 
     teacher = load_teachers(teacher_source, kind=kind, device=kw.get("device", "cpu"), overrides=teacher_overrides)
     return write_cache(teacher, csv_path, out_dir, **kw)
-
-
-# --------------------------------------------------------------------------- reading

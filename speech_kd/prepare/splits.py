@@ -1,29 +1,8 @@
-"""LibriSpeech-layout folders to SpeechBrain CSV manifests.
-
-Input layout (a LibriSpeech download, or ``speech-kd synth`` output)::
-
-    DATA_FOLDER/SPLIT/SPK/CHAPTER/SPK-CHAPTER-UTT.flac
-    DATA_FOLDER/SPLIT/SPK/CHAPTER/SPK-CHAPTER.trans.txt
-
-Output: ``SAVE_FOLDER/SPLIT.csv`` with SpeechBrain's LibriSpeech columns
-``ID,duration,wav,spk_id,wrd``, plus ``SAVE_FOLDER/SPLIT_skipped.csv`` listing
-every utterance left out and why. Bad utterances never stop the run: each is
-reported by name and reason, counted and skipped. CSVs are written under a
-temporary name and renamed, so an interrupted run leaves no half-written
-manifest.
-
-*Untranscribed* splits (``unlabeled_splits``) list every ``.flac``/``.wav``
-file under the split folder, at any depth (LibriSpeech layout, whose
-``.trans.txt`` files are then ignored, or any plain tree of audio files), with
-an empty ``wrd``; the same audio checks apply and their ``_skipped.csv`` is
-written the same way. Utterance IDs are the file names without extension
-(the relative path, ``/`` replaced by ``__``, for names that occur twice).
-"""
+"""One split of a LibriSpeech-layout folder to a CSV manifest, bad input skipped and listed; untranscribed splits."""
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections import Counter
@@ -33,9 +12,8 @@ from pathlib import Path
 
 from speech_kd.audio import AudioError, probe_audio
 
-__all__ = ["LIBRISPEECH_ALPHABET", "PrepareResult", "prepare_librispeech", "prepare_unlabeled_split", "Skipped"]
-
 logger = logging.getLogger(__name__)
+
 
 #: Characters allowed in transcripts (after upper-casing): LibriSpeech's.
 LIBRISPEECH_ALPHABET = " 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -272,154 +250,3 @@ def _atomic_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
         writer.writerow(header)
         writer.writerows(rows)
     os.replace(tmp, path)
-
-
-def prepare_librispeech(
-    data_folder: str | os.PathLike,
-    save_folder: str | os.PathLike,
-    splits: list[str] | tuple[str, ...] | None = None,
-    sample_rate: int = 16000,
-    alphabet: str = LIBRISPEECH_ALPHABET,
-    skip_if_done: bool = True,
-    unlabeled_splits: list[str] | tuple[str, ...] | None = None,
-) -> PrepareResult:
-    """Prepare several splits of a LibriSpeech-layout folder.
-
-    Parameters
-    ----------
-    data_folder : path-like
-        Folder holding one sub-folder per split (``train-clean-100``, ...).
-    save_folder : path-like
-        Where ``SPLIT.csv`` and ``SPLIT_skipped.csv`` go.
-    splits : list of str, optional
-        Split folder names; default: every sub-folder of ``data_folder``.
-    sample_rate : int
-        Audio at another rate is skipped and reported (resample it first).
-    alphabet : str
-        Allowed transcript characters after upper-casing.
-    skip_if_done : bool
-        Reuse a split's CSV when it was made from the same inputs and settings
-        (recorded in ``SAVE_FOLDER/prepare_SPLIT.json``).
-    unlabeled_splits : list of str, optional
-        Split folders prepared as untranscribed audio
-        (:func:`prepare_unlabeled_split`: every audio file, empty ``wrd``,
-        transcripts ignored); never in the default ``splits``.
-
-    Returns
-    -------
-    PrepareResult
-        CSV paths, kept counts, hours and the skipped utterances.
-    """
-    data_folder = Path(data_folder)
-    if not data_folder.is_dir():
-        raise FileNotFoundError(f"data_folder {data_folder} does not exist")
-    unlabeled = list(unlabeled_splits or [])
-    both = sorted(set(unlabeled) & set(splits or []))
-    if both:
-        raise ValueError(f"split(s) {', '.join(both)} given as transcribed and as unlabeled: name each in one list")
-    if not splits and not unlabeled:
-        splits = sorted(p.name for p in data_folder.iterdir() if p.is_dir() and any(p.glob("*/*/*.trans.txt")))
-        if not splits:
-            raise FileNotFoundError(f"no LibriSpeech-layout split (SPLIT/SPK/CHAPTER/*.trans.txt) in {data_folder}")
-    splits = list(splits or [])
-    missing = [split for split in splits if not (data_folder / split).is_dir()]
-    if missing:  # before any CSV is written: a typo in the last split must not leave the first ones half-done
-        raise FileNotFoundError(f"no split folder {', '.join(missing)} in {data_folder}")
-    missing = [split for split in unlabeled if not (data_folder / split).is_dir()]
-    if missing:
-        raise FileNotFoundError(f"unlabeled split folder {', '.join(missing)} does not exist in {data_folder}")
-    total = PrepareResult()
-    for split in [*splits, *unlabeled]:
-        is_unlabeled = split in unlabeled
-        stamp = Path(save_folder) / f"prepare_{split}.json"
-        settings = {
-            "data_folder": str(data_folder.resolve()),
-            "split": split,
-            "sample_rate": sample_rate,
-            "alphabet": alphabet,
-            "files": split_files(data_folder / split, deep=is_unlabeled),
-        }
-        if is_unlabeled:
-            settings["unlabeled"] = True
-        csv_path = Path(save_folder) / f"{split}.csv"
-        old = _read_stamp(stamp) if skip_if_done and csv_path.exists() else None
-        if old == settings:
-            logger.info("%s is up to date, skipping preparation", csv_path)
-            total.csv_files[split] = str(csv_path)
-            continue
-        if old is not None:
-            logger.info("%s: redoing split %s (%s)", csv_path, split, _what_changed(old, settings))
-        if is_unlabeled:
-            res = prepare_unlabeled_split(data_folder, split, save_folder, sample_rate)
-        else:
-            res = prepare_split(data_folder, split, save_folder, sample_rate, alphabet)
-        total.csv_files.update(res.csv_files)
-        total.kept.update(res.kept)
-        total.hours.update(res.hours)
-        total.skipped.extend(res.skipped)
-        tmp = stamp.with_name(stamp.name + ".tmp")
-        tmp.write_text(json.dumps(settings, separators=(",", ":")))
-        os.replace(tmp, stamp)
-    return total
-
-
-def _read_stamp(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def split_files(folder: Path, deep: bool = False) -> dict[str, list[int]]:
-    """``relative path -> [size, mtime_ns]`` of the split's audio and transcript files (links followed).
-
-    LibriSpeech layout: the files in ``SPLIT/SPK/CHAPTER/``; ``deep``
-    (untranscribed splits): every audio file at any depth. Recorded in
-    ``prepare_SPLIT.json``: a file replaced, edited in place, added or removed
-    changes it, and the split is prepared again. Cost: one ``stat`` per file
-    (docs/robustness.md has the measurement on a 100-hour-sized tree).
-    """
-    out: dict[str, list[int]] = {}
-    if not folder.is_dir():
-        return out
-    if deep:
-        for path, _, names in os.walk(folder, followlinks=True):
-            for name in names:
-                if name.endswith(AUDIO_EXTENSIONS):
-                    full = os.path.join(path, name)
-                    out[os.path.relpath(full, folder)] = _size_mtime(full)
-        return out
-    for speaker in os.scandir(folder):
-        if not speaker.is_dir():
-            continue
-        for chapter in os.scandir(speaker.path):
-            if not chapter.is_dir():
-                continue
-            for entry in os.scandir(chapter.path):
-                if entry.name.endswith((*AUDIO_EXTENSIONS, ".trans.txt")):
-                    out[f"{speaker.name}/{chapter.name}/{entry.name}"] = _size_mtime(entry.path)
-    return dict(sorted(out.items()))
-
-
-def _size_mtime(path: str) -> list[int]:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return [-1, -1]  # a dangling link: prepare reports the file as missing
-    return [info.st_size, info.st_mtime_ns]
-
-
-def _what_changed(old: dict, new: dict) -> str:
-    """``settings differ: ...`` or ``N files changed (a, b, ...)`` between two prepare stamps."""
-    keys = [key for key in new if key != "files" and old.get(key) != new[key]]
-    if keys:
-        return "settings differ: " + ", ".join(keys)
-    before, after = old.get("files") or {}, new["files"]
-    changed = sorted(name for name in set(before) | set(after) if before.get(name) != after.get(name))
-    if not changed:
-        return "no file record"
-    return (
-        f"{len(changed)} file(s) changed, added or removed: "
-        + ", ".join(changed[:3])
-        + (", ..." if len(changed) > 3 else "")
-    )
