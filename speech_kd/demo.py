@@ -1,7 +1,7 @@
 """The offline demo: corpus -> teacher -> cached targets -> KD and scratch students -> WER table.
 
 Every figure it prints is measured in the run. The teacher is the one
-shipped in ``speech_kd/pretrained/teacher_synth`` (trained by the project's
+shipped in ``speech_kd/pretrained/teacher_synth`` (trained by the package's
 own recipe; the command is in its ``speech_kd.json``), or trained on the spot
 when that folder is missing.
 """

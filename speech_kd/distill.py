@@ -179,7 +179,7 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             if resolved.get(key):
                 resolved[key] = ",".join(_absolute_if_local(s) for s in teacher_sources(resolved[key]))
         (out / "kd_run.json").write_text(json.dumps(resolved, indent=2, default=str) + "\n")
-        check_teacher(brain, hparams, targets, datasets)  # OUTPUT/teacher_dev.json, compared every epoch (issue 21)
+        check_teacher(brain, hparams, targets, datasets)  # OUTPUT/teacher_dev.json, compared every epoch
 
     results = run_training(argv, brain_class=DistillBrain, setup=setup)
     _report(run)

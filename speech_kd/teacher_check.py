@@ -52,7 +52,7 @@ REACHED_ADVICE = (
     "teacher's errors. What to do: keep kd_anneal on (the default: the KD weight fades to 0 as the student "
     "reaches the teacher, and the student goes on learning from the transcripts); compare with the same student "
     "from scratch (--kd_weight=0 --lr=0.002) and `speech-kd compare`; or train a stronger teacher (longer: the "
-    "README's teacher went from 51.49 to 37.43 test WER between 8 and 16 epochs; on more data; a larger model)"
+    "shipped teacher's recipe went from 51.49 to 37.43 test WER between 8 and 16 epochs; on more data; a larger model)"
 )
 
 

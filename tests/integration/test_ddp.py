@@ -90,7 +90,7 @@ def test_two_process_ddp_equals_one_process(tiny_corpus, tmp_path, targets):
 
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    # the README's command; --master_port only keeps parallel test runs off each other's default port
+    # docs/distributed.md's command; --master_port only keeps parallel test runs off each other's default port
     command = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={_free_port()}", "--no-python",
                str(BIN / "speech-kd"), "distill", *args, f"--output_folder={ddp}",
                "--distributed_backend=gloo"]  # fmt: skip

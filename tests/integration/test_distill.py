@@ -52,7 +52,7 @@ def test_cached_targets_equal_live_targets(trained_run, tiny_corpus, tmp_path):
     teacher = load_teacher(trained_run / "model")
     csv = trained_run / "train.csv"
     summary = cache_targets(str(trained_run / "model"), csv, tmp_path / "cache", progress=False)
-    # a barely trained teacher is not peaky (8 tokens kept per frame); the real figures are in the README
+    # a barely trained teacher is not peaky (8 tokens kept per frame); the real figures are in docs/cache.md
     assert summary["bytes_per_frame"] < 29 * 4 / 5
     tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     tokens = token_strings(tokenizer)
@@ -99,7 +99,7 @@ def test_a_cache_missing_training_utterances_is_refused_before_training(trained_
 
 
 def test_a_cache_of_other_audio_under_the_same_ids_is_refused_naming_them(trained_run, corpus_copy, tmp_path):
-    """Issue 16: a cache covering more than the run is fine; another file under a cached ID is refused by name."""
+    """A cache covering more than the run is fine; another file under a cached ID is refused by name."""
     from speech_kd.distill import check_cache_data
 
     rows = (trained_run / "train.csv").read_text().splitlines()

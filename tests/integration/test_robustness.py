@@ -1,4 +1,4 @@
-"""Issue 16: stale manifests, long files, concurrent and changed runs, small input faults (real tiny corpora)."""
+"""Stale manifests, long files, concurrent and changed runs, small input faults (real tiny corpora)."""
 
 from __future__ import annotations
 

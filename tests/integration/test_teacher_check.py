@@ -1,4 +1,4 @@
-"""Issue 21: the teacher is scored on dev before distilling, compared every epoch, and KD fades out (kd_anneal)
+"""The teacher is scored on dev before distilling, compared every epoch, and KD fades out (kd_anneal)
 as the student reaches it. Real tiny corpus, real training."""
 
 from __future__ import annotations

@@ -401,7 +401,7 @@ def _write_rows(path: Path, rows: list[dict]) -> Path:
 
 
 def test_manifest_that_lost_rows_resumes_and_keeps_every_shard(corpus, cache_copy, tmp_path):
-    """Issue 16: a row deleted from the manifest (a bad file) resumes; nothing stored is lost."""
+    """A row deleted from the manifest (a bad file) resumes; nothing stored is lost."""
     before = {p.name: p.read_bytes() for p in cache_copy.glob("shard-*.bin")}
     rows = manifest_rows(corpus)
     fewer = _write_rows(tmp_path / "fewer.csv", rows[:4] + rows[5:])

@@ -122,8 +122,8 @@ def test_compare_cli(tmp_path, capsys):
 
 
 def test_teacher_worse_than_scratch_is_said_not_a_negative_share(tmp_path, capsys):
-    # issue 21: a teacher trained too briefly is worse than the student from scratch; the old share
-    # (scratch - kd) / (scratch - teacher) then came out negative (e.g. -60 %) or undefined
+    # a teacher trained too briefly is worse than the student from scratch; the share
+    # (scratch - kd) / (scratch - teacher) then comes out negative (e.g. -60 %) or undefined
     refs, rng = _runs(60, seed=5)
     files = {}
     for name, rate in [("t", 0.6), ("s1", 0.3), ("s2", 0.35), ("k1", 0.5), ("k2", 0.55)]:

@@ -1,4 +1,4 @@
-"""Property tests (issue 16): the manifest reader and the vocabulary mapping over random bytes, encodings and
+"""Property tests: the manifest reader and the vocabulary mapping over random bytes, encodings and
 characters never fail with anything but their documented errors."""
 
 from __future__ import annotations
