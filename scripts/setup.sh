@@ -2,7 +2,7 @@
 # Install everything speech_kd needs on a fresh Debian machine:
 #   - Debian packages: TTS engines for the synthetic corpus, sox, and (with --test) chromium
 #   - a virtualenv .venv with the known-good Python stack and speech_kd (editable)
-#   - with --test the test extra, with --docs the docs extra (Sphinx, pinned in requirements/docs.txt)
+#   - with --test the test and export extras, with --docs the docs extra (Sphinx, pinned in requirements/docs.txt)
 # Idempotent: a rerun only installs what is missing or changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +33,7 @@ fi
 PY=${PYTHON:-python3}
 [[ -x .venv/bin/python ]] || "$PY" -m venv .venv
 extras="hf"
-[[ $WITH_TEST == 1 ]] && extras="$extras,test"
+[[ $WITH_TEST == 1 ]] && extras="$extras,test,export"  # the export tests need onnx + onnxruntime
 [[ $WITH_DOCS == 1 ]] && extras="$extras,docs"
 stamp=".venv/.speech_kd_installed_${extras//,/_}"
 if [[ ! -f $stamp || pyproject.toml -nt $stamp || requirements/known-good.txt -nt $stamp \

@@ -15,10 +15,15 @@ Measured:
 - one training step (forward, backward, optimizer) of the student alone, with
   an online teacher (KD), and with cached targets (KD);
 - inference real-time factor of teacher and student, and the speed-up;
-- ``speech-kd evaluate`` throughput (utterances per second, RTF).
+- ``speech-kd evaluate`` throughput (utterances per second, RTF);
+- the student exported to ONNX (fp32 and int8) against the PyTorch teacher:
+  RTF, speed-up, peak memory of a fresh process, size on disk
+  (:mod:`speech_kd.deploy.speed`; needs onnxruntime, skipped without it).
 
 JSON keys (``--json``): ``features_vs_librosa``, ``cached_kd_over_plain``,
-``online_kd_over_plain``, ``student_speedup`` plus the raw timings.
+``online_kd_over_plain``, ``student_speedup``, ``student_speedup_onnx``,
+``student_speedup_int8``, ``peak_rss_mb_teacher``, ``peak_rss_mb_student``
+plus the raw timings.
 """
 
 from __future__ import annotations
@@ -244,6 +249,15 @@ def main(argv: list[str] | None = None) -> dict:
     results.update(bench_features(batch, args.repeats, args.device))
     results.update(bench_steps(batch, csvs["train"], tokenizer, models["teacher"], args.repeats, args.device, tmp))
     results.update(bench_inference(batch, models, args.repeats, args.device))
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print("onnxruntime missing: exported-student figures skipped (pip install 'speech_kd[export]')")
+    else:
+        from speech_kd.deploy.speed import bench_deployed
+
+        teacher_rtf = results["rtf_teacher"] if args.device == "cpu" else None  # exported models run on the CPU
+        results.update(bench_deployed(*batch.sig, models, args.repeats, tmp, rtf_teacher=teacher_rtf))
     ev = evaluate_model(models["student"], csvs["test"], device=args.device, progress=False).summary
     results.update(evaluate_utts_per_s=ev["utts_per_second"], evaluate_rtf=ev["rtf"])
 

@@ -8,6 +8,7 @@ Commands::
     speech-kd distill HPARAMS.yaml --teacher_source=FOLDER --key=value ...
     speech-kd cache-targets --teacher FOLDER --csv train.csv --out CACHE_DIR
     speech-kd evaluate --asr FOLDER (--csv TEST.csv | --data_folder DIR --split NAME) [--json PATH] [--html PATH]
+    speech-kd export MODEL_FOLDER --out DIR [--format onnx|torchscript] [--quantize int8]
     speech-kd report RUN_DIR [--compare NAME=FOLDER ...] [--max_utts N] [--no-eval]
     speech-kd compare --teacher T_utts.txt --scratch S_utts.txt ... --kd K_utts.txt ... [--json PATH]
     speech-kd bench [--json PATH]                    speed benchmarks
@@ -87,6 +88,7 @@ def _cmd_evaluate(args) -> None:
         device=args.device,
         batch_seconds=args.batch_seconds,
         max_duration=args.max_duration,
+        blank_penalty=args.blank_penalty,
     )
     s = result.summary
     print(
@@ -101,6 +103,17 @@ def _cmd_evaluate(args) -> None:
         from speech_kd.report import evaluation_page
 
         print(f"wrote {evaluation_page(result.summary, result.utterances, args.html, device=args.device)}")
+
+
+def _cmd_export(args) -> None:
+    from speech_kd.deploy.exporter import export_asr
+
+    info = export_asr(args.model_folder, args.out, fmt=args.format, quantize=args.quantize,
+                      fp32_layers=tuple(args.fp32_layers), blank_penalty=args.blank_penalty)  # fmt: skip
+    print(f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
+          f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
+          f"PyTorch network on a test batch {info['max_abs_diff']:.2g}")  # fmt: skip
+    print(f"try: python {Path(args.out) / 'transcribe.py'} AUDIO.wav")
 
 
 def _cmd_cache_targets(args) -> None:
@@ -196,7 +209,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_duration", type=float, default=60.0,
                    help="longer utterances (seconds) are not scored, a warning names each; 0: no limit")  # fmt: skip
     p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
+    p.add_argument("--blank_penalty", type=float, default=None,
+                   help="exported folders only: subtracted from the blank's log-probability at decoding")  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="model folder -> ONNX/TorchScript folder that runs without speechbrain")
+    p.add_argument("model_folder", help="a model folder (<output_folder>/model of speech-kd train/distill)")
+    p.add_argument("--out", required=True, help="folder to write (model, deploy.json, tokens, transcribe.py)")
+    format_help = "onnx (needs onnxruntime, numpy, soundfile) or torchscript (torch, numpy, soundfile)"
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help=format_help)
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: linear layers dynamically quantised (int8 weights, per-batch activations)")  # fmt: skip
+    p.add_argument("--fp32_layers", nargs="*", default=["ctc_lin"],
+                   help="modules kept in fp32 by --quantize int8 (default: ctc_lin, the output layer)")  # fmt: skip
+    p.add_argument("--blank_penalty", type=float, default=0.0,
+                   help="stored in the folder: subtracted from the blank's log-probability at decoding")  # fmt: skip
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("cache-targets", help="run a teacher once and store its soft targets")
     p.add_argument("--teacher", required=True, help="teacher folder (SpeechBrain or Hugging Face); A,B,... an ensemble")

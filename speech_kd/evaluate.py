@@ -90,7 +90,9 @@ def _pretrainer_loadables(yaml_path: Path) -> list[str]:
 
 
 def count_parameters(asr) -> int:
-    """Number of parameters of the loaded model's modules."""
+    """Number of parameters of the loaded model's modules (an exported folder's: from its ``deploy.json``)."""
+    if getattr(asr, "exported_params", None) is not None:
+        return int(asr.exported_params)
     return sum(p.numel() for p in asr.mods.parameters())
 
 
@@ -137,7 +139,7 @@ def model_characters(asr) -> set[str] | None:
     From ``EncoderASR.tokenizer`` or an :class:`EnsembleASR`'s teacher tokens;
     special tokens such as ``<blank>`` are left out.
     """
-    tokens = getattr(getattr(asr, "teacher", None), "tokens", None)
+    tokens = getattr(getattr(asr, "teacher", None), "tokens", None) or getattr(asr, "tokens", None)
     if tokens is None:
         tokens = list(getattr(getattr(asr, "tokenizer", None), "lab2ind", {}) or [])
     chars = set()
@@ -293,6 +295,7 @@ def evaluate_model(
     utts_path: str | os.PathLike | None = None,
     progress: bool = True,
     max_duration: float | None = MAX_DURATION,
+    blank_penalty: float | None = None,
 ) -> EvalResult:
     """Transcribe a test set with the model folder and score it.
 
@@ -305,7 +308,9 @@ def evaluate_model(
     block per utterance, worst first, with jiwer's alignment) when given.
     Utterances longer than ``max_duration`` seconds (default 60; ``None``
     or 0: no limit) are skipped with a warning naming each file, so one long
-    recording cannot exhaust memory.
+    recording cannot exhaust memory. A folder written by ``speech-kd export``
+    (ONNX or TorchScript) is run by :class:`~speech_kd.deploy.asr.DeployedASR`
+    (its ``transcribe.py`` code), ``blank_penalty`` replacing the folder's.
     """
     check_writable(json_path, utts_path)  # before the work: a path that cannot be written fails now, not after it
     if csv_path is None:
@@ -319,7 +324,16 @@ def evaluate_model(
     folders = teacher_sources(asr_folder)
     if not folders:
         raise ValueError("--asr names no model folder")
-    if len(folders) > 1 or not (Path(folders[0]) / "hyperparams.yaml").exists():
+    from speech_kd.deploy.asr import DeployedASR, is_exported_folder
+
+    if len(folders) == 1 and is_exported_folder(folders[0]):
+        if not str(device).startswith("cpu"):
+            raise ValueError(f"{folders[0]}: an exported folder runs on the CPU; use --device=cpu")
+        asr = DeployedASR(folders[0], blank_penalty=blank_penalty)
+        sample_rate = asr.sample_rate
+    elif blank_penalty is not None:
+        raise ValueError("--blank_penalty applies to folders written by speech-kd export")
+    elif len(folders) > 1 or not (Path(folders[0]) / "hyperparams.yaml").exists():
         # several folders, or one that is not a SpeechBrain folder (a Hugging Face CTC model): the teacher loader
         asr = EnsembleASR(folders, device=device)
         sample_rate = asr.sample_rate

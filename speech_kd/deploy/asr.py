@@ -1,0 +1,57 @@
+"""An exported folder as ``speech-kd evaluate`` and ``speech-kd bench`` run models: ``transcribe_batch``.
+
+The transcription itself is :class:`speech_kd.deploy.runtime.ExportedASR`,
+the code the folder's ``transcribe.py`` runs, so what is scored is what ships.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from speech_kd.deploy.runtime import CONFIG_NAME, ExportedASR
+
+__all__ = ["DeployedASR", "is_exported_folder"]
+
+
+def is_exported_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` was written by ``speech-kd export`` (it holds ``deploy.json``)."""
+    return (Path(folder) / CONFIG_NAME).is_file()
+
+
+class DeployedASR:
+    """``transcribe_batch(wavs [B, S], wav_lens [B])`` over an exported folder, like SpeechBrain's ``EncoderASR``.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        What ``speech-kd export`` wrote.
+    threads : int, optional
+        Runtime threads (default: ``torch.get_num_threads()``, what a PyTorch model in this process uses).
+    blank_penalty : float, optional
+        Replaces the folder's blank penalty at decoding.
+    """
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None,
+                 blank_penalty: float | None = None) -> None:  # fmt: skip
+        threads = torch.get_num_threads() if threads is None else threads
+        self.runtime = ExportedASR(folder, threads=threads, blank_penalty=blank_penalty)
+        self.sample_rate = self.runtime.sample_rate
+        self.tokens = self.runtime.tokens
+        self.exported_params = int(self.runtime.config.get("params") or 0)
+
+    def log_probs_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> list[torch.Tensor]:
+        """Per-utterance ``[T', V]`` log-probabilities of padded ``wavs [B, S]`` (``wav_lens`` relative)."""
+        lengths = torch.round(wav_lens * wavs.shape[1]).long().tolist()
+        arrays = [wavs[i, :n].detach().cpu().float().numpy() for i, n in enumerate(lengths)]
+        return [torch.from_numpy(lp) for lp in self.runtime.log_probs(arrays)]
+
+    def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
+        """Words and token ids of padded ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
+        from speech_kd.deploy.runtime import greedy_decode
+
+        ids = [greedy_decode(lp.numpy(), self.runtime.blank_index, self.runtime.blank_penalty)
+               for lp in self.log_probs_batch(wavs, wav_lens)]  # fmt: skip
+        return [self.runtime.text(row) for row in ids], ids

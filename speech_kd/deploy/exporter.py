@@ -1,0 +1,235 @@
+"""``speech-kd export``: a model folder -> a folder that transcribes without speechbrain or speech_kd.
+
+Written into ``out``::
+
+    model.onnx | model.ts   the network of :class:`~speech_kd.deploy.graph.CTCGraph` (fbank frames in,
+                            log-probabilities and output lengths out; ONNX opset 17 or TorchScript)
+    fbank.npz               the fbank's window and mel filters, as SpeechBrain's ``Fbank`` builds them
+    deploy.json             tokens, blank, sample rate, frame shift, fbank settings, quantisation, parameters
+    tokens.txt              one token per line, in index order
+    transcribe.py           :mod:`speech_kd.deploy.runtime`, copied: fbank, network, greedy CTC decoding
+    README.txt              usage
+
+Quantisation (``int8``) is dynamic: weights stored as int8, activations
+quantised per batch at run time. Only the matrix products with a weight
+(linear layers: input projection, feed-forward, attention projections) are
+quantised; the layers named in ``fp32_layers`` (default: the CTC output
+layer, whose small log-probability margins decide blank against token) and
+the convolutions (front end, depth-wise) stay fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from speech_kd.deploy import runtime
+from speech_kd.deploy.graph import CTCGraph, UnsupportedModelError
+
+__all__ = ["export_asr", "FORMATS", "QUANTIZE", "DEFAULT_FP32_LAYERS"]
+
+FORMATS = ("onnx", "torchscript")
+QUANTIZE = (None, "int8")
+#: layers left in fp32 by ``--quantize int8`` unless told otherwise
+DEFAULT_FP32_LAYERS = ("ctc_lin",)
+#: ONNX operator set of the exported graph
+OPSET = 17
+
+_README = """Exported by `speech-kd export` ({format}{quant}): a CTC speech recogniser for {rate} Hz mono audio.
+
+Needs: python3 with numpy, soundfile and {runtime} (not speechbrain, not speech_kd).
+
+    python transcribe.py a.wav b.flac                 # one "FILE<TAB>transcript" line per file
+    python transcribe.py long.wav --chunk_seconds 20  # a long file in 20 s chunks (bounded memory)
+
+From Python:
+
+    import sys; sys.path.insert(0, "THIS_FOLDER")
+    from transcribe import ExportedASR
+    asr = ExportedASR("THIS_FOLDER", threads=1)
+    asr.transcribe([samples])       # float32 numpy arrays at {rate} Hz -> list of transcripts
+    asr.log_probs([samples])        # per utterance [frames, tokens] log-probabilities
+
+Tokens: deploy.json "tokens" (also tokens.txt), blank index {blank}. One output frame every
+{shift} s. Features: 80-dim log-mel fbank computed by transcribe.py in numpy (fbank.npz holds the
+window and filters). Audio shorter than {min_ms} ms is zero-padded to that length.
+"""
+
+
+def _fbank_settings(module: torch.nn.Module) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Settings, window ``[n_fft]`` and mel filters ``[n_fft // 2 + 1, F]`` of a SpeechBrain ``Fbank``."""
+    from speech_kd.features import _filter_matrix
+
+    stft, banks = module.compute_STFT, module.compute_fbanks
+    problems = []
+    if module.deltas or module.context:
+        problems.append("deltas/context")
+    if not stft.center or stft.pad_mode != "constant" or stft.normalized_stft or not stft.onesided:
+        problems.append("STFT other than centred, zero-padded, unnormalised, one-sided")
+    if not banks.log_mel or banks.multiplier != 10 or banks.param_rand_factor != 0:
+        problems.append("filterbank other than log power mel")
+    if problems:
+        raise UnsupportedModelError(f"compute_features: {', '.join(problems)}")
+    window = stft.window.detach().double().numpy()
+    if stft.win_length < stft.n_fft:  # torch.stft centres a shorter window in n_fft
+        left = (stft.n_fft - stft.win_length) // 2
+        window = np.pad(window, (left, stft.n_fft - stft.win_length - left))
+    mel = _filter_matrix(banks, torch.device("cpu")).double().numpy().T
+    settings = {"n_fft": int(stft.n_fft), "hop_length": int(stft.hop_length), "win_length": int(stft.win_length),
+                "n_mels": int(mel.shape[1]), "amin": float(banks.amin), "top_db": float(banks.top_db),
+                "ref_value": float(banks.ref_value)}  # fmt: skip
+    return settings, window, mel
+
+
+def _example(graph: CTCGraph, n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch of two utterances of different lengths (the trace must not specialise on one)."""
+    generator = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 203, n_mels, generator=generator) * 10 - 40
+    return feats, torch.tensor([203, 150], dtype=torch.int64)
+
+
+def _linear_names(graph: torch.nn.Module, fp32_layers: tuple[str, ...]) -> set[str]:
+    """Names of the ``nn.Linear`` modules of ``graph`` not under any of ``fp32_layers``."""
+    return {name for name, module in graph.named_modules() if isinstance(module, torch.nn.Linear)
+            and not any(name == layer or name.startswith(layer + ".") for layer in fp32_layers)}  # fmt: skip
+
+
+def _write_onnx(graph: CTCGraph, example, path: Path, quantize: str | None, fp32_layers: tuple[str, ...]) -> None:
+    """``torch.onnx.export`` (TorchScript-based exporter, dynamic batch and length), then int8 if asked."""
+    plain = path.with_name("fp32.onnx") if quantize else path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph, example, str(plain), input_names=["feats", "lengths"], output_names=["log_probs", "out_lengths"],
+            dynamic_axes={"feats": {0: "batch", 1: "frames"}, "lengths": {0: "batch"},
+                          "log_probs": {0: "batch", 1: "out_frames"}, "out_lengths": {0: "batch"}},
+            opset_version=OPSET, dynamo=False,
+        )  # fmt: skip
+    if not quantize:
+        return
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    keep = tuple(f"/{layer.replace('.', '/')}/" for layer in fp32_layers)
+    nodes = onnx.load(str(plain)).graph.node
+    excluded = [node.name for node in nodes if node.name.startswith(keep)]
+    quantize_dynamic(str(plain), str(path), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                     nodes_to_exclude=excluded)  # fmt: skip
+    plain.unlink()
+
+
+def _write_torchscript(graph: CTCGraph, example, path: Path, quantize: str | None,
+                       fp32_layers: tuple[str, ...]) -> None:  # fmt: skip
+    """``torch.jit.trace`` of the graph (after ``quantize_dynamic`` of its linear layers for int8)."""
+    if quantize:
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = quantize_dynamic(graph, _linear_names(graph, fp32_layers), dtype=torch.qint8)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(graph, example, check_trace=False)
+    traced.save(str(path))
+
+
+def export_asr(
+    model_folder: str | os.PathLike,
+    out: str | os.PathLike,
+    fmt: str = "onnx",
+    quantize: str | None = None,
+    fp32_layers: tuple[str, ...] = DEFAULT_FP32_LAYERS,
+    blank_penalty: float = 0.0,
+) -> dict:
+    """Export a model folder (``speech-kd train``/``distill``'s ``<output_folder>/model``) to ``out``.
+
+    Parameters
+    ----------
+    model_folder : str or os.PathLike
+        A SpeechBrain ``EncoderASR`` folder written by this package (see the module docstring of
+        :mod:`speech_kd.export`).
+    out : str or os.PathLike
+        Folder to write (replaced if it exists; written to a sibling first, then renamed).
+    fmt : str
+        ``"onnx"`` or ``"torchscript"``.
+    quantize : str, optional
+        ``None`` (fp32) or ``"int8"`` (dynamic quantisation of the linear layers, see module docstring).
+    fp32_layers : tuple of str
+        Modules of :class:`~speech_kd.deploy.graph.CTCGraph` left in fp32 by ``int8`` (``ctc_lin``,
+        ``encoder.layers.0``, ...).
+    blank_penalty : float
+        Written to ``deploy.json``: subtracted from the blank's log-probability when decoding.
+
+    Returns
+    -------
+    dict
+        The ``deploy.json`` written, plus ``max_abs_diff`` (exported network against the PyTorch graph on a
+        padded batch of random frames) and ``bytes`` (model file size).
+    """
+    from speech_kd.evaluate import count_parameters, load_asr
+
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"--quantize {quantize!r}: only int8 (dynamic) is supported")
+    asr = load_asr(model_folder, device="cpu")
+    encoder = asr.mods.encoder.eval()
+    settings, window, mel = _fbank_settings(encoder.compute_features)
+    graph = CTCGraph(encoder)
+    unknown = [layer for layer in fp32_layers if layer not in dict(graph.named_modules())]
+    if quantize and unknown:
+        raise ValueError(f"--fp32_layers {', '.join(unknown)}: no such module (e.g. ctc_lin, encoder.layers.0)")
+    example = _example(graph, settings["n_mels"])
+    stride = int(graph.out_lengths(torch.tensor([1 << 20]))[0])
+    tokens = [asr.tokenizer.ind2lab[i] for i in range(len(asr.tokenizer))]
+    sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model_file = "model.onnx" if fmt == "onnx" else "model.ts"
+    writer = _write_onnx if fmt == "onnx" else _write_torchscript
+    writer(graph, example, tmp / model_file, quantize, tuple(fp32_layers))
+    np.savez(tmp / runtime.FEATURES_NAME, window=window, mel=mel)
+    config = {
+        "format": fmt,
+        "model_file": model_file,
+        "quantization": "int8-dynamic" if quantize else "fp32",
+        "fp32_layers": list(fp32_layers) if quantize else [],
+        "batch_exact": not quantize,  # int8: activation scales per batch, so utterances are run one by one
+        "tokens": tokens,
+        "blank_index": int(getattr(asr.hparams, "blank_index", 0)),
+        "sample_rate": sample_rate,
+        "frame_shift": (1 << 20) * settings["hop_length"] / stride / sample_rate,
+        "min_samples": settings["n_fft"],
+        "fbank": settings,
+        "blank_penalty": float(blank_penalty),
+        "params": count_parameters(asr),
+        "opset": OPSET if fmt == "onnx" else None,
+        "source": Path(model_folder).name,
+    }
+    (tmp / runtime.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (tmp / "tokens.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
+    shutil.copyfile(runtime.__file__, tmp / "transcribe.py")
+    (tmp / "README.txt").write_text(_README.format(
+        format=fmt, quant=", int8" if quantize else "", rate=sample_rate, blank=config["blank_index"],
+        runtime="onnxruntime" if fmt == "onnx" else "torch", shift=round(config["frame_shift"], 4),
+        min_ms=round(1000 * settings["n_fft"] / sample_rate)), encoding="utf-8")  # fmt: skip
+
+    with torch.no_grad():
+        expected, expected_lengths = graph(*example)
+    got, got_lengths = runtime.ExportedASR(tmp, threads=1).run(example[0].numpy(), example[1].numpy())
+    if not np.array_equal(got_lengths, expected_lengths.numpy()):
+        raise RuntimeError(f"exported network gives output lengths {got_lengths}, PyTorch {expected_lengths}")
+    diff = max(float(np.abs(got[i, :n] - expected[i, :n].numpy()).max()) for i, n in enumerate(got_lengths))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return {**config, "max_abs_diff": diff, "bytes": (out / model_file).stat().st_size}

@@ -1,0 +1,221 @@
+"""Transcribe 16 kHz audio with an exported speech_kd model folder: numpy, soundfile and onnxruntime (or torch).
+
+This file is self-contained: ``speech-kd export`` copies it into every exported
+folder as ``transcribe.py``, which needs neither speechbrain nor speech_kd::
+
+    python DIR/transcribe.py a.wav b.flac [--batch 8] [--threads 1] [--blank_penalty 0]
+    python DIR/transcribe.py long.wav --chunk_seconds 20     # bounded memory for long files
+
+or, from Python, ``ExportedASR(DIR).transcribe_files(["a.wav"])``.
+
+Pipeline: audio (mono, the folder's sample rate) -> log-mel fbank computed
+here in numpy (:func:`fbank`; the same numbers as SpeechBrain's ``Fbank``
+within 1e-4 dB, tested) -> the network (``model.onnx`` or ``model.ts``:
+normalisation, convolution front end, conformer, CTC output layer,
+log-softmax) -> greedy CTC decoding (:func:`greedy_decode`). Each utterance's
+result does not depend on what else is in its batch.
+
+Shapes: ``S`` samples, ``T`` fbank frames, ``F`` mel bins, ``T'`` output
+frames (``frame_shift`` seconds each), ``V`` tokens, ``B`` batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ExportedASR", "fbank", "greedy_decode", "read_audio", "main", "CONFIG_NAME"]
+
+#: the exported folder's description (tokens, frame shift, fbank settings, model file)
+CONFIG_NAME = "deploy.json"
+#: window and mel filters of the fbank, as SpeechBrain builds them
+FEATURES_NAME = "fbank.npz"
+
+
+def fbank(wav: np.ndarray, window: np.ndarray, mel: np.ndarray, hop: int, amin: float = 1e-10,
+          top_db: float = 80.0, ref_value: float = 1.0) -> np.ndarray:  # fmt: skip
+    """Log-mel filterbank ``[T, F]`` (float32) of one waveform ``wav [S]``, as SpeechBrain's ``Fbank``.
+
+    Centred frames (``n_fft // 2`` zeros at both ends), ``T = 1 + S // hop``; power spectrum of each frame
+    times ``window [n_fft]``; ``mel [n_fft // 2 + 1, F]`` filters; ``10 log10(max(x, amin)) - 10 log10(max(amin,
+    ref_value))``, floored at the utterance's maximum minus ``top_db``. Computed in float64.
+    """
+    n_fft = window.shape[0]
+    padded = np.pad(wav.astype(np.float64), (n_fft // 2, n_fft // 2))
+    frames = 1 + wav.shape[0] // hop
+    starts = np.arange(frames)[:, None] * hop + np.arange(n_fft)[None, :]
+    spectrum = np.fft.rfft(padded[starts] * window, n=n_fft, axis=1)
+    power = spectrum.real**2 + spectrum.imag**2
+    db = 10.0 * np.log10(np.maximum(power @ mel, amin)) - 10.0 * np.log10(max(amin, ref_value))
+    return np.maximum(db, db.max() - top_db).astype(np.float32)
+
+
+def greedy_decode(log_probs: np.ndarray, blank: int, blank_penalty: float = 0.0) -> list[int]:
+    """Best path of ``log_probs [T', V]``, repeats merged and blanks removed (token ids).
+
+    ``blank_penalty`` is subtracted from the blank's log-probability first (> 0: fewer deletions).
+    """
+    scores = log_probs
+    if blank_penalty:
+        scores = log_probs.copy()
+        scores[:, blank] -= blank_penalty
+    best = scores.argmax(axis=-1)
+    keep = np.ones_like(best, dtype=bool)
+    keep[1:] = best[1:] != best[:-1]
+    return [int(t) for t in best[keep & (best != blank)]]
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+    """Mono float32 samples ``[S]`` of an audio file at ``sample_rate`` (channels averaged)."""
+    import soundfile as sf
+
+    wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    if rate != sample_rate:
+        raise ValueError(f"{path}: {rate} Hz; this model takes {sample_rate} Hz audio (resample it first, e.g. "
+                         f"sox IN -r {sample_rate} OUT.wav)")  # fmt: skip
+    return wav.mean(axis=1)
+
+
+class ExportedASR:
+    """An exported folder, loaded: waveforms in, log-probabilities or text out.
+
+    Parameters
+    ----------
+    folder : str or os.PathLike
+        What ``speech-kd export`` wrote (``deploy.json``, ``fbank.npz``, ``model.onnx`` or ``model.ts``).
+    threads : int, optional
+        Intra-op threads of the runtime (default: ``$OMP_NUM_THREADS``, else the runtime's own choice).
+    blank_penalty : float, optional
+        Subtracted from the blank's log-probability at decoding (default: the folder's ``blank_penalty``).
+    """
+
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None,
+                 blank_penalty: float | None = None) -> None:  # fmt: skip
+        self.folder = Path(folder)
+        self.config = json.loads((self.folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        arrays = np.load(self.folder / FEATURES_NAME)
+        self.window, self.mel = arrays["window"], arrays["mel"]
+        self.tokens: list[str] = self.config["tokens"]
+        self.blank_index = int(self.config["blank_index"])
+        self.sample_rate = int(self.config["sample_rate"])
+        self.frame_shift = float(self.config["frame_shift"])
+        self.blank_penalty = float(self.config.get("blank_penalty", 0.0) if blank_penalty is None else blank_penalty)
+        threads = threads if threads is not None else int(os.environ.get("OMP_NUM_THREADS") or 0)
+        model = self.folder / self.config["model_file"]
+        self.format = self.config["format"]
+        if self.format == "onnx":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+            self._session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        elif self.format == "torchscript":
+            import torch
+
+            if threads:
+                torch.set_num_threads(threads)
+            import warnings
+
+            with warnings.catch_warnings():  # torch >= 2.9 calls TorchScript deprecated; it still loads and runs
+                warnings.simplefilter("ignore", FutureWarning)
+                self._module = torch.jit.load(str(model), map_location="cpu").eval()
+        else:
+            raise ValueError(f"{self.folder}: unknown format {self.format!r} in {CONFIG_NAME}")
+
+    def features(self, wav: np.ndarray) -> np.ndarray:
+        """Fbank ``[T, F]`` of ``wav [S]``; audio shorter than ``min_samples`` is zero-padded to it first."""
+        fb = self.config["fbank"]
+        wav = np.asarray(wav, dtype=np.float32)
+        if wav.shape[0] < int(self.config["min_samples"]):
+            wav = np.pad(wav, (0, int(self.config["min_samples"]) - wav.shape[0]))
+        return fbank(wav, self.window, self.mel, fb["hop_length"], fb["amin"], fb["top_db"], fb["ref_value"])
+
+    def run(self, feats: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The network on padded ``feats [B, T, F]`` (float32) and ``lengths [B]`` (int64).
+
+        Returns ``log_probs [B, T', V]`` and ``out_lengths [B]``.
+        """
+        if self.format == "onnx":
+            log_probs, out_lengths = self._session.run(None, {"feats": feats, "lengths": lengths})
+            return log_probs, out_lengths
+        import torch
+
+        with torch.inference_mode():
+            log_probs, out_lengths = self._module(torch.from_numpy(feats), torch.from_numpy(lengths))
+        return log_probs.numpy(), out_lengths.numpy()
+
+    def log_probs(self, wavs: list[np.ndarray]) -> list[np.ndarray]:
+        """Per-utterance ``[T', V]`` log-probabilities of waveforms ``[S]``.
+
+        One padded batch when the folder's network is exact per utterance in a batch (fp32); otherwise
+        (``batch_exact`` false: int8's activation scales are taken over the whole batch) one by one.
+        """
+        if len(wavs) > 1 and not self.config.get("batch_exact", True):
+            return [self.log_probs([w])[0] for w in wavs]
+        feats = [self.features(w) for w in wavs]
+        lengths = np.array([f.shape[0] for f in feats], dtype=np.int64)
+        batch = np.zeros((len(feats), int(lengths.max()), feats[0].shape[1]), dtype=np.float32)
+        for i, f in enumerate(feats):
+            batch[i, : f.shape[0]] = f
+        out, out_lengths = self.run(batch, lengths)
+        return [out[i, : int(n)] for i, n in enumerate(out_lengths)]
+
+    def text(self, ids: list[int]) -> str:
+        """Words of token ids (``|`` and ``\u2581`` word delimiters as spaces, spaces squeezed)."""
+        text = "".join(self.tokens[i] for i in ids).replace("|", " ").replace("\u2581", " ")
+        return " ".join(text.split())
+
+    def transcribe(self, wavs: list[np.ndarray]) -> list[str]:
+        """Transcripts of waveforms ``[S]`` at the folder's sample rate (one padded batch)."""
+        return [self.text(greedy_decode(lp, self.blank_index, self.blank_penalty)) for lp in self.log_probs(wavs)]
+
+    def transcribe_long(self, wav: np.ndarray, chunk_seconds: float = 20.0) -> str:
+        """Transcript of a long waveform ``[S]`` in consecutive chunks of ``chunk_seconds`` (bounded memory).
+
+        Each chunk is decoded alone (no state is carried, no overlap), so a word cut by a chunk boundary
+        may be misrecognised; memory depends on ``chunk_seconds``, not on the file's length.
+        """
+        size = max(int(chunk_seconds * self.sample_rate), 1)
+        ids: list[int] = []
+        for start in range(0, wav.shape[0], size):
+            piece = self.log_probs([wav[start : start + size]])[0]
+            ids += greedy_decode(piece, self.blank_index, self.blank_penalty)
+        return self.text(ids)
+
+    def transcribe_files(self, paths: list[str], batch: int = 8) -> list[str]:
+        """Transcripts of audio files, ``batch`` at a time."""
+        out: list[str] = []
+        for start in range(0, len(paths), batch):
+            out += self.transcribe([read_audio(p, self.sample_rate) for p in paths[start : start + batch]])
+        return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python transcribe.py FILE ...``: one ``FILE<TAB>transcript`` line per file."""
+    parser = argparse.ArgumentParser(description="Transcribe audio files with this exported model folder.")
+    parser.add_argument("files", nargs="+", help="audio files (mono or averaged to mono, at the model's rate)")
+    parser.add_argument("--model", default=str(Path(__file__).resolve().parent), help="exported folder")
+    parser.add_argument("--batch", type=int, default=8, help="files per padded batch")
+    parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: $OMP_NUM_THREADS)")
+    parser.add_argument("--blank_penalty", type=float, default=None, help="subtracted from blank log-probs")
+    parser.add_argument("--chunk_seconds", type=float, default=0.0,
+                        help="> 0: each file in chunks of this many seconds (long files, bounded memory)")  # fmt: skip
+    args = parser.parse_args(argv)
+    asr = ExportedASR(args.model, threads=args.threads, blank_penalty=args.blank_penalty)
+    if args.chunk_seconds > 0:
+        texts = [asr.transcribe_long(read_audio(p, asr.sample_rate), args.chunk_seconds) for p in args.files]
+    else:
+        texts = asr.transcribe_files(args.files, batch=args.batch)
+    for path, text in zip(args.files, texts):
+        print(f"{path}\t{text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Speed, memory and size of exported students against the PyTorch teacher (``speech-kd bench``'s deployment part).
+
+Every figure comes from one run on this machine, side by side with the
+PyTorch teacher as users run it (``EncoderASR.transcribe_batch``, fp32):
+
+- ``rtf_*``: median real-time factor of transcribing the benchmark batch
+  (fbank, network, greedy decoding) with the same number of threads;
+- ``student_speedup_onnx`` / ``student_speedup_int8``: the teacher's RTF over
+  the exported student's (ONNX fp32 / ONNX int8);
+- ``peak_rss_mb_*``: peak resident memory of a fresh process that loads the
+  model and transcribes the batch's files (PyTorch: ``speech_kd.evaluate.load_asr``;
+  exported: the folder's own ``transcribe.py``, which imports no torch);
+- ``disk_mb_*``: size of the weights file.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["bench_deployed", "peak_rss_mb"]
+
+_PYTORCH_CHILD = """
+import resource, sys, torch, soundfile as sf
+torch.set_num_threads({threads})
+from speech_kd.evaluate import load_asr
+asr = load_asr({folder!r})
+wavs = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in {files!r}]
+lens = torch.tensor([len(w) for w in wavs], dtype=torch.float32)
+asr.transcribe_batch(torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens / lens.max())
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+_EXPORTED_CHILD = """
+import resource, runpy, sys
+sys.argv = ["transcribe.py", "--threads", "{threads}", "--batch", "{batch}", *{files!r}]
+try:
+    runpy.run_path({script!r}, run_name="__main__")
+except SystemExit:
+    pass
+print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss_mb(folder: str | Path, files: list[str], threads: int) -> float:
+    """Peak resident memory (MB) of a new process that loads ``folder`` and transcribes ``files`` as one batch."""
+    folder = Path(folder)
+    exported = (folder / "deploy.json").exists()
+    if exported:
+        code = _EXPORTED_CHILD.format(threads=threads, batch=len(files), files=files,
+                                      script=str(folder / "transcribe.py"))  # fmt: skip
+    else:
+        code = _PYTORCH_CHILD.format(threads=threads, folder=str(folder), files=files)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    line = next(line for line in out.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
+    return int(line.split()[1]) / 1024
+
+
+def _disk_mb(folder: Path) -> float:
+    """Size of the weights file of a model folder (``model.ckpt``) or an exported one (its ``model_file``)."""
+    config = folder / "deploy.json"
+    name = json.loads(config.read_text())["model_file"] if config.exists() else "model.ckpt"
+    return (folder / name).stat().st_size / 1e6
+
+
+def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, repeats: int, tmp: Path,
+                   rtf_teacher: float | None = None) -> dict:  # fmt: skip
+    """Export the student (ONNX fp32 and int8) and measure it against the PyTorch teacher (module docstring).
+
+    Parameters
+    ----------
+    wavs : torch.Tensor
+        ``[B, S]`` padded benchmark batch (16 kHz, on the CPU).
+    lens : torch.Tensor
+        ``[B]`` relative lengths.
+    model_dirs : dict
+        ``{"teacher": model folder, "student": model folder}``.
+    repeats : int
+        Timed repetitions (median kept).
+    tmp : Path
+        Scratch folder for the exported folders and the batch's audio files.
+    rtf_teacher : float, optional
+        The teacher's PyTorch RTF measured by the caller; measured here when not given.
+    """
+    import soundfile as sf
+
+    from speech_kd.bench import median_time
+    from speech_kd.deploy.asr import DeployedASR
+    from speech_kd.deploy.exporter import export_asr
+    from speech_kd.evaluate import load_asr
+
+    wavs, lens = wavs.cpu(), lens.cpu()
+    seconds = float((lens * wavs.shape[1]).sum()) / 16000
+    threads = torch.get_num_threads()
+    folders = {"teacher": Path(model_dirs["teacher"]), "student": Path(model_dirs["student"]),
+               "student_onnx": tmp / "student_onnx", "student_int8": tmp / "student_int8"}  # fmt: skip
+    export_asr(folders["student"], folders["student_onnx"], "onnx")
+    export_asr(folders["student"], folders["student_int8"], "onnx", quantize="int8")
+    out: dict = {}
+    if rtf_teacher is None:
+        teacher = load_asr(folders["teacher"])
+        rtf_teacher = median_time(lambda: teacher.transcribe_batch(wavs, lens), repeats) / seconds
+    for name in ("student_onnx", "student_int8"):
+        asr = DeployedASR(folders[name], threads=threads)
+        out[f"rtf_{name}"] = median_time(lambda asr=asr: asr.transcribe_batch(wavs, lens), repeats) / seconds
+    out["student_speedup_onnx"] = rtf_teacher / out["rtf_student_onnx"]
+    out["student_speedup_int8"] = rtf_teacher / out["rtf_student_int8"]
+
+    audio = tmp / "bench_audio"
+    audio.mkdir(exist_ok=True)
+    files = []
+    for i, n in enumerate(torch.round(lens * wavs.shape[1]).long().tolist()):
+        files.append(str(audio / f"{i}.wav"))
+        sf.write(files[-1], wavs[i, :n].numpy(), 16000)
+    for name, folder in folders.items():
+        out[f"peak_rss_mb_{name}"] = peak_rss_mb(folder, files, threads)
+        out[f"disk_mb_{name}"] = _disk_mb(folder)
+    return out
