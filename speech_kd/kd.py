@@ -462,7 +462,7 @@ class KDMixin:
         return stats
 
 
-from speech_kd.anneal import TeacherAnnealMixin  # noqa: E402 (issue 21: beside the one class that uses it)
+from speech_kd.anneal import TeacherAnnealMixin  # noqa: E402 (beside the one class that uses it)
 
 
 class DistillBrain(TeacherAnnealMixin, KDMixin, CTCBrain):

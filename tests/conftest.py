@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 
+#: re-created user recipes (run by tests/integration/test_recipe_lines.py as users run them), not test modules:
+#: under --doctest-modules their two train.py files would collide as one module name
+collect_ignore_glob = ["recipes/*"]
+
 
 def _hypothesis_skips_lazy_modules() -> None:
     """Hypothesis (>= 6.13x) reads ``__file__`` of every module in ``sys.modules`` for constants; on SpeechBrain's
