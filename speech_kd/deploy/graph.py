@@ -76,12 +76,12 @@ def reflect_past_length(x: torch.Tensor, lengths: torch.Tensor, frames: int) -> 
     >>> reflect_past_length(x, torch.tensor([3]), frames=2).flatten().tolist()
     [0.0, 1.0, 2.0, 1.0, 0.0, 5.0]
     """
-    flat = x.reshape(x.shape[0], -1, x.shape[-1])
-    steps = torch.arange(x.shape[-1], device=x.device).unsqueeze(0)
+    ones = [1] * (x.dim() - 2)
+    steps = torch.arange(x.shape[-1], device=x.device).view(1, *ones, -1)
     for j in range(frames):
-        source = torch.clamp(lengths - 2 - j, min=0).view(-1, 1, 1).expand(-1, flat.shape[1], 1)
-        flat = torch.where((steps == (lengths + j).unsqueeze(1)).unsqueeze(1), torch.gather(flat, 2, source), flat)
-    return flat.reshape(x.shape)
+        source = torch.clamp(lengths - 2 - j, min=0).view(-1, *ones, 1).expand(*x.shape[:-1], 1)
+        x = torch.where(steps == (lengths + j).view(-1, *ones, 1), torch.gather(x, -1, source), x)
+    return x
 
 
 class FrontEnd(torch.nn.Module):
@@ -141,7 +141,7 @@ class FrontEnd(torch.nn.Module):
                     pad_f = _same_padding(kernel[-2], stride[-2])
                     x = module.conv(torch.nn.functional.pad(x, pad_t + pad_f, mode="reflect"))
                     lengths = conv_out_length(lengths, kernel[-1], stride[-1])
-                elif kind == "norm":  # SpeechBrain normalises each frame over (F, C)
+                elif kind == "norm":  # each frame over (F, C), in place (2 transposes + fused norm: slower)
                     norm = module.norm
                     mean = x.mean(dim=(1, 2), keepdim=True)
                     var = (x - mean).pow(2).mean(dim=(1, 2), keepdim=True)

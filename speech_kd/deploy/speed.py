@@ -32,7 +32,7 @@ asr = load_asr({folder!r})
 wavs = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in {files!r}]
 lens = torch.tensor([len(w) for w in wavs], dtype=torch.float32)
 asr.transcribe_batch(torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens / lens.max())
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+{report}
 """
 
 _EXPORTED_CHILD = """
@@ -42,7 +42,16 @@ try:
     runpy.run_path({script!r}, run_name="__main__")
 except SystemExit:
     pass
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+{report}
+"""
+
+# VmHWM (this process's own peak; ru_maxrss survives exec, so a child would report its parent's peak)
+_REPORT = """
+try:
+    peak = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print("PEAK_RSS_KB", peak)
 """
 
 
@@ -52,9 +61,9 @@ def peak_rss_mb(folder: str | Path, files: list[str], threads: int) -> float:
     exported = (folder / "deploy.json").exists()
     if exported:
         code = _EXPORTED_CHILD.format(threads=threads, batch=len(files), files=files,
-                                      script=str(folder / "transcribe.py"))  # fmt: skip
+                                      script=str(folder / "transcribe.py"), report=_REPORT)  # fmt: skip
     else:
-        code = _PYTORCH_CHILD.format(threads=threads, folder=str(folder), files=files)
+        code = _PYTORCH_CHILD.format(threads=threads, folder=str(folder), files=files, report=_REPORT)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
     line = next(line for line in out.stdout.splitlines() if line.startswith("PEAK_RSS_KB"))
     return int(line.split()[1]) / 1024
