@@ -3,7 +3,7 @@
 The public API, re-exported here (imported on first use, so ``import
 speech_kd`` and the CLI start fast)::
 
-    DistillBrain, KDMixin          Brains (speech_kd.kd)
+    DistillBrain, KDMixin          Brains (speech_kd.distill_brain, speech_kd.kd)
     CTCBrain                       plain CTC training (speech_kd.brain)
     make_targets                   teacher targets from hparams, live or cached (speech_kd.distill)
     load_teacher                   SpeechBrain / Hugging Face / ensemble teachers (speech_kd.teachers.base)
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "CTCBrain": "speech_kd.brain",
-    "DistillBrain": "speech_kd.kd",
+    "DistillBrain": "speech_kd.distill_brain",
     "KDMixin": "speech_kd.kd",
     "KDSetupError": "speech_kd.kd",
     "load_teacher": "speech_kd.teachers.base",

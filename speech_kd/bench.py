@@ -80,7 +80,7 @@ def _batch(csv_path: str, tokenizer, n: int, device: str):
 def _brain(yaml: str, out: Path, device: str, overrides: dict | None = None):
     from hyperpyyaml import load_hyperpyyaml
 
-    from speech_kd.kd import DistillBrain
+    from speech_kd.distill_brain import DistillBrain
 
     hparams = load_hyperpyyaml((REPO / yaml).read_text(), {"data_folder": "unused", "output_folder": str(out),
                                                            **(overrides or {})})  # fmt: skip

@@ -10,8 +10,6 @@ fixed points: waveform augmentation before the chain, SpecAugment after
 
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 import time
 from pathlib import Path
@@ -20,72 +18,16 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
+from speech_kd.chain import run_chain
 from speech_kd.checkpoints import add_random_states, make_atomic
 from speech_kd.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
-from speech_kd.features import SharedFeatures, fast_fbank, fast_fbank_applies, fbank_signature
+from speech_kd.features import SharedFeatures, fbank_signature
 from speech_kd.history import write_history_line
 from speech_kd.metrics import error_rates
 
 __all__ = ["CTCBrain", "NonFiniteLossError", "run_chain"]
 
 logger = logging.getLogger(__name__)
-
-
-@functools.cache
-def _parameter_names(func) -> frozenset:
-    try:
-        return frozenset(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
-
-
-def _accepts(module: torch.nn.Module, name: str) -> bool:
-    """Whether ``module.forward`` takes ``name`` (memoised per class: this runs for every module of every batch).
-
-    A DDP/DataParallel wrapper is looked through: its own ``forward(*inputs,
-    **kwargs)`` names no argument, and judging by it would silently drop the
-    lengths (and with them the padding masks) of every wrapped module.
-    """
-    if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-        module = module.module
-    forward = getattr(type(module), "forward", None) or getattr(module, "forward", module)
-    return name in _parameter_names(forward)
-
-
-def run_chain(
-    modules: dict,
-    chain: list[str],
-    wavs: torch.Tensor,
-    wav_lens: torch.Tensor,
-    after: dict | None = None,
-    epoch: int | None = None,
-) -> torch.Tensor:
-    """Run ``wavs [B, S]`` through the named modules; return frame log-probs ``[B, T, V]``.
-
-    Each module receives the relative lengths when its ``forward`` takes
-    ``lengths`` or ``wav_lens`` (as ``LengthsCapableSequential`` does), and
-    the epoch when it takes ``epoch`` (``InputNormalization``). ``after`` maps
-    a module name to a callable applied to its output (augmentation hooks).
-    A plain SpeechBrain ``Fbank`` is computed by :func:`~speech_kd.features.fast_fbank`
-    (same output, fewer passes over memory).
-    """
-    x = wavs
-    for name in chain:
-        module = modules[name]
-        kwargs = {}
-        if _accepts(module, "lengths"):
-            kwargs["lengths"] = wav_lens
-        elif _accepts(module, "wav_lens"):
-            kwargs["wav_lens"] = wav_lens
-        if epoch is not None and _accepts(module, "epoch"):
-            kwargs["epoch"] = epoch
-        if x.dim() == 2 and fast_fbank_applies(module):
-            x = fast_fbank(module, x)
-        else:
-            x = module(x, **kwargs)
-        if after and name in after:
-            x = after[name](x)
-    return x
 
 
 class NonFiniteLossError(RuntimeError):

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from speech_kd.dataio import token_strings
-from speech_kd.kd import DistillBrain
+from speech_kd.distill_brain import DistillBrain
 from speech_kd.targets import PERTURBED_CACHE_ERROR, CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.teacher_check import check_teacher
 from speech_kd.train import run_training

@@ -49,17 +49,13 @@ import logging
 import speechbrain as sb
 import torch
 
-from speech_kd.align import relative_to_frames
 from speech_kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
-from speech_kd.brain import CTCBrain
 from speech_kd.checkpoints import add_random_states, make_atomic
 from speech_kd.kd_stats import KDEpochTotals
-from speech_kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
-from speech_kd.precision import autocast_for
-from speech_kd.recipe_outputs import find_ctc_outputs
+from speech_kd.kd_term import KDSetupError, KDTermMixin, untranscribed_rows
 from speech_kd.schedules import linear_ramp
 
-__all__ = ["KDMixin", "DistillBrain", "KDSetupError", "untranscribed_rows"]
+__all__ = ["KDMixin", "KDSetupError", "untranscribed_rows"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,37 +80,7 @@ _DEFAULTS = {
 _WRAPPED = ("compute_forward", "compute_objectives", "on_stage_start", "on_stage_end", "fit_batch")
 
 
-class KDSetupError(ValueError):
-    """KD cannot run as set up (the message says what to change; ``speech-kd`` prints it as one line)."""
-
-
-def untranscribed_rows(batch) -> list[bool] | None:
-    """Per utterance, whether it has no transcript (empty ``wrd``); ``None`` when the batch has no ``wrd``."""
-    words = getattr(batch, "wrd", None)
-    if words is None or isinstance(words, torch.Tensor):
-        return None
-    return [not str(w).strip() for w in words]
-
-
-def _pad_units(targets, student_units: int):
-    """``targets`` widened to ``student_units`` outputs; the extra ones get no teacher probability (``-inf``).
-
-    A SentencePiece char model can have fewer pieces than ``output_neurons``
-    (the stock LibriSpeech yaml's 31 on a corpus without some letter).
-    """
-    have = targets.log_probs.shape[-1]
-    if have == student_units:
-        return targets
-    if have > student_units:
-        raise KDSetupError(
-            f"the student's CTC output has {student_units} units but its tokenizer has {have} tokens: the "
-            "tokenizer given to token_strings(...) is not the one the model's output layer was sized for"
-        )
-    pad = targets.log_probs.new_full((*targets.log_probs.shape[:-1], student_units - have), float("-inf"))
-    return type(targets)(torch.cat([targets.log_probs, pad], dim=-1), targets.mask, targets.lost_mass)
-
-
-class KDMixin:
+class KDMixin(KDTermMixin):
     """Mix a KD term into a CTC Brain's training objective (see the module docstring)."""
 
     kd_targets = None
@@ -251,15 +217,6 @@ class KDMixin:
         temp = linear_ramp(self.kd_option("temperature"), self.kd_option("temperature_final"), epoch, ramp)
         return weight, temp
 
-    def kd_student_outputs(self, predictions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student frame log-probs ``[B, T, V]`` and relative lengths ``[B]`` from ``compute_forward``.
-
-        Found by :func:`speech_kd.recipe_outputs.find_ctc_outputs` (the first
-        log-probability tensor and the first relative-length vector; the yaml's
-        ``kd_outputs: [i, j]`` names them). Override for other layouts.
-        """
-        return find_ctc_outputs(predictions, self.kd_option("kd_outputs"))
-
     # ------------------------------------------------------------ the wrappers
     def _kd_compute_forward(self, batch, stage):
         """The recipe's ``compute_forward``, with its training batch's ``Augmenter`` calls followed."""
@@ -339,105 +296,6 @@ class KDMixin:
             )
         return outputs
 
-    # ------------------------------------------------------------------- KD term
-    def _kd_batch_rows(self, batch, student_rows: int) -> dict:
-        """What the target strategy needs to give one target row per student row (audio, row maps)."""
-        extra = {}
-        rows = self._kd_rows
-        augmented = rows is not None and rows.calls
-        reads_cache = getattr(self.kd_targets, "reads_cache", False)
-        if augmented:
-            index = rows.utterance_rows if reads_cache else rows.teacher_rows
-            if index is not None:
-                extra["rows"] = index.to(self.device)
-            if rows.wavs is not None and not reads_cache:
-                extra["wavs"] = rows.wavs
-        else:
-            if getattr(self, "shared_features", None) is not None:
-                extra["features"] = self.shared_features
-            if getattr(self, "perturbed_wavs", None) is not None:
-                extra["wavs"] = self.perturbed_wavs
-        n_utts = len(batch.id)
-        expected = n_utts
-        if "rows" in extra:
-            expected = extra["rows"].shape[0]
-        elif "wavs" in extra:
-            expected = extra["wavs"][0].shape[0]
-        if student_rows != expected:
-            raise KDSetupError(
-                f"the student's output has {student_rows} rows for {n_utts} utterances and speech_kd cannot tell "
-                "which utterance each row is: augment with SpeechBrain's Augmenter kept in the hparams (e.g. "
-                "wav_augment), whose rows are followed, or set self.perturbed_wavs = (wavs, wav_lens) in "
-                "compute_forward after changing the rows"
-            )
-        return extra
-
-    def _kd_check_frames(self, log_probs: torch.Tensor, extra: dict, batch) -> None:
-        """First training batch: the student's frame count must fit ``frame_shift`` (measured when unset)."""
-        if self._kd_checked_frames:
-            return
-        self._kd_checked_frames = True
-        wavs = extra["wavs"][0] if "wavs" in extra else batch.sig[0]
-        seconds = wavs.shape[-1] / float(self.kd_option("sample_rate"))
-        frames = log_probs.shape[1]
-        aligner = getattr(self.kd_targets, "aligner", None)
-        declared = getattr(aligner, "student_frame_shift", None) if aligner is not None else None
-        if declared is None:
-            declared = getattr(self.hparams, "frame_shift", None)
-        if declared is None and aligner is not None:
-            measured = round(seconds / frames, 3)
-            aligner.set_student_frame_shift(measured)
-            logger.info("student frame shift measured on the first batch: %.3f s (%d frames for %.2f s)",
-                        measured, frames, seconds)  # fmt: skip
-            return
-        if declared is None:
-            return
-        expected = seconds / declared
-        if not 0.8 <= frames / expected <= 1.25:
-            raise KDSetupError(
-                f"the student's CTC output has {frames} frames for {seconds:.2f} s of audio, about "
-                f"{seconds / frames * 1000:.1f} ms per frame, but frame_shift is {declared * 1000:.1f} ms: set "
-                "frame_shift to the model's output frame shift (or remove it to have it measured), or, if "
-                "that output is not the CTC log-probabilities, set kd_outputs"
-            )
-
-    def kd_term(
-        self, predictions, batch, temperature: float, loss_name: str | None = None
-    ) -> tuple[torch.Tensor, dict]:
-        """KD loss between the student's outputs and the teacher targets for ``batch``.
-
-        ``loss_name``: the KD loss (default ``kd_loss``; ``unlabeled_kd_loss``
-        for untranscribed batches).
-        """
-        log_probs, wav_lens = self.kd_student_outputs(predictions)
-        student_max = log_probs.shape[1]
-        extra = self._kd_batch_rows(batch, log_probs.shape[0])
-        self._kd_check_frames(log_probs, extra, batch)
-        lengths = relative_to_frames(wav_lens, student_max)
-        targets = self.kd_targets(batch, lengths, student_max, **extra)
-        targets = _pad_units(targets, log_probs.shape[-1])
-        blank = self.kd_option("blank_index")
-        # the KD term in fp32 whatever --precision says: small probabilities and the T^2 scale need it
-        with autocast_for(log_probs.device.type, "fp32"):
-            log_probs = log_probs.float()
-            teacher = topk_restrict(targets.log_probs.float(), self.kd_option("kd_topk"))
-            weights = blank_frame_weights(
-                targets.log_probs, blank, self.kd_option("blank_mode"),
-                self.kd_option("blank_threshold"), self.kd_option("blank_weight"),
-            )  # fmt: skip
-            loss = kd_loss(
-                loss_name or self.kd_option("kd_loss"), log_probs, teacher, targets.mask,
-                temperature=temperature, frame_weights=weights,
-                student_lengths=lengths, teacher_lengths=lengths, blank_index=blank,
-                reduction=self.kd_option("kd_reduction"),
-            )  # fmt: skip
-        stats = {
-            "blank_share": blank_share(targets.log_probs, targets.mask, blank, self.kd_option("blank_threshold")),
-            "agreement": agreement_rate(log_probs.detach(), targets.log_probs, targets.mask),
-            "lost_mass": targets.lost_mass,
-        }
-        return loss, stats
-
     # ---------------------------------------------------------------- statistics
     def _kd_reset_stats(self) -> None:
         self._kd_epoch.reset()
@@ -462,30 +320,10 @@ class KDMixin:
         return stats
 
 
-from speech_kd.anneal import TeacherAnnealMixin  # noqa: E402 (beside the one class that uses it)
+def __getattr__(name: str):
+    """``speech_kd.kd.DistillBrain`` still works (it lives in :mod:`speech_kd.distill_brain`)."""
+    if name == "DistillBrain":
+        from speech_kd.distill_brain import DistillBrain
 
-
-class DistillBrain(TeacherAnnealMixin, KDMixin, CTCBrain):
-    """A CTC student trained on ``(1 - kd_weight) * CTC + kd_weight * KD``.
-
-    Attach teacher targets with ``attach_targets`` (``speech_kd.distill``
-    does this from the yaml). KD statistics are logged with the training
-    loss every epoch. Given the teacher's dev score (``set_teacher_dev``),
-    each epoch's dev WER is compared with it and KD fades out as the student
-    reaches it (``kd_anneal``, :mod:`speech_kd.anneal`).
-    """
-
-    kd_mixed_batches_ok = True
-
-    def kd_time_changing_augmentations(self) -> list[str]:
-        """None: ``CTCBrain`` speed-perturbs only with ``speed_perturb: True``, which ``make_targets`` refuses."""
-        return []
-
-    def stage_stats(self, stage, stage_loss) -> dict:
-        """CTC stats plus, for training, the epoch's KD numbers."""
-        stats = super().stage_stats(stage, stage_loss)
-        if stage == sb.Stage.TRAIN:
-            stats.update(self.kd_epoch_stats)
-            if self.kd_targets is not None:  # also in epochs kd_anneal brought the weight to 0 (no KD term ran)
-                stats.setdefault("kd_weight", self.kd_schedule()[0])
-        return stats
+        return DistillBrain
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
