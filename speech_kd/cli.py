@@ -89,6 +89,7 @@ def _cmd_evaluate(args) -> None:
         batch_seconds=args.batch_seconds,
         max_duration=args.max_duration,
         blank_penalty=args.blank_penalty,
+        chunk_seconds=args.chunk_seconds,
     )
     s = result.summary
     print(
@@ -211,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
     p.add_argument("--blank_penalty", type=float, default=None,
                    help="exported folders only: subtracted from the blank's log-probability at decoding")  # fmt: skip
+    p.add_argument("--chunk_seconds", type=float, default=None,
+                   help="exported folders only: utterances transcribed in chunks of this many seconds")  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="model folder -> ONNX/TorchScript folder that runs without speechbrain")

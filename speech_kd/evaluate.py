@@ -296,6 +296,7 @@ def evaluate_model(
     progress: bool = True,
     max_duration: float | None = MAX_DURATION,
     blank_penalty: float | None = None,
+    chunk_seconds: float | None = None,
 ) -> EvalResult:
     """Transcribe a test set with the model folder and score it.
 
@@ -310,7 +311,8 @@ def evaluate_model(
     or 0: no limit) are skipped with a warning naming each file, so one long
     recording cannot exhaust memory. A folder written by ``speech-kd export``
     (ONNX or TorchScript) is run by :class:`~speech_kd.deploy.asr.DeployedASR`
-    (its ``transcribe.py`` code), ``blank_penalty`` replacing the folder's.
+    (its ``transcribe.py`` code), ``blank_penalty`` replacing the folder's;
+    ``chunk_seconds`` > 0 transcribes each utterance in chunks of that many seconds.
     """
     check_writable(json_path, utts_path)  # before the work: a path that cannot be written fails now, not after it
     if csv_path is None:
@@ -329,10 +331,10 @@ def evaluate_model(
     if len(folders) == 1 and is_exported_folder(folders[0]):
         if not str(device).startswith("cpu"):
             raise ValueError(f"{folders[0]}: an exported folder runs on the CPU; use --device=cpu")
-        asr = DeployedASR(folders[0], blank_penalty=blank_penalty)
+        asr = DeployedASR(folders[0], blank_penalty=blank_penalty, chunk_seconds=chunk_seconds)
         sample_rate = asr.sample_rate
-    elif blank_penalty is not None:
-        raise ValueError("--blank_penalty applies to folders written by speech-kd export")
+    elif blank_penalty is not None or chunk_seconds:
+        raise ValueError("--blank_penalty and --chunk_seconds apply to folders written by speech-kd export")
     elif len(folders) > 1 or not (Path(folders[0]) / "hyperparams.yaml").exists():
         # several folders, or one that is not a SpeechBrain folder (a Hugging Face CTC model): the teacher loader
         asr = EnsembleASR(folders, device=device)

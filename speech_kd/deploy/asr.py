@@ -32,10 +32,14 @@ class DeployedASR:
         Runtime threads (default: ``torch.get_num_threads()``, what a PyTorch model in this process uses).
     blank_penalty : float, optional
         Replaces the folder's blank penalty at decoding.
+    chunk_seconds : float, optional
+        > 0: each utterance is transcribed in consecutive chunks of this many seconds
+        (:meth:`~speech_kd.deploy.runtime.ExportedASR.transcribe_long`), to measure what chunking costs.
     """
 
-    def __init__(self, folder: str | os.PathLike, threads: int | None = None,
-                 blank_penalty: float | None = None) -> None:  # fmt: skip
+    def __init__(self, folder: str | os.PathLike, threads: int | None = None, blank_penalty: float | None = None,
+                 chunk_seconds: float | None = None) -> None:  # fmt: skip
+        self.chunk_seconds = chunk_seconds
         threads = torch.get_num_threads() if threads is None else threads
         self.runtime = ExportedASR(folder, threads=threads, blank_penalty=blank_penalty)
         self.sample_rate = self.runtime.sample_rate
@@ -52,6 +56,11 @@ class DeployedASR:
         """Words and token ids of padded ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
         from speech_kd.deploy.runtime import greedy_decode
 
+        if self.chunk_seconds:
+            lengths = torch.round(wav_lens * wavs.shape[1]).long().tolist()
+            chunked = [self.runtime.transcribe_long(wavs[i, :n].cpu().float().numpy(), self.chunk_seconds)
+                       for i, n in enumerate(lengths)]  # fmt: skip
+            return chunked, [[] for _ in chunked]
         ids = [greedy_decode(lp.numpy(), self.runtime.blank_index, self.runtime.blank_penalty)
                for lp in self.log_probs_batch(wavs, wav_lens)]  # fmt: skip
         return [self.runtime.text(row) for row in ids], ids

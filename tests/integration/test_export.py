@@ -168,13 +168,18 @@ def test_evaluate_scores_an_exported_folder_like_its_model(exported, test_set, t
     assert json.loads((tmp_path / "pen.json").read_text())["insertions"] > onnx_summary["insertions"]
 
 
-def test_chunked_transcription_of_a_long_file(exported, test_set):
+def test_chunked_transcription_of_a_long_file(exported, test_set, tmp_path):
+    from speech_kd.evaluate import evaluate_model
+
     folder, _ = exported("onnx")
     asr = ExportedASR(folder, threads=1)
     wav = np.concatenate([w for _, w, _ in test_set[1][:4]])
     whole = asr.transcribe([wav])[0]
     assert asr.transcribe_long(wav, chunk_seconds=wav.shape[0] / 16000 + 1) == whole
     assert len(asr.transcribe_long(wav, chunk_seconds=2.0)) > 0.5 * len(whole)
+    scores = [evaluate_model(folder, test_set[0], chunk_seconds=seconds, progress=False).summary
+              for seconds in (None, 100.0, 0.5)]  # fmt: skip
+    assert scores[0]["wer"] == scores[1]["wer"] and scores[2]["wer"] > scores[0]["wer"]
 
 
 def test_export_cli_and_an_unsupported_folder(tmp_path, capsys):
