@@ -3,10 +3,12 @@
 Every figure comes from one run on this machine, side by side with the
 PyTorch teacher as users run it (``EncoderASR.transcribe_batch``, fp32):
 
-- ``rtf_*``: median real-time factor of transcribing the benchmark batch
-  (fbank, network, greedy decoding) with the same number of threads;
-- ``student_speedup_onnx`` / ``student_speedup_int8``: the teacher's RTF over
-  the exported student's (ONNX fp32 / ONNX int8);
+- ``rtf_side_*``: real-time factor of transcribing the benchmark batch
+  (fbank, network, greedy decoding) with the same number of threads, the
+  four models timed in turn over :data:`ROUNDS` rounds (teacher and student
+  in PyTorch, student in ONNX fp32 and int8);
+- ``student_speedup_onnx`` / ``student_speedup_int8`` (``student_speedup_side``
+  for the PyTorch student): the teacher's RTF over the student's;
 - ``peak_rss_mb_*``: peak resident memory of a fresh process that loads the
   model and transcribes the batch's files (PyTorch: ``speech_kd.evaluate.load_asr``;
   exported: the folder's own ``transcribe.py``, which imports no torch);
@@ -16,13 +18,17 @@ PyTorch teacher as users run it (``EncoderASR.transcribe_batch``, fp32):
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["bench_deployed", "peak_rss_mb"]
+__all__ = ["bench_deployed", "peak_rss_mb", "ROUNDS"]
+
+#: interleaved rounds of the four timings (each a median of ``repeats``); the median round is kept
+ROUNDS = 3
 
 _PYTORCH_CHILD = """
 import resource, sys, torch, soundfile as sf
@@ -76,8 +82,7 @@ def _disk_mb(folder: Path) -> float:
     return (folder / name).stat().st_size / 1e6
 
 
-def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, repeats: int, tmp: Path,
-                   rtf_teacher: float | None = None) -> dict:  # fmt: skip
+def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, repeats: int, tmp: Path) -> dict:
     """Export the student (ONNX fp32 and int8) and measure it against the PyTorch teacher (module docstring).
 
     Parameters
@@ -92,8 +97,6 @@ def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, rep
         Timed repetitions (median kept).
     tmp : Path
         Scratch folder for the exported folders and the batch's audio files.
-    rtf_teacher : float, optional
-        The teacher's PyTorch RTF measured by the caller; measured here when not given.
     """
     import soundfile as sf
 
@@ -109,15 +112,17 @@ def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, rep
                "student_onnx": tmp / "student_onnx", "student_int8": tmp / "student_int8"}  # fmt: skip
     export_asr(folders["student"], folders["student_onnx"], "onnx")
     export_asr(folders["student"], folders["student_int8"], "onnx", quantize="int8")
-    out: dict = {}
-    if rtf_teacher is None:
-        teacher = load_asr(folders["teacher"])
-        rtf_teacher = median_time(lambda: teacher.transcribe_batch(wavs, lens), repeats) / seconds
-    for name in ("student_onnx", "student_int8"):
-        asr = DeployedASR(folders[name], threads=threads)
-        out[f"rtf_{name}"] = median_time(lambda asr=asr: asr.transcribe_batch(wavs, lens), repeats) / seconds
-    out["student_speedup_onnx"] = rtf_teacher / out["rtf_student_onnx"]
-    out["student_speedup_int8"] = rtf_teacher / out["rtf_student_int8"]
+    runs = {"teacher": load_asr(folders["teacher"]), "student": load_asr(folders["student"]),
+            "student_onnx": DeployedASR(folders["student_onnx"], threads=threads),
+            "student_int8": DeployedASR(folders["student_int8"], threads=threads)}  # fmt: skip
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(ROUNDS):  # interleaved, so that a drift of the machine's speed hits all alike
+        for name, asr in runs.items():
+            samples[name].append(median_time(lambda asr=asr: asr.transcribe_batch(wavs, lens), repeats) / seconds)
+    out: dict = {f"rtf_side_{name}": statistics.median(values) for name, values in samples.items()}
+    for name in ("student", "student_onnx", "student_int8"):
+        key = "student_speedup_side" if name == "student" else f"student_speedup_{name.split('_')[1]}"
+        out[key] = out["rtf_side_teacher"] / out[f"rtf_side_{name}"]
 
     audio = tmp / "bench_audio"
     audio.mkdir(exist_ok=True)

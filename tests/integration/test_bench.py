@@ -14,7 +14,10 @@ def test_bench_writes_ratio_table(tmp_path, capsys):
     results = json.loads(out.read_text())
     for key in ("features_vs_librosa", "cached_kd_over_plain", "online_kd_over_plain", "student_speedup",
                 "features_vs_sb_per_utt", "features_vs_sb_batched",
-                "features_stft_only_vs_librosa", "rtf_teacher", "rtf_student", "evaluate_utts_per_s"):  # fmt: skip
+                "features_stft_only_vs_librosa", "rtf_teacher", "rtf_student", "evaluate_utts_per_s",
+                "student_speedup_onnx", "student_speedup_int8", "peak_rss_mb_teacher", "peak_rss_mb_student",
+                "peak_rss_mb_student_onnx", "disk_mb_student_int8"):  # fmt: skip
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
+    assert results["peak_rss_mb_student_onnx"] < results["peak_rss_mb_student"]  # no torch in its process
     assert results["device"] == "cpu"
     assert "features_vs_librosa" in capsys.readouterr().out
