@@ -35,6 +35,8 @@ __all__ = ["ExportedASR", "fbank", "greedy_decode", "read_audio", "main", "CONFI
 CONFIG_NAME = "deploy.json"
 #: window and mel filters of the fbank, as SpeechBrain builds them
 FEATURES_NAME = "fbank.npz"
+#: files longer than this (seconds) transcribed in one piece get a warning (use --chunk_seconds)
+LONG_SECONDS = 60.0
 
 
 def fbank(wav: np.ndarray, window: np.ndarray, mel: np.ndarray, hop: int, amin: float = 1e-10,
@@ -208,6 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="> 0: each file in chunks of this many seconds (long files, bounded memory)")  # fmt: skip
     args = parser.parse_args(argv)
     asr = ExportedASR(args.model, threads=args.threads, blank_penalty=args.blank_penalty)
+    if args.chunk_seconds <= 0:
+        import soundfile as sf
+
+        for path in args.files:
+            seconds = sf.info(path).duration
+            if seconds > LONG_SECONDS:  # self-attention: memory and time grow with the square of the length
+                print(f"{path}: {seconds:.0f} s in one piece; attention memory grows with the square of the length "
+                      f"(a 9-minute file took 15 GB), consider --chunk_seconds 20", file=sys.stderr)  # fmt: skip
     if args.chunk_seconds > 0:
         texts = [asr.transcribe_long(read_audio(p, asr.sample_rate), args.chunk_seconds) for p in args.files]
     else:
