@@ -14,18 +14,11 @@ from __future__ import annotations
 import argparse
 import csv
 
+import torch
+
 from speech_kd.cache.reader import CacheReader
 from speech_kd.metrics import error_rates
-
-
-def greedy_text(log_probs, tokens: list[str], blank: int) -> str:
-    """Best path of ``log_probs [T, V]``, repeats merged and blanks removed, as text."""
-    out, previous = [], None
-    for index in log_probs.argmax(-1).tolist():
-        if index != previous and index != blank:
-            out.append(tokens[index])
-        previous = index
-    return "".join(out).strip()
+from speech_kd.teacher_check import greedy_texts
 
 
 def main() -> None:
@@ -45,7 +38,8 @@ def main() -> None:
         confidence = {row["ID"]: float(row["confidence"]) for row in csv.DictReader(fh)}
     groups: dict[str, tuple[list[str], list[str]]] = {"kept": ([], []), "left out": ([], []), "all": ([], [])}
     for utt_id, score in confidence.items():
-        hypothesis = greedy_text(reader.get(utt_id), tokens, blank)
+        log_probs = reader.get(utt_id)
+        hypothesis = greedy_texts(log_probs[None], torch.tensor([len(log_probs)]), tokens, blank)[0]
         for group in ("all", "kept" if score >= args.threshold else "left out"):
             groups[group][0].append(references[utt_id])
             groups[group][1].append(hypothesis)

@@ -42,6 +42,28 @@ def _history(out: Path) -> dict[int, dict]:
     return {rec["epoch"]: rec for rec in lines}
 
 
+class Killed(Exception):
+    """Stands for a kill, raised inside the training loop where a SIGKILL would land."""
+
+
+def _kill_at_batch_then_rerun(run, argv: list[str], brain_class, kill_at_batch: int, monkeypatch) -> None:
+    """``run(argv)`` dies at training batch ``kill_at_batch`` (``brain_class.fit_batch`` raises), then runs again."""
+    real = brain_class.fit_batch
+    calls = {"n": 0}
+
+    def dies_at_a_batch(self, batch):
+        calls["n"] += 1
+        if calls["n"] == kill_at_batch:
+            raise Killed
+        return real(self, batch)
+
+    monkeypatch.setattr(brain_class, "fit_batch", dies_at_a_batch)
+    with pytest.raises(Killed):
+        run(argv)
+    monkeypatch.setattr(brain_class, "fit_batch", real)
+    run(argv)
+
+
 def _final_step(out: Path) -> int:
     return _history(out)[EPOCHS]["step"]
 
@@ -86,9 +108,6 @@ def test_a_kill_during_the_epoch_end_save_loses_nothing(tiny_corpus, tmp_path, m
     from speech_kd.checkpoints import AtomicCheckpointer
     from speech_kd.train import run_training
 
-    class Killed(Exception):
-        pass
-
     real = AtomicCheckpointer.save_and_keep_only
 
     def dies_at_the_last_epoch(self, *args, meta=None, **kwargs):
@@ -128,27 +147,11 @@ def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(tiny_c
     from speech_kd.brain import CTCBrain
     from speech_kd.train import run_training
 
-    class Killed(Exception):
-        pass
-
-    real = CTCBrain.fit_batch
-    calls = {"n": 0}
-
-    def dies_at_a_batch(self, batch):
-        calls["n"] += 1
-        if calls["n"] == kill_at_batch:
-            raise Killed
-        return real(self, batch)
-
     def argv(out: Path) -> list[str]:
         return [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
                 "--number_of_epochs=2", "--ckpt_interval_steps=2", *TINY_MODEL]  # fmt: skip
 
-    monkeypatch.setattr(CTCBrain, "fit_batch", dies_at_a_batch)
-    with pytest.raises(Killed):
-        run_training(argv(tmp_path / "killed"))
-    monkeypatch.setattr(CTCBrain, "fit_batch", real)
-    run_training(argv(tmp_path / "killed"))
+    _kill_at_batch_then_rerun(run_training, argv(tmp_path / "killed"), CTCBrain, kill_at_batch, monkeypatch)
     run_training(argv(tmp_path / "clean"))
     resumed, straight = (torch.load(tmp_path / o / "model" / "model.ckpt") for o in ("killed", "clean"))
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
@@ -160,18 +163,7 @@ def test_kd_statistics_of_an_epoch_resumed_mid_way_cover_all_its_batches(tiny_co
     from speech_kd.distill import run_distillation
     from speech_kd.kd import DistillBrain
 
-    class Killed(Exception):
-        pass
-
     teacher = make_tiny_sb_model(tmp_path / "teacher" / "model")
-    real = DistillBrain.fit_batch
-    calls = {"n": 0}
-
-    def dies_at_a_batch(self, batch):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise Killed
-        return real(self, batch)
 
     def argv(out: Path) -> list[str]:
         return [str(REPO / "hparams/distill.yaml"), f"--teacher_source={teacher}", "--report_after_run=False",
@@ -179,11 +171,7 @@ def test_kd_statistics_of_an_epoch_resumed_mid_way_cover_all_its_batches(tiny_co
                 "--ckpt_interval_steps=2", "--max_batch_length=10",
                 *(a for a in TINY_MODEL if not a.startswith("--max_batch_length"))]  # fmt: skip
 
-    monkeypatch.setattr(DistillBrain, "fit_batch", dies_at_a_batch)
-    with pytest.raises(Killed):
-        run_distillation(argv(tmp_path / "killed"))
-    monkeypatch.setattr(DistillBrain, "fit_batch", real)
-    run_distillation(argv(tmp_path / "killed"))
+    _kill_at_batch_then_rerun(run_distillation, argv(tmp_path / "killed"), DistillBrain, 4, monkeypatch)
     run_distillation(argv(tmp_path / "clean"))
     resumed, straight = (_history(tmp_path / o)[1]["train"] for o in ("killed", "clean"))
     for key in ("kd_loss", "ctc_loss", "agreement", "blank_share"):
