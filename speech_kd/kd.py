@@ -47,7 +47,6 @@ from __future__ import annotations
 import logging
 
 import speechbrain as sb
-import torch
 
 from speech_kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
 from speech_kd.checkpoints import add_random_states, make_atomic
@@ -249,7 +248,7 @@ class KDMixin(KDTermMixin):
         if all_untranscribed:  # no transcript: KD alone, the recipe's objective never sees these rows
             loss_name = self.kd_option("unlabeled_kd_loss") or self.kd_option("kd_loss")
             kd, stats = self.kd_term(predictions, batch, temperature, loss_name=loss_name)
-            self._accumulate(None, kd, stats)
+            self._kd_epoch.add(None, kd, stats)
             self._kd_step_done = True
             return kd
         if any(untranscribed) and not self.kd_mixed_batches_ok:
@@ -261,7 +260,7 @@ class KDMixin(KDTermMixin):
             )
         ctc = recipe_objectives(predictions, batch, stage)
         kd, stats = self.kd_term(predictions, batch, temperature)
-        self._accumulate(ctc, kd, stats)
+        self._kd_epoch.add(ctc, kd, stats)
         self._kd_step_done = True
         return (1.0 - weight) * ctc + weight * kd
 
@@ -272,7 +271,7 @@ class KDMixin(KDTermMixin):
         intra-epoch checkpoint: it keeps the sums that checkpoint restored.
         """
         if stage != sb.Stage.TRAIN or not getattr(self, "step", 0):
-            self._kd_reset_stats()
+            self._kd_epoch.reset()
         if stage == sb.Stage.TRAIN:
             self.kd_epoch_stats = {}
         return self._kd_recipe["on_stage_start"](stage, epoch)
@@ -297,13 +296,6 @@ class KDMixin(KDTermMixin):
         return outputs
 
     # ---------------------------------------------------------------- statistics
-    def _kd_reset_stats(self) -> None:
-        self._kd_epoch.reset()
-
-    def _accumulate(self, ctc: torch.Tensor | None, kd: torch.Tensor, stats: dict) -> None:
-        """Add this batch's numbers to the epoch's sums (:class:`speech_kd.kd_stats.KDEpochTotals`)."""
-        self._kd_epoch.add(ctc, kd, stats)
-
     def kd_stats(self) -> dict:
         """Per-epoch means of the KD numbers (for the train logger); empty if no KD ran.
 
