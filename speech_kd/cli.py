@@ -90,6 +90,7 @@ def _cmd_evaluate(args) -> None:
         max_duration=args.max_duration,
         blank_penalty=args.blank_penalty,
         chunk_seconds=args.chunk_seconds,
+        context_seconds=args.context_seconds,
     )
     s = result.summary
     print(
@@ -214,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exported folders only: subtracted from the blank's log-probability at decoding")  # fmt: skip
     p.add_argument("--chunk_seconds", type=float, default=None,
                    help="exported folders only: utterances transcribed in chunks of this many seconds")  # fmt: skip
+    p.add_argument("--context_seconds", type=float, default=None,
+                   help="with --chunk_seconds: audio before and after each chunk the network also reads "
+                        "(default 2; 0: independent chunks)")  # fmt: skip
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("export", help="model folder -> ONNX/TorchScript folder that runs without speechbrain")

@@ -297,6 +297,7 @@ def evaluate_model(
     max_duration: float | None = MAX_DURATION,
     blank_penalty: float | None = None,
     chunk_seconds: float | None = None,
+    context_seconds: float | None = None,
 ) -> EvalResult:
     """Transcribe a test set with the model folder and score it.
 
@@ -312,7 +313,8 @@ def evaluate_model(
     recording cannot exhaust memory. A folder written by ``speech-kd export``
     (ONNX or TorchScript) is run by :class:`~speech_kd.deploy.asr.DeployedASR`
     (its ``transcribe.py`` code), ``blank_penalty`` replacing the folder's;
-    ``chunk_seconds`` > 0 transcribes each utterance in chunks of that many seconds.
+    ``chunk_seconds`` > 0 transcribes each utterance in chunks of that many seconds, each read with
+    ``context_seconds`` (default 2) of audio on both sides.
     """
     check_writable(json_path, utts_path)  # before the work: a path that cannot be written fails now, not after it
     if csv_path is None:
@@ -331,10 +333,14 @@ def evaluate_model(
     if len(folders) == 1 and is_exported_folder(folders[0]):
         if not str(device).startswith("cpu"):
             raise ValueError(f"{folders[0]}: an exported folder runs on the CPU; use --device=cpu")
-        asr = DeployedASR(folders[0], blank_penalty=blank_penalty, chunk_seconds=chunk_seconds)
+        asr = DeployedASR(
+            folders[0], blank_penalty=blank_penalty, chunk_seconds=chunk_seconds, context_seconds=context_seconds
+        )
         sample_rate = asr.sample_rate
-    elif blank_penalty is not None or chunk_seconds:
-        raise ValueError("--blank_penalty and --chunk_seconds apply to folders written by speech-kd export")
+    elif blank_penalty is not None or chunk_seconds or context_seconds is not None:
+        raise ValueError(
+            "--blank_penalty, --chunk_seconds and --context_seconds apply to folders written by speech-kd export"
+        )
     elif len(folders) > 1 or not (Path(folders[0]) / "hyperparams.yaml").exists():
         # several folders, or one that is not a SpeechBrain folder (a Hugging Face CTC model): the teacher loader
         asr = EnsembleASR(folders, device=device)

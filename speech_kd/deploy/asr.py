@@ -35,11 +35,14 @@ class DeployedASR:
     chunk_seconds : float, optional
         > 0: each utterance is transcribed in consecutive chunks of this many seconds
         (:meth:`~speech_kd.deploy.runtime.ExportedASR.transcribe_long`), to measure what chunking costs.
+    context_seconds : float, optional
+        Audio before and after each chunk that the network also reads (default 2.0; 0: independent chunks).
     """
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None, blank_penalty: float | None = None,
-                 chunk_seconds: float | None = None) -> None:  # fmt: skip
+                 chunk_seconds: float | None = None, context_seconds: float | None = None) -> None:  # fmt: skip
         self.chunk_seconds = chunk_seconds
+        self.context_seconds = 2.0 if context_seconds is None else context_seconds
         threads = torch.get_num_threads() if threads is None else threads
         self.runtime = ExportedASR(folder, threads=threads, blank_penalty=blank_penalty)
         self.sample_rate = self.runtime.sample_rate
@@ -58,8 +61,8 @@ class DeployedASR:
 
         if self.chunk_seconds:
             lengths = torch.round(wav_lens * wavs.shape[1]).long().tolist()
-            chunked = [self.runtime.transcribe_long(wavs[i, :n].cpu().float().numpy(), self.chunk_seconds)
-                       for i, n in enumerate(lengths)]  # fmt: skip
+            chunked = [self.runtime.transcribe_long(wavs[i, :n].cpu().float().numpy(), self.chunk_seconds,
+                                                    self.context_seconds) for i, n in enumerate(lengths)]  # fmt: skip
             return chunked, [[] for _ in chunked]
         ids = [greedy_decode(lp.numpy(), self.runtime.blank_index, self.runtime.blank_penalty)
                for lp in self.log_probs_batch(wavs, wav_lens)]  # fmt: skip

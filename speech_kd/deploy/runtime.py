@@ -25,11 +25,12 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ExportedASR", "fbank", "greedy_decode", "read_audio", "main", "CONFIG_NAME"]
+__all__ = ["ExportedASR", "fbank", "mel_blocks", "greedy_decode", "read_audio", "main", "CONFIG_NAME"]
 
 #: the exported folder's description (tokens, frame shift, fbank settings, model file)
 CONFIG_NAME = "deploy.json"
@@ -39,28 +40,60 @@ FEATURES_NAME = "fbank.npz"
 LONG_SECONDS = 60.0
 
 
-def fbank(wav: np.ndarray, window: np.ndarray, mel: np.ndarray, hop: int, amin: float = 1e-10,
+def mel_blocks(mel: np.ndarray, blocks: int = 4) -> list[tuple[int, int, int, int, np.ndarray]]:
+    """The mel filters ``mel [n_fft // 2 + 1, F]`` as a few dense blocks that skip the matrix's zeros.
+
+    Each filter touches a few neighbouring bins only; cutting the filters into ``blocks`` runs of
+    consecutive filters, each block needs the bins its filters touch. Returns
+    ``(first_bin, end_bin, first_filter, end_filter, weights [end_bin - first_bin, end_filter - first_filter])``
+    per block; the products of the blocks are the dense product's (same sums, float64).
+
+    Example
+    -------
+    >>> mel = np.zeros((6, 2)); mel[0:3, 0] = 1; mel[3:6, 1] = 1
+    >>> [(a, b, c, d) for a, b, c, d, _ in mel_blocks(mel, blocks=2)]
+    [(0, 3, 0, 1), (3, 6, 1, 2)]
+    """
+    out = []
+    bounds = np.linspace(0, mel.shape[1], min(blocks, mel.shape[1]) + 1).round().astype(int)
+    for first, end in zip(bounds[:-1], bounds[1:]):
+        rows = np.flatnonzero(np.any(mel[:, first:end] != 0, axis=1))
+        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if rows.size else (0, 0)
+        out.append((lo, hi, int(first), int(end), np.ascontiguousarray(mel[lo:hi, first:end])))
+    return out
+
+
+def fbank(wav: np.ndarray, window: np.ndarray, mel: np.ndarray | list, hop: int, amin: float = 1e-10,
           top_db: float = 80.0, ref_value: float = 1.0) -> np.ndarray:  # fmt: skip
     """Log-mel filterbank ``[T, F]`` (float32) of one waveform ``wav [S]``, as SpeechBrain's ``Fbank``.
 
     Centred frames (``n_fft // 2`` zeros at both ends), ``T = 1 + S // hop``; power spectrum of each frame
-    times ``window [n_fft]``; ``mel [n_fft // 2 + 1, F]`` filters; ``10 log10(max(x, amin)) - 10 log10(max(amin,
-    ref_value))``, floored at the utterance's maximum minus ``top_db``. Computed in float64.
+    times ``window [n_fft]``; ``mel [n_fft // 2 + 1, F]`` filters (or their :func:`mel_blocks`, faster);
+    ``10 log10(max(x, amin)) - 10 log10(max(amin, ref_value))``, floored at the utterance's maximum minus
+    ``top_db``. Computed in float64.
     """
     n_fft = window.shape[0]
     padded = np.pad(wav.astype(np.float64), (n_fft // 2, n_fft // 2))
     frames = 1 + wav.shape[0] // hop
-    starts = np.arange(frames)[:, None] * hop + np.arange(n_fft)[None, :]
-    spectrum = np.fft.rfft(padded[starts] * window, n=n_fft, axis=1)
+    windows = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop][:frames]  # a view: no copy
+    spectrum = np.fft.rfft(windows * window, n=n_fft, axis=1)
     power = spectrum.real**2 + spectrum.imag**2
-    db = 10.0 * np.log10(np.maximum(power @ mel, amin)) - 10.0 * np.log10(max(amin, ref_value))
+    if isinstance(mel, np.ndarray):
+        energies = power @ mel
+    else:
+        energies = np.empty((frames, mel[-1][3]))
+        for lo, hi, first, end, weights in mel:
+            energies[:, first:end] = power[:, lo:hi] @ weights
+    db = 10.0 * np.log10(np.maximum(energies, amin)) - 10.0 * np.log10(max(amin, ref_value))
     return np.maximum(db, db.max() - top_db).astype(np.float32)
 
 
-def greedy_decode(log_probs: np.ndarray, blank: int, blank_penalty: float = 0.0) -> list[int]:
+def greedy_decode(log_probs: np.ndarray, blank: int, blank_penalty: float = 0.0, previous: int = -1) -> list[int]:
     """Best path of ``log_probs [T', V]``, repeats merged and blanks removed (token ids).
 
     ``blank_penalty`` is subtracted from the blank's log-probability first (> 0: fewer deletions).
+    ``previous`` is the best token of the frame before the first (a chunk's predecessor; -1: none), so that a
+    token whose frames straddle two chunks is emitted once.
     """
     scores = log_probs
     if blank_penalty:
@@ -69,6 +102,8 @@ def greedy_decode(log_probs: np.ndarray, blank: int, blank_penalty: float = 0.0)
     best = scores.argmax(axis=-1)
     keep = np.ones_like(best, dtype=bool)
     keep[1:] = best[1:] != best[:-1]
+    if best.shape[0]:
+        keep[0] = best[0] != previous
     return [int(t) for t in best[keep & (best != blank)]]
 
 
@@ -102,6 +137,7 @@ class ExportedASR:
         self.config = json.loads((self.folder / CONFIG_NAME).read_text(encoding="utf-8"))
         arrays = np.load(self.folder / FEATURES_NAME)
         self.window, self.mel = arrays["window"], arrays["mel"]
+        self._mel_blocks = mel_blocks(self.mel)
         self.tokens: list[str] = self.config["tokens"]
         self.blank_index = int(self.config["blank_index"])
         self.sample_rate = int(self.config["sample_rate"])
@@ -136,7 +172,7 @@ class ExportedASR:
         wav = np.asarray(wav, dtype=np.float32)
         if wav.shape[0] < int(self.config["min_samples"]):
             wav = np.pad(wav, (0, int(self.config["min_samples"]) - wav.shape[0]))
-        return fbank(wav, self.window, self.mel, fb["hop_length"], fb["amin"], fb["top_db"], fb["ref_value"])
+        return fbank(wav, self.window, self._mel_blocks, fb["hop_length"], fb["amin"], fb["top_db"], fb["ref_value"])
 
     def run(self, feats: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The network on padded ``feats [B, T, F]`` (float32) and ``lengths [B]`` (int64).
@@ -177,18 +213,47 @@ class ExportedASR:
         """Transcripts of waveforms ``[S]`` at the folder's sample rate (one padded batch)."""
         return [self.text(greedy_decode(lp, self.blank_index, self.blank_penalty)) for lp in self.log_probs(wavs)]
 
-    def transcribe_long(self, wav: np.ndarray, chunk_seconds: float = 20.0) -> str:
-        """Transcript of a long waveform ``[S]`` in consecutive chunks of ``chunk_seconds`` (bounded memory).
+    def stream_log_probs(self, wav: np.ndarray, chunk_seconds: float = 20.0,
+                         context_seconds: float = 2.0) -> Iterator[np.ndarray]:  # fmt: skip
+        """Log-probabilities ``[T'_i, V]`` of a long waveform ``wav [S]``, chunk after chunk (bounded memory).
 
-        Each chunk is decoded alone (no state is carried, no overlap), so a word cut by a chunk boundary
-        may be misrecognised; memory depends on ``chunk_seconds``, not on the file's length.
+        The file is cut into consecutive chunks of ``chunk_seconds`` (rounded to whole output frames); each
+        is run with up to ``context_seconds`` of the audio before and after it, and only the chunk's own
+        output frames are kept. Concatenated, the pieces have the frame count of the whole file run at once,
+        and each frame has seen at least ``context_seconds`` on both sides (or the file's edge). Memory and
+        time per chunk depend on ``chunk_seconds + 2 * context_seconds``, not on the file's length;
+        ``context_seconds=0`` gives independent chunks (a word cut by a boundary may be lost).
         """
-        size = max(int(chunk_seconds * self.sample_rate), 1)
+        stride = max(round(self.frame_shift * self.sample_rate), 1)  # samples per output frame
+        core = max(round(chunk_seconds * self.sample_rate / stride), 1) * stride
+        context = max(round(context_seconds * self.sample_rate / stride), 0) * stride
+        for start in range(0, max(wav.shape[0], 1), core):
+            first = max(start - context, 0)
+            window = wav[first : min(start + core + context, wav.shape[0])]
+            out = self.log_probs([window])[0]
+            skip = (start - first) // stride
+            last = start + core >= wav.shape[0]
+            yield out[skip:] if last else out[skip : skip + core // stride]
+
+    def transcribe_long(self, wav: np.ndarray, chunk_seconds: float = 20.0, context_seconds: float = 2.0) -> str:
+        """Transcript of a long waveform ``[S]`` from :meth:`stream_log_probs` (bounded memory).
+
+        Greedy decoding runs across chunk boundaries (a token repeated over a boundary is merged as within a
+        chunk), keeping only the last frame's best token between chunks.
+        """
         ids: list[int] = []
-        for start in range(0, wav.shape[0], size):
-            piece = self.log_probs([wav[start : start + size]])[0]
-            ids += greedy_decode(piece, self.blank_index, self.blank_penalty)
+        previous = -1
+        for piece in self.stream_log_probs(wav, chunk_seconds, context_seconds):
+            ids += greedy_decode(piece, self.blank_index, self.blank_penalty, previous=previous)
+            if piece.shape[0]:
+                previous = int(self._best(piece[-1:])[0])
         return self.text(ids)
+
+    def _best(self, log_probs: np.ndarray) -> np.ndarray:
+        """Best token per frame of ``log_probs [T', V]`` after the blank penalty."""
+        scores = log_probs.copy()
+        scores[:, self.blank_index] -= self.blank_penalty
+        return scores.argmax(axis=-1)
 
     def transcribe_files(self, paths: list[str], batch: int = 8) -> list[str]:
         """Transcripts of audio files, ``batch`` at a time."""
@@ -208,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blank_penalty", type=float, default=None, help="subtracted from blank log-probs")
     parser.add_argument("--chunk_seconds", type=float, default=0.0,
                         help="> 0: each file in chunks of this many seconds (long files, bounded memory)")  # fmt: skip
+    parser.add_argument("--context_seconds", type=float, default=2.0,
+                        help="with --chunk_seconds: audio before and after each chunk also read (0: none)")  # fmt: skip
     args = parser.parse_args(argv)
     asr = ExportedASR(args.model, threads=args.threads, blank_penalty=args.blank_penalty)
     if args.chunk_seconds <= 0:
@@ -219,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{path}: {seconds:.0f} s in one piece; attention memory grows with the square of the length "
                       f"(a 9-minute file took 15 GB), consider --chunk_seconds 20", file=sys.stderr)  # fmt: skip
     if args.chunk_seconds > 0:
-        texts = [asr.transcribe_long(read_audio(p, asr.sample_rate), args.chunk_seconds) for p in args.files]
+        texts = [
+            asr.transcribe_long(read_audio(p, asr.sample_rate), args.chunk_seconds, args.context_seconds)
+            for p in args.files
+        ]
     else:
         texts = asr.transcribe_files(args.files, batch=args.batch)
     for path, text in zip(args.files, texts):

@@ -169,17 +169,40 @@ def test_evaluate_scores_an_exported_folder_like_its_model(exported, test_set, t
 
 
 def test_chunked_transcription_of_a_long_file(exported, test_set, tmp_path):
+    """Chunks with context on both sides: the whole file's frames, each within context of its own audio."""
     from speech_kd.evaluate import evaluate_model
 
     folder, _ = exported("onnx")
     asr = ExportedASR(folder, threads=1)
     wav = np.concatenate([w for _, w, _ in test_set[1][:4]])
+    whole_lp = asr.log_probs([wav])[0]
     whole = asr.transcribe([wav])[0]
-    assert asr.transcribe_long(wav, chunk_seconds=wav.shape[0] / 16000 + 1) == whole
-    assert len(asr.transcribe_long(wav, chunk_seconds=2.0)) > 0.5 * len(whole)
-    scores = [evaluate_model(folder, test_set[0], chunk_seconds=seconds, progress=False).summary
-              for seconds in (None, 100.0, 0.5)]  # fmt: skip
-    assert scores[0]["wer"] == scores[1]["wer"] and scores[2]["wer"] > scores[0]["wer"]
+    seconds = wav.shape[0] / 16000
+    for chunk, context in ((1.0, 0.0), (1.3, 0.5), (0.04, 0.2)):  # every piece count, incl. one frame per chunk
+        pieces = list(asr.stream_log_probs(wav, chunk, context))
+        assert len(pieces) == int(np.ceil(seconds / (round(chunk / 0.04) * 0.04)))
+        assert sum(p.shape[0] for p in pieces) == whole_lp.shape[0]
+    # context covering the file: every window is the whole file, so the kept frames are the whole file's
+    pieces = list(asr.stream_log_probs(wav, chunk_seconds=1.0, context_seconds=seconds))
+    assert np.abs(np.concatenate(pieces) - whole_lp).max() < 1e-4
+    assert asr.transcribe_long(wav, chunk_seconds=1.0, context_seconds=seconds) == whole
+    assert asr.transcribe_long(wav, chunk_seconds=seconds + 1) == whole
+    # 1 s chunks: with 1 s of context the frames are near the whole file's; without, far from them
+    near = np.abs(np.concatenate(list(asr.stream_log_probs(wav, 1.0, 1.0))) - whole_lp).mean()
+    far = np.abs(np.concatenate(list(asr.stream_log_probs(wav, 1.0, 0.0))) - whole_lp).mean()
+    assert near < far / 2
+    scores = [evaluate_model(folder, test_set[0], chunk_seconds=chunk, context_seconds=context,
+                             progress=False).summary["wer"]
+              for chunk, context in ((None, None), (100.0, 0.0), (0.5, 0.0), (0.5, 1.0))]  # fmt: skip
+    assert scores[0] == scores[1] and scores[2] > scores[3] >= scores[0] - 5
+
+
+def test_greedy_decoding_carries_the_last_token_over_a_chunk_boundary():
+    log_probs = np.log(np.eye(3)[[1, 1, 0, 2]] * 0.97 + 0.01)  # best path 1 1 _ 2 (blank 0)
+    assert greedy_decode(log_probs, blank=0) == [1, 2]
+    assert greedy_decode(log_probs, blank=0, previous=1) == [2]  # the 1 began in the chunk before
+    assert greedy_decode(log_probs, blank=0, previous=0) == [1, 2]
+    assert greedy_decode(log_probs[:0], blank=0, previous=1) == []
 
 
 def test_export_cli_and_an_unsupported_folder(tmp_path, capsys):
