@@ -77,10 +77,14 @@ def reflect_past_length(x: torch.Tensor, lengths: torch.Tensor, frames: int) -> 
     [0.0, 1.0, 2.0, 1.0, 0.0, 5.0]
     """
     ones = [1] * (x.dim() - 2)
-    steps = torch.arange(x.shape[-1], device=x.device).view(1, *ones, -1)
+    last = x.shape[-1] - 1
     for j in range(frames):
-        source = torch.clamp(lengths - 2 - j, min=0).view(-1, *ones, 1).expand(*x.shape[:-1], 1)
-        x = torch.where(steps == (lengths + j).view(-1, *ones, 1), torch.gather(x, -1, source), x)
+        inside = lengths + j <= last  # utterances whose frame L + j exists (others: frame T - 1 onto itself)
+        target = torch.where(inside, lengths + j, last)
+        source = torch.where(inside, torch.clamp(lengths - 2 - j, min=0), last)
+        source = source.view(-1, *ones, 1).expand(*x.shape[:-1], 1)
+        # one scatter of B frames (a copy of x and B writes), not a comparison of every frame
+        x = x.scatter(-1, target.view(-1, *ones, 1).expand(*x.shape[:-1], 1), torch.gather(x, -1, source))
     return x
 
 

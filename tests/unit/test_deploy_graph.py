@@ -1,0 +1,36 @@
+"""The exported network's building blocks against what SpeechBrain computes for one utterance alone."""
+
+from __future__ import annotations
+
+import torch
+from speechbrain.nnet.attention import RelPosMHAXL
+
+from speech_kd.deploy.graph import reflect_past_length, relative_positions, relative_self_attention
+
+
+def test_reflect_past_length_is_reflection_padding_of_each_utterance_alone():
+    """Every utterance, cut to its length and reflection-padded alone, reads what the batch holds past its end."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 9)
+    lengths = torch.tensor([9, 8, 5, 3])  # full, one frame short, shorter, the shortest 2 reflected frames allow
+    for frames in (1, 2):
+        got = reflect_past_length(x, lengths, frames)
+        for i, n in enumerate(lengths.tolist()):
+            alone = torch.nn.functional.pad(x[i, ..., :n], (0, frames), mode="reflect")
+            keep = min(n + frames, x.shape[-1])
+            assert torch.equal(got[i, ..., :keep], alone[..., :keep])
+            assert torch.equal(got[i, ..., keep:], x[i, ..., keep:])  # frames no convolution reads: unchanged
+
+
+def test_relative_self_attention_is_speechbrains_with_padded_keys():
+    torch.manual_seed(0)
+    mha = RelPosMHAXL(embed_dim=16, num_heads=4).eval()
+    x = torch.randn(3, 7, 16)
+    lengths = torch.tensor([7, 4, 1])
+    padding = torch.arange(7)[None] >= lengths[:, None]
+    pos_embs = relative_positions(7, 1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))
+    with torch.no_grad():
+        ours = relative_self_attention(mha, x, padding, pos_embs)
+        theirs, _ = mha(x, x, x, pos_embs=pos_embs, key_padding_mask=padding)
+    for i, n in enumerate(lengths.tolist()):
+        assert torch.allclose(ours[i, :n], theirs[i, :n], atol=1e-6)
