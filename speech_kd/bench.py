@@ -23,8 +23,10 @@ Measured:
 JSON keys (``--json``): ``features_vs_librosa``, ``cached_kd_over_plain``,
 ``online_kd_over_plain``, ``student_speedup``, ``student_speedup_onnx``,
 ``student_speedup_int8`` (with ``student_speedup_side``: the three timed in
-turn with the teacher), ``peak_rss_mb_teacher``, ``peak_rss_mb_student`` plus
-the raw timings.
+turn with the teacher), ``peak_rss_mb_teacher``, ``peak_rss_mb_student``,
+``params_teacher``, ``params_student``, ``student_params_fraction`` plus
+the raw timings. ``--extra="--key=value ..."`` changes the student's yaml (e.g.
+its shape), as ``speech-kd distill`` would.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import csv as csv_mod
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -153,7 +156,8 @@ def bench_features(batch, repeats: int, device: str) -> dict:
     return results
 
 
-def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int, device: str, tmp: Path) -> dict:
+def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int, device: str, tmp: Path,
+                student_overrides: dict | None = None) -> dict:  # fmt: skip
     """Seconds per training step: plain, online KD, cached KD."""
     import speechbrain as sb
 
@@ -162,7 +166,8 @@ def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int
     from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
     from speech_kd.teachers.base import load_teacher
 
-    brain, hparams = _brain("hparams/distill.yaml", tmp / "student", device, {"kd_weight": 0.5})
+    brain, hparams = _brain("hparams/distill.yaml", tmp / "student", device,
+                            {**(student_overrides or {}), "kd_weight": 0.5})  # fmt: skip
     brain.tokenizer = tokenizer
     brain.on_fit_start()
     brain.on_stage_start(sb.Stage.TRAIN, 1)
@@ -205,12 +210,12 @@ def bench_inference(batch, model_dirs: dict, repeats: int, device: str) -> dict:
     return out
 
 
-def _export_random(yaml: str, out: Path, tokenizer) -> Path:
-    """A randomly initialised model of ``yaml``'s architecture as a model folder."""
+def _export_random(yaml: str, out: Path, tokenizer, overrides: dict | None = None) -> Path:
+    """A randomly initialised model of ``yaml``'s architecture (with ``overrides``) as a model folder."""
     from speech_kd.export import export_model_folder
 
     text = (REPO / yaml).read_text()
-    _, hparams = _brain(yaml, out, "cpu")
+    _, hparams = _brain(yaml, out, "cpu", overrides)
     hparams["normalize"].train()
     hparams["normalize"](torch.randn(2, 50, 80), torch.ones(2))
     return export_model_folder(hparams, text, tokenizer, out / "model")
@@ -225,12 +230,37 @@ def build_parser(prog: str = "speech-kd bench") -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="utterances per benchmark batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")  # fmt: skip
+    parser.add_argument("--extra", default="", help="overrides of the student's hparams/distill.yaml, "
+                        "e.g. --extra=\"--cnn_channels_1=8 --d_ffn=232\" (docs/deploy.md's fast student)")  # fmt: skip
     return parser
+
+
+def parse_overrides(text: str) -> dict:
+    """``"--key=value ..."`` (SpeechBrain's command-line overrides) as ``{key: value}``, values read as YAML.
+
+    Example
+    -------
+    >>> parse_overrides("--cnn_channels_1=8 --dropout=0.1")
+    {'cnn_channels_1': 8, 'dropout': 0.1}
+    """
+    import yaml
+
+    out = {}
+    for token in text.split():
+        key, sep, value = token.removeprefix("--").partition("=")
+        if not token.startswith("--") or not sep or not key:
+            raise ValueError(f"--extra: {token!r} is not --key=value")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run every benchmark and print one table (see module docstring)."""
     args = build_parser().parse_args(argv)
+    student_overrides = parse_overrides(args.extra)
+    known = set(re.findall(r"^([A-Za-z_]\w*):", (REPO / "hparams/distill.yaml").read_text(), flags=re.M))
+    if set(student_overrides) - known:  # now, not after the corpus is synthesised
+        raise ValueError(f"--extra: {sorted(set(student_overrides) - known)} not keys of hparams/distill.yaml")
 
     from speech_kd.dataio import make_tokenizer
     from speech_kd.evaluate import evaluate_model
@@ -242,13 +272,18 @@ def main(argv: list[str] | None = None) -> dict:
     csvs = prepare_librispeech(corpus, tmp / "data").csv_files
     batch = _batch(csvs["train"], tokenizer, args.batch_size, args.device)
     models = {"teacher": _export_random("hparams/teacher.yaml", tmp / "teacher", tokenizer),
-              "student": _export_random("hparams/distill.yaml", tmp / "student_export", tokenizer)}  # fmt: skip
+              "student": _export_random("hparams/distill.yaml", tmp / "student_export", tokenizer,
+                                        student_overrides)}  # fmt: skip
 
     results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                "threads": torch.get_num_threads(), "batch_utts": args.batch_size,
                "batch_audio_s": float((batch.sig[1] * batch.sig[0].shape[1]).sum()) / 16000}  # fmt: skip
     results.update(bench_features(batch, args.repeats, args.device))
-    results.update(bench_steps(batch, csvs["train"], tokenizer, models["teacher"], args.repeats, args.device, tmp))
+    results.update({f"params_{name}": json.loads((folder / "speech_kd.json").read_text())["params"]
+                    for name, folder in models.items()})  # fmt: skip
+    results["student_params_fraction"] = results["params_student"] / results["params_teacher"]
+    results.update(bench_steps(batch, csvs["train"], tokenizer, models["teacher"], args.repeats, args.device, tmp,
+                               student_overrides))  # fmt: skip
     results.update(bench_inference(batch, models, args.repeats, args.device))
     try:
         import onnxruntime  # noqa: F401

@@ -10,14 +10,16 @@ def test_bench_writes_ratio_table(tmp_path, capsys):
     from speech_kd.cli import main
 
     out = tmp_path / "not_yet" / "bench.json"  # the folder is made, as evaluate and compare do
-    assert main(["bench", "--repeats", "1", "--batch_size", "2", "--json", str(out)]) == 0
+    fast = "--cnn_channels_1=8 --d_ffn=232"  # docs/deploy.md's fast student: its shape reaches the models timed
+    assert main(["bench", "--repeats", "1", "--batch_size", "2", "--json", str(out), f"--extra={fast}"]) == 0
     results = json.loads(out.read_text())
     for key in ("features_vs_librosa", "cached_kd_over_plain", "online_kd_over_plain", "student_speedup",
                 "features_vs_sb_per_utt", "features_vs_sb_batched",
                 "features_stft_only_vs_librosa", "rtf_teacher", "rtf_student", "evaluate_utts_per_s",
                 "student_speedup_onnx", "student_speedup_int8", "peak_rss_mb_teacher", "peak_rss_mb_student",
-                "peak_rss_mb_student_onnx", "disk_mb_student_int8"):  # fmt: skip
+                "peak_rss_mb_student_onnx", "disk_mb_student_int8", "student_params_fraction"):  # fmt: skip
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
     assert results["peak_rss_mb_student_onnx"] < results["peak_rss_mb_student"]  # no torch in its process
     assert results["device"] == "cpu"
+    assert results["params_student"] == 309_869 and results["student_params_fraction"] < 0.1
     assert "features_vs_librosa" in capsys.readouterr().out
