@@ -9,6 +9,12 @@ convolution module, the layout reorders of onnxruntime's convolutions, and the
 rest (normalisation, output layer)::
 
     python scripts/profile_export.py deploy/onnx deploy/teacher_onnx --batch 1 8 --threads 1 2
+
+``--shapes`` profiles students of ``hparams/distill.yaml`` with random weights
+instead (speed does not depend on the weights), one per override string, the
+empty string being the yaml's own shape::
+
+    python scripts/profile_export.py --shapes "" "--cnn_channels_1=8 --d_ffn=232" --batch 8 --threads 1
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import collections
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +33,7 @@ import numpy as np
 #: substrings of onnxruntime node names (the exporter keeps the PyTorch module path) -> part
 PARTS = {
     "front_end": "front end",
+    "attention": "self-attention",
     "mha_layer": "self-attention",
     "ffn_module": "feed-forward",
     "convolution_module": "conformer conv module",
@@ -66,17 +74,36 @@ def profile(folder: Path, batch: int, threads: int, seconds: float, runs: int) -
     return statistics.median(times), {part: value / total for part, value in totals.most_common()}
 
 
+def random_student(overrides: str, out: Path) -> Path:
+    """An ONNX export of a randomly initialised ``hparams/distill.yaml`` student with ``overrides``."""
+    from speech_kd.bench import _export_random, parse_overrides
+    from speech_kd.dataio import make_tokenizer
+    from speech_kd.deploy.exporter import export_asr
+
+    tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    folder = _export_random("hparams/distill.yaml", out / "model_folder", tokenizer, parse_overrides(overrides))
+    export_asr(folder, out / "onnx", "onnx")
+    return out / "onnx"
+
+
 def main() -> None:
     """Print one line per folder, batch and thread count."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=Path, help="folders written by speech-kd export --format onnx")
+    parser.add_argument("folders", nargs="*", type=Path, help="folders written by speech-kd export --format onnx")
+    parser.add_argument("--shapes", nargs="+", default=[], help="random-weight students: yaml override strings")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="utterances per run")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op threads")
     parser.add_argument("--seconds", type=float, default=5.0, help="audio seconds per utterance")
     parser.add_argument("--runs", type=int, default=20, help="timed runs (median kept)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    for folder in args.folders:
+    tmp = Path(tempfile.mkdtemp(prefix="profile_export_"))
+    folders = list(args.folders)
+    for i, overrides in enumerate(args.shapes):
+        folders.append(random_student(overrides, tmp / f"shape_{i}"))
+        params = json.loads((folders[-1] / "deploy.json").read_text()).get("params")
+        print(f"{folders[-1]}: hparams/distill.yaml {overrides or '(as it is)'}, {params:,} parameters", flush=True)
+    for folder in folders:
         for threads in args.threads:
             for batch in args.batch:
                 ms, shares = profile(folder, batch, threads, args.seconds, args.runs)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CTCGraph", "FrontEnd", "UnsupportedModelError", "reflect_past_length", "conv_out_length"]
+__all__ = ["CTCGraph", "FrontEnd", "SelfAttention", "UnsupportedModelError", "conv_out_length", "reflect_past_length",
+           "relative_positions", "relative_self_attention"]
 
 
 class UnsupportedModelError(ValueError):
@@ -200,6 +201,7 @@ class CTCGraph(torch.nn.Module):
         self.src_module = transformer.custom_src_module
         self.positional_encoding = transformer.positional_encoding
         self.encoder = transformer.encoder
+        self.attention = torch.nn.ModuleList(SelfAttention(layer.mha_layer) for layer in self.encoder.layers)
         self.ctc_lin = encoder.ctc_lin
         self.eval()
 
@@ -216,8 +218,8 @@ class CTCGraph(torch.nn.Module):
         padding = torch.arange(x.shape[1], device=x.device).unsqueeze(0) >= lengths.unsqueeze(1)
         x = self.src_module(x)
         pos_embs = relative_positions(x.shape[1], self.positional_encoding.inv_freq)
-        for layer in self.encoder.layers:
-            x = _conformer_layer(layer, x, padding, pos_embs)
+        for layer, attention in zip(self.encoder.layers, self.attention):
+            x = _conformer_layer(layer, attention, x, padding, pos_embs)
         x = self.encoder.norm(x)
         return torch.log_softmax(self.ctc_lin(x), dim=-1), lengths
 
@@ -266,7 +268,20 @@ def relative_self_attention(mha: torch.nn.Module, x: torch.Tensor, padding: torc
     return mha.out_proj(out)
 
 
-def _conformer_layer(layer: torch.nn.Module, x: torch.Tensor, padding: torch.Tensor, pos_embs: torch.Tensor):
+class SelfAttention(torch.nn.Module):
+    """:func:`relative_self_attention` of one ``RelPosMHAXL`` as a module (its nodes keep a name in the graph)."""
+
+    def __init__(self, mha: torch.nn.Module) -> None:
+        super().__init__()
+        self.mha = mha
+
+    def forward(self, x: torch.Tensor, padding: torch.Tensor, pos_embs: torch.Tensor) -> torch.Tensor:
+        """``x [B, T', D]``, ``padding [B, T']``, ``pos_embs [1, 2T'-1, D]`` -> ``[B, T', D]``."""
+        return relative_self_attention(self.mha, x, padding, pos_embs)
+
+
+def _conformer_layer(layer: torch.nn.Module, attention: torch.nn.Module, x: torch.Tensor, padding: torch.Tensor,
+                     pos_embs: torch.Tensor) -> torch.Tensor:  # fmt: skip
     """SpeechBrain's ``ConformerEncoderLayer.forward`` (eval) with padded frames zeroed before the depth-wise conv.
 
     SpeechBrain masks the convolution module's output only, so its depth-wise
@@ -275,7 +290,7 @@ def _conformer_layer(layer: torch.nn.Module, x: torch.Tensor, padding: torch.Ten
     ``padding [B, T']`` (True past the length), ``pos_embs [1, 2T'-1, D]``.
     """
     x = x + 0.5 * layer.ffn_module1(x)
-    x = x + relative_self_attention(layer.mha_layer, layer.norm1(x), padding, pos_embs)
+    x = x + attention(layer.norm1(x), padding, pos_embs)
     conv = layer.convolution_module
     y = conv.bottleneck(conv.layer_norm(x).transpose(1, 2))
     y = conv.conv(y.masked_fill(padding.unsqueeze(1), 0.0)).transpose(1, 2)
