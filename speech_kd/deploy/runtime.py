@@ -41,6 +41,9 @@ __all__ = ["ExportedASR", "fbank", "mel_blocks", "greedy_decode", "read_audio", 
 CONFIG_NAME = "deploy.json"
 #: window and mel filters of the fbank, as SpeechBrain builds them
 FEATURES_NAME = "fbank.npz"
+#: fbank frames computed at a time: the whole utterance's spectrum at once is a few MB of temporaries whose
+#: fresh pages fault in on every call (2.7x slower, measured on 2-6 s utterances); pieces reuse memory
+FBANK_PIECE = 64
 #: files longer than this (seconds) transcribed in one piece get a warning (use --chunk_seconds)
 LONG_SECONDS = 60.0
 
@@ -81,14 +84,13 @@ def fbank(wav: np.ndarray, window: np.ndarray, mel: np.ndarray | list, hop: int,
     padded = np.pad(wav.astype(np.float64), (n_fft // 2, n_fft // 2))
     frames = 1 + wav.shape[0] // hop
     windows = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop][:frames]  # a view: no copy
-    spectrum = np.fft.rfft(windows * window, n=n_fft, axis=1)
-    power = spectrum.real**2 + spectrum.imag**2
-    if isinstance(mel, np.ndarray):
-        energies = power @ mel
-    else:
-        energies = np.empty((frames, mel[-1][3]))
-        for lo, hi, first, end, weights in mel:
-            energies[:, first:end] = power[:, lo:hi] @ weights
+    blocks = mel_blocks(mel, blocks=1) if isinstance(mel, np.ndarray) else mel
+    energies = np.empty((frames, blocks[-1][3]))
+    for start in range(0, frames, FBANK_PIECE):  # small temporaries: reused memory, not fresh pages each call
+        spectrum = np.fft.rfft(windows[start : start + FBANK_PIECE] * window, n=n_fft, axis=1)
+        power = spectrum.real**2 + spectrum.imag**2
+        for lo, hi, first, end, weights in blocks:
+            energies[start : start + FBANK_PIECE, first:end] = power[:, lo:hi] @ weights
     db = 10.0 * np.log10(np.maximum(energies, amin)) - 10.0 * np.log10(max(amin, ref_value))
     return np.maximum(db, db.max() - top_db).astype(np.float32)
 
