@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import csv as csv_mod
 import json
-import re
 import statistics
 import tempfile
 import time
@@ -258,7 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every benchmark and print one table (see module docstring)."""
     args = build_parser().parse_args(argv)
     student_overrides = parse_overrides(args.extra)
-    known = set(re.findall(r"^([A-Za-z_]\w*):", (REPO / "hparams/distill.yaml").read_text(), flags=re.M))
+    from speech_kd.export import defined_keys
+
+    known = defined_keys((REPO / "hparams/distill.yaml").read_text())
     if set(student_overrides) - known:  # now, not after the corpus is synthesised
         raise ValueError(f"--extra: {sorted(set(student_overrides) - known)} not keys of hparams/distill.yaml")
 

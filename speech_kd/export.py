@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import yaml
 
-__all__ = ["extract_model_block", "export_model_folder", "MODEL_BLOCK_START", "MODEL_BLOCK_END"]
+__all__ = ["defined_keys", "extract_model_block", "export_model_folder", "MODEL_BLOCK_START", "MODEL_BLOCK_END"]
 
 MODEL_BLOCK_START = "# >>> model"
 MODEL_BLOCK_END = "# <<< model"
@@ -65,6 +65,17 @@ def extract_model_block(yaml_text: str) -> str:
     return block.split("\n", 1)[1] if "\n" in block else ""
 
 
+def defined_keys(yaml_text: str) -> set[str]:
+    r"""Top-level keys a HyperPyYAML text defines (``key:`` at the start of a line).
+
+    Example
+    -------
+    >>> sorted(defined_keys("lr: 0.1\nmodel: !new:torch.nn.Linear\n    in_features: 2\n"))
+    ['lr', 'model']
+    """
+    return set(re.findall(r"^([A-Za-z_]\w*):", yaml_text, flags=re.M))
+
+
 def _referenced_keys(block: str, defined: set[str]) -> list[str]:
     """Top-level keys the block references but does not define, in order."""
     keys: list[str] = []
@@ -100,7 +111,7 @@ def export_model_folder(
     sibling temporary folder is renamed over ``out_dir`` at the end.
     """
     block = extract_model_block(hparams_text)
-    defined = set(re.findall(r"^([A-Za-z_]\w*):", block, flags=re.M))
+    defined = defined_keys(block)
     for required in ("model", "normalize", "encoder_chain"):
         if required not in defined:
             raise ValueError(f"the model block must define {required!r}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from speech_kd.deploy.runtime import CONFIG_NAME, ExportedASR
+from speech_kd.deploy.runtime import CONFIG_NAME, CONTEXT_SECONDS, ExportedASR
 
 __all__ = ["DeployedASR", "is_exported_folder"]
 
@@ -36,13 +36,13 @@ class DeployedASR:
         > 0: each utterance is transcribed in consecutive chunks of this many seconds
         (:meth:`~speech_kd.deploy.runtime.ExportedASR.transcribe_long`), to measure what chunking costs.
     context_seconds : float, optional
-        Audio before and after each chunk that the network also reads (default 2.0; 0: independent chunks).
+        Audio before and after each chunk that the network also reads (default ``CONTEXT_SECONDS``, 2; 0: none).
     """
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None, blank_penalty: float | None = None,
                  chunk_seconds: float | None = None, context_seconds: float | None = None) -> None:  # fmt: skip
         self.chunk_seconds = chunk_seconds
-        self.context_seconds = 2.0 if context_seconds is None else context_seconds
+        self.context_seconds = CONTEXT_SECONDS if context_seconds is None else context_seconds
         threads = torch.get_num_threads() if threads is None else threads
         self.runtime = ExportedASR(folder, threads=threads, blank_penalty=blank_penalty)
         self.sample_rate = self.runtime.sample_rate

@@ -35,7 +35,8 @@ if __name__ == "__main__":  # before numpy loads its BLAS: one BLAS thread (see 
 
 import numpy as np
 
-__all__ = ["ExportedASR", "fbank", "mel_blocks", "greedy_decode", "read_audio", "main", "CONFIG_NAME"]
+__all__ = ["ExportedASR", "fbank", "mel_blocks", "best_tokens", "greedy_decode", "read_audio", "main", "CONFIG_NAME",
+           "CONTEXT_SECONDS"]
 
 #: the exported folder's description (tokens, frame shift, fbank settings, model file)
 CONFIG_NAME = "deploy.json"
@@ -44,6 +45,8 @@ FEATURES_NAME = "fbank.npz"
 #: fbank frames computed at a time: the whole utterance's spectrum at once is a few MB of temporaries whose
 #: fresh pages fault in on every call (2.7x slower, measured on 2-6 s utterances); pieces reuse memory
 FBANK_PIECE = 64
+#: audio (seconds) read before and after each chunk of a long file (``--context_seconds``)
+CONTEXT_SECONDS = 2.0
 #: files longer than this (seconds) transcribed in one piece get a warning (use --chunk_seconds)
 LONG_SECONDS = 60.0
 
@@ -95,6 +98,15 @@ def fbank(wav: np.ndarray, window: np.ndarray, mel: np.ndarray | list, hop: int,
     return np.maximum(db, db.max() - top_db).astype(np.float32)
 
 
+def best_tokens(log_probs: np.ndarray, blank: int, blank_penalty: float = 0.0) -> np.ndarray:
+    """Best token per frame ``[T']`` of ``log_probs [T', V]``, ``blank_penalty`` subtracted from the blank first."""
+    scores = log_probs
+    if blank_penalty:
+        scores = log_probs.copy()
+        scores[:, blank] -= blank_penalty
+    return scores.argmax(axis=-1)
+
+
 def greedy_decode(log_probs: np.ndarray, blank: int, blank_penalty: float = 0.0, previous: int = -1) -> list[int]:
     """Best path of ``log_probs [T', V]``, repeats merged and blanks removed (token ids).
 
@@ -102,11 +114,7 @@ def greedy_decode(log_probs: np.ndarray, blank: int, blank_penalty: float = 0.0,
     ``previous`` is the best token of the frame before the first (a chunk's predecessor; -1: none), so that a
     token whose frames straddle two chunks is emitted once.
     """
-    scores = log_probs
-    if blank_penalty:
-        scores = log_probs.copy()
-        scores[:, blank] -= blank_penalty
-    best = scores.argmax(axis=-1)
+    best = best_tokens(log_probs, blank, blank_penalty)
     keep = np.ones_like(best, dtype=bool)
     keep[1:] = best[1:] != best[:-1]
     if best.shape[0]:
@@ -145,6 +153,12 @@ class ExportedASR:
         arrays = np.load(self.folder / FEATURES_NAME)
         self.window, self.mel = arrays["window"], arrays["mel"]
         self._mel_blocks = mel_blocks(self.mel)
+        try:  # numpy's BLAS held to one thread while the fbank runs (_one_blas_thread)
+            from threadpoolctl import ThreadpoolController
+
+            self._blas = ThreadpoolController()
+        except ImportError:  # a script run sets OPENBLAS_NUM_THREADS itself
+            self._blas = None
         self.tokens: list[str] = self.config["tokens"]
         self.blank_index = int(self.config["blank_index"])
         self.sample_rate = int(self.config["sample_rate"])
@@ -188,13 +202,6 @@ class ExportedASR:
         taking the cores from the runtime's own threads (measured: the exported student with 2 threads ran
         3.3x faster than the PyTorch teacher with numpy's BLAS on 2 threads, 9.0x with 1).
         """
-        if not hasattr(self, "_blas"):
-            try:
-                from threadpoolctl import ThreadpoolController
-
-                self._blas = ThreadpoolController()
-            except ImportError:  # a script run sets OPENBLAS_NUM_THREADS itself
-                self._blas = None
         return self._blas.limit(limits=1, user_api="blas") if self._blas is not None else contextlib.nullcontext()
 
     def run(self, feats: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -238,7 +245,7 @@ class ExportedASR:
         return [self.text(greedy_decode(lp, self.blank_index, self.blank_penalty)) for lp in self.log_probs(wavs)]
 
     def stream_log_probs(self, wav: np.ndarray, chunk_seconds: float = 20.0,
-                         context_seconds: float = 2.0) -> Iterator[np.ndarray]:  # fmt: skip
+                         context_seconds: float = CONTEXT_SECONDS) -> Iterator[np.ndarray]:  # fmt: skip
         """Log-probabilities ``[T'_i, V]`` of a long waveform ``wav [S]``, chunk after chunk (bounded memory).
 
         The file is cut into consecutive chunks of ``chunk_seconds`` (rounded to whole output frames); each
@@ -259,7 +266,8 @@ class ExportedASR:
             last = start + core >= wav.shape[0]
             yield out[skip:] if last else out[skip : skip + core // stride]
 
-    def transcribe_long(self, wav: np.ndarray, chunk_seconds: float = 20.0, context_seconds: float = 2.0) -> str:
+    def transcribe_long(self, wav: np.ndarray, chunk_seconds: float = 20.0,
+                        context_seconds: float = CONTEXT_SECONDS) -> str:  # fmt: skip
         """Transcript of a long waveform ``[S]`` from :meth:`stream_log_probs` (bounded memory).
 
         Greedy decoding runs across chunk boundaries (a token repeated over a boundary is merged as within a
@@ -270,14 +278,8 @@ class ExportedASR:
         for piece in self.stream_log_probs(wav, chunk_seconds, context_seconds):
             ids += greedy_decode(piece, self.blank_index, self.blank_penalty, previous=previous)
             if piece.shape[0]:
-                previous = int(self._best(piece[-1:])[0])
+                previous = int(best_tokens(piece[-1:], self.blank_index, self.blank_penalty)[0])
         return self.text(ids)
-
-    def _best(self, log_probs: np.ndarray) -> np.ndarray:
-        """Best token per frame of ``log_probs [T', V]`` after the blank penalty."""
-        scores = log_probs.copy()
-        scores[:, self.blank_index] -= self.blank_penalty
-        return scores.argmax(axis=-1)
 
     def transcribe_files(self, paths: list[str], batch: int = 8) -> list[str]:
         """Transcripts of audio files, ``batch`` at a time."""
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blank_penalty", type=float, default=None, help="subtracted from blank log-probs")
     parser.add_argument("--chunk_seconds", type=float, default=0.0,
                         help="> 0: each file in chunks of this many seconds (long files, bounded memory)")  # fmt: skip
-    parser.add_argument("--context_seconds", type=float, default=2.0,
+    parser.add_argument("--context_seconds", type=float, default=CONTEXT_SECONDS,
                         help="with --chunk_seconds: audio before and after each chunk also read (0: none)")  # fmt: skip
     args = parser.parse_args(argv)
     asr = ExportedASR(args.model, threads=args.threads, blank_penalty=args.blank_penalty)

@@ -51,6 +51,16 @@ def test_unknown_override_and_broken_yaml_name_the_file():
         load_hparams(str(path), text, "data_folder: d\nlr: [1")
 
 
+def test_bench_refuses_a_bad_student_override_before_any_work(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("SPEECH_KD_TRACEBACK", raising=False)
+    monkeypatch.setattr("tempfile.mkdtemp", lambda **kw: pytest.fail("work started before --extra was checked"))
+    assert cli.run(["bench", "--extra=cnn_channels_1=8"]) == 2
+    err = capsys.readouterr().err
+    assert "speech-kd bench: error: ValueError: --extra: 'cnn_channels_1=8' is not --key=value" in err
+    assert cli.run(["bench", "--extra=--cnn_chanels_1=8"]) == 2
+    assert "--extra: ['cnn_chanels_1'] not keys of hparams/distill.yaml" in capsys.readouterr().err
+
+
 def test_an_empty_split_is_an_error_naming_its_csv(tmp_path):
     from speech_kd.dataio import TranscriptError, load_dataset, make_tokenizer
     from speech_kd.prepare import CSV_HEADER
