@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["CTCGraph", "FrontEnd", "SelfAttention", "UnsupportedModelError", "conv_out_length", "reflect_past_length",
-           "relative_positions", "relative_self_attention"]
+           "relative_positions", "relative_self_attention", "relative_shift"]
 
 
 class UnsupportedModelError(ValueError):
@@ -236,6 +236,27 @@ def relative_positions(length: int | torch.Tensor, inv_freq: torch.Tensor) -> to
     return torch.cat([torch.flip(table, (0,)), table[1:]], dim=0).unsqueeze(0)
 
 
+def relative_shift(scores: torch.Tensor) -> torch.Tensor:
+    """SpeechBrain's ``RelPosMHAXL.rel_shift`` (non-causal) of position scores whose zero column is already there.
+
+    ``rel_shift`` pads the ``[B, H, T', 2T'-1]`` position scores with a zero column on the left, a copy of the
+    largest tensor of the attention; computed with a zero position vector in front (``scores [B, H, T', 2T']``,
+    first column 0), the product brings that column itself. Returns ``[B, H, T', T']``: query ``i``, key ``j``
+    gets the score of distance ``i - j``.
+
+    Example
+    -------
+    >>> from speechbrain.nnet.attention import RelPosMHAXL
+    >>> x = torch.randn(2, 3, 5, 9)
+    >>> padded = torch.cat([torch.zeros_like(x[..., :1]), x], dim=-1)
+    >>> torch.equal(relative_shift(padded), RelPosMHAXL(8, 2).rel_shift(x))
+    True
+    """
+    batch, heads, frames, width = scores.shape
+    shifted = scores.reshape(batch, heads, width, frames)[:, :, 1:]  # the first row dropped, as rel_shift does
+    return shifted.reshape(batch, heads, frames, width - 1)[..., :frames]
+
+
 #: added to the attention scores of padded keys (exp of it is 0 in float32; finite, so no inf * 0 = NaN)
 MASKED_SCORE = -1e9
 
@@ -256,13 +277,14 @@ def relative_self_attention(mha: torch.nn.Module, x: torch.Tensor, padding: torc
         batch, frames, heads, head_dim * 3).chunk(3, dim=-1)  # fmt: skip
     if mha.vbias is not None:
         value = value + mha.value_bias_weight.view(1, 1, heads, mha.vhead_dim)
-    p_k = mha.linear_pos(pos_embs).view(1, -1, heads, head_dim)
+    p_k = mha.linear_pos(pos_embs).view(1, -1, heads, head_dim).permute(0, 2, 3, 1)  # [1, H, d, 2T'-1]
     q_u = ((query + mha.pos_bias_u.view(1, 1, heads, head_dim)) * mha.scale).transpose(1, 2)  # [B, H, T', d]
     q_v = ((query + mha.pos_bias_v.view(1, 1, heads, head_dim)) * mha.scale).transpose(1, 2)
     key_bias = (padding.to(x.dtype) * MASKED_SCORE).view(batch, 1, 1, frames).expand(batch, heads, 1, frames)
     q_u = torch.cat([q_u, torch.ones_like(q_u[..., :1])], dim=-1)  # [B, H, T', d + 1]
     keys = torch.cat([key.permute(0, 2, 3, 1), key_bias], dim=2)  # [B, H, d + 1, T']
-    scores = torch.matmul(q_u, keys) + mha.rel_shift(torch.matmul(q_v, p_k.permute(0, 2, 3, 1)))
+    scores = torch.matmul(q_u, keys) + relative_shift(torch.matmul(q_v, torch.cat([torch.zeros_like(p_k[..., :1]), p_k],
+                                                                               dim=-1)))  # fmt: skip
     weights = torch.softmax(scores, dim=-1)
     out = torch.matmul(weights, value.transpose(1, 2)).transpose(1, 2).reshape(batch, frames, -1)
     return mha.out_proj(out)

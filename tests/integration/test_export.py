@@ -89,15 +89,18 @@ def test_numpy_fbank_is_speechbrains(test_set, teacher):
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_fp32_export_is_the_pytorch_model(fmt, exported, test_set, teacher):
     """Log-probs within 1e-4 of the PyTorch model per utterance, the same greedy transcripts, and a padded batch
-    gives each utterance what it gets alone."""
+    (or the runtime's groups of at most max_batch_seconds, longest first) gives each utterance what it gets alone,
+    in the order given."""
     folder, info = exported(fmt)
     assert info["max_abs_diff"] < 1e-4 and info["batch_exact"]
-    asr = ExportedASR(folder, threads=1)
+    asr = ExportedASR(folder, threads=1, max_batch_seconds=0)  # all in one padded batch
     wavs = [w for _, w, _ in test_set[1]][:4] + [np.zeros(100, dtype=np.float32)]  # any length: 6 ms too
     batch = asr.log_probs(wavs)
-    for wav, got in zip(wavs, batch):
+    grouped = ExportedASR(folder, threads=1, max_batch_seconds=6.0).log_probs(wavs)
+    for wav, got, in_group in zip(wavs, batch, grouped):
         alone = asr.log_probs([wav])[0]
         assert np.abs(got - alone).max() < 1e-4  # float rounding of other matrix shapes only
+        assert in_group.shape == alone.shape and np.abs(in_group - alone).max() < 1e-4
         if wav.shape[0] >= 400:  # SpeechBrain's front end cannot take shorter audio
             ref = _pytorch_log_probs(teacher, wav)
             assert ref.shape == got.shape and np.abs(ref - got).max() < 1e-4

@@ -34,3 +34,19 @@ def test_relative_self_attention_is_speechbrains_with_padded_keys():
         theirs, _ = mha(x, x, x, pos_embs=pos_embs, key_padding_mask=padding)
     for i, n in enumerate(lengths.tolist()):
         assert torch.allclose(ours[i, :n], theirs[i, :n], atol=1e-6)
+
+
+def test_run_groups_covers_every_utterance_once_within_the_budget():
+    """Each utterance in one group; groups longest first, padded size within the budget unless one is longer."""
+    from speech_kd.deploy.runtime import run_groups
+
+    lengths = [120, 700, 95, 430, 430, 2000, 60, 310]
+    groups = run_groups(lengths, budget=900)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        longest = max(lengths[i] for i in group)
+        assert lengths[group[0]] == longest  # longest first: the group's padded length
+        assert longest * len(group) <= 900 or len(group) == 1  # 2000 frames run alone
+    order = [lengths[g[0]] for g in groups]
+    assert order == sorted(order, reverse=True)
+    assert run_groups([], budget=900) == []
