@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from speech_kd.deploy.runtime import CONFIG_NAME, CONTEXT_SECONDS, ExportedASR
+from speech_kd.deploy.runtime import CONFIG_NAME, CONTEXT_SECONDS, MAX_BATCH_SECONDS, ExportedASR
 
 __all__ = ["DeployedASR", "is_exported_folder"]
 
@@ -37,14 +37,18 @@ class DeployedASR:
         (:meth:`~speech_kd.deploy.runtime.ExportedASR.transcribe_long`), to measure what chunking costs.
     context_seconds : float, optional
         Audio before and after each chunk that the network also reads (default ``CONTEXT_SECONDS``, 2; 0: none).
+    max_batch_seconds : float, optional
+        Padded audio per network run (``ExportedASR``'s; 0: a batch in one run).
     """
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None, blank_penalty: float | None = None,
-                 chunk_seconds: float | None = None, context_seconds: float | None = None) -> None:  # fmt: skip
+                 chunk_seconds: float | None = None, context_seconds: float | None = None,
+                 max_batch_seconds: float = MAX_BATCH_SECONDS) -> None:  # fmt: skip
         self.chunk_seconds = chunk_seconds
         self.context_seconds = CONTEXT_SECONDS if context_seconds is None else context_seconds
         threads = torch.get_num_threads() if threads is None else threads
-        self.runtime = ExportedASR(folder, threads=threads, blank_penalty=blank_penalty)
+        self.runtime = ExportedASR(folder, threads=threads, blank_penalty=blank_penalty,
+                                   max_batch_seconds=max_batch_seconds)  # fmt: skip
         self.sample_rate = self.runtime.sample_rate
         self.tokens = self.runtime.tokens
         self.exported_params = int(self.runtime.config.get("params") or 0)

@@ -4,7 +4,9 @@ Every figure comes from one run on this machine, side by side with the
 PyTorch teacher as users run it (``EncoderASR.transcribe_batch``, fp32):
 
 - ``rtf_side_*``: real-time factor of transcribing the benchmark batch
-  (fbank, network, greedy decoding) with the same number of threads, the
+  (fbank, network, greedy decoding; the exported students run it as their
+  ``transcribe.py`` does, longest first in groups of ``max_batch_seconds``
+  of padded audio) with the same number of threads, the
   four models timed in turn over :data:`ROUNDS` rounds (teacher and student
   in PyTorch, student in ONNX fp32 and int8);
 - ``student_speedup_onnx`` / ``student_speedup_int8`` (``student_speedup_side``
@@ -25,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from speech_kd.deploy.runtime import MAX_BATCH_SECONDS
+
 __all__ = ["bench_deployed", "peak_rss_mb", "ROUNDS"]
 
 #: interleaved rounds of the four timings (each a median of ``repeats``); the median round is kept
@@ -43,7 +47,8 @@ asr.transcribe_batch(torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), le
 
 _EXPORTED_CHILD = """
 import resource, runpy, sys
-sys.argv = ["transcribe.py", "--threads", "{threads}", "--batch", "{batch}", *{files!r}]
+sys.argv = ["transcribe.py", "--threads", "{threads}", "--batch", "{batch}", "--max_batch_seconds", "{seconds}",
+            *{files!r}]
 try:
     runpy.run_path({script!r}, run_name="__main__")
 except SystemExit:
@@ -61,12 +66,16 @@ print("PEAK_RSS_KB", peak)
 """
 
 
-def peak_rss_mb(folder: str | Path, files: list[str], threads: int) -> float:
-    """Peak resident memory (MB) of a new process that loads ``folder`` and transcribes ``files`` as one batch."""
+def peak_rss_mb(folder: str | Path, files: list[str], threads: int,
+                max_batch_seconds: float = MAX_BATCH_SECONDS) -> float:  # fmt: skip
+    """Peak resident memory (MB) of a new process that loads ``folder`` and transcribes ``files`` as one batch.
+
+    An exported folder runs them as its ``transcribe.py`` does, in groups of ``max_batch_seconds``.
+    """
     folder = Path(folder)
     exported = (folder / "deploy.json").exists()
     if exported:
-        code = _EXPORTED_CHILD.format(threads=threads, batch=len(files), files=files,
+        code = _EXPORTED_CHILD.format(threads=threads, batch=len(files), files=files, seconds=max_batch_seconds,
                                       script=str(folder / "transcribe.py"), report=_REPORT)  # fmt: skip
     else:
         code = _PYTORCH_CHILD.format(threads=threads, folder=str(folder), files=files, report=_REPORT)
@@ -82,7 +91,8 @@ def _disk_mb(folder: Path) -> float:
     return (folder / name).stat().st_size / 1e6
 
 
-def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, repeats: int, tmp: Path) -> dict:
+def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, repeats: int, tmp: Path,
+                   max_batch_seconds: float = MAX_BATCH_SECONDS) -> dict:  # fmt: skip
     """Export the student (ONNX fp32 and int8) and measure it against the PyTorch teacher (module docstring).
 
     Parameters
@@ -97,6 +107,8 @@ def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, rep
         Timed repetitions (median kept).
     tmp : Path
         Scratch folder for the exported folders and the batch's audio files.
+    max_batch_seconds : float
+        Padded audio per run of the exported students (0: the whole batch in one run, as the PyTorch models).
     """
     import soundfile as sf
 
@@ -113,8 +125,8 @@ def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, rep
     export_asr(folders["student"], folders["student_onnx"], "onnx")
     export_asr(folders["student"], folders["student_int8"], "onnx", quantize="int8")
     runs = {"teacher": load_asr(folders["teacher"]), "student": load_asr(folders["student"]),
-            "student_onnx": DeployedASR(folders["student_onnx"], threads=threads),
-            "student_int8": DeployedASR(folders["student_int8"], threads=threads)}  # fmt: skip
+            "student_onnx": DeployedASR(folders["student_onnx"], threads=threads, max_batch_seconds=max_batch_seconds),
+            "student_int8": DeployedASR(folders["student_int8"], threads=threads, max_batch_seconds=max_batch_seconds)}
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(ROUNDS):  # interleaved, so that a drift of the machine's speed hits all alike
         for name, asr in runs.items():
@@ -131,6 +143,6 @@ def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, rep
         files.append(str(audio / f"{i}.wav"))
         sf.write(files[-1], wavs[i, :n].numpy(), 16000)
     for name, folder in folders.items():
-        out[f"peak_rss_mb_{name}"] = peak_rss_mb(folder, files, threads)
+        out[f"peak_rss_mb_{name}"] = peak_rss_mb(folder, files, threads, max_batch_seconds)
         out[f"disk_mb_{name}"] = _disk_mb(folder)
     return out
