@@ -32,6 +32,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import signal
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,22 @@ def _render_job(job: tuple[Speaker, str, str]) -> None:
         raise RuntimeError(f"synthesis failed for {path} ({speaker.engine}/{speaker.voice}): {err}") from err
 
 
+def _default_signals() -> None:
+    """Pool-worker initializer: SIGTERM kills the worker, SIGINT is left to the parent.
+
+    A forked worker inherits the parent's handlers; ``speech-kd``'s SIGTERM handler (raise
+    ``KeyboardInterrupt``, so that a run ends as Ctrl-C ends it) made a worker that ``Pool.terminate``
+    signalled keep waiting for work, and the parent waited for it forever when the pool closed.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def render_pool(jobs: int) -> mp.pool.Pool:
+    """A fork pool of ``max(1, jobs)`` workers with default signal handling (:func:`_default_signals`)."""
+    return mp.get_context("fork").Pool(max(1, jobs), initializer=_default_signals)
+
+
 def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = None) -> dict:
     """Synthesise the corpus described by ``config`` into ``out_dir``.
 
@@ -174,7 +191,7 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
 
     todo = [(u.speaker, u.text, str(u.flac_path(root))) for u in plan if not u.flac_path(root).exists()]
     if todo:
-        with mp.get_context("fork").Pool(max(1, config.jobs)) as pool:
+        with render_pool(config.jobs) as pool:
             for _ in tqdm(
                 pool.imap_unordered(_render_job, todo, chunksize=8), total=len(todo), desc="synthesising", unit="utt"
             ):

@@ -176,3 +176,26 @@ def test_kd_statistics_of_an_epoch_resumed_mid_way_cover_all_its_batches(tiny_co
     resumed, straight = (_history(tmp_path / o)[1]["train"] for o in ("killed", "clean"))
     for key in ("kd_loss", "ctc_loss", "agreement", "blank_share"):
         assert resumed[key] == pytest.approx(straight[key], rel=1e-9), key
+
+
+def test_synthesis_workers_die_on_the_pools_sigterm_under_the_clis_handler():
+    """``speech-kd``'s SIGTERM handler (raise KeyboardInterrupt) is not inherited by the synthesis pool's workers.
+
+    Inherited, it let a worker that ``Pool.terminate`` signalled keep waiting for work, and ``speech-kd bench``
+    (which synthesises its corpus) hung when the pool closed.
+    """
+    from speech_kd.synth.corpus import render_pool
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        with render_pool(2) as pool:
+            workers = list(pool._pool)
+            assert pool.map(signal.getsignal, [signal.SIGTERM] * 4) == [signal.SIG_DFL] * 4
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    for worker in workers:
+        worker.join(timeout=30)
+        assert worker.exitcode == -signal.SIGTERM
