@@ -193,15 +193,21 @@ class ExportedASR:
         self.blank_penalty = float(self.config.get("blank_penalty", 0.0) if blank_penalty is None else blank_penalty)
         self.max_batch_seconds = max_batch_seconds
         threads = threads if threads is not None else int(os.environ.get("OMP_NUM_THREADS") or 0)
+        self.threads = threads or os.cpu_count() or 1
         model = self.folder / self.config["model_file"]
         self.format = self.config["format"]
         if self.format == "onnx":
             import onnxruntime as ort
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            self._session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+            def session(intra_op_threads: int) -> ort.InferenceSession:
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = intra_op_threads
+                options.inter_op_num_threads = 1
+                return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+
+            self._session = session(threads)
+            # several groups at once: each on one thread of a one-thread session (:meth:`log_probs`)
+            self._one_thread_session = session(1) if self.threads > 1 else self._session
         elif self.format == "torchscript":
             import torch
 
@@ -232,13 +238,15 @@ class ExportedASR:
         """
         return self._blas.limit(limits=1, user_api="blas") if self._blas is not None else contextlib.nullcontext()
 
-    def run(self, feats: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, feats: np.ndarray, lengths: np.ndarray, one_thread: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The network on padded ``feats [B, T, F]`` (float32) and ``lengths [B]`` (int64).
 
-        Returns ``log_probs [B, T', V]`` and ``out_lengths [B]``.
+        Returns ``log_probs [B, T', V]`` and ``out_lengths [B]``. ``one_thread``: on the one-thread ONNX session
+        (for runs made side by side from several threads).
         """
         if self.format == "onnx":
-            log_probs, out_lengths = self._session.run(None, {"feats": feats, "lengths": lengths})
+            session = self._one_thread_session if one_thread else self._session
+            log_probs, out_lengths = session.run(None, {"feats": feats, "lengths": lengths})
             return log_probs, out_lengths
         import torch
 
@@ -251,8 +259,9 @@ class ExportedASR:
 
         Padded batches of at most ``max_batch_seconds`` (longest first, :func:`run_groups`) when the folder's
         network is exact per utterance in a batch (fp32); otherwise (``batch_exact`` false: int8's activation
-        scales are taken over the whole batch) one by one. Either way an utterance's result does not depend
-        on the others.
+        scales are taken over the whole batch) one by one. With ``threads`` > 1 (ONNX) that many groups run
+        side by side, one thread each, instead of one group over all threads: the student's matrices are too
+        small to split well. Either way an utterance's result does not depend on the others.
         """
         with self._one_blas_thread():
             feats = [self.features(w) for w in wavs]
@@ -264,14 +273,27 @@ class ExportedASR:
             groups = run_groups(lengths, max(int(self.max_batch_seconds * self.sample_rate / hop), 1))
         else:
             groups = [list(range(len(feats)))]
-        out: list[np.ndarray] = [np.empty(0)] * len(feats)
-        for group in groups:
+        side_by_side = self.format == "onnx" and self.threads > 1 and len(groups) > 1
+
+        def run_group(group: list[int]) -> list[np.ndarray]:
             batch = np.zeros((len(group), max(lengths[i] for i in group), feats[group[0]].shape[1]), dtype=np.float32)
             for row, i in enumerate(group):
                 batch[row, : lengths[i]] = feats[i]
-            log_probs, out_lengths = self.run(batch, np.array([lengths[i] for i in group], dtype=np.int64))
-            for row, i in enumerate(group):
-                out[i] = log_probs[row, : int(out_lengths[row])]
+            log_probs, out_lengths = self.run(batch, np.array([lengths[i] for i in group], dtype=np.int64),
+                                              one_thread=side_by_side)  # fmt: skip
+            return [log_probs[row, : int(out_lengths[row])] for row in range(len(group))]
+
+        if side_by_side:  # groups run at once, one thread each: a small network splits badly over threads
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(min(self.threads, len(groups))) as pool:
+                results = list(pool.map(run_group, groups))
+        else:
+            results = [run_group(group) for group in groups]
+        out: list[np.ndarray] = [np.empty(0)] * len(feats)
+        for group, pieces in zip(groups, results):
+            for i, piece in zip(group, pieces):
+                out[i] = piece
         return out
 
     def text(self, ids: list[int]) -> str:

@@ -97,10 +97,12 @@ def test_fp32_export_is_the_pytorch_model(fmt, exported, test_set, teacher):
     wavs = [w for _, w, _ in test_set[1]][:4] + [np.zeros(100, dtype=np.float32)]  # any length: 6 ms too
     batch = asr.log_probs(wavs)
     grouped = ExportedASR(folder, threads=1, max_batch_seconds=6.0).log_probs(wavs)
-    for wav, got, in_group in zip(wavs, batch, grouped):
+    side_by_side = ExportedASR(folder, threads=2, max_batch_seconds=6.0).log_probs(wavs)  # groups on 2 threads
+    for wav, got, in_group, in_parallel in zip(wavs, batch, grouped, side_by_side):
         alone = asr.log_probs([wav])[0]
         assert np.abs(got - alone).max() < 1e-4  # float rounding of other matrix shapes only
         assert in_group.shape == alone.shape and np.abs(in_group - alone).max() < 1e-4
+        assert in_parallel.shape == alone.shape and np.abs(in_parallel - in_group).max() < 1e-4
         if wav.shape[0] >= 400:  # SpeechBrain's front end cannot take shorter audio
             ref = _pytorch_log_probs(teacher, wav)
             assert ref.shape == got.shape and np.abs(ref - got).max() < 1e-4
