@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             seconds = sf.info(path).duration
             if seconds > LONG_SECONDS:  # self-attention: memory and time grow with the square of the length
                 print(f"{path}: {seconds:.0f} s in one piece; attention memory grows with the square of the length "
-                      f"(a 9-minute file took 15 GB), consider --chunk_seconds 20", file=sys.stderr)  # fmt: skip
+                      f"(a 9-minute file took 12 GB), consider --chunk_seconds 20", file=sys.stderr)  # fmt: skip
     if args.chunk_seconds > 0:
         texts = [
             asr.transcribe_long(read_audio(p, asr.sample_rate), args.chunk_seconds, args.context_seconds)
