@@ -14,7 +14,7 @@ rest (normalisation, output layer)::
 instead (speed does not depend on the weights), one per override string, the
 empty string being the yaml's own shape::
 
-    python scripts/profile_export.py --shapes "" "--cnn_channels_1=8 --d_ffn=232" --batch 8 --threads 1
+    python scripts/profile_export.py --shapes "" "--cnn_channels_1=32 --d_ffn=256" --batch 8 --threads 1
 """
 
 from __future__ import annotations

@@ -41,6 +41,8 @@ from pathlib import Path
 
 import torch
 
+from speech_kd.deploy.runtime import MAX_BATCH_SECONDS
+
 __all__ = ["main", "median_time"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -229,8 +231,8 @@ def build_parser(prog: str = "speech-kd bench") -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="utterances per benchmark batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu or cuda (default: cuda when available)")  # fmt: skip
-    parser.add_argument("--max_batch_seconds", type=float, default=None,
-                        help="padded audio per run of the exported students (default: transcribe.py's, 16; "
+    parser.add_argument("--max_batch_seconds", type=float, default=MAX_BATCH_SECONDS,
+                        help="padded audio per run of the exported students (transcribe.py's default; "
                         "0: the whole batch in one run, as the PyTorch models)")  # fmt: skip
     parser.add_argument("--extra", default="", help="overrides of the student's hparams/distill.yaml, "
                         "e.g. --extra=\"--cnn_channels_1=32 --d_ffn=256\" (docs/deploy.md)")  # fmt: skip
@@ -297,10 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         from speech_kd.deploy.speed import bench_deployed
 
         wavs, lens = batch.sig  # exported models run on the CPU: all four are timed there
-        from speech_kd.deploy.runtime import MAX_BATCH_SECONDS
-
-        seconds = MAX_BATCH_SECONDS if args.max_batch_seconds is None else args.max_batch_seconds
-        results.update(bench_deployed(wavs.cpu(), lens.cpu(), models, args.repeats, tmp, seconds))
+        results.update(bench_deployed(wavs.cpu(), lens.cpu(), models, args.repeats, tmp, args.max_batch_seconds))
     ev = evaluate_model(models["student"], csvs["test"], device=args.device, progress=False).summary
     results.update(evaluate_utts_per_s=ev["utts_per_second"], evaluate_rtf=ev["rtf"])
 

@@ -278,13 +278,13 @@ def relative_self_attention(mha: torch.nn.Module, x: torch.Tensor, padding: torc
     if mha.vbias is not None:
         value = value + mha.value_bias_weight.view(1, 1, heads, mha.vhead_dim)
     p_k = mha.linear_pos(pos_embs).view(1, -1, heads, head_dim).permute(0, 2, 3, 1)  # [1, H, d, 2T'-1]
+    p_k = torch.cat([torch.zeros_like(p_k[..., :1]), p_k], dim=-1)  # [1, H, d, 2T']: relative_shift's zero column
     q_u = ((query + mha.pos_bias_u.view(1, 1, heads, head_dim)) * mha.scale).transpose(1, 2)  # [B, H, T', d]
     q_v = ((query + mha.pos_bias_v.view(1, 1, heads, head_dim)) * mha.scale).transpose(1, 2)
     key_bias = (padding.to(x.dtype) * MASKED_SCORE).view(batch, 1, 1, frames).expand(batch, heads, 1, frames)
     q_u = torch.cat([q_u, torch.ones_like(q_u[..., :1])], dim=-1)  # [B, H, T', d + 1]
     keys = torch.cat([key.permute(0, 2, 3, 1), key_bias], dim=2)  # [B, H, d + 1, T']
-    scores = torch.matmul(q_u, keys) + relative_shift(torch.matmul(q_v, torch.cat([torch.zeros_like(p_k[..., :1]), p_k],
-                                                                               dim=-1)))  # fmt: skip
+    scores = torch.matmul(q_u, keys) + relative_shift(torch.matmul(q_v, p_k))
     weights = torch.softmax(scores, dim=-1)
     out = torch.matmul(weights, value.transpose(1, 2)).transpose(1, 2).reshape(batch, frames, -1)
     return mha.out_proj(out)

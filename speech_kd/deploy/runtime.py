@@ -50,8 +50,8 @@ CONTEXT_SECONDS = 2.0
 #: files longer than this (seconds) transcribed in one piece get a warning (use --chunk_seconds)
 LONG_SECONDS = 60.0
 #: padded audio (seconds) per network run: utterances are run longest first, in groups of at most this much
-#: (padding included). On a 2-core CPU the default student ran the 8 longest test utterances (41 s) 31 %
-#: faster in groups of 2-3 than in one padded batch of 8: the batch's activations no longer fit in the cache
+#: (padding included). One padded batch of 8 utterances (41 s) was 5-17 % slower on a 2-core CPU
+#: (docs/deploy.md, ``speech-kd bench --max_batch_seconds 0``): its activations no longer fit in the cache
 MAX_BATCH_SECONDS = 16.0
 
 
@@ -205,9 +205,9 @@ class ExportedASR:
                 options.inter_op_num_threads = 1
                 return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
+            self._new_session = session
             self._session = session(threads)
-            # several groups at once: each on one thread of a one-thread session (:meth:`log_probs`)
-            self._one_thread_session = session(1) if self.threads > 1 else self._session
+            self._one_thread_session = self._session if self.threads == 1 else None  # made when first needed
         elif self.format == "torchscript":
             import torch
 
@@ -238,6 +238,12 @@ class ExportedASR:
         """
         return self._blas.limit(limits=1, user_api="blas") if self._blas is not None else contextlib.nullcontext()
 
+    def _one_thread(self) -> onnxruntime.InferenceSession:  # noqa: F821
+        """The one-thread ONNX session that groups run side by side on (made on first use: start-up stays one load)."""
+        if self._one_thread_session is None:
+            self._one_thread_session = self._new_session(1)
+        return self._one_thread_session
+
     def run(self, feats: np.ndarray, lengths: np.ndarray, one_thread: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The network on padded ``feats [B, T, F]`` (float32) and ``lengths [B]`` (int64).
 
@@ -245,7 +251,7 @@ class ExportedASR:
         (for runs made side by side from several threads).
         """
         if self.format == "onnx":
-            session = self._one_thread_session if one_thread else self._session
+            session = self._one_thread() if one_thread else self._session
             log_probs, out_lengths = session.run(None, {"feats": feats, "lengths": lengths})
             return log_probs, out_lengths
         import torch
@@ -274,6 +280,8 @@ class ExportedASR:
         else:
             groups = [list(range(len(feats)))]
         side_by_side = self.format == "onnx" and self.threads > 1 and len(groups) > 1
+        if side_by_side:
+            self._one_thread()  # made here, before the threads share it
 
         def run_group(group: list[int]) -> list[np.ndarray]:
             batch = np.zeros((len(group), max(lengths[i] for i in group), feats[group[0]].shape[1]), dtype=np.float32)
