@@ -76,9 +76,9 @@ def profile(folder: Path, batch: int, threads: int, seconds: float, runs: int) -
 
 def random_student(overrides: str, out: Path) -> Path:
     """An ONNX export of a randomly initialised ``hparams/distill.yaml`` student with ``overrides``."""
-    from speech_kd.bench import _export_random, parse_overrides
-    from speech_kd.dataio import make_tokenizer
-    from speech_kd.deploy.exporter import export_asr
+    from speech_kd.bench.speed import _export_random, parse_overrides
+    from speech_kd.data.dataio import make_tokenizer
+    from speech_kd.deploy.onnx_export import export_asr
 
     tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
     folder = _export_random("hparams/distill.yaml", out / "model_folder", tokenizer, parse_overrides(overrides))

@@ -3,11 +3,11 @@
 The public API, re-exported here (imported on first use, so ``import
 speech_kd`` and the CLI start fast)::
 
-    DistillBrain, KDMixin          Brains (speech_kd.distill_brain, speech_kd.kd)
-    CTCBrain                       plain CTC training (speech_kd.brain)
-    make_targets                   teacher targets from hparams, live or cached (speech_kd.distill)
-    load_teacher                   SpeechBrain / Hugging Face / ensemble teachers (speech_kd.teachers.base)
-    token_strings                  a tokenizer's token list (speech_kd.dataio)
+    DistillBrain, KDMixin          Brains (speech_kd.training.distill_brain, speech_kd.kd.mixin)
+    CTCBrain                       plain CTC training (speech_kd.training.ctc_brain)
+    make_targets                   teacher targets from hparams, live or cached (speech_kd.training.distill)
+    load_teacher                   SpeechBrain / Hugging Face / ensemble teachers (speech_kd.targets.teachers.base)
+    token_strings                  a tokenizer's token list (speech_kd.data.dataio)
     run_training, run_distillation the recipes, as functions
 """
 
@@ -18,15 +18,15 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "CTCBrain": "speech_kd.brain",
-    "DistillBrain": "speech_kd.distill_brain",
-    "KDMixin": "speech_kd.kd",
-    "KDSetupError": "speech_kd.kd",
-    "load_teacher": "speech_kd.teachers.base",
-    "make_targets": "speech_kd.distill",
-    "run_distillation": "speech_kd.distill",
-    "run_training": "speech_kd.train",
-    "token_strings": "speech_kd.dataio",
+    "CTCBrain": "speech_kd.training.ctc_brain",
+    "DistillBrain": "speech_kd.training.distill_brain",
+    "KDMixin": "speech_kd.kd.mixin",
+    "KDSetupError": "speech_kd.kd.mixin",
+    "load_teacher": "speech_kd.targets.teachers.base",
+    "make_targets": "speech_kd.training.distill",
+    "run_distillation": "speech_kd.training.distill",
+    "run_training": "speech_kd.training.train",
+    "token_strings": "speech_kd.data.dataio",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -38,7 +38,7 @@ class DemoSizes:
 
 
 def _synth(out: Path, sizes: DemoSizes) -> Path:
-    from speech_kd.synth import SplitSpec, SynthConfig, synthesize_corpus
+    from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 
     corpus = out / "corpus"
     splits = (
@@ -55,7 +55,7 @@ def _synth(out: Path, sizes: DemoSizes) -> Path:
 def _teacher(out: Path, corpus: Path, sizes: DemoSizes, quick: bool) -> Path:
     if SHIPPED_TEACHER.exists() and not quick:
         return SHIPPED_TEACHER
-    from speech_kd.train import run_training
+    from speech_kd.training.train import run_training
 
     run = out / "teacher"
     overrides = ["--d_model=48", "--d_ffn=96", "--num_encoder_layers=1"] if quick else []
@@ -66,7 +66,7 @@ def _teacher(out: Path, corpus: Path, sizes: DemoSizes, quick: bool) -> Path:
 
 def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
     """Run the whole demo into ``out``; return the results table as a dict."""
-    from speech_kd.bench_kd import main as bench_kd
+    from speech_kd.bench.experiments import main as bench_kd
 
     started = time.time()
     out = Path(out)

@@ -32,7 +32,7 @@ MODEL_BLOCK_START = "# >>> model"
 MODEL_BLOCK_END = "# <<< model"
 
 _INFERENCE_TAIL = """
-# ---- inference interface (written by speech_kd.export) ----
+# ---- inference interface (written by speech_kd.model_folder) ----
 encoder: !new:speechbrain.nnet.containers.LengthsCapableSequential
 {chain}
 

@@ -66,8 +66,8 @@ def make_tiny_sb_model(folder: str | os.PathLike, seed: int = 0) -> str:
     """Export a tiny random model of ``hparams/teacher.yaml``'s architecture as an EncoderASR folder."""
     from hyperpyyaml import load_hyperpyyaml
 
-    from speech_kd.dataio import make_tokenizer
-    from speech_kd.export import export_model_folder
+    from speech_kd.data.dataio import make_tokenizer
+    from speech_kd.model_folder import export_model_folder
 
     repo = Path(__file__).resolve().parent.parent
     text = (repo / "hparams/teacher.yaml").read_text()

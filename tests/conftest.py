@@ -70,7 +70,7 @@ def device(request):
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """About 2 minutes of synthesised speech in LibriSpeech layout (train/dev/test)."""
-    from speech_kd.synth import SplitSpec, SynthConfig, synthesize_corpus
+    from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 
     root = tmp_path_factory.mktemp("corpus") / "synth"
     config = SynthConfig(
@@ -93,7 +93,7 @@ def corpus_copy(tiny_corpus, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def trained_run(tiny_corpus, tmp_path_factory) -> Path:
     """A real 2-epoch training run of the tiny teacher; returns its output folder."""
-    from speech_kd.train import run_training
+    from speech_kd.training.train import run_training
 
     out = tmp_path_factory.mktemp("runs") / "teacher"
     run_training(

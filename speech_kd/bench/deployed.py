@@ -12,7 +12,7 @@ PyTorch teacher as users run it (``EncoderASR.transcribe_batch``, fp32):
 - ``student_speedup_onnx`` / ``student_speedup_int8`` (``student_speedup_side``
   for the PyTorch student): the teacher's RTF over the student's;
 - ``peak_rss_mb_*``: peak resident memory of a fresh process that loads the
-  model and transcribes the batch's files (PyTorch: ``speech_kd.evaluate.load_asr``;
+  model and transcribes the batch's files (PyTorch: ``speech_kd.scoring.evaluate.load_asr``;
   exported: the folder's own ``transcribe.py``, which imports no torch);
 - ``disk_mb_*``: size of the weights file.
 """
@@ -37,7 +37,7 @@ ROUNDS = 3
 _PYTORCH_CHILD = """
 import resource, sys, torch, soundfile as sf
 torch.set_num_threads({threads})
-from speech_kd.evaluate import load_asr
+from speech_kd.scoring.evaluate import load_asr
 asr = load_asr({folder!r})
 wavs = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in {files!r}]
 lens = torch.tensor([len(w) for w in wavs], dtype=torch.float32)
@@ -112,10 +112,10 @@ def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, rep
     """
     import soundfile as sf
 
-    from speech_kd.bench import median_time
+    from speech_kd.bench.speed import median_time
     from speech_kd.deploy.asr import DeployedASR
-    from speech_kd.deploy.exporter import export_asr
-    from speech_kd.evaluate import load_asr
+    from speech_kd.deploy.onnx_export import export_asr
+    from speech_kd.scoring.evaluate import load_asr
 
     wavs, lens = wavs.cpu(), lens.cpu()
     seconds = float((lens * wavs.shape[1]).sum()) / 16000

@@ -18,7 +18,7 @@ Measured:
 - ``speech-kd evaluate`` throughput (utterances per second, RTF);
 - the student exported to ONNX (fp32 and int8) against the PyTorch teacher:
   RTF, speed-up, peak memory of a fresh process, size on disk
-  (:mod:`speech_kd.deploy.speed`; needs onnxruntime, skipped without it).
+  (:mod:`speech_kd.bench.deployed`; needs onnxruntime, skipped without it).
 
 JSON keys (``--json``): ``features_vs_librosa``, ``cached_kd_over_plain``,
 ``online_kd_over_plain``, ``student_speedup``, ``student_speedup_onnx``,
@@ -65,7 +65,7 @@ def median_time(fn, repeats: int, warmup: int = 1) -> float:
 
 
 def _corpus(tmp: Path) -> Path:
-    from speech_kd.synth import SplitSpec, SynthConfig, synthesize_corpus
+    from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 
     root = tmp / "corpus"
     synthesize_corpus(root, SynthConfig(splits=(SplitSpec("train", 0.02, 4), SplitSpec("test", 0.01, 2)), seed=11))
@@ -75,7 +75,7 @@ def _corpus(tmp: Path) -> Path:
 def _batch(csv_path: str, tokenizer, n: int, device: str):
     import speechbrain as sb
 
-    from speech_kd.dataio import load_dataset
+    from speech_kd.data.dataio import load_dataset
 
     data = load_dataset(csv_path, tokenizer, sorting="descending")
     loader = sb.dataio.dataloader.make_dataloader(data, batch_size=n)
@@ -85,7 +85,7 @@ def _batch(csv_path: str, tokenizer, n: int, device: str):
 def _brain(yaml: str, out: Path, device: str, overrides: dict | None = None):
     from hyperpyyaml import load_hyperpyyaml
 
-    from speech_kd.distill_brain import DistillBrain
+    from speech_kd.training.distill_brain import DistillBrain
 
     hparams = load_hyperpyyaml((REPO / yaml).read_text(), {"data_folder": "unused", "output_folder": str(out),
                                                            **(overrides or {})})  # fmt: skip
@@ -97,7 +97,7 @@ def _brain(yaml: str, out: Path, device: str, overrides: dict | None = None):
 def bench_features(batch, repeats: int, device: str) -> dict:
     """Audio seconds per second of feature extraction, five ways, and the FFT's ceiling.
 
-    ``ours`` is what the training Brains run: :func:`speech_kd.features.fast_fbank`
+    ``ours`` is what the training Brains run: :func:`speech_kd.nnet.features.fast_fbank`
     on the padded batch, on the training device. ``stft_only`` is ``torch.stft``
     alone on the same batch, in the same pieces as ``ours`` (on CPU a whole
     batch at once can page-fault its temporaries in on every call and run
@@ -106,7 +106,7 @@ def bench_features(batch, repeats: int, device: str) -> dict:
     """
     from speechbrain.lobes.features import Fbank
 
-    from speech_kd.features import chunk_size, fast_fbank, librosa_fbank
+    from speech_kd.nnet.features import chunk_size, fast_fbank, librosa_fbank
 
     wavs, lens = batch.sig
     seconds = float((lens * wavs.shape[1]).sum()) / 16000
@@ -162,10 +162,10 @@ def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int
     """Seconds per training step: plain, online KD, cached KD."""
     import speechbrain as sb
 
-    from speech_kd.cache import CacheReader, write_cache
-    from speech_kd.dataio import token_strings
-    from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
-    from speech_kd.teachers.base import load_teacher
+    from speech_kd.targets.cache import CacheReader, write_cache
+    from speech_kd.data.dataio import token_strings
+    from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
+    from speech_kd.targets.teachers.base import load_teacher
 
     brain, hparams = _brain("hparams/distill.yaml", tmp / "student", device,
                             {**(student_overrides or {}), "kd_weight": 0.5})  # fmt: skip
@@ -199,7 +199,7 @@ def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int
 
 def bench_inference(batch, model_dirs: dict, repeats: int, device: str) -> dict:
     """Real-time factor of each exported model (encode + greedy decode)."""
-    from speech_kd.evaluate import load_asr
+    from speech_kd.scoring.evaluate import load_asr
 
     wavs, lens = batch.sig
     seconds = float((lens * wavs.shape[1]).sum()) / 16000
@@ -213,7 +213,7 @@ def bench_inference(batch, model_dirs: dict, repeats: int, device: str) -> dict:
 
 def _export_random(yaml: str, out: Path, tokenizer, overrides: dict | None = None) -> Path:
     """A randomly initialised model of ``yaml``'s architecture (with ``overrides``) as a model folder."""
-    from speech_kd.export import export_model_folder
+    from speech_kd.model_folder import export_model_folder
 
     text = (REPO / yaml).read_text()
     _, hparams = _brain(yaml, out, "cpu", overrides)
@@ -262,15 +262,15 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every benchmark and print one table (see module docstring)."""
     args = build_parser().parse_args(argv)
     student_overrides = parse_overrides(args.extra)
-    from speech_kd.export import defined_keys
+    from speech_kd.model_folder import defined_keys
 
     known = defined_keys((REPO / "hparams/distill.yaml").read_text())
     if set(student_overrides) - known:  # now, not after the corpus is synthesised
         raise ValueError(f"--extra: {sorted(set(student_overrides) - known)} not keys of hparams/distill.yaml")
 
-    from speech_kd.dataio import make_tokenizer
-    from speech_kd.evaluate import evaluate_model
-    from speech_kd.prepare import prepare_librispeech
+    from speech_kd.data.dataio import make_tokenizer
+    from speech_kd.scoring.evaluate import evaluate_model
+    from speech_kd.data.prepare import prepare_librispeech
 
     tmp = Path(tempfile.mkdtemp(prefix="speechkd_bench_"))
     tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         print("onnxruntime missing: exported-student figures skipped (pip install 'speech_kd[export]')")
     else:
-        from speech_kd.deploy.speed import bench_deployed
+        from speech_kd.bench.deployed import bench_deployed
 
         wavs, lens = batch.sig  # exported models run on the CPU: all four are timed there
         results.update(bench_deployed(wavs.cpu(), lens.cpu(), models, args.repeats, tmp, args.max_batch_seconds))

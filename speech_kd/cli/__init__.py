@@ -31,7 +31,7 @@ _PASSTHROUGH = {"train", "distill"}
 
 
 def _cmd_synth(args) -> None:
-    from speech_kd.synth import SplitSpec, SynthConfig, synthesize_corpus
+    from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 
     splits = (
         SplitSpec("train", args.hours, args.speakers),
@@ -48,7 +48,7 @@ def _cmd_synth(args) -> None:
 
 
 def _cmd_prepare(args) -> None:
-    from speech_kd.prepare import prepare_librispeech
+    from speech_kd.data.prepare import prepare_librispeech
 
     result = prepare_librispeech(args.data_folder, args.save_folder, splits=args.splits, skip_if_done=not args.force,
                                  unlabeled_splits=args.unlabeled_splits)  # fmt: skip
@@ -72,7 +72,7 @@ def check_device(device: str) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from speech_kd.evaluate import check_writable, evaluate_model, write_outputs
+    from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
 
     utts = args.utts
     if utts is None and args.json:
@@ -108,7 +108,7 @@ def _cmd_evaluate(args) -> None:
 
 
 def _cmd_export(args) -> None:
-    from speech_kd.deploy.exporter import export_asr
+    from speech_kd.deploy.onnx_export import export_asr
 
     info = export_asr(args.model_folder, args.out, fmt=args.format, quantize=args.quantize,
                       fp32_layers=tuple(args.fp32_layers), blank_penalty=args.blank_penalty)  # fmt: skip
@@ -121,7 +121,7 @@ def _cmd_export(args) -> None:
 def _cmd_cache_targets(args) -> None:
     import yaml
 
-    from speech_kd.cache import cache_targets
+    from speech_kd.targets.cache import cache_targets
 
     check_device(args.device)
     overrides = yaml.safe_load(args.teacher_overrides) if args.teacher_overrides else None
@@ -148,7 +148,7 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_compare(args) -> None:
-    from speech_kd.compare import compare_files, format_comparison
+    from speech_kd.scoring.compare import compare_files, format_comparison
 
     result = compare_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
     print(format_comparison(result))
@@ -286,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def all_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every verb's parser, by verb (``train``/``distill`` take a yaml: SpeechBrain's own syntax); for the docs."""
-    from speech_kd.bench import build_parser as bench_parser
-    from speech_kd.bench_kd import build_parser as bench_kd_parser
+    from speech_kd.bench.speed import build_parser as bench_parser
+    from speech_kd.bench.experiments import build_parser as bench_kd_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -305,21 +305,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"usage: speech-kd {argv[0]} HPARAMS.yaml [--key=value ...] [SpeechBrain run options]")
             return 0 if len(argv) >= 2 else 2
         if argv[0] == "train":
-            from speech_kd.train import run_training
+            from speech_kd.training.train import run_training
 
             run_training(argv[1:])
         else:
-            from speech_kd.distill import run_distillation
+            from speech_kd.training.distill import run_distillation
 
             run_distillation(argv[1:])
         return 0
     if argv and argv[0] == "bench":  # its own parser: speech-kd bench --help lists every option
-        from speech_kd.bench import main as bench_main
+        from speech_kd.bench.speed import main as bench_main
 
         bench_main(argv[1:])
         return 0
     if argv and argv[0] == "bench-kd":
-        from speech_kd.bench_kd import main as bench_kd_main
+        from speech_kd.bench.experiments import main as bench_kd_main
 
         bench_kd_main(argv[1:])
         return 0
@@ -336,8 +336,8 @@ def _is_input_error(error: BaseException) -> bool:
     families that name the file or option at fault. Anything else is a bug and
     keeps its traceback.
     """
-    from speech_kd.brain import NonFiniteLossError
-    from speech_kd.cache import CacheError
+    from speech_kd.training.ctc_brain import NonFiniteLossError
+    from speech_kd.targets.cache import CacheError
 
     return isinstance(error, (ValueError, OSError, CacheError, NonFiniteLossError))
 
@@ -378,7 +378,7 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as error:
         if os.environ.get("SPEECH_KD_TRACEBACK") or not _is_input_error(error):
             raise
-        from speech_kd.audio import AudioError
+        from speech_kd.data.audio import AudioError
 
         command = argv[0] if argv else ""
         print(f"speech-kd {command}: error: {type(error).__name__}: {error}", file=sys.stderr)

@@ -25,7 +25,7 @@ from speechbrain.dataio.dataset import DynamicItemDataset
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.dataio.sampler import DynamicBatchSampler
 
-from speech_kd.audio import AudioError, read_audio
+from speech_kd.data.audio import AudioError, read_audio
 
 __all__ = [
     "make_tokenizer",
@@ -240,7 +240,7 @@ def load_dataset(
     sorting : str
         ``ascending``, ``descending`` or ``random`` (order left as in the CSV).
     skip_unreadable : bool
-        An utterance whose audio raises :class:`~speech_kd.audio.AudioError`
+        An utterance whose audio raises :class:`~speech_kd.data.audio.AudioError`
         when read gets ``sig = None`` and a warning naming the file, for
         :func:`collate_readable` to drop; otherwise the error propagates.
     """

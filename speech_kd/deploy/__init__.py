@@ -1,10 +1,10 @@
 """Deployment: export a model folder to ONNX or TorchScript, run and score the exported folder.
 
 - :mod:`~speech_kd.deploy.graph`: the exportable network (fbank frames in, CTC log-probabilities out);
-- :mod:`~speech_kd.deploy.exporter`: ``speech-kd export`` (folder layout, int8 quantisation);
+- :mod:`~speech_kd.deploy.onnx_export`: ``speech-kd export`` (folder layout, int8 quantisation);
 - :mod:`~speech_kd.deploy.runtime`: the self-contained runner copied into each folder as ``transcribe.py``;
 - :mod:`~speech_kd.deploy.asr`: an exported folder as ``speech-kd evaluate`` runs models;
-- :mod:`~speech_kd.deploy.speed`: ``speech-kd bench``'s figures for exported students.
+- :mod:`~speech_kd.bench.deployed`: ``speech-kd bench``'s figures for exported students.
 
 Only ``runtime`` is imported here (numpy only); the others import torch/SpeechBrain when used.
 """

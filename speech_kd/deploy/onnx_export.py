@@ -64,7 +64,7 @@ window and filters). Audio shorter than {min_ms} ms is zero-padded to that lengt
 
 def _fbank_settings(module: torch.nn.Module) -> tuple[dict, np.ndarray, np.ndarray]:
     """Settings, window ``[n_fft]`` and mel filters ``[n_fft // 2 + 1, F]`` of a SpeechBrain ``Fbank``."""
-    from speech_kd.features import _filter_matrix
+    from speech_kd.nnet.features import _filter_matrix
 
     stft, banks = module.compute_STFT, module.compute_fbanks
     problems = []
@@ -153,7 +153,7 @@ def export_asr(
     ----------
     model_folder : str or os.PathLike
         A SpeechBrain ``EncoderASR`` folder written by this package (see the module docstring of
-        :mod:`speech_kd.export`).
+        :mod:`speech_kd.model_folder`).
     out : str or os.PathLike
         Folder to write (replaced if it exists; written to a sibling first, then renamed).
     fmt : str
@@ -172,7 +172,7 @@ def export_asr(
         The ``deploy.json`` written, plus ``max_abs_diff`` (exported network against the PyTorch graph on a
         padded batch of random frames) and ``bytes`` (model file size).
     """
-    from speech_kd.evaluate import count_parameters, load_asr
+    from speech_kd.scoring.evaluate import count_parameters, load_asr
 
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")

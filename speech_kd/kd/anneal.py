@@ -6,7 +6,7 @@ is held back at the teacher's errors. Clark et al. 2019 ("BAM! Born-Again
 Multi-Task Networks") anneal from the teacher's targets to the gold labels
 over training; here the fade is driven by what the teacher is worth on this
 data: after every epoch, with ``t`` the teacher's dev WER
-(:mod:`speech_kd.teacher_check`) and ``b`` the student's best dev WER so far,
+(:mod:`speech_kd.scoring.teacher_check`) and ``b`` the student's best dev WER so far,
 
     scale = min(previous scale, clip((b - t) / (kd_anneal_margin * t), 0, 1))
 
@@ -34,7 +34,7 @@ import os
 import speechbrain as sb
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-from speech_kd.teacher_check import REACHED_ADVICE, TeacherDevScore
+from speech_kd.scoring.teacher_check import REACHED_ADVICE, TeacherDevScore
 
 __all__ = ["ANNEAL_DEFAULTS", "anneal_scale", "TeacherAnneal", "TeacherAnnealMixin"]
 
@@ -132,7 +132,7 @@ class TeacherAnneal:
 class TeacherAnnealMixin:
     """Compare the student's dev WER with the teacher's every epoch, and anneal KD (a Brain mixin).
 
-    Put it before :class:`~speech_kd.kd.KDMixin` in the bases (as
+    Put it before :class:`~speech_kd.kd.mixin.KDMixin` in the bases (as
     ``DistillBrain`` does) and give it the teacher's dev score with
     :meth:`set_teacher_dev`. After every dev pass it adds ``teacher_WER`` to
     the dev statistics (log, ``history.jsonl``), logs the comparison, warns

@@ -7,7 +7,7 @@ student's vocabulary).
   ``softmax(log_probs / T) == softmax(logits / T)``, so log-probs are all a
   temperature needs.
 - ``teacher_log_probs`` ``[B, T, V]``: the teacher's log-posteriors already
-  mapped to the student's vocabulary and frame rate (``speech_kd.targets``);
+  mapped to the student's vocabulary and frame rate (``speech_kd.targets.strategies``);
   entries may be ``-inf`` after :func:`topk_restrict`.
 - ``mask`` ``[B, T]`` bool: valid (non-padding) student frames.
 - ``frame_weights`` ``[B, T]`` float or ``None``: per-frame weights (blank handling).

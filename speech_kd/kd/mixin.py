@@ -17,10 +17,10 @@ written and the KD term is added around them; on training batches the loss
 is ``(1 - kd_weight) * recipe_loss + kd_weight * kd``. What the wrapping does:
 
 - outputs: the CTC log-probabilities and relative lengths are found in what
-  ``compute_forward`` returns (:mod:`speech_kd.recipe_outputs`; ``kd_outputs``
+  ``compute_forward`` returns (:mod:`speech_kd.kd.recipe_outputs`; ``kd_outputs``
   in the yaml names them where that is ambiguous);
 - augmentation: every SpeechBrain ``Augmenter`` in the hparams is followed
-  (:mod:`speech_kd.augment_rows`): a live teacher hears exactly the waveform
+  (:mod:`speech_kd.kd.augment_rows`): a live teacher hears exactly the waveform
   rows the student heard (original and augmented), feature-augmented rows
   reuse their audio's targets, and cached targets are refused with
   augmentations that move samples in time (named by yaml key);
@@ -48,11 +48,11 @@ import logging
 
 import speechbrain as sb
 
-from speech_kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
-from speech_kd.checkpoints import add_random_states, make_atomic
-from speech_kd.kd_stats import KDEpochTotals
-from speech_kd.kd_term import KDSetupError, KDTermMixin, untranscribed_rows
-from speech_kd.schedules import linear_ramp
+from speech_kd.kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
+from speech_kd.training.checkpoints import add_random_states, make_atomic
+from speech_kd.kd.stats import KDEpochTotals
+from speech_kd.kd.term import KDSetupError, KDTermMixin, untranscribed_rows
+from speech_kd.kd.schedules import linear_ramp
 
 __all__ = ["KDMixin", "KDSetupError", "untranscribed_rows"]
 
@@ -313,9 +313,9 @@ class KDMixin(KDTermMixin):
 
 
 def __getattr__(name: str):
-    """``speech_kd.kd.DistillBrain`` still works (it lives in :mod:`speech_kd.distill_brain`)."""
+    """``speech_kd.kd.mixin.DistillBrain`` still works (it lives in :mod:`speech_kd.training.distill_brain`)."""
     if name == "DistillBrain":
-        from speech_kd.distill_brain import DistillBrain
+        from speech_kd.training.distill_brain import DistillBrain
 
         return DistillBrain
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

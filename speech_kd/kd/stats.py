@@ -15,7 +15,7 @@ import os
 import torch
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
-from speech_kd.distributed import gather_objects, rank, sum_across, world_size
+from speech_kd.training.distributed import gather_objects, rank, sum_across, world_size
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The KD term of one training batch: the student's outputs, the teacher's rows for them, the loss.
 
-``KDTermMixin`` is the half of :class:`speech_kd.kd.KDMixin` that computes
+``KDTermMixin`` is the half of :class:`speech_kd.kd.mixin.KDMixin` that computes
 the term; the other half wraps the recipe's hooks and mixes it into the loss.
 It needs the host's ``kd_option``, ``kd_targets``, ``_kd_rows`` (the
-augmentation rows followed, :mod:`speech_kd.augment_rows`) and
+augmentation rows followed, :mod:`speech_kd.kd.augment_rows`) and
 ``_kd_checked_frames``, which ``KDMixin`` sets up.
 """
 
@@ -13,10 +13,10 @@ import logging
 
 import torch
 
-from speech_kd.align import relative_to_frames
-from speech_kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
-from speech_kd.precision import autocast_for
-from speech_kd.recipe_outputs import find_ctc_outputs
+from speech_kd.targets.align import relative_to_frames
+from speech_kd.kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
+from speech_kd.training.precision import autocast_for
+from speech_kd.kd.recipe_outputs import find_ctc_outputs
 
 __all__ = ["KDSetupError", "KDTermMixin", "untranscribed_rows"]
 
@@ -54,12 +54,12 @@ def _pad_units(targets, student_units: int):
 
 
 class KDTermMixin:
-    """Compute the KD loss and statistics of a training batch (used through :class:`speech_kd.kd.KDMixin`)."""
+    """Compute the KD loss and statistics of a training batch (used through :class:`speech_kd.kd.mixin.KDMixin`)."""
 
     def kd_student_outputs(self, predictions) -> tuple[torch.Tensor, torch.Tensor]:
         """Student frame log-probs ``[B, T, V]`` and relative lengths ``[B]`` from ``compute_forward``.
 
-        Found by :func:`speech_kd.recipe_outputs.find_ctc_outputs` (the first
+        Found by :func:`speech_kd.kd.recipe_outputs.find_ctc_outputs` (the first
         log-probability tensor and the first relative-length vector; the yaml's
         ``kd_outputs: [i, j]`` names them). Override for other layouts.
         """

@@ -2,7 +2,7 @@
 
 Each module gets the keyword arguments its ``forward`` takes (relative
 lengths, the epoch), so SpeechBrain's modules and plain ``torch.nn`` ones mix
-in one list; used by :class:`speech_kd.brain.CTCBrain` and the teachers built
+in one list; used by :class:`speech_kd.training.ctc_brain.CTCBrain` and the teachers built
 from this package's yamls.
 """
 
@@ -13,7 +13,7 @@ import inspect
 
 import torch
 
-from speech_kd.features import fast_fbank, fast_fbank_applies
+from speech_kd.nnet.features import fast_fbank, fast_fbank_applies
 
 __all__ = ["run_chain"]
 
@@ -53,7 +53,7 @@ def run_chain(
     ``lengths`` or ``wav_lens`` (as ``LengthsCapableSequential`` does), and
     the epoch when it takes ``epoch`` (``InputNormalization``). ``after`` maps
     a module name to a callable applied to its output (augmentation hooks).
-    A plain SpeechBrain ``Fbank`` is computed by :func:`~speech_kd.features.fast_fbank`
+    A plain SpeechBrain ``Fbank`` is computed by :func:`~speech_kd.nnet.features.fast_fbank`
     (same output, fewer passes over memory).
     """
     x = wavs

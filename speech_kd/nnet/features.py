@@ -21,7 +21,7 @@ This module adds what the yaml cannot say:
 - :func:`fast_fbank`: the same output as a plain ``Fbank`` (within 1e-4 dB)
   with less work: fewer passes over memory, the mel filters' zeros skipped,
   the batch in cache-sized pieces on CPU (see its docstring). The training
-  Brains call it for the chain's ``Fbank`` (:func:`speech_kd.chain.run_chain`);
+  Brains call it for the chain's ``Fbank`` (:func:`speech_kd.nnet.chain.run_chain`);
   exported model folders keep SpeechBrain's ``Fbank`` class, so loading them
   never needs this package;
 - :func:`librosa_fbank`: a reference implementation with librosa and the same

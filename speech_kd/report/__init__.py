@@ -17,7 +17,7 @@ and the run's configuration. :func:`evaluation_page` renders the
 per-utterance view of ``speech-kd evaluate --html``.
 
 Data flow: run folder (:mod:`~speech_kd.report.run`) -> models and posteriors
-(:mod:`~speech_kd.report.posteriors`: student, teacher via ``speech_kd.targets``)
+(:mod:`~speech_kd.report.posteriors`: student, teacher via ``speech_kd.targets.strategies``)
 -> numbers (:mod:`~speech_kd.report.scores`) -> :mod:`~speech_kd.report.plots`
 (PNG bytes) -> :class:`~speech_kd.report.html.Page` (HTML + Markdown), put
 together by :mod:`~speech_kd.report.build`; :mod:`~speech_kd.report.evaluation`

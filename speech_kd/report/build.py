@@ -12,7 +12,7 @@ from speech_kd.report.html import Page
 from speech_kd.report.posteriors import _load_targets, _posteriorgram_section, _Student
 from speech_kd.report.run import _read_rows, _Run, load_history
 from speech_kd.report.scores import _cache_stats, _scores_section, _summary_rows, reached_teacher_epoch
-from speech_kd.teacher_check import REACHED_ADVICE, read_teacher_score
+from speech_kd.scoring.teacher_check import REACHED_ADVICE, read_teacher_score
 
 logger = logging.getLogger(__name__)
 

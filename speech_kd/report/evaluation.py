@@ -28,9 +28,9 @@ def evaluation_page(
     Parameters
     ----------
     summary : dict
-        ``EvalResult.summary`` of :func:`speech_kd.evaluate.evaluate_model`
+        ``EvalResult.summary`` of :func:`speech_kd.scoring.evaluate.evaluate_model`
         (``model`` and ``csv`` name the model folder and manifest).
-    utterances : list of speech_kd.metrics.UtteranceErrors
+    utterances : list of speech_kd.scoring.metrics.UtteranceErrors
         Worst first, as ``evaluate_model`` returns them.
     path : path-like
         The HTML file; the Markdown goes next to it (``.md``), its PNGs into ``<stem>_files/``.

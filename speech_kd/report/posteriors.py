@@ -26,7 +26,7 @@ def greedy_text(log_probs: np.ndarray, tokens: list[str], blank: int) -> str:
     >>> greedy_text(lp, ["<blank>", "A", "B"], blank=0)
     'AB'
     """
-    from speech_kd.losses import collapse_greedy
+    from speech_kd.kd.losses import collapse_greedy
 
     labels, lengths = collapse_greedy(
         torch.from_numpy(np.asarray(log_probs))[None], torch.tensor([len(log_probs)]), blank
@@ -72,9 +72,9 @@ class _Student:
 
     @classmethod
     def load(cls, folder: Path, device: str) -> _Student:
-        from speech_kd.dataio import token_strings
-        from speech_kd.evaluate import load_asr
-        from speech_kd.teachers.base import measure_frame_shift
+        from speech_kd.data.dataio import token_strings
+        from speech_kd.scoring.evaluate import load_asr
+        from speech_kd.targets.teachers.base import measure_frame_shift
 
         asr = load_asr(folder, device=device)
         sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
@@ -104,8 +104,8 @@ def _load_targets(run: _Run, student: _Student, device: str):
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         return None, f"teacher folder {missing[0]} not found: student posteriors only"
-    from speech_kd.targets import OnlineTargets, TargetAligner
-    from speech_kd.teachers.base import load_teacher
+    from speech_kd.targets.strategies import OnlineTargets, TargetAligner
+    from speech_kd.targets.teachers.base import load_teacher
 
     try:
         if len(sources) == 1:
@@ -113,7 +113,7 @@ def _load_targets(run: _Run, student: _Student, device: str):
             extra = {"overrides": dict(overrides)} if isinstance(overrides, dict) and overrides else {}
             teacher = load_teacher(sources[0], kind=run.setting("teacher_kind") or "auto", device=device, **extra)
         else:
-            from speech_kd.teachers.ensemble import load_ensemble
+            from speech_kd.targets.teachers.ensemble import load_ensemble
 
             teacher = load_ensemble(sources, weights=run.resolved.get("ensemble_weights"), device=device)
         aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, student.tokens,
@@ -134,8 +134,8 @@ def _teacher_on_student_grid(targets, wav: torch.Tensor, n_frames: int, device: 
 
 def _utterance_figure(row: dict, student: _Student, targets, device: str, name: str) -> tuple[str, bytes]:
     """(caption, PNG) of one manifest row: posteriorgram(s), transcripts, per-utterance CER, spike timing."""
-    from speech_kd.audio import read_audio
-    from speech_kd.metrics import error_rates
+    from speech_kd.data.audio import read_audio
+    from speech_kd.scoring.metrics import error_rates
 
     wav = read_audio(row["wav"], student.sample_rate)
     student_lp = student.log_probs(wav)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from speech_kd.compare import gap_closed, no_gap_label
+from speech_kd.scoring.compare import gap_closed, no_gap_label
 from speech_kd.report import plots
 from speech_kd.report.html import Page
 from speech_kd.report.run import _Run, _scoring_csv, _subset_csv
-from speech_kd.teacher_check import read_teacher_score
+from speech_kd.scoring.teacher_check import read_teacher_score
 
 
 def _evaluate_models(models: dict[str, Path], test_csv: Path, device: str) -> list[dict]:
-    from speech_kd.evaluate import evaluate_model
+    from speech_kd.scoring.evaluate import evaluate_model
 
     rows = []
     for name, folder in models.items():
@@ -79,7 +79,7 @@ def _scores_section(page: Page, run: _Run, compare: dict, max_utts: int | None, 
 def _cache_stats(cache_dir: str) -> dict | None:
     if not cache_dir or not (Path(cache_dir) / "meta.json").exists():
         return None
-    from speech_kd.cache import CacheReader
+    from speech_kd.targets.cache import CacheReader
 
     meta = CacheReader(cache_dir).metadata
     size = sum(p.stat().st_size for p in Path(cache_dir).iterdir() if p.is_file())

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech_kd.metrics import read_utterance_errors
+from speech_kd.scoring.metrics import read_utterance_errors
 
 __all__ = ["read_utterance_errors", "GapComparison", "gap_closed", "no_gap_label", "compare_gap", "compare_files",
            "format_comparison"]  # fmt: skip

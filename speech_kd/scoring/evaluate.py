@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from speech_kd.audio import read_audio
-from speech_kd.metrics import error_rates, normalize_text, utterance_errors, write_utterances
-from speech_kd.teachers.ensemble import teacher_sources
+from speech_kd.data.audio import read_audio
+from speech_kd.scoring.metrics import error_rates, normalize_text, utterance_errors, write_utterances
+from speech_kd.targets.teachers.ensemble import teacher_sources
 
 __all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "ModelFolderError", "read_manifest"]
 
@@ -100,15 +100,15 @@ class EnsembleASR:
     """Greedy CTC transcription from the averaged posteriors of several model folders.
 
     What ``evaluate --asr A,B,...`` runs (and ``--asr HF_FOLDER``: one member,
-    any folder :func:`~speech_kd.teachers.base.load_teacher` reads), so that a
-    teacher is scored exactly as distillation sees it (:class:`~speech_kd.teachers.ensemble.EnsembleTeacher`:
+    any folder :func:`~speech_kd.targets.teachers.base.load_teacher` reads), so that a
+    teacher is scored exactly as distillation sees it (:class:`~speech_kd.targets.teachers.ensemble.EnsembleTeacher`:
     probabilities averaged on the first member's vocabulary and frame rate).
     Word delimiters ``|`` / ``\u2581`` become spaces. ``mods`` holds every
     member's modules, as ``EncoderASR.mods`` does for one model.
     """
 
     def __init__(self, folders: list[str], device: str = "cpu") -> None:
-        from speech_kd.teachers.ensemble import load_ensemble
+        from speech_kd.targets.teachers.ensemble import load_ensemble
 
         self.teacher = load_ensemble(folders, device=device)
         self.sample_rate = self.teacher.sample_rate
@@ -119,7 +119,7 @@ class EnsembleASR:
 
     def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
         """Words and token ids of ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
-        from speech_kd.losses import collapse_greedy
+        from speech_kd.kd.losses import collapse_greedy
 
         out = self.teacher(wavs.to(self.device), wav_lens.to(self.device))
         labels, lengths = collapse_greedy(out.log_probs, out.lengths, self.teacher.blank_index)
@@ -167,9 +167,9 @@ def _warn_unreachable_characters(asr, refs: list[str], csv_path) -> None:
 def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
     """Rows of a SpeechBrain CSV (``ID,wav,wrd``; ``duration`` optional).
 
-    Checked by :func:`~speech_kd.dataio.read_csv_rows` (``ValueError`` naming file and row).
+    Checked by :func:`~speech_kd.data.dataio.read_csv_rows` (``ValueError`` naming file and row).
     """
-    from speech_kd.dataio import read_csv_rows
+    from speech_kd.data.dataio import read_csv_rows
 
     rows = read_csv_rows(csv_path, required=("ID", "wav", "wrd"))
     if not rows:
@@ -320,7 +320,7 @@ def evaluate_model(
     if csv_path is None:
         if data_folder is None or split is None:
             raise ValueError("give --csv, or --data_folder and --split")
-        from speech_kd.prepare import prepare_split
+        from speech_kd.data.prepare import prepare_split
 
         tmp = tempfile.mkdtemp(prefix="speechkd_eval_")
         csv_path = prepare_split(data_folder, split, tmp).csv_files[split]

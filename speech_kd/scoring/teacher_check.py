@@ -14,10 +14,10 @@ log) and writes ``OUTPUT/teacher_dev.json``:
 - else (a cache without dev and no teacher folder) not at all, with a warning.
 
 Each epoch the student's dev WER is compared with it
-(:class:`speech_kd.anneal.TeacherAnnealMixin`); the report shows both.
+(:class:`speech_kd.kd.anneal.TeacherAnnealMixin`); the report shows both.
 
 Data flow: dev manifest -> teacher posteriors (cache or live) -> greedy text
--> :func:`speech_kd.metrics.error_rates` -> :class:`TeacherDevScore`.
+-> :func:`speech_kd.scoring.metrics.error_rates` -> :class:`TeacherDevScore`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speech_kd.metrics import error_rates
+from speech_kd.scoring.metrics import error_rates
 
 __all__ = [
     "TEACHER_DEV_FILE", "TeacherDevScore", "greedy_texts", "score_from_cache", "score_live", "score_teacher_on_dev",
@@ -129,7 +129,7 @@ def greedy_texts(log_probs: torch.Tensor, lengths: torch.Tensor, tokens: list[st
     >>> greedy_texts(lp, torch.tensor([4]), ["<blank>", "A", "|"], blank=0)
     ['A A']
     """
-    from speech_kd.losses import collapse_greedy
+    from speech_kd.kd.losses import collapse_greedy
 
     labels, counts = collapse_greedy(log_probs, lengths, blank)
     texts = []
@@ -149,7 +149,7 @@ def score_from_cache(reader, rows: list[dict], csv_path: str = "", batch: int = 
 
     Parameters
     ----------
-    reader : speech_kd.cache.CacheReader
+    reader : speech_kd.targets.cache.CacheReader
         The targets cache.
     rows : list of dict
         Manifest rows (``ID``, ``wrd``).
@@ -176,7 +176,7 @@ def score_from_cache(reader, rows: list[dict], csv_path: str = "", batch: int = 
 def score_live(
     teacher, rows: list[dict], csv_path: str = "", device: str = "cpu", batch_seconds: float = 60.0
 ) -> TeacherDevScore:
-    """Run ``teacher`` (a :class:`~speech_kd.teachers.base.Teacher`) on ``rows``' audio and score it.
+    """Run ``teacher`` (a :class:`~speech_kd.targets.teachers.base.Teacher`) on ``rows``' audio and score it.
 
     Audio is read at the teacher's sample rate, in length-sorted batches of
     at most ``batch_seconds``, without gradients.
@@ -186,7 +186,7 @@ def score_live(
     TeacherDevScore
         ``source="live"``.
     """
-    from speech_kd.evaluate import _batches, _load_batch
+    from speech_kd.scoring.evaluate import _batches, _load_batch
 
     hyps = {}
     with torch.no_grad():
@@ -214,9 +214,9 @@ def score_teacher_on_dev(
         The run's hparams (``teacher_source``, ``teacher_kind``, ``teacher_overrides``, ``ensemble_weights``).
     dev_csv : path-like
         The run's merged dev manifest.
-    reader : speech_kd.cache.CacheReader, optional
+    reader : speech_kd.targets.cache.CacheReader, optional
         The run's targets cache.
-    teacher : speech_kd.teachers.base.Teacher, optional
+    teacher : speech_kd.targets.teachers.base.Teacher, optional
         The run's live teacher, already loaded (else loaded from ``teacher_source`` when needed).
     device : str
         Where a live teacher runs.
@@ -228,8 +228,8 @@ def score_teacher_on_dev(
     TeacherDevScore or None
         ``None`` when neither the cache nor a teacher folder can score dev.
     """
-    from speech_kd.evaluate import read_manifest
-    from speech_kd.teachers.ensemble import load_teachers, teacher_sources
+    from speech_kd.scoring.evaluate import read_manifest
+    from speech_kd.targets.teachers.ensemble import load_teachers, teacher_sources
 
     rows = read_manifest(dev_csv)
     if ids is not None:
@@ -267,11 +267,11 @@ def check_teacher(brain, hparams: dict, targets, datasets: dict) -> TeacherDevSc
 
     Parameters
     ----------
-    brain : speech_kd.kd.DistillBrain
+    brain : speech_kd.kd.mixin.DistillBrain
         The student's Brain.
     hparams : dict
         The run's hparams.
-    targets : speech_kd.targets.OnlineTargets or speech_kd.targets.CachedTargets
+    targets : speech_kd.targets.strategies.OnlineTargets or speech_kd.targets.strategies.CachedTargets
         The attached KD targets (their teacher or cache is reused).
     datasets : dict
         The run's datasets (``dev``).

@@ -5,7 +5,7 @@ into the student's terms:
 
 * :func:`lengths_to_mask` and :func:`relative_to_frames` turn lengths into
   frame masks and SpeechBrain's relative lengths into frame counts;
-* :class:`~speech_kd.vocab.VocabMap` (in :mod:`speech_kd.vocab`, re-exported
+* :class:`~speech_kd.targets.vocab.VocabMap` (in :mod:`speech_kd.targets.vocab`, re-exported
   here) maps teacher tokens onto student tokens and carries teacher
   probabilities into the student's vocabulary;
 * :func:`resample_frames` converts posteriors between frame shifts (e.g. a
@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from speech_kd.vocab import WORD_DELIMITERS, VocabMap, VocabMappingError, unit_kind
+from speech_kd.targets.vocab import WORD_DELIMITERS, VocabMap, VocabMappingError, unit_kind
 
 __all__ = [
     "lengths_to_mask",

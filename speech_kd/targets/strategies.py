@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from speech_kd.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
-from speech_kd.precision import autocast_for, check_precision
-from speech_kd.teachers.base import Teacher, TeacherOutput
+from speech_kd.targets.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
+from speech_kd.training.precision import autocast_for, check_precision
+from speech_kd.targets.teachers.base import Teacher, TeacherOutput
 
 __all__ = ["Targets", "TargetAligner", "auto_frame_tolerance", "OnlineTargets", "CachedTargets", "select_rows"]
 
@@ -110,7 +110,7 @@ class TargetAligner:
             + (
                 "(identical)"
                 if abs(self.teacher_frame_shift - self.student_frame_shift) < 1e-6
-                else "(posteriors resampled: area-averaged probabilities, see speech_kd.align.resample_frames)"
+                else "(posteriors resampled: area-averaged probabilities, see speech_kd.targets.align.resample_frames)"
             )
             + f"; length differences up to {self.frame_tolerance} student frames are reconciled"
         )
@@ -193,7 +193,7 @@ class OnlineTargets:
         ``wavs``: ``(waveforms [B, S], relative lengths [B])`` the student
         actually heard, when they differ from ``batch.sig`` (speed
         perturbation): the teacher then runs on those, so its frames match
-        the student's. ``features`` (``speech_kd.features.SharedFeatures``): the student's
+        the student's. ``features`` (``speech_kd.nnet.features.SharedFeatures``): the student's
         clean fbank of this batch; a teacher with the same fbank settings
         starts from it, so the spectrum is computed once per batch (only
         when they are fp32: features computed under a bf16/fp16 student
@@ -223,7 +223,7 @@ PERTURBED_CACHE_ERROR = (
 
 
 class CachedTargets:
-    """Read the teacher's stored posteriors by utterance ID (see ``speech_kd.cache``)."""
+    """Read the teacher's stored posteriors by utterance ID (see ``speech_kd.targets.cache``)."""
 
     reads_cache = True  # needs no audio; augmented rows are matched to utterances, not to waveforms
 

@@ -227,7 +227,7 @@ class AtomicCheckpointer(Checkpointer):
     """A ``speechbrain.utils.checkpoints.Checkpointer`` whose saves are atomic (see module docstring).
 
     Same constructor and methods as SpeechBrain's; use it in HyperPyYAML as
-    ``checkpointer: !new:speech_kd.checkpoints.AtomicCheckpointer``.
+    ``checkpointer: !new:speech_kd.training.checkpoints.AtomicCheckpointer``.
 
     Example
     -------
@@ -359,7 +359,7 @@ class RandomStates:
         Runs on every process (registered with ``save_on_main_only=False``):
         the gather is a collective.
         """
-        from speech_kd.distributed import gather_objects
+        from speech_kd.training.distributed import gather_objects
 
         states = gather_objects(self._local())
         if if_main_process():
@@ -368,7 +368,7 @@ class RandomStates:
     @mark_as_loader
     def load(self, path: str | os.PathLike, end_of_epoch: bool = False) -> None:
         """Restore this process's states from ``path``."""
-        from speech_kd.distributed import rank, world_size
+        from speech_kd.training.distributed import rank, world_size
 
         del end_of_epoch  # the same either way
         states = torch.load(path, weights_only=False)["states"]

@@ -18,12 +18,12 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
-from speech_kd.chain import run_chain
-from speech_kd.checkpoints import add_random_states, make_atomic
-from speech_kd.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
-from speech_kd.features import SharedFeatures, fbank_signature
-from speech_kd.history import write_history_line
-from speech_kd.metrics import error_rates
+from speech_kd.nnet.chain import run_chain
+from speech_kd.training.checkpoints import add_random_states, make_atomic
+from speech_kd.training.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
+from speech_kd.nnet.features import SharedFeatures, fbank_signature
+from speech_kd.training.history import write_history_line
+from speech_kd.scoring.metrics import error_rates
 
 __all__ = ["CTCBrain", "NonFiniteLossError", "run_chain"]
 
@@ -137,7 +137,7 @@ class CTCBrain(sb.Brain):
         Utterances without a transcript (empty ``wrd``, untranscribed audio)
         are left out, per utterance; a batch of them only has a CTC loss of 0
         (still attached to the graph). ``speech_kd``'s training batches are
-        never mixed (:mod:`speech_kd.unlabeled`); this keeps any other loader safe.
+        never mixed (:mod:`speech_kd.training.unlabeled`); this keeps any other loader safe.
         """
         log_probs, wav_lens = predictions
         tokens, token_lens = batch.tokens

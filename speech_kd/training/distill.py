@@ -4,7 +4,7 @@
 ensemble); ``targets_cache`` switches from the live teacher to a cache made by
 ``speech-kd cache-targets`` (comma-separated: several caches of one teacher,
 e.g. the transcribed and the untranscribed manifests). ``unlabeled_splits``
-adds untranscribed audio, KD only (:mod:`speech_kd.unlabeled`). The
+adds untranscribed audio, KD only (:mod:`speech_kd.training.unlabeled`). The
 vocabulary mapping and frame-rate handling are reported at start-up, before
 the first batch.
 """
@@ -16,11 +16,11 @@ import logging
 import sys
 from pathlib import Path
 
-from speech_kd.dataio import token_strings
-from speech_kd.distill_brain import DistillBrain
-from speech_kd.targets import PERTURBED_CACHE_ERROR, CachedTargets, OnlineTargets, TargetAligner
-from speech_kd.teacher_check import check_teacher
-from speech_kd.train import run_training
+from speech_kd.data.dataio import token_strings
+from speech_kd.training.distill_brain import DistillBrain
+from speech_kd.targets.strategies import PERTURBED_CACHE_ERROR, CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.scoring.teacher_check import check_teacher
+from speech_kd.training.train import run_training
 
 __all__ = ["run_distillation", "make_targets", "RUN_KEYS"]
 
@@ -44,7 +44,7 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     ``teacher_overrides`` (a dict) is passed to a SpeechBrain teacher's
     ``from_hparams`` (e.g. to point its wav2vec2 ``source`` at a local folder).
     """
-    from speech_kd.teachers.ensemble import load_teachers, teacher_sources
+    from speech_kd.targets.teachers.ensemble import load_teachers, teacher_sources
 
     sources = teacher_sources(hparams.get("teacher_source"))
     cache_dir = str(hparams.get("targets_cache") or "")
@@ -64,7 +64,7 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
         "frame_tolerance": hparams.get("frame_tolerance"),  # None: from the two frame shifts
     }
     if cache_dir:
-        from speech_kd.cache import open_cache
+        from speech_kd.targets.cache import open_cache
 
         if hparams.get("speed_perturb") is True:  # CTCBrain's switch (a recipe's SpeedPerturb object: KDMixin)
             raise ValueError(f"--targets_cache={cache_dir}: {PERTURBED_CACHE_ERROR}")
@@ -86,12 +86,12 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
 
 
 def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
-    """Raise :class:`~speech_kd.cache.CacheError` before training when training utterances have no cached targets.
+    """Raise :class:`~speech_kd.targets.cache.CacheError` before training when training utterances have no cached targets.
 
     A cache made for other data (or an older manifest) would otherwise fail at
     the first batch that holds such an utterance, possibly hours in.
     """
-    from speech_kd.cache import CacheError
+    from speech_kd.targets.cache import CacheError
 
     missing = sorted(set(train_ids) - reader.ids)
     if missing:
@@ -105,17 +105,17 @@ def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
 
 
 def check_cache_data(reader, datasets: list, cache_dir) -> None:
-    """Raise :class:`~speech_kd.cache.CacheError` naming the IDs whose cached targets were made from other audio.
+    """Raise :class:`~speech_kd.targets.cache.CacheError` naming the IDs whose cached targets were made from other audio.
 
     Compared per utterance: the duration in the run's manifest and the size
     of its audio file against what the cache recorded under the same ID
-    (:func:`~speech_kd.cache.format.utt_data_differs`). A cache holding more
+    (:func:`~speech_kd.targets.cache.format.utt_data_differs`). A cache holding more
     utterances than the run uses is fine. A cache written before these
     records existed is used with a warning (its data cannot be checked).
     """
-    from speech_kd.cache import CacheError
-    from speech_kd.cache.format import describe_data_differences, utt_data_differs
-    from speech_kd.cache.writer import file_size
+    from speech_kd.targets.cache import CacheError
+    from speech_kd.targets.cache.format import describe_data_differences, utt_data_differs
+    from speech_kd.targets.cache.writer import file_size
 
     cached = reader.utt_data()
     if not cached:
@@ -164,7 +164,7 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             check_cache_covers(targets.reader, ids, hparams["targets_cache"])
             check_cache_data(targets.reader, [datasets["train"], unlabeled], hparams["targets_cache"])
         if unlabeled is not None and hparams.get("unlabeled_min_confidence"):
-            from speech_kd.unlabeled import filter_unlabeled
+            from speech_kd.training.unlabeled import filter_unlabeled
 
             threshold = float(hparams["unlabeled_min_confidence"])
             datasets["unlabeled"] = filter_unlabeled(targets, unlabeled, threshold, hparams["output_folder"],
@@ -173,7 +173,7 @@ def run_distillation(argv: list[str] | None = None) -> dict:
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
         resolved = {key: hparams.get(key) for key in RUN_KEYS}
-        from speech_kd.teachers.ensemble import teacher_sources
+        from speech_kd.targets.teachers.ensemble import teacher_sources
 
         for key in ("teacher_source", "targets_cache"):  # absolute, so `speech-kd report` finds them from anywhere
             if resolved.get(key):

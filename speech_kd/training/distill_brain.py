@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import speechbrain as sb
 
-from speech_kd.anneal import TeacherAnnealMixin
-from speech_kd.brain import CTCBrain
-from speech_kd.kd import KDMixin
+from speech_kd.kd.anneal import TeacherAnnealMixin
+from speech_kd.training.ctc_brain import CTCBrain
+from speech_kd.kd.mixin import KDMixin
 
 __all__ = ["DistillBrain"]
 
@@ -15,11 +15,11 @@ __all__ = ["DistillBrain"]
 class DistillBrain(TeacherAnnealMixin, KDMixin, CTCBrain):
     """A CTC student trained on ``(1 - kd_weight) * CTC + kd_weight * KD``.
 
-    Attach teacher targets with ``attach_targets`` (``speech_kd.distill``
+    Attach teacher targets with ``attach_targets`` (``speech_kd.training.distill``
     does this from the yaml). KD statistics are logged with the training
     loss every epoch. Given the teacher's dev score (``set_teacher_dev``),
     each epoch's dev WER is compared with it and KD fades out as the student
-    reaches it (``kd_anneal``, :mod:`speech_kd.anneal`).
+    reaches it (``kd_anneal``, :mod:`speech_kd.kd.anneal`).
     """
 
     kd_mixed_batches_ok = True

@@ -4,7 +4,7 @@ Takes out what SpeechBrain's parser cannot take (:func:`_preparse`), refuses
 options that would fail later (:func:`check_run_options`), loads the yaml with
 one-line errors (:func:`load_hparams`), and records the run's settings in
 ``OUTPUT/run_settings.json``, refusing a rerun with other ones
-(:func:`check_run_settings`). Used by :mod:`speech_kd.train`.
+(:func:`check_run_settings`). Used by :mod:`speech_kd.training.train`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from speech_kd.precision import check_precision
+from speech_kd.training.precision import check_precision
 
 __all__ = ["check_run_options", "check_run_settings", "load_hparams", "resolve_hparams_file", "run_settings"]
 

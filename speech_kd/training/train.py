@@ -4,7 +4,7 @@ Shared by ``speech-kd train``, ``speech-kd distill`` and ``recipes/*/train.py``
 so every entry point behaves the same. Steps, as in SpeechBrain recipes:
 prepare CSVs (on the main process), build datasets, fit with checkpoints,
 test the best checkpoint, export the model folder. The command line and the
-run's recorded settings are :mod:`speech_kd.run_config`'s.
+run's recorded settings are :mod:`speech_kd.training.settings`'s.
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import run_on_main
 
-from speech_kd.brain import CTCBrain
-from speech_kd.dataio import collate_readable, dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
-from speech_kd.export import export_model_folder
-from speech_kd.prepare import prepare_librispeech
-from speech_kd.run_config import (  # noqa: F401 (re-exported: imported from speech_kd.train too)
+from speech_kd.training.ctc_brain import CTCBrain
+from speech_kd.data.dataio import collate_readable, dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
+from speech_kd.model_folder import export_model_folder
+from speech_kd.data.prepare import prepare_librispeech
+from speech_kd.training.settings import (  # noqa: F401 (re-exported: imported from speech_kd.training.train too)
     RESUMABLE_KEYS,
     SETTINGS_NAME,
     _launched_by_torchrun,
@@ -48,7 +48,7 @@ def prepare_csvs(hparams: dict) -> dict[str, list[str]]:
     folder = Path(hparams["output_folder"])
     roles = {"train": hparams["train_splits"], "dev": hparams["dev_splits"], "test": hparams["test_splits"]}
     splits = sorted({s for names in roles.values() for s in names})
-    roles["unlabeled"] = list(hparams.get("unlabeled_splits") or [])  # untranscribed audio (speech_kd.unlabeled)
+    roles["unlabeled"] = list(hparams.get("unlabeled_splits") or [])  # untranscribed audio (speech_kd.training.unlabeled)
     result = prepare_librispeech(
         hparams["data_folder"],
         folder / "data",
@@ -77,7 +77,7 @@ def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_s
     Train skips utterances longer than ``avoid_if_longer_than``, dev and test
     those longer than ``max_eval_duration`` (default 60 s), each with a
     warning naming it. Train and dev leave out, with a warning, utterances whose audio turns out
-    unreadable when read (loaded with :func:`~speech_kd.dataio.collate_readable`);
+    unreadable when read (loaded with :func:`~speech_kd.data.dataio.collate_readable`);
     a test split still stops at one, so no test score silently covers fewer utterances.
     """
     folder = Path(hparams["output_folder"])
@@ -97,7 +97,7 @@ def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_s
         },
         "unlabeled": None,
     }
-    if csvs.get("unlabeled"):  # untranscribed audio (speech_kd.unlabeled): KD only
+    if csvs.get("unlabeled"):  # untranscribed audio (speech_kd.training.unlabeled): KD only
         max_duration = hparams.get("avoid_if_longer_than")
         datasets["unlabeled"] = load_dataset(folder / "unlabeled.csv", max_duration=max_duration, skip_unreadable=True,
                                              **common)  # fmt: skip
@@ -148,7 +148,7 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
         raise ValueError(f"--number_of_epochs={epochs}: must be a whole number, 1 or more")
     lock = None
     if sb.utils.distributed.if_main_process():  # one writer per output folder (DDP: the main process holds it)
-        from speech_kd.checkpoints import FolderLock
+        from speech_kd.training.checkpoints import FolderLock
 
         lock = FolderLock(hparams["output_folder"], "output folder").acquire()
     try:
@@ -203,7 +203,7 @@ def _run_locked(hparams_file: str, hparams_text: str, hparams: dict, run_opts, o
             logger.warning("unlabeled_splits: not used, this run has no teacher targets (untranscribed audio only "
                            "feeds the KD term)")  # fmt: skip
         else:
-            from speech_kd.unlabeled import mix_unlabeled
+            from speech_kd.training.unlabeled import mix_unlabeled
 
             train_set, sampler = mix_unlabeled(train_set, datasets["unlabeled"], sampler, hparams)
     _check_ddp_batches(sampler, hparams)

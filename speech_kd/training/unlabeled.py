@@ -2,7 +2,7 @@
 
 Frame-level soft targets need no transcript, so a student can learn from the
 teacher on audio nobody transcribed. ``unlabeled_splits`` (split folders
-prepared by :func:`speech_kd.prepare.prepare_unlabeled_split`, ``wrd`` empty)
+prepared by :func:`speech_kd.data.prepare.prepare_unlabeled_split`, ``wrd`` empty)
 become a second training pool:
 
 * :class:`MixedBatchSampler` makes every batch *homogeneous*, all transcribed or
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import ConcatDataset, Sampler
 
-from speech_kd.dataio import collate_readable, dynamic_batch_sampler
+from speech_kd.data.dataio import collate_readable, dynamic_batch_sampler
 
 __all__ = [
     "MixedBatchSampler",
@@ -231,7 +231,7 @@ def _scores_from_cache(reader, ids: list[str]) -> dict[str, float]:
 def _scores_live(teacher, dataset, sample_rate: int, device, batch_size: int = 8) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
-    from speech_kd.targets import _resample_wavs
+    from speech_kd.targets.strategies import _resample_wavs
 
     ordered = dataset.filtered_sorted(sort_key="duration", reverse=True)  # little padding per batch
     loader = DataLoader(ordered, batch_size=batch_size, collate_fn=collate_readable)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from speech_kd.bench_kd import main as bench_kd
+from speech_kd.bench.experiments import main as bench_kd
 from tests.conftest import TINY_MODEL
 
 

@@ -29,8 +29,8 @@ import pytest
 import torch
 
 from speech_kd.cli import main
-from speech_kd.dataio import dynamic_batch_sampler, load_dataset, make_tokenizer
-from speech_kd.prepare import prepare_librispeech
+from speech_kd.data.dataio import dynamic_batch_sampler, load_dataset, make_tokenizer
+from speech_kd.data.prepare import prepare_librispeech
 from speech_kd.testing import make_tiny_sb_model
 from tests.conftest import REPO, TINY_MODEL
 
@@ -136,7 +136,7 @@ def test_two_process_ddp_equals_one_process(tiny_corpus, tmp_path, targets):
 def test_ddp_settings_that_cannot_work_fail_with_what_to_do(monkeypatch):
     import speechbrain as sb
 
-    from speech_kd.train import _check_ddp_batches, check_run_options
+    from speech_kd.training.train import _check_ddp_batches, check_run_options
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("LOCAL_RANK", "0")

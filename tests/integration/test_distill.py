@@ -9,11 +9,11 @@ import pytest
 import speechbrain as sb
 import torch
 
-from speech_kd.cache import CacheError, CacheReader, cache_targets
+from speech_kd.targets.cache import CacheError, CacheReader, cache_targets
 from speech_kd.cli import main
-from speech_kd.dataio import load_dataset, make_tokenizer, token_strings
-from speech_kd.targets import CachedTargets, OnlineTargets, TargetAligner
-from speech_kd.teachers.base import TeacherError, load_teacher
+from speech_kd.data.dataio import load_dataset, make_tokenizer, token_strings
+from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.targets.teachers.base import TeacherError, load_teacher
 from tests.conftest import REPO, TINY_MODEL
 
 DISTILL = str(REPO / "hparams/distill.yaml")
@@ -100,7 +100,7 @@ def test_a_cache_missing_training_utterances_is_refused_before_training(trained_
 
 def test_a_cache_of_other_audio_under_the_same_ids_is_refused_naming_them(trained_run, corpus_copy, tmp_path):
     """A cache covering more than the run is fine; another file under a cached ID is refused by name."""
-    from speech_kd.distill import check_cache_data
+    from speech_kd.training.distill import check_cache_data
 
     rows = (trained_run / "train.csv").read_text().splitlines()
     dev = (trained_run / "dev.csv").read_text().splitlines()[1:]
@@ -148,7 +148,7 @@ def test_bad_teacher_folders_fail_before_training(tiny_corpus, tmp_path):
 
 def test_distill_from_huggingface_teacher_maps_vocab_and_frame_rate(tiny_corpus, tmp_path):
     pytest.importorskip("transformers")
-    from speech_kd.align import VocabMappingError
+    from speech_kd.targets.align import VocabMappingError
     from speech_kd.testing import make_tiny_hf_ctc
 
     hf = make_tiny_hf_ctc(tmp_path / "w2v")

@@ -8,7 +8,7 @@ import jiwer
 import pytest
 
 from speech_kd.cli import main
-from speech_kd.metrics import error_rates, utterance_errors
+from speech_kd.scoring.metrics import error_rates, utterance_errors
 
 
 def test_error_rates_match_jiwer_on_known_texts():
@@ -71,7 +71,7 @@ def test_script_tells_a_missing_manifest_in_one_line(trained_run, tmp_path):
 
 def test_evaluate_scores_an_ensemble_of_folders(trained_run, tmp_path):
     """``--asr A,B``: the ensemble's greedy transcripts; a model averaged with itself reads as the model alone."""
-    from speech_kd.metrics import read_utterance_errors
+    from speech_kd.scoring.metrics import read_utterance_errors
 
     model, csv = str(trained_run / "model"), str(trained_run / "data" / "test.csv")
     main(["evaluate", "--asr", model, "--csv", csv, "--json", str(tmp_path / "one.json")])
@@ -86,7 +86,7 @@ def test_ensemble_asr_decodes_as_encoder_asr_does(tmp_path):
     """Greedy decoding of the averaged posteriors equals SpeechBrain's own on a random model (non-empty text)."""
     import torch
 
-    from speech_kd.evaluate import EnsembleASR, load_asr
+    from speech_kd.scoring.evaluate import EnsembleASR, load_asr
     from speech_kd.testing import make_tiny_sb_model, whitenoise
 
     folder = make_tiny_sb_model(tmp_path / "model", seed=3)
@@ -99,8 +99,8 @@ def test_ensemble_asr_decodes_as_encoder_asr_does(tmp_path):
 
 
 def test_an_ensemble_member_that_does_not_exist_is_named(trained_run, tmp_path):
-    from speech_kd.evaluate import evaluate_model
-    from speech_kd.teachers.base import TeacherError
+    from speech_kd.scoring.evaluate import evaluate_model
+    from speech_kd.targets.teachers.base import TeacherError
 
     missing = tmp_path / "no_such_model"
     with pytest.raises(TeacherError, match=f"{missing} does not exist"):
@@ -123,7 +123,7 @@ def test_evaluate_scores_a_hugging_face_folder_as_distillation_reads_it(trained_
 def test_a_damaged_model_folder_is_named_in_one_line(trained_run, tmp_path):
     import shutil
 
-    from speech_kd.evaluate import ModelFolderError, load_asr
+    from speech_kd.scoring.evaluate import ModelFolderError, load_asr
 
     broken = tmp_path / "model"
     shutil.copytree(trained_run / "model", broken)
@@ -136,7 +136,7 @@ def test_evaluate_warns_about_what_it_scores_other_than_given(trained_run, tmp_p
     import csv as csv_mod
     import logging
 
-    from speech_kd.evaluate import evaluate_model
+    from speech_kd.scoring.evaluate import evaluate_model
 
     with open(trained_run / "data" / "test.csv", newline="") as fh:
         rows = list(csv_mod.DictReader(fh))
@@ -146,11 +146,11 @@ def test_evaluate_warns_about_what_it_scores_other_than_given(trained_run, tmp_p
         writer = csv_mod.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    with caplog.at_level(logging.WARNING, logger="speech_kd.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="speech_kd.scoring.evaluate"):
         evaluate_model(trained_run / "model", edited, progress=False)
     assert f"1 of {len(rows)} reference transcripts use characters the model cannot output (24\u00c9)" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="speech_kd.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="speech_kd.scoring.evaluate"):
         evaluate_model(trained_run / "model", trained_run / "data" / "test.csv", progress=False)
     assert "cannot output" not in caplog.text and "resampled" not in caplog.text
 
@@ -167,7 +167,7 @@ def test_evaluate_warns_about_what_it_scores_other_than_given(trained_run, tmp_p
         writer.writeheader()
         writer.writerows(rows)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="speech_kd.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="speech_kd.scoring.evaluate"):
         result = evaluate_model(trained_run / "model", edited, progress=False)
     assert result.summary["num_utts"] == len(rows)
     assert f"1 of {len(rows)} files are not at the model's 16000 Hz and are resampled" in caplog.text

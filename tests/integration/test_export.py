@@ -27,8 +27,8 @@ def _onnxruntime():
 @pytest.fixture(scope="module")
 def test_set(tiny_corpus, tmp_path_factory):
     """(csv path, [(id, waveform, transcript)]) of the tiny corpus' test split."""
-    from speech_kd.evaluate import read_manifest
-    from speech_kd.prepare import prepare_librispeech
+    from speech_kd.scoring.evaluate import read_manifest
+    from speech_kd.data.prepare import prepare_librispeech
 
     csv = prepare_librispeech(tiny_corpus, tmp_path_factory.mktemp("data"), splits=["test"]).csv_files["test"]
     rows = read_manifest(csv)
@@ -37,7 +37,7 @@ def test_set(tiny_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher():
-    from speech_kd.evaluate import load_asr
+    from speech_kd.scoring.evaluate import load_asr
 
     return load_asr(SHIPPED_TEACHER)
 
@@ -45,7 +45,7 @@ def teacher():
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Export a folder of the shipped teacher on first use: ``exported(fmt, quantize) -> (folder, info)``."""
-    from speech_kd.deploy.exporter import export_asr
+    from speech_kd.deploy.onnx_export import export_asr
 
     root, done = tmp_path_factory.mktemp("exported"), {}
 
@@ -68,7 +68,7 @@ def _pytorch_log_probs(teacher, wav: np.ndarray) -> np.ndarray:
 def test_numpy_fbank_is_speechbrains(test_set, teacher):
     """The folder's numpy fbank against SpeechBrain's: its own computation in float64 within 1e-4 dB; its float32
     module differs by float32 rounding only (the spectrum's, up to ~2e-3 dB in quiet bins of real speech)."""
-    from speech_kd.features import _filter_matrix
+    from speech_kd.nnet.features import _filter_matrix
 
     module = teacher.mods.encoder.compute_features
     stft, banks = module.compute_STFT, module.compute_fbanks
@@ -113,7 +113,7 @@ def test_fp32_export_is_the_pytorch_model(fmt, exported, test_set, teacher):
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_int8_export_keeps_the_output_layer_fp32_and_stays_close(fmt, exported, test_set):
-    from speech_kd.metrics import error_rates
+    from speech_kd.scoring.metrics import error_rates
 
     folder, info = exported(fmt, "int8")
     fp32_folder, fp32_info = exported(fmt)
@@ -175,7 +175,7 @@ def test_evaluate_scores_an_exported_folder_like_its_model(exported, test_set, t
 
 def test_chunked_transcription_of_a_long_file(exported, test_set, tmp_path):
     """Chunks with context on both sides: the whole file's frames, each within context of its own audio."""
-    from speech_kd.evaluate import evaluate_model
+    from speech_kd.scoring.evaluate import evaluate_model
 
     folder, _ = exported("onnx")
     asr = ExportedASR(folder, threads=1)

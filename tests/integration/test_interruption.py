@@ -105,8 +105,8 @@ def test_a_kill_during_the_epoch_end_save_loses_nothing(tiny_corpus, tmp_path, m
     (The other order lost the line for good: the rerun found the epoch's checkpoint, skipped the epoch,
     and its history had no row for it; seen once in ``test_sigkill_then_rerun_resumes[train]``.)
     """
-    from speech_kd.checkpoints import AtomicCheckpointer
-    from speech_kd.train import run_training
+    from speech_kd.training.checkpoints import AtomicCheckpointer
+    from speech_kd.training.train import run_training
 
     real = AtomicCheckpointer.save_and_keep_only
 
@@ -144,8 +144,8 @@ def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(tiny_c
     (The train loader has its own generator: starting an epoch's iterator drew a seed from the global one,
     which after a resume mid-epoch shifted every later dropout/SpecAugment/speed draw.)
     """
-    from speech_kd.brain import CTCBrain
-    from speech_kd.train import run_training
+    from speech_kd.training.ctc_brain import CTCBrain
+    from speech_kd.training.train import run_training
 
     def argv(out: Path) -> list[str]:
         return [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
@@ -160,8 +160,8 @@ def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(tiny_c
 def test_kd_statistics_of_an_epoch_resumed_mid_way_cover_all_its_batches(tiny_corpus, tmp_path, monkeypatch):
     """Killed at the 4th training batch of epoch 1 (intra-epoch checkpoints every 2 steps), then rerun: epoch 1's
     logged KD numbers are those of the run never killed, not only of the batches after the resume."""
-    from speech_kd.distill import run_distillation
-    from speech_kd.kd import DistillBrain
+    from speech_kd.training.distill import run_distillation
+    from speech_kd.kd.mixin import DistillBrain
 
     teacher = make_tiny_sb_model(tmp_path / "teacher" / "model")
 
@@ -184,7 +184,7 @@ def test_synthesis_workers_die_on_the_pools_sigterm_under_the_clis_handler():
     Inherited, it let a worker that ``Pool.terminate`` signalled keep waiting for work, and ``speech-kd bench``
     (which synthesises its corpus) hung when the pool closed.
     """
-    from speech_kd.synth.corpus import render_pool
+    from speech_kd.data.synth.corpus import render_pool
 
     def on_sigterm(signum, frame):
         raise KeyboardInterrupt

@@ -91,7 +91,7 @@ def test_distill_recipe_speechbrain_wav2vec2_teacher(tiny_corpus, tmp_path, monk
 
     # the README's cached route: cache-targets with the same overrides, then distil from the cache
     from speech_kd.cli import main
-    from speech_kd.prepare import prepare_librispeech
+    from speech_kd.data.prepare import prepare_librispeech
 
     csv = prepare_librispeech(tiny_corpus, tmp_path / "csv", splits=["train"]).csv_files["train"]
     cache = tmp_path / "cache"

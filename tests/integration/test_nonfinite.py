@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
-from speech_kd.dataio import token_strings
-from speech_kd.distill import make_targets
-from speech_kd.kd import DistillBrain
-from speech_kd.teachers.base import Teacher, TeacherError, TeacherOutput
+from speech_kd.data.dataio import token_strings
+from speech_kd.training.distill import make_targets
+from speech_kd.kd.mixin import DistillBrain
+from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput
 from speech_kd.testing import make_tiny_sb_model
-from speech_kd.train import run_training
+from speech_kd.training.train import run_training
 from tests.conftest import REPO, TINY_MODEL
 
 NAN_BATCHES: set[int] = set()  # 1-based batch numbers of an epoch whose KD term is made NaN
@@ -59,7 +59,7 @@ class _Collect(logging.Handler):
 def test_nan_batch_is_skipped_and_counted(tiny_corpus, tmp_path, teacher, monkeypatch):
     monkeypatch.setattr(f"{__name__}.NAN_BATCHES", {2})
     out = tmp_path / "one_nan"
-    collect, brain_logger = _Collect(), logging.getLogger("speech_kd.brain")
+    collect, brain_logger = _Collect(), logging.getLogger("speech_kd.training.ctc_brain")
     brain_logger.addHandler(collect)
     try:
         _run(tiny_corpus, out, teacher)
@@ -77,7 +77,7 @@ def test_nan_batch_is_skipped_and_counted(tiny_corpus, tmp_path, teacher, monkey
 
 def test_persistent_nan_stops_with_the_likely_causes(tiny_corpus, tmp_path, teacher, monkeypatch):
     monkeypatch.setattr(f"{__name__}.NAN_BATCHES", None)
-    from speech_kd.brain import NonFiniteLossError
+    from speech_kd.training.ctc_brain import NonFiniteLossError
 
     with pytest.raises(NonFiniteLossError) as err:
         _run(tiny_corpus, tmp_path / "all_nan", teacher, "--nonfinite_patience=1")

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from speech_kd.cli import main
-from speech_kd.dataio import make_tokenizer, token_strings
-from speech_kd.targets import OnlineTargets, TargetAligner
-from speech_kd.teachers.base import load_teacher
+from speech_kd.data.dataio import make_tokenizer, token_strings
+from speech_kd.targets.strategies import OnlineTargets, TargetAligner
+from speech_kd.targets.teachers.base import load_teacher
 from speech_kd.testing import make_tiny_sb_model, whitenoise
 from tests.conftest import REPO, TINY_MODEL
 

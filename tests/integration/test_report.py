@@ -92,7 +92,7 @@ def test_report_of_a_run_without_teacher(trained_run, tmp_path):
 
 def test_report_failure_only_warns(monkeypatch, caplog, tmp_path):
     import speech_kd.report
-    from speech_kd.distill import _report
+    from speech_kd.training.distill import _report
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")

@@ -6,7 +6,7 @@ import csv
 import logging
 import shutil
 
-from speech_kd.prepare import prepare_librispeech
+from speech_kd.data.prepare import prepare_librispeech
 from tests.conftest import REPO, TINY_MODEL
 
 
@@ -16,7 +16,7 @@ def _rows(csv_path) -> dict[str, dict]:
 
 
 def test_prepare_redoes_a_split_whose_audio_or_transcripts_changed(corpus_copy, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="speech_kd.prepare")
+    caplog.set_level(logging.INFO, logger="speech_kd.data.prepare")
     save = tmp_path / "csv"
     first = _rows(prepare_librispeech(corpus_copy, save, splits=["dev"]).csv_files["dev"])
     trans = sorted((corpus_copy / "dev").glob("*/*/*.trans.txt"))[0]
@@ -102,7 +102,7 @@ def test_small_option_faults_are_one_line_errors(tiny_corpus, tmp_path, capsys):
 
 
 def test_fractional_checkpoint_interval_is_accepted():
-    from speech_kd.train import _preparse
+    from speech_kd.training.train import _preparse
 
     argv, allow, extra = _preparse(["x.yaml", "--ckpt_interval_minutes=0.5", "--allow_changed_settings"])
     assert argv == ["x.yaml"] and allow and extra == {"ckpt_interval_minutes": 0.5}
@@ -129,7 +129,7 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(monkeypatch, capsys):
 
 def test_evaluate_long_files_missing_tokenizer_and_unwritable_output(trained_run, tmp_path, capsys, caplog,
                                                                      monkeypatch):  # fmt: skip
-    import speech_kd.evaluate as evaluate
+    import speech_kd.scoring.evaluate as evaluate
 
     model, csv_path = str(trained_run / "model"), str(trained_run / "dev.csv")
     rows = _rows(csv_path)

@@ -13,8 +13,8 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 
 from speech_kd import KDMixin, make_targets, token_strings  # (1)
-from speech_kd.dataio import load_dataset, make_tokenizer
-from speech_kd.prepare import prepare_librispeech
+from speech_kd.data.dataio import load_dataset, make_tokenizer
+from speech_kd.data.prepare import prepare_librispeech
 from tests.conftest import REPO, TINY_MODEL
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from speech_kd.prepare import prepare_librispeech
-from speech_kd.synth import ALPHABET, SplitSpec, SynthConfig
-from speech_kd.synth.corpus import _plan
+from speech_kd.data.prepare import prepare_librispeech
+from speech_kd.data.synth import ALPHABET, SplitSpec, SynthConfig
+from speech_kd.data.synth.corpus import _plan
 
 
 def _transcripts(root: Path, split: str) -> dict[str, str]:
@@ -136,7 +136,7 @@ def _all_transcripts(root: Path) -> dict[str, str]:
 
 
 def test_synth_is_repeatable_and_a_rerun_with_another_seed_never_mixes_corpora(tmp_path):
-    from speech_kd.synth import synthesize_corpus
+    from speech_kd.data.synth import synthesize_corpus
 
     def config(seed: int, speakers: int) -> SynthConfig:
         return SynthConfig(splits=(SplitSpec("train", 0.004, speakers), SplitSpec("dev", 0.002, 1)), seed=seed, jobs=1)

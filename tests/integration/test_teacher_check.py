@@ -7,13 +7,13 @@ import json
 
 import torch
 
-import speech_kd.teacher_check
-from speech_kd.cache import cache_targets
+import speech_kd.scoring.teacher_check
+from speech_kd.targets.cache import cache_targets
 from speech_kd.cli import main
-from speech_kd.dataio import merge_csvs
-from speech_kd.evaluate import evaluate_model
+from speech_kd.data.dataio import merge_csvs
+from speech_kd.scoring.evaluate import evaluate_model
 from speech_kd.report import build_report
-from speech_kd.teacher_check import TeacherDevScore, read_teacher_score, score_teacher_on_dev
+from speech_kd.scoring.teacher_check import TeacherDevScore, read_teacher_score, score_teacher_on_dev
 from tests.conftest import REPO, TINY_MODEL
 
 DISTILL = str(REPO / "hparams/distill.yaml")
@@ -65,7 +65,7 @@ def _teacher_at(wer: float):
 
 def test_kd_anneal_fades_kd_once_the_student_reaches_the_teacher(trained_run, tiny_corpus, tmp_path, monkeypatch):
     # a teacher whose dev WER (1000 %) every student beats after one epoch: the weak-teacher case in small
-    monkeypatch.setattr(speech_kd.teacher_check, "score_teacher_on_dev", _teacher_at(1000.0))
+    monkeypatch.setattr(speech_kd.scoring.teacher_check, "score_teacher_on_dev", _teacher_at(1000.0))
     teacher = f"--teacher_source={trained_run / 'model'}"
     out = tmp_path / "anneal"
     assert _distill(tiny_corpus, out, 2, teacher, "--kd_weight=0.5") == 0
@@ -84,13 +84,13 @@ def test_kd_anneal_fades_kd_once_the_student_reaches_the_teacher(trained_run, ti
 
     # a teacher far ahead (0 %): the scale stays exactly 1, the run is what it was without annealing
     out = tmp_path / "strong"
-    monkeypatch.setattr(speech_kd.teacher_check, "score_teacher_on_dev", _teacher_at(0.0))
+    monkeypatch.setattr(speech_kd.scoring.teacher_check, "score_teacher_on_dev", _teacher_at(0.0))
     assert _distill(tiny_corpus, out, 2, teacher, "--kd_weight=0.5") == 0
     assert [row["train"]["kd_weight"] for row in _history(out)] == [0.5, 0.5]
 
 
 def test_kd_anneal_state_is_checkpointed(trained_run, tiny_corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(speech_kd.teacher_check, "score_teacher_on_dev", _teacher_at(1000.0))
+    monkeypatch.setattr(speech_kd.scoring.teacher_check, "score_teacher_on_dev", _teacher_at(1000.0))
     teacher = f"--teacher_source={trained_run / 'model'}"
     out = tmp_path / "resumed"
     assert _distill(tiny_corpus, out, 1, teacher, "--kd_weight=0.5") == 0

@@ -10,10 +10,10 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from speech_kd.brain import CTCBrain
-from speech_kd.dataio import TranscriptError, load_dataset, make_tokenizer
-from speech_kd.prepare import prepare_librispeech
-from speech_kd.train import run_training
+from speech_kd.training.ctc_brain import CTCBrain
+from speech_kd.data.dataio import TranscriptError, load_dataset, make_tokenizer
+from speech_kd.data.prepare import prepare_librispeech
+from speech_kd.training.train import run_training
 from tests.conftest import REPO, TINY_MODEL
 
 
@@ -73,8 +73,8 @@ def test_model_folder_loads_in_speechbrain(trained_run, tiny_corpus):
 
 def test_exported_model_matches_training_forward(trained_run):
     """The exported encoder and the Brain's chain give the same log-probs."""
-    from speech_kd.brain import run_chain
-    from speech_kd.evaluate import load_asr
+    from speech_kd.training.ctc_brain import run_chain
+    from speech_kd.scoring.evaluate import load_asr
 
     asr = load_asr(trained_run / "model", savedir=str(trained_run / "load2"))
     hparams = load_hyperpyyaml((trained_run / "hyperparams.yaml").read_text())
@@ -131,7 +131,7 @@ def _damage_middle(path) -> None:
 
 
 def test_audio_damaged_inside_is_left_out_of_training_with_a_warning(corpus_copy, tmp_path):
-    from speech_kd.audio import AudioError, probe_audio, read_audio
+    from speech_kd.data.audio import AudioError, probe_audio, read_audio
 
     train_files = sorted((corpus_copy / "train").rglob("*.flac"))
     dev_files = sorted((corpus_copy / "dev").rglob("*.flac"))
@@ -155,7 +155,7 @@ def test_audio_damaged_inside_is_left_out_of_training_with_a_warning(corpus_copy
 def test_a_batch_with_no_readable_audio_names_its_utterances(tmp_path, caplog):
     import soundfile as sf
 
-    from speech_kd.dataio import collate_readable
+    from speech_kd.data.dataio import collate_readable
 
     good, broken = tmp_path / "good.flac", tmp_path / "broken.flac"
     sf.write(good, 0.1 * torch.randn(16000).numpy(), 16000)

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 
 from speech_kd.cli import main, run
-from speech_kd.synth.corpus import SplitSpec, SynthConfig, _plan, synthesize_corpus
+from speech_kd.data.synth.corpus import SplitSpec, SynthConfig, _plan, synthesize_corpus
 from tests.conftest import REPO, TINY_MODEL
 
 TEACHER = REPO / "speech_kd" / "pretrained" / "teacher_synth"
@@ -91,7 +91,7 @@ def test_prepare_unlabeled_splits(unlabeled_corpus, tmp_path, capsys):
 
 def test_distill_on_untranscribed_audio_cached_and_filtered(unlabeled_corpus, tmp_path, capsys):
     """Caches of both manifests, the confidence filter, KD-only batches; the train cache alone is refused."""
-    from speech_kd.prepare import prepare_librispeech
+    from speech_kd.data.prepare import prepare_librispeech
 
     csvs = prepare_librispeech(unlabeled_corpus, tmp_path / "csv", splits=["train"],
                                unlabeled_splits=["untranscribed"]).csv_files  # fmt: skip
@@ -107,8 +107,8 @@ def test_distill_on_untranscribed_audio_cached_and_filtered(unlabeled_corpus, tm
     assert "training utterances have no cached targets" in err and "--targets_cache=TRAIN_CACHE,UNLABELED_CACHE" in err
 
     # a threshold between the scores: the teacher's median confidence on the untranscribed audio
-    from speech_kd.cache import CacheReader
-    from speech_kd.unlabeled import teacher_confidence
+    from speech_kd.targets.cache import CacheReader
+    from speech_kd.training.unlabeled import teacher_confidence
 
     reader = CacheReader(tmp_path / "cache_untranscribed")
     scores = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from speech_kd.align import FrameRateError, VocabMap, VocabMappingError, reconcile_lengths, resample_frames
+from speech_kd.targets.align import FrameRateError, VocabMap, VocabMappingError, reconcile_lengths, resample_frames
 from speech_kd.testing import WAV2VEC2_VOCAB
 
 STUDENT = ["<blank>", " ", "'", *"ABCDEFGHIJKLMNOPQRSTUVWXYZ"]

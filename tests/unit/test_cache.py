@@ -14,8 +14,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from speech_kd.audio import read_audio
-from speech_kd.cache import (
+from speech_kd.data.audio import read_audio
+from speech_kd.targets.cache import (
     PAD_LOG_PROB,
     CacheError,
     CacheMissError,
@@ -25,9 +25,9 @@ from speech_kd.cache import (
     encode,
     write_cache,
 )
-from speech_kd.cache import format as cache_format
-from speech_kd.cache import storage as cache_storage
-from speech_kd.teachers.base import Teacher, TeacherOutput
+from speech_kd.targets.cache import format as cache_format
+from speech_kd.targets.cache import storage as cache_storage
+from speech_kd.targets.teachers.base import Teacher, TeacherOutput
 
 SR = 16000
 FRAME = 640  # 40 ms
@@ -535,8 +535,8 @@ def test_reading_from_dataloader_workers(built):
 
 def test_cache_targets_from_a_teacher_folder(corpus, tmp_path):
     testing = pytest.importorskip("speech_kd.testing")
-    from speech_kd.cache import cache_targets
-    from speech_kd.teachers.base import load_teacher
+    from speech_kd.targets.cache import cache_targets
+    from speech_kd.targets.teachers.base import load_teacher
 
     folder = tmp_path / "teacher"
     testing.make_tiny_sb_model(folder, seed=0)

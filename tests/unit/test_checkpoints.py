@@ -21,14 +21,14 @@ import pytest
 import torch
 from speechbrain.utils.checkpoints import Checkpointer
 
-from speech_kd.checkpoints import PARTIAL_META, AtomicCheckpointer, make_atomic, unreadable_files
+from speech_kd.training.checkpoints import PARTIAL_META, AtomicCheckpointer, make_atomic, unreadable_files
 
 _SCRIPT = textwrap.dedent(
     """
     import io, os, signal, sys
     import torch
     from speechbrain.utils.checkpoints import Checkpointer
-    from speech_kd.checkpoints import AtomicCheckpointer
+    from speech_kd.training.checkpoints import AtomicCheckpointer
 
     cls = {"stock": Checkpointer, "atomic": AtomicCheckpointer}[sys.argv[2]]
     model = torch.nn.Linear(4, 4)
@@ -121,7 +121,7 @@ def test_make_atomic_upgrades_only_the_stock_class(tmp_path):
 _RNG_SCRIPT = textwrap.dedent(
     """
     import os, sys, torch, torch.distributed as dist
-    from speech_kd.checkpoints import RandomStates
+    from speech_kd.training.checkpoints import RandomStates
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -167,7 +167,7 @@ def test_random_states_under_ddp_each_process_gets_its_own(tmp_path):
 
 
 def test_random_states_from_another_process_count_are_not_restored(tmp_path, caplog):
-    from speech_kd.checkpoints import RandomStates
+    from speech_kd.training.checkpoints import RandomStates
 
     torch.save({"states": [RandomStates._local(), RandomStates._local()]}, tmp_path / "rng.ckpt")
     torch.manual_seed(3)

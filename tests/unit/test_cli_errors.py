@@ -21,7 +21,7 @@ def test_interrupt_says_how_to_resume(monkeypatch, capsys):
 
 
 def test_bad_audio_met_in_training_says_how_to_go_on(monkeypatch, capsys, tmp_path):
-    from speech_kd.audio import read_audio
+    from speech_kd.data.audio import read_audio
 
     broken = tmp_path / "utt1.flac"
     broken.write_bytes(b"fLaC" + bytes(200))  # a FLAC signature and nothing decodable
@@ -41,7 +41,7 @@ def test_bad_audio_met_in_training_says_how_to_go_on(monkeypatch, capsys, tmp_pa
 
 
 def test_unknown_override_and_broken_yaml_name_the_file():
-    from speech_kd.train import load_hparams
+    from speech_kd.training.train import load_hparams
 
     path = REPO / "hparams/student.yaml"
     text = path.read_text()
@@ -62,8 +62,8 @@ def test_bench_refuses_a_bad_student_override_before_any_work(monkeypatch, capsy
 
 
 def test_an_empty_split_is_an_error_naming_its_csv(tmp_path):
-    from speech_kd.dataio import TranscriptError, load_dataset, make_tokenizer
-    from speech_kd.prepare import CSV_HEADER
+    from speech_kd.data.dataio import TranscriptError, load_dataset, make_tokenizer
+    from speech_kd.data.prepare import CSV_HEADER
 
     csv = tmp_path / "train.csv"
     csv.write_text(",".join(CSV_HEADER) + "\n")
@@ -72,7 +72,7 @@ def test_an_empty_split_is_an_error_naming_its_csv(tmp_path):
 
 
 def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
-    from speech_kd.evaluate import read_manifest
+    from speech_kd.scoring.evaluate import read_manifest
 
     csv = tmp_path / "test.csv"
     csv.write_bytes("ID,duration,wav,spk_id,wrd\na,1.0,x.flac,1,CAF\u00c9\n".encode("latin-1"))
@@ -81,7 +81,7 @@ def test_a_manifest_that_is_not_utf8_is_named(tmp_path):
 
 
 def test_reading_a_missing_audio_file_says_so(tmp_path):
-    from speech_kd.audio import AudioError, read_audio
+    from speech_kd.data.audio import AudioError, read_audio
 
     with pytest.raises(AudioError, match="nothere.flac: file does not exist"):
         read_audio(tmp_path / "nothere.flac")

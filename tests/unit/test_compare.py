@@ -1,4 +1,4 @@
-"""Gap-closed comparison with a paired bootstrap (speech_kd.compare, speech-kd compare)."""
+"""Gap-closed comparison with a paired bootstrap (speech_kd.scoring.compare, speech-kd compare)."""
 
 import json
 import random
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from speech_kd.cli import main
-from speech_kd.compare import compare_gap, read_utterance_errors
-from speech_kd.metrics import utterance_errors, write_utterances
+from speech_kd.scoring.compare import compare_gap, read_utterance_errors
+from speech_kd.scoring.metrics import utterance_errors, write_utterances
 
 WORDS = "the cat sat on a mat with big red hat and ran far away".split()
 

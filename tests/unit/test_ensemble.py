@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from speech_kd.teachers.base import Teacher, TeacherOutput, load_teacher
-from speech_kd.teachers.ensemble import EnsembleTeacher
+from speech_kd.targets.teachers.base import Teacher, TeacherOutput, load_teacher
+from speech_kd.targets.teachers.ensemble import EnsembleTeacher
 from speech_kd.testing import make_tiny_sb_model, whitenoise
 
 
@@ -31,7 +31,7 @@ class SpikeTeacher(Teacher):
 
 def test_misaligned_spikes_are_reported_and_aligned_ones_are_not(caplog):
     wavs, lens = torch.zeros(2, 16000), torch.tensor([1.0, 0.5])
-    with caplog.at_level(logging.WARNING, logger="speech_kd.teachers.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="speech_kd.targets.teachers.ensemble"):
         shifted = EnsembleTeacher([SpikeTeacher(0), SpikeTeacher(2)])
         out = shifted(wavs, lens)
     assert shifted.spike_survival == 0.0
@@ -39,7 +39,7 @@ def test_misaligned_spikes_are_reported_and_aligned_ones_are_not(caplog):
     assert "survive averaging" in caplog.text and "spikes@0" in caplog.text
 
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="speech_kd.teachers.ensemble"):
+    with caplog.at_level(logging.WARNING, logger="speech_kd.targets.teachers.ensemble"):
         aligned = EnsembleTeacher([SpikeTeacher(1), SpikeTeacher(1)])
         aligned(wavs, lens)
     assert aligned.spike_survival == 1.0 and "survive" not in caplog.text

@@ -7,7 +7,7 @@ import pytest
 import torch
 from speechbrain.lobes.features import Fbank
 
-from speech_kd.features import (
+from speech_kd.nnet.features import (
     REFERENCE_TOLERANCE_DB,
     SharedFeatures,
     fast_fbank,
@@ -29,7 +29,7 @@ def _speech_like(seconds: float = 1.5, seed: int = 0) -> torch.Tensor:
 
 
 def test_fbank_matches_librosa_reference(tiny_corpus):
-    from speech_kd.audio import read_audio
+    from speech_kd.data.audio import read_audio
 
     fbank = Fbank(n_mels=80, n_fft=400, win_length=25, hop_length=10)
     files = sorted(tiny_corpus.glob("train/*/*/*.flac"))[:3]
@@ -44,7 +44,7 @@ def test_fbank_matches_librosa_reference(tiny_corpus):
 
 
 def test_fast_fbank_is_speechbrains_fbank_on_a_padded_batch(tiny_corpus):
-    from speech_kd.audio import read_audio
+    from speech_kd.data.audio import read_audio
 
     wavs = [read_audio(f) for f in sorted(tiny_corpus.glob("train/*/*/*.flac"))[:4]] + [_speech_like()]
     batch = torch.zeros(len(wavs), max(len(w) for w in wavs))
@@ -59,7 +59,7 @@ def test_fast_fbank_is_speechbrains_fbank_on_a_padded_batch(tiny_corpus):
 
 def test_fast_fbank_in_pieces_is_the_same(monkeypatch):
     """On CPU the batch goes through in pieces; each utterance keeps its own top_db floor across them."""
-    from speech_kd import features
+    from speech_kd.nnet import features
 
     wavs = torch.stack([_speech_like(2.0, seed) * scale for seed, scale in ((0, 1.0), (1, 0.01), (2, 30.0))])
     fbank = Fbank(n_mels=80)
@@ -117,7 +117,7 @@ def test_signature_tells_which_fbanks_may_share():
 def test_teacher_starts_from_the_students_fbank(trained_run, monkeypatch):
     """A teacher with the student's fbank settings gives the same posteriors from shared features,
     and its own fbank is not run."""
-    from speech_kd.teachers.base import load_teacher
+    from speech_kd.targets.teachers.base import load_teacher
 
     teacher = load_teacher(trained_run / "model")
     assert teacher.feature_signature == fbank_signature(Fbank(n_mels=80))
@@ -127,7 +127,7 @@ def test_teacher_starts_from_the_students_fbank(trained_run, monkeypatch):
     full = teacher(wavs, lens)
     feats = Fbank(n_mels=80)(wavs)
 
-    import speech_kd.teachers.sb as sb_teacher
+    import speech_kd.targets.teachers.sb as sb_teacher
 
     calls = []
     fbank_module = next(iter(teacher.asr.mods.encoder.values()))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from speech_kd.brain import CTCBrain
+from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.report import load_history
 
 

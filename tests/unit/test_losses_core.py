@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from speech_kd.losses import (
+from speech_kd.kd.losses import (
     blank_frame_weights,
     collapse_greedy,
     kd_ce_hard,

@@ -12,9 +12,9 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from speech_kd.dataio import make_tokenizer, read_csv_rows, token_strings  # noqa: E402
-from speech_kd.evaluate import read_manifest  # noqa: E402
-from speech_kd.vocab import VocabMap, VocabMappingError  # noqa: E402
+from speech_kd.data.dataio import make_tokenizer, read_csv_rows, token_strings  # noqa: E402
+from speech_kd.scoring.evaluate import read_manifest  # noqa: E402
+from speech_kd.targets.vocab import VocabMap, VocabMappingError  # noqa: E402
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "latin-1", "cp1252")

@@ -7,7 +7,7 @@ import socket
 import pytest
 import torch
 
-from speech_kd.teachers.base import TeacherError, load_teacher
+from speech_kd.targets.teachers.base import TeacherError, load_teacher
 from speech_kd.testing import make_tiny_sb_model, whitenoise
 
 transformers = pytest.importorskip("transformers")
@@ -84,7 +84,7 @@ def test_bad_teacher_folders(tmp_path):
 
 
 def test_ensemble_of_hf_and_sb_teachers(sb_folder, hf_folder):
-    from speech_kd.teachers.ensemble import EnsembleTeacher
+    from speech_kd.targets.teachers.ensemble import EnsembleTeacher
 
     sb_teacher, hf_teacher = load_teacher(sb_folder), load_teacher(hf_folder)
     ensemble = EnsembleTeacher([sb_teacher, hf_teacher], weights=[0.7, 0.3])
@@ -99,7 +99,7 @@ def test_ensemble_of_hf_and_sb_teachers(sb_folder, hf_folder):
 
 def test_load_teachers_one_folder_or_an_ensemble(sb_folder, hf_folder):
     """``teacher_source`` with one folder is that teacher; ``A,B`` is their ensemble; overrides need one teacher."""
-    from speech_kd.teachers.ensemble import EnsembleTeacher, load_teachers
+    from speech_kd.targets.teachers.ensemble import EnsembleTeacher, load_teachers
 
     single = load_teachers(str(sb_folder))
     assert not isinstance(single, EnsembleTeacher) and single.fingerprint() == load_teacher(sb_folder).fingerprint()

@@ -11,7 +11,7 @@ Example (the 40-epoch table of ``docs/results.md``)::
 
 With ``--seeds S1 S2 ...`` every variant is trained once per seed (``OUT/seed_S/``) and
 ``OUT/results.md`` adds the means over seeds, the gap closed with a 95 % bootstrap
-interval over test utterances and seed pairs (:mod:`speech_kd.compare`) and
+interval over test utterances and seed pairs (:mod:`speech_kd.scoring.compare`) and
 ``OUT/dev_wer.png`` (dev WER per epoch, band over seeds); ``--test_data`` scores
 another folder's (larger) test split. Finished runs are reused, so the same
 command with more seeds only trains the new ones::
@@ -42,11 +42,11 @@ scratch-teacher WER gap each KD variant closes on test and on dev (two sets
 of unseen speakers: with a small gap one set alone says little).
 """
 
-from speech_kd.bench_kd.main import build_parser, main
-from speech_kd.bench_kd.runs import REPO, make_partition, train_seconds_per_epoch
-from speech_kd.bench_kd.summary import baseline_of, format_results, format_seed_summary, summarise_seeds
-from speech_kd.bench_kd.variants import VARIANTS, merge_overrides, variant_args
-from speech_kd.compare import gap_closed
+from speech_kd.bench.experiments.main import build_parser, main
+from speech_kd.bench.experiments.runs import REPO, make_partition, train_seconds_per_epoch
+from speech_kd.bench.experiments.summary import baseline_of, format_results, format_seed_summary, summarise_seeds
+from speech_kd.bench.experiments.variants import VARIANTS, merge_overrides, variant_args
+from speech_kd.scoring.compare import gap_closed
 
 __all__ = [
     "VARIANTS",

@@ -6,14 +6,14 @@ import argparse
 import json
 from pathlib import Path
 
-from speech_kd.bench_kd.runs import REPO, _evaluate, _run_all, _speech_kd, make_partition, train_seconds_per_epoch
-from speech_kd.bench_kd.summary import _seed_figure, format_results, format_seed_summary, summarise_seeds
-from speech_kd.bench_kd.variants import VARIANTS, merge_overrides, variant_args
+from speech_kd.bench.experiments.runs import REPO, _evaluate, _run_all, _speech_kd, make_partition, train_seconds_per_epoch
+from speech_kd.bench.experiments.summary import _seed_figure, format_results, format_seed_summary, summarise_seeds
+from speech_kd.bench.experiments.variants import VARIANTS, merge_overrides, variant_args
 
 
 def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
     """The experiment runner's options (``speech-kd bench-kd --help``; the description is the package's docstring)."""
-    import speech_kd.bench_kd as package
+    import speech_kd.bench.experiments as package
 
     parser = argparse.ArgumentParser(prog=prog, description=package.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -76,11 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
                                         f"--output_folder={run}", f"--number_of_epochs={args.teacher_epochs}")},
                  logs, 1)  # fmt: skip
         teacher = str(run / "model")
-    from speech_kd.teachers.ensemble import teacher_sources
+    from speech_kd.targets.teachers.ensemble import teacher_sources
 
     teacher = ",".join(str(Path(t).resolve()) for t in teacher_sources(teacher))  # A,B,...: an ensemble teacher
 
-    from speech_kd.prepare import prepare_librispeech
+    from speech_kd.data.prepare import prepare_librispeech
 
     train_split, unlabeled_csv = "train", None
     if args.transcribed_fraction or args.unlabeled:

@@ -125,7 +125,7 @@ def make_partition(data: Path, out: Path, transcribed_fraction: float | None, un
 
 def _evaluate(model: Path | str, csvs: dict, folder: Path, name: str) -> dict:
     """Test and dev scores of one model; per-utterance files ``eval_NAME[_dev]_utts.txt`` beside the JSON."""
-    from speech_kd.evaluate import evaluate_model
+    from speech_kd.scoring.evaluate import evaluate_model
 
     scores = evaluate_model(model, csvs["test"], json_path=folder / f"eval_{name}.json",
                             utts_path=folder / f"eval_{name}_utts.txt").summary  # fmt: skip

@@ -5,16 +5,16 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from speech_kd.compare import gap_closed, no_gap_label
+from speech_kd.scoring.compare import gap_closed, no_gap_label
 
 
 def summarise_seeds(per_seed: dict, out: Path, folders: dict, variants: list[str]) -> dict:
     """Mean scores over seeds per model and, for KD variants, the gap closed with a bootstrap interval.
 
-    The interval (:func:`speech_kd.compare.compare_gap`) resamples test
+    The interval (:func:`speech_kd.scoring.compare.compare_gap`) resamples test
     utterances and seed pairs, on test and on dev.
     """
-    from speech_kd.compare import compare_gap, read_utterance_errors
+    from speech_kd.scoring.compare import compare_gap, read_utterance_errors
 
     keys = ("wer", "cer", "dev_wer", "dev_cer", "train_s_per_epoch")
     summary = {}

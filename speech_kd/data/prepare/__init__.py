@@ -19,12 +19,12 @@ an empty ``wrd``; the same audio checks apply and their ``_skipped.csv`` is
 written the same way. Utterance IDs are the file names without extension
 (the relative path, ``/`` replaced by ``__``, for names that occur twice).
 
-Modules: :mod:`~speech_kd.prepare.splits` (one split), :mod:`~speech_kd.prepare.stamp`
-(what a CSV was made from), :mod:`~speech_kd.prepare.librispeech` (several splits).
+Modules: :mod:`~speech_kd.data.prepare.splits` (one split), :mod:`~speech_kd.data.prepare.stamp`
+(what a CSV was made from), :mod:`~speech_kd.data.prepare.librispeech` (several splits).
 """
 
-from speech_kd.prepare.librispeech import prepare_librispeech
-from speech_kd.prepare.splits import (
+from speech_kd.data.prepare.librispeech import prepare_librispeech
+from speech_kd.data.prepare.splits import (
     AUDIO_EXTENSIONS,
     CSV_HEADER,
     LIBRISPEECH_ALPHABET,
@@ -33,7 +33,7 @@ from speech_kd.prepare.splits import (
     prepare_split,
     prepare_unlabeled_split,
 )
-from speech_kd.prepare.stamp import split_files
+from speech_kd.data.prepare.stamp import split_files
 
 __all__ = [
     "AUDIO_EXTENSIONS",

@@ -7,8 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from speech_kd.prepare.splits import LIBRISPEECH_ALPHABET, PrepareResult, prepare_split, prepare_unlabeled_split
-from speech_kd.prepare.stamp import _read_stamp, _what_changed, split_files
+from speech_kd.data.prepare.splits import LIBRISPEECH_ALPHABET, PrepareResult, prepare_split, prepare_unlabeled_split
+from speech_kd.data.prepare.stamp import _read_stamp, _what_changed, split_files
 
 logger = logging.getLogger(__name__)
 

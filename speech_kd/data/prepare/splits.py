@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from speech_kd.audio import AudioError, probe_audio
+from speech_kd.data.audio import AudioError, probe_audio
 
 logger = logging.getLogger(__name__)
 

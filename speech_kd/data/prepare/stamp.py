@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from speech_kd.prepare.splits import AUDIO_EXTENSIONS
+from speech_kd.data.prepare.splits import AUDIO_EXTENSIONS
 
 
 def _read_stamp(path: Path) -> dict | None:

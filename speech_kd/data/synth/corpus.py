@@ -39,8 +39,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from speech_kd.synth.text import SentenceGenerator
-from speech_kd.synth.voices import Speaker, check_engines, make_speakers, render
+from speech_kd.data.synth.text import SentenceGenerator
+from speech_kd.data.synth.voices import Speaker, check_engines, make_speakers, render
 
 __all__ = ["SplitSpec", "SynthConfig", "synthesize_corpus", "DEFAULT_SPLITS"]
 

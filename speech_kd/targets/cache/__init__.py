@@ -5,16 +5,16 @@ manifest and stores a compact copy of its frame posteriors, keyed by utterance
 ID; :class:`CacheReader` turns them back into dense log-posteriors for any
 batch. One module per job:
 
-- :mod:`speech_kd.cache.format`: the frame encoding (top-k tokens, one byte per
+- :mod:`speech_kd.targets.cache.format`: the frame encoding (top-k tokens, one byte per
   probability, runs of certain frames), its error bound and the shard layout;
-- :mod:`speech_kd.cache.storage`: crash-safe writes (temp file, fsync, rename);
-- :mod:`speech_kd.cache.folder`: a cache folder's metadata, the manifest it is
+- :mod:`speech_kd.targets.cache.storage`: crash-safe writes (temp file, fsync, rename);
+- :mod:`speech_kd.targets.cache.folder`: a cache folder's metadata, the manifest it is
   written from, and the checks a rerun makes before adding to it;
-- :mod:`speech_kd.cache.writer`: the resumable writer and its checks;
-- :mod:`speech_kd.cache.reader`: the memory-mapped reader, several caches read as one.
+- :mod:`speech_kd.targets.cache.writer`: the resumable writer and its checks;
+- :mod:`speech_kd.targets.cache.reader`: the memory-mapped reader, several caches read as one.
 """
 
-from speech_kd.cache.format import (
+from speech_kd.targets.cache.format import (
     FORMAT_VERSION,
     PAD_LOG_PROB,
     CacheError,
@@ -25,8 +25,8 @@ from speech_kd.cache.format import (
     decode_into,
     encode,
 )
-from speech_kd.cache.reader import CacheReader, CacheUnion, open_cache
-from speech_kd.cache.writer import cache_targets, write_cache
+from speech_kd.targets.cache.reader import CacheReader, CacheUnion, open_cache
+from speech_kd.targets.cache.writer import cache_targets, write_cache
 
 __all__ = [
     "CacheError",

@@ -1,8 +1,8 @@
 """The soft-target cache format: the frame encoding, its codes and the shard layout (no file I/O here).
 
-:func:`~speech_kd.cache.write_cache` runs a :class:`~speech_kd.teachers.base.Teacher`
+:func:`~speech_kd.targets.cache.write_cache` runs a :class:`~speech_kd.targets.teachers.base.Teacher`
 over a CSV manifest and stores a compact copy of its frame posteriors, keyed by
-utterance ID; :class:`~speech_kd.cache.CacheReader` turns them back into dense
+utterance ID; :class:`~speech_kd.targets.cache.CacheReader` turns them back into dense
 log-posteriors for any batch. ``docs/cache.md`` describes the format in full
 (``meta.json``, ``shards.json``, the shard files) with its measured size.
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speech_kd.cache.folder import _differences, _shard_problem
-from speech_kd.cache.format import (
+from speech_kd.targets.cache.folder import _differences, _shard_problem
+from speech_kd.targets.cache.format import (
     _BLOCK_CACHE,
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -28,8 +28,8 @@ from speech_kd.cache.format import (
     decode_into,
     from_codes,
 )
-from speech_kd.cache.storage import _read_json
-from speech_kd.teachers.base import TeacherOutput
+from speech_kd.targets.cache.storage import _read_json
+from speech_kd.targets.teachers.base import TeacherOutput
 
 logger = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ class CacheUnion:
     (fingerprint, tokens, blank, frame shift), which is checked when opened.
     An utterance ID found in several caches is read from the first one listed.
     Same reading interface as :class:`CacheReader` (``metadata``, ``ids``,
-    ``batch``, ``get``, ``check_compatible``), so :class:`~speech_kd.targets.CachedTargets`
+    ``batch``, ``get``, ``check_compatible``), so :class:`~speech_kd.targets.strategies.CachedTargets`
     takes either.
 
     Parameters

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 
-from speech_kd.cache.format import CacheError
+from speech_kd.targets.cache.format import CacheError
 
 logger = logging.getLogger(__name__)
 

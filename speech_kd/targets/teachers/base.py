@@ -64,7 +64,7 @@ class Teacher(torch.nn.Module, ABC):
     frame_shift: float
     sample_rate: int
     name: str
-    #: ``speech_kd.features.fbank_signature`` of the teacher's own fbank when it
+    #: ``speech_kd.nnet.features.fbank_signature`` of the teacher's own fbank when it
     #: can start from precomputed features (see :meth:`posteriors_from_features`)
     feature_signature: tuple | None = None
 
@@ -79,7 +79,7 @@ class Teacher(torch.nn.Module, ABC):
     def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor, features=None) -> TeacherOutput:
         """Run :meth:`posteriors` in eval mode without gradients; check the output.
 
-        ``features`` (a ``speech_kd.features.SharedFeatures``) is the
+        ``features`` (a ``speech_kd.nnet.features.SharedFeatures``) is the
         student's fbank of the same batch: when it was computed with exactly
         the teacher's fbank settings, the teacher starts from it instead of
         recomputing the spectrum.
@@ -158,8 +158,8 @@ def load_teacher(source: str | os.PathLike, kind: str = "auto", device: str = "c
     if kind == "auto":
         kind = detect_kind(source)
     # adapters register themselves on import
-    importlib.import_module({"speechbrain": "speech_kd.teachers.sb", "huggingface": "speech_kd.teachers.hf"}
-                            .get(kind, "speech_kd.teachers.sb"))  # fmt: skip
+    importlib.import_module({"speechbrain": "speech_kd.targets.teachers.sb", "huggingface": "speech_kd.targets.teachers.hf"}
+                            .get(kind, "speech_kd.targets.teachers.sb"))  # fmt: skip
     if kind not in TEACHER_KINDS:
         raise TeacherError(f"unknown teacher kind {kind!r}; known: {sorted(TEACHER_KINDS)}")
     teacher = TEACHER_KINDS[kind](source, device=device, **kwargs)

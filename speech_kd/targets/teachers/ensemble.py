@@ -6,8 +6,8 @@ import logging
 
 import torch
 
-from speech_kd.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
-from speech_kd.teachers.base import Teacher, TeacherOutput, load_teacher
+from speech_kd.targets.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
+from speech_kd.targets.teachers.base import Teacher, TeacherOutput, load_teacher
 
 __all__ = ["EnsembleTeacher", "load_ensemble", "load_teachers", "teacher_sources", "spike_survival"]
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from speech_kd.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
+from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
 
 __all__ = ["HFCTCTeacher"]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from speechbrain.nnet.containers import LengthsCapableSequential
 
-from speech_kd.dataio import token_strings
-from speech_kd.features import fast_fbank, fast_fbank_applies, fbank_signature
-from speech_kd.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
+from speech_kd.data.dataio import token_strings
+from speech_kd.nnet.features import fast_fbank, fast_fbank_applies, fbank_signature
+from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
 
 __all__ = ["SpeechBrainTeacher"]
 
@@ -105,7 +105,7 @@ class SpeechBrainTeacher(Teacher):
         """Frame log-posteriors ``[B, T, V]`` and valid frame counts ``[B]``.
 
         With a leading plain ``Fbank`` the spectrum is computed by
-        :func:`~speech_kd.features.fast_fbank` (same output), then the rest of the encoder.
+        :func:`~speech_kd.nnet.features.fast_fbank` (same output), then the rest of the encoder.
         """
         if self._after_features is not None and wavs.dim() == 2 and fast_fbank_applies(self._fbank):
             feats = fast_fbank(self._fbank, wavs.to(self.asr.device))  # fast_fbank casts to fp32 itself

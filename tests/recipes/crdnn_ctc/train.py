@@ -11,7 +11,7 @@ import speechbrain as sb
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.utils.distributed import run_on_main
 
-from speech_kd.prepare import prepare_librispeech
+from speech_kd.data.prepare import prepare_librispeech
 
 
 class ASR_Brain(sb.Brain):

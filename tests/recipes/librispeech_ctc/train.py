@@ -13,7 +13,7 @@ from hyperpyyaml import load_hyperpyyaml
 from speechbrain.tokenizers.SentencePiece import SentencePiece
 from speechbrain.utils.distributed import if_main_process, run_on_main
 
-from speech_kd.prepare import prepare_librispeech
+from speech_kd.data.prepare import prepare_librispeech
 
 
 class ASR(sb.core.Brain):

@@ -11,13 +11,13 @@ Multi-GPU (PyTorch DDP, one process per GPU; the teacher runs beside the student
         --data_folder=/path/to/LibriSpeech
 
 --kd_weight=0 trains the identical student without KD (the baseline). Everything
-else is speech_kd.distill.run_distillation; see README.md in this folder.
+else is speech_kd.training.distill.run_distillation; see README.md in this folder.
 """
 
 import sys
 from pathlib import Path
 
-from speech_kd.distill import run_distillation
+from speech_kd.training.distill import run_distillation
 
 
 def _hparams_here(argv: list[str]) -> list[str]:

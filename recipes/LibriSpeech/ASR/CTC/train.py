@@ -10,14 +10,14 @@ Multi-GPU (PyTorch DDP, one process per GPU):
         --data_folder=/path/to/LibriSpeech
 
 Data preparation, training, checkpointing, testing and the export of
-OUTPUT/model (loadable by SpeechBrain's EncoderASR) are speech_kd.train.run_training;
+OUTPUT/model (loadable by SpeechBrain's EncoderASR) are speech_kd.training.train.run_training;
 this file only finds the yaml.
 """
 
 import sys
 from pathlib import Path
 
-from speech_kd.train import run_training
+from speech_kd.training.train import run_training
 
 
 def _hparams_here(argv: list[str]) -> list[str]:

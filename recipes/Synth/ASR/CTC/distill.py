@@ -10,7 +10,7 @@ Run (from the repository root):
 
 import sys
 
-from speech_kd.distill import run_distillation
+from speech_kd.training.distill import run_distillation
 
 if __name__ == "__main__":
     run_distillation(sys.argv[1:])

@@ -11,7 +11,7 @@ The trained model ends in OUT/model (EncoderASR-loadable).
 
 import sys
 
-from speech_kd.train import run_training
+from speech_kd.training.train import run_training
 
 if __name__ == "__main__":
     run_training(sys.argv[1:])
