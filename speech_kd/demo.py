@@ -13,11 +13,16 @@ import logging
 import time
 from pathlib import Path
 
+from speech_kd import hparams_files
+from speech_kd.bench.experiments import main as bench_kd
+from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
+from speech_kd.report import build_report
+from speech_kd.training.train import run_training
+
 __all__ = ["run_demo", "SHIPPED_TEACHER", "DemoSizes"]
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parent.parent
 SHIPPED_TEACHER = Path(__file__).resolve().parent / "pretrained" / "teacher_synth"
 
 
@@ -38,8 +43,6 @@ class DemoSizes:
 
 
 def _synth(out: Path, sizes: DemoSizes) -> Path:
-    from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
-
     corpus = out / "corpus"
     splits = (
         SplitSpec("train", sizes.train_hours, sizes.speakers),
@@ -55,19 +58,16 @@ def _synth(out: Path, sizes: DemoSizes) -> Path:
 def _teacher(out: Path, corpus: Path, sizes: DemoSizes, quick: bool) -> Path:
     if SHIPPED_TEACHER.exists() and not quick:
         return SHIPPED_TEACHER
-    from speech_kd.training.train import run_training
 
     run = out / "teacher"
     overrides = ["--d_model=48", "--d_ffn=96", "--num_encoder_layers=1"] if quick else []
-    run_training([str(REPO / "hparams/teacher.yaml"), f"--data_folder={corpus}", f"--output_folder={run}",
+    run_training([str(hparams_files.path("teacher.yaml")), f"--data_folder={corpus}", f"--output_folder={run}",
                   f"--number_of_epochs={sizes.epochs}", *overrides])  # fmt: skip
     return run / "model"
 
 
 def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
     """Run the whole demo into ``out``; return the results table as a dict."""
-    from speech_kd.bench.experiments import main as bench_kd
-
     started = time.time()
     out = Path(out)
     sizes = DemoSizes(quick)
@@ -83,7 +83,6 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
         argv.append("--extra=" + " ".join(sizes.student_overrides))
     results = bench_kd(argv)
     print("== 4/4 report", flush=True)
-    from speech_kd.report import build_report
 
     report = build_report(out / "kd", compare={"scratch": out / "scratch" / "model"}, max_utts=None)
     print(f"report: {report}")

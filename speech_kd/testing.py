@@ -12,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+from speech_kd import hparams_files
+from speech_kd.data.dataio import make_tokenizer
+from speech_kd.model_folder import export_model_folder
+
 __all__ = ["WAV2VEC2_VOCAB", "make_tiny_hf_ctc", "make_tiny_sb_model", "make_tiny_sb_wav2vec2", "whitenoise"]
 
 #: the vocabulary layout of facebook/wav2vec2-base-960h (ids 0..31)
@@ -66,11 +70,7 @@ def make_tiny_sb_model(folder: str | os.PathLike, seed: int = 0) -> str:
     """Export a tiny random model of ``hparams/teacher.yaml``'s architecture as an EncoderASR folder."""
     from hyperpyyaml import load_hyperpyyaml
 
-    from speech_kd.data.dataio import make_tokenizer
-    from speech_kd.model_folder import export_model_folder
-
-    repo = Path(__file__).resolve().parent.parent
-    text = (repo / "hparams/teacher.yaml").read_text()
+    text = hparams_files.path("teacher.yaml").read_text()
     torch.manual_seed(seed)
     overrides = {"data_folder": "unused", "output_folder": str(Path(folder).parent / "tiny_sb_run"),
                  "d_model": 32, "d_ffn": 64, "num_encoder_layers": 1, "seed": seed}  # fmt: skip

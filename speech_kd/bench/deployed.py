@@ -27,7 +27,11 @@ from pathlib import Path
 
 import torch
 
+from speech_kd.bench.timing import median_time
+from speech_kd.deploy.asr import DeployedASR
+from speech_kd.deploy.onnx_export import export_asr
 from speech_kd.deploy.runtime import MAX_BATCH_SECONDS
+from speech_kd.scoring.evaluate import load_asr
 
 __all__ = ["bench_deployed", "peak_rss_mb", "ROUNDS"]
 
@@ -111,11 +115,6 @@ def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, rep
         Padded audio per run of the exported students (0: the whole batch in one run, as the PyTorch models).
     """
     import soundfile as sf
-
-    from speech_kd.bench.speed import median_time
-    from speech_kd.deploy.asr import DeployedASR
-    from speech_kd.deploy.onnx_export import export_asr
-    from speech_kd.scoring.evaluate import load_asr
 
     wavs, lens = wavs.cpu(), lens.cpu()
     seconds = float((lens * wavs.shape[1]).sum()) / 16000

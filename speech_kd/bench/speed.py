@@ -41,32 +41,28 @@ from pathlib import Path
 
 import torch
 
+from speech_kd import hparams_files
+from speech_kd.bench.deployed import bench_deployed
+from speech_kd.bench.timing import median_time
+from speech_kd.data.dataio import load_dataset, make_tokenizer, token_strings
+from speech_kd.data.prepare import prepare_librispeech
+from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 from speech_kd.deploy.runtime import MAX_BATCH_SECONDS
+from speech_kd.model_folder import defined_keys, export_model_folder
+from speech_kd.nnet.features import chunk_size, fast_fbank, librosa_fbank
+from speech_kd.scoring.evaluate import evaluate_model, load_asr
+from speech_kd.targets.cache import CacheReader, write_cache
+from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.targets.teachers.base import load_teacher
+from speech_kd.training.distill_brain import DistillBrain
 
-__all__ = ["main", "median_time"]
-
-REPO = Path(__file__).resolve().parent.parent
+__all__ = ["main"]
 
 
-def median_time(fn, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds (CUDA synchronised)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
 
 
 def _corpus(tmp: Path) -> Path:
-    from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
-
     root = tmp / "corpus"
     synthesize_corpus(root, SynthConfig(splits=(SplitSpec("train", 0.02, 4), SplitSpec("test", 0.01, 2)), seed=11))
     return root
@@ -74,8 +70,6 @@ def _corpus(tmp: Path) -> Path:
 
 def _batch(csv_path: str, tokenizer, n: int, device: str):
     import speechbrain as sb
-
-    from speech_kd.data.dataio import load_dataset
 
     data = load_dataset(csv_path, tokenizer, sorting="descending")
     loader = sb.dataio.dataloader.make_dataloader(data, batch_size=n)
@@ -85,9 +79,7 @@ def _batch(csv_path: str, tokenizer, n: int, device: str):
 def _brain(yaml: str, out: Path, device: str, overrides: dict | None = None):
     from hyperpyyaml import load_hyperpyyaml
 
-    from speech_kd.training.distill_brain import DistillBrain
-
-    hparams = load_hyperpyyaml((REPO / yaml).read_text(), {"data_folder": "unused", "output_folder": str(out),
+    hparams = load_hyperpyyaml(hparams_files.path(yaml).read_text(), {"data_folder": "unused", "output_folder": str(out),
                                                            **(overrides or {})})  # fmt: skip
     brain = DistillBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
                          run_opts={"device": device})  # fmt: skip
@@ -105,8 +97,6 @@ def bench_features(batch, repeats: int, device: str) -> dict:
     ``features_stft_only_vs_librosa`` says how far past librosa any fbank could go.
     """
     from speechbrain.lobes.features import Fbank
-
-    from speech_kd.nnet.features import chunk_size, fast_fbank, librosa_fbank
 
     wavs, lens = batch.sig
     seconds = float((lens * wavs.shape[1]).sum()) / 16000
@@ -162,11 +152,6 @@ def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int
     """Seconds per training step: plain, online KD, cached KD."""
     import speechbrain as sb
 
-    from speech_kd.targets.cache import CacheReader, write_cache
-    from speech_kd.data.dataio import token_strings
-    from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
-    from speech_kd.targets.teachers.base import load_teacher
-
     brain, hparams = _brain("hparams/distill.yaml", tmp / "student", device,
                             {**(student_overrides or {}), "kd_weight": 0.5})  # fmt: skip
     brain.tokenizer = tokenizer
@@ -199,8 +184,6 @@ def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int
 
 def bench_inference(batch, model_dirs: dict, repeats: int, device: str) -> dict:
     """Real-time factor of each exported model (encode + greedy decode)."""
-    from speech_kd.scoring.evaluate import load_asr
-
     wavs, lens = batch.sig
     seconds = float((lens * wavs.shape[1]).sum()) / 16000
     out = {}
@@ -213,9 +196,7 @@ def bench_inference(batch, model_dirs: dict, repeats: int, device: str) -> dict:
 
 def _export_random(yaml: str, out: Path, tokenizer, overrides: dict | None = None) -> Path:
     """A randomly initialised model of ``yaml``'s architecture (with ``overrides``) as a model folder."""
-    from speech_kd.model_folder import export_model_folder
-
-    text = (REPO / yaml).read_text()
+    text = hparams_files.path(yaml).read_text()
     _, hparams = _brain(yaml, out, "cpu", overrides)
     hparams["normalize"].train()
     hparams["normalize"](torch.randn(2, 50, int(hparams.get("n_mels", 80))), torch.ones(2))
@@ -262,15 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
     """Run every benchmark and print one table (see module docstring)."""
     args = build_parser().parse_args(argv)
     student_overrides = parse_overrides(args.extra)
-    from speech_kd.model_folder import defined_keys
 
-    known = defined_keys((REPO / "hparams/distill.yaml").read_text())
+    known = defined_keys(hparams_files.path("distill.yaml").read_text())
     if set(student_overrides) - known:  # now, not after the corpus is synthesised
         raise ValueError(f"--extra: {sorted(set(student_overrides) - known)} not keys of hparams/distill.yaml")
-
-    from speech_kd.data.dataio import make_tokenizer
-    from speech_kd.scoring.evaluate import evaluate_model
-    from speech_kd.data.prepare import prepare_librispeech
 
     tmp = Path(tempfile.mkdtemp(prefix="speechkd_bench_"))
     tokenizer = make_tokenizer(" 'ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -296,8 +272,6 @@ def main(argv: list[str] | None = None) -> dict:
     except ImportError:
         print("onnxruntime missing: exported-student figures skipped (pip install 'speech_kd[export]')")
     else:
-        from speech_kd.bench.deployed import bench_deployed
-
         wavs, lens = batch.sig  # exported models run on the CPU: all four are timed there
         results.update(bench_deployed(wavs.cpu(), lens.cpu(), models, args.repeats, tmp, args.max_batch_seconds))
     ev = evaluate_model(models["student"], csvs["test"], device=args.device, progress=False).summary

@@ -24,6 +24,23 @@ import logging
 import sys
 from pathlib import Path
 
+from speech_kd.bench.experiments import build_parser as bench_kd_parser
+from speech_kd.bench.experiments import main as bench_kd_main
+from speech_kd.bench.speed import build_parser as bench_parser
+from speech_kd.bench.speed import main as bench_main
+from speech_kd.data.audio import AudioError
+from speech_kd.data.prepare import prepare_librispeech
+from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
+from speech_kd.demo import run_demo
+from speech_kd.deploy.onnx_export import export_asr
+from speech_kd.report import build_report, evaluation_page
+from speech_kd.scoring.compare import compare_files, format_comparison
+from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
+from speech_kd.targets.cache import CacheError, cache_targets
+from speech_kd.training.ctc_brain import NonFiniteLossError
+from speech_kd.training.distill import run_distillation
+from speech_kd.training.train import run_training
+
 __all__ = ["main", "run"]
 
 # train/distill take SpeechBrain's own argument syntax (yaml + --key=value overrides)
@@ -31,8 +48,6 @@ _PASSTHROUGH = {"train", "distill"}
 
 
 def _cmd_synth(args) -> None:
-    from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
-
     splits = (
         SplitSpec("train", args.hours, args.speakers),
         SplitSpec("dev", args.dev_hours, args.dev_speakers),
@@ -48,8 +63,6 @@ def _cmd_synth(args) -> None:
 
 
 def _cmd_prepare(args) -> None:
-    from speech_kd.data.prepare import prepare_librispeech
-
     result = prepare_librispeech(args.data_folder, args.save_folder, splits=args.splits, skip_if_done=not args.force,
                                  unlabeled_splits=args.unlabeled_splits)  # fmt: skip
     for split, path in result.csv_files.items():
@@ -72,8 +85,6 @@ def check_device(device: str) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
-
     utts = args.utts
     if utts is None and args.json:
         json_path = Path(args.json)
@@ -102,14 +113,10 @@ def _cmd_evaluate(args) -> None:
     if args.json:
         print(f"wrote {args.json}" + (f" and {utts}" if utts else ""))
     if args.html:
-        from speech_kd.report import evaluation_page
-
         print(f"wrote {evaluation_page(result.summary, result.utterances, args.html, device=args.device)}")
 
 
 def _cmd_export(args) -> None:
-    from speech_kd.deploy.onnx_export import export_asr
-
     info = export_asr(args.model_folder, args.out, fmt=args.format, quantize=args.quantize,
                       fp32_layers=tuple(args.fp32_layers), blank_penalty=args.blank_penalty)  # fmt: skip
     print(f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
@@ -120,8 +127,6 @@ def _cmd_export(args) -> None:
 
 def _cmd_cache_targets(args) -> None:
     import yaml
-
-    from speech_kd.targets.cache import cache_targets
 
     check_device(args.device)
     overrides = yaml.safe_load(args.teacher_overrides) if args.teacher_overrides else None
@@ -134,8 +139,6 @@ def _cmd_cache_targets(args) -> None:
 
 
 def _cmd_report(args) -> None:
-    from speech_kd.report import build_report
-
     compare = {}
     for item in args.compare or []:
         name, sep, folder = item.partition("=")
@@ -148,8 +151,6 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_compare(args) -> None:
-    from speech_kd.scoring.compare import compare_files, format_comparison
-
     result = compare_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
     print(format_comparison(result))
     if args.json:
@@ -157,8 +158,6 @@ def _cmd_compare(args) -> None:
 
 
 def _cmd_demo(args) -> None:
-    from speech_kd.demo import run_demo
-
     run_demo(args.out, quick=args.quick)
 
 
@@ -286,9 +285,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def all_parsers() -> dict[str, argparse.ArgumentParser]:
     """Every verb's parser, by verb (``train``/``distill`` take a yaml: SpeechBrain's own syntax); for the docs."""
-    from speech_kd.bench.speed import build_parser as bench_parser
-    from speech_kd.bench.experiments import build_parser as bench_kd_parser
-
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     parsers = {name: p for name, p in sub.choices.items() if name not in ("bench", "bench-kd", "train", "distill")}
@@ -305,22 +301,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"usage: speech-kd {argv[0]} HPARAMS.yaml [--key=value ...] [SpeechBrain run options]")
             return 0 if len(argv) >= 2 else 2
         if argv[0] == "train":
-            from speech_kd.training.train import run_training
-
             run_training(argv[1:])
         else:
-            from speech_kd.training.distill import run_distillation
-
             run_distillation(argv[1:])
         return 0
     if argv and argv[0] == "bench":  # its own parser: speech-kd bench --help lists every option
-        from speech_kd.bench.speed import main as bench_main
 
         bench_main(argv[1:])
         return 0
     if argv and argv[0] == "bench-kd":
-        from speech_kd.bench.experiments import main as bench_kd_main
-
         bench_kd_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
@@ -336,9 +325,6 @@ def _is_input_error(error: BaseException) -> bool:
     families that name the file or option at fault. Anything else is a bug and
     keeps its traceback.
     """
-    from speech_kd.training.ctc_brain import NonFiniteLossError
-    from speech_kd.targets.cache import CacheError
-
     return isinstance(error, (ValueError, OSError, CacheError, NonFiniteLossError))
 
 
@@ -378,7 +364,6 @@ def run(argv: list[str] | None = None) -> int:
     except Exception as error:
         if os.environ.get("SPEECH_KD_TRACEBACK") or not _is_input_error(error):
             raise
-        from speech_kd.data.audio import AudioError
 
         command = argv[0] if argv else ""
         print(f"speech-kd {command}: error: {type(error).__name__}: {error}", file=sys.stderr)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from speech_kd.deploy.runtime import CONFIG_NAME, CONTEXT_SECONDS, MAX_BATCH_SECONDS, ExportedASR
+from speech_kd.deploy.runtime import CONFIG_NAME, CONTEXT_SECONDS, MAX_BATCH_SECONDS, ExportedASR, greedy_decode
 
 __all__ = ["DeployedASR", "is_exported_folder"]
 
@@ -61,8 +61,6 @@ class DeployedASR:
 
     def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
         """Words and token ids of padded ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
-        from speech_kd.deploy.runtime import greedy_decode
-
         if self.chunk_seconds:
             lengths = torch.round(wav_lens * wavs.shape[1]).long().tolist()
             chunked = [self.runtime.transcribe_long(wavs[i, :n].cpu().float().numpy(), self.chunk_seconds,

@@ -31,6 +31,8 @@ import torch
 
 from speech_kd.deploy import runtime
 from speech_kd.deploy.graph import CTCGraph, UnsupportedModelError
+from speech_kd.nnet.features import filter_matrix as _filter_matrix
+from speech_kd.scoring.evaluate import count_parameters, load_asr
 
 __all__ = ["export_asr", "FORMATS", "QUANTIZE", "DEFAULT_FP32_LAYERS"]
 
@@ -64,8 +66,6 @@ window and filters). Audio shorter than {min_ms} ms is zero-padded to that lengt
 
 def _fbank_settings(module: torch.nn.Module) -> tuple[dict, np.ndarray, np.ndarray]:
     """Settings, window ``[n_fft]`` and mel filters ``[n_fft // 2 + 1, F]`` of a SpeechBrain ``Fbank``."""
-    from speech_kd.nnet.features import _filter_matrix
-
     stft, banks = module.compute_STFT, module.compute_fbanks
     problems = []
     if module.deltas or module.context:
@@ -172,8 +172,6 @@ def export_asr(
         The ``deploy.json`` written, plus ``max_abs_diff`` (exported network against the PyTorch graph on a
         padded batch of random frames) and ``bytes`` (model file size).
     """
-    from speech_kd.scoring.evaluate import count_parameters, load_asr
-
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if quantize not in QUANTIZE:

@@ -49,10 +49,10 @@ import logging
 import speechbrain as sb
 
 from speech_kd.kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
-from speech_kd.training.checkpoints import add_random_states, make_atomic
+from speech_kd.kd.schedules import linear_ramp
 from speech_kd.kd.stats import KDEpochTotals
 from speech_kd.kd.term import KDSetupError, KDTermMixin, untranscribed_rows
-from speech_kd.kd.schedules import linear_ramp
+from speech_kd.training.checkpoints import add_random_states, make_atomic
 
 __all__ = ["KDMixin", "KDSetupError", "untranscribed_rows"]
 
@@ -310,12 +310,3 @@ class KDMixin(KDTermMixin):
         weight, temperature = self.kd_schedule()
         stats.update(kd_weight=weight, temperature=temperature)
         return stats
-
-
-def __getattr__(name: str):
-    """``speech_kd.kd.mixin.DistillBrain`` still works (it lives in :mod:`speech_kd.training.distill_brain`)."""
-    if name == "DistillBrain":
-        from speech_kd.training.distill_brain import DistillBrain
-
-        return DistillBrain
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,10 +13,10 @@ import logging
 
 import torch
 
-from speech_kd.targets.align import relative_to_frames
 from speech_kd.kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
-from speech_kd.training.precision import autocast_for
 from speech_kd.kd.recipe_outputs import find_ctc_outputs
+from speech_kd.targets.align import relative_to_frames
+from speech_kd.training.precision import autocast_for
 
 __all__ = ["KDSetupError", "KDTermMixin", "untranscribed_rows"]
 

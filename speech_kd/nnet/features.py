@@ -120,7 +120,7 @@ def fast_fbank_applies(module: torch.nn.Module) -> bool:
     return not (module.compute_fbanks.param_rand_factor != 0 and module.training)
 
 
-def _filter_matrix(banks: torch.nn.Module, device: torch.device) -> torch.Tensor:
+def filter_matrix(banks: torch.nn.Module, device: torch.device) -> torch.Tensor:
     """The ``[n_mels, F]`` filters of a frozen SpeechBrain ``Filterbank``, built by its own code."""
     n_freqs = banks.all_freqs_mat.shape[1]
     f_central = banks.f_central.repeat(n_freqs, 1).transpose(0, 1)
@@ -153,7 +153,7 @@ def _mel_blocks(module: torch.nn.Module, device: torch.device) -> list[tuple[int
     """
     key = (fbank_signature(module), str(device))
     if key not in _BLOCK_CACHE:
-        filters = _filter_matrix(module.compute_fbanks, torch.device("cpu")).T  # [F, n_mels]
+        filters = filter_matrix(module.compute_fbanks, torch.device("cpu")).T  # [F, n_mels]
         blocks = []
         for group in torch.arange(filters.shape[1]).tensor_split(MEL_BLOCKS):
             if len(group) == 0:

@@ -28,6 +28,6 @@ from speech_kd.report.build import build_report
 from speech_kd.report.evaluation import evaluation_page
 from speech_kd.report.posteriors import greedy_text, spike_offsets
 from speech_kd.report.run import load_history
-from speech_kd.report.scores import _gap_closed, reached_teacher_epoch  # noqa: F401 (_gap_closed: tests)
+from speech_kd.report.scores import reached_teacher_epoch
 
 __all__ = ["build_report", "evaluation_page", "load_history", "greedy_text", "spike_offsets", "reached_teacher_epoch"]

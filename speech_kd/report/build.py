@@ -9,9 +9,9 @@ from pathlib import Path
 
 from speech_kd.report import plots
 from speech_kd.report.html import Page
-from speech_kd.report.posteriors import _load_targets, _posteriorgram_section, _Student
-from speech_kd.report.run import _read_rows, _Run, load_history
-from speech_kd.report.scores import _cache_stats, _scores_section, _summary_rows, reached_teacher_epoch
+from speech_kd.report.posteriors import Student, load_targets, posteriorgram_section
+from speech_kd.report.run import RunFolder, load_history, read_rows
+from speech_kd.report.scores import cache_stats, reached_teacher_epoch, scores_section, summary_rows
 from speech_kd.scoring.teacher_check import REACHED_ADVICE, read_teacher_score
 
 logger = logging.getLogger(__name__)
@@ -49,13 +49,13 @@ def build_report(
     pathlib.Path
         ``RUN_DIR/report.html``.
     """
-    run = _Run.read(Path(run_dir))
+    run = RunFolder.read(Path(run_dir))
     model_dir = run.folder / "model"
     if not model_dir.exists():
         raise FileNotFoundError(f"{run.folder}: no model/ folder (is this a finished speech-kd run?)")
     page = Page(f"speech_kd report: {run.folder.name}", run.folder / "report_files")
     history = load_history(run.folder)
-    page.table(["run", ""], _summary_rows(run, history), numeric=False)
+    page.table(["run", ""], summary_rows(run, history), numeric=False)
     teacher = read_teacher_score(run.folder) if run.kd else None
     reached = reached_teacher_epoch(history, teacher.wer) if teacher is not None else None
     if reached is not None:
@@ -81,21 +81,21 @@ def build_report(
     page.heading("Teacher and student posteriors (dev utterances)")
     dev_csv = run.folder / "dev.csv"
     if dev_csv.exists() and n_posteriorgrams > 0:
-        student = _Student.load(model_dir, device)
-        targets, why = _load_targets(run, student, device)
+        student = Student.load(model_dir, device)
+        targets, why = load_targets(run, student, device)
         page.paragraph(
             f"Posterior probability per token (y) and {student.frame_shift * 1000:.0f} ms frame (x, seconds). "
             + ("The teacher is shown on the student's token set and frame rate, as the KD loss sees it; hollow "
                "circles mark the teacher's spikes (non-blank argmax frames), crosses the student's, in both panels: "
                "a cross beside a circle is a timing shift." if targets is not None else why)
         )  # fmt: skip
-        _posteriorgram_section(page, _read_rows(dev_csv, n_posteriorgrams), student, targets, device, "posteriorgram")
+        posteriorgram_section(page, read_rows(dev_csv, n_posteriorgrams), student, targets, device, "posteriorgram")
     else:
         page.paragraph("No dev.csv in this run.")
 
     page.heading("Accuracy, size and speed")
     if evaluate:
-        _scores_section(page, run, compare or {}, max_utts, device)
+        scores_section(page, run, compare or {}, max_utts, device)
     else:
         results = run.folder / "test_results.json"
         if results.exists():
@@ -112,7 +112,7 @@ def build_report(
     if setup.exists():
         page.paragraph("Teacher vocabulary and frame-rate mapping (kd_setup.txt):")
         page.preformatted(setup.read_text())
-    stats = _cache_stats(run.setting("targets_cache")) if run.kd else None
+    stats = cache_stats(run.setting("targets_cache")) if run.kd else None
     if stats:
         page.paragraph("Soft-target cache:")
         page.table(["key", "value"], [[k, str(v)] for k, v in stats.items()], numeric=False)

@@ -6,8 +6,8 @@ import os
 from pathlib import Path
 
 from speech_kd.report.html import Page
-from speech_kd.report.posteriors import _posteriorgram_section, _Student
-from speech_kd.report.run import _read_rows
+from speech_kd.report.posteriors import Student, posteriorgram_section
+from speech_kd.report.run import read_rows
 
 
 def _strip_sentence_header(alignment: str) -> str:
@@ -55,14 +55,14 @@ def evaluation_page(
                  summary["num_utts"], f"{summary['params']:,}", f"{summary['rtf']:.4f}"]])  # fmt: skip
     page.paragraph(f"Model {summary.get('model', '?')} on {summary.get('csv', '?')} ({summary.get('device', '?')}); "
                    "greedy CTC decoding, transcripts upper-cased and whitespace-squeezed before scoring.")  # fmt: skip
-    rows = {r["ID"]: r for r in _read_rows(Path(summary["csv"]))} if summary.get("csv") else {}
+    rows = {r["ID"]: r for r in read_rows(Path(summary["csv"]))} if summary.get("csv") else {}
     worst = [rows[u.utt_id] for u in utterances[:n_posteriorgrams] if u.utt_id in rows]
     if worst and summary.get("model"):
         page.heading("Posteriors of the worst utterances")
-        student = _Student.load(Path(summary["model"]), device)
+        student = Student.load(Path(summary["model"]), device)
         page.paragraph(f"Posterior probability per token (y) and {student.frame_shift * 1000:.0f} ms frame "
                        "(x, seconds); crosses mark the spikes (non-blank argmax frames).")  # fmt: skip
-        _posteriorgram_section(page, worst, student, None, device, "worst", name="model")
+        posteriorgram_section(page, worst, student, None, device, "worst", name="model")
     page.heading(f"Utterances, worst first ({min(max_utts, len(utterances))} of {len(utterances)})")
     for u in utterances[:max_utts]:
         page.paragraph(f"{u.utt_id} — WER {u.wer:.1f}% ({u.errors} errors / {u.ref_words} words)")

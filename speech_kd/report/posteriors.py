@@ -10,9 +10,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speech_kd.data.audio import read_audio
+from speech_kd.data.dataio import token_strings
+from speech_kd.kd.losses import collapse_greedy
 from speech_kd.report import plots
 from speech_kd.report.html import Page
-from speech_kd.report.run import _Run
+from speech_kd.report.run import RunFolder
+from speech_kd.scoring.evaluate import load_asr
+from speech_kd.scoring.metrics import error_rates
+from speech_kd.targets.strategies import OnlineTargets, TargetAligner
+from speech_kd.targets.teachers.base import load_teacher, measure_frame_shift
+from speech_kd.targets.teachers.ensemble import load_ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -26,8 +34,6 @@ def greedy_text(log_probs: np.ndarray, tokens: list[str], blank: int) -> str:
     >>> greedy_text(lp, ["<blank>", "A", "B"], blank=0)
     'AB'
     """
-    from speech_kd.kd.losses import collapse_greedy
-
     labels, lengths = collapse_greedy(
         torch.from_numpy(np.asarray(log_probs))[None], torch.tensor([len(log_probs)]), blank
     )
@@ -61,7 +67,7 @@ def spike_offsets(teacher: np.ndarray, student: np.ndarray, blank: int, max_fram
 
 
 @dataclass
-class _Student:
+class Student:
     """A loaded model folder and what the plots need from it."""
 
     asr: object  # speechbrain.inference.ASR.EncoderASR
@@ -71,11 +77,8 @@ class _Student:
     frame_shift: float
 
     @classmethod
-    def load(cls, folder: Path, device: str) -> _Student:
-        from speech_kd.data.dataio import token_strings
-        from speech_kd.scoring.evaluate import load_asr
-        from speech_kd.targets.teachers.base import measure_frame_shift
-
+    def load(cls, folder: Path, device: str) -> Student:
+        """The student model folder ``folder``, loaded on ``device``."""
         asr = load_asr(folder, device=device)
         sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
         return cls(asr, token_strings(asr.tokenizer), int(getattr(asr.hparams, "blank_index", 0)), sample_rate,
@@ -89,7 +92,7 @@ class _Student:
         return out[0].float().cpu().numpy()
 
 
-def _load_targets(run: _Run, student: _Student, device: str):
+def load_targets(run: RunFolder, student: Student, device: str):
     """``OnlineTargets`` for the run's teacher(s) on the student's grid, or ``(None, why)``.
 
     The aligner is lenient (no unmapped-mass error, wide length tolerance): a
@@ -104,8 +107,6 @@ def _load_targets(run: _Run, student: _Student, device: str):
     missing = [s for s in sources if not Path(s).exists()]
     if missing:
         return None, f"teacher folder {missing[0]} not found: student posteriors only"
-    from speech_kd.targets.strategies import OnlineTargets, TargetAligner
-    from speech_kd.targets.teachers.base import load_teacher
 
     try:
         if len(sources) == 1:
@@ -113,8 +114,6 @@ def _load_targets(run: _Run, student: _Student, device: str):
             extra = {"overrides": dict(overrides)} if isinstance(overrides, dict) and overrides else {}
             teacher = load_teacher(sources[0], kind=run.setting("teacher_kind") or "auto", device=device, **extra)
         else:
-            from speech_kd.targets.teachers.ensemble import load_ensemble
-
             teacher = load_ensemble(sources, weights=run.resolved.get("ensemble_weights"), device=device)
         aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, student.tokens,
                                 student.blank, student.frame_shift, max_unmapped_mass=1.0,
@@ -132,11 +131,8 @@ def _teacher_on_student_grid(targets, wav: torch.Tensor, n_frames: int, device: 
     return out.log_probs[0].float().cpu().numpy()
 
 
-def _utterance_figure(row: dict, student: _Student, targets, device: str, name: str) -> tuple[str, bytes]:
+def _utterance_figure(row: dict, student: Student, targets, device: str, name: str) -> tuple[str, bytes]:
     """(caption, PNG) of one manifest row: posteriorgram(s), transcripts, per-utterance CER, spike timing."""
-    from speech_kd.data.audio import read_audio
-    from speech_kd.scoring.metrics import error_rates
-
     wav = read_audio(row["wav"], student.sample_rate)
     student_lp = student.log_probs(wav)
     teacher_lp = None if targets is None else _teacher_on_student_grid(targets, wav, student_lp.shape[0], device)
@@ -159,7 +155,7 @@ def _utterance_figure(row: dict, student: _Student, targets, device: str, name: 
     return "\n".join(lines), png
 
 
-def _posteriorgram_section(page: Page, rows: list[dict], student: _Student, targets, device: str, prefix: str,
+def posteriorgram_section(page: Page, rows: list[dict], student: Student, targets, device: str, prefix: str,
                            name: str = "student") -> int:  # fmt: skip
     """Add one figure per row; an utterance that cannot be drawn becomes a note. Returns the figures drawn."""
     drawn = 0

@@ -40,7 +40,7 @@ def _yaml_value(text: str, key: str) -> str:
 
 
 @dataclass
-class _Run:
+class RunFolder:
     """What the report needs to know about a run folder."""
 
     folder: Path
@@ -48,7 +48,8 @@ class _Run:
     resolved: dict  # kd_run.json: the KD settings as the run resolved them (empty: no KD in this run)
 
     @classmethod
-    def read(cls, folder: Path) -> _Run:
+    def read(cls, folder: Path) -> RunFolder:
+        """The run folder ``folder`` as written by ``speech-kd train``/``distill``."""
         text = (folder / "hyperparams.yaml").read_text() if (folder / "hyperparams.yaml").exists() else ""
         resolved_path = folder / "kd_run.json"
         resolved = json.loads(resolved_path.read_text()) if resolved_path.exists() else {}
@@ -79,15 +80,16 @@ class _Run:
         return [s.strip() for s in str(value or "").split(",") if s.strip()]
 
 
-def _read_rows(csv_path: Path, limit: int | None = None) -> list[dict]:
+def read_rows(csv_path: Path, limit: int | None = None) -> list[dict]:
+    """The rows of a CSV manifest (the first ``limit`` of them)."""
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
     return rows[:limit] if limit else rows
 
 
-def _subset_csv(csv_path: Path, limit: int | None, out: Path) -> Path:
+def subset_csv(csv_path: Path, limit: int | None, out: Path) -> Path:
     """``csv_path`` cut to its first ``limit`` rows (the whole file when ``limit`` is falsy or larger)."""
-    rows = _read_rows(csv_path)
+    rows = read_rows(csv_path)
     if not limit or limit >= len(rows):
         return csv_path
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,7 @@ def _subset_csv(csv_path: Path, limit: int | None, out: Path) -> Path:
     return out
 
 
-def _scoring_csv(run_dir: Path) -> Path:
+def scoring_csv(run_dir: Path) -> Path:
     """The run's test manifest (``test.csv``, or ``data/test*.csv`` as written by prepare), else its dev manifest."""
     tests = [p for p in sorted((run_dir / "data").glob("test*.csv")) if not p.stem.endswith("_skipped")]
     for candidate in [run_dir / "test.csv", *tests, run_dir / "dev.csv"]:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from speech_kd.scoring.compare import gap_closed, no_gap_label
 from speech_kd.report import plots
 from speech_kd.report.html import Page
-from speech_kd.report.run import _Run, _scoring_csv, _subset_csv
+from speech_kd.report.run import RunFolder, scoring_csv, subset_csv
+from speech_kd.scoring.compare import gap_closed, no_gap_label
+from speech_kd.scoring.evaluate import evaluate_model
 from speech_kd.scoring.teacher_check import read_teacher_score
+from speech_kd.targets.cache import CacheReader
 
 
 def _evaluate_models(models: dict[str, Path], test_csv: Path, device: str) -> list[dict]:
-    from speech_kd.scoring.evaluate import evaluate_model
-
     rows = []
     for name, folder in models.items():
         s = evaluate_model(folder, test_csv, device=device, progress=False).summary
@@ -23,7 +23,7 @@ def _evaluate_models(models: dict[str, Path], test_csv: Path, device: str) -> li
     return rows
 
 
-def _gap_closed(rows: list[dict], run_name: str) -> dict[str, str]:
+def gap_closed_by_run(rows: list[dict], run_name: str) -> dict[str, str]:
     """``WER gap closed`` of the KD student: (scratch - KD) / (scratch - teacher), when both references exist.
 
     A teacher that is not better than the scratch student leaves no gap to
@@ -40,8 +40,9 @@ def _gap_closed(rows: list[dict], run_name: str) -> dict[str, str]:
     return {run_name: f"{100 * gap_closed(scratch['wer'], kd['wer'], teacher['wer']):.0f} %"}
 
 
-def _scores_section(page: Page, run: _Run, compare: dict, max_utts: int | None, device: str) -> None:
-    test_csv = _scoring_csv(run.folder)
+def scores_section(page: Page, run: RunFolder, compare: dict, max_utts: int | None, device: str) -> None:
+    """Add the WER/CER table and chart of the run, its teacher and the ``compare`` models to ``page``."""
+    test_csv = scoring_csv(run.folder)
     models: dict[str, Path] = {}
     sources = [s for s in run.teacher_sources() if (Path(s) / "hyperparams.yaml").exists()]  # EncoderASR folders
     for i, source in enumerate(sources):
@@ -49,13 +50,13 @@ def _scores_section(page: Page, run: _Run, compare: dict, max_utts: int | None, 
     models[run.folder.name] = run.folder / "model"
     for name, folder in (compare or {}).items():
         models[name] = Path(folder)
-    subset = _subset_csv(test_csv, max_utts, run.folder / "report_files" / "eval_subset.csv")
+    subset = subset_csv(test_csv, max_utts, run.folder / "report_files" / "eval_subset.csv")
     rows = _evaluate_models(models, subset, device)
     page.paragraph(
         f"Scored on {rows[0]['num_utts']} utterances of {test_csv.name} (greedy CTC decoding, jiwer, "
         f"upper-cased; RTF = compute seconds / audio seconds on {device})."
     )
-    gap = _gap_closed(rows, run.folder.name)
+    gap = gap_closed_by_run(rows, run.folder.name)
     if gap.get(run.folder.name, "").startswith("teacher"):
         by_name = {r["name"]: r for r in rows}
         teacher, scratch, kd = by_name["teacher"], by_name["scratch"], by_name[run.folder.name]
@@ -76,10 +77,10 @@ def _scores_section(page: Page, run: _Run, compare: dict, max_utts: int | None, 
     (run.folder / "report_files" / "scores.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
-def _cache_stats(cache_dir: str) -> dict | None:
+def cache_stats(cache_dir: str) -> dict | None:
+    """Size and coverage of a soft-target cache, or ``None`` without one."""
     if not cache_dir or not (Path(cache_dir) / "meta.json").exists():
         return None
-    from speech_kd.targets.cache import CacheReader
 
     meta = CacheReader(cache_dir).metadata
     size = sum(p.stat().st_size for p in Path(cache_dir).iterdir() if p.is_file())
@@ -89,7 +90,8 @@ def _cache_stats(cache_dir: str) -> dict | None:
             "fp32_bytes_per_frame": 4 * len(meta.get("teacher_tokens", [])), "scheme": meta.get("scheme")}  # fmt: skip
 
 
-def _summary_rows(run: _Run, history: list[dict]) -> list[list[str]]:
+def summary_rows(run: RunFolder, history: list[dict]) -> list[list[str]]:
+    """The run summary table: folder, epochs, final losses and error rates."""
     rows = [["run folder", str(run.folder.resolve())], ["epochs", str(len(history))]]
     if history:
         valid = history[-1].get("valid", {})

@@ -19,8 +19,12 @@ import torch
 from tqdm import tqdm
 
 from speech_kd.data.audio import read_audio
+from speech_kd.data.dataio import read_csv_rows
+from speech_kd.data.prepare import prepare_split
+from speech_kd.deploy.asr import DeployedASR, is_exported_folder
+from speech_kd.kd.losses import collapse_greedy
 from speech_kd.scoring.metrics import error_rates, normalize_text, utterance_errors, write_utterances
-from speech_kd.targets.teachers.ensemble import teacher_sources
+from speech_kd.targets.teachers.ensemble import load_ensemble, teacher_sources
 
 __all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "ModelFolderError", "read_manifest"]
 
@@ -108,8 +112,6 @@ class EnsembleASR:
     """
 
     def __init__(self, folders: list[str], device: str = "cpu") -> None:
-        from speech_kd.targets.teachers.ensemble import load_ensemble
-
         self.teacher = load_ensemble(folders, device=device)
         self.sample_rate = self.teacher.sample_rate
         self.device = device
@@ -119,8 +121,6 @@ class EnsembleASR:
 
     def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
         """Words and token ids of ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
-        from speech_kd.kd.losses import collapse_greedy
-
         out = self.teacher(wavs.to(self.device), wav_lens.to(self.device))
         labels, lengths = collapse_greedy(out.log_probs, out.lengths, self.teacher.blank_index)
         ids = [row[:length].tolist() for row, length in zip(labels.cpu(), lengths.cpu())]
@@ -169,8 +169,6 @@ def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
 
     Checked by :func:`~speech_kd.data.dataio.read_csv_rows` (``ValueError`` naming file and row).
     """
-    from speech_kd.data.dataio import read_csv_rows
-
     rows = read_csv_rows(csv_path, required=("ID", "wav", "wrd"))
     if not rows:
         raise ValueError(f"{csv_path}: empty manifest")
@@ -229,7 +227,7 @@ def write_outputs(result: EvalResult, json_path=None, utts_path=None) -> None:
         write_utterances(result.utterances, utts_path)
 
 
-def _batches(rows: list[dict], batch_seconds: float) -> list[list[dict]]:
+def duration_batches(rows: list[dict], batch_seconds: float) -> list[list[dict]]:
     """Length-sorted batches of at most ``batch_seconds`` of audio each."""
     rows = sorted(rows, key=lambda r: -float(r.get("duration") or 0.0))
     batches, current, total = [], [], 0.0
@@ -277,7 +275,7 @@ def _warn_converted_audio(rows: list[dict], sample_rate: int, csv_path) -> None:
                        len(multi), len(rows), multi[0])  # fmt: skip
 
 
-def _load_batch(batch: list[dict], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_batch(batch: list[dict], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded waveforms ``[B, S]`` and lengths in samples ``[B]`` of one batch of manifest rows."""
     wavs = [read_audio(r["wav"], sample_rate) for r in batch]
     lengths = torch.tensor([w.shape[0] for w in wavs], dtype=torch.float32)
@@ -320,7 +318,6 @@ def evaluate_model(
     if csv_path is None:
         if data_folder is None or split is None:
             raise ValueError("give --csv, or --data_folder and --split")
-        from speech_kd.data.prepare import prepare_split
 
         tmp = tempfile.mkdtemp(prefix="speechkd_eval_")
         csv_path = prepare_split(data_folder, split, tmp).csv_files[split]
@@ -328,7 +325,6 @@ def evaluate_model(
     folders = teacher_sources(asr_folder)
     if not folders:
         raise ValueError("--asr names no model folder")
-    from speech_kd.deploy.asr import DeployedASR, is_exported_folder
 
     if len(folders) == 1 and is_exported_folder(folders[0]):
         if not str(device).startswith("cpu"):
@@ -352,15 +348,15 @@ def evaluate_model(
     _warn_converted_audio(rows, sample_rate, csv_path)
     ids, refs, hyps = [], [], []
     audio_seconds = compute_seconds = 0.0
-    batches = _batches(rows, batch_seconds)
+    batches = duration_batches(rows, batch_seconds)
     # audio of the next batch is read on a thread while the model runs on this one
     # (reading was 11% of the loop when done in line; profiled with cProfile)
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(_load_batch, batches[0], sample_rate) if batches else None
+        pending = reader.submit(load_batch, batches[0], sample_rate) if batches else None
         for number, batch in enumerate(tqdm(batches, desc="evaluating", unit="batch", disable=not progress)):
             padded, lengths = pending.result()
             if number + 1 < len(batches):
-                pending = reader.submit(_load_batch, batches[number + 1], sample_rate)
+                pending = reader.submit(load_batch, batches[number + 1], sample_rate)
             start = time.perf_counter()
             words, _ = asr.transcribe_batch(padded, lengths / lengths.max())
             compute_seconds += time.perf_counter() - start

@@ -34,7 +34,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speech_kd.kd.losses import collapse_greedy
+from speech_kd.scoring.evaluate import duration_batches, load_batch, read_manifest
 from speech_kd.scoring.metrics import error_rates
+from speech_kd.targets.teachers.ensemble import load_teachers, teacher_sources
 
 __all__ = [
     "TEACHER_DEV_FILE", "TeacherDevScore", "greedy_texts", "score_from_cache", "score_live", "score_teacher_on_dev",
@@ -129,8 +132,6 @@ def greedy_texts(log_probs: torch.Tensor, lengths: torch.Tensor, tokens: list[st
     >>> greedy_texts(lp, torch.tensor([4]), ["<blank>", "A", "|"], blank=0)
     ['A A']
     """
-    from speech_kd.kd.losses import collapse_greedy
-
     labels, counts = collapse_greedy(log_probs, lengths, blank)
     texts = []
     for row, count in zip(labels.cpu().tolist(), counts.cpu().tolist()):
@@ -186,12 +187,10 @@ def score_live(
     TeacherDevScore
         ``source="live"``.
     """
-    from speech_kd.scoring.evaluate import _batches, _load_batch
-
     hyps = {}
     with torch.no_grad():
-        for batch in _batches(rows, batch_seconds):
-            wavs, lengths = _load_batch(batch, teacher.sample_rate)
+        for batch in duration_batches(rows, batch_seconds):
+            wavs, lengths = load_batch(batch, teacher.sample_rate)
             out = teacher(wavs.to(device), (lengths / lengths.max()).to(device))
             texts = greedy_texts(out.log_probs, out.lengths, list(teacher.tokens), teacher.blank_index)
             hyps.update(zip((r["ID"] for r in batch), texts))
@@ -228,9 +227,6 @@ def score_teacher_on_dev(
     TeacherDevScore or None
         ``None`` when neither the cache nor a teacher folder can score dev.
     """
-    from speech_kd.scoring.evaluate import read_manifest
-    from speech_kd.targets.teachers.ensemble import load_teachers, teacher_sources
-
     rows = read_manifest(dev_csv)
     if ids is not None:
         wanted = set(ids)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from speech_kd.targets.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
-from speech_kd.training.precision import autocast_for, check_precision
 from speech_kd.targets.teachers.base import Teacher, TeacherOutput
+from speech_kd.training.precision import autocast_for, check_precision
 
 __all__ = ["Targets", "TargetAligner", "auto_frame_tolerance", "OnlineTargets", "CachedTargets", "select_rows"]
 

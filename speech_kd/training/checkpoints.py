@@ -54,6 +54,8 @@ from speechbrain.utils.checkpoints import (
 )
 from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
+from speech_kd.training.distributed import gather_objects, rank, world_size
+
 __all__ = ["AtomicCheckpointer", "FolderLock", "FolderLockedError", "PARTIAL_META", "RandomStates",
            "add_random_states", "make_atomic", "unreadable_files"]  # fmt: skip
 
@@ -359,8 +361,6 @@ class RandomStates:
         Runs on every process (registered with ``save_on_main_only=False``):
         the gather is a collective.
         """
-        from speech_kd.training.distributed import gather_objects
-
         states = gather_objects(self._local())
         if if_main_process():
             torch.save({"states": states}, path)
@@ -368,8 +368,6 @@ class RandomStates:
     @mark_as_loader
     def load(self, path: str | os.PathLike, end_of_epoch: bool = False) -> None:
         """Restore this process's states from ``path``."""
-        from speech_kd.training.distributed import rank, world_size
-
         del end_of_epoch  # the same either way
         states = torch.load(path, weights_only=False)["states"]
         if len(states) != world_size():

@@ -19,11 +19,11 @@ import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
 from speech_kd.nnet.chain import run_chain
+from speech_kd.nnet.features import SharedFeatures, fbank_signature
+from speech_kd.scoring.metrics import error_rates
 from speech_kd.training.checkpoints import add_random_states, make_atomic
 from speech_kd.training.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
-from speech_kd.nnet.features import SharedFeatures, fbank_signature
 from speech_kd.training.history import write_history_line
-from speech_kd.scoring.metrics import error_rates
 
 __all__ = ["CTCBrain", "NonFiniteLossError", "run_chain"]
 

@@ -17,10 +17,16 @@ import sys
 from pathlib import Path
 
 from speech_kd.data.dataio import token_strings
-from speech_kd.training.distill_brain import DistillBrain
-from speech_kd.targets.strategies import PERTURBED_CACHE_ERROR, CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.report import build_report
 from speech_kd.scoring.teacher_check import check_teacher
+from speech_kd.targets.cache import CacheError, open_cache
+from speech_kd.targets.cache.format import describe_data_differences, utt_data_differs
+from speech_kd.targets.cache.writer import file_size
+from speech_kd.targets.strategies import PERTURBED_CACHE_ERROR, CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.targets.teachers.ensemble import load_teachers, teacher_sources
+from speech_kd.training.distill_brain import DistillBrain
 from speech_kd.training.train import run_training
+from speech_kd.training.unlabeled import filter_unlabeled
 
 __all__ = ["run_distillation", "make_targets", "RUN_KEYS"]
 
@@ -44,8 +50,6 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
     ``teacher_overrides`` (a dict) is passed to a SpeechBrain teacher's
     ``from_hparams`` (e.g. to point its wav2vec2 ``source`` at a local folder).
     """
-    from speech_kd.targets.teachers.ensemble import load_teachers, teacher_sources
-
     sources = teacher_sources(hparams.get("teacher_source"))
     cache_dir = str(hparams.get("targets_cache") or "")
     if not sources and not cache_dir:
@@ -64,8 +68,6 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
         "frame_tolerance": hparams.get("frame_tolerance"),  # None: from the two frame shifts
     }
     if cache_dir:
-        from speech_kd.targets.cache import open_cache
-
         if hparams.get("speed_perturb") is True:  # CTCBrain's switch (a recipe's SpeedPerturb object: KDMixin)
             raise ValueError(f"--targets_cache={cache_dir}: {PERTURBED_CACHE_ERROR}")
 
@@ -91,8 +93,6 @@ def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
     A cache made for other data (or an older manifest) would otherwise fail at
     the first batch that holds such an utterance, possibly hours in.
     """
-    from speech_kd.targets.cache import CacheError
-
     missing = sorted(set(train_ids) - reader.ids)
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -113,10 +113,6 @@ def check_cache_data(reader, datasets: list, cache_dir) -> None:
     utterances than the run uses is fine. A cache written before these
     records existed is used with a warning (its data cannot be checked).
     """
-    from speech_kd.targets.cache import CacheError
-    from speech_kd.targets.cache.format import describe_data_differences, utt_data_differs
-    from speech_kd.targets.cache.writer import file_size
-
     cached = reader.utt_data()
     if not cached:
         logger.warning("--targets_cache=%s: made before caches recorded each utterance's duration and file size, "
@@ -164,8 +160,6 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             check_cache_covers(targets.reader, ids, hparams["targets_cache"])
             check_cache_data(targets.reader, [datasets["train"], unlabeled], hparams["targets_cache"])
         if unlabeled is not None and hparams.get("unlabeled_min_confidence"):
-            from speech_kd.training.unlabeled import filter_unlabeled
-
             threshold = float(hparams["unlabeled_min_confidence"])
             datasets["unlabeled"] = filter_unlabeled(targets, unlabeled, threshold, hparams["output_folder"],
                                                      hparams["sample_rate"], brain.device)  # fmt: skip
@@ -173,7 +167,6 @@ def run_distillation(argv: list[str] | None = None) -> dict:
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
         resolved = {key: hparams.get(key) for key in RUN_KEYS}
-        from speech_kd.targets.teachers.ensemble import teacher_sources
 
         for key in ("teacher_source", "targets_cache"):  # absolute, so `speech-kd report` finds them from anywhere
             if resolved.get(key):
@@ -194,8 +187,6 @@ def _report(run: dict) -> None:
     if not out or not run.get("report_after_run", True) or not sb.utils.distributed.if_main_process():
         return
     try:
-        from speech_kd.report import build_report
-
         logger.info("report: %s", build_report(out, max_utts=100, device=run.get("device", "cpu")))
     except Exception as err:  # the model is already saved; a report problem must not fail the run
         logger.warning("could not write the run report: %s", err)

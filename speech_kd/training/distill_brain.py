@@ -5,8 +5,8 @@ from __future__ import annotations
 import speechbrain as sb
 
 from speech_kd.kd.anneal import TeacherAnnealMixin
-from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.kd.mixin import KDMixin
+from speech_kd.training.ctc_brain import CTCBrain
 
 __all__ = ["DistillBrain"]
 

@@ -1,6 +1,6 @@
 """A run's command line and settings, checked before any work.
 
-Takes out what SpeechBrain's parser cannot take (:func:`_preparse`), refuses
+Takes out what SpeechBrain's parser cannot take (:func:`preparse`), refuses
 options that would fail later (:func:`check_run_options`), loads the yaml with
 one-line errors (:func:`load_hparams`), and records the run's settings in
 ``OUTPUT/run_settings.json``, refusing a rerun with other ones
@@ -20,7 +20,7 @@ from hyperpyyaml import load_hyperpyyaml
 
 from speech_kd.training.precision import check_precision
 
-__all__ = ["check_run_options", "check_run_settings", "load_hparams", "resolve_hparams_file", "run_settings"]
+__all__ = ["check_run_options", "check_run_settings", "launched_by_torchrun", "load_hparams", "preparse", "run_settings"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,15 +34,6 @@ RESUMABLE_KEYS = frozenset({
 })  # fmt: skip
 
 
-def resolve_hparams_file(path: str) -> str:
-    """Find ``path`` as given, or relative to the repository that holds this package."""
-    if Path(path).exists():
-        return path
-    repo_copy = Path(__file__).resolve().parent.parent / path
-    if repo_copy.exists():
-        return str(repo_copy)
-    raise FileNotFoundError(f"hparams file {path} not found")
-
 def _run_option(run_opts, hparams: dict, name: str):
     """A run option as ``sb.Brain`` resolves it: command line, else yaml, else SpeechBrain's default."""
     if name in getattr(run_opts, "overridden_args", ()):
@@ -50,7 +41,8 @@ def _run_option(run_opts, hparams: dict, name: str):
     return hparams.get(name, run_opts[name])
 
 
-def _launched_by_torchrun() -> bool:
+def launched_by_torchrun() -> bool:
+    """Whether torchrun started this process (it sets RANK and LOCAL_RANK)."""
     return os.environ.get("RANK") is not None and os.environ.get("LOCAL_RANK") is not None
 
 
@@ -71,14 +63,14 @@ def check_run_options(run_opts, hparams: dict | None = None) -> None:
     check_precision(_run_option(run_opts, hparams, "precision"), device_type, "--precision")
     check_precision(_run_option(run_opts, hparams, "eval_precision"), device_type, "--eval_precision")
     backend = run_opts["distributed_backend"]
-    if _launched_by_torchrun() and backend == "nccl" and (device_type != "cuda" or not torch.cuda.is_available()):
+    if launched_by_torchrun() and backend == "nccl" and (device_type != "cuda" or not torch.cuda.is_available()):
         raise ValueError(
             f"torchrun launched this run on {device_type} with --distributed_backend=nccl, which needs CUDA "
             "GPUs: add --distributed_backend=gloo to train with CPU processes"
         )
 
 
-def _preparse(argv: list[str]) -> tuple[list[str], bool, dict]:
+def preparse(argv: list[str]) -> tuple[list[str], bool, dict]:
     """Take out what SpeechBrain's parser cannot take; return ``(argv, allow_changed_settings, yaml_overrides)``.
 
     * ``--allow_changed_settings[=True]``: rerun a folder with other settings

@@ -19,23 +19,22 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import run_on_main
 
-from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.data.dataio import collate_readable, dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
-from speech_kd.model_folder import export_model_folder
 from speech_kd.data.prepare import prepare_librispeech
-from speech_kd.training.settings import (  # noqa: F401 (re-exported: imported from speech_kd.training.train too)
-    RESUMABLE_KEYS,
-    SETTINGS_NAME,
-    _launched_by_torchrun,
-    _preparse,
+from speech_kd.hparams_files import resolve as resolve_hparams_file
+from speech_kd.model_folder import export_model_folder
+from speech_kd.training.checkpoints import FolderLock
+from speech_kd.training.ctc_brain import CTCBrain
+from speech_kd.training.settings import (
     check_run_options,
     check_run_settings,
+    launched_by_torchrun,
     load_hparams,
-    resolve_hparams_file,
-    run_settings,
+    preparse,
 )
+from speech_kd.training.unlabeled import mix_unlabeled
 
-__all__ = ["run_training", "prepare_csvs", "resolve_hparams_file", "check_run_options", "check_run_settings"]
+__all__ = ["run_training", "prepare_csvs"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +105,7 @@ def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_s
 
 def _check_ddp_batches(sampler, hparams: dict) -> None:
     """Under DDP every process needs two or more batches (SpeechBrain's batch-sampler wrapper breaks on one)."""
-    processes = int(os.environ.get("WORLD_SIZE", "1")) if _launched_by_torchrun() else 1
+    processes = int(os.environ.get("WORLD_SIZE", "1")) if launched_by_torchrun() else 1
     if processes > 1 and len(sampler) <= processes:
         raise ValueError(
             f"{len(sampler)} training batches for {processes} processes: each process needs two or more "
@@ -132,7 +131,7 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and not argv[0].startswith("-"):
         argv[0] = resolve_hparams_file(argv[0])
-    argv, allow_changed, extra = _preparse(argv)
+    argv, allow_changed, extra = preparse(argv)
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     if extra:  # fractional --ckpt_interval_minutes: a yaml override (the Brain reads the yaml's value)
         import yaml
@@ -148,7 +147,6 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
         raise ValueError(f"--number_of_epochs={epochs}: must be a whole number, 1 or more")
     lock = None
     if sb.utils.distributed.if_main_process():  # one writer per output folder (DDP: the main process holds it)
-        from speech_kd.training.checkpoints import FolderLock
 
         lock = FolderLock(hparams["output_folder"], "output folder").acquire()
     try:
@@ -203,8 +201,6 @@ def _run_locked(hparams_file: str, hparams_text: str, hparams: dict, run_opts, o
             logger.warning("unlabeled_splits: not used, this run has no teacher targets (untranscribed audio only "
                            "feeds the KD term)")  # fmt: skip
         else:
-            from speech_kd.training.unlabeled import mix_unlabeled
-
             train_set, sampler = mix_unlabeled(train_set, datasets["unlabeled"], sampler, hparams)
     _check_ddp_batches(sampler, hparams)
     brain.fit(

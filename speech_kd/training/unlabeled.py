@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import ConcatDataset, Sampler
 
 from speech_kd.data.dataio import collate_readable, dynamic_batch_sampler
+from speech_kd.targets.strategies import _resample_wavs
 
 __all__ = [
     "MixedBatchSampler",
@@ -230,8 +231,6 @@ def _scores_from_cache(reader, ids: list[str]) -> dict[str, float]:
 
 def _scores_live(teacher, dataset, sample_rate: int, device, batch_size: int = 8) -> dict[str, float]:
     from torch.utils.data import DataLoader
-
-    from speech_kd.targets.strategies import _resample_wavs
 
     ordered = dataset.filtered_sorted(sort_key="duration", reverse=True)  # little padding per batch
     loader = DataLoader(ordered, batch_size=batch_size, collate_fn=collate_readable)

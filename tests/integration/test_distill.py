@@ -9,9 +9,9 @@ import pytest
 import speechbrain as sb
 import torch
 
-from speech_kd.targets.cache import CacheError, CacheReader, cache_targets
 from speech_kd.cli import main
 from speech_kd.data.dataio import load_dataset, make_tokenizer, token_strings
+from speech_kd.targets.cache import CacheError, CacheReader, cache_targets
 from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.targets.teachers.base import TeacherError, load_teacher
 from tests.conftest import REPO, TINY_MODEL

@@ -27,8 +27,8 @@ def _onnxruntime():
 @pytest.fixture(scope="module")
 def test_set(tiny_corpus, tmp_path_factory):
     """(csv path, [(id, waveform, transcript)]) of the tiny corpus' test split."""
-    from speech_kd.scoring.evaluate import read_manifest
     from speech_kd.data.prepare import prepare_librispeech
+    from speech_kd.scoring.evaluate import read_manifest
 
     csv = prepare_librispeech(tiny_corpus, tmp_path_factory.mktemp("data"), splits=["test"]).csv_files["test"]
     rows = read_manifest(csv)
@@ -68,12 +68,12 @@ def _pytorch_log_probs(teacher, wav: np.ndarray) -> np.ndarray:
 def test_numpy_fbank_is_speechbrains(test_set, teacher):
     """The folder's numpy fbank against SpeechBrain's: its own computation in float64 within 1e-4 dB; its float32
     module differs by float32 rounding only (the spectrum's, up to ~2e-3 dB in quiet bins of real speech)."""
-    from speech_kd.nnet.features import _filter_matrix
+    from speech_kd.nnet.features import filter_matrix
 
     module = teacher.mods.encoder.compute_features
     stft, banks = module.compute_STFT, module.compute_fbanks
     window = stft.window.double()
-    mel = _filter_matrix(banks, torch.device("cpu")).double().T
+    mel = filter_matrix(banks, torch.device("cpu")).double().T
     wavs = [w for _, w, _ in test_set[1]] + [np.sin(np.arange(1234) / 7).astype(np.float32)]
     for wav in wavs:
         ours = fbank(wav, window.numpy(), mel.numpy(), stft.hop_length)

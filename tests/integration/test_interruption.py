@@ -161,7 +161,7 @@ def test_kd_statistics_of_an_epoch_resumed_mid_way_cover_all_its_batches(tiny_co
     """Killed at the 4th training batch of epoch 1 (intra-epoch checkpoints every 2 steps), then rerun: epoch 1's
     logged KD numbers are those of the run never killed, not only of the batches after the resume."""
     from speech_kd.training.distill import run_distillation
-    from speech_kd.kd.mixin import DistillBrain
+    from speech_kd.training.distill_brain import DistillBrain
 
     teacher = make_tiny_sb_model(tmp_path / "teacher" / "model")
 

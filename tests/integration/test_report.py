@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from speech_kd.cli import main
-from speech_kd.report import _gap_closed
+from speech_kd.report.scores import gap_closed_by_run
 from tests.conftest import REPO, TINY_MODEL
 from tests.report_checks import assert_self_contained, chromium_check, inline_images
 
@@ -108,10 +108,10 @@ def test_report_failure_only_warns(monkeypatch, caplog, tmp_path):
 
 def test_wer_gap_closed():
     rows = [{"name": "teacher", "wer": 20.0}, {"name": "kd", "wer": 40.0}, {"name": "scratch", "wer": 60.0}]
-    assert _gap_closed(rows, "kd") == {"kd": "50 %"}
-    assert _gap_closed(rows[:2], "kd") == {}
+    assert gap_closed_by_run(rows, "kd") == {"kd": "50 %"}
+    assert gap_closed_by_run(rows[:2], "kd") == {}
     better_than_teacher = [{**rows[0], "wer": 70.0}, *rows[1:]]  # no gap to close: said so, not "nan %" or "-50 %"
-    assert _gap_closed(better_than_teacher, "kd") == {"kd": "teacher worse than scratch"}
+    assert gap_closed_by_run(better_than_teacher, "kd") == {"kd": "teacher worse than scratch"}
 
 
 def test_evaluate_html_worst_first(trained_run, tmp_path):

@@ -102,11 +102,11 @@ def test_small_option_faults_are_one_line_errors(tiny_corpus, tmp_path, capsys):
 
 
 def test_fractional_checkpoint_interval_is_accepted():
-    from speech_kd.training.train import _preparse
+    from speech_kd.training.settings import preparse
 
-    argv, allow, extra = _preparse(["x.yaml", "--ckpt_interval_minutes=0.5", "--allow_changed_settings"])
+    argv, allow, extra = preparse(["x.yaml", "--ckpt_interval_minutes=0.5", "--allow_changed_settings"])
     assert argv == ["x.yaml"] and allow and extra == {"ckpt_interval_minutes": 0.5}
-    assert _preparse(["x.yaml", "--ckpt_interval_minutes=2", "--debug"])[0] == [
+    assert preparse(["x.yaml", "--ckpt_interval_minutes=2", "--debug"])[0] == [
         "x.yaml", "--ckpt_interval_minutes=2", "--debug"]  # fmt: skip
 
 

@@ -8,12 +8,12 @@ import json
 import torch
 
 import speech_kd.scoring.teacher_check
-from speech_kd.targets.cache import cache_targets
 from speech_kd.cli import main
 from speech_kd.data.dataio import merge_csvs
-from speech_kd.scoring.evaluate import evaluate_model
 from speech_kd.report import build_report
+from speech_kd.scoring.evaluate import evaluate_model
 from speech_kd.scoring.teacher_check import TeacherDevScore, read_teacher_score, score_teacher_on_dev
+from speech_kd.targets.cache import cache_targets
 from tests.conftest import REPO, TINY_MODEL
 
 DISTILL = str(REPO / "hparams/distill.yaml")

@@ -10,9 +10,9 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
-from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.data.dataio import TranscriptError, load_dataset, make_tokenizer
 from speech_kd.data.prepare import prepare_librispeech
+from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.training.train import run_training
 from tests.conftest import REPO, TINY_MODEL
 
@@ -73,8 +73,8 @@ def test_model_folder_loads_in_speechbrain(trained_run, tiny_corpus):
 
 def test_exported_model_matches_training_forward(trained_run):
     """The exported encoder and the Brain's chain give the same log-probs."""
-    from speech_kd.training.ctc_brain import run_chain
     from speech_kd.scoring.evaluate import load_asr
+    from speech_kd.training.ctc_brain import run_chain
 
     asr = load_asr(trained_run / "model", savedir=str(trained_run / "load2"))
     hparams = load_hyperpyyaml((trained_run / "hyperparams.yaml").read_text())

@@ -41,7 +41,7 @@ def test_bad_audio_met_in_training_says_how_to_go_on(monkeypatch, capsys, tmp_pa
 
 
 def test_unknown_override_and_broken_yaml_name_the_file():
-    from speech_kd.training.train import load_hparams
+    from speech_kd.training.settings import load_hparams
 
     path = REPO / "hparams/student.yaml"
     text = path.read_text()

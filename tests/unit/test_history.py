@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
-from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.report import load_history
+from speech_kd.training.ctc_brain import CTCBrain
 
 
 def _brain_stub(folder):

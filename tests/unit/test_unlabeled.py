@@ -9,8 +9,8 @@ import speechbrain as sb
 import torch
 from speechbrain.dataio.sampler import DistributedSamplerWrapper
 
-from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.data.dataio import collate_readable
+from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.training.unlabeled import MixedBatchSampler, teacher_confidence
 
 

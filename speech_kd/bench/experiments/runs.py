@@ -10,17 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent.parent
+from speech_kd.report import load_history
+from speech_kd.scoring.evaluate import evaluate_model
 
 
-def _speech_kd(*args: str) -> list[str]:
+def speech_kd_command(*args: str) -> list[str]:
+    """The command line of ``speech-kd ARGS...`` run by this Python."""
     return [sys.executable, "-m", "speech_kd.cli", *args]
 
 
 def train_seconds_per_epoch(folder: Path) -> float | None:
     """Median wall time of a run's training stages (``train_seconds`` in ``history.jsonl``), or ``None``."""
-    from speech_kd.report import load_history
-
     times = [row.get("train_seconds") for row in load_history(folder)]
     times = [t for t in times if isinstance(t, (int, float)) and math.isfinite(t)]
     return statistics.median(times) if times else None
@@ -28,12 +28,10 @@ def train_seconds_per_epoch(folder: Path) -> float | None:
 
 def _epochs_done(folder: Path) -> int:
     """Epochs finished by a run (a resumed epoch's repeated history line counts once)."""
-    from speech_kd.report import load_history
-
     return len(load_history(folder))
 
 
-def _run_all(
+def run_all(
     commands: dict[str, list[str]], logs: Path, parallel: int, epochs: dict[str, tuple[Path, int]] | None = None
 ) -> None:
     """Run the commands ``parallel`` at a time, one torch thread each; fail loudly.
@@ -55,8 +53,7 @@ def _run_all(
                 name, cmd = pending.pop(0)
                 log = open(logs / f"{name}.log", "w")  # noqa: SIM115 - closed when the process ends
                 tqdm.write(f"[bench_kd] start {name}: {' '.join(cmd[2:])}")
-                running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                       cwd=REPO)))  # fmt: skip
+                running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
             time.sleep(2)
             for name, bar in bars.items():
                 bar.update(_epochs_done(epochs[name][0]) - bar.n)
@@ -123,10 +120,8 @@ def make_partition(data: Path, out: Path, transcribed_fraction: float | None, un
     return out
 
 
-def _evaluate(model: Path | str, csvs: dict, folder: Path, name: str) -> dict:
+def evaluate_run(model: Path | str, csvs: dict, folder: Path, name: str) -> dict:
     """Test and dev scores of one model; per-utterance files ``eval_NAME[_dev]_utts.txt`` beside the JSON."""
-    from speech_kd.scoring.evaluate import evaluate_model
-
     scores = evaluate_model(model, csvs["test"], json_path=folder / f"eval_{name}.json",
                             utts_path=folder / f"eval_{name}_utts.txt").summary  # fmt: skip
     dev = evaluate_model(model, csvs["dev"], json_path=folder / f"eval_{name}_dev.json",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from speech_kd.scoring.compare import gap_closed, no_gap_label
+from speech_kd.report import load_history
+from speech_kd.report.plots import seed_curves
+from speech_kd.scoring.compare import compare_gap, gap_closed, no_gap_label, read_utterance_errors
 
 
 def summarise_seeds(per_seed: dict, out: Path, folders: dict, variants: list[str]) -> dict:
@@ -14,8 +16,6 @@ def summarise_seeds(per_seed: dict, out: Path, folders: dict, variants: list[str
     The interval (:func:`speech_kd.scoring.compare.compare_gap`) resamples test
     utterances and seed pairs, on test and on dev.
     """
-    from speech_kd.scoring.compare import compare_gap, read_utterance_errors
-
     keys = ("wer", "cer", "dev_wer", "dev_cer", "train_s_per_epoch")
     summary = {}
     for name in ["teacher", *variants]:
@@ -72,11 +72,8 @@ def format_seed_summary(summary: dict, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def _seed_figure(out: Path, folders: dict, variants: list[str], teacher_dev_wer: float | None) -> None:
+def seed_figure(out: Path, folders: dict, variants: list[str], teacher_dev_wer: float | None) -> None:
     """``OUT/dev_wer.png``: dev WER per epoch of each variant, mean and min-max band over seeds."""
-    from speech_kd.report import load_history
-    from speech_kd.report.plots import seed_curves
-
     groups = {name: [load_history(f / name) for f in folders.values()] for name in variants}
     (out / "dev_wer.png").write_bytes(seed_curves(groups, teacher=teacher_dev_wer))
 

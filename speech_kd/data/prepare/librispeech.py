@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from speech_kd.data.prepare.splits import LIBRISPEECH_ALPHABET, PrepareResult, prepare_split, prepare_unlabeled_split
-from speech_kd.data.prepare.stamp import _read_stamp, _what_changed, split_files
+from speech_kd.data.prepare.stamp import read_stamp, what_changed, split_files
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,13 @@ def prepare_librispeech(
         if is_unlabeled:
             settings["unlabeled"] = True
         csv_path = Path(save_folder) / f"{split}.csv"
-        old = _read_stamp(stamp) if skip_if_done and csv_path.exists() else None
+        old = read_stamp(stamp) if skip_if_done and csv_path.exists() else None
         if old == settings:
             logger.info("%s is up to date, skipping preparation", csv_path)
             total.csv_files[split] = str(csv_path)
             continue
         if old is not None:
-            logger.info("%s: redoing split %s (%s)", csv_path, split, _what_changed(old, settings))
+            logger.info("%s: redoing split %s (%s)", csv_path, split, what_changed(old, settings))
         if is_unlabeled:
             res = prepare_unlabeled_split(data_folder, split, save_folder, sample_rate)
         else:

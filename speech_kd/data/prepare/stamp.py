@@ -9,7 +9,7 @@ from pathlib import Path
 from speech_kd.data.prepare.splits import AUDIO_EXTENSIONS
 
 
-def _read_stamp(path: Path) -> dict | None:
+def read_stamp(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -55,7 +55,7 @@ def _size_mtime(path: str) -> list[int]:
     return [info.st_size, info.st_mtime_ns]
 
 
-def _what_changed(old: dict, new: dict) -> str:
+def what_changed(old: dict, new: dict) -> str:
     """``settings differ: ...`` or ``N files changed (a, b, ...)`` between two prepare stamps."""
     keys = [key for key in new if key != "files" and old.get(key) != new[key]]
     if keys:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from speech_kd.data.dataio import read_csv_rows
 from speech_kd.targets.cache.format import (
     _IDENTITY_KEYS,
     BLOCK_UTTS,
@@ -28,8 +29,8 @@ from speech_kd.targets.cache.format import (
     utt_data_differs,
 )
 from speech_kd.targets.cache.storage import _file_sha256, _now, _read_json, _write_json
-from speech_kd.training.checkpoints import LOCK_NAME
 from speech_kd.targets.teachers.base import Teacher
+from speech_kd.training.checkpoints import LOCK_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +82,6 @@ def _read_manifest(csv_path: str | os.PathLike) -> list[_Utt]:
     Raises :class:`CacheError` naming the file (and row) for a missing
     column, a duration that is not a number, or duplicate IDs.
     """
-    from speech_kd.data.dataio import read_csv_rows
-
     try:
         rows = read_csv_rows(csv_path, required=("ID", "duration", "wav"))
     except ValueError as err:

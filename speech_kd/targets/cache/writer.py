@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from speech_kd.data.audio import read_audio
 from speech_kd.targets.cache.folder import (  # noqa: F401 (file_size, _differences, _shard_problem: imported from here too)
     _check_stored_data,
     _differences,
@@ -35,8 +36,9 @@ from speech_kd.targets.cache.format import (
     encode,
 )
 from speech_kd.targets.cache.storage import _dir_bytes, _now, _read_json, _write_atomic, _write_json
-from speech_kd.training.checkpoints import FolderLock
 from speech_kd.targets.teachers.base import Teacher
+from speech_kd.targets.teachers.ensemble import load_teachers
+from speech_kd.training.checkpoints import FolderLock
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +60,6 @@ def _batches(utts: list[_Utt], batch_seconds: float) -> Iterator[list[_Utt]]:
 
 def _load_wavs(batch: list[_Utt], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded waveforms ``[B, S]`` and relative lengths ``[B]``."""
-    from speech_kd.data.audio import read_audio
-
     sigs = [read_audio(utt.wav, sample_rate) for utt in batch]
     longest = max(len(s) for s in sigs)
     wavs = torch.zeros(len(sigs), longest)
@@ -227,7 +227,5 @@ def cache_targets(
     ``teacher_overrides`` replace keys of a SpeechBrain teacher's
     ``hyperparams.yaml`` (the ``teacher_overrides`` of the distillation yaml).
     """
-    from speech_kd.targets.teachers.ensemble import load_teachers
-
     teacher = load_teachers(teacher_source, kind=kind, device=kw.get("device", "cpu"), overrides=teacher_overrides)
     return write_cache(teacher, csv_path, out_dir, **kw)

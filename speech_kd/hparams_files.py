@@ -1,0 +1,70 @@
+"""The default yamls (``hparams/`` of the repository), wherever speech_kd is installed.
+
+A wheel ships them as package data, the package ``speech_kd.hparams`` (mapped
+from the repository's ``hparams/`` folder in ``pyproject.toml``); a checkout
+run without installing (``PYTHONPATH``) reads the repository's folder. Every
+caller goes through :func:`path`, so neither case is special anywhere else.
+
+Example
+-------
+>>> "distill.yaml" in names()
+True
+>>> path("teacher.yaml").name
+'teacher.yaml'
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["folder", "names", "path", "resolve"]
+
+
+def folder() -> Path:
+    """The folder holding the default yamls (package data of an install, else the checkout's ``hparams/``)."""
+    try:
+        return Path(str(resources.files("speech_kd.hparams")))
+    except ModuleNotFoundError:  # a checkout on PYTHONPATH: speech_kd.hparams exists only once installed
+        return Path(str(resources.files("speech_kd"))).parent / "hparams"
+
+
+def names() -> list[str]:
+    """The default yamls' file names, sorted."""
+    return sorted(p.name for p in folder().glob("*.yaml"))
+
+
+def path(name: str) -> Path:
+    """The default yaml ``name`` (``"distill.yaml"``; ``"hparams/distill.yaml"`` and ``"distill"`` too).
+
+    Raises
+    ------
+    FileNotFoundError
+        When no default yaml has that name (the message lists those that exist).
+    """
+    stem = Path(name).name
+    candidate = folder() / (stem if stem.endswith(".yaml") else f"{stem}.yaml")
+    if not candidate.is_file():
+        raise FileNotFoundError(f"no default hparams file {name!r}; there are: {', '.join(names())}")
+    return candidate
+
+
+def resolve(name: str) -> str:
+    """A yaml given on the command line: the file itself if it exists, else the default yaml of that name.
+
+    ``hparams/distill.yaml`` therefore works from any directory, as in a checkout.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``name`` is neither a file nor a default yaml.
+    """
+    if Path(name).exists():
+        return name
+    parent = Path(name).parent
+    if str(parent) in (".", "hparams") and Path(name).suffix in ("", ".yaml"):
+        try:
+            return str(path(name))
+        except FileNotFoundError:
+            pass
+    raise FileNotFoundError(f"hparams file {name} not found")
