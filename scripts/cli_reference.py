@@ -47,6 +47,8 @@ def render() -> str:
         "the yaml, then `--key=value` overrides of any of its keys and SpeechBrain's run options (`--device`,",
         "`--precision`, `--debug`, `--ckpt_interval_minutes`, ...); the keys are documented in",
         "`hparams/teacher.yaml` and `hparams/distill.yaml`.",
+        "Without a yaml they use the packaged `teacher.yaml` / `distill.yaml` (`speech-kd hparams` lists the",
+        "packaged yamls and writes one out for editing).",
         "",
     ]
     for name, parser in all_parsers().items():

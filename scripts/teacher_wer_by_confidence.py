@@ -16,9 +16,9 @@ import csv
 
 import torch
 
-from speech_kd.targets.cache.reader import CacheReader
 from speech_kd.scoring.metrics import error_rates
 from speech_kd.scoring.teacher_check import greedy_texts
+from speech_kd.targets.cache.reader import CacheReader
 
 
 def main() -> None:

@@ -1,0 +1,59 @@
+"""``speech-kd export``, ``bench``, ``bench-kd`` and ``demo``: deployment, speed and experiments.
+
+``bench`` and ``bench-kd`` have their own parsers (:mod:`speech_kd.bench.speed`,
+:mod:`speech_kd.bench.experiments.main`); they are listed in ``speech-kd --help`` here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from speech_kd.demo import run_demo
+from speech_kd.deploy.onnx_export import export_asr
+
+__all__ = ["add_bench", "add_demo", "add_export"]
+
+
+def _cmd_export(args) -> None:
+    info = export_asr(args.model_folder, args.out, fmt=args.format, quantize=args.quantize,
+                      fp32_layers=tuple(args.fp32_layers), blank_penalty=args.blank_penalty)  # fmt: skip
+    print(f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
+          f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
+          f"PyTorch network on a test batch {info['max_abs_diff']:.2g}")  # fmt: skip
+    print(f"try: python {Path(args.out) / 'transcribe.py'} AUDIO.wav")
+
+
+def _cmd_demo(args) -> None:
+    run_demo(args.out, quick=args.quick)
+
+
+def add_export(sub) -> None:
+    """``speech-kd export``."""
+    p = sub.add_parser("export", help="model folder -> ONNX/TorchScript folder that runs without speechbrain")
+    p.add_argument("model_folder", help="a model folder (<output_folder>/model of speech-kd train/distill)")
+    p.add_argument("--out", required=True, help="folder to write (model, deploy.json, tokens, transcribe.py)")
+    format_help = "onnx (needs onnxruntime, numpy, soundfile) or torchscript (torch, numpy, soundfile)"
+    p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help=format_help)
+    p.add_argument("--quantize", default=None, choices=["int8"],
+                   help="int8: linear layers dynamically quantised (int8 weights, per-batch activations)")  # fmt: skip
+    p.add_argument("--fp32_layers", nargs="*", default=["ctc_lin"],
+                   help="modules kept in fp32 by --quantize int8 (default: ctc_lin, the output layer)")  # fmt: skip
+    p.add_argument("--blank_penalty", type=float, default=0.0,
+                   help="stored in the folder: subtracted from the blank's log-probability at decoding")  # fmt: skip
+    p.set_defaults(func=_cmd_export)
+
+
+def add_bench(sub) -> None:
+    """``speech-kd bench`` and ``bench-kd`` (their own parsers: listed here for ``speech-kd --help``)."""
+    sub.add_parser("bench", help="speed benchmarks (ratios measured side by side): speech-kd bench --help")
+    sub.add_parser(
+        "bench-kd", help="experiments: teacher vs scratch and KD students over seeds: speech-kd bench-kd --help"
+    )
+
+
+def add_demo(sub) -> None:
+    """``speech-kd demo``."""
+    p = sub.add_parser("demo", help="synthesise, distil and evaluate end to end, offline")
+    p.add_argument("--out", default="demo_run", help="output folder (corpus, runs, results.md)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test, minutes)")
+    p.set_defaults(func=_cmd_demo)

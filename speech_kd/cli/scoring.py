@@ -1,0 +1,111 @@
+"""``speech-kd evaluate``, ``compare`` and ``report``: scores of model folders and runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from speech_kd.cli.common import check_device
+from speech_kd.report import build_report, evaluation_page
+from speech_kd.scoring.compare import compare_files, format_comparison
+from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
+
+__all__ = ["add_compare", "add_evaluate", "add_report"]
+
+
+def _cmd_evaluate(args) -> None:
+    utts = args.utts
+    if utts is None and args.json:
+        json_path = Path(args.json)
+        utts = str(json_path.with_name(json_path.stem + "_utts.txt"))  # x.json -> x_utts.txt, in its folder
+    check_device(args.device)
+    check_writable(args.json, utts)  # now, not after the scoring
+    result = evaluate_model(
+        args.asr,
+        csv_path=args.csv,
+        data_folder=args.data_folder,
+        split=args.split,
+        device=args.device,
+        batch_seconds=args.batch_seconds,
+        max_duration=args.max_duration,
+        blank_penalty=args.blank_penalty,
+        chunk_seconds=args.chunk_seconds,
+        context_seconds=args.context_seconds,
+    )
+    s = result.summary
+    print(
+        f"WER {s['wer']:.2f}%  CER {s['cer']:.2f}%  utterances {s['num_utts']}  "
+        f"params {s['params']:,}  RTF {s['rtf']:.4f}",
+        flush=True,
+    )
+    write_outputs(result, args.json, utts)  # after the WER is printed: a failing disk does not hide it
+    if args.json:
+        print(f"wrote {args.json}" + (f" and {utts}" if utts else ""))
+    if args.html:
+        print(f"wrote {evaluation_page(result.summary, result.utterances, args.html, device=args.device)}")
+
+
+def _cmd_report(args) -> None:
+    compare = {}
+    for item in args.compare or []:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise SystemExit(f"--compare expects NAME=FOLDER, got {item!r}")
+        compare[name] = folder
+    path = build_report(args.run_dir, compare=compare, max_utts=args.max_utts or None, evaluate=not args.no_eval,
+                        n_posteriorgrams=args.posteriorgrams, device=args.device)  # fmt: skip
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def _cmd_compare(args) -> None:
+    result = compare_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
+    print(format_comparison(result))
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+def add_evaluate(sub) -> None:
+    """``speech-kd evaluate``."""
+    p = sub.add_parser("evaluate", help="WER/CER, parameters and RTF of a model folder")
+    p.add_argument("--asr", required=True, help="model folder (EncoderASR-loadable); A,B,... scores their ensemble")
+    p.add_argument("--csv", default=None, help="SpeechBrain CSV manifest")
+    p.add_argument("--data_folder", default=None, help="LibriSpeech-layout folder (with --split)")
+    p.add_argument("--split", default=None, help="split folder under --data_folder (e.g. test-clean)")
+    p.add_argument("--json", default=None, help="write the summary here")
+    p.add_argument("--utts", default=None, help="per-utterance file (default: next to --json)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch_seconds", type=float, default=60.0, help="seconds of audio per batch")
+    p.add_argument("--max_duration", type=float, default=60.0,
+                   help="longer utterances (seconds) are not scored, a warning names each; 0: no limit")  # fmt: skip
+    p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
+    p.add_argument("--blank_penalty", type=float, default=None,
+                   help="exported folders only: subtracted from the blank's log-probability at decoding")  # fmt: skip
+    p.add_argument("--chunk_seconds", type=float, default=None,
+                   help="exported folders only: utterances transcribed in chunks of this many seconds")  # fmt: skip
+    p.add_argument("--context_seconds", type=float, default=None,
+                   help="with --chunk_seconds: audio before and after each chunk the network also reads "
+                        "(default 2; 0: independent chunks)")  # fmt: skip
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def add_report(sub) -> None:
+    """``speech-kd report``."""
+    p = sub.add_parser("report", help="HTML/Markdown report of a run folder")
+    p.add_argument("run_dir", help="a train or distill output folder")
+    p.add_argument("--compare", action="append", metavar="NAME=FOLDER", help="another model folder for the table")
+    p.add_argument("--max_utts", type=int, default=200, help="test utterances scored per model (0: all)")
+    p.add_argument("--posteriorgrams", type=int, default=3, help="dev utterances drawn as posteriorgrams")
+    p.add_argument("--no-eval", dest="no_eval", action="store_true",
+                   help="skip scoring (the table shows the run's test_results.json)")  # fmt: skip
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.set_defaults(func=_cmd_report)
+
+
+def add_compare(sub) -> None:
+    """``speech-kd compare``."""
+    p = sub.add_parser("compare", help="share of the teacher gap KD closes, with a bootstrap interval")
+    p.add_argument("--teacher", required=True, help="the teacher's per-utterance file (speech-kd evaluate --utts)")
+    p.add_argument("--scratch", required=True, nargs="+", help="scratch students' files, one per seed")
+    p.add_argument("--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order")
+    p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.set_defaults(func=_cmd_compare)
