@@ -5,7 +5,7 @@ speech_kd`` and the CLI start fast)::
 
     DistillBrain, KDMixin          Brains (speech_kd.training.distill_brain, speech_kd.kd.mixin)
     CTCBrain                       plain CTC training (speech_kd.training.ctc_brain)
-    make_targets                   teacher targets from hparams, live or cached (speech_kd.training.distill)
+    make_targets                   teacher targets from hparams, live or cached (speech_kd.targets.build)
     load_teacher                   SpeechBrain / Hugging Face / ensemble teachers (speech_kd.targets.teachers.base)
     token_strings                  a tokenizer's token list (speech_kd.data.dataio)
     run_training, run_distillation the recipes, as functions
@@ -23,7 +23,7 @@ _EXPORTS = {
     "KDMixin": "speech_kd.kd.mixin",
     "KDSetupError": "speech_kd.kd.mixin",
     "load_teacher": "speech_kd.targets.teachers.base",
-    "make_targets": "speech_kd.training.distill",
+    "make_targets": "speech_kd.targets.build",
     "run_distillation": "speech_kd.training.distill",
     "run_training": "speech_kd.training.train",
     "token_strings": "speech_kd.data.dataio",

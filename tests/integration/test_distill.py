@@ -100,7 +100,7 @@ def test_a_cache_missing_training_utterances_is_refused_before_training(trained_
 
 def test_a_cache_of_other_audio_under_the_same_ids_is_refused_naming_them(trained_run, corpus_copy, tmp_path):
     """A cache covering more than the run is fine; another file under a cached ID is refused by name."""
-    from speech_kd.training.distill import check_cache_data
+    from speech_kd.targets.build import check_cache_data
 
     rows = (trained_run / "train.csv").read_text().splitlines()
     dev = (trained_run / "dev.csv").read_text().splitlines()[1:]

@@ -1,0 +1,28 @@
+"""The KD term: what distillation adds to a CTC Brain.
+
+Owns the KD mixin (:mod:`~speech_kd.kd.mixin`, with the per-batch term in :mod:`~speech_kd.kd.term`),
+the losses on teacher and student posteriors (:mod:`~speech_kd.kd.losses`), weight and temperature
+schedules (:mod:`~speech_kd.kd.schedules`), teacher annealing (:mod:`~speech_kd.kd.anneal`), the
+per-epoch KD statistics (:mod:`~speech_kd.kd.stats`), finding a stock recipe's CTC outputs
+(:mod:`~speech_kd.kd.recipe_outputs`) and the rows augmentation adds to a batch
+(:mod:`~speech_kd.kd.augment_rows`). It may import ``targets`` (frame alignment), the training
+infrastructure (``training.checkpoints``, ``training.distributed``, ``training.precision``) and
+``scoring.teacher_check`` (``anneal`` only, which is therefore not re-exported here: ``scoring``
+imports ``kd.losses``); never the Brains or recipes of ``training``, which build on them.
+"""
+
+from speech_kd.kd.losses import collapse_greedy, kd_loss
+from speech_kd.kd.mixin import KDMixin, KDSetupError
+from speech_kd.kd.recipe_outputs import OutputLayoutError, find_ctc_outputs
+from speech_kd.kd.schedules import WarmupCosine, linear_ramp
+
+__all__ = [
+    "KDMixin",
+    "KDSetupError",
+    "OutputLayoutError",
+    "WarmupCosine",
+    "collapse_greedy",
+    "find_ctc_outputs",
+    "kd_loss",
+    "linear_ramp",
+]
