@@ -16,7 +16,8 @@ demo: setup
 
 # Lint, then the whole test suite (unit, doctests, integration) on 2 workers; the export tests may not skip here.
 test: setup-test
-	.venv/bin/ruff check speech_kd tests recipes
+	.venv/bin/ruff check speech_kd tests recipes scripts
+	.venv/bin/ruff format --check speech_kd tests recipes scripts
 	SPEECH_KD_REQUIRE_EXPORT=1 OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=1 .venv/bin/python -m pytest -n 2 --doctest-modules speech_kd tests -q
 
 # The API reference from the docstrings (Sphinx, warnings are errors) into docs/_build/html,

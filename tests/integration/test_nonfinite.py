@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from speech_kd.data.dataio import token_strings
+from speech_kd.targets.build import make_targets
 from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput
 from speech_kd.testing import make_tiny_sb_model
-from speech_kd.targets.build import make_targets
 from speech_kd.training.distill_brain import DistillBrain
 from speech_kd.training.train import run_training
 from tests.conftest import REPO, TINY_MODEL
