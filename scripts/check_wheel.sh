@@ -12,6 +12,7 @@ deps_python="${1:-$repo/.venv/bin/python}"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
+rm -rf "$repo/build"  # a stale build/lib would put removed modules into the wheel
 "$deps_python" -m pip wheel -q --no-deps --no-build-isolation -w "$work/wheel" "$repo"
 site="$("$deps_python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 python3 -m venv "$work/venv"

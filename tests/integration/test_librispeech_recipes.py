@@ -1,4 +1,4 @@
-"""recipes/LibriSpeech end to end on the tiny corpus (LibriSpeech layout), with stand-in teachers.
+"""recipes/LibriSpeech/ASR/CTC end to end on the tiny corpus (LibriSpeech layout), with stand-in teachers.
 
 The yamls are the real recipe files; the overrides only rename the splits
 (the tiny corpus has train/dev/test instead of train-clean-100/...), shrink
@@ -25,14 +25,14 @@ import pytest
 from tests.conftest import REPO, TINY_MODEL
 from tests.integration.test_unlabeled import unlabeled_corpus  # noqa: F401 F811 (a fixture)
 
-RECIPE = REPO / "recipes" / "LibriSpeech"
+RECIPE = REPO / "recipes" / "LibriSpeech" / "ASR" / "CTC"
 #: the tiny corpus's split names, a student small enough for seconds, one epoch
 TINY_LIBRISPEECH = ["--train_splits=[train]", "--dev_splits=[dev]", "--test_splits=[test]", "--number_of_epochs=1",
                     "--conv_kernel_size=7", "--num_workers=0", "--noprogressbar", *TINY_MODEL]  # fmt: skip
 
 
 def _run_recipe(script: str, yaml: str, corpus: Path, out: Path, *extra: str, monkeypatch) -> None:
-    """Run ``recipes/LibriSpeech/<script>`` as ``python <script> hparams/<yaml> ...`` (in this process)."""
+    """Run ``recipes/LibriSpeech/ASR/CTC/<script>`` as ``python <script> hparams/<yaml> ...`` (in this process)."""
     argv = [str(RECIPE / script), f"hparams/{yaml}", f"--data_folder={corpus}", f"--output_folder={out}",
             *TINY_LIBRISPEECH, *extra]  # fmt: skip
     monkeypatch.setattr(sys, "argv", argv)

@@ -2,7 +2,7 @@
 """Recipe: distil a small CTC student from a teacher folder.
 
 Run (from the repository root):
-    python recipes/Synth/distill.py hparams/distill.yaml --teacher_source=TEACHER/model \
+    python recipes/Synth/ASR/CTC/distill.py hparams/distill.yaml --teacher_source=TEACHER/model \
         --data_folder=DATA --output_folder=OUT [--targets_cache=CACHE_DIR] [--kd_weight=0.5]
 
 --kd_weight=0 trains the identical student without KD (the baseline).

@@ -2,7 +2,7 @@
 """Recipe: train a CTC model (teacher or student) on a LibriSpeech-layout corpus.
 
 Run (from the repository root):
-    python recipes/Synth/train.py hparams/teacher.yaml --data_folder=DATA --output_folder=OUT
+    python recipes/Synth/ASR/CTC/train.py hparams/teacher.yaml --data_folder=DATA --output_folder=OUT
 
 Any yaml key can be overridden with --key=value; SpeechBrain run options
 (--device, --debug, --precision, --ckpt_interval_minutes) work as usual.
