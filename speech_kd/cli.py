@@ -127,7 +127,8 @@ def _cmd_cache_targets(args) -> None:
     overrides = yaml.safe_load(args.teacher_overrides) if args.teacher_overrides else None
     summary = cache_targets(
         args.teacher, args.csv, args.out, device=args.device, top_k=args.top_k, mass=args.mass,
-        max_temperature=args.max_temperature, batch_seconds=args.batch_seconds, shard_utts=args.shard_utts, teacher_overrides=overrides,
+        max_temperature=args.max_temperature, batch_seconds=args.batch_seconds, shard_utts=args.shard_utts,
+        teacher_overrides=overrides,
         max_duration=args.max_duration,
     )  # fmt: skip
     print(json.dumps(summary, indent=2))

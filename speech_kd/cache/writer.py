@@ -24,15 +24,15 @@ from speech_kd.cache.folder import (  # noqa: F401 (file_size, _differences, _sh
     file_size,
 )
 from speech_kd.cache.format import (
+    DEFAULT_MAX_TEMPERATURE,
     FORMAT_VERSION,
     MANIFEST_NAME,
     META_NAME,
     SHARD_PATTERN,
     CacheError,
     EncodedFrames,
-    DEFAULT_MAX_TEMPERATURE,
-    check_scheme,
     _shard_pieces,
+    check_scheme,
     encode,
 )
 from speech_kd.cache.storage import _dir_bytes, _now, _read_json, _write_atomic, _write_json
