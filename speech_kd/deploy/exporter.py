@@ -55,7 +55,10 @@ _README = """Exported by `speech-kd export` ({format}{quant}): a CTC speech reco
 Needs: python3 with numpy, soundfile and {runtime} (not speechbrain, not speech_kd).
 
     python transcribe.py a.wav b.flac                 # one "FILE<TAB>transcript" line per file
-    python transcribe.py long.wav --chunk_seconds 20  # a long file in 20 s chunks (bounded memory)
+    python transcribe.py long.wav                     # over 60 s: 20 s chunks with 2 s context (bounded memory)
+
+A file that cannot be used (missing, empty, not audio, NaN samples) is reported on stderr and the others
+are transcribed; the exit status is then 1. Other sample rates are resampled to {rate} Hz (a note says so).
 
 From Python:
 
