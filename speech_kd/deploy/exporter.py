@@ -209,11 +209,11 @@ def _load_model(model_folder: str | os.PathLike):
     A checkpoint that is not one (random bytes, cut short, another format) is named in a ``ValueError``
     instead of torch's unpickling error (which advises unsafe loading).
     """
-    from speech_kd.evaluate import load_asr
+    from speech_kd.evaluate import ModelFolderError, load_asr
 
     try:
         return load_asr(model_folder, device="cpu")
-    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile) as error:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ModelFolderError) as error:
         for path in sorted(Path(model_folder).glob("*.ckpt")):
             if path.name == "tokenizer.ckpt":  # text, read by the tokenizer
                 continue
