@@ -8,7 +8,7 @@ Commands::
     speech-kd distill HPARAMS.yaml --teacher_source=FOLDER --key=value ...
     speech-kd cache-targets --teacher FOLDER --csv train.csv --out CACHE_DIR
     speech-kd evaluate --asr FOLDER (--csv TEST.csv | --data_folder DIR --split NAME) [--json PATH] [--html PATH]
-    speech-kd export MODEL_FOLDER --out DIR [--format onnx|torchscript] [--quantize int8]
+    speech-kd export MODEL_FOLDER --out DIR [--format onnx|torchscript] [--quantize int8] [--force]
     speech-kd report RUN_DIR [--compare NAME=FOLDER ...] [--max_utts N] [--no-eval]
     speech-kd compare --teacher T_utts.txt --scratch S_utts.txt ... --kd K_utts.txt ... [--json PATH]
     speech-kd bench [--json PATH]                    speed benchmarks
@@ -111,7 +111,8 @@ def _cmd_export(args) -> None:
     from speech_kd.deploy.exporter import export_asr
 
     info = export_asr(args.model_folder, args.out, fmt=args.format, quantize=args.quantize,
-                      fp32_layers=tuple(args.fp32_layers), blank_penalty=args.blank_penalty)  # fmt: skip
+                      fp32_layers=tuple(args.fp32_layers), blank_penalty=args.blank_penalty,
+                      force=args.force)  # fmt: skip
     print(f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
           f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
           f"PyTorch network on a test batch {info['max_abs_diff']:.2g}")  # fmt: skip
@@ -232,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modules kept in fp32 by --quantize int8 (default: ctc_lin, the output layer)")  # fmt: skip
     p.add_argument("--blank_penalty", type=float, default=0.0,
                    help="stored in the folder: subtracted from the blank's log-probability at decoding")  # fmt: skip
+    p.add_argument("--force", action="store_true",
+                   help="replace --out when it holds an earlier export (anything else is never replaced)")  # fmt: skip
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("cache-targets", help="run a teacher once and store its soft targets")
