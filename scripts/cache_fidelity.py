@@ -49,8 +49,12 @@ def main() -> None:
             true.append(alone[:frames])
             cached.append(stored[:frames])
     true_lp, cached_lp = torch.cat(true), torch.cat(cached)
-    result = {"frames": len(true_lp), "max_temperature": reader.metadata["scheme"]["max_temperature"],
-              "bytes_per_frame": round(sum(f.stat().st_size for f in Path(args.cache).iterdir()) / len(true_lp), 3)}  # fmt: skip
+    folder_bytes = sum(f.stat().st_size for f in Path(args.cache).iterdir())
+    result = {
+        "frames": len(true_lp),
+        "max_temperature": reader.metadata["scheme"]["max_temperature"],
+        "bytes_per_frame": round(folder_bytes / len(true_lp), 3),
+    }
     for temperature in (1.0, 2.0, 4.0):
         kl = scaled_kl(true_lp, cached_lp, temperature)
         result[f"T{temperature:g}"] = {
