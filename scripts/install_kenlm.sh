@@ -2,7 +2,8 @@
 # Install KenLM for speech_kd's language models (speech_kd/lm.py, speech_kd/decoding.py):
 #   - lmplz and build_binary (KenLM's estimator and binariser) into $VENV/bin, built with cmake from the
 #     C++ sources inside the `kenlm` package's sdist on PyPI (no Debian package of KenLM exists in bookworm)
-#   - the `kenlm` Python module into $VENV (pip builds the same sdist)
+#   - the `kenlm` Python module into $VENV (pip builds the same sdist), and pygtrie, which SpeechBrain's
+#     KenLM scorer (speechbrain.integrations.decoders.kenlm_scorer) imports
 # Debian packages it needs: a C++ toolchain, cmake, Boost (program_options system thread test) and the
 # compression libraries KenLM reads ARPA files with (zlib, bzip2, xz).
 # Idempotent: a rerun with everything in place only checks. Measured on 2 cores: about 1 min for the two
@@ -13,11 +14,12 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 KENLM_VERSION=${KENLM_VERSION:-0.3.0}
+PYGTRIE_VERSION=${PYGTRIE_VERSION:-2.6.2}
 JOBS=${JOBS:-$(nproc)}
 [[ -x $VENV/bin/python ]] || { echo "[kenlm] no virtualenv at $VENV: run scripts/setup.sh first (or set VENV)" >&2; exit 1; }
 
 have_binaries() { [[ -x $VENV/bin/lmplz && -x $VENV/bin/build_binary ]]; }
-have_module() { "$VENV/bin/python" -c "import kenlm" >/dev/null 2>&1; }
+have_module() { "$VENV/bin/python" -c "import kenlm, pygtrie" >/dev/null 2>&1; }
 if have_binaries && have_module; then
   echo "[kenlm] ready: $VENV/bin/lmplz, $VENV/bin/build_binary, kenlm $("$VENV/bin/pip" show kenlm 2>/dev/null | sed -n 's/^Version: //p')"
   exit 0
@@ -59,8 +61,9 @@ if ! have_binaries; then
 fi
 
 if ! have_module; then
-  echo "[kenlm] installing the kenlm Python module"
-  MAX_ORDER=6 "$VENV/bin/pip" install -q "$sdist"
+  echo "[kenlm] installing the kenlm Python module and pygtrie"
+  "$VENV/bin/python" -c "import kenlm" >/dev/null 2>&1 || MAX_ORDER=6 "$VENV/bin/pip" install -q "$sdist"
+  "$VENV/bin/pip" install -q "pygtrie==$PYGTRIE_VERSION"
 fi
 have_binaries && have_module
 echo "[kenlm] ready: $VENV/bin/lmplz, $VENV/bin/build_binary, kenlm $KENLM_VERSION"
