@@ -229,6 +229,10 @@ class BeamDecoder(Decoder):
                 beam_prune_logp=beam_prune_logp,
                 token_prune_min_logp=token_prune_min_logp,
             )
+        except ImportError as err:  # SpeechBrain's KenLM scorer also imports pygtrie, and re-raises as "kenlm"
+            cause = err.__context__ if isinstance(err.__context__, ImportError) else err
+            raise LMError(f"{self.lm_path}: decoding with an LM needs the {cause.name or 'kenlm'} module, which is "
+                          "not installed; run scripts/install_kenlm.sh") from err  # fmt: skip
         except (OSError, RuntimeError) as err:  # kenlm's loading errors
             first = str(err).strip().splitlines()[:1] or [type(err).__name__]
             raise LMError(f"{self.lm_path}: KenLM cannot read it: {first[0][:200]}") from err
