@@ -44,4 +44,5 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp || requirements/known-good.txt -n
   .venv/bin/pip install -q -c requirements/known-good.txt -c requirements/docs.txt -e ".[${extras}]"
   touch "$stamp"
 fi
+[[ $WITH_TEST == 1 ]] && bash scripts/install_kenlm.sh  # lmplz/build_binary + kenlm for tests/unit/test_lm_decoding.py
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, speechbrain; print("torch", torch.__version__, "speechbrain", speechbrain.__version__)')"

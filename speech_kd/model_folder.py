@@ -21,15 +21,21 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 import yaml
 
-__all__ = ["defined_keys", "extract_model_block", "export_model_folder", "MODEL_BLOCK_START", "MODEL_BLOCK_END"]
+__all__ = ["defined_keys", "extract_model_block", "export_model_folder", "MODEL_BLOCK_START", "MODEL_BLOCK_END",
+           "FORMAT"]
 
 MODEL_BLOCK_START = "# >>> model"
 MODEL_BLOCK_END = "# <<< model"
+#: ``speech_kd.json``'s ``format``: how a model folder written here is recognised (only those are replaced)
+FORMAT = "speech_kd/encoder-asr-ctc/1"
+#: what a model folder written here holds
+MODEL_ENTRIES = frozenset({"hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.ckpt", "speech_kd.json"})
 
 _INFERENCE_TAIL = """
 # ---- inference interface (written by speech_kd.model_folder) ----
@@ -97,6 +103,37 @@ def _plain(value):
     raise TypeError(f"cannot write {type(value).__name__} into the model yaml")
 
 
+def _check_model_out(out_dir: Path) -> None:
+    """Refuse an ``out_dir`` whose replacement would delete what :func:`export_model_folder` did not write.
+
+    Allowed: a folder that does not exist, an empty one, or an earlier model folder written here (its
+    ``speech_kd.json`` has :data:`FORMAT`) holding nothing else. Otherwise a one-line ``ValueError``.
+    """
+    if not out_dir.name:
+        raise ValueError(f"model folder {out_dir}: a file system root cannot be a model folder")
+    if out_dir.is_symlink():
+        raise ValueError(f"model folder {out_dir}: a symbolic link; give a new folder or the earlier one itself")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ValueError(f"model folder {out_dir}: exists and is not a folder; nothing was changed")
+    entries = sorted(entry.name for entry in out_dir.iterdir())
+    if not entries:
+        return
+    try:
+        ours = json.loads((out_dir / "speech_kd.json").read_text(encoding="utf-8")).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(f"model folder {out_dir}: exists and is not a model folder written by speech_kd (no "
+                         "speech_kd.json of ours); nothing was changed, choose a new or empty folder")  # fmt: skip
+    foreign = [name for name in entries if name not in MODEL_ENTRIES]
+    if foreign:
+        more = " ..." if len(foreign) > 3 else ""
+        raise ValueError(f"model folder {out_dir}: also holds {', '.join(foreign[:3])}{more}, which speech_kd did "
+                         "not write there; move it out, then run again")  # fmt: skip
+
+
 def export_model_folder(
     hparams: dict,
     hparams_text: str,
@@ -108,7 +145,11 @@ def export_model_folder(
 
     ``hparams`` is the loaded yaml (modules at their trained state),
     ``hparams_text`` the yaml source it came from. Written atomically: a
-    sibling temporary folder is renamed over ``out_dir`` at the end.
+    fresh temporary sibling folder is renamed to ``out_dir`` at the end. An
+    existing ``out_dir`` is replaced only when it is empty or an earlier model
+    folder written here holding nothing else (a rerun of the same training);
+    anything else is refused with a ``ValueError`` before writing. A failed
+    write leaves nothing behind.
     """
     block = extract_model_block(hparams_text)
     defined = defined_keys(block)
@@ -127,25 +168,48 @@ def export_model_folder(
         + _INFERENCE_TAIL.format(chain=chain)
     )
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "hyperparams.yaml").write_text(text)
-    torch.save(hparams["model"].state_dict(), tmp / "model.ckpt")
-    hparams["normalize"]._save(str(tmp / "normalizer.ckpt"))
-    tokenizer.save(str(tmp / "tokenizer.ckpt"))
-    params = sum(p.numel() for p in hparams["model"].parameters())
-    info = {
-        "format": "speech_kd/encoder-asr-ctc/1",
-        "tokens": [tokenizer.ind2lab[i] for i in range(len(tokenizer))],
-        "blank_index": int(hparams.get("blank_index", 0)),
-        "sample_rate": int(hparams.get("sample_rate", 16000)),
-        "params": params,
-    }
-    info.update(extra_info or {})
-    (tmp / "speech_kd.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    out_dir = Path(os.path.abspath(out_dir))
+    _check_model_out(out_dir)
+    made = [folder for folder in (out_dir.parent, *out_dir.parent.parents) if not folder.exists()]  # deepest first
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))  # ours alone
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the folder private
+        (tmp / "hyperparams.yaml").write_text(text)
+        torch.save(hparams["model"].state_dict(), tmp / "model.ckpt")
+        hparams["normalize"]._save(str(tmp / "normalizer.ckpt"))
+        tokenizer.save(str(tmp / "tokenizer.ckpt"))
+        params = sum(p.numel() for p in hparams["model"].parameters())
+        info = {
+            "format": FORMAT,
+            "tokens": [tokenizer.ind2lab[i] for i in range(len(tokenizer))],
+            "blank_index": int(hparams.get("blank_index", 0)),
+            "sample_rate": int(hparams.get("sample_rate", 16000)),
+            "params": params,
+        }
+        info.update(extra_info or {})
+        (tmp / "speech_kd.json").write_text(json.dumps(info, indent=2) + "\n")
+        _check_model_out(out_dir)  # again: the folder may have changed meanwhile
+        if out_dir.exists() and any(out_dir.iterdir()):  # an earlier model folder of ours: moved aside, then removed
+            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
+            os.replace(out_dir, aside / "previous")
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(aside / "previous", out_dir)
+                aside.rmdir()
+                raise
+            shutil.rmtree(aside)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # the parents this call made, if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
     return out_dir

@@ -47,6 +47,7 @@ def _cmd_cache_targets(args) -> None:
     overrides = yaml.safe_load(args.teacher_overrides) if args.teacher_overrides else None
     summary = cache_targets(
         args.teacher, args.csv, args.out, device=args.device, top_k=args.top_k, mass=args.mass,
+        max_temperature=args.max_temperature,
         batch_seconds=args.batch_seconds, shard_utts=args.shard_utts, teacher_overrides=overrides,
         max_duration=args.max_duration,
     )  # fmt: skip
@@ -77,7 +78,12 @@ def add_cache_targets(sub) -> None:
     p.add_argument("--out", required=True, help="cache folder; an existing one for the same teacher is completed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--top_k", type=int, default=8, help="most tokens stored per frame (at most 127)")
-    p.add_argument("--mass", type=float, default=0.98, help="tokens stored per frame until this probability")
+    p.add_argument("--mass", type=float, default=0.98,
+                   help="tokens stored per frame until they hold this share of the distribution softened at "
+                        "--max_temperature")  # fmt: skip
+    p.add_argument("--max_temperature", type=float, default=1.0,
+                   help="largest KD temperature the cache serves (distill refuses a higher one); a higher value "
+                        "keeps more tokens per frame (docs/cache.md)")  # fmt: skip
     p.add_argument("--batch_seconds", type=float, default=120.0, help="seconds of audio per teacher batch")
     p.add_argument("--max_duration", type=float, default=60.0,
                    help="skip utterances longer than this (seconds; a warning names each); 0: no limit")  # fmt: skip

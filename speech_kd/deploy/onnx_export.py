@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ from speech_kd.deploy.graph import CTCGraph, UnsupportedModelError
 from speech_kd.nnet.features import filter_matrix as _filter_matrix
 from speech_kd.scoring.evaluate import count_parameters, load_asr
 
-__all__ = ["export_asr", "FORMATS", "QUANTIZE", "DEFAULT_FP32_LAYERS"]
+__all__ = ["export_asr", "check_out_folder", "FORMATS", "QUANTIZE", "DEFAULT_FP32_LAYERS", "WRITTEN_BY"]
 
 FORMATS = ("onnx", "torchscript")
 QUANTIZE = (None, "int8")
@@ -42,13 +45,22 @@ QUANTIZE = (None, "int8")
 DEFAULT_FP32_LAYERS = ("ctc_lin",)
 #: ONNX operator set of the exported graph
 OPSET = 17
+#: ``deploy.json``'s ``written_by``: how an earlier export is recognised (only those are replaced, with ``force``)
+WRITTEN_BY = "speech-kd export"
+#: what an export folder holds (``__pycache__``: made by ``import transcribe``); ``force`` replaces a folder
+#: holding nothing else
+EXPORT_ENTRIES = frozenset({"model.onnx", "model.ts", runtime.FEATURES_NAME, runtime.CONFIG_NAME, "tokens.txt",
+                            "transcribe.py", "README.txt", "__pycache__"})  # fmt: skip
 
 _README = """Exported by `speech-kd export` ({format}{quant}): a CTC speech recogniser for {rate} Hz mono audio.
 
 Needs: python3 with numpy, soundfile and {runtime} (not speechbrain, not speech_kd).
 
     python transcribe.py a.wav b.flac                 # one "FILE<TAB>transcript" line per file
-    python transcribe.py long.wav --chunk_seconds 20  # a long file in 20 s chunks (bounded memory)
+    python transcribe.py long.wav                     # over 60 s: 20 s chunks with 2 s context (bounded memory)
+
+A file that cannot be used (missing, empty, not audio, NaN samples) is reported on stderr and the others
+are transcribed; the exit status is then 1. Other sample rates are resampled to {rate} Hz (a note says so).
 
 From Python:
 
@@ -139,6 +151,80 @@ def _write_torchscript(graph: CTCGraph, example, path: Path, quantize: str | Non
     traced.save(str(path))
 
 
+def _is_earlier_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``deploy.json`` that :func:`export_asr` wrote.
+
+    Recognised by ``written_by``, or by the keys of exports made before that key existed.
+    """
+    try:
+        config = json.loads((folder / runtime.CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    return config.get("written_by") == WRITTEN_BY or {"model_file", "fbank", "frame_shift", "tokens"} <= set(config)
+
+
+def check_out_folder(out: str | os.PathLike, model_folder: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse an ``--out`` whose writing would delete or overwrite what :func:`export_asr` did not write.
+
+    Allowed: a folder that does not exist yet, an empty folder, and (with ``force``) an earlier export holding
+    nothing but an export's files. Refused (``ValueError``, one line naming the folder): the model folder itself
+    or any folder holding it, anything else that exists, and a symbolic link. Returns ``out`` made absolute.
+    """
+    given = out
+    out = Path(os.path.abspath(out))
+    if not out.name:
+        raise ValueError(f"--out {given}: a file system root cannot be an export folder; name a new folder")
+    model = Path(model_folder).resolve()
+    target = out.resolve()
+    if target == model or target in model.parents:
+        raise ValueError(f"--out {given}: this is the model folder or a folder holding it ({model}), which export "
+                         f"would replace; choose a new folder, e.g. {model.parent / 'onnx'}")  # fmt: skip
+    if out.is_symlink():
+        raise ValueError(f"--out {given}: a symbolic link; give a new folder or the earlier export itself")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ValueError(f"--out {given}: exists and is not a folder; nothing was changed, choose a new folder")
+    entries = sorted(entry.name for entry in out.iterdir())
+    if not entries:
+        return out
+    if not _is_earlier_export(out):
+        raise ValueError(f"--out {given}: exists and is not an earlier export (no {runtime.CONFIG_NAME} written by "
+                         f"speech-kd export); nothing was changed, choose a new or empty folder")  # fmt: skip
+    foreign = [name for name in entries if name not in EXPORT_ENTRIES]
+    if foreign:
+        raise ValueError(f"--out {given}: an earlier export that also holds {', '.join(foreign[:3])}"
+                         f"{' ...' if len(foreign) > 3 else ''}, which speech-kd export did not write; move "
+                         f"{'them' if len(foreign) > 1 else 'it'} out or choose another folder")  # fmt: skip
+    if not force:
+        raise ValueError(f"--out {given}: holds an earlier export; pass --force to replace it")
+    return out
+
+
+def _load_model(model_folder: str | os.PathLike):
+    """``load_asr`` of ``model_folder`` on the CPU, a bad checkpoint told in one line.
+
+    A checkpoint that is not one (random bytes, cut short, another format) is named in a ``ValueError``
+    instead of torch's unpickling error (which advises unsafe loading).
+    """
+    from speech_kd.evaluate import ModelFolderError, load_asr
+
+    try:
+        return load_asr(model_folder, device="cpu")
+    except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ModelFolderError) as error:
+        for path in sorted(Path(model_folder).glob("*.ckpt")):
+            if path.name == "tokenizer.ckpt":  # text, read by the tokenizer
+                continue
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:
+                raise ValueError(f"{path}: not a PyTorch checkpoint of a model folder (corrupt, cut short or "
+                                 "another format); write the model folder again from its training run") from None
+        raise error
+
+
 def export_asr(
     model_folder: str | os.PathLike,
     out: str | os.PathLike,
@@ -146,6 +232,7 @@ def export_asr(
     quantize: str | None = None,
     fp32_layers: tuple[str, ...] = DEFAULT_FP32_LAYERS,
     blank_penalty: float = 0.0,
+    force: bool = False,
 ) -> dict:
     """Export a model folder (``speech-kd train``/``distill``'s ``<output_folder>/model``) to ``out``.
 
@@ -155,7 +242,8 @@ def export_asr(
         A SpeechBrain ``EncoderASR`` folder written by this package (see the module docstring of
         :mod:`speech_kd.model_folder`).
     out : str or os.PathLike
-        Folder to write (replaced if it exists; written to a sibling first, then renamed).
+        Folder to write: new, empty, or (with ``force``) an earlier export, see :func:`check_out_folder`.
+        Written to a fresh temporary sibling first, then renamed; a failed export leaves nothing behind.
     fmt : str
         ``"onnx"`` or ``"torchscript"``.
     quantize : str, optional
@@ -165,6 +253,8 @@ def export_asr(
         ``encoder.layers.0``, ...).
     blank_penalty : float
         Written to ``deploy.json``: subtracted from the blank's log-probability when decoding.
+    force : bool
+        Replace ``out`` when it holds an earlier export (only then).
 
     Returns
     -------
@@ -176,7 +266,8 @@ def export_asr(
         raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     if quantize not in QUANTIZE:
         raise ValueError(f"--quantize {quantize!r}: only int8 (dynamic) is supported")
-    asr = load_asr(model_folder, device="cpu")
+    out = check_out_folder(out, model_folder, force)
+    asr = _load_model(model_folder)
     encoder = asr.mods.encoder.eval()
     settings, window, mel = _fbank_settings(encoder.compute_features)
     graph = CTCGraph(encoder)
@@ -184,19 +275,61 @@ def export_asr(
     if quantize and unknown:
         raise ValueError(f"--fp32_layers {', '.join(unknown)}: no such module (e.g. ctc_lin, encoder.layers.0)")
     example = _example(graph, settings["n_mels"])
+
+    made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # ours alone
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private
+        config, diff = _write_folder(tmp, asr, graph, example, settings, window, mel, fmt, quantize, fp32_layers,
+                                     blank_penalty, count_parameters(asr), model_folder)  # fmt: skip
+        check_out_folder(out, model_folder, force)  # again: the folder may have changed while the export ran
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for folder in made:  # the parents this run made, if still empty
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+    return {**config, "max_abs_diff": diff, "bytes": (out / config["model_file"]).stat().st_size}
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an earlier export at ``out`` is moved aside first and removed after."""
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(tmp, out)  # over an empty folder: nothing is lost
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, aside / "previous")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside / "previous", out)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
+
+
+def _write_folder(tmp: Path, asr, graph: CTCGraph, example, settings: dict, window: np.ndarray, mel: np.ndarray,
+                  fmt: str, quantize: str | None, fp32_layers: tuple[str, ...], blank_penalty: float, params: int,
+                  model_folder: str | os.PathLike) -> tuple[dict, float]:  # fmt: skip
+    """Write the export into ``tmp`` and check it against the PyTorch graph.
+
+    Returns ``deploy.json``'s contents and the largest log-probability difference.
+    """
     stride = int(graph.out_lengths(torch.tensor([1 << 20]))[0])
     tokens = [asr.tokenizer.ind2lab[i] for i in range(len(asr.tokenizer))]
     sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
-
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     model_file = "model.onnx" if fmt == "onnx" else "model.ts"
     writer = _write_onnx if fmt == "onnx" else _write_torchscript
     writer(graph, example, tmp / model_file, quantize, tuple(fp32_layers))
     np.savez(tmp / runtime.FEATURES_NAME, window=window, mel=mel)
     config = {
+        "written_by": WRITTEN_BY,
         "format": fmt,
         "model_file": model_file,
         "quantization": "int8-dynamic" if quantize else "fp32",
@@ -209,9 +342,9 @@ def export_asr(
         "min_samples": settings["n_fft"],
         "fbank": settings,
         "blank_penalty": float(blank_penalty),
-        "params": count_parameters(asr),
+        "params": params,
         "opset": OPSET if fmt == "onnx" else None,
-        "source": Path(model_folder).name,
+        "source": Path(model_folder).resolve().name,
     }
     (tmp / runtime.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (tmp / "tokens.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
@@ -227,7 +360,4 @@ def export_asr(
     if not np.array_equal(got_lengths, expected_lengths.numpy()):
         raise RuntimeError(f"exported network gives output lengths {got_lengths}, PyTorch {expected_lengths}")
     diff = max(float(np.abs(got[i, :n] - expected[i, :n].numpy()).max()) for i, n in enumerate(got_lengths))
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    return {**config, "max_abs_diff": diff, "bytes": (out / model_file).stat().st_size}
+    return config, diff

@@ -4,9 +4,16 @@ This file is self-contained: ``speech-kd export`` copies it into every exported
 folder as ``transcribe.py``, which needs neither speechbrain nor speech_kd::
 
     python DIR/transcribe.py a.wav b.flac [--threads 1] [--max_batch_seconds 16] [--blank_penalty 0]
-    python DIR/transcribe.py long.wav --chunk_seconds 20     # bounded memory for long files
+    python DIR/transcribe.py long.wav        # over LONG_SECONDS (60 s): 20 s chunks with 2 s of context
 
 or, from Python, ``ExportedASR(DIR).transcribe_files(["a.wav"])``.
+
+Input checks (:func:`read_audio`, :func:`check_samples`): a missing, empty (0 bytes), unreadable or
+sample-less file, or one with NaN or infinite samples, is refused in one line naming it (never an empty
+transcript); audio at another sample rate is resampled to the model's (:func:`resample`, the band-limited
+sinc of ``torchaudio.functional.resample`` that ``speech-kd evaluate`` uses, so both score the same
+samples) with a note on stderr. Of several files each good one is transcribed and each bad one reported;
+the exit status is 1 when any failed, 2 for a bad option or model folder (one line, no traceback).
 
 Pipeline: audio (mono, the folder's sample rate) -> log-mel fbank computed
 here in numpy (:func:`fbank`; the same numbers as SpeechBrain's ``Fbank``
@@ -24,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -35,8 +43,9 @@ if __name__ == "__main__":  # before numpy loads its BLAS: one BLAS thread (see 
 
 import numpy as np
 
-__all__ = ["ExportedASR", "fbank", "mel_blocks", "best_tokens", "greedy_decode", "read_audio", "run_groups", "main",
-           "CONFIG_NAME", "CONTEXT_SECONDS", "MAX_BATCH_SECONDS"]
+__all__ = ["ExportedASR", "fbank", "mel_blocks", "best_tokens", "greedy_decode", "read_audio", "check_samples",
+           "resample", "run_groups", "build_parser", "main", "TranscribeError", "AudioFileError", "CONFIG_NAME",
+           "CONTEXT_SECONDS", "MAX_BATCH_SECONDS", "LONG_SECONDS", "AUTO_CHUNK_SECONDS"]
 
 #: the exported folder's description (tokens, frame shift, fbank settings, model file)
 CONFIG_NAME = "deploy.json"
@@ -47,8 +56,15 @@ FEATURES_NAME = "fbank.npz"
 FBANK_PIECE = 64
 #: audio (seconds) read before and after each chunk of a long file (``--context_seconds``)
 CONTEXT_SECONDS = 2.0
-#: files longer than this (seconds) transcribed in one piece get a warning (use --chunk_seconds)
+#: files longer than this (seconds) are transcribed in chunks of AUTO_CHUNK_SECONDS by default (self-attention's
+#: memory grows with the square of the length: a 9-minute file in one piece took 12 GB, in 20 s chunks 212 MB)
 LONG_SECONDS = 60.0
+#: chunk length (seconds) of the files longer than LONG_SECONDS when --chunk_seconds is not given
+AUTO_CHUNK_SECONDS = 20.0
+#: most runtime threads --threads accepts
+MAX_THREADS = 1024
+#: lowest sample rate (Hz) resampled to the model's; lower ones are refused (not speech audio)
+MIN_SAMPLE_RATE = 4000
 #: padded audio (seconds) per network run: utterances are run longest first, in groups of at most this much
 #: (padding included). One padded batch of 8 utterances (41 s) was 5-17 % slower on a 2-core CPU
 #: (docs/deploy.md, ``speech-kd bench --max_batch_seconds 0``): its activations no longer fit in the cache
@@ -146,15 +162,149 @@ def run_groups(lengths: list[int], budget: int) -> list[list[int]]:
     return groups
 
 
-def read_audio(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
-    """Mono float32 samples ``[S]`` of an audio file at ``sample_rate`` (channels averaged)."""
+class TranscribeError(ValueError):
+    """An input this script cannot use (audio file, model folder, option), told in one line naming it."""
+
+
+class AudioFileError(TranscribeError):
+    """An audio file that cannot be transcribed; the message starts with its path."""
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: message`` of an exception on one line."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def check_samples(wav: np.ndarray, name: str = "audio") -> np.ndarray:
+    """``wav [S]`` as float32 when usable; :class:`AudioFileError` for no samples or NaN/infinite ones.
+
+    A non-finite sample would reach the fbank as NaN and the network would give an empty or arbitrary
+    transcript, so it is refused instead, naming the count.
+
+    Example
+    -------
+    >>> try:
+    ...     check_samples(np.array([0.0, np.nan]), "x.wav")
+    ... except AudioFileError as error:
+    ...     print(error)
+    x.wav: 1 of 2 samples are NaN or infinite; refused (fix or re-encode the file)
+    """
+    wav = np.asarray(wav)
+    if wav.ndim != 1 or not (np.issubdtype(wav.dtype, np.floating) or np.issubdtype(wav.dtype, np.integer)):
+        raise AudioFileError(f"{name}: expected one channel of real samples, got {wav.dtype} {list(wav.shape)}")
+    if wav.shape[0] == 0:
+        raise AudioFileError(f"{name}: no audio samples")
+    with np.errstate(all="ignore"):
+        wav = wav.astype(np.float32, copy=False)
+    bad = int(wav.shape[0] - np.count_nonzero(np.isfinite(wav)))
+    if bad:
+        raise AudioFileError(f"{name}: {bad} of {wav.shape[0]} samples are NaN or infinite; refused (fix or "
+                             "re-encode the file)")  # fmt: skip
+    return wav
+
+
+def resample(wav: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
+    """``wav [S]`` at ``rate`` Hz resampled to ``new_rate`` Hz ``[ceil(S * new_rate / rate)]`` (float32).
+
+    Band-limited sinc interpolation with a Hann window, 6 zero crossings, cut-off 0.99 of the lower Nyquist
+    frequency: ``torchaudio.functional.resample``'s defaults, in numpy (polyphase, float64, computed in
+    pieces: memory a few MB beyond the output).
+    """
+    g = math.gcd(int(rate), int(new_rate))
+    orig, new = int(rate) // g, int(new_rate) // g
+    if orig == new:
+        return np.asarray(wav, dtype=np.float32)
+    if orig * new > 4_000_000:  # a table of new x (orig + 2 width) weights: refuse odd rate pairs
+        raise ValueError(f"{rate} Hz: no small ratio to {new_rate} Hz; resample the file first "
+                         f"(e.g. sox IN -r {new_rate} OUT.wav)")  # fmt: skip
+    zeros, rolloff = 6, 0.99
+    base = min(orig, new) * rolloff
+    width = math.ceil(zeros * orig / base)
+    t = (np.arange(0, -new, -1)[:, None] / new + np.arange(-width, width + orig)[None] / orig) * base
+    t = np.clip(t, -zeros, zeros)
+    window = np.cos(t * np.pi / zeros / 2) ** 2
+    t *= np.pi
+    kernels = np.where(t == 0, 1.0, np.sin(t) / np.where(t == 0, 1.0, t)) * window * (base / orig)  # [new, K]
+    padded = np.pad(np.asarray(wav, dtype=np.float64), (width, width + orig))
+    frames = np.lib.stride_tricks.sliding_window_view(padded, kernels.shape[1])[::orig]  # [M, K], a view
+    out = np.empty(frames.shape[0] * new, dtype=np.float32)
+    rows = max(1, (1 << 18) // kernels.shape[1])
+    for start in range(0, frames.shape[0], rows):
+        out[start * new : (start + rows) * new] = (frames[start : start + rows] @ kernels.T).reshape(-1)
+    return out[: math.ceil(new * wav.shape[0] / orig)]
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int, note=None) -> np.ndarray:
+    """Mono float32 samples ``[S]`` of an audio file at ``sample_rate`` (channels averaged), checked.
+
+    Raises :class:`AudioFileError` (one line starting with the path) for a missing, empty (0 bytes),
+    unreadable or sample-less file and for NaN or infinite samples. Audio at another rate is resampled
+    (:func:`resample`); ``note(message)`` is then called (the script prints it on stderr).
+    """
     import soundfile as sf
 
-    wav, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    name = str(path)
+    if not os.path.exists(path):
+        raise AudioFileError(f"{name}: no such file")
+    if os.path.isdir(path):
+        raise AudioFileError(f"{name}: a folder, not an audio file")
+    if os.path.getsize(path) == 0:
+        raise AudioFileError(f"{name}: empty file (0 bytes)")
+    try:
+        wav, rate = sf.read(name, dtype="float32", always_2d=True)
+    except Exception as error:  # soundfile raises several types for what it cannot decode
+        raise AudioFileError(f"{name}: not readable audio ({_one_line(error)})") from None
+    with np.errstate(all="ignore"):
+        wav = check_samples(wav[:, 0] if wav.shape[1] == 1 else wav.mean(axis=1), name)
     if rate != sample_rate:
-        raise ValueError(f"{path}: {rate} Hz; this model takes {sample_rate} Hz audio (resample it first, e.g. "
-                         f"sox IN -r {sample_rate} OUT.wav)")  # fmt: skip
-    return wav.mean(axis=1)
+        if rate < MIN_SAMPLE_RATE:
+            raise AudioFileError(f"{name}: {rate} Hz is too low for speech; this model takes {sample_rate} Hz")
+        try:
+            wav = resample(wav, rate, sample_rate)
+        except ValueError as error:
+            raise AudioFileError(f"{name}: {error}") from None
+        if note is not None:
+            note(f"{name}: {rate} Hz audio resampled to the model's {sample_rate} Hz")
+    return wav
+
+
+def _seconds(value: float, name: str, zero: bool = True) -> float:
+    """``value`` as a finite float >= 0 (> 0 when not ``zero``), else :class:`TranscribeError` naming ``name``."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise TranscribeError(f"{name} {value!r}: not a number") from None
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise TranscribeError(f"{name} {value}: must be a finite number {'>= 0' if zero else '> 0'}")
+    return value
+
+
+def _read_config(folder: Path) -> dict:
+    """``deploy.json`` of ``folder``, its values checked; :class:`TranscribeError` naming the file otherwise."""
+    path = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise TranscribeError(f"{folder}: no such folder (give the folder speech-kd export wrote)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TranscribeError(f"{path}: missing; {folder} is not a folder written by speech-kd export") from None
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise TranscribeError(f"{path}: not readable JSON ({_one_line(error)})") from None
+    try:
+        fb = config["fbank"]
+        good = (isinstance(config["tokens"], list) and all(isinstance(t, str) for t in config["tokens"])
+                and 0 <= int(config["blank_index"]) < len(config["tokens"]) and int(config["sample_rate"]) > 0
+                and float(config["frame_shift"]) > 0 and int(config["min_samples"]) >= 0
+                and int(fb["hop_length"]) > 0 and float(fb["amin"]) > 0 and math.isfinite(float(fb["top_db"]))
+                and float(fb["ref_value"]) > 0 and isinstance(config["model_file"], str)
+                and config["format"] in ("onnx", "torchscript"))  # fmt: skip
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
+        raise TranscribeError(f"{path}: a value is missing or of the wrong type ({_one_line(error)}); export the "
+                              "model again") from None  # fmt: skip
+    if not good:
+        raise TranscribeError(f"{path}: values out of range (tokens, blank_index, sample_rate, frame_shift, fbank, "
+                              "format); export the model again")  # fmt: skip
+    return config
 
 
 class ExportedASR:
@@ -171,14 +321,24 @@ class ExportedASR:
     max_batch_seconds : float, optional
         Padded audio per network run (default :data:`MAX_BATCH_SECONDS`); the utterances given together are
         run longest first in groups of at most this much (:func:`run_groups`). 0: all in one padded batch.
+
+    A missing or corrupt ``deploy.json``, ``fbank.npz`` or model file, or an option out of range, raises
+    :class:`TranscribeError` (one line naming the file or option).
     """
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None, blank_penalty: float | None = None,
                  max_batch_seconds: float = MAX_BATCH_SECONDS) -> None:  # fmt: skip
         self.folder = Path(folder)
-        self.config = json.loads((self.folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        arrays = np.load(self.folder / FEATURES_NAME)
-        self.window, self.mel = arrays["window"], arrays["mel"]
+        self.config = _read_config(self.folder)
+        try:
+            arrays = np.load(self.folder / FEATURES_NAME)
+            self.window, self.mel = np.asarray(arrays["window"], np.float64), np.asarray(arrays["mel"], np.float64)
+        except Exception as error:  # missing, not an npz (numpy's message would suggest unsafe loading), keys missing
+            raise TranscribeError(f"{self.folder / FEATURES_NAME}: missing or corrupt ({type(error).__name__}); "
+                                  "export the model again") from None  # fmt: skip
+        if self.window.ndim != 1 or self.mel.ndim != 2 or self.mel.shape[0] != self.window.shape[0] // 2 + 1:
+            raise TranscribeError(f"{self.folder / FEATURES_NAME}: window and mel filters of other shapes than an "
+                                  "fbank's; export the model again")  # fmt: skip
         self._mel_blocks = mel_blocks(self.mel)
         try:  # numpy's BLAS held to one thread while the fbank runs (_one_blas_thread)
             from threadpoolctl import ThreadpoolController
@@ -191,13 +351,25 @@ class ExportedASR:
         self.sample_rate = int(self.config["sample_rate"])
         self.frame_shift = float(self.config["frame_shift"])
         self.blank_penalty = float(self.config.get("blank_penalty", 0.0) if blank_penalty is None else blank_penalty)
-        self.max_batch_seconds = max_batch_seconds
-        threads = threads if threads is not None else int(os.environ.get("OMP_NUM_THREADS") or 0)
+        if not math.isfinite(self.blank_penalty):
+            raise TranscribeError(f"blank_penalty {self.blank_penalty}: must be a finite number")
+        self.max_batch_seconds = _seconds(max_batch_seconds, "max_batch_seconds")
+        whole = isinstance(threads, (int, np.integer)) and not isinstance(threads, bool)
+        if threads is not None and (not whole or threads < 1):
+            raise TranscribeError(f"threads {threads!r}: must be a whole number >= 1")
+        if threads is None:
+            omp = os.environ.get("OMP_NUM_THREADS", "")
+            threads = int(omp) if omp.isdigit() else 0  # unset or not a plain count: the runtime's own choice
         self.threads = threads or os.cpu_count() or 1
         model = self.folder / self.config["model_file"]
+        if not model.is_file():
+            raise TranscribeError(f"{model}: missing; export the model again")
         self.format = self.config["format"]
         if self.format == "onnx":
-            import onnxruntime as ort
+            try:
+                import onnxruntime as ort
+            except ImportError:
+                raise TranscribeError("onnxruntime is not installed: pip install onnxruntime") from None
 
             def session(intra_op_threads: int) -> ort.InferenceSession:
                 options = ort.SessionOptions()
@@ -206,20 +378,26 @@ class ExportedASR:
                 return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
             self._new_session = session
-            self._session = session(threads)
+            try:
+                self._session = session(threads)
+            except Exception as error:  # onnxruntime's InvalidProtobuf, Fail, ... for what is not a model
+                raise TranscribeError(f"{model}: not a loadable ONNX model ({_one_line(error)[:300]}); export "
+                                      "the model again") from None  # fmt: skip
             self._one_thread_session = self._session if self.threads == 1 else None  # made when first needed
-        elif self.format == "torchscript":
+        else:
             import torch
 
             if threads:
                 torch.set_num_threads(threads)
             import warnings
 
-            with warnings.catch_warnings():  # torch >= 2.9 calls TorchScript deprecated; it still loads and runs
-                warnings.simplefilter("ignore", FutureWarning)
-                self._module = torch.jit.load(str(model), map_location="cpu").eval()
-        else:
-            raise ValueError(f"{self.folder}: unknown format {self.format!r} in {CONFIG_NAME}")
+            try:
+                with warnings.catch_warnings():  # torch >= 2.9 calls TorchScript deprecated; it loads and runs
+                    warnings.simplefilter("ignore", FutureWarning)
+                    self._module = torch.jit.load(str(model), map_location="cpu").eval()
+            except Exception as error:
+                raise TranscribeError(f"{model}: not a loadable TorchScript model ({_one_line(error)[:300]}); "
+                                      "export the model again") from None  # fmt: skip
 
     def features(self, wav: np.ndarray) -> np.ndarray:
         """Fbank ``[T, F]`` of ``wav [S]``; audio shorter than ``min_samples`` is zero-padded to it first."""
@@ -269,6 +447,7 @@ class ExportedASR:
         side by side, one thread each, instead of one group over all threads: the student's matrices are too
         small to split well. Either way an utterance's result does not depend on the others.
         """
+        wavs = [check_samples(w, f"utterance {i}") for i, w in enumerate(wavs)]  # NaN: refused, not decoded
         with self._one_blas_thread():
             feats = [self.features(w) for w in wavs]
         lengths = [f.shape[0] for f in feats]
@@ -324,6 +503,9 @@ class ExportedASR:
         time per chunk depend on ``chunk_seconds + 2 * context_seconds``, not on the file's length;
         ``context_seconds=0`` gives independent chunks (a word cut by a boundary may be lost).
         """
+        chunk_seconds = _seconds(chunk_seconds, "chunk_seconds", zero=False)
+        context_seconds = _seconds(context_seconds, "context_seconds")
+        wav = check_samples(wav, "audio")
         stride = max(round(self.frame_shift * self.sample_rate), 1)  # samples per output frame
         core = max(round(chunk_seconds * self.sample_rate / stride), 1) * stride
         context = max(round(context_seconds * self.sample_rate / stride), 0) * stride
@@ -351,49 +533,109 @@ class ExportedASR:
         return self.text(ids)
 
     def transcribe_files(self, paths: list[str], batch: int = 32) -> list[str]:
-        """Transcripts of audio files, read ``batch`` at a time (each read run as :meth:`log_probs` runs them)."""
+        """Transcripts of audio files, read ``batch`` at a time (each read run as :meth:`log_probs` runs them).
+
+        A file that cannot be used raises :class:`AudioFileError` (the script instead reports it and goes on).
+        """
         out: list[str] = []
         for start in range(0, len(paths), batch):
             out += self.transcribe([read_audio(p, self.sample_rate) for p in paths[start : start + batch]])
         return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python transcribe.py FILE ...``: one ``FILE<TAB>transcript`` line per file."""
-    parser = argparse.ArgumentParser(description="Transcribe audio files with this exported model folder.")
-    parser.add_argument("files", nargs="+", help="audio files (mono or averaged to mono, at the model's rate)")
-    parser.add_argument("--model", default=str(Path(__file__).resolve().parent), help="exported folder")
-    parser.add_argument("--batch", type=int, default=32,
-                        help="files read at a time (run longest first, in groups of --max_batch_seconds)")  # fmt: skip
-    parser.add_argument("--max_batch_seconds", type=float, default=MAX_BATCH_SECONDS,
-                        help="padded audio per network run (0: each --batch of files in one padded batch)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: $OMP_NUM_THREADS)")
-    parser.add_argument("--blank_penalty", type=float, default=None, help="subtracted from blank log-probs")
-    parser.add_argument("--chunk_seconds", type=float, default=0.0,
-                        help="> 0: each file in chunks of this many seconds (long files, bounded memory)")  # fmt: skip
-    parser.add_argument("--context_seconds", type=float, default=CONTEXT_SECONDS,
-                        help="with --chunk_seconds: audio before and after each chunk also read (0: none)")  # fmt: skip
-    args = parser.parse_args(argv)
-    asr = ExportedASR(args.model, threads=args.threads, blank_penalty=args.blank_penalty,
-                      max_batch_seconds=args.max_batch_seconds)  # fmt: skip
-    if args.chunk_seconds <= 0:
-        import soundfile as sf
+def _number(kind: type, low: float, low_ok: bool, meaning: str, high: float = math.inf):
+    """An argparse type: a finite ``kind`` above ``low`` (or equal to it when ``low_ok``), at most ``high``."""
 
-        for path in args.files:
-            seconds = sf.info(path).duration
-            if seconds > LONG_SECONDS:  # self-attention: memory and time grow with the square of the length
-                print(f"{path}: {seconds:.0f} s in one piece; attention memory grows with the square of the length "
-                      f"(a 9-minute file took 12 GB), consider --chunk_seconds 20", file=sys.stderr)  # fmt: skip
-    if args.chunk_seconds > 0:
-        texts = [
-            asr.transcribe_long(read_audio(p, asr.sample_rate), args.chunk_seconds, args.context_seconds)
-            for p in args.files
-        ]
-    else:
-        texts = asr.transcribe_files(args.files, batch=args.batch)
-    for path, text in zip(args.files, texts):
-        print(f"{path}\t{text}")
-    return 0
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_ok) or value > high:
+            raise argparse.ArgumentTypeError(f"{text!r}: {meaning}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``python transcribe.py`` (every number range-checked: one-line errors, exit status 2)."""
+    parser = argparse.ArgumentParser(description="Transcribe audio files with this exported model folder. "
+                                     "Exit status: 0 all transcribed, 1 some file failed (reported on stderr), "
+                                     "2 bad option or model folder.")  # fmt: skip
+    parser.add_argument("files", nargs="+", help="audio files (mono or averaged to mono; other sample rates are "
+                        "resampled to the model's)")  # fmt: skip
+    parser.add_argument("--model", default=str(Path(__file__).resolve().parent), help="exported folder")
+    parser.add_argument("--batch", type=_number(int, 1, True, "must be at least 1"), default=32,
+                        help="files read at a time (run longest first, in groups of --max_batch_seconds)")  # fmt: skip
+    parser.add_argument("--max_batch_seconds", type=_number(float, 0, True, "must be a finite number >= 0"),
+                        default=MAX_BATCH_SECONDS,
+                        help="padded audio per network run (0: each --batch of files in one padded batch)")  # fmt: skip
+    parser.add_argument("--threads", type=_number(int, 1, True, f"must be 1 to {MAX_THREADS}", MAX_THREADS),
+                        default=None, help="runtime threads (default: $OMP_NUM_THREADS)")  # fmt: skip
+    parser.add_argument("--blank_penalty", type=_number(float, -math.inf, False, "must be a finite number"),
+                        default=None, help="subtracted from blank log-probs")  # fmt: skip
+    parser.add_argument("--chunk_seconds", type=_number(float, 0, True, "must be a finite number >= 0"), default=None,
+                        help=f"> 0: each file in chunks of this many seconds (bounded memory); 0: each file whole; "
+                             f"default: files over {LONG_SECONDS:g} s in {AUTO_CHUNK_SECONDS:g} s chunks, "
+                             "shorter ones whole")  # fmt: skip
+    parser.add_argument("--context_seconds", type=_number(float, 0, True, "must be a finite number >= 0"),
+                        default=CONTEXT_SECONDS,
+                        help="with chunks: audio before and after each chunk also read (0: none)")  # fmt: skip
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python transcribe.py FILE ...``: one ``FILE<TAB>transcript`` line per file (stdout).
+
+    Each file that cannot be used is reported on stderr (one line naming it) and the others are transcribed;
+    returns 1 if any failed, 0 if none, 2 for a model folder that cannot be loaded.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        asr = ExportedASR(args.model, threads=args.threads, blank_penalty=args.blank_penalty,
+                          max_batch_seconds=args.max_batch_seconds)  # fmt: skip
+    except TranscribeError as error:
+        print(f"transcribe.py: error: {error}", file=sys.stderr)
+        return 2
+    failed = 0
+    pending: list[tuple[str, np.ndarray]] = []  # short files read, transcribed together (order kept)
+
+    def flush() -> None:
+        for (path, _), text in zip(pending, asr.transcribe([wav for _, wav in pending])):
+            print(f"{path}\t{text}", flush=True)
+        pending.clear()
+
+    def note(message: str) -> None:
+        print(f"transcribe.py: note: {message}", file=sys.stderr)
+
+    for path in args.files:
+        try:
+            wav = read_audio(path, asr.sample_rate, note=note)
+        except AudioFileError as error:
+            print(f"transcribe.py: error: {error}", file=sys.stderr)
+            failed += 1
+            continue
+        seconds = wav.shape[0] / asr.sample_rate
+        chunk = args.chunk_seconds
+        if chunk is None:  # automatic: long files in chunks (bounded memory), short ones whole and batched
+            chunk = AUTO_CHUNK_SECONDS if seconds > LONG_SECONDS else 0.0
+        if chunk > 0:
+            flush()
+            print(f"{path}\t{asr.transcribe_long(wav, chunk, args.context_seconds)}", flush=True)
+            continue
+        if seconds > LONG_SECONDS:  # asked for with --chunk_seconds 0; self-attention: memory ~ length squared
+            note(f"{path}: {seconds:.0f} s in one piece (--chunk_seconds 0); attention memory grows with the "
+                 "square of the length (a 9-minute file took 12 GB)")  # fmt: skip
+        pending.append((path, wav))
+        if len(pending) >= args.batch:
+            flush()
+    flush()
+    if failed:
+        print(f"transcribe.py: {failed} of {len(args.files)} file(s) not transcribed (see above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ __all__ = [
     "agreement_rate",
     "blank_frame_weights",
     "blank_share",
+    "collapse_greedy",
+    "collapse_path",
     "kd_ce_hard",
     "kd_ctc_collapsed",
     "kd_kl",
@@ -129,8 +131,14 @@ def kd_ce_hard(
     mask: torch.Tensor,
     frame_weights: torch.Tensor | None = None,
     reduction: str = "frame",
+    hard_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Cross-entropy of the student to the teacher's per-frame argmax token.
+    """Cross-entropy of the student to the teacher's best path, frame by frame.
+
+    ``hard_labels`` ``[B, T]`` long: the teacher's best path carried to the
+    student's frames (:func:`speech_kd.align.transfer_path`, taken from the
+    teacher's own frames before any resampling); ``None``: the argmax of
+    ``teacher_log_probs`` (right only when both models share a frame rate).
 
     Examples
     --------
@@ -139,7 +147,7 @@ def kd_ce_hard(
     >>> round(float(kd_ce_hard(s, t, torch.ones(1, 1, dtype=torch.bool))), 4)
     0.6931
     """
-    target = teacher_log_probs.detach().argmax(-1)
+    target = teacher_log_probs.detach().argmax(-1) if hard_labels is None else hard_labels.to(torch.long)
     per_frame = -student_log_probs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return _weighted_frame_mean(per_frame, mask, frame_weights, reduction)
 
@@ -160,20 +168,17 @@ def kd_mse(
     return _weighted_frame_mean(per_frame, mask, frame_weights, reduction)
 
 
-def collapse_greedy(teacher_log_probs: torch.Tensor, lengths: torch.Tensor, blank_index: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """The teacher's greedy CTC path, collapsed: labels ``[B, L]`` (padded with 0) and lengths ``[B]``.
+def collapse_path(path: torch.Tensor, lengths: torch.Tensor, blank_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CTC frame path ``[B, T]`` collapsed: labels ``[B, L]`` (padded with 0) and lengths ``[B]``.
 
     Repeats are merged and blanks dropped, vectorised over the batch.
 
     Examples
     --------
-    >>> path = torch.tensor([[0, 3, 3, 0, 3, 2, 2, 0]])
-    >>> logp = torch.nn.functional.one_hot(path, 4).float().log()
-    >>> collapse_greedy(logp, torch.tensor([8]), 0)
+    >>> collapse_path(torch.tensor([[0, 3, 3, 0, 3, 2, 2, 0]]), torch.tensor([8]), 0)
     (tensor([[3, 3, 2]]), tensor([3]))
     """
-    best = teacher_log_probs.detach().argmax(-1)  # [B, T]
+    best = path.detach().to(torch.long)
     frames = torch.arange(best.shape[1], device=best.device)
     valid = frames.unsqueeze(0) < lengths.to(best.device).unsqueeze(1)
     changed = torch.ones_like(best, dtype=torch.bool)
@@ -189,31 +194,67 @@ def collapse_greedy(teacher_log_probs: torch.Tensor, lengths: torch.Tensor, blan
     return labels, out_lengths
 
 
+def collapse_greedy(
+    teacher_log_probs: torch.Tensor, lengths: torch.Tensor, blank_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The greedy CTC transcript of ``[B, T, V]`` log-probs: :func:`collapse_path` of the frame argmax.
+
+    Examples
+    --------
+    >>> path = torch.tensor([[0, 3, 3, 0, 3, 2, 2, 0]])
+    >>> logp = torch.nn.functional.one_hot(path, 4).float().log()
+    >>> collapse_greedy(logp, torch.tensor([8]), 0)
+    (tensor([[3, 3, 2]]), tensor([3]))
+    """
+    return collapse_path(teacher_log_probs.detach().argmax(-1), lengths, blank_index)
+
+
 def kd_ctc_collapsed(
     student_log_probs: torch.Tensor,
     teacher_log_probs: torch.Tensor,
     student_lengths: torch.Tensor,
     teacher_lengths: torch.Tensor,
     blank_index: int,
+    reduction: str = "utterance",
+    hard_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """CTC loss of the student against the teacher's collapsed greedy path.
+    """CTC loss of the student against the teacher's greedy transcript (a pseudo-label).
 
-    The teacher's hard transcript stands in for the reference (sequence-level
-    KD on the frame posteriors, as SpeechBrain's ``ctc_loss_kd`` but batched).
-    ``torch.nn.functional.ctc_loss`` with ``reduction="mean"``: each
-    utterance's loss is divided by its target length, then averaged;
-    ``zero_infinity=True``.
+    The transcript is :func:`collapse_path` of ``hard_labels`` ``[B, T]`` (the
+    teacher's best path taken on its own frames and carried to the
+    student's, :func:`speech_kd.align.transfer_path`), or of the argmax of
+    ``teacher_log_probs`` when it is ``None`` (same frame rate only).
+    ``reduction``: ``utterance`` sums each utterance's CTC and averages over
+    the batch (SpeechBrain's ``ctc_loss(reduction="batchmean")``, the
+    recipes' scale); ``frame`` divides the sum by the number of valid student
+    frames. ``zero_infinity=True``.
+
+    Examples
+    --------
+    >>> s = torch.log_softmax(torch.randn(2, 6, 4), -1)
+    >>> t = torch.nn.functional.one_hot(torch.tensor([[0, 1, 0, 2, 0, 0], [3, 3, 0, 0, 0, 0]]), 4).float().log()
+    >>> lens = torch.tensor([6, 4])
+    >>> utt = kd_ctc_collapsed(s, t, lens, lens, 0, "utterance")
+    >>> frame = kd_ctc_collapsed(s, t, lens, lens, 0, "frame")
+    >>> bool(torch.isclose(utt * 2, frame * 10))
+    True
     """
-    labels, label_lengths = collapse_greedy(teacher_log_probs, teacher_lengths, blank_index)
-    return F.ctc_loss(
+    path = teacher_log_probs.detach().argmax(-1) if hard_labels is None else hard_labels
+    labels, label_lengths = collapse_path(path, teacher_lengths, blank_index)
+    total = F.ctc_loss(
         student_log_probs.transpose(0, 1),
         labels,
         student_lengths.to(torch.long),
         label_lengths.clamp(min=0),
         blank=blank_index,
-        reduction="mean",
+        reduction="sum",
         zero_infinity=True,
     )
+    if reduction == "utterance":
+        return total / max(1, student_log_probs.shape[0])
+    if reduction == "frame":
+        return total / student_lengths.sum().clamp(min=1).to(total.dtype)
+    raise ValueError(f"kd_reduction must be one of {REDUCTIONS}, not {reduction!r}")
 
 
 def blank_frame_weights(
@@ -260,16 +301,20 @@ def kd_loss(
     teacher_lengths: torch.Tensor | None = None,
     blank_index: int = 0,
     reduction: str = "frame",
+    hard_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatch to the KD loss ``name`` (``kl``, ``ce``, ``mse`` or ``ctc``).
 
     ``reduction`` (``frame`` or ``utterance``, see ``_weighted_frame_mean``)
-    applies to the frame-wise losses; ``ctc`` is per utterance by nature.
+    applies to every loss, so each has the scale of the recipe's loss under
+    ``utterance`` and a per-frame scale under ``frame``. ``hard_labels``
+    ``[B, T]``: the teacher's best path on the student's frames, for the
+    losses that take hard targets (``ce``, ``ctc``).
     """
     if name == "kl":
         return kd_kl(student_log_probs, teacher_log_probs, mask, temperature, frame_weights, reduction)
     if name == "ce":
-        return kd_ce_hard(student_log_probs, teacher_log_probs, mask, frame_weights, reduction)
+        return kd_ce_hard(student_log_probs, teacher_log_probs, mask, frame_weights, reduction, hard_labels)
     if name == "mse":
         return kd_mse(student_log_probs, teacher_log_probs, mask, frame_weights, reduction)
     if name == "ctc":
@@ -277,7 +322,9 @@ def kd_loss(
             student_lengths = mask.sum(1)
         if teacher_lengths is None:
             teacher_lengths = student_lengths
-        return kd_ctc_collapsed(student_log_probs, teacher_log_probs, student_lengths, teacher_lengths, blank_index)
+        return kd_ctc_collapsed(
+            student_log_probs, teacher_log_probs, student_lengths, teacher_lengths, blank_index, reduction, hard_labels
+        )
     raise ValueError(f"unknown kd_loss {name!r}; known: {sorted(KD_LOSSES)}")
 
 

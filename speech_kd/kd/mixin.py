@@ -100,6 +100,7 @@ class KDMixin(KDTermMixin):
         for name in _WRAPPED:
             setattr(self, name, getattr(self, f"_kd_{name}"))
         self._kd_rows = AugmentationRows(find_augmenters(self.hparams)) if self.hparams is not None else None
+        self._kd_time_changing = bool(self.kd_time_changing_augmentations()) if self.hparams is not None else False
         self._kd_epoch = KDEpochTotals()
         if self.checkpointer is not None and "kd_epoch_totals" not in self.checkpointer.recoverables:
             # optional: checkpoints written before the sums were saved still load
@@ -142,6 +143,7 @@ class KDMixin(KDTermMixin):
                 f"the bases: class {type(self).__name__}(KDMixin, ...)"
             )
         if getattr(targets, "reads_cache", False):
+            self._kd_check_cache_temperature(targets)
             moving = self.kd_time_changing_augmentations()
             if moving:
                 raise KDSetupError(
@@ -154,6 +156,20 @@ class KDMixin(KDTermMixin):
         if hasattr(targets, "to"):
             targets.to(self.device)
         self.kd_targets = targets
+
+    def _kd_check_cache_temperature(self, targets) -> None:
+        """A cache keeps the tail its ``max_temperature`` needs: a higher KD temperature would read it too flat."""
+        ceiling = getattr(targets, "max_temperature", None)
+        if ceiling is None:
+            return
+        for key in ("temperature", "temperature_final"):
+            value = self.kd_option(key)
+            if value is not None and float(value) > ceiling + 1e-9:
+                raise KDSetupError(
+                    f"{key}={value} but the targets cache was built for temperatures up to {ceiling:g}: its frames "
+                    "keep only the tokens that matter up to that temperature; rebuild it with speech-kd "
+                    f"cache-targets ... --max_temperature {value} (more bytes per frame, docs/cache.md) or lower {key}"
+                )
 
     def _kd_check_options(self) -> None:
         """Weights outside ``[0, 1]`` would turn the recipe's loss negative; temperatures must be positive."""
@@ -239,18 +255,26 @@ class KDMixin(KDTermMixin):
         all_untranscribed = bool(untranscribed) and all(untranscribed)
         if weight == 0.0 and not all_untranscribed:
             return recipe_objectives(predictions, batch, stage)
+        if weight == 0.0 and self.kd_targets is not None:
+            # KD faded out (annealing, a schedule to 0): an untranscribed batch teaches nothing now
+            log_probs, _ = self.kd_student_outputs(predictions)
+            self._kd_step_done = True
+            return log_probs.sum() * 0.0
         if self.kd_targets is None:
             raise KDSetupError(
                 f"kd_weight={weight:g} but no teacher targets are attached: add "
                 "`asr_brain.attach_targets(make_targets(hparams, token_strings(tokenizer)))` after creating the Brain"
                 + (" (untranscribed utterances can only be trained with a teacher)" if all_untranscribed else "")
             )
-        if all_untranscribed:  # no transcript: KD alone, the recipe's objective never sees these rows
+        if all_untranscribed:
+            # no transcript: the KD term alone, weighted as in a transcribed batch (kd_weight, its schedule and
+            # annealing), so KD's share of the gradient is the same on every batch and fades with it; the
+            # recipe's objective never sees these rows
             loss_name = self.kd_option("unlabeled_kd_loss") or self.kd_option("kd_loss")
             kd, stats = self.kd_term(predictions, batch, temperature, loss_name=loss_name)
             self._kd_epoch.add(None, kd, stats)
             self._kd_step_done = True
-            return kd
+            return weight * kd
         if any(untranscribed) and not self.kd_mixed_batches_ok:
             n = sum(untranscribed)
             raise KDSetupError(

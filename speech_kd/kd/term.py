@@ -50,7 +50,74 @@ def _pad_units(targets, student_units: int):
             "tokenizer given to token_strings(...) is not the one the model's output layer was sized for"
         )
     pad = targets.log_probs.new_full((*targets.log_probs.shape[:-1], student_units - have), float("-inf"))
-    return type(targets)(torch.cat([targets.log_probs, pad], dim=-1), targets.mask, targets.lost_mass)
+    reached = targets.reached
+    if reached is not None:
+        reached = torch.cat([reached, reached.new_zeros(student_units - have)])
+    return type(targets)(
+        torch.cat([targets.log_probs, pad], dim=-1), targets.mask, targets.lost_mass, targets.hard_labels, reached
+    )
+
+
+def restrict_to_reached(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    hard_labels: torch.Tensor | None,
+    reached: torch.Tensor | None,
+    blank_index: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Leave out the student tokens no teacher token reaches, renormalising both sides over the rest.
+
+    Such a token's teacher probability is only a floor (1e-8): KL against it
+    would push the student's log-probability there toward -18 although the
+    teacher says nothing about it. The KD term is computed over the reached
+    tokens; the recipe's own loss still trains the others.
+
+    Returns the student ``[B, T, V']`` and teacher ``[B, T, V']``
+    log-probabilities, the hard labels renumbered, and the blank's new index.
+
+    Examples
+    --------
+    >>> s = torch.log_softmax(torch.zeros(1, 1, 3), -1)
+    >>> t = torch.log(torch.tensor([[[0.5, 0.5, 1e-8]]]))
+    >>> s2, t2, _, blank = restrict_to_reached(s, t, None, torch.tensor([True, True, False]), 0)
+    >>> s2.exp(), blank
+    (tensor([[[0.5000, 0.5000]]]), 0)
+    """
+    if reached is None or bool(reached.all()):
+        return student_log_probs, teacher_log_probs, hard_labels, blank_index
+    keep = reached.to(student_log_probs.device)
+    index = torch.nonzero(keep).flatten()
+    renumber = keep.long().cumsum(0) - 1
+    student = torch.log_softmax(student_log_probs.index_select(-1, index), dim=-1)
+    teacher = torch.log_softmax(teacher_log_probs.index_select(-1, index.to(teacher_log_probs.device)), dim=-1)
+    labels = renumber[hard_labels.to(renumber.device)].clamp(min=0) if hard_labels is not None else None
+    return student, teacher, labels, int(renumber[blank_index])
+
+
+#: grid that a measured frame shift snaps to (seconds): front ends hop in multiples of 5 ms
+FRAME_SHIFT_GRID = 0.005
+
+
+def measured_frame_shift(seconds: float, frames: int) -> float:
+    """The student's seconds per output frame from one padded batch, snapped to the 5 ms grid.
+
+    ``seconds / frames`` is biased low on short batches: a front end adds a
+    frame or two at the edges (26 frames for 1 s at 40 ms). Front ends hop in
+    multiples of 5 ms, so a ratio within 10 % of a grid point is that point;
+    one farther from every grid point is kept to the millisecond.
+
+    Examples
+    --------
+    >>> measured_frame_shift(1.0, 26), measured_frame_shift(8.0, 201), measured_frame_shift(2.0, 100)
+    (0.04, 0.04, 0.02)
+    >>> measured_frame_shift(1.0, 33)
+    0.03
+    """
+    raw = seconds / max(frames, 1)
+    snapped = max(FRAME_SHIFT_GRID, round(raw / FRAME_SHIFT_GRID) * FRAME_SHIFT_GRID)
+    if abs(snapped - raw) <= 0.1 * snapped:
+        return round(snapped, 6)
+    return round(raw, 3)
 
 
 class KDTermMixin:
@@ -70,12 +137,15 @@ class KDTermMixin:
         extra = {}
         rows = self._kd_rows
         augmented = rows is not None and rows.calls
-        reads_cache = getattr(self.kd_targets, "reads_cache", False)
+        # the live teacher hears the clean utterance whenever the augmentation keeps the time axis (noise,
+        # dropped chunks or frequencies), as the cache does: the student learns to map augmented audio to what
+        # the teacher says of clean audio, and live and cached runs optimise the same thing
+        clean = getattr(self.kd_targets, "reads_cache", False) or not self._kd_time_changing
         if augmented:
-            index = rows.utterance_rows if reads_cache else rows.teacher_rows
+            index = rows.utterance_rows if clean else rows.teacher_rows
             if index is not None:
                 extra["rows"] = index.to(self.device)
-            if rows.wavs is not None and not reads_cache:
+            if rows.wavs is not None and not clean:
                 extra["wavs"] = rows.wavs
         else:
             if getattr(self, "shared_features", None) is not None:
@@ -110,7 +180,7 @@ class KDTermMixin:
         if declared is None:
             declared = getattr(self.hparams, "frame_shift", None)
         if declared is None and aligner is not None:
-            measured = round(seconds / frames, 3)
+            measured = measured_frame_shift(seconds, frames)
             aligner.set_student_frame_shift(measured)
             logger.info("student frame shift measured on the first batch: %.3f s (%d frames for %.2f s)",
                         measured, frames, seconds)  # fmt: skip
@@ -150,11 +220,14 @@ class KDTermMixin:
                 targets.log_probs, blank, self.kd_option("blank_mode"),
                 self.kd_option("blank_threshold"), self.kd_option("blank_weight"),
             )  # fmt: skip
+            student, teacher, hard, kd_blank = restrict_to_reached(
+                log_probs, teacher, targets.hard_labels, targets.reached, blank
+            )
             loss = kd_loss(
-                loss_name or self.kd_option("kd_loss"), log_probs, teacher, targets.mask,
+                loss_name or self.kd_option("kd_loss"), student, teacher, targets.mask,
                 temperature=temperature, frame_weights=weights,
-                student_lengths=lengths, teacher_lengths=lengths, blank_index=blank,
-                reduction=self.kd_option("kd_reduction"),
+                student_lengths=lengths, teacher_lengths=lengths, blank_index=kd_blank,
+                reduction=self.kd_option("kd_reduction"), hard_labels=hard,
             )  # fmt: skip
         stats = {
             "blank_share": blank_share(targets.log_probs, targets.mask, blank, self.kd_option("blank_threshold")),

@@ -33,6 +33,7 @@ __all__ = [
     "VocabMap",
     "FrameRateError",
     "resample_frames",
+    "transfer_path",
     "reconcile_lengths",
     "WORD_DELIMITERS",
 ]
@@ -198,6 +199,100 @@ def resample_frames(
     out = out.clamp_min(torch.finfo(out.dtype).tiny).log()
     out = out - torch.logsumexp(out, dim=-1, keepdim=True)
     return out.to(dtype), new_lengths
+
+
+def transfer_path(
+    path: torch.Tensor,
+    lengths: torch.Tensor,
+    src_shift: float,
+    dst_shift: float,
+    target_lengths: torch.Tensor,
+    target_max: int,
+    blank_index: int,
+) -> torch.Tensor:
+    """Carry a CTC best path from the teacher's frames to the student's, keeping its transcript.
+
+    Hard targets must come from the teacher's own frames: the argmax of
+    posteriors averaged to a coarser rate turns a one-frame spike of 0.9
+    into 0.45 against a blank of 0.55 and teaches deletions. So the path is
+    taken at the teacher's rate and carried over:
+
+    * same rate: the path itself;
+    * finer student frames: each student frame takes the teacher frame it
+      lies in (nearest neighbour: every teacher frame is kept, so the
+      collapsed transcript is the same);
+    * coarser student frames: each token the teacher emits (the first frame
+      of each run) is placed at the student frame that holds its start time,
+      or the next free one; a token repeating the previous one gets a blank
+      frame between them, so it is not merged. Tokens that no longer fit
+      before the utterance's last student frame are dropped (only when the
+      teacher emits more tokens than the student has frames).
+
+    Frames past ``target_lengths`` are blank.
+
+    Parameters
+    ----------
+    path : torch.Tensor
+        ``[B, Tt]`` long: the teacher's best path (frame argmax) in student token ids.
+    lengths : torch.Tensor
+        ``[B]`` valid teacher frames.
+    src_shift, dst_shift : float
+        Seconds per teacher and per student frame.
+    target_lengths : torch.Tensor
+        ``[B]`` valid student frames.
+    target_max : int
+        ``Ts``, the student's padded number of frames.
+    blank_index : int
+        The blank token.
+
+    Returns
+    -------
+    torch.Tensor
+        ``[B, Ts]`` long: a student-rate path whose collapse is the teacher's greedy transcript.
+
+    Examples
+    --------
+    >>> path = torch.tensor([[0, 0, 5, 0, 0, 0, 5, 5, 5, 5, 0, 0]])  # 20 ms: "a", then "a" again
+    >>> transfer_path(path, torch.tensor([12]), 0.02, 0.04, torch.tensor([6]), 6, 0)
+    tensor([[0, 5, 0, 5, 0, 0]])
+    >>> transfer_path(torch.tensor([[0, 5, 5, 0]]), torch.tensor([4]), 0.04, 0.02, torch.tensor([8]), 8, 0)
+    tensor([[0, 0, 5, 5, 5, 5, 0, 0]])
+    """
+    device = path.device
+    path = path.to(torch.long)
+    lengths = lengths.to(device).long().clamp(0, path.shape[1])
+    target_lengths = target_lengths.to(device).long()
+    frames = torch.arange(target_max, device=device)
+    valid = frames.unsqueeze(0) < target_lengths.unsqueeze(1)
+    if abs(src_shift - dst_shift) < 1e-6 or dst_shift < src_shift:
+        # nearest teacher frame for each student frame (identity at equal rates)
+        source = torch.floor((frames.double() + 0.5) * dst_shift / src_shift).long()
+        last = (lengths - 1).clamp_min(0).unsqueeze(1)
+        source = torch.minimum(source.unsqueeze(0), last)
+        out = path.gather(1, source.clamp(0, max(path.shape[1] - 1, 0)))
+        out = torch.where(source < lengths.unsqueeze(1), out, torch.full_like(out, blank_index))
+        return torch.where(valid, out, torch.full_like(out, blank_index))
+    out = torch.full((path.shape[0], target_max), blank_index, dtype=torch.long)
+    rows = path.cpu()
+    for b in range(path.shape[0]):
+        row = rows[b, : int(lengths[b])]
+        if row.numel() == 0:
+            continue
+        changed = torch.ones_like(row, dtype=torch.bool)
+        changed[1:] = row[1:] != row[:-1]
+        starts = torch.nonzero(changed & (row != blank_index)).flatten().tolist()
+        limit = int(target_lengths[b])
+        previous_pos, previous_token = -2, None
+        for t in starts:
+            token = int(row[t])
+            pos = max(int(t * src_shift / dst_shift + 1e-9), previous_pos + 1)
+            if token == previous_token and pos == previous_pos + 1:
+                pos += 1  # a blank between repeats, or CTC would merge them
+            if pos >= limit:
+                break
+            out[b, pos] = token
+            previous_pos, previous_token = pos, token
+    return out.to(device)
 
 
 def reconcile_lengths(

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from speech_kd.targets.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
+from speech_kd.targets.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames, transfer_path
 from speech_kd.targets.teachers.base import Teacher, TeacherOutput
 from speech_kd.training.precision import autocast_for, check_precision
 
@@ -41,11 +41,22 @@ class Targets:
         ``[B, T]`` bool, True on the student's valid frames.
     lost_mass : float
         Mean teacher probability per valid frame that had no student token.
+    hard_labels : torch.Tensor, optional
+        ``[B, T]`` long: the teacher's best path taken on its *own* frames
+        (before any resampling) and carried to the student's
+        (:func:`speech_kd.align.transfer_path`): the hard targets of
+        ``kd_loss: ce`` and ``ctc``, whose collapse is the teacher's greedy
+        transcript.
+    reached : torch.Tensor, optional
+        ``[V]`` bool: student tokens some teacher token maps to. The others
+        carry no teacher information; the KD term leaves them out.
     """
 
     log_probs: torch.Tensor
     mask: torch.Tensor
     lost_mass: float = 0.0
+    hard_labels: torch.Tensor | None = None
+    reached: torch.Tensor | None = None
 
 
 class TargetAligner:
@@ -129,10 +140,23 @@ class TargetAligner:
             lost = self.vocab.check_mass(lost_mass, teacher_mask)
         if self.student_frame_shift is None:
             raise ValueError("the student's frame shift is not known yet: set frame_shift (seconds per output frame)")
+        best_path = log_probs.argmax(-1)  # [B, Tt]: hard targets come from the teacher's own frames
+        teacher_lengths = lengths
         log_probs, lengths = resample_frames(log_probs, lengths, self.teacher_frame_shift, self.student_frame_shift)
         student_lengths = student_lengths.to(lengths.device)
         log_probs = reconcile_lengths(log_probs, lengths, student_lengths, student_max, self.frame_tolerance)
-        return Targets(log_probs, lengths_to_mask(student_lengths, student_max), lost)
+        hard = transfer_path(
+            best_path,
+            teacher_lengths,
+            self.teacher_frame_shift,
+            self.student_frame_shift,
+            student_lengths,
+            student_max,
+            self.vocab.student_blank,
+        )
+        reached = self.vocab.matrix.sum(0) > 0
+        reached[self.vocab.student_blank] = True
+        return Targets(log_probs, lengths_to_mask(student_lengths, student_max), lost, hard, reached)
 
 
 def auto_frame_tolerance(teacher_frame_shift: float, student_frame_shift: float) -> int:
@@ -230,6 +254,8 @@ class CachedTargets:
     def __init__(self, reader, aligner: TargetAligner) -> None:
         self.reader = reader
         self.aligner = aligner
+        #: the largest KD temperature the cache was built for (its stored tail is faithful up to it)
+        self.max_temperature = float(reader.metadata.get("scheme", {}).get("max_temperature", 1.0))
 
     def to(self, device) -> CachedTargets:
         """Nothing to move: targets are read straight onto the batch's device."""

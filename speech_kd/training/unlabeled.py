@@ -296,7 +296,7 @@ def score_unlabeled(targets, dataset, out_folder: str | os.PathLike, sample_rate
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["ID", "confidence", "duration"])
-        writer.writerows([uid, f"{scores[uid]:.5f}", durations[uid]] for uid in ids)
+        writer.writerows([uid, repr(float(scores[uid])), durations[uid]] for uid in ids)  # exact: read back to filter
     os.replace(tmp, path)
     stamp.write_text(json.dumps({"teacher": fingerprint, "utterances": len(ids)}) + "\n")
     return scores

@@ -62,7 +62,9 @@ def test_prepare_writes_speechbrain_csv(tiny_corpus, tmp_path):
     assert not result.skipped
     row = rows[0]
     assert Path(row["wav"]).exists() and float(row["duration"]) > 0.5
-    assert row["spk_id"] == row["ID"].split("-")[0]
+    # SpeechBrain's librispeech_prepare.py: spk_id is speaker-chapter, duration str(frames / rate)
+    assert row["spk_id"] == "-".join(row["ID"].split("-")[:2])
+    assert float(row["duration"]) == sf.info(row["wav"]).frames / 16000
 
 
 def test_prepare_reports_and_skips_bad_files(corpus_copy, tmp_path):

@@ -67,7 +67,7 @@ def test_prepare_unlabeled_splits(unlabeled_corpus, tmp_path, capsys):
                  "--unlabeled_splits", "untranscribed", "extra"]) == 0  # fmt: skip
     rows = _rows(out / "untranscribed.csv")
     assert sorted(r["ID"] for r in rows) == sorted(p.stem for p in data.glob("untranscribed/*/*/*.flac"))
-    assert all(r["wrd"] == "" and float(r["duration"]) > 0 and r["spk_id"] == r["ID"].split("-")[0] for r in rows)
+    assert all(r["wrd"] == "" and float(r["duration"]) > 0 and r["spk_id"] == "-".join(r["ID"].split("-")[:2]) for r in rows)
     rows = {r["ID"]: r for r in _rows(out / "extra.csv")}
     assert set(rows) == {"a__take.wav", "b__deep__take.flac", "solo"}
     assert rows["a__take.wav"]["spk_id"] == "a" and rows["solo"]["spk_id"] == "extra"

@@ -106,6 +106,27 @@ def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
     return parser
 
 
+def cache_temperature(variants: dict[str, tuple[list[str], bool]], extra: list[str]) -> float:
+    """The largest ``temperature``/``temperature_final`` the cached variants train at (1 when none is set).
+
+    Examples
+    --------
+    >>> cache_temperature({"kl_t2": (["--temperature=2"], True), "kl_t4": (["--temperature=4"], False)}, [])
+    2.0
+    >>> cache_temperature({"kd": ([], True)}, ["--temperature_final=3"])
+    3.0
+    """
+    highest = 1.0
+    for overrides, cached in variants.values():
+        if not cached:
+            continue
+        for arg in merge_overrides(overrides, extra):
+            key, _, value = arg.partition("=")
+            if key in ("--temperature", "--temperature_final") and value not in ("", "null", "None"):
+                highest = max(highest, float(value))
+    return highest
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns the results dict (with several seeds: ``{"seeds", "mean"}``)."""
     args = build_parser().parse_args(argv)
@@ -143,10 +164,13 @@ def main(argv: list[str] | None = None) -> dict:
             Path(args.test_data).resolve(), out / "data_test", splits=["test"]
         ).csv_files["test"]
     cache = out / "cache"
-    caches = {"cache": speech_kd_command("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache))}
+    # one cache serves every cached variant: built for the highest temperature any of them trains at
+    ceiling = ["--max_temperature", f"{cache_temperature(variants, args.extra.split()):g}"]
+    caches = {"cache": speech_kd_command("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache),
+                                  *ceiling)}  # fmt: skip
     if unlabeled_csv:
         caches["cache_unlabeled"] = speech_kd_command("cache-targets", "--teacher", teacher, "--csv", unlabeled_csv, "--out",
-                                               str(out / "cache_unlabeled"))  # fmt: skip
+                                               str(out / "cache_unlabeled"), *ceiling)  # fmt: skip
     run_all(caches, logs, 1)
 
     folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}

@@ -119,7 +119,7 @@ def prepare_split(
         if problem:
             skipped.append(Skipped(split, utt_id, str(audio[utt_id]), problem))
             continue
-        candidates.append((utt_id, audio[utt_id], norm, utt_id.split("-")[0]))
+        candidates.append((utt_id, audio[utt_id], norm, speaker_chapter(utt_id)))
 
     rows = _probe_rows(candidates, split, skipped, sample_rate, workers)
     return _write_split(result, split, save_folder, rows)
@@ -140,7 +140,8 @@ def _probe_rows(candidates: list, split: str, skipped: list[Skipped], sample_rat
             if problem:
                 skipped.append(Skipped(split, utt_id, str(path), problem))
                 continue
-            rows.append([utt_id, f"{info.duration:.3f}", str(Path(path).resolve()), spk_id, norm])
+            # as SpeechBrain's librispeech_prepare.py writes them: the duration as str(frames / rate)
+            rows.append([utt_id, str(info.duration), str(Path(path).resolve()), spk_id, norm])
     return rows
 
 
@@ -183,11 +184,22 @@ def _unlabeled_ids(split_dir: Path, files: list[Path]) -> list[str]:
     ]
 
 
+def speaker_chapter(utt_id: str) -> str:
+    """``spk_id`` as SpeechBrain's ``librispeech_prepare.py`` writes it: ``SPK-CHAPTER`` of ``SPK-CHAPTER-UTT``.
+
+    Examples
+    --------
+    >>> speaker_chapter("84-121123-0001")
+    '84-121123'
+    """
+    return "-".join(utt_id.split("-")[0:2])
+
+
 def _speaker_of(split: str, split_dir: Path, path: Path, utt_id: str) -> str:
-    """LibriSpeech's speaker (``SPK`` of ``SPK-CHAPTER-UTT``), else the top folder under the split."""
+    """LibriSpeech's ``SPK-CHAPTER`` of ``SPK-CHAPTER-UTT``, else the top folder under the split."""
     parts = utt_id.split("-")
     if len(parts) == 3 and all(part.isdigit() for part in parts):
-        return parts[0]
+        return speaker_chapter(utt_id)
     rel = path.relative_to(split_dir).parts
     return rel[0] if len(rel) > 1 else split
 

@@ -19,7 +19,6 @@ from speech_kd.targets.cache.format import (
     FORMAT_VERSION,
     MAX_RUN,
     META_NAME,
-    PROB_LEVELS,
     RESIDUAL_FLOOR,
     CacheError,
     _read_shard_header,
@@ -95,7 +94,9 @@ def _read_manifest(csv_path: str | os.PathLike) -> list[_Utt]:
     return utts
 
 
-def _new_meta(teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: float, student_tokens) -> dict:
+def _new_meta(
+    teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: float, max_temperature: float, student_tokens
+) -> dict:
     return {
         "format_version": FORMAT_VERSION,
         "teacher_name": teacher.name,
@@ -107,10 +108,11 @@ def _new_meta(teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: fl
         "scheme": {
             "top_k": int(top_k),
             "mass": float(mass),
-            "prob_levels": PROB_LEVELS,
+            "max_temperature": float(max_temperature),
+            "prob_bytes": "log domain, LOG_STEP nats, 255 = zero",
             "id_dtype": id_dtype(len(teacher.tokens)).name,
             "residual_floor": RESIDUAL_FLOOR,
-            "certain": "top token >= mass",
+            "kept": "tokens holding mass of the distribution softened at max_temperature",
             "max_run": MAX_RUN,
             "block_utts": BLOCK_UTTS,
             "compression": "zlib-9",

@@ -6,24 +6,32 @@ utterance ID; :class:`~speech_kd.targets.cache.CacheReader` turns them back into
 log-posteriors for any batch. ``docs/cache.md`` describes the format in full
 (``meta.json``, ``shards.json``, the shard files) with its measured size.
 
-Storage scheme, per teacher frame with probabilities ``p [V]``: keep the
-smallest prefix of the sorted tokens whose probability reaches ``mass``
-(default 0.98), at most ``top_k`` (default 8, at most 127); quantise each
-kept probability to one byte ``q = round(255 p)``, so ``|q/255 - p| <= 1/510``.
-A *certain* frame (its top token alone reaches ``mass``) stores only its
-token id (:class:`EncodedFrames`, :func:`encode`). In a shard each utterance
-becomes codes (:func:`to_codes`): a byte ``k`` for an uncertain frame, or
-``128 + n - 1`` for a run of ``n`` certain frames of one token, stored with a
-single id; blocks of ``BLOCK_UTTS`` utterances are zlib-compressed with their
-checksum, so a damaged block is an error, never wrong targets.
+Storage scheme, per teacher frame with probabilities ``p [V]`` sorted high to
+low: keep the smallest prefix of tokens that holds ``mass`` (default 0.98) of
+the distribution *softened at* ``max_temperature`` (``softmax(log p / T)``;
+default 1), at most ``top_k`` (default 8, at most 127). The cache is meant
+for KD at temperatures up to ``max_temperature``: softening raises the tail,
+so a cache for ``T = 2`` keeps more tokens per frame (``distill`` refuses a
+higher temperature than the cache's). Store the kept token ids, one byte per
+kept token after the first (its probability in the log domain, :func:`to_byte`:
+steps of ``LOG_STEP`` nats down to 1e-8, a relative error within 3.7 %), and one
+byte for the true mass of every token *not* kept (the residual, same
+coding). The first token's probability is implied (one minus the rest), so a
+frame of one confident token costs an id and one byte. In a shard each
+utterance becomes codes (:func:`to_codes`): a byte ``k`` (2..127) for a frame
+of ``k`` kept tokens, or ``128 + n - 1`` for a run of ``n`` one-token frames
+with the same id and residual byte, stored once; blocks of ``BLOCK_UTTS``
+utterances are zlib-compressed with their checksum, so a damaged block is an
+error, never wrong targets.
 
-Reconstruction (:func:`decode`): stored tokens get ``q/255`` (a certain
-frame's token 1), the residual ``max(1 - sum q/255, 1e-6)`` is spread over the
-other tokens, and the frame is renormalised. With ``m`` the true mass of the
-tokens not stored and ``k`` tokens stored, every probability of the frame
-satisfies::
-
-    |p_hat - p| <= m + (k + 1) / 510 + 1e-6
+Reconstruction (:func:`decode`): kept tokens get their stored probabilities,
+the residual is spread evenly over the tokens not kept (at least
+``RESIDUAL_FLOOR`` in all), the first token takes what is left, and the frame
+is renormalised. The residual's *size* is exact to 3.7 %; only its shape
+over the unkept tokens is lost, and the tokens were chosen so that it holds
+at most ``1 - mass`` of the softened distribution. Measured on the shipped
+teacher (``docs/cache.md``, with the command): per-frame ``T^2 KL(teacher ||
+decoded)`` and bytes per frame for each ``max_temperature``.
 """
 
 from __future__ import annotations
@@ -44,15 +52,20 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-FORMAT_VERSION = 2
-PROB_LEVELS = 255
-RESIDUAL_FLOOR = 1e-6
+FORMAT_VERSION = 3
+#: nats per step of a probability byte: 254 steps from probability 1 down to 1e-8 (byte 255: zero)
+LOG_STEP = math.log(1e8) / 254
+ZERO_BYTE = 255
+#: least total probability spread over the tokens not kept
+RESIDUAL_FLOOR = 1e-8
+#: the largest temperature a cache is built for unless told otherwise
+DEFAULT_MAX_TEMPERATURE = 1.0
 #: log-probability of the non-blank tokens on padding frames (blank gets 0)
 PAD_LOG_PROB = math.log(1e-8)
-SHARD_MAGIC = b"SKDCACH2"
+SHARD_MAGIC = b"SKDCACH3"
 #: utterances per compressed block of a shard
 BLOCK_UTTS = 16
-#: longest run of certain frames one code byte holds
+#: longest run of one-token frames one code byte holds
 MAX_RUN = 128
 #: decoded blocks kept per reader process
 _BLOCK_CACHE = 64
@@ -90,12 +103,12 @@ class EncodedFrames:
     Attributes
     ----------
     counts : np.ndarray
-        ``[T]`` uint8: tokens kept per frame; ``0`` marks a certain frame
-        (one token id, no probability byte, the probability implied to be one).
+        ``[T]`` uint8: tokens kept per frame (1..127).
     ids : np.ndarray
-        ``[E]`` uint8 or uint16 token ids, ``E = sum(max(counts, 1))``.
+        ``[E]`` uint8 or uint16 token ids, most probable first, ``E = sum(counts)``.
     probs : np.ndarray
-        ``[P]`` uint8 quantised probabilities ``round(255 p)``, ``P = sum(counts)``.
+        ``[E]`` uint8: per frame, the probability bytes of its kept tokens
+        after the first, then its residual byte (:func:`to_byte`).
     """
 
     counts: np.ndarray
@@ -122,14 +135,37 @@ def id_dtype(vocab_size: int) -> np.dtype:
     raise CacheError(f"vocabulary of {vocab_size} tokens is too large for the cache (max 65536)")
 
 
-def _check_scheme(top_k: int, mass: float) -> None:
+def check_scheme(top_k: int, mass: float, max_temperature: float = DEFAULT_MAX_TEMPERATURE) -> None:
+    """Refuse storage settings outside their ranges (:class:`CacheError`, one line)."""
     if not 1 <= top_k <= 127:
         raise CacheError(f"top_k must be in 1..127, got {top_k}")
     if not 0.0 < mass <= 1.0:
         raise CacheError(f"mass must be in (0, 1], got {mass}")
+    if not (math.isfinite(max_temperature) and max_temperature > 0):
+        raise CacheError(f"max_temperature must be a positive number, got {max_temperature}")
 
 
-def encode(log_probs: torch.Tensor, top_k: int = 8, mass: float = 0.98) -> EncodedFrames:
+def to_byte(log_probs: torch.Tensor) -> torch.Tensor:
+    """Log-domain probability bytes: ``round(-log p / LOG_STEP)`` in 0..254, ``ZERO_BYTE`` below 1e-8.
+
+    Examples
+    --------
+    >>> to_byte(torch.log(torch.tensor([1.0, 0.01, 1e-12]))).tolist()
+    [0, 64, 255]
+    """
+    steps = torch.floor(-log_probs.double() / LOG_STEP + 0.5)
+    return torch.where(steps > ZERO_BYTE - 1, torch.full_like(steps, ZERO_BYTE), steps.clamp(min=0)).to(torch.uint8)
+
+
+def from_byte(codes: np.ndarray) -> np.ndarray:
+    """Probabilities (float64) of log-domain bytes; ``ZERO_BYTE`` is 0."""
+    codes = codes.astype(np.float64)
+    return np.where(codes >= ZERO_BYTE, 0.0, np.exp(-codes * LOG_STEP))
+
+
+def encode(
+    log_probs: torch.Tensor, top_k: int = 8, mass: float = 0.98, max_temperature: float = DEFAULT_MAX_TEMPERATURE
+) -> EncodedFrames:
     """Compress ``[T, V]`` log-posteriors of one utterance (see the module docstring).
 
     Parameters
@@ -139,40 +175,38 @@ def encode(log_probs: torch.Tensor, top_k: int = 8, mass: float = 0.98) -> Encod
     top_k : int
         Most tokens kept per frame (1..127).
     mass : float
-        Cumulative probability at which a frame stops keeping tokens.
+        Share of the distribution softened at ``max_temperature`` that the kept tokens hold.
+    max_temperature : float
+        The largest KD temperature the cache is for.
 
     Returns
     -------
     EncodedFrames
         The per-frame counts, token ids and probability bytes.
     """
-    _check_scheme(top_k, mass)
+    check_scheme(top_k, mass, max_temperature)
     if log_probs.dim() != 2:
         raise CacheError(f"encode expects [T, V] log-probs, got shape {tuple(log_probs.shape)}")
     num_tokens = log_probs.shape[1]
     k = min(top_k, num_tokens)
-    top_lp, top_ids = torch.log_softmax(log_probs.float(), dim=-1).topk(k, dim=-1)
-    top_p = top_lp.exp()
-    needed = ((top_p.cumsum(-1) < mass).sum(-1) + 1).clamp(max=k)
-    quant = torch.floor(top_p * PROB_LEVELS + 0.5).clamp(0, PROB_LEVELS)
-    nonzero = (quant > 0).sum(-1)  # quant is non-increasing along the row
-    kept = torch.minimum(needed, nonzero).clamp(min=1)
-    certain = (needed == 1) | ((kept == 1) & (quant[:, 0] == PROB_LEVELS))
-    keep = torch.arange(k, device=kept.device)[None, :] < kept[:, None]
+    lp = torch.log_softmax(log_probs.double(), dim=-1)
+    sorted_lp, order = lp.sort(dim=-1, descending=True)
+    softened = torch.softmax(sorted_lp / max_temperature, dim=-1)
+    left_out = 1.0 - softened.cumsum(-1)  # softened mass not held by the first j + 1 tokens
+    kept = ((left_out[:, : k - 1] > 1.0 - mass + 1e-12).sum(-1) + 1).clamp(max=k)  # [T]
+    position = torch.arange(num_tokens, device=lp.device)[None, :]
+    keep = position < kept[:, None]
+    residual = torch.logsumexp(sorted_lp.masked_fill(keep, float("-inf")), dim=-1)  # [T], -inf when all kept
+    token_bytes = to_byte(sorted_lp)
+    # per frame: bytes of kept tokens 2..k, then the residual byte
+    body = keep & (position > 0)
+    per_frame = torch.cat([token_bytes.masked_fill(~body, 0), to_byte(residual)[:, None]], dim=1)
+    stored = torch.cat([body, torch.ones_like(kept, dtype=torch.bool)[:, None]], dim=1)
     return EncodedFrames(
-        counts=torch.where(certain, 0, kept).to(torch.uint8).cpu().numpy(),
-        ids=top_ids[keep].cpu().numpy().astype(id_dtype(num_tokens)),
-        probs=quant[keep & ~certain[:, None]].to(torch.uint8).cpu().numpy(),
+        counts=kept.to(torch.uint8).cpu().numpy(),
+        ids=order[keep].cpu().numpy().astype(id_dtype(num_tokens)),
+        probs=per_frame[stored].cpu().numpy().astype(np.uint8),
     )
-
-
-def _dequantise(counts: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-entry frame index, per-entry probability and per-frame id count."""
-    n_ids = np.maximum(counts.astype(np.int64), 1)
-    frame = np.repeat(np.arange(len(counts)), n_ids)
-    entry_p = np.ones(len(frame), dtype=np.float64)
-    entry_p[np.repeat(counts > 0, n_ids)] = probs / PROB_LEVELS
-    return frame, entry_p, n_ids
 
 
 def _log_parts(
@@ -187,18 +221,31 @@ def _log_parts(
         log-probabilities ``[E]`` and, per frame, the log-probability of every
         token not stored ``[T]``.
     """
-    frame, entry_p, n_ids = _dequantise(counts, probs)
-    if len(ids) != len(frame) or len(probs) != int(counts.sum(dtype=np.int64)):
+    n = counts.astype(np.int64)
+    total_entries = int(n.sum())
+    if (n < 1).any() or len(ids) != total_entries or len(probs) != total_entries:
         raise CacheError(
-            f"corrupt entry: {len(counts)} frames need {len(frame)} ids / {counts.sum()} probs, "
+            f"corrupt entry: {len(counts)} frames need {total_entries} ids and probability bytes, "
             f"found {len(ids)} / {len(probs)}"
         )
     if len(ids) and int(ids.max()) >= vocab_size:
         raise CacheError(f"corrupt entry: token id {int(ids.max())} outside the {vocab_size}-token vocabulary")
-    stored = np.bincount(frame, weights=entry_p, minlength=len(counts))
-    others = vocab_size - n_ids
-    residual = np.where(others > 0, np.maximum(1.0 - stored, RESIDUAL_FLOOR), 0.0)
-    log_total = np.log(np.maximum(stored + residual, _TINY))
+    frame = np.repeat(np.arange(len(n)), n)
+    starts = np.cumsum(n) - n
+    position = np.arange(total_entries) - np.repeat(starts, n)
+    values = from_byte(probs)
+    residual = values[starts + n - 1]  # the last byte of each frame
+    # entry j > 0 of a frame reads byte j - 1 of the frame; entry 0 (the first token) is implied
+    entry_p = np.where(position > 0, values[np.maximum(np.arange(total_entries) - 1, 0)], 0.0)
+    others = vocab_size - n
+    residual = np.where(others > 0, np.maximum(residual, RESIDUAL_FLOOR), 0.0)
+    second = np.zeros(len(n))
+    has_second = n > 1
+    second[has_second] = entry_p[starts[has_second] + 1]
+    first = np.maximum(1.0 - np.bincount(frame, weights=entry_p, minlength=len(n)) - residual, second)
+    entry_p[starts] = np.maximum(first, 1e-30)
+    total = np.bincount(frame, weights=entry_p, minlength=len(n)) + residual
+    log_total = np.log(total)
     log_fill = np.log(np.maximum(residual / np.maximum(others, 1), _TINY)) - log_total
     log_entry = np.log(np.maximum(entry_p, _TINY)) - log_total[frame]
     return frame, ids.astype(np.int64), log_entry, log_fill
@@ -212,52 +259,52 @@ def decode_into(out: np.ndarray, counts: np.ndarray, ids: np.ndarray, probs: np.
 
 
 def decode(encoded: EncodedFrames, vocab_size: int) -> torch.Tensor:
-    """Dense ``[T, V]`` float32 log-probabilities of one encoded utterance.
-
-    Stored tokens get their dequantised probabilities, the residual mass
-    ``max(1 - sum, 1e-6)`` is spread uniformly over the other tokens and the
-    frame is renormalised (module docstring, with its error bound).
-    """
+    """Dense ``[T, V]`` float32 log-probabilities of one encoded utterance (module docstring)."""
     out = np.empty((encoded.num_frames, vocab_size), dtype=np.float32)
     decode_into(out, encoded.counts, encoded.ids, encoded.probs)
     return torch.from_numpy(out)
 
 
-def to_codes(enc: EncodedFrames) -> tuple[np.ndarray, np.ndarray]:
-    """Run-length code one utterance: ``codes [C]`` uint8 and the ids they use.
+def to_codes(enc: EncodedFrames) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Run-length code one utterance: ``codes [C]`` uint8 and the ids and probability bytes they use.
 
-    An uncertain frame keeps its code ``k`` and its ``k`` ids; consecutive
-    certain frames of the same token become one code ``128 + n - 1``
-    (``n <= 128``) and one id. Probability bytes are unchanged.
+    A frame of ``k >= 2`` tokens keeps its code ``k``, its ``k`` ids and ``k``
+    bytes; consecutive one-token frames with the same id and residual byte
+    become one code ``128 + n - 1`` (``n <= 128``), one id and one byte.
 
     Examples
     --------
-    >>> enc = EncodedFrames(np.array([0, 0, 0, 2, 0], np.uint8), np.array([0, 0, 0, 5, 0, 7], np.uint8),
-    ...                     np.array([200, 50], np.uint8))
-    >>> codes, ids = to_codes(enc)
-    >>> codes.tolist(), ids.tolist()
-    ([130, 2, 128], [0, 5, 0, 7])
+    >>> enc = EncodedFrames(np.array([1, 1, 1, 2, 1], np.uint8), np.array([0, 0, 0, 5, 7, 0], np.uint8),
+    ...                     np.array([9, 9, 9, 40, 12, 9], np.uint8))
+    >>> codes, ids, probs = to_codes(enc)
+    >>> codes.tolist(), ids.tolist(), probs.tolist()
+    ([130, 2, 128], [0, 5, 7, 0], [9, 40, 12, 9])
     """
-    counts = enc.counts
+    counts = enc.counts.astype(np.int64)
     frames = len(counts)
     if frames == 0:
-        return np.zeros(0, np.uint8), enc.ids[:0]
-    n_ids = np.maximum(counts, 1).astype(np.int64)
-    first_id = enc.ids[np.cumsum(n_ids) - n_ids]
-    certain = counts == 0
+        return np.zeros(0, np.uint8), enc.ids[:0], enc.probs[:0]
+    first = np.cumsum(counts) - counts
+    single = counts == 1
     same = np.zeros(frames, dtype=bool)
-    same[1:] = certain[1:] & certain[:-1] & (first_id[1:] == first_id[:-1])
+    same[1:] = (
+        single[1:]
+        & single[:-1]
+        & (enc.ids[first[1:]] == enc.ids[first[:-1]])
+        & (enc.probs[first[1:]] == enc.probs[first[:-1]])
+    )
     run_start = np.flatnonzero(~same)
     pos = np.arange(frames) - np.repeat(run_start, np.diff(np.append(run_start, frames)))
     opens = ~same | (pos % MAX_RUN == 0)  # a frame that starts a code
     starts = np.flatnonzero(opens)
     lengths = np.diff(np.append(starts, frames))
-    codes = np.where(certain[starts], 127 + lengths, counts[starts]).astype(np.uint8)
-    return codes, enc.ids[np.repeat(opens, n_ids)]
+    codes = np.where(single[starts], 127 + lengths, counts[starts]).astype(np.uint8)
+    kept = np.repeat(opens, counts)
+    return codes, enc.ids[kept], enc.probs[kept]
 
 
-def from_codes(codes: np.ndarray, ids: np.ndarray, num_probs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`to_codes`: per-frame ``counts`` and the ids of every frame.
+def from_codes(codes: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of :func:`to_codes`: per-frame ``counts`` and the ids and bytes of every frame.
 
     Raises :class:`CacheError` when the codes do not fit the number of ids
     and probability bytes stored with them.
@@ -265,13 +312,14 @@ def from_codes(codes: np.ndarray, ids: np.ndarray, num_probs: int) -> tuple[np.n
     codes = codes.astype(np.int64)
     run = codes >= 128
     frames_per_code = np.where(run, codes - 127, 1)
-    ids_per_code = np.where(run, 1, codes)
-    if (codes == 0).any() or int(ids_per_code.sum()) != len(ids) or int(np.where(run, 0, codes).sum()) != num_probs:
+    entries_per_code = np.where(run, 1, codes)
+    if (codes < 2).any() or int(entries_per_code.sum()) != len(ids) or len(ids) != len(probs):
         raise CacheError(
-            f"corrupt entry: {len(codes)} codes do not match {len(ids)} ids and {num_probs} probability bytes"
+            f"corrupt entry: {len(codes)} codes do not match {len(ids)} ids and {len(probs)} probability bytes"
         )
-    counts = np.repeat(np.where(run, 0, codes), frames_per_code).astype(np.uint8)
-    return counts, np.repeat(ids, np.repeat(np.where(run, frames_per_code, 1), ids_per_code))
+    counts = np.repeat(np.where(run, 1, codes), frames_per_code).astype(np.uint8)
+    repeats = np.repeat(np.where(run, frames_per_code, 1), entries_per_code)
+    return counts, np.repeat(ids, repeats), np.repeat(probs, repeats)
 
 
 # --------------------------------------------------------------------------- files
@@ -345,12 +393,12 @@ def _shard_pieces(
     for first in range(0, len(utts), BLOCK_UTTS):
         streams: tuple[list, list, list] = ([], [], [])
         for uid, enc in utts[first : first + BLOCK_UTTS]:
-            codes, ids = to_codes(enc)
-            row = [uid, len(blocks), enc.num_frames, len(codes), len(ids), len(enc.probs)]
+            codes, ids, probs = to_codes(enc)
+            row = [uid, len(blocks), enc.num_frames, len(codes), len(ids), len(probs)]
             if uid in data:
                 row += [round(float(data[uid][0]), 3), int(data[uid][1])]
             rows.append(row)
-            for stream, part in zip(streams, (codes, ids.astype(dtype), enc.probs)):
+            for stream, part in zip(streams, (codes, ids.astype(dtype), probs)):
                 stream.append(part.tobytes())
         blocks.append(_compress(b"".join(b"".join(stream) for stream in streams)))
     header = {"frames": sum(enc.num_frames for _, enc in utts), "id_dtype": id_dtype(vocab_size).name, "utts": rows}
@@ -366,7 +414,11 @@ def _read_shard_header(path: Path) -> dict:
         with open(path, "rb") as fh:
             magic = fh.read(len(SHARD_MAGIC))
             if magic != SHARD_MAGIC:
-                old = " (a cache of an older format: rebuild it)" if magic.startswith(SHARD_MAGIC[:7]) else ""
+                old = (
+                    " (a cache of an older format: rebuild it with speech-kd cache-targets)"
+                    if magic.startswith(SHARD_MAGIC[:7])
+                    else ""
+                )
                 raise CacheError(f"{path.name}: not a cache shard (bad magic {magic!r}){old}")
             (size,) = np.frombuffer(fh.read(8), dtype="<u8")
             header = json.loads(zlib.decompress(fh.read(int(size))))

@@ -196,11 +196,11 @@ class CacheReader:
     def _decode_into(self, out: np.ndarray, where: _Where) -> None:
         codes, ids, probs = self._block(where.shard, where.block)
         probs = probs[where.probs]
-        counts, frame_ids = from_codes(codes[where.codes], ids[where.ids], len(probs))
+        counts, frame_ids, frame_probs = from_codes(codes[where.codes], ids[where.ids], probs)
         if len(counts) != where.frames:
             name = self._entries[where.shard]["name"]
             raise CacheError(f"{name}: corrupt entry ({len(counts)} frames decoded, {where.frames} listed)")
-        decode_into(out, counts, frame_ids, probs)
+        decode_into(out, counts, frame_ids, frame_probs)
 
     def get(self, utt_id: str) -> torch.Tensor:
         """Dense ``[T, V]`` float32 log-posteriors of one utterance (teacher tokens and frame rate)."""

@@ -25,14 +25,15 @@ from speech_kd.targets.cache.folder import (  # noqa: F401 (file_size, _differen
     file_size,
 )
 from speech_kd.targets.cache.format import (
+    DEFAULT_MAX_TEMPERATURE,
     FORMAT_VERSION,
     MANIFEST_NAME,
     META_NAME,
     SHARD_PATTERN,
     CacheError,
     EncodedFrames,
-    _check_scheme,
     _shard_pieces,
+    check_scheme,
     encode,
 )
 from speech_kd.targets.cache.storage import _dir_bytes, _now, _read_json, _write_atomic, _write_json
@@ -68,12 +69,14 @@ def _load_wavs(batch: list[_Utt], sample_rate: int) -> tuple[torch.Tensor, torch
     return wavs, torch.tensor([len(s) / longest for s in sigs])
 
 
-def _encode_batch(teacher: Teacher, batch: list[_Utt], device: str, top_k: int, mass: float) -> list[EncodedFrames]:
+def _encode_batch(
+    teacher: Teacher, batch: list[_Utt], device: str, top_k: int, mass: float, max_temperature: float
+) -> list[EncodedFrames]:
     """Run the teacher on one batch and encode each utterance's valid frames."""
     wavs, wav_lens = _load_wavs(batch, teacher.sample_rate)
     with torch.no_grad():
         out = teacher(wavs.to(device), wav_lens.to(device))
-    return [encode(out.log_probs[i, : int(out.lengths[i])], top_k, mass) for i in range(len(batch))]
+    return [encode(out.log_probs[i, : int(out.lengths[i])], top_k, mass, max_temperature) for i in range(len(batch))]
 
 
 def _write_shard(
@@ -112,6 +115,7 @@ def write_cache(
     shard_utts: int = 2000,
     top_k: int = 8,
     mass: float = 0.98,
+    max_temperature: float = DEFAULT_MAX_TEMPERATURE,
     device: str = "cpu",
     student_tokens: Sequence[str] | None = None,
     progress: bool = True,
@@ -132,8 +136,10 @@ def write_cache(
         Padded audio per teacher batch (``B * longest duration``).
     shard_utts : int
         Utterances per shard file.
-    top_k, mass : int, float
-        Storage scheme (module docstring).
+    top_k, mass, max_temperature : int, float, float
+        Storage scheme (:mod:`speech_kd.cache.format`): at most ``top_k``
+        tokens per frame, enough to hold ``mass`` of the distribution softened
+        at ``max_temperature``, the largest KD temperature the cache serves.
     device : str
         Where the teacher runs.
     student_tokens : sequence of str, optional
@@ -153,7 +159,7 @@ def write_cache(
         plus ``shards``, ``teacher_utterances`` (run now) and ``reused_utterances``.
     """
     start = time.monotonic()
-    _check_scheme(top_k, mass)
+    check_scheme(top_k, mass, max_temperature)
     if shard_utts < 1 or batch_seconds <= 0:
         raise CacheError(f"shard_utts ({shard_utts}) and batch_seconds ({batch_seconds}) must be positive")
     out_dir = Path(out_dir)
@@ -167,16 +173,17 @@ def write_cache(
         if not utts:
             raise CacheError(f"{csv_path}: every utterance is longer than max_duration={max_duration} s")
     with FolderLock(out_dir, "cache folder"):
-        return _write_locked(teacher, csv_path, out_dir, utts, start, batch_seconds, shard_utts, top_k, mass, device,
+        scheme = (top_k, mass, max_temperature)
+        return _write_locked(teacher, csv_path, out_dir, utts, start, batch_seconds, shard_utts, scheme, device,
                              student_tokens, progress)  # fmt: skip
 
 
 def _write_locked(
     teacher: Teacher, csv_path, out_dir: Path, utts: list[_Utt], start: float, batch_seconds: float,
-    shard_utts: int, top_k: int, mass: float, device: str, student_tokens, progress: bool,
+    shard_utts: int, scheme: tuple[int, float, float], device: str, student_tokens, progress: bool,
 ) -> dict:  # fmt: skip
     """:func:`write_cache`'s work, under the folder's lock."""
-    meta = _open_out_dir(out_dir, _new_meta(teacher, utts, csv_path, top_k, mass, student_tokens))
+    meta = _open_out_dir(out_dir, _new_meta(teacher, utts, csv_path, *scheme, student_tokens))
     entries = _read_json(out_dir / MANIFEST_NAME)["shards"] if (out_dir / MANIFEST_NAME).exists() else []
     _remove_leftovers(out_dir, {e["name"] for e in entries})
     entries, done = _verified_shards(out_dir, entries)
@@ -192,7 +199,7 @@ def _write_locked(
         for first in range(0, len(todo), shard_utts):
             chunk, stored = todo[first : first + shard_utts], []
             for batch in _batches(chunk, batch_seconds):
-                stored += zip((u.uid for u in batch), _encode_batch(teacher, batch, device, top_k, mass))
+                stored += zip((u.uid for u in batch), _encode_batch(teacher, batch, device, *scheme))
                 bar.update(len(batch))
             data = {u.uid: (u.duration, u.bytes) for u in chunk}
             entries.append(_write_shard(out_dir, next_number, stored, len(teacher.tokens), data))
