@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from speech_kd import load_teacher
-from speech_kd.audio import read_audio
-from speech_kd.cache import CacheReader
+from speech_kd.data.audio import read_audio
+from speech_kd.targets.cache import CacheReader
 
 
 def scaled_kl(teacher: torch.Tensor, cached: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -52,8 +52,18 @@ def render() -> str:
         "",
     ]
     for name, parser in all_parsers().items():
-        out += [f"## `speech-kd {name}`", "", helps.get(name, "") or "", "", "```text", parser.format_usage().strip(),
-                "```", "", *_option_rows(parser), ""]  # fmt: skip
+        out += [
+            f"## `speech-kd {name}`",
+            "",
+            helps.get(name, "") or "",
+            "",
+            "```text",
+            parser.format_usage().strip(),
+            "```",
+            "",
+            *_option_rows(parser),
+            "",
+        ]
     return "\n".join(out)
 
 

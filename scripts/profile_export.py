@@ -108,8 +108,11 @@ def main() -> None:
             for batch in args.batch:
                 ms, shares = profile(folder, batch, threads, args.seconds, args.runs)
                 parts = ", ".join(f"{part} {100 * share:.0f} %" for part, share in shares.items())
-                print(f"{folder}  batch {batch}  threads {threads}: {ms:.2f} ms per run "
-                      f"({ms / (batch * args.seconds):.3f} ms per audio s); {parts}", flush=True)  # fmt: skip
+                print(
+                    f"{folder}  batch {batch}  threads {threads}: {ms:.2f} ms per run "
+                    f"({ms / (batch * args.seconds):.3f} ms per audio s); {parts}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

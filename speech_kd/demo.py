@@ -61,8 +61,15 @@ def _teacher(out: Path, corpus: Path, sizes: DemoSizes, quick: bool) -> Path:
 
     run = out / "teacher"
     overrides = ["--d_model=48", "--d_ffn=96", "--num_encoder_layers=1"] if quick else []
-    run_training([str(hparams_files.path("teacher.yaml")), f"--data_folder={corpus}", f"--output_folder={run}",
-                  f"--number_of_epochs={sizes.epochs}", *overrides])  # fmt: skip
+    run_training(
+        [
+            str(hparams_files.path("teacher.yaml")),
+            f"--data_folder={corpus}",
+            f"--output_folder={run}",
+            f"--number_of_epochs={sizes.epochs}",
+            *overrides,
+        ]
+    )
     return run / "model"
 
 
@@ -77,8 +84,19 @@ def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
     teacher = _teacher(out, corpus, sizes, quick)
     print(f"teacher: {teacher}", flush=True)
     print("== 3/4 cache the teacher's soft targets, then train the student with KD and from scratch", flush=True)
-    argv = ["--data", str(corpus), "--teacher", str(teacher), "--out", str(out), "--epochs", str(sizes.epochs),
-            "--variants", "scratch", "kd"]  # fmt: skip
+    argv = [
+        "--data",
+        str(corpus),
+        "--teacher",
+        str(teacher),
+        "--out",
+        str(out),
+        "--epochs",
+        str(sizes.epochs),
+        "--variants",
+        "scratch",
+        "kd",
+    ]
     if sizes.student_overrides:
         argv.append("--extra=" + " ".join(sizes.student_overrides))
     results = bench_kd(argv)

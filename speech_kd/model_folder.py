@@ -27,8 +27,14 @@ from pathlib import Path
 import torch
 import yaml
 
-__all__ = ["defined_keys", "extract_model_block", "export_model_folder", "MODEL_BLOCK_START", "MODEL_BLOCK_END",
-           "FORMAT"]
+__all__ = [
+    "defined_keys",
+    "extract_model_block",
+    "export_model_folder",
+    "MODEL_BLOCK_START",
+    "MODEL_BLOCK_END",
+    "FORMAT",
+]
 
 MODEL_BLOCK_START = "# >>> model"
 MODEL_BLOCK_END = "# <<< model"
@@ -125,13 +131,17 @@ def _check_model_out(out_dir: Path) -> None:
     except (OSError, ValueError, AttributeError):
         ours = False
     if not ours:
-        raise ValueError(f"model folder {out_dir}: exists and is not a model folder written by speech_kd (no "
-                         "speech_kd.json of ours); nothing was changed, choose a new or empty folder")  # fmt: skip
+        raise ValueError(
+            f"model folder {out_dir}: exists and is not a model folder written by speech_kd (no "
+            "speech_kd.json of ours); nothing was changed, choose a new or empty folder"
+        )
     foreign = [name for name in entries if name not in MODEL_ENTRIES]
     if foreign:
         more = " ..." if len(foreign) > 3 else ""
-        raise ValueError(f"model folder {out_dir}: also holds {', '.join(foreign[:3])}{more}, which speech_kd did "
-                         "not write there; move it out, then run again")  # fmt: skip
+        raise ValueError(
+            f"model folder {out_dir}: also holds {', '.join(foreign[:3])}{more}, which speech_kd did "
+            "not write there; move it out, then run again"
+        )
 
 
 def export_model_folder(

@@ -58,10 +58,12 @@ def make_tiny_hf_ctc(folder: str | os.PathLike, vocab: list[str] | None = None, 
         ctc_loss_reduction="mean",
     )
     Wav2Vec2ForCTC(config).save_pretrained(folder)
-    tokenizer = Wav2Vec2CTCTokenizer(str(folder / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
-                                     word_delimiter_token="|")  # fmt: skip
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
-                                         do_normalize=True, return_attention_mask=False)  # fmt: skip
+    tokenizer = Wav2Vec2CTCTokenizer(
+        str(folder / "vocab.json"), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|"
+    )
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=16000, padding_value=0.0, do_normalize=True, return_attention_mask=False
+    )
     Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(folder)
     return str(folder)
 
@@ -72,8 +74,14 @@ def make_tiny_sb_model(folder: str | os.PathLike, seed: int = 0) -> str:
 
     text = hparams_files.path("teacher.yaml").read_text()
     torch.manual_seed(seed)
-    overrides = {"data_folder": "unused", "output_folder": str(Path(folder).parent / "tiny_sb_run"),
-                 "d_model": 32, "d_ffn": 64, "num_encoder_layers": 1, "seed": seed}  # fmt: skip
+    overrides = {
+        "data_folder": "unused",
+        "output_folder": str(Path(folder).parent / "tiny_sb_run"),
+        "d_model": 32,
+        "d_ffn": 64,
+        "num_encoder_layers": 1,
+        "seed": seed,
+    }
     hparams = load_hyperpyyaml(text, overrides)
     hparams["normalize"].train()
     hparams["normalize"](torch.randn(2, 50, 80), torch.ones(2))
@@ -173,9 +181,11 @@ def make_tiny_sb_wav2vec2(folder: str | os.PathLike, seed: int = 0) -> tuple[str
     hub = make_tiny_hf_ctc(folder.parent / (folder.name + "_hf_encoder"), seed=seed)
     tokenizer = CTCTextEncoder()
     tokenizer.load_or_create(
-        folder / "tokenizer.ckpt", from_iterables=[["THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG'S BACK"]],
-        sequence_input=True, special_labels={"blank_label": 0, "bos_label": 1, "eos_label": 2},
-    )  # fmt: skip
+        folder / "tokenizer.ckpt",
+        from_iterables=[["THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG'S BACK"]],
+        sequence_input=True,
+        special_labels={"blank_label": 0, "bos_label": 1, "eos_label": 2},
+    )
     torch.manual_seed(seed)
     hparams = load_hyperpyyaml(_SB_WAV2VEC2_YAML.format(hub=hub))  # a local source: nothing is written to save_path
     if len(tokenizer) != hparams["output_neurons"]:

@@ -97,7 +97,12 @@ def trained_run(tiny_corpus, tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs") / "teacher"
     run_training(
-        [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
-         "--number_of_epochs=2", *TINY_MODEL]
-    )  # fmt: skip
+        [
+            str(REPO / "hparams/teacher.yaml"),
+            f"--data_folder={tiny_corpus}",
+            f"--output_folder={out}",
+            "--number_of_epochs=2",
+            *TINY_MODEL,
+        ]
+    )
     return out

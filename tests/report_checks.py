@@ -50,8 +50,9 @@ def chromium_check(html_path: Path, screenshot_name: str, height: int = 4000) ->
         return None
     url = html_path.resolve().as_uri()
     common = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--virtual-time-budget=5000"]
-    dom = subprocess.run([*common, "--enable-logging=stderr", "--v=0", "--dump-dom", url],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    dom = subprocess.run(
+        [*common, "--enable-logging=stderr", "--v=0", "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
     assert dom.returncode == 0, dom.stderr[-2000:]
     broken = re.search(r'data-broken-images="(\d+)"', dom.stdout)
     assert broken is not None, "the page's load check did not run"
@@ -59,8 +60,12 @@ def chromium_check(html_path: Path, screenshot_name: str, height: int = 4000) ->
     errors = [line for line in dom.stderr.splitlines() if "Uncaught" in line or "net::ERR_" in line]
     assert not errors, "\n".join(errors)
     shot = html_path.parent / screenshot_name
-    run = subprocess.run([*common, f"--window-size=1280,{height}", f"--screenshot={shot}", url],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    run = subprocess.run(
+        [*common, f"--window-size=1280,{height}", f"--screenshot={shot}", url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and shot.stat().st_size > 10_000, run.stderr[-2000:]
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     return Path(shutil.copy(shot, SCREENSHOTS / screenshot_name))

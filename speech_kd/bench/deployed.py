@@ -70,8 +70,9 @@ print("PEAK_RSS_KB", peak)
 """
 
 
-def peak_rss_mb(folder: str | Path, files: list[str], threads: int,
-                max_batch_seconds: float = MAX_BATCH_SECONDS) -> float:  # fmt: skip
+def peak_rss_mb(
+    folder: str | Path, files: list[str], threads: int, max_batch_seconds: float = MAX_BATCH_SECONDS
+) -> float:
     """Peak resident memory (MB) of a new process that loads ``folder`` and transcribes ``files`` as one batch.
 
     An exported folder runs them as its ``transcribe.py`` does, in groups of ``max_batch_seconds``.
@@ -79,8 +80,14 @@ def peak_rss_mb(folder: str | Path, files: list[str], threads: int,
     folder = Path(folder)
     exported = (folder / "deploy.json").exists()
     if exported:
-        code = _EXPORTED_CHILD.format(threads=threads, batch=len(files), files=files, seconds=max_batch_seconds,
-                                      script=str(folder / "transcribe.py"), report=_REPORT)  # fmt: skip
+        code = _EXPORTED_CHILD.format(
+            threads=threads,
+            batch=len(files),
+            files=files,
+            seconds=max_batch_seconds,
+            script=str(folder / "transcribe.py"),
+            report=_REPORT,
+        )
     else:
         code = _PYTORCH_CHILD.format(threads=threads, folder=str(folder), files=files, report=_REPORT)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
@@ -95,8 +102,14 @@ def _disk_mb(folder: Path) -> float:
     return (folder / name).stat().st_size / 1e6
 
 
-def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, repeats: int, tmp: Path,
-                   max_batch_seconds: float = MAX_BATCH_SECONDS) -> dict:  # fmt: skip
+def bench_deployed(
+    wavs: torch.Tensor,
+    lens: torch.Tensor,
+    model_dirs: dict,
+    repeats: int,
+    tmp: Path,
+    max_batch_seconds: float = MAX_BATCH_SECONDS,
+) -> dict:
     """Export the student (ONNX fp32 and int8) and measure it against the PyTorch teacher (module docstring).
 
     Parameters
@@ -119,13 +132,20 @@ def bench_deployed(wavs: torch.Tensor, lens: torch.Tensor, model_dirs: dict, rep
     wavs, lens = wavs.cpu(), lens.cpu()
     seconds = float((lens * wavs.shape[1]).sum()) / 16000
     threads = torch.get_num_threads()
-    folders = {"teacher": Path(model_dirs["teacher"]), "student": Path(model_dirs["student"]),
-               "student_onnx": tmp / "student_onnx", "student_int8": tmp / "student_int8"}  # fmt: skip
+    folders = {
+        "teacher": Path(model_dirs["teacher"]),
+        "student": Path(model_dirs["student"]),
+        "student_onnx": tmp / "student_onnx",
+        "student_int8": tmp / "student_int8",
+    }
     export_asr(folders["student"], folders["student_onnx"], "onnx")
     export_asr(folders["student"], folders["student_int8"], "onnx", quantize="int8")
-    runs = {"teacher": load_asr(folders["teacher"]), "student": load_asr(folders["student"]),
-            "student_onnx": DeployedASR(folders["student_onnx"], threads=threads, max_batch_seconds=max_batch_seconds),
-            "student_int8": DeployedASR(folders["student_int8"], threads=threads, max_batch_seconds=max_batch_seconds)}
+    runs = {
+        "teacher": load_asr(folders["teacher"]),
+        "student": load_asr(folders["student"]),
+        "student_onnx": DeployedASR(folders["student_onnx"], threads=threads, max_batch_seconds=max_batch_seconds),
+        "student_int8": DeployedASR(folders["student_int8"], threads=threads, max_batch_seconds=max_batch_seconds),
+    }
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(ROUNDS):  # interleaved, so that a drift of the machine's speed hits all alike
         for name, asr in runs.items():

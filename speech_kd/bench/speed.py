@@ -59,9 +59,6 @@ from speech_kd.training.distill_brain import DistillBrain
 __all__ = ["main"]
 
 
-
-
-
 def _corpus(tmp: Path) -> Path:
     root = tmp / "corpus"
     synthesize_corpus(root, SynthConfig(splits=(SplitSpec("train", 0.02, 4), SplitSpec("test", 0.01, 2)), seed=11))
@@ -79,10 +76,12 @@ def _batch(csv_path: str, tokenizer, n: int, device: str):
 def _brain(yaml: str, out: Path, device: str, overrides: dict | None = None):
     from hyperpyyaml import load_hyperpyyaml
 
-    hparams = load_hyperpyyaml(hparams_files.path(yaml).read_text(), {"data_folder": "unused", "output_folder": str(out),
-                                                           **(overrides or {})})  # fmt: skip
-    brain = DistillBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                         run_opts={"device": device})  # fmt: skip
+    hparams = load_hyperpyyaml(
+        hparams_files.path(yaml).read_text(), {"data_folder": "unused", "output_folder": str(out), **(overrides or {})}
+    )
+    brain = DistillBrain(
+        modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts={"device": device}
+    )
     return brain, hparams
 
 
@@ -121,7 +120,7 @@ def bench_features(batch, repeats: int, device: str) -> dict:
                 center=True,
                 pad_mode="constant",
                 return_complex=True,
-            )  # fmt: skip
+            )
             for piece in wavs.split(chunk_size(fbank, wavs))
         ],
     }
@@ -147,20 +146,28 @@ def bench_features(batch, repeats: int, device: str) -> dict:
     return results
 
 
-def bench_steps(batch, csv_path: str, tokenizer, teacher_dir: Path, repeats: int, device: str, tmp: Path,
-                student_overrides: dict | None = None) -> dict:  # fmt: skip
+def bench_steps(
+    batch,
+    csv_path: str,
+    tokenizer,
+    teacher_dir: Path,
+    repeats: int,
+    device: str,
+    tmp: Path,
+    student_overrides: dict | None = None,
+) -> dict:
     """Seconds per training step: plain, online KD, cached KD."""
     import speechbrain as sb
 
-    brain, hparams = _brain("hparams/distill.yaml", tmp / "student", device,
-                            {**(student_overrides or {}), "kd_weight": 0.5})  # fmt: skip
+    brain, hparams = _brain(
+        "hparams/distill.yaml", tmp / "student", device, {**(student_overrides or {}), "kd_weight": 0.5}
+    )
     brain.tokenizer = tokenizer
     brain.on_fit_start()
     brain.on_stage_start(sb.Stage.TRAIN, 1)
     teacher = load_teacher(teacher_dir, device=device)
     tokens = token_strings(tokenizer)
-    aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, tokens, 0,
-                            hparams["frame_shift"])  # fmt: skip
+    aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, tokens, 0, hparams["frame_shift"])
     results = {}
     brain.hparams.kd_weight = 0.0
     results["step_plain_s"] = median_time(lambda: brain.fit_batch(batch), repeats)
@@ -205,18 +212,30 @@ def _export_random(yaml: str, out: Path, tokenizer, overrides: dict | None = Non
 
 def build_parser(prog: str = "speech-kd bench") -> argparse.ArgumentParser:
     """The speed benchmark's options (``speech-kd bench --help``)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", default=None, help="also write the measured numbers here")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median kept)")
     parser.add_argument("--batch_size", type=int, default=8, help="utterances per benchmark batch")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")  # fmt: skip
-    parser.add_argument("--max_batch_seconds", type=float, default=MAX_BATCH_SECONDS,
-                        help="padded audio per run of the exported students (transcribe.py's default; "
-                        "0: the whole batch in one run, as the PyTorch models)")  # fmt: skip
-    parser.add_argument("--extra", default="", help="overrides of the student's hparams/distill.yaml, "
-                        "e.g. --extra=\"--cnn_channels_1=32 --d_ffn=256\" (docs/deploy.md)")  # fmt: skip
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu or cuda (default: cuda when available)",
+    )
+    parser.add_argument(
+        "--max_batch_seconds",
+        type=float,
+        default=MAX_BATCH_SECONDS,
+        help="padded audio per run of the exported students (transcribe.py's default; "
+        "0: the whole batch in one run, as the PyTorch models)",
+    )
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="overrides of the student's hparams/distill.yaml, "
+        'e.g. --extra="--cnn_channels_1=32 --d_ffn=256" (docs/deploy.md)',
+    )
     return parser
 
 
@@ -253,19 +272,30 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = _corpus(tmp)
     csvs = prepare_librispeech(corpus, tmp / "data").csv_files
     batch = _batch(csvs["train"], tokenizer, args.batch_size, args.device)
-    models = {"teacher": _export_random("hparams/teacher.yaml", tmp / "teacher", tokenizer),
-              "student": _export_random("hparams/distill.yaml", tmp / "student_export", tokenizer,
-                                        student_overrides)}  # fmt: skip
+    models = {
+        "teacher": _export_random("hparams/teacher.yaml", tmp / "teacher", tokenizer),
+        "student": _export_random("hparams/distill.yaml", tmp / "student_export", tokenizer, student_overrides),
+    }
 
-    results = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-               "threads": torch.get_num_threads(), "batch_utts": args.batch_size,
-               "batch_audio_s": float((batch.sig[1] * batch.sig[0].shape[1]).sum()) / 16000}  # fmt: skip
+    results = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+        "threads": torch.get_num_threads(),
+        "batch_utts": args.batch_size,
+        "batch_audio_s": float((batch.sig[1] * batch.sig[0].shape[1]).sum()) / 16000,
+    }
     results.update(bench_features(batch, args.repeats, args.device))
-    results.update({f"params_{name}": json.loads((folder / "speech_kd.json").read_text())["params"]
-                    for name, folder in models.items()})  # fmt: skip
+    results.update(
+        {
+            f"params_{name}": json.loads((folder / "speech_kd.json").read_text())["params"]
+            for name, folder in models.items()
+        }
+    )
     results["student_params_fraction"] = results["params_student"] / results["params_teacher"]
-    results.update(bench_steps(batch, csvs["train"], tokenizer, models["teacher"], args.repeats, args.device, tmp,
-                               student_overrides))  # fmt: skip
+    results.update(
+        bench_steps(
+            batch, csvs["train"], tokenizer, models["teacher"], args.repeats, args.device, tmp, student_overrides
+        )
+    )
     results.update(bench_inference(batch, models, args.repeats, args.device))
     try:
         import onnxruntime  # noqa: F401

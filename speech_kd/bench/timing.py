@@ -9,6 +9,7 @@ import torch
 
 __all__ = ["median_time"]
 
+
 def median_time(fn, repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` in seconds (CUDA synchronised)."""
     for _ in range(warmup):

@@ -132,8 +132,11 @@ def run(argv: list[str] | None = None) -> int:
         if isinstance(error, AudioError) and command in RESUMABLE:
             # found while reading a batch (prepare checks headers and both ends, not every sample):
             # the run would die on the same file again, so say how to get past it without losing work
-            print(f"speech-kd {command}: fix or re-encode {error.path}, or delete its row from the manifest, "
-                  "then run the same command again: it resumes from its last checkpoint", file=sys.stderr)  # fmt: skip
+            print(
+                f"speech-kd {command}: fix or re-encode {error.path}, or delete its row from the manifest, "
+                "then run the same command again: it resumes from its last checkpoint",
+                file=sys.stderr,
+            )
         return 2
     finally:
         if previous is not None:

@@ -17,8 +17,11 @@ def _cmd_synth(args) -> None:
         SplitSpec("test", args.test_hours, args.test_speakers),
     )
     if args.untranscribed_hours:
-        splits += (SplitSpec(args.untranscribed_name, args.untranscribed_hours, args.untranscribed_speakers,
-                             transcribed=False),)  # fmt: skip
+        splits += (
+            SplitSpec(
+                args.untranscribed_name, args.untranscribed_hours, args.untranscribed_speakers, transcribed=False
+            ),
+        )
     jobs = {"jobs": args.jobs} if args.jobs else {}  # default: all cores
     config = SynthConfig(splits=splits, seed=args.seed, **jobs)
     summary = synthesize_corpus(args.out_dir, config)
@@ -26,8 +29,13 @@ def _cmd_synth(args) -> None:
 
 
 def _cmd_prepare(args) -> None:
-    result = prepare_librispeech(args.data_folder, args.save_folder, splits=args.splits, skip_if_done=not args.force,
-                                 unlabeled_splits=args.unlabeled_splits)  # fmt: skip
+    result = prepare_librispeech(
+        args.data_folder,
+        args.save_folder,
+        splits=args.splits,
+        skip_if_done=not args.force,
+        unlabeled_splits=args.unlabeled_splits,
+    )
     for split, path in result.csv_files.items():
         kept = result.kept.get(split)
         print(f"{split}: {path}" + (f" ({kept} utterances, {result.hours[split]:.3f} h)" if kept is not None else ""))

@@ -15,12 +15,20 @@ __all__ = ["add_bench", "add_demo", "add_export"]
 
 
 def _cmd_export(args) -> None:
-    info = export_asr(args.model_folder, args.out, fmt=args.format, quantize=args.quantize,
-                      fp32_layers=tuple(args.fp32_layers), blank_penalty=args.blank_penalty,
-                      force=args.force)  # fmt: skip
-    print(f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
-          f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
-          f"PyTorch network on a test batch {info['max_abs_diff']:.2g}")  # fmt: skip
+    info = export_asr(
+        args.model_folder,
+        args.out,
+        fmt=args.format,
+        quantize=args.quantize,
+        fp32_layers=tuple(args.fp32_layers),
+        blank_penalty=args.blank_penalty,
+        force=args.force,
+    )
+    print(
+        f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
+        f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
+        f"PyTorch network on a test batch {info['max_abs_diff']:.2g}"
+    )
     print(f"try: python {Path(args.out) / 'transcribe.py'} AUDIO.wav")
 
 
@@ -35,14 +43,29 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, help="folder to write (model, deploy.json, tokens, transcribe.py)")
     format_help = "onnx (needs onnxruntime, numpy, soundfile) or torchscript (torch, numpy, soundfile)"
     p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help=format_help)
-    p.add_argument("--quantize", default=None, choices=["int8"],
-                   help="int8: linear layers dynamically quantised (int8 weights, per-batch activations)")  # fmt: skip
-    p.add_argument("--fp32_layers", nargs="*", default=["ctc_lin"],
-                   help="modules kept in fp32 by --quantize int8 (default: ctc_lin, the output layer)")  # fmt: skip
-    p.add_argument("--blank_penalty", type=float, default=0.0,
-                   help="stored in the folder: subtracted from the blank's log-probability at decoding")  # fmt: skip
-    p.add_argument("--force", action="store_true",
-                   help="replace --out when it holds an earlier export (anything else is never replaced)")  # fmt: skip
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=["int8"],
+        help="int8: linear layers dynamically quantised (int8 weights, per-batch activations)",
+    )
+    p.add_argument(
+        "--fp32_layers",
+        nargs="*",
+        default=["ctc_lin"],
+        help="modules kept in fp32 by --quantize int8 (default: ctc_lin, the output layer)",
+    )
+    p.add_argument(
+        "--blank_penalty",
+        type=float,
+        default=0.0,
+        help="stored in the folder: subtracted from the blank's log-probability at decoding",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out when it holds an earlier export (anything else is never replaced)",
+    )
     p.set_defaults(func=_cmd_export)
 
 

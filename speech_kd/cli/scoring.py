@@ -51,8 +51,14 @@ def _cmd_report(args) -> None:
         if not sep or not name or not folder:
             raise SystemExit(f"--compare expects NAME=FOLDER, got {item!r}")
         compare[name] = folder
-    path = build_report(args.run_dir, compare=compare, max_utts=args.max_utts or None, evaluate=not args.no_eval,
-                        n_posteriorgrams=args.posteriorgrams, device=args.device)  # fmt: skip
+    path = build_report(
+        args.run_dir,
+        compare=compare,
+        max_utts=args.max_utts or None,
+        evaluate=not args.no_eval,
+        n_posteriorgrams=args.posteriorgrams,
+        device=args.device,
+    )
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 
@@ -74,16 +80,32 @@ def add_evaluate(sub) -> None:
     p.add_argument("--utts", default=None, help="per-utterance file (default: next to --json)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--batch_seconds", type=float, default=60.0, help="seconds of audio per batch")
-    p.add_argument("--max_duration", type=float, default=60.0,
-                   help="longer utterances (seconds) are not scored, a warning names each; 0: no limit")  # fmt: skip
+    p.add_argument(
+        "--max_duration",
+        type=float,
+        default=60.0,
+        help="longer utterances (seconds) are not scored, a warning names each; 0: no limit",
+    )
     p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
-    p.add_argument("--blank_penalty", type=float, default=None,
-                   help="exported folders only: subtracted from the blank's log-probability at decoding")  # fmt: skip
-    p.add_argument("--chunk_seconds", type=float, default=None,
-                   help="exported folders only: utterances transcribed in chunks of this many seconds")  # fmt: skip
-    p.add_argument("--context_seconds", type=float, default=None,
-                   help="with --chunk_seconds: audio before and after each chunk the network also reads "
-                        "(default 2; 0: independent chunks)")  # fmt: skip
+    p.add_argument(
+        "--blank_penalty",
+        type=float,
+        default=None,
+        help="exported folders only: subtracted from the blank's log-probability at decoding",
+    )
+    p.add_argument(
+        "--chunk_seconds",
+        type=float,
+        default=None,
+        help="exported folders only: utterances transcribed in chunks of this many seconds",
+    )
+    p.add_argument(
+        "--context_seconds",
+        type=float,
+        default=None,
+        help="with --chunk_seconds: audio before and after each chunk the network also reads "
+        "(default 2; 0: independent chunks)",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -94,8 +116,12 @@ def add_report(sub) -> None:
     p.add_argument("--compare", action="append", metavar="NAME=FOLDER", help="another model folder for the table")
     p.add_argument("--max_utts", type=int, default=200, help="test utterances scored per model (0: all)")
     p.add_argument("--posteriorgrams", type=int, default=3, help="dev utterances drawn as posteriorgrams")
-    p.add_argument("--no-eval", dest="no_eval", action="store_true",
-                   help="skip scoring (the table shows the run's test_results.json)")  # fmt: skip
+    p.add_argument(
+        "--no-eval",
+        dest="no_eval",
+        action="store_true",
+        help="skip scoring (the table shows the run's test_results.json)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=_cmd_report)
 

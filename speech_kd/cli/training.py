@@ -30,8 +30,10 @@ DEFAULT_YAML = {"train": "teacher.yaml", "distill": "distill.yaml"}
 def run_passthrough(command: str, argv: list[str]) -> int:
     """``speech-kd train|distill [HPARAMS.yaml] [--key=value ...]``; the packaged yaml when none is given."""
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: speech-kd {command} [HPARAMS.yaml] [--key=value ...] [SpeechBrain run options]\n"
-              f"without HPARAMS.yaml: the packaged {DEFAULT_YAML[command]} (speech-kd hparams lists them)")
+        print(
+            f"usage: speech-kd {command} [HPARAMS.yaml] [--key=value ...] [SpeechBrain run options]\n"
+            f"without HPARAMS.yaml: the packaged {DEFAULT_YAML[command]} (speech-kd hparams lists them)"
+        )
         return 0 if argv else 2
     if argv[0].startswith("-"):
         argv = [str(hparams_files.path(DEFAULT_YAML[command])), *argv]
@@ -46,11 +48,18 @@ def _cmd_cache_targets(args) -> None:
     check_device(args.device)
     overrides = yaml.safe_load(args.teacher_overrides) if args.teacher_overrides else None
     summary = cache_targets(
-        args.teacher, args.csv, args.out, device=args.device, top_k=args.top_k, mass=args.mass,
+        args.teacher,
+        args.csv,
+        args.out,
+        device=args.device,
+        top_k=args.top_k,
+        mass=args.mass,
         max_temperature=args.max_temperature,
-        batch_seconds=args.batch_seconds, shard_utts=args.shard_utts, teacher_overrides=overrides,
+        batch_seconds=args.batch_seconds,
+        shard_utts=args.shard_utts,
+        teacher_overrides=overrides,
         max_duration=args.max_duration,
-    )  # fmt: skip
+    )
     print(json.dumps(summary, indent=2))
 
 
@@ -78,20 +87,38 @@ def add_cache_targets(sub) -> None:
     p.add_argument("--out", required=True, help="cache folder; an existing one for the same teacher is completed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--top_k", type=int, default=8, help="most tokens stored per frame (at most 127)")
-    p.add_argument("--mass", type=float, default=0.98,
-                   help="tokens stored per frame until they hold this share of the distribution softened at "
-                        "--max_temperature")  # fmt: skip
-    p.add_argument("--max_temperature", type=float, default=1.0,
-                   help="largest KD temperature the cache serves (distill refuses a higher one); a higher value "
-                        "keeps more tokens per frame (docs/cache.md)")  # fmt: skip
+    p.add_argument(
+        "--mass",
+        type=float,
+        default=0.98,
+        help="tokens stored per frame until they hold this share of the distribution softened at --max_temperature",
+    )
+    p.add_argument(
+        "--max_temperature",
+        type=float,
+        default=1.0,
+        help="largest KD temperature the cache serves (distill refuses a higher one); a higher value "
+        "keeps more tokens per frame (docs/cache.md)",
+    )
     p.add_argument("--batch_seconds", type=float, default=120.0, help="seconds of audio per teacher batch")
-    p.add_argument("--max_duration", type=float, default=60.0,
-                   help="skip utterances longer than this (seconds; a warning names each); 0: no limit")  # fmt: skip
-    p.add_argument("--shard_utts", type=int, default=2000,
-                   help="utterances per shard file (an interrupted run redoes at most one shard)")  # fmt: skip
-    p.add_argument("--teacher_overrides", default=None,
-                   help="YAML dict of keys replaced in a SpeechBrain teacher's hyperparams.yaml, "
-                        "e.g. '{wav2vec2_hub: teachers/wav2vec2-large-960h-lv60-self}'")  # fmt: skip
+    p.add_argument(
+        "--max_duration",
+        type=float,
+        default=60.0,
+        help="skip utterances longer than this (seconds; a warning names each); 0: no limit",
+    )
+    p.add_argument(
+        "--shard_utts",
+        type=int,
+        default=2000,
+        help="utterances per shard file (an interrupted run redoes at most one shard)",
+    )
+    p.add_argument(
+        "--teacher_overrides",
+        default=None,
+        help="YAML dict of keys replaced in a SpeechBrain teacher's hyperparams.yaml, "
+        "e.g. '{wav2vec2_hub: teachers/wav2vec2-large-960h-lv60-self}'",
+    )
     p.set_defaults(func=_cmd_cache_targets)
 
 

@@ -146,7 +146,7 @@ def read_csv_rows(csv_path: str | os.PathLike, required: tuple[str, ...] = ("ID"
             if missing:
                 shown = ",".join(header)[:200] if header else "empty file"
                 raise ValueError(f"{csv_path}: no column(s) {', '.join(missing)} in the header ({shown}); a "
-                                 f"manifest needs {','.join(required)}")  # fmt: skip
+                                 f"manifest needs {','.join(required)}")
             for row in reader:
                 line = reader.line_num
                 if None in row:
@@ -271,7 +271,7 @@ def load_dataset(
         too_long = {uid for uid, ex in data.data.items() if float(ex["duration"]) > max_duration}
         for uid in sorted(too_long):
             logger.warning("skipping %s (%s in %s): %.1f s, longer than %.1f s", uid, data.data[uid]["wav"], csv_path,
-                           float(data.data[uid]["duration"]), max_duration)  # fmt: skip
+                           float(data.data[uid]["duration"]), max_duration)
         keep -= too_long
     if not keep:
         raise TranscriptError(f"{csv_path}: no usable utterance left")
@@ -318,7 +318,7 @@ def collate_readable(examples: list[dict]) -> sb.dataio.batch.PaddedBatch:
     if not readable:
         ids = ", ".join(str(ex["id"]) for ex in examples)
         raise ValueError(f"utterances {ids}: none of this batch's audio could be read (the warnings above name "
-                         "each file); fix the files or delete their manifest rows")  # fmt: skip
+                         "each file); fix the files or delete their manifest rows")
     return sb.dataio.batch.PaddedBatch(readable, padding_func=pad_right_or_empty)
 
 

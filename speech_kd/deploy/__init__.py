@@ -4,7 +4,7 @@ Owns exporting and running; timing exported students is ``speech_kd.bench``'s. I
 ``scoring`` (loading model folders) and ``nnet``; ``runtime`` imports numpy only.
 
 - :mod:`~speech_kd.deploy.graph`: the exportable network (fbank frames in, CTC log-probabilities out);
-- :mod:`~speech_kd.deploy.onnx_export`: ``speech-kd export``, the ONNX/TorchScript exporter (folder layout, int8 quantisation);
+- :mod:`~speech_kd.deploy.onnx_export`: ``speech-kd export``, the ONNX/TorchScript exporter (int8 quantisation);
 - :mod:`~speech_kd.deploy.runtime`: the self-contained runner copied into each folder as ``transcribe.py``;
 - :mod:`~speech_kd.deploy.asr`: an exported folder as ``speech-kd evaluate`` runs models.
 

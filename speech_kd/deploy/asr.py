@@ -41,14 +41,21 @@ class DeployedASR:
         Padded audio per network run (``ExportedASR``'s; 0: a batch in one run).
     """
 
-    def __init__(self, folder: str | os.PathLike, threads: int | None = None, blank_penalty: float | None = None,
-                 chunk_seconds: float | None = None, context_seconds: float | None = None,
-                 max_batch_seconds: float = MAX_BATCH_SECONDS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        threads: int | None = None,
+        blank_penalty: float | None = None,
+        chunk_seconds: float | None = None,
+        context_seconds: float | None = None,
+        max_batch_seconds: float = MAX_BATCH_SECONDS,
+    ) -> None:
         self.chunk_seconds = chunk_seconds
         self.context_seconds = CONTEXT_SECONDS if context_seconds is None else context_seconds
         threads = torch.get_num_threads() if threads is None else threads
-        self.runtime = ExportedASR(folder, threads=threads, blank_penalty=blank_penalty,
-                                   max_batch_seconds=max_batch_seconds)  # fmt: skip
+        self.runtime = ExportedASR(
+            folder, threads=threads, blank_penalty=blank_penalty, max_batch_seconds=max_batch_seconds
+        )
         self.sample_rate = self.runtime.sample_rate
         self.tokens = self.runtime.tokens
         self.exported_params = int(self.runtime.config.get("params") or 0)
@@ -63,9 +70,15 @@ class DeployedASR:
         """Words and token ids of padded ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
         if self.chunk_seconds:
             lengths = torch.round(wav_lens * wavs.shape[1]).long().tolist()
-            chunked = [self.runtime.transcribe_long(wavs[i, :n].cpu().float().numpy(), self.chunk_seconds,
-                                                    self.context_seconds) for i, n in enumerate(lengths)]  # fmt: skip
+            chunked = [
+                self.runtime.transcribe_long(
+                    wavs[i, :n].cpu().float().numpy(), self.chunk_seconds, self.context_seconds
+                )
+                for i, n in enumerate(lengths)
+            ]
             return chunked, [[] for _ in chunked]
-        ids = [greedy_decode(lp.numpy(), self.runtime.blank_index, self.runtime.blank_penalty)
-               for lp in self.log_probs_batch(wavs, wav_lens)]  # fmt: skip
+        ids = [
+            greedy_decode(lp.numpy(), self.runtime.blank_index, self.runtime.blank_penalty)
+            for lp in self.log_probs_batch(wavs, wav_lens)
+        ]
         return [self.runtime.text(row) for row in ids], ids

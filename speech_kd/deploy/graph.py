@@ -26,8 +26,17 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CTCGraph", "FrontEnd", "SelfAttention", "UnsupportedModelError", "conv_out_length", "reflect_past_length",
-           "relative_positions", "relative_self_attention", "relative_shift"]
+__all__ = [
+    "CTCGraph",
+    "FrontEnd",
+    "SelfAttention",
+    "UnsupportedModelError",
+    "conv_out_length",
+    "reflect_past_length",
+    "relative_positions",
+    "relative_self_attention",
+    "relative_shift",
+]
 
 
 class UnsupportedModelError(ValueError):
@@ -113,8 +122,13 @@ class FrontEnd(torch.nn.Module):
             layers, kinds = torch.nn.ModuleList(), []
             for module in block.convs.children():
                 if isinstance(module, Conv2d):
-                    if (module.padding != "same" or module.padding_mode != "reflect" or module.swap
-                            or module.skip_transpose or tuple(module.dilation) != (1, 1)):  # fmt: skip
+                    if (
+                        module.padding != "same"
+                        or module.padding_mode != "reflect"
+                        or module.swap
+                        or module.skip_transpose
+                        or tuple(module.dilation) != (1, 1)
+                    ):
                         raise UnsupportedModelError(f"Conv2d padding={module.padding!r}/{module.padding_mode!r}")
                     kinds.append("conv")
                 elif isinstance(module, LayerNorm):
@@ -131,8 +145,10 @@ class FrontEnd(torch.nn.Module):
 
     def strides(self) -> list[list[tuple[int, int]]]:
         """(kernel, stride) on the time axis of each block's convolutions."""
-        return [[(int(m.kernel_size[-1]), int(m.stride[-1])) for m, k in zip(layers, kinds) if k == "conv"]
-                for layers, kinds in zip(self.layers, self.kinds)]  # fmt: skip
+        return [
+            [(int(m.kernel_size[-1]), int(m.stride[-1])) for m, k in zip(layers, kinds) if k == "conv"]
+            for layers, kinds in zip(self.layers, self.kinds)
+        ]
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x [B, T, F]`` normalised fbank -> ``[B, T', F' * C]`` (SpeechBrain's order) and lengths ``[B]``."""
@@ -191,8 +207,10 @@ class CTCGraph(torch.nn.Module):
         ):
             raise UnsupportedModelError(f"encoder {type(transformer.encoder).__name__} (only non-causal conformer)")
         if transformer.attention_type != "RelPosMHAXL" or transformer.causal:
-            raise UnsupportedModelError(f"transformer attention {transformer.attention_type!r} causal="
-                                        f"{transformer.causal} (only non-causal RelPosMHAXL)")  # fmt: skip
+            raise UnsupportedModelError(
+                f"transformer attention {transformer.attention_type!r} causal="
+                f"{transformer.causal} (only non-causal RelPosMHAXL)"
+            )
         std = norm.glob_std if norm.std_norm else torch.ones_like(norm.glob_std)
         self.register_buffer("mean", norm.glob_mean.detach().clone().float())
         self.register_buffer("std", std.detach().clone().float().clamp(min=norm.epsilon))
@@ -261,8 +279,9 @@ def relative_shift(scores: torch.Tensor) -> torch.Tensor:
 MASKED_SCORE = -1e9
 
 
-def relative_self_attention(mha: torch.nn.Module, x: torch.Tensor, padding: torch.Tensor,
-                            pos_embs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def relative_self_attention(
+    mha: torch.nn.Module, x: torch.Tensor, padding: torch.Tensor, pos_embs: torch.Tensor
+) -> torch.Tensor:
     """SpeechBrain's ``RelPosMHAXL`` self-attention (eval, no ``attn_mask``) with the key padding in the product.
 
     SpeechBrain fills padded keys' scores with ``-inf`` before the softmax and zeroes their weights after it:
@@ -273,8 +292,9 @@ def relative_self_attention(mha: torch.nn.Module, x: torch.Tensor, padding: torc
     """
     batch, frames, _ = x.shape
     heads, head_dim = mha.num_heads, mha.head_dim
-    query, key, value = torch.nn.functional.linear(x, mha.in_proj_weight).view(
-        batch, frames, heads, head_dim * 3).chunk(3, dim=-1)  # fmt: skip
+    query, key, value = (
+        torch.nn.functional.linear(x, mha.in_proj_weight).view(batch, frames, heads, head_dim * 3).chunk(3, dim=-1)
+    )
     if mha.vbias is not None:
         value = value + mha.value_bias_weight.view(1, 1, heads, mha.vhead_dim)
     p_k = mha.linear_pos(pos_embs).view(1, -1, heads, head_dim).permute(0, 2, 3, 1)  # [1, H, d, 2T'-1]
@@ -302,8 +322,9 @@ class SelfAttention(torch.nn.Module):
         return relative_self_attention(self.mha, x, padding, pos_embs)
 
 
-def _conformer_layer(layer: torch.nn.Module, attention: torch.nn.Module, x: torch.Tensor, padding: torch.Tensor,
-                     pos_embs: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def _conformer_layer(
+    layer: torch.nn.Module, attention: torch.nn.Module, x: torch.Tensor, padding: torch.Tensor, pos_embs: torch.Tensor
+) -> torch.Tensor:
     """SpeechBrain's ``ConformerEncoderLayer.forward`` (eval) with padded frames zeroed before the depth-wise conv.
 
     SpeechBrain masks the convolution module's output only, so its depth-wise

@@ -49,8 +49,18 @@ OPSET = 17
 WRITTEN_BY = "speech-kd export"
 #: what an export folder holds (``__pycache__``: made by ``import transcribe``); ``force`` replaces a folder
 #: holding nothing else
-EXPORT_ENTRIES = frozenset({"model.onnx", "model.ts", runtime.FEATURES_NAME, runtime.CONFIG_NAME, "tokens.txt",
-                            "transcribe.py", "README.txt", "__pycache__"})  # fmt: skip
+EXPORT_ENTRIES = frozenset(
+    {
+        "model.onnx",
+        "model.ts",
+        runtime.FEATURES_NAME,
+        runtime.CONFIG_NAME,
+        "tokens.txt",
+        "transcribe.py",
+        "README.txt",
+        "__pycache__",
+    }
+)
 
 _README = """Exported by `speech-kd export` ({format}{quant}): a CTC speech recogniser for {rate} Hz mono audio.
 
@@ -93,9 +103,15 @@ def _fbank_settings(module: torch.nn.Module) -> tuple[dict, np.ndarray, np.ndarr
         left = (stft.n_fft - stft.win_length) // 2
         window = np.pad(window, (left, stft.n_fft - stft.win_length - left))
     mel = _filter_matrix(banks, torch.device("cpu")).double().numpy().T
-    settings = {"n_fft": int(stft.n_fft), "hop_length": int(stft.hop_length), "win_length": int(stft.win_length),
-                "n_mels": int(mel.shape[1]), "amin": float(banks.amin), "top_db": float(banks.top_db),
-                "ref_value": float(banks.ref_value)}  # fmt: skip
+    settings = {
+        "n_fft": int(stft.n_fft),
+        "hop_length": int(stft.hop_length),
+        "win_length": int(stft.win_length),
+        "n_mels": int(mel.shape[1]),
+        "amin": float(banks.amin),
+        "top_db": float(banks.top_db),
+        "ref_value": float(banks.ref_value),
+    }
     return settings, window, mel
 
 
@@ -108,8 +124,12 @@ def _example(graph: CTCGraph, n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _linear_names(graph: torch.nn.Module, fp32_layers: tuple[str, ...]) -> set[str]:
     """Names of the ``nn.Linear`` modules of ``graph`` not under any of ``fp32_layers``."""
-    return {name for name, module in graph.named_modules() if isinstance(module, torch.nn.Linear)
-            and not any(name == layer or name.startswith(layer + ".") for layer in fp32_layers)}  # fmt: skip
+    return {
+        name
+        for name, module in graph.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and not any(name == layer or name.startswith(layer + ".") for layer in fp32_layers)
+    }
 
 
 def _write_onnx(graph: CTCGraph, example, path: Path, quantize: str | None, fp32_layers: tuple[str, ...]) -> None:
@@ -118,11 +138,20 @@ def _write_onnx(graph: CTCGraph, example, path: Path, quantize: str | None, fp32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            graph, example, str(plain), input_names=["feats", "lengths"], output_names=["log_probs", "out_lengths"],
-            dynamic_axes={"feats": {0: "batch", 1: "frames"}, "lengths": {0: "batch"},
-                          "log_probs": {0: "batch", 1: "out_frames"}, "out_lengths": {0: "batch"}},
-            opset_version=OPSET, dynamo=False,
-        )  # fmt: skip
+            graph,
+            example,
+            str(plain),
+            input_names=["feats", "lengths"],
+            output_names=["log_probs", "out_lengths"],
+            dynamic_axes={
+                "feats": {0: "batch", 1: "frames"},
+                "lengths": {0: "batch"},
+                "log_probs": {0: "batch", 1: "out_frames"},
+                "out_lengths": {0: "batch"},
+            },
+            opset_version=OPSET,
+            dynamo=False,
+        )
     if not quantize:
         return
     import onnx
@@ -131,13 +160,15 @@ def _write_onnx(graph: CTCGraph, example, path: Path, quantize: str | None, fp32
     keep = tuple(f"/{layer.replace('.', '/')}/" for layer in fp32_layers)
     nodes = onnx.load(str(plain)).graph.node
     excluded = [node.name for node in nodes if node.name.startswith(keep)]
-    quantize_dynamic(str(plain), str(path), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                     nodes_to_exclude=excluded)  # fmt: skip
+    quantize_dynamic(
+        str(plain), str(path), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, nodes_to_exclude=excluded
+    )
     plain.unlink()
 
 
-def _write_torchscript(graph: CTCGraph, example, path: Path, quantize: str | None,
-                       fp32_layers: tuple[str, ...]) -> None:  # fmt: skip
+def _write_torchscript(
+    graph: CTCGraph, example, path: Path, quantize: str | None, fp32_layers: tuple[str, ...]
+) -> None:
     """``torch.jit.trace`` of the graph (after ``quantize_dynamic`` of its linear layers for int8)."""
     if quantize:
         from torch.ao.quantization import quantize_dynamic
@@ -179,8 +210,10 @@ def check_out_folder(out: str | os.PathLike, model_folder: str | os.PathLike, fo
     model = Path(model_folder).resolve()
     target = out.resolve()
     if target == model or target in model.parents:
-        raise ValueError(f"--out {given}: this is the model folder or a folder holding it ({model}), which export "
-                         f"would replace; choose a new folder, e.g. {model.parent / 'onnx'}")  # fmt: skip
+        raise ValueError(
+            f"--out {given}: this is the model folder or a folder holding it ({model}), which export "
+            f"would replace; choose a new folder, e.g. {model.parent / 'onnx'}"
+        )
     if out.is_symlink():
         raise ValueError(f"--out {given}: a symbolic link; give a new folder or the earlier export itself")
     if not out.exists():
@@ -191,13 +224,17 @@ def check_out_folder(out: str | os.PathLike, model_folder: str | os.PathLike, fo
     if not entries:
         return out
     if not _is_earlier_export(out):
-        raise ValueError(f"--out {given}: exists and is not an earlier export (no {runtime.CONFIG_NAME} written by "
-                         f"speech-kd export); nothing was changed, choose a new or empty folder")  # fmt: skip
+        raise ValueError(
+            f"--out {given}: exists and is not an earlier export (no {runtime.CONFIG_NAME} written by "
+            f"speech-kd export); nothing was changed, choose a new or empty folder"
+        )
     foreign = [name for name in entries if name not in EXPORT_ENTRIES]
     if foreign:
-        raise ValueError(f"--out {given}: an earlier export that also holds {', '.join(foreign[:3])}"
-                         f"{' ...' if len(foreign) > 3 else ''}, which speech-kd export did not write; move "
-                         f"{'them' if len(foreign) > 1 else 'it'} out or choose another folder")  # fmt: skip
+        raise ValueError(
+            f"--out {given}: an earlier export that also holds {', '.join(foreign[:3])}"
+            f"{' ...' if len(foreign) > 3 else ''}, which speech-kd export did not write; move "
+            f"{'them' if len(foreign) > 1 else 'it'} out or choose another folder"
+        )
     if not force:
         raise ValueError(f"--out {given}: holds an earlier export; pass --force to replace it")
     return out
@@ -209,7 +246,7 @@ def _load_model(model_folder: str | os.PathLike):
     A checkpoint that is not one (random bytes, cut short, another format) is named in a ``ValueError``
     instead of torch's unpickling error (which advises unsafe loading).
     """
-    from speech_kd.evaluate import ModelFolderError, load_asr
+    from speech_kd.scoring.evaluate import ModelFolderError
 
     try:
         return load_asr(model_folder, device="cpu")
@@ -220,8 +257,10 @@ def _load_model(model_folder: str | os.PathLike):
             try:
                 torch.load(path, map_location="cpu", weights_only=True)
             except Exception:
-                raise ValueError(f"{path}: not a PyTorch checkpoint of a model folder (corrupt, cut short or "
-                                 "another format); write the model folder again from its training run") from None
+                raise ValueError(
+                    f"{path}: not a PyTorch checkpoint of a model folder (corrupt, cut short or "
+                    "another format); write the model folder again from its training run"
+                ) from None
         raise error
 
 
@@ -283,8 +322,21 @@ def export_asr(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private
-        config, diff = _write_folder(tmp, asr, graph, example, settings, window, mel, fmt, quantize, fp32_layers,
-                                     blank_penalty, count_parameters(asr), model_folder)  # fmt: skip
+        config, diff = _write_folder(
+            tmp,
+            asr,
+            graph,
+            example,
+            settings,
+            window,
+            mel,
+            fmt,
+            quantize,
+            fp32_layers,
+            blank_penalty,
+            count_parameters(asr),
+            model_folder,
+        )
         check_out_folder(out, model_folder, force)  # again: the folder may have changed while the export ran
         _replace(tmp, out)
     except BaseException:
@@ -314,9 +366,21 @@ def _replace(tmp: Path, out: Path) -> None:
     shutil.rmtree(aside)
 
 
-def _write_folder(tmp: Path, asr, graph: CTCGraph, example, settings: dict, window: np.ndarray, mel: np.ndarray,
-                  fmt: str, quantize: str | None, fp32_layers: tuple[str, ...], blank_penalty: float, params: int,
-                  model_folder: str | os.PathLike) -> tuple[dict, float]:  # fmt: skip
+def _write_folder(
+    tmp: Path,
+    asr,
+    graph: CTCGraph,
+    example,
+    settings: dict,
+    window: np.ndarray,
+    mel: np.ndarray,
+    fmt: str,
+    quantize: str | None,
+    fp32_layers: tuple[str, ...],
+    blank_penalty: float,
+    params: int,
+    model_folder: str | os.PathLike,
+) -> tuple[dict, float]:
     """Write the export into ``tmp`` and check it against the PyTorch graph.
 
     Returns ``deploy.json``'s contents and the largest log-probability difference.
@@ -349,10 +413,18 @@ def _write_folder(tmp: Path, asr, graph: CTCGraph, example, settings: dict, wind
     (tmp / runtime.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (tmp / "tokens.txt").write_text("".join(f"{t}\n" for t in tokens), encoding="utf-8")
     shutil.copyfile(runtime.__file__, tmp / "transcribe.py")
-    (tmp / "README.txt").write_text(_README.format(
-        format=fmt, quant=", int8" if quantize else "", rate=sample_rate, blank=config["blank_index"],
-        runtime="onnxruntime" if fmt == "onnx" else "torch", shift=round(config["frame_shift"], 4),
-        min_ms=round(1000 * settings["n_fft"] / sample_rate)), encoding="utf-8")  # fmt: skip
+    (tmp / "README.txt").write_text(
+        _README.format(
+            format=fmt,
+            quant=", int8" if quantize else "",
+            rate=sample_rate,
+            blank=config["blank_index"],
+            runtime="onnxruntime" if fmt == "onnx" else "torch",
+            shift=round(config["frame_shift"], 4),
+            min_ms=round(1000 * settings["n_fft"] / sample_rate),
+        ),
+        encoding="utf-8",
+    )
 
     with torch.no_grad():
         expected, expected_lengths = graph(*example)

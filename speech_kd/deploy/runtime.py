@@ -43,9 +43,26 @@ if __name__ == "__main__":  # before numpy loads its BLAS: one BLAS thread (see 
 
 import numpy as np
 
-__all__ = ["ExportedASR", "fbank", "mel_blocks", "best_tokens", "greedy_decode", "read_audio", "check_samples",
-           "resample", "run_groups", "build_parser", "main", "TranscribeError", "AudioFileError", "CONFIG_NAME",
-           "CONTEXT_SECONDS", "MAX_BATCH_SECONDS", "LONG_SECONDS", "AUTO_CHUNK_SECONDS"]
+__all__ = [
+    "ExportedASR",
+    "fbank",
+    "mel_blocks",
+    "best_tokens",
+    "greedy_decode",
+    "read_audio",
+    "check_samples",
+    "resample",
+    "run_groups",
+    "build_parser",
+    "main",
+    "TranscribeError",
+    "AudioFileError",
+    "CONFIG_NAME",
+    "CONTEXT_SECONDS",
+    "MAX_BATCH_SECONDS",
+    "LONG_SECONDS",
+    "AUTO_CHUNK_SECONDS",
+]
 
 #: the exported folder's description (tokens, frame shift, fbank settings, model file)
 CONFIG_NAME = "deploy.json"
@@ -94,8 +111,15 @@ def mel_blocks(mel: np.ndarray, blocks: int = 4) -> list[tuple[int, int, int, in
     return out
 
 
-def fbank(wav: np.ndarray, window: np.ndarray, mel: np.ndarray | list, hop: int, amin: float = 1e-10,
-          top_db: float = 80.0, ref_value: float = 1.0) -> np.ndarray:  # fmt: skip
+def fbank(
+    wav: np.ndarray,
+    window: np.ndarray,
+    mel: np.ndarray | list,
+    hop: int,
+    amin: float = 1e-10,
+    top_db: float = 80.0,
+    ref_value: float = 1.0,
+) -> np.ndarray:
     """Log-mel filterbank ``[T, F]`` (float32) of one waveform ``wav [S]``, as SpeechBrain's ``Fbank``.
 
     Centred frames (``n_fft // 2`` zeros at both ends), ``T = 1 + S // hop``; power spectrum of each frame
@@ -198,8 +222,9 @@ def check_samples(wav: np.ndarray, name: str = "audio") -> np.ndarray:
         wav = wav.astype(np.float32, copy=False)
     bad = int(wav.shape[0] - np.count_nonzero(np.isfinite(wav)))
     if bad:
-        raise AudioFileError(f"{name}: {bad} of {wav.shape[0]} samples are NaN or infinite; refused (fix or "
-                             "re-encode the file)")  # fmt: skip
+        raise AudioFileError(
+            f"{name}: {bad} of {wav.shape[0]} samples are NaN or infinite; refused (fix or re-encode the file)"
+        )
     return wav
 
 
@@ -215,8 +240,9 @@ def resample(wav: np.ndarray, rate: int, new_rate: int) -> np.ndarray:
     if orig == new:
         return np.asarray(wav, dtype=np.float32)
     if orig * new > 4_000_000:  # a table of new x (orig + 2 width) weights: refuse odd rate pairs
-        raise ValueError(f"{rate} Hz: no small ratio to {new_rate} Hz; resample the file first "
-                         f"(e.g. sox IN -r {new_rate} OUT.wav)")  # fmt: skip
+        raise ValueError(
+            f"{rate} Hz: no small ratio to {new_rate} Hz; resample the file first (e.g. sox IN -r {new_rate} OUT.wav)"
+        )
     zeros, rolloff = 6, 0.99
     base = min(orig, new) * rolloff
     width = math.ceil(zeros * orig / base)
@@ -292,18 +318,29 @@ def _read_config(folder: Path) -> dict:
         raise TranscribeError(f"{path}: not readable JSON ({_one_line(error)})") from None
     try:
         fb = config["fbank"]
-        good = (isinstance(config["tokens"], list) and all(isinstance(t, str) for t in config["tokens"])
-                and 0 <= int(config["blank_index"]) < len(config["tokens"]) and int(config["sample_rate"]) > 0
-                and float(config["frame_shift"]) > 0 and int(config["min_samples"]) >= 0
-                and int(fb["hop_length"]) > 0 and float(fb["amin"]) > 0 and math.isfinite(float(fb["top_db"]))
-                and float(fb["ref_value"]) > 0 and isinstance(config["model_file"], str)
-                and config["format"] in ("onnx", "torchscript"))  # fmt: skip
+        good = (
+            isinstance(config["tokens"], list)
+            and all(isinstance(t, str) for t in config["tokens"])
+            and 0 <= int(config["blank_index"]) < len(config["tokens"])
+            and int(config["sample_rate"]) > 0
+            and float(config["frame_shift"]) > 0
+            and int(config["min_samples"]) >= 0
+            and int(fb["hop_length"]) > 0
+            and float(fb["amin"]) > 0
+            and math.isfinite(float(fb["top_db"]))
+            and float(fb["ref_value"]) > 0
+            and isinstance(config["model_file"], str)
+            and config["format"] in ("onnx", "torchscript")
+        )
     except (KeyError, TypeError, ValueError, OverflowError) as error:
-        raise TranscribeError(f"{path}: a value is missing or of the wrong type ({_one_line(error)}); export the "
-                              "model again") from None  # fmt: skip
+        raise TranscribeError(
+            f"{path}: a value is missing or of the wrong type ({_one_line(error)}); export the model again"
+        ) from None
     if not good:
-        raise TranscribeError(f"{path}: values out of range (tokens, blank_index, sample_rate, frame_shift, fbank, "
-                              "format); export the model again")  # fmt: skip
+        raise TranscribeError(
+            f"{path}: values out of range (tokens, blank_index, sample_rate, frame_shift, fbank, "
+            "format); export the model again"
+        )
     return config
 
 
@@ -326,19 +363,27 @@ class ExportedASR:
     :class:`TranscribeError` (one line naming the file or option).
     """
 
-    def __init__(self, folder: str | os.PathLike, threads: int | None = None, blank_penalty: float | None = None,
-                 max_batch_seconds: float = MAX_BATCH_SECONDS) -> None:  # fmt: skip
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        threads: int | None = None,
+        blank_penalty: float | None = None,
+        max_batch_seconds: float = MAX_BATCH_SECONDS,
+    ) -> None:
         self.folder = Path(folder)
         self.config = _read_config(self.folder)
         try:
             arrays = np.load(self.folder / FEATURES_NAME)
             self.window, self.mel = np.asarray(arrays["window"], np.float64), np.asarray(arrays["mel"], np.float64)
         except Exception as error:  # missing, not an npz (numpy's message would suggest unsafe loading), keys missing
-            raise TranscribeError(f"{self.folder / FEATURES_NAME}: missing or corrupt ({type(error).__name__}); "
-                                  "export the model again") from None  # fmt: skip
+            raise TranscribeError(
+                f"{self.folder / FEATURES_NAME}: missing or corrupt ({type(error).__name__}); export the model again"
+            ) from None
         if self.window.ndim != 1 or self.mel.ndim != 2 or self.mel.shape[0] != self.window.shape[0] // 2 + 1:
-            raise TranscribeError(f"{self.folder / FEATURES_NAME}: window and mel filters of other shapes than an "
-                                  "fbank's; export the model again")  # fmt: skip
+            raise TranscribeError(
+                f"{self.folder / FEATURES_NAME}: window and mel filters of other shapes than an "
+                "fbank's; export the model again"
+            )
         self._mel_blocks = mel_blocks(self.mel)
         try:  # numpy's BLAS held to one thread while the fbank runs (_one_blas_thread)
             from threadpoolctl import ThreadpoolController
@@ -381,8 +426,9 @@ class ExportedASR:
             try:
                 self._session = session(threads)
             except Exception as error:  # onnxruntime's InvalidProtobuf, Fail, ... for what is not a model
-                raise TranscribeError(f"{model}: not a loadable ONNX model ({_one_line(error)[:300]}); export "
-                                      "the model again") from None  # fmt: skip
+                raise TranscribeError(
+                    f"{model}: not a loadable ONNX model ({_one_line(error)[:300]}); export the model again"
+                ) from None
             self._one_thread_session = self._session if self.threads == 1 else None  # made when first needed
         else:
             import torch
@@ -396,8 +442,9 @@ class ExportedASR:
                     warnings.simplefilter("ignore", FutureWarning)
                     self._module = torch.jit.load(str(model), map_location="cpu").eval()
             except Exception as error:
-                raise TranscribeError(f"{model}: not a loadable TorchScript model ({_one_line(error)[:300]}); "
-                                      "export the model again") from None  # fmt: skip
+                raise TranscribeError(
+                    f"{model}: not a loadable TorchScript model ({_one_line(error)[:300]}); export the model again"
+                ) from None
 
     def features(self, wav: np.ndarray) -> np.ndarray:
         """Fbank ``[T, F]`` of ``wav [S]``; audio shorter than ``min_samples`` is zero-padded to it first."""
@@ -466,8 +513,9 @@ class ExportedASR:
             batch = np.zeros((len(group), max(lengths[i] for i in group), feats[group[0]].shape[1]), dtype=np.float32)
             for row, i in enumerate(group):
                 batch[row, : lengths[i]] = feats[i]
-            log_probs, out_lengths = self.run(batch, np.array([lengths[i] for i in group], dtype=np.int64),
-                                              one_thread=side_by_side)  # fmt: skip
+            log_probs, out_lengths = self.run(
+                batch, np.array([lengths[i] for i in group], dtype=np.int64), one_thread=side_by_side
+            )
             return [log_probs[row, : int(out_lengths[row])] for row in range(len(group))]
 
         if side_by_side:  # groups run at once, one thread each: a small network splits badly over threads
@@ -492,8 +540,9 @@ class ExportedASR:
         """Transcripts of waveforms ``[S]`` at the folder's sample rate (as :meth:`log_probs` runs them)."""
         return [self.text(greedy_decode(lp, self.blank_index, self.blank_penalty)) for lp in self.log_probs(wavs)]
 
-    def stream_log_probs(self, wav: np.ndarray, chunk_seconds: float = 20.0,
-                         context_seconds: float = CONTEXT_SECONDS) -> Iterator[np.ndarray]:  # fmt: skip
+    def stream_log_probs(
+        self, wav: np.ndarray, chunk_seconds: float = 20.0, context_seconds: float = CONTEXT_SECONDS
+    ) -> Iterator[np.ndarray]:
         """Log-probabilities ``[T'_i, V]`` of a long waveform ``wav [S]``, chunk after chunk (bounded memory).
 
         The file is cut into consecutive chunks of ``chunk_seconds`` (rounded to whole output frames); each
@@ -517,8 +566,9 @@ class ExportedASR:
             last = start + core >= wav.shape[0]
             yield out[skip:] if last else out[skip : skip + core // stride]
 
-    def transcribe_long(self, wav: np.ndarray, chunk_seconds: float = 20.0,
-                        context_seconds: float = CONTEXT_SECONDS) -> str:  # fmt: skip
+    def transcribe_long(
+        self, wav: np.ndarray, chunk_seconds: float = 20.0, context_seconds: float = CONTEXT_SECONDS
+    ) -> str:
         """Transcript of a long waveform ``[S]`` from :meth:`stream_log_probs` (bounded memory).
 
         Greedy decoding runs across chunk boundaries (a token repeated over a boundary is merged as within a
@@ -562,28 +612,55 @@ def _number(kind: type, low: float, low_ok: bool, meaning: str, high: float = ma
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``python transcribe.py`` (every number range-checked: one-line errors, exit status 2)."""
-    parser = argparse.ArgumentParser(description="Transcribe audio files with this exported model folder. "
-                                     "Exit status: 0 all transcribed, 1 some file failed (reported on stderr), "
-                                     "2 bad option or model folder.")  # fmt: skip
-    parser.add_argument("files", nargs="+", help="audio files (mono or averaged to mono; other sample rates are "
-                        "resampled to the model's)")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description="Transcribe audio files with this exported model folder. "
+        "Exit status: 0 all transcribed, 1 some file failed (reported on stderr), "
+        "2 bad option or model folder."
+    )
+    parser.add_argument(
+        "files",
+        nargs="+",
+        help="audio files (mono or averaged to mono; other sample rates are resampled to the model's)",
+    )
     parser.add_argument("--model", default=str(Path(__file__).resolve().parent), help="exported folder")
-    parser.add_argument("--batch", type=_number(int, 1, True, "must be at least 1"), default=32,
-                        help="files read at a time (run longest first, in groups of --max_batch_seconds)")  # fmt: skip
-    parser.add_argument("--max_batch_seconds", type=_number(float, 0, True, "must be a finite number >= 0"),
-                        default=MAX_BATCH_SECONDS,
-                        help="padded audio per network run (0: each --batch of files in one padded batch)")  # fmt: skip
-    parser.add_argument("--threads", type=_number(int, 1, True, f"must be 1 to {MAX_THREADS}", MAX_THREADS),
-                        default=None, help="runtime threads (default: $OMP_NUM_THREADS)")  # fmt: skip
-    parser.add_argument("--blank_penalty", type=_number(float, -math.inf, False, "must be a finite number"),
-                        default=None, help="subtracted from blank log-probs")  # fmt: skip
-    parser.add_argument("--chunk_seconds", type=_number(float, 0, True, "must be a finite number >= 0"), default=None,
-                        help=f"> 0: each file in chunks of this many seconds (bounded memory); 0: each file whole; "
-                             f"default: files over {LONG_SECONDS:g} s in {AUTO_CHUNK_SECONDS:g} s chunks, "
-                             "shorter ones whole")  # fmt: skip
-    parser.add_argument("--context_seconds", type=_number(float, 0, True, "must be a finite number >= 0"),
-                        default=CONTEXT_SECONDS,
-                        help="with chunks: audio before and after each chunk also read (0: none)")  # fmt: skip
+    parser.add_argument(
+        "--batch",
+        type=_number(int, 1, True, "must be at least 1"),
+        default=32,
+        help="files read at a time (run longest first, in groups of --max_batch_seconds)",
+    )
+    parser.add_argument(
+        "--max_batch_seconds",
+        type=_number(float, 0, True, "must be a finite number >= 0"),
+        default=MAX_BATCH_SECONDS,
+        help="padded audio per network run (0: each --batch of files in one padded batch)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_number(int, 1, True, f"must be 1 to {MAX_THREADS}", MAX_THREADS),
+        default=None,
+        help="runtime threads (default: $OMP_NUM_THREADS)",
+    )
+    parser.add_argument(
+        "--blank_penalty",
+        type=_number(float, -math.inf, False, "must be a finite number"),
+        default=None,
+        help="subtracted from blank log-probs",
+    )
+    parser.add_argument(
+        "--chunk_seconds",
+        type=_number(float, 0, True, "must be a finite number >= 0"),
+        default=None,
+        help=f"> 0: each file in chunks of this many seconds (bounded memory); 0: each file whole; "
+        f"default: files over {LONG_SECONDS:g} s in {AUTO_CHUNK_SECONDS:g} s chunks, "
+        "shorter ones whole",
+    )
+    parser.add_argument(
+        "--context_seconds",
+        type=_number(float, 0, True, "must be a finite number >= 0"),
+        default=CONTEXT_SECONDS,
+        help="with chunks: audio before and after each chunk also read (0: none)",
+    )
     return parser
 
 
@@ -595,8 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     try:
-        asr = ExportedASR(args.model, threads=args.threads, blank_penalty=args.blank_penalty,
-                          max_batch_seconds=args.max_batch_seconds)  # fmt: skip
+        asr = ExportedASR(
+            args.model, threads=args.threads, blank_penalty=args.blank_penalty, max_batch_seconds=args.max_batch_seconds
+        )
     except TranscribeError as error:
         print(f"transcribe.py: error: {error}", file=sys.stderr)
         return 2
@@ -627,8 +705,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}\t{asr.transcribe_long(wav, chunk, args.context_seconds)}", flush=True)
             continue
         if seconds > LONG_SECONDS:  # asked for with --chunk_seconds 0; self-attention: memory ~ length squared
-            note(f"{path}: {seconds:.0f} s in one piece (--chunk_seconds 0); attention memory grows with the "
-                 "square of the length (a 9-minute file took 12 GB)")  # fmt: skip
+            note(
+                f"{path}: {seconds:.0f} s in one piece (--chunk_seconds 0); attention memory grows with the "
+                "square of the length (a 9-minute file took 12 GB)"
+            )
         pending.append((path, wav))
         if len(pending) >= args.batch:
             flush()

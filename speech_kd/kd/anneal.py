@@ -109,8 +109,12 @@ class TeacherAnneal:
     def state(self) -> dict:
         """What is checkpointed."""
         best = None if math.isinf(self.best_wer) else self.best_wer
-        return {"scale": self.scale, "best_wer": best, "reached_epoch": self.reached_epoch,
-                "teacher_wer": self.teacher_wer}  # fmt: skip
+        return {
+            "scale": self.scale,
+            "best_wer": best,
+            "reached_epoch": self.reached_epoch,
+            "teacher_wer": self.teacher_wer,
+        }
 
     @mark_as_saver
     def save(self, path: str | os.PathLike) -> None:
@@ -173,18 +177,37 @@ class TeacherAnnealMixin:
         before, reached_before = state.scale, state.reached_epoch
         scale = state.update(epoch, float(stats["WER"]))
         stats["teacher_WER"] = teacher.wer
-        logger.info("epoch %d: dev WER student %.2f, teacher %.2f (%s)", epoch, stats["WER"], teacher.wer,
-                    "student at or below the teacher" if stats["WER"] <= teacher.wer else
-                    f"{stats['WER'] - teacher.wer:.2f} points to go")  # fmt: skip
+        logger.info(
+            "epoch %d: dev WER student %.2f, teacher %.2f (%s)",
+            epoch,
+            stats["WER"],
+            teacher.wer,
+            "student at or below the teacher"
+            if stats["WER"] <= teacher.wer
+            else f"{stats['WER'] - teacher.wer:.2f} points to go",
+        )
         if reached_before is None and state.reached_epoch is not None:
             anneal = (
                 f"kd_anneal is on: the KD weight is now {scale:.3f} x kd_weight"
                 if state.enabled
                 else "kd_anneal is off: the KD weight stays as configured (--kd_anneal=True fades it out)"
             )
-            logger.warning("epoch %d: the student has reached the teacher on dev (WER %.2f against the teacher's "
-                           "%.2f, %s): %s. %s", epoch, stats["WER"], teacher.wer, teacher.source, REACHED_ADVICE,
-                           anneal)  # fmt: skip
+            logger.warning(
+                "epoch %d: the student has reached the teacher on dev (WER %.2f against the teacher's "
+                "%.2f, %s): %s. %s",
+                epoch,
+                stats["WER"],
+                teacher.wer,
+                teacher.source,
+                REACHED_ADVICE,
+                anneal,
+            )
         if scale != before:
-            logger.info("kd_anneal: KD weight scale %.3f -> %.3f (student's best dev WER %.2f, teacher's %.2f, "
-                        "margin %g)", before, scale, state.best_wer, teacher.wer, state.margin)  # fmt: skip
+            logger.info(
+                "kd_anneal: KD weight scale %.3f -> %.3f (student's best dev WER %.2f, teacher's %.2f, margin %g)",
+                before,
+                scale,
+                state.best_wer,
+                teacher.wer,
+                state.margin,
+            )

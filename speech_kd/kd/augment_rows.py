@@ -38,10 +38,20 @@ __all__ = ["AugmentationRows", "find_augmenters", "time_changing_augmentations",
 #: SpeechBrain augmentations that leave every sample where it was (cached targets stay valid)
 TIME_KEEPING = frozenset(
     {
-        "AddNoise", "AddReverb", "DropFreq", "DropChunk", "DropBitResolution", "DoClip", "RandAmp",
-        "SignFlip", "ChannelDrop", "ChannelSwap", "SpectrogramDrop", "Identity",
+        "AddNoise",
+        "AddReverb",
+        "DropFreq",
+        "DropChunk",
+        "DropBitResolution",
+        "DoClip",
+        "RandAmp",
+        "SignFlip",
+        "ChannelDrop",
+        "ChannelSwap",
+        "SpectrogramDrop",
+        "Identity",
     }
-)  # fmt: skip
+)
 
 
 def _augmenter_class():

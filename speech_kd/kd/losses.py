@@ -336,8 +336,9 @@ def agreement_rate(
     return agree.sum() / mask.sum().clamp(min=1)
 
 
-def blank_share(teacher_log_probs: torch.Tensor, mask: torch.Tensor, blank_index: int, threshold: float
-                ) -> torch.Tensor:  # fmt: skip
+def blank_share(
+    teacher_log_probs: torch.Tensor, mask: torch.Tensor, blank_index: int, threshold: float
+) -> torch.Tensor:
     """Share of valid frames where the teacher's blank probability exceeds ``threshold`` (0-dim tensor)."""
     blanky = (teacher_log_probs[..., blank_index].exp() > threshold) & mask
     return blanky.sum() / mask.sum().clamp(min=1)

@@ -216,8 +216,11 @@ class KDMixin(KDTermMixin):
                 if isinstance(value, functools.partial) and getattr(value.func, "__name__", "") == "ctc_loss"
             ]
             found = "frame" if reductions and reductions[0] == "mean" else "utterance"
-            logger.info("kd_reduction=%s (auto: the recipe's CTC loss has reduction=%s)", found,
-                        reductions[0] if reductions else "not found: batchmean assumed")  # fmt: skip
+            logger.info(
+                "kd_reduction=%s (auto: the recipe's CTC loss has reduction=%s)",
+                found,
+                reductions[0] if reductions else "not found: batchmean assumed",
+            )
             self._kd_reduction_found = found
         return self._kd_reduction_found
 

@@ -98,16 +98,23 @@ class KDEpochTotals:
         del end_of_epoch
         processes = torch.load(path, weights_only=False)["processes"]
         if len(processes) != world_size():
-            logger.warning("%s: KD sums of %d processes, this run has %d: the resumed epoch's KD statistics cover "
-                           "only its batches after the resume", path, len(processes), world_size())  # fmt: skip
+            logger.warning(
+                "%s: KD sums of %d processes, this run has %d: the resumed epoch's KD statistics cover "
+                "only its batches after the resume",
+                path,
+                len(processes),
+                world_size(),
+            )
             self.reset()
             return
         mine = processes[rank()]
         self.reset()
         *sums, kd_count, ctc_count = mine["values"]
         self.totals = {key: torch.tensor(value, dtype=torch.float64) for key, value in zip(mine["keys"], sums)}
-        self.counts = {"kd": torch.tensor(kd_count, dtype=torch.float64),
-                       "ctc": torch.tensor(ctc_count, dtype=torch.float64)}  # fmt: skip
+        self.counts = {
+            "kd": torch.tensor(kd_count, dtype=torch.float64),
+            "ctc": torch.tensor(ctc_count, dtype=torch.float64),
+        }
         self.batches = int(mine["batches"])
 
 

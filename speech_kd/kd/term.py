@@ -182,8 +182,12 @@ class KDTermMixin:
         if declared is None and aligner is not None:
             measured = measured_frame_shift(seconds, frames)
             aligner.set_student_frame_shift(measured)
-            logger.info("student frame shift measured on the first batch: %.3f s (%d frames for %.2f s)",
-                        measured, frames, seconds)  # fmt: skip
+            logger.info(
+                "student frame shift measured on the first batch: %.3f s (%d frames for %.2f s)",
+                measured,
+                frames,
+                seconds,
+            )
             return
         if declared is None:
             return
@@ -217,18 +221,28 @@ class KDTermMixin:
             log_probs = log_probs.float()
             teacher = topk_restrict(targets.log_probs.float(), self.kd_option("kd_topk"))
             weights = blank_frame_weights(
-                targets.log_probs, blank, self.kd_option("blank_mode"),
-                self.kd_option("blank_threshold"), self.kd_option("blank_weight"),
-            )  # fmt: skip
+                targets.log_probs,
+                blank,
+                self.kd_option("blank_mode"),
+                self.kd_option("blank_threshold"),
+                self.kd_option("blank_weight"),
+            )
             student, teacher, hard, kd_blank = restrict_to_reached(
                 log_probs, teacher, targets.hard_labels, targets.reached, blank
             )
             loss = kd_loss(
-                loss_name or self.kd_option("kd_loss"), student, teacher, targets.mask,
-                temperature=temperature, frame_weights=weights,
-                student_lengths=lengths, teacher_lengths=lengths, blank_index=kd_blank,
-                reduction=self.kd_option("kd_reduction"), hard_labels=hard,
-            )  # fmt: skip
+                loss_name or self.kd_option("kd_loss"),
+                student,
+                teacher,
+                targets.mask,
+                temperature=temperature,
+                frame_weights=weights,
+                student_lengths=lengths,
+                teacher_lengths=lengths,
+                blank_index=kd_blank,
+                reduction=self.kd_option("kd_reduction"),
+                hard_labels=hard,
+            )
         stats = {
             "blank_share": blank_share(targets.log_probs, targets.mask, blank, self.kd_option("blank_threshold")),
             "agreement": agreement_rate(log_probs.detach(), targets.log_probs, targets.mask),

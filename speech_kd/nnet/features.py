@@ -184,8 +184,18 @@ def _mel_power(module: torch.nn.Module, wavs: torch.Tensor, blocks: list) -> tor
     """Mel-filtered power spectrum ``[B, T, n_mels]`` (linear, not yet in dB) of fp32 ``wavs [B, S]``."""
     stft = module.compute_STFT
     window = stft.window.to(wavs.device)
-    spec = torch.stft(wavs, stft.n_fft, stft.hop_length, stft.win_length, window, stft.center, stft.pad_mode,
-                      stft.normalized_stft, stft.onesided, return_complex=True)  # fmt: skip
+    spec = torch.stft(
+        wavs,
+        stft.n_fft,
+        stft.hop_length,
+        stft.win_length,
+        window,
+        stft.center,
+        stft.pad_mode,
+        stft.normalized_stft,
+        stft.onesided,
+        return_complex=True,
+    )
     spec = spec.transpose(1, 2)  # [B, T, F]: the memory order torch.stft wrote it in
     batch, frames, n_freqs = spec.shape
     parts = torch.view_as_real(spec).view(batch * frames, 2 * n_freqs)  # [re_0, im_0, re_1, ...] per frame

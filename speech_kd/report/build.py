@@ -59,21 +59,27 @@ def build_report(
     teacher = read_teacher_score(run.folder) if run.kd else None
     reached = reached_teacher_epoch(history, teacher.wer) if teacher is not None else None
     if reached is not None:
-        page.paragraph(f"Note: the student reached its teacher on dev at epoch {reached} (teacher dev WER "
-                       f"{teacher.wer:.2f}): {REACHED_ADVICE}.")  # fmt: skip
+        page.paragraph(
+            f"Note: the student reached its teacher on dev at epoch {reached} (teacher dev WER "
+            f"{teacher.wer:.2f}): {REACHED_ADVICE}."
+        )
 
     page.heading("Learning curves")
     if history:
         reduction = run.setting("kd_reduction") or "utterance"
-        page.image("learning_curves.png",
-                   plots.learning_curves(history, reduction, teacher_wer=teacher.wer if teacher else None),
-                   "Loss, dev error rates and learning rate")  # fmt: skip (the dashed line: the teacher's dev WER)
+        page.image(
+            "learning_curves.png",
+            plots.learning_curves(history, reduction, teacher_wer=teacher.wer if teacher else None),
+            "Loss, dev error rates and learning rate",
+        )  # the dashed line: the teacher's dev WER
         last = history[-1].get("train", {})
         kd_keys = [k for k in ("kd_weight", "temperature", "blank_share", "agreement", "lost_mass") if k in last]
         if kd_keys:
             lines = ["epoch  " + "  ".join(f"{k:>11}" for k in kd_keys)]
-            lines += [f"{h['epoch']:>5}  " + "  ".join(f"{h['train'].get(k, float('nan')):>11.4g}" for k in kd_keys)
-                      for h in history]  # fmt: skip
+            lines += [
+                f"{h['epoch']:>5}  " + "  ".join(f"{h['train'].get(k, float('nan')):>11.4g}" for k in kd_keys)
+                for h in history
+            ]
             page.details("KD diagnostics per epoch (training)", "\n".join(lines))
     else:
         page.paragraph("No history.jsonl in this run.")
@@ -85,10 +91,14 @@ def build_report(
         targets, why = load_targets(run, student, device)
         page.paragraph(
             f"Posterior probability per token (y) and {student.frame_shift * 1000:.0f} ms frame (x, seconds). "
-            + ("The teacher is shown on the student's token set and frame rate, as the KD loss sees it; hollow "
-               "circles mark the teacher's spikes (non-blank argmax frames), crosses the student's, in both panels: "
-               "a cross beside a circle is a timing shift." if targets is not None else why)
-        )  # fmt: skip
+            + (
+                "The teacher is shown on the student's token set and frame rate, as the KD loss sees it; hollow "
+                "circles mark the teacher's spikes (non-blank argmax frames), crosses the student's, in both panels: "
+                "a cross beside a circle is a timing shift."
+                if targets is not None
+                else why
+            )
+        )
         posteriorgram_section(page, read_rows(dev_csv, n_posteriorgrams), student, targets, device, "posteriorgram")
     else:
         page.paragraph("No dev.csv in this run.")
@@ -101,9 +111,18 @@ def build_report(
         if results.exists():
             page.paragraph("Not re-scored (--no-eval); the run's own test scores from training (test_results.json):")
             scores = json.loads(results.read_text())
-            page.table(["split", "WER %", "CER %", "loss"],
-                       [[k, f"{v.get('WER', float('nan')):.2f}", f"{v.get('CER', float('nan')):.2f}",
-                         f"{v.get('loss', float('nan')):.3g}"] for k, v in scores.items()])  # fmt: skip
+            page.table(
+                ["split", "WER %", "CER %", "loss"],
+                [
+                    [
+                        k,
+                        f"{v.get('WER', float('nan')):.2f}",
+                        f"{v.get('CER', float('nan')):.2f}",
+                        f"{v.get('loss', float('nan')):.3g}",
+                    ]
+                    for k, v in scores.items()
+                ],
+            )
         else:
             page.paragraph("Not scored (--no-eval) and no test_results.json in this run.")
 

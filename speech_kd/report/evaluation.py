@@ -48,20 +48,45 @@ def evaluation_page(
     """
     path = Path(path)
     page = Page(f"speech_kd evaluation: {summary.get('model', '')}", path.parent / (path.stem + "_files"))
-    page.table(["WER %", "CER %", "substitutions", "deletions", "insertions", "reference words", "utterances",
-                "parameters", "RTF"],
-               [[f"{summary['wer']:.2f}", f"{summary['cer']:.2f}", summary.get("substitutions", ""),
-                 summary.get("deletions", ""), summary.get("insertions", ""), summary.get("ref_words", ""),
-                 summary["num_utts"], f"{summary['params']:,}", f"{summary['rtf']:.4f}"]])  # fmt: skip
-    page.paragraph(f"Model {summary.get('model', '?')} on {summary.get('csv', '?')} ({summary.get('device', '?')}); "
-                   "greedy CTC decoding, transcripts upper-cased and whitespace-squeezed before scoring.")  # fmt: skip
+    page.table(
+        [
+            "WER %",
+            "CER %",
+            "substitutions",
+            "deletions",
+            "insertions",
+            "reference words",
+            "utterances",
+            "parameters",
+            "RTF",
+        ],
+        [
+            [
+                f"{summary['wer']:.2f}",
+                f"{summary['cer']:.2f}",
+                summary.get("substitutions", ""),
+                summary.get("deletions", ""),
+                summary.get("insertions", ""),
+                summary.get("ref_words", ""),
+                summary["num_utts"],
+                f"{summary['params']:,}",
+                f"{summary['rtf']:.4f}",
+            ]
+        ],
+    )
+    page.paragraph(
+        f"Model {summary.get('model', '?')} on {summary.get('csv', '?')} ({summary.get('device', '?')}); "
+        "greedy CTC decoding, transcripts upper-cased and whitespace-squeezed before scoring."
+    )
     rows = {r["ID"]: r for r in read_rows(Path(summary["csv"]))} if summary.get("csv") else {}
     worst = [rows[u.utt_id] for u in utterances[:n_posteriorgrams] if u.utt_id in rows]
     if worst and summary.get("model"):
         page.heading("Posteriors of the worst utterances")
         student = Student.load(Path(summary["model"]), device)
-        page.paragraph(f"Posterior probability per token (y) and {student.frame_shift * 1000:.0f} ms frame "
-                       "(x, seconds); crosses mark the spikes (non-blank argmax frames).")  # fmt: skip
+        page.paragraph(
+            f"Posterior probability per token (y) and {student.frame_shift * 1000:.0f} ms frame "
+            "(x, seconds); crosses mark the spikes (non-blank argmax frames)."
+        )
         posteriorgram_section(page, worst, student, None, device, "worst", name="model")
     page.heading(f"Utterances, worst first ({min(max_utts, len(utterances))} of {len(utterances)})")
     for u in utterances[:max_utts]:

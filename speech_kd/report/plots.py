@@ -228,16 +228,25 @@ def posteriorgram(
     row_of = {int(t): i for i, t in enumerate(rows)}
     labels = [_token_label(tokens[t], int(t), blank) for t in rows]
     height = max(2.6, 0.11 * len(rows) + 0.6)
-    fig, axes = plt.subplots(len(panels), 1, figsize=(12, height * len(panels) + 0.7), constrained_layout=True,
-                             squeeze=False, sharex=True)  # fmt: skip
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(12, height * len(panels) + 0.7), constrained_layout=True, squeeze=False, sharex=True
+    )
     axes = axes[:, 0]
     image = None
     t_max = student.shape[0] * frame_shift
     for ax, (name, lp) in zip(axes, panels):
         probs = np.exp(lp[:, rows]).T  # [rows, T]
         extent = (0, lp.shape[0] * frame_shift, -0.5, len(rows) - 0.5)
-        image = ax.imshow(probs, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="magma", extent=extent,
-                          interpolation="nearest")  # fmt: skip
+        image = ax.imshow(
+            probs,
+            aspect="auto",
+            origin="lower",
+            vmin=0.0,
+            vmax=1.0,
+            cmap="magma",
+            extent=extent,
+            interpolation="nearest",
+        )
         for other, src in (("teacher", teacher), ("student", student)):
             if src is None:
                 continue
@@ -247,8 +256,9 @@ def posteriorgram(
             x = (frames[keep] + 0.5) * frame_shift
             y = [row_of[int(b)] for b in best[keep]]
             if other == "teacher":
-                ax.scatter(x, y, s=30, marker="o", facecolors="none", edgecolors="cyan", linewidths=1.1,
-                           label="teacher spikes")  # fmt: skip
+                ax.scatter(
+                    x, y, s=30, marker="o", facecolors="none", edgecolors="cyan", linewidths=1.1, label="teacher spikes"
+                )
             else:
                 ax.scatter(x, y, s=22, marker="x", c="lime", linewidths=1.1, label=f"{student_name} spikes")
         ax.set_yticks(range(len(rows)), labels, fontsize=7 if len(rows) <= 32 else 5)
@@ -303,8 +313,15 @@ def size_vs_wer(rows: list[dict]) -> bytes:
     fig, ax = plt.subplots(figsize=(7.5, 3.8), constrained_layout=True)
     markers = "osD^vP*X"
     for i, r in enumerate(rows):
-        ax.scatter(r["params"], r["wer"], s=55, marker=markers[i % len(markers)], alpha=0.85, zorder=3,
-                   label=f"{r['name']}: {r['params'] / 1e6:.2f} M, {r['wer']:.1f} %")  # fmt: skip
+        ax.scatter(
+            r["params"],
+            r["wer"],
+            s=55,
+            marker=markers[i % len(markers)],
+            alpha=0.85,
+            zorder=3,
+            label=f"{r['name']}: {r['params'] / 1e6:.2f} M, {r['wer']:.1f} %",
+        )
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
@@ -345,8 +362,9 @@ def seed_curves(groups: dict[str, list[list[dict]]], teacher: float | None = Non
         mean = np.nanmean(values, axis=0)
         (line,) = ax.plot(x, mean, lw=1.8, label=f"{name} (mean of {len(runs)}; last {mean[-1]:.1f} %)")
         if len(runs) > 1:
-            ax.fill_between(x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(),
-                            alpha=0.18, lw=0)  # fmt: skip
+            ax.fill_between(
+                x, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=line.get_color(), alpha=0.18, lw=0
+            )
         top = max(top, float(np.nanmax(values[:, min(2, epochs - 1) :])))
     if teacher is not None:
         ax.axhline(teacher, color="0.3", ls="--", lw=1.2, label=f"teacher ({teacher:.1f} %)")

@@ -81,8 +81,13 @@ class Student:
         """The student model folder ``folder``, loaded on ``device``."""
         asr = load_asr(folder, device=device)
         sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
-        return cls(asr, token_strings(asr.tokenizer), int(getattr(asr.hparams, "blank_index", 0)), sample_rate,
-                   measure_frame_shift(asr.encode_batch, sample_rate, device))  # fmt: skip
+        return cls(
+            asr,
+            token_strings(asr.tokenizer),
+            int(getattr(asr.hparams, "blank_index", 0)),
+            sample_rate,
+            measure_frame_shift(asr.encode_batch, sample_rate, device),
+        )
 
     def log_probs(self, wav: torch.Tensor) -> np.ndarray:
         """``[T, V]`` frame log-posteriors of one waveform ``[S]``."""
@@ -115,9 +120,16 @@ def load_targets(run: RunFolder, student: Student, device: str):
             teacher = load_teacher(sources[0], kind=run.setting("teacher_kind") or "auto", device=device, **extra)
         else:
             teacher = load_ensemble(sources, weights=run.resolved.get("ensemble_weights"), device=device)
-        aligner = TargetAligner(teacher.tokens, teacher.blank_index, teacher.frame_shift, student.tokens,
-                                student.blank, student.frame_shift, max_unmapped_mass=1.0,
-                                frame_tolerance=8)  # fmt: skip
+        aligner = TargetAligner(
+            teacher.tokens,
+            teacher.blank_index,
+            teacher.frame_shift,
+            student.tokens,
+            student.blank,
+            student.frame_shift,
+            max_unmapped_mass=1.0,
+            frame_tolerance=8,
+        )
         return OnlineTargets(teacher, aligner, student.sample_rate), ""
     except Exception as err:  # a report must not fail because the teacher moved or changed
         logger.warning("report: cannot load teacher %s (%s); student posteriors only", sources, err)
@@ -148,15 +160,19 @@ def _utterance_figure(row: dict, student: Student, targets, device: str, name: s
         offsets = spike_offsets(teacher_lp, student_lp, student.blank) * student.frame_shift * 1000
         if offsets.size:
             median, mean_abs = np.median(offsets), np.abs(offsets).mean()
-            lines.append(f"{'spikes':<7} : {name} - teacher (same token, within 10 frames): median {median:+.0f} ms, "
-                         f"mean |shift| {mean_abs:.0f} ms, {offsets.size} spikes")  # fmt: skip
-    png = plots.posteriorgram(teacher_lp, student_lp, student.tokens, student.frame_shift, student.blank, row["ID"],
-                              student_name=name)  # fmt: skip
+            lines.append(
+                f"{'spikes':<7} : {name} - teacher (same token, within 10 frames): median {median:+.0f} ms, "
+                f"mean |shift| {mean_abs:.0f} ms, {offsets.size} spikes"
+            )
+    png = plots.posteriorgram(
+        teacher_lp, student_lp, student.tokens, student.frame_shift, student.blank, row["ID"], student_name=name
+    )
     return "\n".join(lines), png
 
 
-def posteriorgram_section(page: Page, rows: list[dict], student: Student, targets, device: str, prefix: str,
-                           name: str = "student") -> int:  # fmt: skip
+def posteriorgram_section(
+    page: Page, rows: list[dict], student: Student, targets, device: str, prefix: str, name: str = "student"
+) -> int:
     """Add one figure per row; an utterance that cannot be drawn becomes a note. Returns the figures drawn."""
     drawn = 0
     for i, row in enumerate(rows):

@@ -18,8 +18,17 @@ def _evaluate_models(models: dict[str, Path], test_csv: Path, device: str) -> li
     rows = []
     for name, folder in models.items():
         s = evaluate_model(folder, test_csv, device=device, progress=False).summary
-        rows.append({"name": name, "wer": s["wer"], "cer": s["cer"], "params": s["params"], "rtf": s["rtf"],
-                     "num_utts": s["num_utts"], "folder": str(folder)})  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "wer": s["wer"],
+                "cer": s["cer"],
+                "params": s["params"],
+                "rtf": s["rtf"],
+                "num_utts": s["num_utts"],
+                "folder": str(folder),
+            }
+        )
     return rows
 
 
@@ -68,8 +77,20 @@ def scores_section(page: Page, run: RunFolder, compare: dict, max_utts: int | No
             "hundred utterances and one seed a point or two is noise (`speech-kd compare` gives an interval)."
         )
     header = ["model", "WER %", "CER %", "parameters", "RTF"] + (["WER gap closed"] if gap else [])
-    page.table(header, [[r["name"], f"{r['wer']:.2f}", f"{r['cer']:.2f}", f"{r['params']:,}", f"{r['rtf']:.4f}",
-                         *([gap.get(r["name"], "")] if gap else [])] for r in rows])  # fmt: skip
+    page.table(
+        header,
+        [
+            [
+                r["name"],
+                f"{r['wer']:.2f}",
+                f"{r['cer']:.2f}",
+                f"{r['params']:,}",
+                f"{r['rtf']:.4f}",
+                *([gap.get(r["name"], "")] if gap else []),
+            ]
+            for r in rows
+        ],
+    )
     page.image("error_rates.png", plots.wer_bars(rows), "Test WER and CER per model")
     students = [r for r in rows if not r["name"].startswith("teacher")]
     if len(students) >= 2:
@@ -85,9 +106,16 @@ def cache_stats(cache_dir: str) -> dict | None:
     meta = CacheReader(cache_dir).metadata
     size = sum(p.stat().st_size for p in Path(cache_dir).iterdir() if p.is_file())
     frames = meta.get("frames") or 0
-    return {"folder": cache_dir, "teacher": meta.get("teacher_name"), "utterances": meta.get("utterances"),
-            "frames": frames, "bytes": size, "bytes_per_frame": round(size / frames, 2) if frames else None,
-            "fp32_bytes_per_frame": 4 * len(meta.get("teacher_tokens", [])), "scheme": meta.get("scheme")}  # fmt: skip
+    return {
+        "folder": cache_dir,
+        "teacher": meta.get("teacher_name"),
+        "utterances": meta.get("utterances"),
+        "frames": frames,
+        "bytes": size,
+        "bytes_per_frame": round(size / frames, 2) if frames else None,
+        "fp32_bytes_per_frame": 4 * len(meta.get("teacher_tokens", [])),
+        "scheme": meta.get("scheme"),
+    }
 
 
 def summary_rows(run: RunFolder, history: list[dict]) -> list[list[str]]:
@@ -107,8 +135,12 @@ def summary_rows(run: RunFolder, history: list[dict]) -> list[list[str]]:
         teacher = read_teacher_score(run.folder)
         if teacher is not None:
             how = "decoded from the targets cache" if teacher.source == "cache" else "live teacher"
-            rows.append(["teacher dev WER / CER %", f"{teacher.wer:.2f} / {teacher.cer:.2f} ({how}, "
-                                                    f"{teacher.num_utts} utterances, before training)"])  # fmt: skip
+            rows.append(
+                [
+                    "teacher dev WER / CER %",
+                    f"{teacher.wer:.2f} / {teacher.cer:.2f} ({how}, {teacher.num_utts} utterances, before training)",
+                ]
+            )
             rows.append(["student vs teacher on dev", _versus_teacher(history, teacher.wer)])
         anneal = run.setting("kd_anneal")
         if anneal:
@@ -141,6 +173,8 @@ def _versus_teacher(history: list[dict], teacher_wer: float) -> str:
         return "no dev WER in history.jsonl"
     epoch = reached_teacher_epoch(history, teacher_wer)
     if epoch is not None:
-        return (f"reached the teacher at epoch {epoch} (best dev WER {min(wers):.2f} against the teacher's "
-                f"{teacher_wer:.2f}; see the note below)")  # fmt: skip
+        return (
+            f"reached the teacher at epoch {epoch} (best dev WER {min(wers):.2f} against the teacher's "
+            f"{teacher_wer:.2f}; see the note below)"
+        )
     return f"best dev WER {min(wers):.2f}, {min(wers) - teacher_wer:.2f} points above the teacher's {teacher_wer:.2f}"

@@ -31,8 +31,15 @@ import numpy as np
 
 from speech_kd.scoring.metrics import read_utterance_errors
 
-__all__ = ["read_utterance_errors", "GapComparison", "gap_closed", "no_gap_label", "compare_gap", "compare_files",
-           "format_comparison"]  # fmt: skip
+__all__ = [
+    "read_utterance_errors",
+    "GapComparison",
+    "gap_closed",
+    "no_gap_label",
+    "compare_gap",
+    "compare_files",
+    "format_comparison",
+]
 
 
 @dataclass
@@ -255,12 +262,12 @@ def compare_files(
     """:func:`compare_gap` on utterance files; optionally writes the result as JSON."""
     paths = [teacher, *scratch, *kd]
     runs = [read_utterance_errors(p) for p in paths]
-    result = compare_gap(runs[0], runs[1 : 1 + len(scratch)], runs[1 + len(scratch) :], draws=draws,
-                         names=[str(p) for p in paths])  # fmt: skip
+    result = compare_gap(
+        runs[0], runs[1 : 1 + len(scratch)], runs[1 + len(scratch) :], draws=draws, names=[str(p) for p in paths]
+    )
     if json_path:
         data = result.to_dict() | {"teacher_better": result.teacher_better}
-        data |= {"files": {"teacher": str(teacher), "scratch": [str(p) for p in scratch],
-                           "kd": [str(p) for p in kd]}}  # fmt: skip
+        data |= {"files": {"teacher": str(teacher), "scratch": [str(p) for p in scratch], "kd": [str(p) for p in kd]}}
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
     return result

@@ -6,7 +6,7 @@ gives the ``"decoder"`` record of evaluation JSON: ``{"name", "beam_size",
 "lm", "lm_weight", "word_bonus"}``. :class:`BeamDecoder` wraps
 ``speechbrain.decoders.ctc.CTCBeamSearcher`` (``"beam"``) or
 ``CTCPrefixBeamSearcher`` (``"prefix"``); the LM is checked
-(:func:`speech_kd.lm.load_lm`, :func:`speech_kd.lm.check_lm_units`) when the
+(:func:`speech_kd.scoring.lm.load_lm`, :func:`speech_kd.scoring.lm.check_lm_units`) when the
 decoder is made, before any decoding. :func:`tune_lm` picks the LM weight and
 word bonus on a dev set by a small grid.
 """
@@ -22,12 +22,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speech_kd.lm import LMError, check_lm_units, load_lm
+from speech_kd.scoring.lm import LMError, check_lm_units, load_lm
+from speech_kd.scoring.metrics import error_rates
 
 __all__ = [
-    "DecodingError", "Decoder", "GreedyDecoder", "BeamDecoder", "TuneResult", "tune_lm", "make_decoder",
+    "DecodingError",
+    "Decoder",
+    "GreedyDecoder",
+    "BeamDecoder",
+    "TuneResult",
+    "tune_lm",
+    "make_decoder",
     "DEFAULT_GRID",
-]  # fmt: skip
+]
 
 #: the grid :func:`tune_lm` searches by default: 4 LM weights x 3 word bonuses
 DEFAULT_GRID = {"lm_weight": (0.3, 0.5, 0.8, 1.2), "word_bonus": (0.0, 1.0, 2.0)}
@@ -69,7 +76,7 @@ class Decoder:
     ----------
     tokens : list of str
         The model's units in index order, the blank included
-        (:func:`speech_kd.dataio.token_strings`).
+        (:func:`speech_kd.data.dataio.token_strings`).
     blank : int
         The blank's index.
     """
@@ -85,8 +92,9 @@ class Decoder:
 
     def _check_width(self, log_probs: np.ndarray) -> None:
         if log_probs.shape[-1] != len(self.tokens):
-            raise DecodingError(f"log_probs have {log_probs.shape[-1]} units per frame, the decoder's vocabulary "
-                                f"{len(self.tokens)}")  # fmt: skip
+            raise DecodingError(
+                f"log_probs have {log_probs.shape[-1]} units per frame, the decoder's vocabulary {len(self.tokens)}"
+            )
 
     def decode(self, log_probs, lengths=None) -> list[str]:
         """Transcripts of a batch (upper/lower case as the units spell them, single spaces)."""
@@ -129,8 +137,11 @@ class GreedyDecoder(Decoder):
 
 
 def _check_number(name: str, value, low: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(value)):  # fmt: skip
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(float(value))
+    ):
         raise DecodingError(f"--{name} must be a finite number, got {value!r}")
     if low is not None and float(value) < low:
         raise DecodingError(f"--{name} must be >= {low:g}, got {value!r}")
@@ -157,7 +168,7 @@ class BeamDecoder(Decoder):
         Beams kept per frame (>= 1).
     lm_path : path-like, optional
         ARPA (plain or ``.gz``) or KenLM binary file; its words must be
-        spelt by ``tokens`` (:func:`speech_kd.lm.check_lm_units`).
+        spelt by ``tokens`` (:func:`speech_kd.scoring.lm.check_lm_units`).
     lm_weight : float
         Weight of the LM's natural-log probability (SpeechBrain's ``alpha``, >= 0).
     word_bonus : float
@@ -173,7 +184,7 @@ class BeamDecoder(Decoder):
     ------
     DecodingError
         Bad settings (``beam_size`` 0, a negative ``lm_weight``, an unknown searcher).
-    speech_kd.lm.LMError
+    speech_kd.scoring.lm.LMError
         A missing, corrupt or mismatched LM, or no ``kenlm`` module.
     """
 
@@ -210,8 +221,9 @@ class BeamDecoder(Decoder):
             try:
                 import kenlm  # noqa: F401
             except ImportError as err:
-                raise LMError(f"{self.lm_path}: decoding with an LM needs the kenlm module; run "
-                              "scripts/install_kenlm.sh") from err  # fmt: skip
+                raise LMError(
+                    f"{self.lm_path}: decoding with an LM needs the kenlm module; run scripts/install_kenlm.sh"
+                ) from err
             kenlm_path = str(self.lm_path)
         from speechbrain.decoders.ctc import CTCBeamSearcher, CTCPrefixBeamSearcher
 
@@ -231,8 +243,10 @@ class BeamDecoder(Decoder):
             )
         except ImportError as err:  # SpeechBrain's KenLM scorer also imports pygtrie, and re-raises as "kenlm"
             cause = err.__context__ if isinstance(err.__context__, ImportError) else err
-            raise LMError(f"{self.lm_path}: decoding with an LM needs the {cause.name or 'kenlm'} module, which is "
-                          "not installed; run scripts/install_kenlm.sh") from err  # fmt: skip
+            raise LMError(
+                f"{self.lm_path}: decoding with an LM needs the {cause.name or 'kenlm'} module, which is "
+                "not installed; run scripts/install_kenlm.sh"
+            ) from err
         except (OSError, RuntimeError) as err:  # kenlm's loading errors
             first = str(err).strip().splitlines()[:1] or [type(err).__name__]
             raise LMError(f"{self.lm_path}: KenLM cannot read it: {first[0][:200]}") from err
@@ -285,8 +299,15 @@ class BeamDecoder(Decoder):
         return result
 
 
-def make_decoder(tokens: list[str], blank: int, beam_size: int = 1, lm_path=None, lm_weight: float = 0.5,
-                 word_bonus: float = 1.5, searcher: str = "beam") -> Decoder:  # fmt: skip
+def make_decoder(
+    tokens: list[str],
+    blank: int,
+    beam_size: int = 1,
+    lm_path=None,
+    lm_weight: float = 0.5,
+    word_bonus: float = 1.5,
+    searcher: str = "beam",
+) -> Decoder:
     """Greedy for ``beam_size == 1`` without an LM (the default), else :class:`BeamDecoder`.
 
     Examples
@@ -296,7 +317,7 @@ def make_decoder(tokens: list[str], blank: int, beam_size: int = 1, lm_path=None
     >>> make_decoder(["<blank>", "A", " "], 0, beam_size=0)
     Traceback (most recent call last):
     ...
-    speech_kd.decoding.DecodingError: --beam_size must be a positive integer, got 0
+    speech_kd.scoring.decoding.DecodingError: --beam_size must be a positive integer, got 0
     """
     if isinstance(beam_size, bool) or not isinstance(beam_size, (int, np.integer)) or beam_size < 1:
         raise DecodingError(f"--beam_size must be a positive integer, got {beam_size!r}")
@@ -318,8 +339,10 @@ class TuneResult:
     def summary(self) -> str:
         """One line saying what was picked and out of what."""
         worst = max(row["wer"] for row in self.table)
-        return (f"tune_lm: lm_weight {self.lm_weight:g}, word_bonus {self.word_bonus:g} picked by dev WER "
-                f"{self.wer:.2f} (grid of {len(self.table)}, worst {worst:.2f})")  # fmt: skip
+        return (
+            f"tune_lm: lm_weight {self.lm_weight:g}, word_bonus {self.word_bonus:g} picked by dev WER "
+            f"{self.wer:.2f} (grid of {len(self.table)}, worst {worst:.2f})"
+        )
 
 
 def tune_lm(
@@ -357,8 +380,6 @@ def tune_lm(
     >>> result.lm_weight, result.word_bonus, result.wer
     (0.5, 1.0, 0.0)
     """
-    from speech_kd.metrics import error_rates
-
     grid = dict(DEFAULT_GRID if grid is None else grid)
     weights = [_check_number("lm_weight", w, low=0.0) for w in grid.get("lm_weight", ())]
     bonuses = [_check_number("word_bonus", b) for b in grid.get("word_bonus", ())]

@@ -46,11 +46,16 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
     folder = Path(folder)
     if not (folder / "hyperparams.yaml").exists():
         raise FileNotFoundError(f"{folder}: not a model folder (no hyperparams.yaml)")
-    missing = [f"{name}.ckpt" for name in _pretrainer_loadables(folder / "hyperparams.yaml")
-               if not (folder / f"{name}.ckpt").exists()]  # fmt: skip
+    missing = [
+        f"{name}.ckpt"
+        for name in _pretrainer_loadables(folder / "hyperparams.yaml")
+        if not (folder / f"{name}.ckpt").exists()
+    ]
     if missing:  # SpeechBrain would load without it (an empty tokenizer: KeyError at the first transcript)
-        raise ModelFolderError(f"{folder}: missing {', '.join(missing)} (listed in its hyperparams.yaml pretrainer); "
-                               "copy the whole model folder again")  # fmt: skip
+        raise ModelFolderError(
+            f"{folder}: missing {', '.join(missing)} (listed in its hyperparams.yaml pretrainer); "
+            "copy the whole model folder again"
+        )
     try:
         return EncoderASR.from_hparams(
             source=str(folder.resolve()),
@@ -159,9 +164,14 @@ def _warn_unreachable_characters(asr, refs: list[str], csv_path) -> None:
     bad = [ref for ref in refs if set(normalize_text(ref)) - chars - {" "}]
     if bad:
         extra = sorted(set(normalize_text(" ".join(bad))) - chars - {" "})
-        logger.warning("%s: %d of %d reference transcripts use characters the model cannot output (%s); "
-                       "they are scored as they are, so each counts as an error", csv_path, len(bad), len(refs),
-                       "".join(extra))  # fmt: skip
+        logger.warning(
+            "%s: %d of %d reference transcripts use characters the model cannot output (%s); "
+            "they are scored as they are, so each counts as an error",
+            csv_path,
+            len(bad),
+            len(refs),
+            "".join(extra),
+        )
 
 
 def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
@@ -196,8 +206,14 @@ def skip_long(rows: list[dict], max_duration: float | None, csv_path) -> list[di
     for row in rows:
         seconds = _audio_seconds(row)
         if seconds > max_duration:
-            logger.warning("%s: skipping %s (%s): %.1f s, longer than max_duration=%.1f s (not scored)", csv_path,
-                           row["ID"], row["wav"], seconds, max_duration)  # fmt: skip
+            logger.warning(
+                "%s: skipping %s (%s): %.1f s, longer than max_duration=%.1f s (not scored)",
+                csv_path,
+                row["ID"],
+                row["wav"],
+                seconds,
+                max_duration,
+            )
         else:
             kept.append(row)
     if not kept:
@@ -267,12 +283,23 @@ def _warn_converted_audio(rows: list[dict], sample_rate: int, csv_path) -> None:
         if info.channels != 1:
             multi.append(f"{row['wav']}: {info.channels} channels")
     if other_rate:
-        logger.warning("%s: %d of %d files are not at the model's %d Hz and are resampled (e.g. %s); audio "
-                       "recorded at a lower rate lacks the high band the model was trained on", csv_path,
-                       len(other_rate), len(rows), sample_rate, other_rate[0])  # fmt: skip
+        logger.warning(
+            "%s: %d of %d files are not at the model's %d Hz and are resampled (e.g. %s); audio "
+            "recorded at a lower rate lacks the high band the model was trained on",
+            csv_path,
+            len(other_rate),
+            len(rows),
+            sample_rate,
+            other_rate[0],
+        )
     if multi:
-        logger.warning("%s: %d of %d files have several channels and are averaged to mono (e.g. %s)", csv_path,
-                       len(multi), len(rows), multi[0])  # fmt: skip
+        logger.warning(
+            "%s: %d of %d files have several channels and are averaged to mono (e.g. %s)",
+            csv_path,
+            len(multi),
+            len(rows),
+            multi[0],
+        )
 
 
 def load_batch(batch: list[dict], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 :func:`build_lm` estimates a modified Kneser-Ney ARPA (or KenLM binary) from
 transcripts normalised as speech_kd scores them (upper case, single spaces:
-:func:`speech_kd.metrics.normalize_text`); :func:`read_texts` reads them from
+:func:`speech_kd.scoring.metrics.normalize_text`); :func:`read_texts` reads them from
 CSV manifests (``wrd`` column) and text files. :func:`load_lm` reads an ARPA
 (plain or gzipped) or KenLM binary file as it is, e.g. LibriSpeech's
 ``3-gram.pruned.1e-7.arpa`` or ``4-gram.arpa``, and :func:`check_lm_units`
@@ -23,8 +23,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from speech_kd.lm_runtime import read_lm_words
-from speech_kd.metrics import normalize_text
+from speech_kd.data.dataio import read_csv_rows
+from speech_kd.deploy.lm_runtime import read_lm_words
+from speech_kd.scoring.metrics import normalize_text
+from speech_kd.targets.vocab import unit_kind
 
 __all__ = ["LMError", "LMInfo", "find_kenlm_tool", "read_texts", "build_lm", "load_lm", "check_lm_units"]
 
@@ -99,8 +101,6 @@ def read_texts(
     LMError
         A file that is missing, unreadable or not UTF-8, or a CSV without ``wrd``.
     """
-    from speech_kd.dataio import read_csv_rows
-
     for path in csv_files:
         try:
             rows = read_csv_rows(path, required=("wrd",))
@@ -168,8 +168,9 @@ def build_lm(
         raise LMError(f"{out}: --order must be an integer from 2 to {MAX_ORDER}, got {order!r}")
     program = find_kenlm_tool("lmplz", lmplz)
     binary = out.suffix == ".bin"
-    binarizer = find_kenlm_tool("build_binary", Path(program).parent / "build_binary" if lmplz else None) \
-        if binary else None  # fmt: skip
+    binarizer = (
+        find_kenlm_tool("build_binary", Path(program).parent / "build_binary" if lmplz else None) if binary else None
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="lmplz-", dir=out.parent) as tmp:
         corpus = Path(tmp) / "corpus.txt"
@@ -183,8 +184,21 @@ def build_lm(
         if lines == 0:
             raise LMError(f"{out}: no text to build the language model from")
         arpa = Path(tmp) / "lm.arpa"
-        command = [program, "-o", str(order), "--discount_fallback", "--skip_symbols", "-S", memory, "-T", tmp,
-                   "--text", str(corpus), "--arpa", str(arpa)]  # fmt: skip
+        command = [
+            program,
+            "-o",
+            str(order),
+            "--discount_fallback",
+            "--skip_symbols",
+            "-S",
+            memory,
+            "-T",
+            tmp,
+            "--text",
+            str(corpus),
+            "--arpa",
+            str(arpa),
+        ]
         prune = [str(int(p)) for p in prune]
         if prune:
             command += ["--prune", *prune]
@@ -216,7 +230,7 @@ def _arpa_header(path: Path) -> tuple[dict, bool]:
                 if line == "\\data\\":
                     in_data = True
                 elif in_data and line.startswith("ngram "):
-                    key, _, value = line[len("ngram "):].partition("=")
+                    key, _, value = line[len("ngram ") :].partition("=")
                     counts[int(key)] = int(value)
                 elif in_data and line.startswith("\\"):
                     break
@@ -285,8 +299,10 @@ def load_lm(path: str | os.PathLike) -> LMInfo:
     words = read_lm_words(path)
     specials = counts[1] - len(words or ())
     if not 0 <= specials <= 3:
-        raise LMError(f"{path}: corrupt ARPA file: the header counts {counts[1]} unigrams, "
-                      f"the \\1-grams: section has {len(words or ()) + 3} or fewer")  # fmt: skip
+        raise LMError(
+            f"{path}: corrupt ARPA file: the header counts {counts[1]} unigrams, "
+            f"the \\1-grams: section has {len(words or ()) + 3} or fewer"
+        )
     return LMInfo(path, "arpa", max(counts), counts, tuple(words or ()))
 
 
@@ -325,8 +341,6 @@ def check_lm_units(lm: str | os.PathLike | LMInfo, tokens: list[str], blank: int
     LMError
         No word boundary, or too few words spelt.
     """
-    from speech_kd.vocab import unit_kind
-
     info = lm if isinstance(lm, LMInfo) else load_lm(lm)
     tokens = list(tokens)
     blank = _default_blank(tokens) if blank is None else blank
@@ -336,8 +350,10 @@ def check_lm_units(lm: str | os.PathLike | LMInfo, tokens: list[str], blank: int
     has_spm = any(t.startswith("\u2581") for t in units)
     if not (has_delimiter or has_spm):
         what = "sub-word" if kind == "subword" else "character"
-        raise LMError(f"{info.path}: the model's {what} units have no word boundary (no ' ' or '|' unit, no "
-                      "'\u2581'-prefixed pieces), so the LM's words cannot be found in its output")  # fmt: skip
+        raise LMError(
+            f"{info.path}: the model's {what} units have no word boundary (no ' ' or '|' unit, no "
+            "'\u2581'-prefixed pieces), so the LM's words cannot be found in its output"
+        )
     alphabet = {c for t in units for c in t if t not in _WORD_MARKERS} - set(_WORD_MARKERS)
     words = [w for w in info.words if w and not (w[0] + w[-1] == "<>" and len(w) > 2)]
     if not words:
@@ -353,5 +369,7 @@ def check_lm_units(lm: str | os.PathLike | LMInfo, tokens: list[str], blank: int
     elif lower >= MIN_SPELLABLE:
         hint = "; the LM's words are upper case and the model's units lower case"
     examples = ", ".join(repr(w) for w in words if not set(w) <= alphabet)[:80]
-    raise LMError(f"{info.path}: only {100 * share:.0f}% of the LM's {len(words)} words are spelt with the "
-                  f"model's {len(alphabet)} units (e.g. {examples}){hint}")  # fmt: skip
+    raise LMError(
+        f"{info.path}: only {100 * share:.0f}% of the LM's {len(words)} words are spelt with the "
+        f"model's {len(alphabet)} units (e.g. {examples}){hint}"
+    )

@@ -10,9 +10,14 @@ from pathlib import Path
 import jiwer
 
 __all__ = [
-    "ErrorRates", "UtteranceErrors", "normalize_text", "error_rates", "utterance_errors", "write_utterances",
+    "ErrorRates",
+    "UtteranceErrors",
+    "normalize_text",
+    "error_rates",
+    "utterance_errors",
+    "write_utterances",
     "read_utterance_errors",
-]  # fmt: skip
+]
 
 
 def normalize_text(text: str) -> str:

@@ -40,9 +40,17 @@ from speech_kd.scoring.metrics import error_rates
 from speech_kd.targets.teachers.ensemble import load_teachers, teacher_sources
 
 __all__ = [
-    "TEACHER_DEV_FILE", "TeacherDevScore", "greedy_texts", "score_from_cache", "score_live", "score_teacher_on_dev",
-    "preserved_random_state", "read_teacher_score", "check_teacher", "REACHED_ADVICE",
-]  # fmt: skip
+    "TEACHER_DEV_FILE",
+    "TeacherDevScore",
+    "greedy_texts",
+    "score_from_cache",
+    "score_live",
+    "score_teacher_on_dev",
+    "preserved_random_state",
+    "read_teacher_score",
+    "check_teacher",
+    "REACHED_ADVICE",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -241,13 +249,19 @@ def score_teacher_on_dev(
         logger.warning(
             "teacher not scored on dev: the targets cache holds %d of the %d dev utterances and no "
             "--teacher_source is given; the student's dev WER cannot be compared with the teacher's and kd_anneal "
-            "has nothing to anneal toward (give --teacher_source=FOLDER)", covered, len(rows),
-        )  # fmt: skip
+            "has nothing to anneal toward (give --teacher_source=FOLDER)",
+            covered,
+            len(rows),
+        )
         return None
     with preserved_random_state():
-        teacher = load_teachers(sources, kind=hparams.get("teacher_kind", "auto"), device=device,
-                                overrides=hparams.get("teacher_overrides") or None,
-                                weights=hparams.get("ensemble_weights"))  # fmt: skip
+        teacher = load_teachers(
+            sources,
+            kind=hparams.get("teacher_kind", "auto"),
+            device=device,
+            overrides=hparams.get("teacher_overrides") or None,
+            weights=hparams.get("ensemble_weights"),
+        )
         score = score_live(teacher, rows, str(dev_csv), device=device)
     del teacher
     return score
@@ -281,16 +295,27 @@ def check_teacher(brain, hparams: dict, targets, datasets: dict) -> TeacherDevSc
 
     out = Path(hparams["output_folder"])
     dev = datasets.get("dev")
-    score = score_teacher_on_dev(hparams, out / "dev.csv", reader=getattr(targets, "reader", None),
-                                 teacher=getattr(targets, "teacher", None), device=str(brain.device),
-                                 ids=list(dev.data_ids) if dev is not None else None)  # fmt: skip
+    score = score_teacher_on_dev(
+        hparams,
+        out / "dev.csv",
+        reader=getattr(targets, "reader", None),
+        teacher=getattr(targets, "teacher", None),
+        device=str(brain.device),
+        ids=list(dev.data_ids) if dev is not None else None,
+    )
     if score is not None:
         if sb.utils.distributed.if_main_process():
             score.write(out)
-        logger.info("teacher %s on dev (%d utterances, %s): WER %.2f %%, CER %.2f %% (%s); the student's dev WER is "
-                    "compared with it every epoch", score.teacher, score.num_utts,
-                    "decoded from the targets cache" if score.source == "cache" else "live", score.wer, score.cer,
-                    out / TEACHER_DEV_FILE)  # fmt: skip
+        logger.info(
+            "teacher %s on dev (%d utterances, %s): WER %.2f %%, CER %.2f %% (%s); the student's dev WER is "
+            "compared with it every epoch",
+            score.teacher,
+            score.num_utts,
+            "decoded from the targets cache" if score.source == "cache" else "live",
+            score.wer,
+            score.cer,
+            out / TEACHER_DEV_FILE,
+        )
     if hasattr(brain, "set_teacher_dev"):
         brain.set_teacher_dev(score)
     return score

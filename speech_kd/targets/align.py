@@ -348,8 +348,9 @@ def reconcile_lengths(
     target_lengths = target_lengths.to(device).long()
     off = ((lengths - target_lengths).abs() > tolerance).nonzero().flatten().tolist()
     if off:
-        shown = "; ".join(f"utterance {i}: teacher {int(lengths[i])} frames, student {int(target_lengths[i])}"
-                          for i in off[:5])  # fmt: skip
+        shown = "; ".join(
+            f"utterance {i}: teacher {int(lengths[i])} frames, student {int(target_lengths[i])}" for i in off[:5]
+        )
         raise FrameRateError(
             f"teacher and student frame counts differ by more than {tolerance} ({shown}"
             f"{'; ...' if len(off) > 5 else ''}): check both models' frame shifts (frame_shift in the yaml) and the "

@@ -36,9 +36,13 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
         raise ValueError("distillation needs --teacher_source=FOLDER (or --targets_cache=CACHE_DIR)")
     teacher = None
     if sources:
-        teacher = load_teachers(sources, kind=hparams.get("teacher_kind", "auto"), device=device,
-                                overrides=hparams.get("teacher_overrides") or None,
-                                weights=hparams.get("ensemble_weights"))  # fmt: skip
+        teacher = load_teachers(
+            sources,
+            kind=hparams.get("teacher_kind", "auto"),
+            device=device,
+            overrides=hparams.get("teacher_overrides") or None,
+            weights=hparams.get("ensemble_weights"),
+        )
 
     common = {
         "student_tokens": student_tokens,
@@ -68,7 +72,7 @@ def make_targets(hparams: dict, student_tokens: list[str], device: str = "cpu"):
 
 
 def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
-    """Raise :class:`~speech_kd.targets.cache.CacheError` before training when training utterances have no cached targets.
+    """Raise :class:`~speech_kd.targets.cache.CacheError` before training when utterances have no cached targets.
 
     A cache made for other data (or an older manifest) would otherwise fail at
     the first batch that holds such an utterance, possibly hours in.
@@ -85,7 +89,7 @@ def check_cache_covers(reader, train_ids: list[str], cache_dir) -> None:
 
 
 def check_cache_data(reader, datasets: list, cache_dir) -> None:
-    """Raise :class:`~speech_kd.targets.cache.CacheError` naming the IDs whose cached targets were made from other audio.
+    """Raise :class:`~speech_kd.targets.cache.CacheError` naming the IDs whose cached targets are of other audio.
 
     Compared per utterance: the duration in the run's manifest and the size
     of its audio file against what the cache recorded under the same ID
@@ -95,9 +99,11 @@ def check_cache_data(reader, datasets: list, cache_dir) -> None:
     """
     cached = reader.utt_data()
     if not cached:
-        logger.warning("--targets_cache=%s: made before caches recorded each utterance's duration and file size, "
-                       "so whether it holds this run's audio cannot be checked; rebuild it to get the check",
-                       cache_dir)  # fmt: skip
+        logger.warning(
+            "--targets_cache=%s: made before caches recorded each utterance's duration and file size, "
+            "so whether it holds this run's audio cannot be checked; rebuild it to get the check",
+            cache_dir,
+        )
         return
     diffs = []
     for dataset in datasets:

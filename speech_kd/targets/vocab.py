@@ -237,8 +237,11 @@ class VocabMap:
         """
         rows, cols = self.matrix.nonzero(as_tuple=True)
         pairs = [(int(i), int(j)) for i, j in zip(rows.tolist(), cols.tolist()) if int(i) != self.teacher_blank]
-        renamed = [f"{self.teacher_tokens[i]!r} -> {self.student_tokens[j]!r}" for i, j in pairs
-                   if self.teacher_tokens[i] != self.student_tokens[j]]  # fmt: skip
+        renamed = [
+            f"{self.teacher_tokens[i]!r} -> {self.student_tokens[j]!r}"
+            for i, j in pairs
+            if self.teacher_tokens[i] != self.student_tokens[j]
+        ]
         uncovered = self.uncovered()
         lines = [
             f"vocabulary: teacher {len(self.teacher_tokens)} tokens (blank {self.teacher_blank} "

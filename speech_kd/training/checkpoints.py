@@ -56,8 +56,16 @@ from speechbrain.utils.distributed import ddp_barrier, if_main_process
 
 from speech_kd.training.distributed import gather_objects, rank, world_size
 
-__all__ = ["AtomicCheckpointer", "FolderLock", "FolderLockedError", "PARTIAL_META", "RandomStates",
-           "add_random_states", "make_atomic", "unreadable_files"]  # fmt: skip
+__all__ = [
+    "AtomicCheckpointer",
+    "FolderLock",
+    "FolderLockedError",
+    "PARTIAL_META",
+    "RandomStates",
+    "add_random_states",
+    "make_atomic",
+    "unreadable_files",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -140,8 +148,9 @@ class FolderLock:
                             f"{self.folder}: another run (PID {pid} on {host}) is writing this {self.what} "
                             f"({self.path}); wait for it, or use another folder"
                         ) from None
-                    logger.warning("%s: taking over the lock of PID %d on %s, which is no longer running",
-                                   self.folder, pid, host)  # fmt: skip
+                    logger.warning(
+                        "%s: taking over the lock of PID %d on %s, which is no longer running", self.folder, pid, host
+                    )
                 else:
                     logger.warning("%s: taking over an unreadable lock file %s", self.folder, self.path)
                 self.path.unlink(missing_ok=True)
@@ -308,8 +317,11 @@ class AtomicCheckpointer(Checkpointer):
         details = "; ".join(f"{name}: {why}" for name, why in problems.items())
         logger.warning(
             "checkpoint %s cannot be loaded (%s: %s): moved to %s; trying the next checkpoint",
-            folder, details, type(error).__name__, aside,
-        )  # fmt: skip
+            folder,
+            details,
+            type(error).__name__,
+            aside,
+        )
         if if_main_process():
             os.replace(folder, aside)
         ddp_barrier()
@@ -351,8 +363,12 @@ class RandomStates:
     @staticmethod
     def _local() -> dict:
         cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": cuda}  # fmt: skip
+        return {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": cuda,
+        }
 
     @mark_as_saver
     def save(self, path: str | os.PathLike) -> None:
@@ -371,8 +387,12 @@ class RandomStates:
         del end_of_epoch  # the same either way
         states = torch.load(path, weights_only=False)["states"]
         if len(states) != world_size():
-            logger.warning("%s: random states of %d processes, this run has %d: not restored (it goes on with "
-                           "other random draws)", path, len(states), world_size())  # fmt: skip
+            logger.warning(
+                "%s: random states of %d processes, this run has %d: not restored (it goes on with other random draws)",
+                path,
+                len(states),
+                world_size(),
+            )
             return
         state = states[rank()]
         random.setstate(state["python"])

@@ -217,9 +217,14 @@ class CTCBrain(sb.Brain):
         logger.warning(
             "non-finite training loss (%s) on batch %d of epoch %s (%s%s): update skipped; %d of "
             "--nonfinite_patience=%d this epoch",
-            float(loss.detach()), self.step, self.hparams.epoch_counter.current, ", ".join(ids[:5]),
-            ", ..." if len(ids) > 5 else "", self.nonfinite_count, self.nonfinite_patience,
-        )  # fmt: skip
+            float(loss.detach()),
+            self.step,
+            self.hparams.epoch_counter.current,
+            ", ".join(ids[:5]),
+            ", ..." if len(ids) > 5 else "",
+            self.nonfinite_count,
+            self.nonfinite_patience,
+        )
         if self.nonfinite_count > self.nonfinite_patience:
             raise NonFiniteLossError(self._nonfinite_message())
 
@@ -288,8 +293,12 @@ class CTCBrain(sb.Brain):
         if stage == sb.Stage.TRAIN:
             self.batches_per_rank = [int(n) for n in gather_objects(self.step)]
             if is_distributed() and rank() == 0:
-                logger.info("epoch %s: training batches per process %s (world size %d)",
-                            self.hparams.epoch_counter.current, self.batches_per_rank, world_size())  # fmt: skip
+                logger.info(
+                    "epoch %s: training batches per process %s (world size %d)",
+                    self.hparams.epoch_counter.current,
+                    self.batches_per_rank,
+                    world_size(),
+                )
         else:
             self._gather_hypotheses()
             if self._refs:
@@ -311,9 +320,15 @@ class CTCBrain(sb.Brain):
         if folder is None or not sb.utils.distributed.if_main_process():
             return
         step = getattr(getattr(self.hparams, "lr_scheduler", None), "current_step", self.optimizer_step)
-        record = {"epoch": epoch, "step": step, "lr": lr, "train": getattr(self, "train_stats", {}),
-                  "valid": valid_stats, "batches_per_rank": getattr(self, "batches_per_rank", None),
-                  "train_seconds": round(getattr(self, "train_seconds", float("nan")), 3)}  # fmt: skip
+        record = {
+            "epoch": epoch,
+            "step": step,
+            "lr": lr,
+            "train": getattr(self, "train_stats", {}),
+            "valid": valid_stats,
+            "batches_per_rank": getattr(self, "batches_per_rank", None),
+            "train_seconds": round(getattr(self, "train_seconds", float("nan")), 3),
+        }
         write_history_line(Path(folder) / "history.jsonl", record)
 
     def _train_loggers(self) -> list:

@@ -30,12 +30,36 @@ __all__ = ["run_distillation", "RUN_KEYS"]
 
 #: resolved settings written to OUTPUT/kd_run.json (SpeechBrain's saved hyperparams.yaml keeps
 #: the yaml's text, in which command-line overrides of some keys do not show)
-RUN_KEYS = ("teacher_source", "teacher_kind", "teacher_overrides", "ensemble_weights", "targets_cache", "kd_weight",
-            "kd_weight_final", "temperature", "temperature_final", "kd_ramp_epochs", "kd_loss", "kd_reduction",
-            "kd_anneal", "kd_anneal_margin",
-            "kd_topk", "blank_mode", "blank_threshold", "blank_weight", "blank_index", "frame_shift",
-            "max_unmapped_mass", "frame_tolerance", "number_of_epochs", "seed", "unlabeled_splits",
-            "unlabeled_fraction", "unlabeled_min_confidence", "unlabeled_kd_loss")  # fmt: skip
+RUN_KEYS = (
+    "teacher_source",
+    "teacher_kind",
+    "teacher_overrides",
+    "ensemble_weights",
+    "targets_cache",
+    "kd_weight",
+    "kd_weight_final",
+    "temperature",
+    "temperature_final",
+    "kd_ramp_epochs",
+    "kd_loss",
+    "kd_reduction",
+    "kd_anneal",
+    "kd_anneal_margin",
+    "kd_topk",
+    "blank_mode",
+    "blank_threshold",
+    "blank_weight",
+    "blank_index",
+    "frame_shift",
+    "max_unmapped_mass",
+    "frame_tolerance",
+    "number_of_epochs",
+    "seed",
+    "unlabeled_splits",
+    "unlabeled_fraction",
+    "unlabeled_min_confidence",
+    "unlabeled_kd_loss",
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +77,11 @@ def run_distillation(argv: list[str] | None = None) -> dict:
     run = {}
 
     def setup(brain, hparams, datasets):
-        run.update(output_folder=hparams["output_folder"], report_after_run=hparams.get("report_after_run", True),
-                   device=str(brain.device))  # fmt: skip
+        run.update(
+            output_folder=hparams["output_folder"],
+            report_after_run=hparams.get("report_after_run", True),
+            device=str(brain.device),
+        )
         if hparams.get("kd_weight", 0.0) == 0.0 and hparams.get("kd_weight_final") in (None, 0.0):
             logger.info("kd_weight=0: training the student without a teacher (the baseline)")
             return
@@ -66,8 +93,9 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             check_cache_data(targets.reader, [datasets["train"], unlabeled], hparams["targets_cache"])
         if unlabeled is not None and hparams.get("unlabeled_min_confidence"):
             threshold = float(hparams["unlabeled_min_confidence"])
-            datasets["unlabeled"] = filter_unlabeled(targets, unlabeled, threshold, hparams["output_folder"],
-                                                     hparams["sample_rate"], brain.device)  # fmt: skip
+            datasets["unlabeled"] = filter_unlabeled(
+                targets, unlabeled, threshold, hparams["output_folder"], hparams["sample_rate"], brain.device
+            )
         brain.attach_targets(targets)
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")

@@ -11,7 +11,6 @@ from speech_kd.training.ctc_brain import CTCBrain
 __all__ = ["DistillBrain"]
 
 
-
 class DistillBrain(TeacherAnnealMixin, KDMixin, CTCBrain):
     """A CTC student trained on ``(1 - kd_weight) * CTC + kd_weight * KD``.
 

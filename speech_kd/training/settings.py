@@ -20,7 +20,14 @@ from hyperpyyaml import load_hyperpyyaml
 
 from speech_kd.training.precision import check_precision
 
-__all__ = ["check_run_options", "check_run_settings", "launched_by_torchrun", "load_hparams", "preparse", "run_settings"]
+__all__ = [
+    "check_run_options",
+    "check_run_settings",
+    "launched_by_torchrun",
+    "load_hparams",
+    "preparse",
+    "run_settings",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +35,20 @@ logger = logging.getLogger(__name__)
 SETTINGS_NAME = "run_settings.json"
 #: keys that may change between runs of one folder: more epochs, other workers or batch sizes for
 #: evaluation, checkpoint timing, moved data; and paths (compared through the folder itself)
-RESUMABLE_KEYS = frozenset({
-    "number_of_epochs", "num_workers", "eval_batch_size", "ckpt_interval_minutes", "report_after_run", "skip_prep",
-    "keep_checkpoints", "use_tensorboard", "allow_changed_settings", "max_eval_duration",
-})  # fmt: skip
+RESUMABLE_KEYS = frozenset(
+    {
+        "number_of_epochs",
+        "num_workers",
+        "eval_batch_size",
+        "ckpt_interval_minutes",
+        "report_after_run",
+        "skip_prep",
+        "keep_checkpoints",
+        "use_tensorboard",
+        "allow_changed_settings",
+        "max_eval_duration",
+    }
+)
 
 
 def _run_option(run_opts, hparams: dict, name: str):
@@ -58,8 +75,10 @@ def check_run_options(run_opts, hparams: dict | None = None) -> None:
     device = _run_option(run_opts, hparams, "device") or sb.utils.distributed.infer_device()
     device_type = str(device).split(":")[0]
     if device_type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device={device}: no CUDA GPU is available to this process (torch.cuda.is_available() is "
-                         "False); use --device=cpu")  # fmt: skip
+        raise ValueError(
+            f"--device={device}: no CUDA GPU is available to this process (torch.cuda.is_available() is "
+            "False); use --device=cpu"
+        )
     check_precision(_run_option(run_opts, hparams, "precision"), device_type, "--precision")
     check_precision(_run_option(run_opts, hparams, "eval_precision"), device_type, "--eval_precision")
     backend = run_opts["distributed_backend"]
@@ -104,12 +123,28 @@ def preparse(argv: list[str]) -> tuple[list[str], bool, dict]:
 
 
 #: SpeechBrain run options that take no value (``--debug``, ...)
-_SPEECHBRAIN_FLAGS = frozenset({
-    "test_only", "debug", "debug_persistently", "distributed_launch", "data_parallel_backend", "jit", "compile",
-    "compile_using_fullgraph", "compile_using_dynamic_shape_tracing", "auto_mix_prec", "bfloat16_mix_prec",
-    "skip_nonfinite_grads", "noprogressbar", "tqdm_colored_bar", "remove_vector_weight_decay", "profile_training",
-    "find_unused_parameters", "allow_changed_settings",
-})  # fmt: skip
+_SPEECHBRAIN_FLAGS = frozenset(
+    {
+        "test_only",
+        "debug",
+        "debug_persistently",
+        "distributed_launch",
+        "data_parallel_backend",
+        "jit",
+        "compile",
+        "compile_using_fullgraph",
+        "compile_using_dynamic_shape_tracing",
+        "auto_mix_prec",
+        "bfloat16_mix_prec",
+        "skip_nonfinite_grads",
+        "noprogressbar",
+        "tqdm_colored_bar",
+        "remove_vector_weight_decay",
+        "profile_training",
+        "find_unused_parameters",
+        "allow_changed_settings",
+    }
+)
 
 
 def _json_value(value):
@@ -156,8 +191,11 @@ def check_run_settings(hparams: dict, hparams_file: str, allow_changed: bool = F
             before = json.loads(path.read_text())
         except ValueError:
             before = {}
-        diffs = [f"{key} {before.get(key, '(unset)')!r} != {now.get(key, '(unset)')!r}"
-                 for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]  # fmt: skip
+        diffs = [
+            f"{key} {before.get(key, '(unset)')!r} != {now.get(key, '(unset)')!r}"
+            for key in sorted(set(before) | set(now))
+            if before.get(key) != now.get(key)
+        ]
         if diffs and not allow_changed:
             raise ValueError(
                 f"{folder}: made with other settings than this run's (folder != now): {'; '.join(diffs[:8])}"
@@ -165,12 +203,14 @@ def check_run_settings(hparams: dict, hparams_file: str, allow_changed: bool = F
                 + ". Use another output_folder, or add --allow_changed_settings=True to continue it with these"
             )
         if diffs:
-            logger.warning("%s: continuing with changed settings (--allow_changed_settings): %s", folder,
-                           "; ".join(diffs))  # fmt: skip
+            logger.warning(
+                "%s: continuing with changed settings (--allow_changed_settings): %s", folder, "; ".join(diffs)
+            )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(now, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
 
 def load_hparams(hparams_file: str, text: str, overrides) -> dict:
     """``load_hyperpyyaml`` with a one-line error naming the file for an unknown key or broken YAML."""

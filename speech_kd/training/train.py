@@ -47,7 +47,9 @@ def prepare_csvs(hparams: dict) -> dict[str, list[str]]:
     folder = Path(hparams["output_folder"])
     roles = {"train": hparams["train_splits"], "dev": hparams["dev_splits"], "test": hparams["test_splits"]}
     splits = sorted({s for names in roles.values() for s in names})
-    roles["unlabeled"] = list(hparams.get("unlabeled_splits") or [])  # untranscribed audio (speech_kd.training.unlabeled)
+    roles["unlabeled"] = list(
+        hparams.get("unlabeled_splits") or []
+    )  # untranscribed audio (speech_kd.training.unlabeled)
     result = prepare_librispeech(
         hparams["data_folder"],
         folder / "data",
@@ -98,8 +100,9 @@ def build_datasets(hparams: dict, tokenizer, csvs: dict[str, list[str]], frame_s
     }
     if csvs.get("unlabeled"):  # untranscribed audio (speech_kd.training.unlabeled): KD only
         max_duration = hparams.get("avoid_if_longer_than")
-        datasets["unlabeled"] = load_dataset(folder / "unlabeled.csv", max_duration=max_duration, skip_unreadable=True,
-                                             **common)  # fmt: skip
+        datasets["unlabeled"] = load_dataset(
+            folder / "unlabeled.csv", max_duration=max_duration, skip_unreadable=True, **common
+        )
     return datasets
 
 
@@ -147,7 +150,6 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
         raise ValueError(f"--number_of_epochs={epochs}: must be a whole number, 1 or more")
     lock = None
     if sb.utils.distributed.if_main_process():  # one writer per output folder (DDP: the main process holds it)
-
         lock = FolderLock(hparams["output_folder"], "output folder").acquire()
     try:
         if sb.utils.distributed.if_main_process():
@@ -158,8 +160,9 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
             lock.release()
 
 
-def _run_locked(hparams_file: str, hparams_text: str, hparams: dict, run_opts, overrides: str,
-                brain_class: type[CTCBrain], setup) -> dict:  # fmt: skip
+def _run_locked(
+    hparams_file: str, hparams_text: str, hparams: dict, run_opts, overrides: str, brain_class: type[CTCBrain], setup
+) -> dict:
     """:func:`run_training` once the output folder is locked and its settings checked."""
     sb.create_experiment_directory(
         experiment_directory=hparams["output_folder"],
@@ -198,8 +201,10 @@ def _run_locked(hparams_file: str, hparams_text: str, hparams: dict, run_opts, o
     train_set = datasets["train"]
     if datasets.get("unlabeled") is not None:
         if getattr(brain, "kd_targets", None) is None:  # no teacher (kd_weight=0, or speech-kd train): no use for it
-            logger.warning("unlabeled_splits: not used, this run has no teacher targets (untranscribed audio only "
-                           "feeds the KD term)")  # fmt: skip
+            logger.warning(
+                "unlabeled_splits: not used, this run has no teacher targets (untranscribed audio only "
+                "feeds the KD term)"
+            )
         else:
             train_set, sampler = mix_unlabeled(train_set, datasets["unlabeled"], sampler, hparams)
     _check_ddp_batches(sampler, hparams)
@@ -214,7 +219,7 @@ def _run_locked(hparams_file: str, hparams_text: str, hparams: dict, run_opts, o
             "num_workers": hparams["num_workers"],
             "generator": torch.Generator().manual_seed(hparams["seed"]),
             "collate_fn": collate_readable,
-        },  # fmt: skip
+        },
         valid_loader_kwargs={"batch_size": hparams.get("eval_batch_size", 8), "collate_fn": collate_readable},
     )
 

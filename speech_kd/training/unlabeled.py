@@ -90,8 +90,10 @@ class MixedBatchSampler(Sampler):
 
     def __init__(self, transcribed, untranscribed, offset: int, unlabeled_fraction: float = 1.0, seed: int = 0):
         if not unlabeled_fraction > 0:
-            raise ValueError(f"unlabeled_fraction={unlabeled_fraction}: must be > 0 (leave unlabeled_splits empty "
-                             "to train without untranscribed audio)")  # fmt: skip
+            raise ValueError(
+                f"unlabeled_fraction={unlabeled_fraction}: must be > 0 (leave unlabeled_splits empty "
+                "to train without untranscribed audio)"
+            )
         self.transcribed = transcribed
         self.untranscribed = untranscribed
         self.offset = int(offset)
@@ -164,8 +166,11 @@ def mix_unlabeled(train_set, unlabeled_set, train_sampler, hparams: dict) -> tup
     overlap = set(train_set.data_ids) & set(unlabeled_set.data_ids)
     if overlap:
         shown = ", ".join(sorted(overlap)[:5]) + (", ..." if len(overlap) > 5 else "")
-        logger.warning("%d untranscribed utterances are also transcribed training utterances (%s): used as "
-                       "transcribed only", len(overlap), shown)  # fmt: skip
+        logger.warning(
+            "%d untranscribed utterances are also transcribed training utterances (%s): used as transcribed only",
+            len(overlap),
+            shown,
+        )
         unlabeled_set = unlabeled_set.filtered_sorted(key_test={"id": lambda uid: uid not in overlap})
         if not len(unlabeled_set):
             raise ValueError(
@@ -180,9 +185,13 @@ def mix_unlabeled(train_set, unlabeled_set, train_sampler, hparams: dict) -> tup
     )
     fraction = hparams.get("unlabeled_fraction", 1.0)
     mixed = MixedBatchSampler(train_sampler, sampler, len(train_set), unlabeled_fraction=fraction, seed=hparams["seed"])
-    logger.info("training on %d transcribed and %d untranscribed utterances: %d + %d batches per epoch "
-                "(unlabeled_fraction=%s)", len(train_set), len(unlabeled_set), *mixed.counts,
-                hparams.get("unlabeled_fraction", 1.0))  # fmt: skip
+    logger.info(
+        "training on %d transcribed and %d untranscribed utterances: %d + %d batches per epoch (unlabeled_fraction=%s)",
+        len(train_set),
+        len(unlabeled_set),
+        *mixed.counts,
+        hparams.get("unlabeled_fraction", 1.0),
+    )
     return ConcatDataset([train_set, unlabeled_set]), mixed
 
 
@@ -308,8 +317,9 @@ def _quantiles(values: list[float]) -> str:
     return ", ".join(f"{q}: {v:.3f}" for q, v in zip(("p10", "p25", "median", "p75", "p90"), picks))
 
 
-def filter_unlabeled(targets, dataset, threshold: float, out_folder: str | os.PathLike, sample_rate: int = 16000,
-                     device="cpu"):  # fmt: skip
+def filter_unlabeled(
+    targets, dataset, threshold: float, out_folder: str | os.PathLike, sample_rate: int = 16000, device="cpu"
+):
     """Leave out the untranscribed utterances whose teacher confidence is below ``threshold``.
 
     Scores come from :func:`score_unlabeled` (on the main process under
@@ -353,13 +363,24 @@ def filter_unlabeled(targets, dataset, threshold: float, out_folder: str | os.Pa
         with open(out / FILTERED_CSV, "w", newline="", encoding="utf-8") as fh:
             writer = csv.writer(fh)
             writer.writerow(["ID", "confidence", "duration", "wav"])
-            writer.writerows([uid, f"{scores[uid]:.5f}", dataset.data[uid]["duration"], dataset.data[uid]["wav"]]
-                             for uid in dropped)  # fmt: skip
-    logger.info("teacher-confidence filter (unlabeled_min_confidence=%s): left out %d of %d untranscribed "
-                "utterances (%.3f of %.3f h), listed in %s; scores %s", threshold, len(dropped), len(scores), hours,
-                total, out / FILTERED_CSV, _quantiles(list(scores.values())))  # fmt: skip
+            writer.writerows(
+                [uid, f"{scores[uid]:.5f}", dataset.data[uid]["duration"], dataset.data[uid]["wav"]] for uid in dropped
+            )
+    logger.info(
+        "teacher-confidence filter (unlabeled_min_confidence=%s): left out %d of %d untranscribed "
+        "utterances (%.3f of %.3f h), listed in %s; scores %s",
+        threshold,
+        len(dropped),
+        len(scores),
+        hours,
+        total,
+        out / FILTERED_CSV,
+        _quantiles(list(scores.values())),
+    )
     if len(dropped) == len(scores):
-        raise ValueError(f"unlabeled_min_confidence={threshold} leaves out every untranscribed utterance (scores "
-                         f"{_quantiles(list(scores.values()))}; see {out / CONFIDENCE_CSV}): lower it")  # fmt: skip
+        raise ValueError(
+            f"unlabeled_min_confidence={threshold} leaves out every untranscribed utterance (scores "
+            f"{_quantiles(list(scores.values()))}; see {out / CONFIDENCE_CSV}): lower it"
+        )
     keep = set(scores) - set(dropped)
     return dataset.filtered_sorted(key_test={"id": lambda uid: uid in keep}) if dropped else dataset

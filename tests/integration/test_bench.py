@@ -11,14 +11,43 @@ def test_bench_writes_ratio_table(tmp_path, capsys):
 
     out = tmp_path / "not_yet" / "bench.json"  # the folder is made, as evaluate and compare do
     wide = "--cnn_channels_1=32 --d_ffn=256"  # docs/deploy.md's wider student: its shape reaches the models timed
-    assert main(["bench", "--repeats", "1", "--batch_size", "2", "--json", str(out), f"--extra={wide}",
-                 "--max_batch_seconds", "0"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "bench",
+                "--repeats",
+                "1",
+                "--batch_size",
+                "2",
+                "--json",
+                str(out),
+                f"--extra={wide}",
+                "--max_batch_seconds",
+                "0",
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
-    for key in ("features_vs_librosa", "cached_kd_over_plain", "online_kd_over_plain", "student_speedup",
-                "features_vs_sb_per_utt", "features_vs_sb_batched",
-                "features_stft_only_vs_librosa", "rtf_teacher", "rtf_student", "evaluate_utts_per_s",
-                "student_speedup_onnx", "student_speedup_int8", "peak_rss_mb_teacher", "peak_rss_mb_student",
-                "peak_rss_mb_student_onnx", "disk_mb_student_int8", "student_params_fraction"):  # fmt: skip
+    for key in (
+        "features_vs_librosa",
+        "cached_kd_over_plain",
+        "online_kd_over_plain",
+        "student_speedup",
+        "features_vs_sb_per_utt",
+        "features_vs_sb_batched",
+        "features_stft_only_vs_librosa",
+        "rtf_teacher",
+        "rtf_student",
+        "evaluate_utts_per_s",
+        "student_speedup_onnx",
+        "student_speedup_int8",
+        "peak_rss_mb_teacher",
+        "peak_rss_mb_student",
+        "peak_rss_mb_student_onnx",
+        "disk_mb_student_int8",
+        "student_params_fraction",
+    ):
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
     assert results["peak_rss_mb_student_onnx"] < results["peak_rss_mb_student"]  # no torch in its process
     assert results["device"] == "cpu"

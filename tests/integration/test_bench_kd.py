@@ -10,9 +10,25 @@ from tests.conftest import TINY_MODEL
 
 def test_several_seeds_give_a_mean_table_with_intervals_and_a_figure(trained_run, tiny_corpus, tmp_path):
     out = tmp_path / "bench"
-    argv = ["--data", str(tiny_corpus), "--teacher", str(trained_run / "model"), "--out", str(out),
-            "--epochs", "1", "--seeds", "11", "12", "--variants", "scratch", "kd", "--test_data", str(tiny_corpus),
-            "--extra=" + " ".join(TINY_MODEL)]  # fmt: skip
+    argv = [
+        "--data",
+        str(tiny_corpus),
+        "--teacher",
+        str(trained_run / "model"),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--seeds",
+        "11",
+        "12",
+        "--variants",
+        "scratch",
+        "kd",
+        "--test_data",
+        str(tiny_corpus),
+        "--extra=" + " ".join(TINY_MODEL),
+    ]
     results = bench_kd(argv)
     assert set(results) == {"seeds", "mean"} and set(results["seeds"]) == {11, 12}
     for seed in (11, 12):

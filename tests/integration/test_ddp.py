@@ -45,8 +45,15 @@ pytestmark = pytest.mark.skipif(
 )
 
 #: no randomness or batch-composition dependence in the forward pass (see module docstring)
-EQUIVALENT = ["--dropout=0", "--cnn_dropout=0", "--spec_augment=False", "--norm_type=sentence",
-              "--sorting=ascending", "--report_after_run=False", "--noprogressbar"]  # fmt: skip
+EQUIVALENT = [
+    "--dropout=0",
+    "--cnn_dropout=0",
+    "--spec_augment=False",
+    "--norm_type=sentence",
+    "--sorting=ascending",
+    "--report_after_run=False",
+    "--noprogressbar",
+]
 
 
 #: A C++ ``std::terminate`` inside torch's gloo backend that aborted rank 0 (or 1) right as training
@@ -82,8 +89,14 @@ def test_two_process_ddp_equals_one_process(tiny_corpus, tmp_path, targets):
     teacher = make_tiny_sb_model(tmp_path / "teacher" / "model")
     seconds, csv = _even_batch_length(tiny_corpus, tmp_path / "csv")
     tiny = [a for a in TINY_MODEL if not a.startswith("--max_batch_length")] + [f"--max_batch_length={seconds}"]
-    args = [str(REPO / "hparams/distill.yaml"), f"--teacher_source={teacher}", f"--data_folder={tiny_corpus}",
-            f"--number_of_epochs={EPOCHS}", *tiny, *EQUIVALENT]  # fmt: skip
+    args = [
+        str(REPO / "hparams/distill.yaml"),
+        f"--teacher_source={teacher}",
+        f"--data_folder={tiny_corpus}",
+        f"--number_of_epochs={EPOCHS}",
+        *tiny,
+        *EQUIVALENT,
+    ]
     if targets == "cache":  # every process reads the same cache by utterance ID
         assert main(["cache-targets", "--teacher", teacher, "--csv", csv, "--out", str(tmp_path / "cache")]) == 0
         args.append(f"--targets_cache={tmp_path / 'cache'}")
@@ -91,9 +104,17 @@ def test_two_process_ddp_equals_one_process(tiny_corpus, tmp_path, targets):
     ddp = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     # docs/distributed.md's command; --master_port only keeps parallel test runs off each other's default port
-    command = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={_free_port()}", "--no-python",
-               str(BIN / "speech-kd"), "distill", *args, f"--output_folder={ddp}",
-               "--distributed_backend=gloo"]  # fmt: skip
+    command = [
+        str(BIN / "torchrun"),
+        "--nproc_per_node=2",
+        f"--master_port={_free_port()}",
+        "--no-python",
+        str(BIN / "speech-kd"),
+        "distill",
+        *args,
+        f"--output_folder={ddp}",
+        "--distributed_backend=gloo",
+    ]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     log = result.stdout + result.stderr
     if result.returncode != 0 and GLOO_ABORT in log:  # see GLOO_ABORT: once more, on a fresh port

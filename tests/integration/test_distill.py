@@ -20,8 +20,17 @@ DISTILL = str(REPO / "hparams/distill.yaml")
 
 
 def _distill(corpus, out, *extra):
-    return main(["distill", DISTILL, f"--data_folder={corpus}", f"--output_folder={out}", "--number_of_epochs=1",
-                 *TINY_MODEL, *extra])  # fmt: skip
+    return main(
+        [
+            "distill",
+            DISTILL,
+            f"--data_folder={corpus}",
+            f"--output_folder={out}",
+            "--number_of_epochs=1",
+            *TINY_MODEL,
+            *extra,
+        ]
+    )
 
 
 def test_distill_with_live_teacher(trained_run, tiny_corpus, tmp_path, monkeypatch):
@@ -70,8 +79,20 @@ def test_cached_targets_equal_live_targets(trained_run, tiny_corpus, tmp_path):
 
 def test_distill_from_cache_and_cache_mismatch(trained_run, tiny_corpus, tmp_path):
     cache = tmp_path / "cache"
-    assert main(["cache-targets", "--teacher", str(trained_run / "model"), "--csv", str(trained_run / "train.csv"),
-                 "--out", str(cache)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "cache-targets",
+                "--teacher",
+                str(trained_run / "model"),
+                "--csv",
+                str(trained_run / "train.csv"),
+                "--out",
+                str(cache),
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "kd_cached"
     assert _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", f"--targets_cache={cache}") == 0
     assert (out / "model" / "model.ckpt").exists()
@@ -90,8 +111,9 @@ def test_a_cache_missing_training_utterances_is_refused_before_training(trained_
     subset = tmp_path / "subset.csv"
     subset.write_text("\n".join(lines[:4]) + "\n")  # header + 3 utterances
     cache = tmp_path / "cache"
-    assert main(["cache-targets", "--teacher", str(trained_run / "model"), "--csv", str(subset),
-                 "--out", str(cache)]) == 0  # fmt: skip
+    assert (
+        main(["cache-targets", "--teacher", str(trained_run / "model"), "--csv", str(subset), "--out", str(cache)]) == 0
+    )
     out = tmp_path / "kd"
     with pytest.raises(CacheError, match=rf"{len(lines) - 4} of {len(lines) - 1} training utterances have no cached"):
         _distill(tiny_corpus, out, f"--targets_cache={cache}")
@@ -121,8 +143,10 @@ def test_live_teacher_hears_the_speed_perturbed_audio(trained_run, tiny_corpus, 
     """With speed perturbation (always 0.9x here) the live teacher runs on the student's perturbed audio:
     on the clean audio its frames would be 10 % more than the student's, far beyond frame_tolerance."""
     out = tmp_path / "kd_sp"
-    assert _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", "--speed_perturb=True",
-                    "--speeds=[90]") == 0  # fmt: skip
+    assert (
+        _distill(tiny_corpus, out, f"--teacher_source={trained_run / 'model'}", "--speed_perturb=True", "--speeds=[90]")
+        == 0
+    )
     train = json.loads((out / "history.jsonl").read_text().splitlines()[-1])["train"]
     assert train["kd_loss"] > 0 and train["lost_mass"] < 1e-6
 

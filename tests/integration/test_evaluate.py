@@ -33,8 +33,20 @@ def test_utterance_errors_worst_first_with_alignment():
 
 def test_evaluate_cli_on_csv_and_on_librispeech_folder(trained_run, tiny_corpus, tmp_path, capsys):
     out_json = tmp_path / "eval.json"
-    assert main(["evaluate", "--asr", str(trained_run / "model"), "--csv", str(trained_run / "data" / "test.csv"),
-                 "--json", str(out_json)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "evaluate",
+                "--asr",
+                str(trained_run / "model"),
+                "--csv",
+                str(trained_run / "data" / "test.csv"),
+                "--json",
+                str(out_json),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(out_json.read_text())
     assert {"wer", "cer", "num_utts", "params", "rtf"} <= set(summary)
     assert summary["num_utts"] == len((trained_run / "data" / "test.csv").read_text().strip().splitlines()) - 1
@@ -45,8 +57,19 @@ def test_evaluate_cli_on_csv_and_on_librispeech_folder(trained_run, tiny_corpus,
     assert "WER" in printed and "RTF" in printed
 
     out2 = tmp_path / "res.v1" / "eval2.json"  # a dot in a folder name: the utterance file still goes beside it
-    main(["evaluate", "--asr", str(trained_run / "model"), "--data_folder", str(tiny_corpus), "--split", "test",
-          "--json", str(out2)])  # fmt: skip
+    main(
+        [
+            "evaluate",
+            "--asr",
+            str(trained_run / "model"),
+            "--data_folder",
+            str(tiny_corpus),
+            "--split",
+            "test",
+            "--json",
+            str(out2),
+        ]
+    )
     assert json.loads(out2.read_text())["wer"] == summary["wer"]
     assert (tmp_path / "res.v1" / "eval2_utts.txt").exists()
 

@@ -77,8 +77,21 @@ def test_numpy_fbank_is_speechbrains(test_set, teacher):
     wavs = [w for _, w, _ in test_set[1]] + [np.sin(np.arange(1234) / 7).astype(np.float32)]
     for wav in wavs:
         ours = fbank(wav, window.numpy(), mel.numpy(), stft.hop_length)
-        spec = torch.stft(torch.from_numpy(wav).double(), stft.n_fft, stft.hop_length, stft.win_length, window,
-                          center=True, pad_mode="constant", return_complex=True).abs().pow(2).T  # fmt: skip
+        spec = (
+            torch.stft(
+                torch.from_numpy(wav).double(),
+                stft.n_fft,
+                stft.hop_length,
+                stft.win_length,
+                window,
+                center=True,
+                pad_mode="constant",
+                return_complex=True,
+            )
+            .abs()
+            .pow(2)
+            .T
+        )
         exact = banks._amplitude_to_DB((spec @ mel)[None])[0].numpy()
         assert ours.shape == exact.shape and ours.dtype == np.float32
         assert np.abs(ours - exact).max() < 1e-4
@@ -137,13 +150,16 @@ def test_transcribe_py_runs_without_speechbrain_speech_kd_or_torch(exported, tes
     files = [str(tmp_path / f"{i}.wav") for i in range(3)]
     for path, (_, wav, _) in zip(files, test_set[1]):
         sf.write(path, wav, 16000)
-    blocker = ("import runpy, sys\n"
-               "for name in ('speechbrain', 'speech_kd', 'torch', 'torchaudio'): sys.modules[name] = None\n"
-               f"sys.argv = ['transcribe.py', *{files!r}]\n"
-               f"runpy.run_path({str(folder / 'transcribe.py')!r}, run_name='__main__')\n")  # fmt: skip
+    blocker = (
+        "import runpy, sys\n"
+        "for name in ('speechbrain', 'speech_kd', 'torch', 'torchaudio'): sys.modules[name] = None\n"
+        f"sys.argv = ['transcribe.py', *{files!r}]\n"
+        f"runpy.run_path({str(folder / 'transcribe.py')!r}, run_name='__main__')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, cwd=tmp_path, env=env,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", blocker], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     expected = ExportedASR(folder).transcribe([w for _, w, _ in test_set[1][:3]])
@@ -151,7 +167,8 @@ def test_transcribe_py_runs_without_speechbrain_speech_kd_or_torch(exported, tes
     config = json.loads((folder / "deploy.json").read_text())
     assert config["frame_shift"] == pytest.approx(0.04) and config["tokens"][0] == "<blank>"
     assert (folder / "tokens.txt").read_text().splitlines()[3] == "A" and "transcribe.py" in (
-        folder / "README.txt").read_text()  # fmt: skip
+        folder / "README.txt"
+    ).read_text()
 
 
 def test_evaluate_scores_an_exported_folder_like_its_model(exported, test_set, tmp_path):
@@ -162,14 +179,26 @@ def test_evaluate_scores_an_exported_folder_like_its_model(exported, test_set, t
     folder, _ = exported("onnx")
     csv = str(test_set[0])
     main(["evaluate", "--asr", str(folder), "--csv", csv, "--json", str(tmp_path / "onnx.json")])
-    main(["evaluate", "--asr", str(SHIPPED_TEACHER), "--csv", csv, "--json", str(tmp_path / "pt.json"),
-          "--batch_seconds", "0.1"])  # fmt: skip
+    main(
+        [
+            "evaluate",
+            "--asr",
+            str(SHIPPED_TEACHER),
+            "--csv",
+            csv,
+            "--json",
+            str(tmp_path / "pt.json"),
+            "--batch_seconds",
+            "0.1",
+        ]
+    )
     onnx_summary, pt = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("onnx", "pt"))
     assert onnx_summary["num_utts"] == pt["num_utts"] == len(test_set[1])
     assert (onnx_summary["wer"], onnx_summary["cer"], onnx_summary["params"]) == (pt["wer"], pt["cer"], pt["params"])
     assert onnx_summary["rtf"] > 0 and (tmp_path / "onnx_utts.txt").read_text().count("  WER ") == len(test_set[1])
-    main(["evaluate", "--asr", str(folder), "--csv", csv, "--json", str(tmp_path / "pen.json"),
-          "--blank_penalty", "20"])  # fmt: skip
+    main(
+        ["evaluate", "--asr", str(folder), "--csv", csv, "--json", str(tmp_path / "pen.json"), "--blank_penalty", "20"]
+    )
     assert json.loads((tmp_path / "pen.json").read_text())["insertions"] > onnx_summary["insertions"]
 
 
@@ -196,9 +225,10 @@ def test_chunked_transcription_of_a_long_file(exported, test_set, tmp_path):
     near = np.abs(np.concatenate(list(asr.stream_log_probs(wav, 1.0, 1.0))) - whole_lp).mean()
     far = np.abs(np.concatenate(list(asr.stream_log_probs(wav, 1.0, 0.0))) - whole_lp).mean()
     assert near < far / 2
-    scores = [evaluate_model(folder, test_set[0], chunk_seconds=chunk, context_seconds=context,
-                             progress=False).summary["wer"]
-              for chunk, context in ((None, None), (100.0, 0.0), (0.5, 0.0), (0.5, 1.0))]  # fmt: skip
+    scores = [
+        evaluate_model(folder, test_set[0], chunk_seconds=chunk, context_seconds=context, progress=False).summary["wer"]
+        for chunk, context in ((None, None), (100.0, 0.0), (0.5, 0.0), (0.5, 1.0))
+    ]
     assert scores[0] == scores[1] and scores[2] > scores[3] >= scores[0] - 5
 
 

@@ -43,7 +43,7 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_export(tiny_model, tmp_path_factory) -> Path:
     """The tiny model exported to ONNX."""
-    from speech_kd.deploy.exporter import export_asr
+    from speech_kd.deploy.onnx_export import export_asr
 
     out = tmp_path_factory.mktemp("tiny_export") / "onnx"
     export_asr(tiny_model, out)
@@ -186,7 +186,7 @@ def test_model_folder_writer_replaces_only_its_own_folders(tmp_path):
 @pytest.fixture(scope="module")
 def teacher_export(tmp_path_factory) -> Path:
     from speech_kd.demo import SHIPPED_TEACHER
-    from speech_kd.deploy.exporter import export_asr
+    from speech_kd.deploy.onnx_export import export_asr
 
     out = tmp_path_factory.mktemp("teacher_export") / "onnx"
     export_asr(SHIPPED_TEACHER, out)
@@ -196,7 +196,7 @@ def teacher_export(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory) -> Path:
     """A 16 kHz FLAC of synthesised speech (the corpus' TTS)."""
-    from speech_kd.synth.voices import make_speakers, render
+    from speech_kd.data.synth.voices import make_speakers, render
 
     path = tmp_path_factory.mktemp("speech") / "good.flac"
     render(make_speakers(1, 0)[0], "THE CAT SAT ON THE MAT AND THE DOG RAN HOME", path)
@@ -208,9 +208,15 @@ def test_transcribe_py_reports_each_bad_file_and_transcribes_the_good_ones(teach
     import torchaudio.functional as AF
 
     wav, rate = sf.read(speech, dtype="float32")
-    files = {"good": str(speech), "missing": str(tmp_path / "missing.wav"), "empty": str(tmp_path / "empty.wav"),
-             "junk": str(tmp_path / "junk.wav"), "nan": str(tmp_path / "nan.wav"), "inf": str(tmp_path / "inf.wav"),
-             "8k": str(tmp_path / "8k.wav")}  # fmt: skip
+    files = {
+        "good": str(speech),
+        "missing": str(tmp_path / "missing.wav"),
+        "empty": str(tmp_path / "empty.wav"),
+        "junk": str(tmp_path / "junk.wav"),
+        "nan": str(tmp_path / "nan.wav"),
+        "inf": str(tmp_path / "inf.wav"),
+        "8k": str(tmp_path / "8k.wav"),
+    }
     Path(files["empty"]).write_bytes(b"")
     Path(files["junk"]).write_bytes(b"RIFF" + bytes(range(256)))
     for name, value in (("nan", np.nan), ("inf", -np.inf)):
@@ -219,26 +225,50 @@ def test_transcribe_py_reports_each_bad_file_and_transcribes_the_good_ones(teach
         sf.write(files[name], bad, rate, subtype="FLOAT")
     sf.write(files["8k"], AF.resample(torch.from_numpy(wav), rate, 8000).numpy(), 8000)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, str(teacher_export / "transcribe.py"), *files.values()],
-                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(teacher_export / "transcribe.py"), *files.values()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     lines = dict(line.split("\t") for line in out.stdout.strip().splitlines())
     assert list(lines) == [files["good"], files["8k"]] and all(lines.values())  # words for both, in order
     errors = out.stderr.strip().splitlines()
-    for name, reason in (("missing", "no such file"), ("empty", "empty file (0 bytes)"),
-                         ("junk", "not readable audio"), ("nan", "NaN or infinite"), ("inf", "NaN or infinite")):
+    for name, reason in (
+        ("missing", "no such file"),
+        ("empty", "empty file (0 bytes)"),
+        ("junk", "not readable audio"),
+        ("nan", "NaN or infinite"),
+        ("inf", "NaN or infinite"),
+    ):
         assert sum(files[name] in line and reason in line for line in errors) == 1, (name, errors)
     assert any(files["8k"] in line and "8000 Hz audio resampled" in line for line in errors)
     assert errors[-1] == "transcribe.py: 5 of 7 file(s) not transcribed (see above)"
     assert len(errors) == 7  # 5 errors, 1 note, the summary: one line each
 
 
-@pytest.mark.parametrize("option", [
-    ["--batch", "0"], ["--batch", "-2"], ["--batch", "1.5"], ["--threads", "-3"], ["--threads", "0"],
-    ["--threads", "100000"], ["--chunk_seconds", "-5"], ["--chunk_seconds", "nan"], ["--chunk_seconds", "inf"],
-    ["--context_seconds", "-1"], ["--context_seconds", "nan"], ["--max_batch_seconds", "-1"],
-    ["--max_batch_seconds", "inf"], ["--blank_penalty", "nan"], ["--chunk_seconds", "abc"],
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--batch", "0"],
+        ["--batch", "-2"],
+        ["--batch", "1.5"],
+        ["--threads", "-3"],
+        ["--threads", "0"],
+        ["--threads", "100000"],
+        ["--chunk_seconds", "-5"],
+        ["--chunk_seconds", "nan"],
+        ["--chunk_seconds", "inf"],
+        ["--context_seconds", "-1"],
+        ["--context_seconds", "nan"],
+        ["--max_batch_seconds", "-1"],
+        ["--max_batch_seconds", "inf"],
+        ["--blank_penalty", "nan"],
+        ["--chunk_seconds", "abc"],
+    ],
+)
 def test_transcribe_py_refuses_bad_numbers(option, tiny_export, speech):
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
@@ -248,8 +278,10 @@ def test_transcribe_py_refuses_bad_numbers(option, tiny_export, speech):
     assert f": error: argument {option[0]}: " in message and repr(option[1]) in message
 
 
-@pytest.mark.parametrize("damage", ["model.onnx", "deploy.json missing", "deploy.json", "deploy.json keys",
-                                    "fbank.npz", "model.onnx missing"])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage",
+    ["model.onnx", "deploy.json missing", "deploy.json", "deploy.json keys", "fbank.npz", "model.onnx missing"],
+)
 def test_transcribe_py_names_a_broken_model_folder(damage, tiny_export, speech, tmp_path, capsys):
     folder = tmp_path / "onnx"
     shutil.copytree(tiny_export, folder)
@@ -299,8 +331,14 @@ def test_resample_is_torchaudios():
     import torchaudio.functional as AF
 
     rng = np.random.default_rng(0)
-    for rate, new, n in ((8000, 16000, 12345), (44100, 16000, 30000), (48000, 16000, 999), (16000, 8000, 4000),
-                         (22050, 16000, 7), (16000, 16000, 100)):  # fmt: skip
+    for rate, new, n in (
+        (8000, 16000, 12345),
+        (44100, 16000, 30000),
+        (48000, 16000, 999),
+        (16000, 8000, 4000),
+        (22050, 16000, 7),
+        (16000, 16000, 100),
+    ):
         wav = rng.standard_normal(n).astype(np.float32)
         ours = runtime.resample(wav, rate, new)
         ref = AF.resample(torch.from_numpy(wav), rate, new).numpy()
@@ -364,7 +402,6 @@ def test_property_never_an_empty_transcript_for_non_finite_audio(wav, chunked, t
         assert isinstance(text, str) and np.isfinite(wav).all() and wav.size
 
 
-
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=400), header=st.sampled_from([b"", b"RIFF", b"fLaC", b"OggS"]))
 def test_property_read_audio_of_random_bytes(data, header, tmp_path_factory):
@@ -380,8 +417,12 @@ def test_property_read_audio_of_random_bytes(data, header, tmp_path_factory):
 
 
 _OPTIONS = ["--batch", "--threads", "--max_batch_seconds", "--chunk_seconds", "--context_seconds", "--blank_penalty"]
-_VALUES = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True, allow_infinity=True).map(repr),
-                    st.text(max_size=8), st.sampled_from(["nan", "inf", "-inf", "1e309", "0", "-0", "1_0", " 3"]))
+_VALUES = st.one_of(
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(max_size=8),
+    st.sampled_from(["nan", "inf", "-inf", "1e309", "0", "-0", "1_0", " 3"]),
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -29,11 +29,24 @@ def _command(corpus: Path, out: Path, kind: str, teacher: str | None) -> list[st
     if kind == "train":
         recipe = ["train", str(REPO / "hparams/teacher.yaml")]
     else:
-        recipe = ["distill", str(REPO / "hparams/distill.yaml"), f"--teacher_source={teacher}",
-                  "--report_after_run=False"]  # fmt: skip
-    return [sys.executable, "-m", "speech_kd.cli", *recipe,
-            f"--data_folder={corpus}", f"--output_folder={out}", f"--number_of_epochs={EPOCHS}",
-            "--ckpt_interval_steps=2", "--keep_checkpoints=2", *TINY_MODEL]  # fmt: skip
+        recipe = [
+            "distill",
+            str(REPO / "hparams/distill.yaml"),
+            f"--teacher_source={teacher}",
+            "--report_after_run=False",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "speech_kd.cli",
+        *recipe,
+        f"--data_folder={corpus}",
+        f"--output_folder={out}",
+        f"--number_of_epochs={EPOCHS}",
+        "--ckpt_interval_steps=2",
+        "--keep_checkpoints=2",
+        *TINY_MODEL,
+    ]
 
 
 def _history(out: Path) -> dict[int, dict]:
@@ -77,8 +90,13 @@ def test_sigkill_then_rerun_resumes(tiny_corpus, tmp_path, kind):
     expected = _final_step(clean)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_command(tiny_corpus, killed, kind, teacher), env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _command(tiny_corpus, killed, kind, teacher),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list((killed / "save").glob("CKPT+*")):
         time.sleep(0.05)
@@ -87,8 +105,9 @@ def test_sigkill_then_rerun_resumes(tiny_corpus, tmp_path, kind):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
 
-    result = subprocess.run(_command(tiny_corpus, killed, kind, teacher), env=env, capture_output=True, text=True,
-                            cwd=REPO)  # fmt: skip
+    result = subprocess.run(
+        _command(tiny_corpus, killed, kind, teacher), env=env, capture_output=True, text=True, cwd=REPO
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]  # SpeechBrain logs tracebacks to stdout
     assert _final_step(killed) == expected
     assert (killed / "model" / "model.ckpt").exists()
@@ -116,8 +135,13 @@ def test_a_kill_during_the_epoch_end_save_loses_nothing(tiny_corpus, tmp_path, m
         return real(self, *args, meta=meta, **kwargs)
 
     out = tmp_path / "run"
-    argv = [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
-            f"--number_of_epochs={EPOCHS}", *TINY_MODEL]  # fmt: skip
+    argv = [
+        str(REPO / "hparams/teacher.yaml"),
+        f"--data_folder={tiny_corpus}",
+        f"--output_folder={out}",
+        f"--number_of_epochs={EPOCHS}",
+        *TINY_MODEL,
+    ]
     monkeypatch.setattr(AtomicCheckpointer, "save_and_keep_only", dies_at_the_last_epoch)
     with pytest.raises(Killed):
         run_training(argv)
@@ -137,8 +161,9 @@ def test_a_kill_during_the_epoch_end_save_loses_nothing(tiny_corpus, tmp_path, m
 
 
 @pytest.mark.parametrize("kill_at_batch", [3, 5])
-def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(tiny_corpus, tmp_path, monkeypatch,
-                                                                          kill_at_batch):  # fmt: skip
+def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(
+    tiny_corpus, tmp_path, monkeypatch, kill_at_batch
+):
     """Resumed from an intra-epoch checkpoint, the run draws what it would have drawn: the same final weights.
 
     (The train loader has its own generator: starting an epoch's iterator drew a seed from the global one,
@@ -148,8 +173,14 @@ def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(tiny_c
     from speech_kd.training.train import run_training
 
     def argv(out: Path) -> list[str]:
-        return [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
-                "--number_of_epochs=2", "--ckpt_interval_steps=2", *TINY_MODEL]  # fmt: skip
+        return [
+            str(REPO / "hparams/teacher.yaml"),
+            f"--data_folder={tiny_corpus}",
+            f"--output_folder={out}",
+            "--number_of_epochs=2",
+            "--ckpt_interval_steps=2",
+            *TINY_MODEL,
+        ]
 
     _kill_at_batch_then_rerun(run_training, argv(tmp_path / "killed"), CTCBrain, kill_at_batch, monkeypatch)
     run_training(argv(tmp_path / "clean"))
@@ -166,10 +197,17 @@ def test_kd_statistics_of_an_epoch_resumed_mid_way_cover_all_its_batches(tiny_co
     teacher = make_tiny_sb_model(tmp_path / "teacher" / "model")
 
     def argv(out: Path) -> list[str]:
-        return [str(REPO / "hparams/distill.yaml"), f"--teacher_source={teacher}", "--report_after_run=False",
-                f"--data_folder={tiny_corpus}", f"--output_folder={out}", "--number_of_epochs=1",
-                "--ckpt_interval_steps=2", "--max_batch_length=10",
-                *(a for a in TINY_MODEL if not a.startswith("--max_batch_length"))]  # fmt: skip
+        return [
+            str(REPO / "hparams/distill.yaml"),
+            f"--teacher_source={teacher}",
+            "--report_after_run=False",
+            f"--data_folder={tiny_corpus}",
+            f"--output_folder={out}",
+            "--number_of_epochs=1",
+            "--ckpt_interval_steps=2",
+            "--max_batch_length=10",
+            *(a for a in TINY_MODEL if not a.startswith("--max_batch_length")),
+        ]
 
     _kill_at_batch_then_rerun(run_distillation, argv(tmp_path / "killed"), DistillBrain, 4, monkeypatch)
     run_distillation(argv(tmp_path / "clean"))

@@ -27,14 +27,28 @@ from tests.integration.test_unlabeled import unlabeled_corpus  # noqa: F401 F811
 
 RECIPE = REPO / "recipes" / "LibriSpeech" / "ASR" / "CTC"
 #: the tiny corpus's split names, a student small enough for seconds, one epoch
-TINY_LIBRISPEECH = ["--train_splits=[train]", "--dev_splits=[dev]", "--test_splits=[test]", "--number_of_epochs=1",
-                    "--conv_kernel_size=7", "--num_workers=0", "--noprogressbar", *TINY_MODEL]  # fmt: skip
+TINY_LIBRISPEECH = [
+    "--train_splits=[train]",
+    "--dev_splits=[dev]",
+    "--test_splits=[test]",
+    "--number_of_epochs=1",
+    "--conv_kernel_size=7",
+    "--num_workers=0",
+    "--noprogressbar",
+    *TINY_MODEL,
+]
 
 
 def _run_recipe(script: str, yaml: str, corpus: Path, out: Path, *extra: str, monkeypatch) -> None:
     """Run ``recipes/LibriSpeech/ASR/CTC/<script>`` as ``python <script> hparams/<yaml> ...`` (in this process)."""
-    argv = [str(RECIPE / script), f"hparams/{yaml}", f"--data_folder={corpus}", f"--output_folder={out}",
-            *TINY_LIBRISPEECH, *extra]  # fmt: skip
+    argv = [
+        str(RECIPE / script),
+        f"hparams/{yaml}",
+        f"--data_folder={corpus}",
+        f"--output_folder={out}",
+        *TINY_LIBRISPEECH,
+        *extra,
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(argv[0], run_name="__main__")
 
@@ -61,8 +75,16 @@ def test_distill_recipe_huggingface_wav2vec2_teacher(tiny_corpus, tmp_path, monk
     teacher = make_tiny_hf_ctc(tmp_path / "wav2vec2-base-960h")
     out = tmp_path / "kd_hf"
     # an untrained wav2vec2 puts ~3/32 of its mass on <s>, </s>, <unk> (no student token); a trained one ~0
-    _run_recipe("distill.py", "distill_wav2vec2_base_960h.yaml", tiny_corpus, out, f"--teacher_source={teacher}",
-                "--max_unmapped_mass=0.3", "--report_after_run=False", monkeypatch=monkeypatch)  # fmt: skip
+    _run_recipe(
+        "distill.py",
+        "distill_wav2vec2_base_960h.yaml",
+        tiny_corpus,
+        out,
+        f"--teacher_source={teacher}",
+        "--max_unmapped_mass=0.3",
+        "--report_after_run=False",
+        monkeypatch=monkeypatch,
+    )
     record = _check_run(out)
     assert record["train"]["kd_loss"] > 0 and record["train"]["kd_weight"] == 0.5
     setup = (out / "kd_setup.txt").read_text()
@@ -78,9 +100,17 @@ def test_distill_recipe_speechbrain_wav2vec2_teacher(tiny_corpus, tmp_path, monk
     assert "facebook/wav2vec2-large-960h-lv60-self" in (Path(teacher) / "hyperparams.yaml").read_text()
     out = tmp_path / "kd_sb"
     # an untrained teacher puts ~2/31 of its mass on <bos>, <eos> (no student token); a trained one ~0
-    _run_recipe("distill.py", "distill_sb_wav2vec2.yaml", tiny_corpus, out, f"--teacher_source={teacher}",
-                f"--teacher_overrides={{wav2vec2_hub: {hub}}}", "--max_unmapped_mass=0.3",
-                "--report_after_run=False", monkeypatch=monkeypatch)  # fmt: skip
+    _run_recipe(
+        "distill.py",
+        "distill_sb_wav2vec2.yaml",
+        tiny_corpus,
+        out,
+        f"--teacher_source={teacher}",
+        f"--teacher_overrides={{wav2vec2_hub: {hub}}}",
+        "--max_unmapped_mass=0.3",
+        "--report_after_run=False",
+        monkeypatch=monkeypatch,
+    )
     record = _check_run(out)
     assert record["train"]["kd_loss"] > 0
     setup = (out / "kd_setup.txt").read_text()
@@ -95,12 +125,35 @@ def test_distill_recipe_speechbrain_wav2vec2_teacher(tiny_corpus, tmp_path, monk
 
     csv = prepare_librispeech(tiny_corpus, tmp_path / "csv", splits=["train"]).csv_files["train"]
     cache = tmp_path / "cache"
-    assert main(["cache-targets", "--teacher", teacher, "--teacher_overrides", f"{{wav2vec2_hub: {hub}}}",
-                 "--csv", csv, "--out", str(cache)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "cache-targets",
+                "--teacher",
+                teacher,
+                "--teacher_overrides",
+                f"{{wav2vec2_hub: {hub}}}",
+                "--csv",
+                csv,
+                "--out",
+                str(cache),
+            ]
+        )
+        == 0
+    )
     cached = tmp_path / "kd_sb_cached"
-    _run_recipe("distill.py", "distill_sb_wav2vec2.yaml", tiny_corpus, cached, f"--teacher_source={teacher}",
-                f"--teacher_overrides={{wav2vec2_hub: {hub}}}", f"--targets_cache={cache}",
-                "--max_unmapped_mass=0.3", "--report_after_run=False", monkeypatch=monkeypatch)  # fmt: skip
+    _run_recipe(
+        "distill.py",
+        "distill_sb_wav2vec2.yaml",
+        tiny_corpus,
+        cached,
+        f"--teacher_source={teacher}",
+        f"--teacher_overrides={{wav2vec2_hub: {hub}}}",
+        f"--targets_cache={cache}",
+        "--max_unmapped_mass=0.3",
+        "--report_after_run=False",
+        monkeypatch=monkeypatch,
+    )
     assert _check_run(cached)["train"]["kd_loss"] > 0
 
 
@@ -123,9 +176,17 @@ def test_distill_recipe_with_untranscribed_splits(unlabeled_corpus, tmp_path, mo
     teacher = make_tiny_hf_ctc(tmp_path / "wav2vec2-base-960h")
     out = tmp_path / "kd_unlabeled"
     overrides = [arg for arg in TINY_LIBRISPEECH if not arg.startswith("--train_splits")]
-    argv = [str(RECIPE / "distill.py"), "hparams/distill_wav2vec2_base_960h_unlabeled.yaml", f"--data_folder={data}",
-            f"--output_folder={out}", *overrides, f"--teacher_source={teacher}", "--max_unmapped_mass=0.3",
-            "--report_after_run=False", "--unlabeled_fraction=1.0"]  # fmt: skip
+    argv = [
+        str(RECIPE / "distill.py"),
+        "hparams/distill_wav2vec2_base_960h_unlabeled.yaml",
+        f"--data_folder={data}",
+        f"--output_folder={out}",
+        *overrides,
+        f"--teacher_source={teacher}",
+        "--max_unmapped_mass=0.3",
+        "--report_after_run=False",
+        "--unlabeled_fraction=1.0",
+    ]
     monkeypatch.setattr(sys, "argv", argv)
     runpy.run_path(argv[0], run_name="__main__")
     record = _check_run(out)

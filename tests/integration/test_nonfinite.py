@@ -35,9 +35,20 @@ def _attach(brain, hparams, datasets):
 
 
 def _run(corpus, out, teacher, *extra):
-    return run_training([str(REPO / "hparams/distill.yaml"), f"--data_folder={corpus}", f"--output_folder={out}",
-                         f"--teacher_source={teacher}", "--number_of_epochs=1", "--noprogressbar", *TINY_MODEL,
-                         *extra], brain_class=NaNInjectingBrain, setup=_attach)  # fmt: skip
+    return run_training(
+        [
+            str(REPO / "hparams/distill.yaml"),
+            f"--data_folder={corpus}",
+            f"--output_folder={out}",
+            f"--teacher_source={teacher}",
+            "--number_of_epochs=1",
+            "--noprogressbar",
+            *TINY_MODEL,
+            *extra,
+        ],
+        brain_class=NaNInjectingBrain,
+        setup=_attach,
+    )
 
 
 @pytest.fixture()

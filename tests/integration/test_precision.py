@@ -72,17 +72,41 @@ def test_teacher_keeps_its_precision_under_the_students_autocast(teacher_folder,
 def test_fp16_refused_on_cpu_before_any_work(tiny_corpus, tmp_path, teacher_folder):
     out = tmp_path / "fp16"
     with pytest.raises(ValueError, match="--precision=fp16 needs a CUDA device.*bf16"):
-        main(["distill", DISTILL, f"--data_folder={tiny_corpus}", f"--output_folder={out}",
-              f"--teacher_source={teacher_folder}", "--precision=fp16", "--device=cpu"])  # fmt: skip
+        main(
+            [
+                "distill",
+                DISTILL,
+                f"--data_folder={tiny_corpus}",
+                f"--output_folder={out}",
+                f"--teacher_source={teacher_folder}",
+                "--precision=fp16",
+                "--device=cpu",
+            ]
+        )
     assert not (out / "data").exists()  # refused before data preparation
     with pytest.raises(ValueError, match="teacher_precision=fp16 needs a CUDA device"):
         OnlineTargets(load_teacher(teacher_folder), None, 16000, "fp16")
 
 
 def _distill_with_precision(corpus, out, teacher, device: str, precision: str) -> dict:
-    assert main(["distill", DISTILL, f"--data_folder={corpus}", f"--output_folder={out}", "--number_of_epochs=1",
-                 f"--teacher_source={teacher}", f"--device={device}", f"--precision={precision}",
-                 "--report_after_run=False", "--noprogressbar", *TINY_MODEL]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "distill",
+                DISTILL,
+                f"--data_folder={corpus}",
+                f"--output_folder={out}",
+                "--number_of_epochs=1",
+                f"--teacher_source={teacher}",
+                f"--device={device}",
+                f"--precision={precision}",
+                "--report_after_run=False",
+                "--noprogressbar",
+                *TINY_MODEL,
+            ]
+        )
+        == 0
+    )
     record = json.loads((out / "history.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "ctc_loss", "kd_loss"):
         assert math.isfinite(record["train"][key]), key

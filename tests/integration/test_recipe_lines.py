@@ -100,8 +100,12 @@ def _train(folder: Path, yaml_name: str, out: Path, *overrides: str) -> subproce
 def _weights(out: Path) -> dict:
     ckpt = next((out / "save").glob("CKPT+*")) if (out / "save").exists() else None
     assert ckpt is not None, f"no checkpoint in {out}"
-    return {f"{p.stem}.{k}": v for p in sorted(ckpt.glob("*.ckpt")) if p.stem in ("model", "output")
-            for k, v in torch.load(p, map_location="cpu").items()}  # fmt: skip
+    return {
+        f"{p.stem}.{k}": v
+        for p in sorted(ckpt.glob("*.ckpt"))
+        if p.stem in ("model", "output")
+        for k, v in torch.load(p, map_location="cpu").items()
+    }
 
 
 def _output_neurons(corpus: Path, extra: int) -> int:
@@ -118,8 +122,12 @@ def noise_csv(tmp_path_factory) -> Path:
     sf.write(folder / "noise.wav", np.random.default_rng(0).standard_normal(48000).astype("float32") * 0.1, 16000)
     path = folder / "noise.csv"
     with open(path, "w", newline="") as fh:
-        csv.writer(fh).writerows([["ID", "duration", "wav", "wav_format", "wav_opts"],
-                                  ["noise1", "3.0", str(folder / "noise.wav"), "wav", ""]])  # fmt: skip
+        csv.writer(fh).writerows(
+            [
+                ["ID", "duration", "wav", "wav_format", "wav_opts"],
+                ["noise1", "3.0", str(folder / "noise.wav"), "wav", ""],
+            ]
+        )
     return path
 
 
@@ -131,8 +139,11 @@ def test_librispeech_ctc_recipe_distils_with_the_readme_lines_both_ways(trained_
     """SentencePiece chars, Augmenter(concat_original) with speed perturbation, 3-tuple outputs, its own hooks."""
     teacher = trained_run / "model"
     # the char SentencePiece model has one piece per character seen (space as '▁') + <unk>, <s>, </s>
-    common = [f"--data_folder={tiny_corpus}", f"--teacher_source={teacher}",
-              f"--output_neurons={_output_neurons(tiny_corpus, 3)}"]  # fmt: skip
+    common = [
+        f"--data_folder={tiny_corpus}",
+        f"--teacher_source={teacher}",
+        f"--output_neurons={_output_neurons(tiny_corpus, 3)}",
+    ]
     runs = {}
     for form, kd_weight in (("in_place", 0.9), ("in_place", 0.0), ("wrap", 0.9)):
         folder = _recipe(tmp_path, "librispeech_ctc", "conformer.yaml", form, "ASR", "tokenizer")
@@ -153,8 +164,12 @@ def test_librispeech_ctc_recipe_distils_with_the_readme_lines_both_ways(trained_
 def test_crdnn_recipe_at_20ms_distils_from_a_40ms_teacher(trained_run, tiny_corpus, tmp_path, noise_csv):
     """CTCTextEncoder chars, 2-tuple outputs, Augmenter with noise + speed perturbation, no frame keys."""
     folder = _recipe(tmp_path, "crdnn_ctc", "crdnn.yaml", "in_place", "ASR_Brain", "label_encoder")
-    common = [f"--data_folder={tiny_corpus}", f"--teacher_source={trained_run / 'model'}",
-              f"--noise_annotation={noise_csv}", f"--output_neurons={_output_neurons(tiny_corpus, 1)}"]  # fmt: skip
+    common = [
+        f"--data_folder={tiny_corpus}",
+        f"--teacher_source={trained_run / 'model'}",
+        f"--noise_annotation={noise_csv}",
+        f"--output_neurons={_output_neurons(tiny_corpus, 1)}",
+    ]
     kd = _train(folder, "crdnn.yaml", tmp_path / "kd", *common, "--kd_weight=0.9")
     _ok(kd)
     assert "student frame shift measured on the first batch: 0.020 s" in kd.stdout + kd.stderr
@@ -173,13 +188,27 @@ def test_cache_with_speed_perturbation_is_refused_naming_the_key_and_kept_axis_a
     csv_path = trained_run / "train.csv"
     cache = tmp_path / "cache"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "speech_kd.cli", "cache-targets", "--teacher", str(teacher), "--csv", str(csv_path),
-           "--out", str(cache)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "speech_kd.cli",
+        "cache-targets",
+        "--teacher",
+        str(teacher),
+        "--csv",
+        str(csv_path),
+        "--out",
+        str(cache),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     _ok(done)
     folder = _recipe(tmp_path, "librispeech_ctc", "conformer.yaml", "in_place", "ASR", "tokenizer")
-    common = [f"--data_folder={tiny_corpus}", f"--teacher_source={teacher}", f"--targets_cache={cache}",
-              f"--output_neurons={_output_neurons(tiny_corpus, 3)}"]  # fmt: skip
+    common = [
+        f"--data_folder={tiny_corpus}",
+        f"--teacher_source={teacher}",
+        f"--targets_cache={cache}",
+        f"--output_neurons={_output_neurons(tiny_corpus, 3)}",
+    ]
     yaml = folder / "hparams" / "conformer.yaml"
     yaml.write_text(yaml.read_text() + '\ntargets_cache: ""\n')
     refused = _train(folder, "conformer.yaml", tmp_path / "refused", *common)

@@ -21,9 +21,21 @@ CURVES = 'alt="Loss, dev error rates and learning rate"'
 def kd_run(trained_run, tiny_corpus, tmp_path_factory):
     """A 2-epoch tiny distillation from the trained tiny teacher (live targets); the report is written at its end."""
     out = tmp_path_factory.mktemp("report") / "kd"
-    assert main(["distill", DISTILL, f"--data_folder={tiny_corpus}", f"--output_folder={out}",
-                 "--number_of_epochs=2", f"--teacher_source={trained_run / 'model'}", "--kd_weight=0.5",
-                 *TINY_MODEL]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "distill",
+                DISTILL,
+                f"--data_folder={tiny_corpus}",
+                f"--output_folder={out}",
+                "--number_of_epochs=2",
+                f"--teacher_source={trained_run / 'model'}",
+                "--kd_weight=0.5",
+                *TINY_MODEL,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -53,8 +65,15 @@ def test_distill_writes_the_report(kd_run):
     for caption in captions:  # transcript and both greedy hypotheses under each picture
         assert "REF     :" in caption and "teacher :" in caption and "student :" in caption
     assert "hollow circles mark the teacher" in html
-    for text in ("Learning curves", "KD diagnostics per epoch", "kd_run.json", "hyperparams.yaml", "frame shift",
-                 "<td>teacher</td>", f"<td>{kd_run.name}</td>"):  # fmt: skip
+    for text in (
+        "Learning curves",
+        "KD diagnostics per epoch",
+        "kd_run.json",
+        "hyperparams.yaml",
+        "frame shift",
+        "<td>teacher</td>",
+        f"<td>{kd_run.name}</td>",
+    ):
         assert text in html, text
     md = (kd_run / "report.md").read_text()
     links = re.findall(r"!\[[^\]]*\]\((report_files/[^)]+\.png)\)", md)

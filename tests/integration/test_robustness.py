@@ -63,8 +63,15 @@ def test_one_writer_per_run_folder_changed_settings_and_long_dev_files(tiny_corp
     longest = max(dev.values(), key=lambda r: float(r["duration"]))
     limit = f"--max_eval_duration={float(longest['duration']) - 0.01:.3f}"
     tiny = [arg for arg in TINY_MODEL if not arg.startswith("--lr=")]
-    base = ["train", str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={out}",
-            "--number_of_epochs=1", limit, *tiny]  # fmt: skip
+    base = [
+        "train",
+        str(REPO / "hparams/teacher.yaml"),
+        f"--data_folder={tiny_corpus}",
+        f"--output_folder={out}",
+        "--number_of_epochs=1",
+        limit,
+        *tiny,
+    ]
     assert _run(capsys, *base, "--lr=0.003")[0] == 0
     assert f"skipping {longest['ID']} ({longest['wav']} in " in (out / "log.txt").read_text()
     sleeper = subprocess.Popen(["sleep", "30"])
@@ -85,8 +92,13 @@ def test_one_writer_per_run_folder_changed_settings_and_long_dev_files(tiny_corp
 
 
 def test_small_option_faults_are_one_line_errors(tiny_corpus, tmp_path, capsys):
-    base = ["train", str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}",
-            f"--output_folder={tmp_path / 'run'}", *TINY_MODEL]  # fmt: skip
+    base = [
+        "train",
+        str(REPO / "hparams/teacher.yaml"),
+        f"--data_folder={tiny_corpus}",
+        f"--output_folder={tmp_path / 'run'}",
+        *TINY_MODEL,
+    ]
     for extra, message in (
         (["--number_of_epochs=0"], "--number_of_epochs=0: must be a whole number, 1 or more"),
         (["--lr"], "--lr needs a value: --lr=VALUE"),
@@ -107,7 +119,10 @@ def test_fractional_checkpoint_interval_is_accepted():
     argv, allow, extra = preparse(["x.yaml", "--ckpt_interval_minutes=0.5", "--allow_changed_settings"])
     assert argv == ["x.yaml"] and allow and extra == {"ckpt_interval_minutes": 0.5}
     assert preparse(["x.yaml", "--ckpt_interval_minutes=2", "--debug"])[0] == [
-        "x.yaml", "--ckpt_interval_minutes=2", "--debug"]  # fmt: skip
+        "x.yaml",
+        "--ckpt_interval_minutes=2",
+        "--debug",
+    ]
 
 
 def test_sigterm_ends_a_run_as_ctrl_c_does(monkeypatch, capsys):
@@ -127,8 +142,9 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(monkeypatch, capsys):
     assert code == 143 and err.strip() == "speech-kd distill: interrupted (run the same command again to resume)"
 
 
-def test_evaluate_long_files_missing_tokenizer_and_unwritable_output(trained_run, tmp_path, capsys, caplog,
-                                                                     monkeypatch):  # fmt: skip
+def test_evaluate_long_files_missing_tokenizer_and_unwritable_output(
+    trained_run, tmp_path, capsys, caplog, monkeypatch
+):
     import speech_kd.scoring.evaluate as evaluate
 
     model, csv_path = str(trained_run / "model"), str(trained_run / "dev.csv")

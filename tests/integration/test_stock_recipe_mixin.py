@@ -45,13 +45,14 @@ def _setup(tiny_corpus, tmp_path, teacher, kd_weight):
     hparams = load_hyperpyyaml(
         (REPO / "hparams/teacher.yaml").read_text(),
         {"data_folder": str(tiny_corpus), "output_folder": str(tmp_path), **overrides, "dropout": 0.0},
-    )  # fmt: skip
+    )
     # the keys a user adds to their recipe's yaml (frame_shift and sample_rate are already there)
     hparams.update(teacher_source=str(teacher), kd_weight=kd_weight, temperature=2.0)
     tokenizer = make_tokenizer(hparams["alphabet"])
     csv = prepare_librispeech(tiny_corpus, tmp_path, splits=["train"]).csv_files["train"]
-    batch = next(iter(sb.dataio.dataloader.make_dataloader(load_dataset(csv, tokenizer, sorting="ascending"),
-                                                            batch_size=4)))  # fmt: skip
+    batch = next(
+        iter(sb.dataio.dataloader.make_dataloader(load_dataset(csv, tokenizer, sorting="ascending"), batch_size=4))
+    )
     return hparams, tokenizer, batch
 
 
@@ -59,8 +60,13 @@ def test_three_lines_add_kd_to_a_stock_recipe(trained_run, tiny_corpus, tmp_path
     teacher = trained_run / "model"
     hparams, tokenizer, batch = _setup(tiny_corpus, tmp_path, teacher, kd_weight=0.5)
     torch.manual_seed(0)
-    brain = KDStockASR(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                       run_opts={"device": "cpu"}, checkpointer=hparams["checkpointer"])  # fmt: skip
+    brain = KDStockASR(
+        modules=hparams["modules"],
+        opt_class=hparams["opt_class"],
+        hparams=hparams,
+        run_opts={"device": "cpu"},
+        checkpointer=hparams["checkpointer"],
+    )
     brain.attach_targets(make_targets(hparams, token_strings(tokenizer)))  # (3)
     brain.on_fit_start()
     brain.on_stage_start(sb.Stage.TRAIN, 1)
@@ -89,9 +95,12 @@ def test_three_lines_add_kd_to_a_stock_recipe(trained_run, tiny_corpus, tmp_path
 
 def test_kd_weight_zero_is_the_plain_recipe(trained_run, tiny_corpus, tmp_path):
     hparams, tokenizer, batch = _setup(tiny_corpus, tmp_path, trained_run / "model", kd_weight=0.0)
-    brain = KDStockASR(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                       run_opts={"device": "cpu"})  # fmt: skip
+    brain = KDStockASR(
+        modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts={"device": "cpu"}
+    )
     brain.on_stage_start(sb.Stage.TRAIN, 1)
     predictions = brain.compute_forward(batch, sb.Stage.TRAIN)
-    assert torch.equal(brain.compute_objectives(predictions, batch, sb.Stage.TRAIN),
-                       StockASR.compute_objectives(brain, predictions, batch, sb.Stage.TRAIN))  # fmt: skip
+    assert torch.equal(
+        brain.compute_objectives(predictions, batch, sb.Stage.TRAIN),
+        StockASR.compute_objectives(brain, predictions, batch, sb.Stage.TRAIN),
+    )

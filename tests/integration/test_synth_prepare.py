@@ -118,8 +118,22 @@ def test_synth_command_with_its_defaults(tmp_path, capsys):
     from speech_kd.cli import main
 
     out = tmp_path / "corpus"
-    argv = ["synth", str(out), "--hours", "0.004", "--speakers", "2", "--dev_hours", "0.002", "--dev_speakers", "1",
-            "--test_hours", "0.002", "--test_speakers", "1"]  # fmt: skip
+    argv = [
+        "synth",
+        str(out),
+        "--hours",
+        "0.004",
+        "--speakers",
+        "2",
+        "--dev_hours",
+        "0.002",
+        "--dev_speakers",
+        "1",
+        "--test_hours",
+        "0.002",
+        "--test_speakers",
+        "1",
+    ]
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     for split in ("train", "dev", "test"):

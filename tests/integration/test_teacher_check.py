@@ -20,8 +20,18 @@ DISTILL = str(REPO / "hparams/distill.yaml")
 
 
 def _distill(corpus, out, epochs, *extra):
-    return main(["distill", DISTILL, f"--data_folder={corpus}", f"--output_folder={out}",
-                 f"--number_of_epochs={epochs}", "--report_after_run=False", *TINY_MODEL, *extra])  # fmt: skip
+    return main(
+        [
+            "distill",
+            DISTILL,
+            f"--data_folder={corpus}",
+            f"--output_folder={out}",
+            f"--number_of_epochs={epochs}",
+            "--report_after_run=False",
+            *TINY_MODEL,
+            *extra,
+        ]
+    )
 
 
 def _history(out):

@@ -33,16 +33,23 @@ def yaml_value(text: str):
 def test_training_steps_lower_the_loss(tiny_corpus, tmp_path, device):
     hparams = load_hyperpyyaml(
         (REPO / "hparams/teacher.yaml").read_text(),
-        {"data_folder": str(tiny_corpus), "output_folder": str(tmp_path), **_overrides(TINY_MODEL),
-         "spec_augment": False, "speed_perturb": False, "dropout": 0.0},
-    )  # fmt: skip
+        {
+            "data_folder": str(tiny_corpus),
+            "output_folder": str(tmp_path),
+            **_overrides(TINY_MODEL),
+            "spec_augment": False,
+            "speed_perturb": False,
+            "dropout": 0.0,
+        },
+    )
     csv = prepare_librispeech(tiny_corpus, tmp_path, splits=["train"]).csv_files["train"]
     tokenizer = make_tokenizer(hparams["alphabet"])
     data = load_dataset(csv, tokenizer, sorting="ascending")
     loader = sb.dataio.dataloader.make_dataloader(data, batch_size=4)
     batch = next(iter(loader))
-    brain = CTCBrain(modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams,
-                     run_opts={"device": device})  # fmt: skip
+    brain = CTCBrain(
+        modules=hparams["modules"], opt_class=hparams["opt_class"], hparams=hparams, run_opts={"device": device}
+    )
     brain.tokenizer = tokenizer
     brain.on_fit_start()
     brain.hparams.lr_scheduler.set_total_steps(1000)
@@ -59,8 +66,9 @@ def test_model_folder_loads_in_speechbrain(trained_run, tiny_corpus):
     assert {"hyperparams.yaml", "model.ckpt", "normalizer.ckpt", "tokenizer.ckpt"} <= {p.name for p in folder.iterdir()}
     model_yaml = (folder / "hyperparams.yaml").read_text()
     assert ":speech_kd." not in model_yaml  # loadable with SpeechBrain alone
-    asr = EncoderASR.from_hparams(source=str(folder), savedir=str(trained_run / "load"),
-                                  fetch_config=FetchConfig(allow_network=False))  # fmt: skip
+    asr = EncoderASR.from_hparams(
+        source=str(folder), savedir=str(trained_run / "load"), fetch_config=FetchConfig(allow_network=False)
+    )
     flac = sorted((tiny_corpus / "test").glob("*/*/*.flac"))[0]
     assert isinstance(asr.transcribe_file(str(flac)), str)
     wavs = torch.randn(2, 32000) * 0.05
@@ -85,8 +93,9 @@ def test_exported_model_matches_training_forward(trained_run):
         module.eval()
     wavs, lens = torch.randn(3, 24000) * 0.05, torch.tensor([1.0, 0.8, 0.5])
     with torch.no_grad():
-        ours = run_chain({**hparams["modules"], "log_softmax": hparams["log_softmax"]}, hparams["encoder_chain"],
-                         wavs, lens)  # fmt: skip
+        ours = run_chain(
+            {**hparams["modules"], "log_softmax": hparams["log_softmax"]}, hparams["encoder_chain"], wavs, lens
+        )
         theirs = asr.encode_batch(wavs, lens)
     assert torch.allclose(ours, theirs, atol=1e-5)
 
@@ -98,9 +107,14 @@ def test_training_writes_results_and_resumes(trained_run, tiny_corpus):
     assert {"WER", "CER", "loss"} <= set(results["test"])
     # a rerun with more epochs resumes from the last checkpoint: only epoch 3 is trained
     run_training(
-        [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", f"--output_folder={trained_run}",
-         "--number_of_epochs=3", *TINY_MODEL]
-    )  # fmt: skip
+        [
+            str(REPO / "hparams/teacher.yaml"),
+            f"--data_folder={tiny_corpus}",
+            f"--output_folder={trained_run}",
+            "--number_of_epochs=3",
+            *TINY_MODEL,
+        ]
+    )
     log = (trained_run / "train_log.txt").read_text()
     assert re.findall(r"epoch: (\d+)", log) == ["1", "2", "3"]
 
@@ -142,9 +156,14 @@ def test_audio_damaged_inside_is_left_out_of_training_with_a_warning(corpus_copy
             read_audio(path)
     out = tmp_path / "run"
     run_training(
-        [str(REPO / "hparams/teacher.yaml"), f"--data_folder={corpus_copy}", f"--output_folder={out}",
-         "--number_of_epochs=1", *TINY_MODEL]
-    )  # fmt: skip
+        [
+            str(REPO / "hparams/teacher.yaml"),
+            f"--data_folder={corpus_copy}",
+            f"--output_folder={out}",
+            "--number_of_epochs=1",
+            *TINY_MODEL,
+        ]
+    )
     log = (out / "log.txt").read_text()  # SpeechBrain's run log, where our warnings go
     for path in (train_files[3], dev_files[1]):
         assert f"skipping {path}: unreadable audio" in log

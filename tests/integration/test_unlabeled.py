@@ -63,11 +63,27 @@ def test_prepare_unlabeled_splits(unlabeled_corpus, tmp_path, capsys):
     (extra / "b" / "broken.flac").write_bytes(b"")
     (extra / "a" / "a.trans.txt").write_text("take SOME WORDS\n")
     out = tmp_path / "csv"
-    assert main(["prepare", str(data), "--save_folder", str(out), "--splits", "dev",
-                 "--unlabeled_splits", "untranscribed", "extra"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "prepare",
+                str(data),
+                "--save_folder",
+                str(out),
+                "--splits",
+                "dev",
+                "--unlabeled_splits",
+                "untranscribed",
+                "extra",
+            ]
+        )
+        == 0
+    )
     rows = _rows(out / "untranscribed.csv")
     assert sorted(r["ID"] for r in rows) == sorted(p.stem for p in data.glob("untranscribed/*/*/*.flac"))
-    assert all(r["wrd"] == "" and float(r["duration"]) > 0 and r["spk_id"] == "-".join(r["ID"].split("-")[:2]) for r in rows)
+    assert all(
+        r["wrd"] == "" and float(r["duration"]) > 0 and r["spk_id"] == "-".join(r["ID"].split("-")[:2]) for r in rows
+    )
     rows = {r["ID"]: r for r in _rows(out / "extra.csv")}
     assert set(rows) == {"a__take.wav", "b__deep__take.flac", "solo"}
     assert rows["a__take.wav"]["spk_id"] == "a" and rows["solo"]["spk_id"] == "extra"
@@ -93,15 +109,36 @@ def test_distill_on_untranscribed_audio_cached_and_filtered(unlabeled_corpus, tm
     """Caches of both manifests, the confidence filter, KD-only batches; the train cache alone is refused."""
     from speech_kd.data.prepare import prepare_librispeech
 
-    csvs = prepare_librispeech(unlabeled_corpus, tmp_path / "csv", splits=["train"],
-                               unlabeled_splits=["untranscribed"]).csv_files  # fmt: skip
+    csvs = prepare_librispeech(
+        unlabeled_corpus, tmp_path / "csv", splits=["train"], unlabeled_splits=["untranscribed"]
+    ).csv_files
     for name in ("train", "untranscribed"):
-        assert main(["cache-targets", "--teacher", str(TEACHER), "--csv", csvs[name], "--out",
-                     str(tmp_path / f"cache_{name}")]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "cache-targets",
+                    "--teacher",
+                    str(TEACHER),
+                    "--csv",
+                    csvs[name],
+                    "--out",
+                    str(tmp_path / f"cache_{name}"),
+                ]
+            )
+            == 0
+        )
     capsys.readouterr()
-    common = ["distill", str(REPO / "hparams/distill.yaml"), f"--data_folder={unlabeled_corpus}",
-              f"--teacher_source={TEACHER}", "--unlabeled_splits=[untranscribed]", "--number_of_epochs=1",
-              "--report_after_run=False", "--kd_anneal=False", *TINY_MODEL]  # fmt: skip
+    common = [
+        "distill",
+        str(REPO / "hparams/distill.yaml"),
+        f"--data_folder={unlabeled_corpus}",
+        f"--teacher_source={TEACHER}",
+        "--unlabeled_splits=[untranscribed]",
+        "--number_of_epochs=1",
+        "--report_after_run=False",
+        "--kd_anneal=False",
+        *TINY_MODEL,
+    ]
     assert run([*common, f"--output_folder={tmp_path / 'refused'}", f"--targets_cache={tmp_path / 'cache_train'}"]) == 2
     err = capsys.readouterr().err
     assert "training utterances have no cached targets" in err and "--targets_cache=TRAIN_CACHE,UNLABELED_CACHE" in err
@@ -118,8 +155,12 @@ def test_distill_on_untranscribed_audio_cached_and_filtered(unlabeled_corpus, tm
     threshold = sorted(scores.values())[len(scores) // 2]
     out = tmp_path / "kd"
     caches = f"{tmp_path / 'cache_train'},{tmp_path / 'cache_untranscribed'}"
-    assert main([*common, f"--output_folder={out}", f"--targets_cache={caches}",
-                 f"--unlabeled_min_confidence={threshold}"]) == 0  # fmt: skip
+    assert (
+        main(
+            [*common, f"--output_folder={out}", f"--targets_cache={caches}", f"--unlabeled_min_confidence={threshold}"]
+        )
+        == 0
+    )
     left_out = _rows(out / "unlabeled_filtered.csv")
     assert {r["ID"] for r in left_out} == {uid for uid, s in scores.items() if s < threshold} != set()
     assert len(_rows(out / "unlabeled_confidence.csv")) == len(scores)
@@ -133,8 +174,21 @@ def test_distill_on_untranscribed_audio_cached_and_filtered(unlabeled_corpus, tm
 
 def test_unlabeled_splits_unused_without_teacher(unlabeled_corpus, tmp_path):
     out = tmp_path / "scratch"
-    assert main(["distill", str(REPO / "hparams/distill.yaml"), f"--data_folder={unlabeled_corpus}",
-                 f"--output_folder={out}", "--kd_weight=0", "--unlabeled_splits=[untranscribed]",
-                 "--number_of_epochs=1", "--report_after_run=False", *TINY_MODEL]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "distill",
+                str(REPO / "hparams/distill.yaml"),
+                f"--data_folder={unlabeled_corpus}",
+                f"--output_folder={out}",
+                "--kd_weight=0",
+                "--unlabeled_splits=[untranscribed]",
+                "--number_of_epochs=1",
+                "--report_after_run=False",
+                *TINY_MODEL,
+            ]
+        )
+        == 0
+    )
     assert "unlabeled_splits: not used, this run has no teacher targets" in (out / "log.txt").read_text()
     assert not (out / "unlabeled_confidence.csv").exists()

@@ -123,8 +123,9 @@ def write_corpus(folder: Path, durations: list[float], seed: int = 0) -> Path:
         sig = 0.1 * rng.standard_normal(len(t)) + 0.05 * np.sin(2 * np.pi * (200 + 50 * i) * t)
         path = folder / f"utt{i:03d}.{'flac' if i % 2 else 'wav'}"
         sf.write(path, sig.astype(np.float32), SR)
-        rows.append({"ID": f"utt{i:03d}", "duration": f"{len(t) / SR:.4f}", "wav": str(path), "spk_id": "s0",
-                     "wrd": "A"})  # fmt: skip
+        rows.append(
+            {"ID": f"utt{i:03d}", "duration": f"{len(t) / SR:.4f}", "wav": str(path), "spk_id": "s0", "wrd": "A"}
+        )
     csv_path = folder / "data.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["ID", "duration", "wav", "spk_id", "wrd"])
@@ -170,8 +171,6 @@ def cache_copy(built, tmp_path) -> Path:
 # --------------------------------------------------------------------------- storage scheme
 
 
-
-
 def test_peaky_char_roundtrip_error_bound_and_size():
     log_probs = peaky_log_probs(20000, len(CHARS))
     enc = encode(log_probs)
@@ -182,8 +181,10 @@ def test_peaky_char_roundtrip_error_bound_and_size():
     assert torch.allclose(rec.sum(-1), torch.ones(len(rec), dtype=torch.float64), atol=1e-5)
     codes, ids, probs = cache_format.to_codes(enc)
     bytes_per_frame = (len(codes) + len(ids) + len(probs)) / len(log_probs)
-    print(f"char vocab: {bytes_per_frame:.2f} bytes/frame after runs, max abs prob error {float(err.max()):.4f}, "
-          f"{(enc.counts == 1).mean():.0%} one-token frames")  # fmt: skip
+    print(
+        f"char vocab: {bytes_per_frame:.2f} bytes/frame after runs, max abs prob error {float(err.max()):.4f}, "
+        f"{(enc.counts == 1).mean():.0%} one-token frames"
+    )
     assert enc.ids.dtype == np.uint8
     assert bytes_per_frame <= 4.0
 
@@ -197,8 +198,10 @@ def test_bpe_5000_vocab_stays_small():
     bytes_per_frame = enc.nbytes / len(log_probs)
     utts = [(f"u{i}", encode(log_probs[i * 400 : (i + 1) * 400])) for i in range(10)]
     shard_bytes = sum(len(piece) for piece in cache_format._shard_pieces(utts, 5000))
-    print(f"5000-token vocab: {bytes_per_frame:.2f} payload bytes/frame before runs and compression, "
-          f"{shard_bytes / len(log_probs):.2f} in a shard file (fp32 would be 20000)")  # fmt: skip
+    print(
+        f"5000-token vocab: {bytes_per_frame:.2f} payload bytes/frame before runs and compression, "
+        f"{shard_bytes / len(log_probs):.2f} in a shard file (fp32 would be 20000)"
+    )
     assert bytes_per_frame <= 8.0 and shard_bytes / len(log_probs) <= 5.0
 
 
@@ -315,8 +318,10 @@ def test_whole_cache_folder_bytes_per_frame(tmp_path):
     """The size goal, measured on the folder: <= 4 bytes per teacher frame for peaky character posteriors."""
     csv_path = write_corpus(tmp_path / "audio", [12.0 + 0.5 * i for i in range(20)], seed=1)
     summary = write_cache(FramedTeacher(), csv_path, tmp_path / "c", progress=True)
-    print(f"whole cache folder: {summary['bytes_per_frame']:.2f} bytes/teacher frame, "
-          f"{summary['compression_ratio']:.0f}x smaller than fp32 ({summary['frames']} frames)")  # fmt: skip
+    print(
+        f"whole cache folder: {summary['bytes_per_frame']:.2f} bytes/teacher frame, "
+        f"{summary['compression_ratio']:.0f}x smaller than fp32 ({summary['frames']} frames)"
+    )
     assert summary["frames"] > 6000
     assert summary["bytes_per_frame"] <= 4.0
 

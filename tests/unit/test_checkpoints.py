@@ -55,8 +55,9 @@ _SCRIPT = textwrap.dedent(
 
 def _save(folder: Path, kind: str, value: float, die: bool) -> int:
     env = {"DIE": "1"} if die else {}
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(folder), kind, str(value)],
-                          env={**os.environ, **env}, capture_output=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, str(folder), kind, str(value)], env={**os.environ, **env}, capture_output=True
+    )
     return proc.returncode
 
 
@@ -157,9 +158,15 @@ def test_random_states_under_ddp_each_process_gets_its_own(tmp_path):
         "MASTER_PORT": str(port),
         "OMP_NUM_THREADS": "1",
     }
-    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path / "rng.ckpt")], stdout=subprocess.PIPE,
-                              text=True, env={**env, "RANK": str(r)})
-             for r in range(2)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / "rng.ckpt")],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**env, "RANK": str(r)},
+        )
+        for r in range(2)
+    ]
     outputs = [p.communicate(timeout=120)[0].split(maxsplit=2) for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert [o[1] for o in outputs] == ["True", "True"]  # each process restored its own state

@@ -10,9 +10,12 @@ from tests.conftest import REPO
 
 
 def test_every_option_has_help():
-    missing = [f"{verb} {action.option_strings or action.dest}" for verb, parser in all_parsers().items()
-               for action in parser._actions
-               if not isinstance(action, argparse._HelpAction) and not action.help]  # fmt: skip
+    missing = [
+        f"{verb} {action.option_strings or action.dest}"
+        for verb, parser in all_parsers().items()
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction) and not action.help
+    ]
     assert not missing, missing
 
 

@@ -104,8 +104,21 @@ def test_compare_cli(tmp_path, capsys):
         hyps = {u: _corrupt(r, rate, rng) for u, r in refs.items()}
         files[name] = str(_utts_file(tmp_path / f"{name}.txt", refs, hyps))
     out = tmp_path / "cmp.json"
-    argv = ["compare", "--teacher", files["t"], "--scratch", files["s1"], files["s2"],
-            "--kd", files["k1"], files["k2"], "--draws", "300", "--json", str(out)]  # fmt: skip
+    argv = [
+        "compare",
+        "--teacher",
+        files["t"],
+        "--scratch",
+        files["s1"],
+        files["s2"],
+        "--kd",
+        files["k1"],
+        files["k2"],
+        "--draws",
+        "300",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "WER gap closed by KD" in printed and "utterances and seed pairs" in printed
@@ -114,8 +127,19 @@ def test_compare_cli(tmp_path, capsys):
     assert data["files"]["kd"] == [files["k1"], files["k2"]]
 
     # no gap to close (the "teacher" is a scratch run): null in strict JSON, not NaN
-    argv = ["compare", "--teacher", files["s1"], "--scratch", files["s1"], "--kd", files["k1"], "--draws", "50",
-            "--json", str(out)]  # fmt: skip
+    argv = [
+        "compare",
+        "--teacher",
+        files["s1"],
+        "--scratch",
+        files["s1"],
+        "--kd",
+        files["k1"],
+        "--draws",
+        "50",
+        "--json",
+        str(out),
+    ]
     assert main(argv) == 0
     text = out.read_text()
     assert "NaN" not in text and json.loads(text)["gap_closed"] is None
@@ -135,8 +159,21 @@ def test_teacher_worse_than_scratch_is_said_not_a_negative_share(tmp_path, capsy
     assert result.teacher_advantage_interval[1] < 0 and result.prob_no_gap == 1.0
     assert np.isnan(result.gap_closed) and all(np.isnan(result.gap_closed_interval))
     assert result.wer_gain < 0 and result.prob_kd_better < 0.05  # KD toward the worse teacher made it worse
-    argv = ["compare", "--teacher", files["t"], "--scratch", files["s1"], files["s2"], "--kd", files["k1"],
-            files["k2"], "--draws", "300", "--json", str(tmp_path / "c.json")]  # fmt: skip
+    argv = [
+        "compare",
+        "--teacher",
+        files["t"],
+        "--scratch",
+        files["s1"],
+        files["s2"],
+        "--kd",
+        files["k1"],
+        files["k2"],
+        "--draws",
+        "300",
+        "--json",
+        str(tmp_path / "c.json"),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "teacher worse than scratch" in printed and "KD worse" in printed

@@ -11,8 +11,13 @@ from speech_kd.training.ctc_brain import CTCBrain
 
 def _brain_stub(folder):
     """The attributes ``_append_history`` reads, without building a model."""
-    return SimpleNamespace(hparams=SimpleNamespace(output_folder=str(folder)), optimizer_step=7,
-                           train_stats={"loss": 1.0}, batches_per_rank=3, train_seconds=2.5)  # fmt: skip
+    return SimpleNamespace(
+        hparams=SimpleNamespace(output_folder=str(folder)),
+        optimizer_step=7,
+        train_stats={"loss": 1.0},
+        batches_per_rank=3,
+        train_seconds=2.5,
+    )
 
 
 def test_a_truncated_line_is_replaced_by_its_epoch_written_whole(tmp_path):

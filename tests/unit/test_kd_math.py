@@ -17,11 +17,11 @@ from speechbrain.augment.augmenter import Augmenter
 from speechbrain.augment.time_domain import AddNoise, DropChunk
 
 from speech_kd import load_teacher
-from speech_kd.audio import read_audio
-from speech_kd.cache.format import decode, encode, to_codes
-from speech_kd.kd_term import restrict_to_reached
-from speech_kd.losses import collapse_greedy, collapse_path, kd_kl, kd_loss
-from speech_kd.targets import TargetAligner
+from speech_kd.data.audio import read_audio
+from speech_kd.kd.losses import collapse_greedy, collapse_path, kd_kl, kd_loss
+from speech_kd.kd.term import restrict_to_reached
+from speech_kd.targets.cache.format import decode, encode, to_codes
+from speech_kd.targets.strategies import TargetAligner
 from tests.unit.test_kd_mixin import ALPHABET, KDRecipe, _attach, _batch, _brain
 
 SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "speech_kd" / "pretrained" / "teacher_synth"
@@ -67,15 +67,14 @@ def test_cache_stays_close_to_the_teacher_at_every_temperature_it_serves(
 
 
 def test_cache_refuses_a_temperature_above_what_it_was_built_for(tiny_corpus, tmp_path):
-    from speech_kd.cache import write_cache
-    from speech_kd.kd import KDSetupError
-    from speech_kd.prepare import prepare_librispeech
+    from speech_kd.data.prepare import prepare_librispeech
+    from speech_kd.kd.mixin import KDSetupError
+    from speech_kd.targets.cache import write_cache
 
     prepare_librispeech(tiny_corpus, tmp_path / "csv", splits=["train"])
     teacher = load_teacher(SHIPPED_TEACHER)
     write_cache(teacher, tmp_path / "csv" / "train.csv", tmp_path / "cache", progress=False)
-    brain = _brain(KDRecipe, SHIPPED_TEACHER, augment=False, temperature=2.0,
-                   targets_cache=str(tmp_path / "cache"))  # fmt: skip
+    brain = _brain(KDRecipe, SHIPPED_TEACHER, augment=False, temperature=2.0, targets_cache=str(tmp_path / "cache"))
     with pytest.raises(KDSetupError, match=r"temperature=2.0 but the targets cache was built for temperatures up to 1"):
         _attach(brain)
 
@@ -95,8 +94,9 @@ def test_pseudo_label_ctc_has_the_recipes_ctc_scale():
     student, teacher, path, lengths = _ctc_batch()
     labels, label_lengths = collapse_greedy(teacher, lengths, 0)
     mask = torch.arange(10)[None] < lengths[:, None]
-    reference = sb.nnet.losses.ctc_loss(student, labels, lengths / 10.0, label_lengths / labels.shape[1],
-                                        blank_index=0, reduction="batchmean")  # fmt: skip
+    reference = sb.nnet.losses.ctc_loss(
+        student, labels, lengths / 10.0, label_lengths / labels.shape[1], blank_index=0, reduction="batchmean"
+    )
     utterance = kd_loss("ctc", student, teacher, mask, student_lengths=lengths, reduction="utterance")
     frame = kd_loss("ctc", student, teacher, mask, student_lengths=lengths, reduction="frame")
     assert float(utterance) == pytest.approx(float(reference), rel=1e-4)
@@ -119,7 +119,7 @@ def test_hard_targets_of_a_20ms_teacher_are_its_own_greedy_transcript():
     path = torch.tensor([0, 1, 0, 0, 2, 0, 0, 0, 1, 1, 1, 0, 0, 2, 0, 2, 0, 0, 0, 0])  # A B A B B
     probs = torch.full((20, 4), 0.1 / 3)
     probs[torch.arange(20), path] = 0.9
-    from speech_kd.teachers.base import TeacherOutput
+    from speech_kd.targets.teachers.base import TeacherOutput
 
     out = TeacherOutput(probs.log()[None], torch.tensor([20]))
     targets = aligner(out, torch.tensor([10]), 10)
@@ -167,8 +167,9 @@ def test_tokens_no_teacher_reaches_are_left_out_of_kd():
     loss.backward()
     assert s.shape[-1] == 3 and blank == 0
     # the unreached token's output gets no gradient from KD (before: pushed toward log 1e-8)
-    grad = torch.autograd.grad(kd_kl(*restrict_to_reached(student, teacher, None, reached, 0)[:2],
-                                     torch.ones(1, 3, dtype=torch.bool)), student)[0]  # fmt: skip
+    grad = torch.autograd.grad(
+        kd_kl(*restrict_to_reached(student, teacher, None, reached, 0)[:2], torch.ones(1, 3, dtype=torch.bool)), student
+    )[0]
     assert torch.allclose(grad[..., 3], torch.zeros(1, 3))
 
 

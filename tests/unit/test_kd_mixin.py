@@ -68,25 +68,39 @@ def _hparams(teacher, augment=True, **extra) -> dict:
     if augment:
         hp["speed_perturb"] = SpeedPerturb(16000, speeds=[90])
         hp["drop_chunk"] = DropChunk(drop_length_low=100, drop_length_high=200)
-        hp["wav_augment"] = Augmenter(concat_original=True, min_augmentations=2, max_augmentations=2,
-                                      augmentations=[hp["speed_perturb"], hp["drop_chunk"]])  # fmt: skip
+        hp["wav_augment"] = Augmenter(
+            concat_original=True,
+            min_augmentations=2,
+            max_augmentations=2,
+            augmentations=[hp["speed_perturb"], hp["drop_chunk"]],
+        )
     return hp
 
 
 def _brain(cls, teacher, **kw):
     torch.manual_seed(0)
     modules = {"lin": torch.nn.Linear(40, len(ALPHABET) + 1)}
-    brain = cls(modules=modules, opt_class=lambda p: torch.optim.SGD(p, lr=0.01), hparams=_hparams(teacher, **kw),
-                run_opts={"device": "cpu", "noprogressbar": True})  # fmt: skip
+    brain = cls(
+        modules=modules,
+        opt_class=lambda p: torch.optim.SGD(p, lr=0.01),
+        hparams=_hparams(teacher, **kw),
+        run_opts={"device": "cpu", "noprogressbar": True},
+    )
     brain.init_optimizers()
     return brain
 
 
 def _batch(words=("HELLO", "A CAT")) -> PaddedBatch:
     tokenizer = make_tokenizer(ALPHABET)
-    rows = [{"id": f"u{i}", "sig": whitenoise(1.0 + 0.3 * i, seed=i), "wrd": w,
-             "tokens": tokenizer.encode_sequence_torch(list(w or " "))}
-            for i, w in enumerate(words)]  # fmt: skip
+    rows = [
+        {
+            "id": f"u{i}",
+            "sig": whitenoise(1.0 + 0.3 * i, seed=i),
+            "wrd": w,
+            "tokens": tokenizer.encode_sequence_torch(list(w or " ")),
+        }
+        for i, w in enumerate(words)
+    ]
     return PaddedBatch(rows)
 
 
@@ -215,16 +229,27 @@ def test_ctc_outputs_are_found_in_ctc_and_joint_layouts():
 def test_sentencepiece_students(teacher, tmp_path, model_type):
     from speechbrain.tokenizers.SentencePiece import SentencePiece
 
-    words = ["THE CAT SAT ON THE MAT", "A DOG AND A CAT", "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
-             "WE'LL SEE THE SEA"] * 20  # fmt: skip
+    words = [
+        "THE CAT SAT ON THE MAT",
+        "A DOG AND A CAT",
+        "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG",
+        "WE'LL SEE THE SEA",
+    ] * 20
     csv_path = tmp_path / "train.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["ID", "duration", "wav", "spk_id", "wrd"])
         writer.writerows([[f"u{i}", "1.0", "x.flac", "s", w] for i, w in enumerate(words)])
-    sp = SentencePiece(model_dir=str(tmp_path / "sp"), vocab_size=60 if model_type == "bpe" else 31,
-                       annotation_train=str(csv_path), annotation_read="wrd", model_type=model_type,
-                       character_coverage=1.0, bos_id=1, eos_id=2)  # fmt: skip
+    sp = SentencePiece(
+        model_dir=str(tmp_path / "sp"),
+        vocab_size=60 if model_type == "bpe" else 31,
+        annotation_train=str(csv_path),
+        annotation_read="wrd",
+        model_type=model_type,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+    )
     tokens = token_strings(sp)
     assert tokens[:3] == ["<unk>", "<s>", "</s>"] and len(tokens) == sp.sp.get_piece_size()
     hparams = _hparams(teacher, augment=False, frame_shift=0.04)

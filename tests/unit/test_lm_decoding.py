@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from speech_kd import lm as lm_mod
-from speech_kd.decoding import BeamDecoder, DecodingError, GreedyDecoder, make_decoder, tune_lm
-from speech_kd.lm import LMError, build_lm, check_lm_units, find_kenlm_tool, load_lm, read_texts
-from speech_kd.lm_runtime import KenLMScorer, ctc_beam_search
+from speech_kd.deploy.lm_runtime import KenLMScorer, ctc_beam_search
+from speech_kd.scoring import lm as lm_mod
+from speech_kd.scoring.decoding import BeamDecoder, DecodingError, GreedyDecoder, make_decoder, tune_lm
+from speech_kd.scoring.lm import LMError, build_lm, check_lm_units, find_kenlm_tool, load_lm, read_texts
 
 TOKENS = ["<blank>", " ", "'"] + [chr(c) for c in range(ord("A"), ord("Z") + 1)]
 BLANK = 0
@@ -55,8 +55,9 @@ def binary_lm(tmp_path_factory) -> Path:
     return build_lm(SENTENCES, 3, tmp_path_factory.mktemp("lm") / "cats.bin")
 
 
-def _posteriors(text: str, confusions: dict[int, dict[str, float]] | None = None, floor: float = 1e-4,
-                repeat: int = 2) -> np.ndarray:  # fmt: skip
+def _posteriors(
+    text: str, confusions: dict[int, dict[str, float]] | None = None, floor: float = 1e-4, repeat: int = 2
+) -> np.ndarray:
     """``[T, V]`` log-posteriors spelling ``text``: each character on ``repeat`` frames, then a blank frame.
 
     ``confusions`` maps a character position to the probabilities of that position's frames.
@@ -177,8 +178,9 @@ def test_lm_units_must_match_the_model(arpa, tmp_path):
     with pytest.raises(LMError, match="character units have no word boundary"):
         check_lm_units(arpa, ["<blank>"] + TOKENS[3:], 0)
     # SentencePiece pieces (▁ marks a word's start) and wav2vec2's '|' are fine
-    assert check_lm_units(arpa, ["<blank>", "\u2581THE", "\u2581C", "AT", "S", "O", "N", "M", "D", "G", "L", "A"],
-                          0) > 0.5  # fmt: skip
+    assert (
+        check_lm_units(arpa, ["<blank>", "\u2581THE", "\u2581C", "AT", "S", "O", "N", "M", "D", "G", "L", "A"], 0) > 0.5
+    )
     assert check_lm_units(arpa, ["<pad>", "|"] + TOKENS[3:]) == 1.0
 
 
@@ -205,11 +207,9 @@ def test_describe_is_the_json_contract(arpa):
     greedy = make_decoder(TOKENS, BLANK)
     beam = make_decoder(TOKENS, BLANK, beam_size=8)
     fused = make_decoder(TOKENS, BLANK, beam_size=8, lm_path=arpa, lm_weight=0.7, word_bonus=0.5)
-    assert greedy.describe() == {"name": "greedy", "beam_size": None, "lm": None, "lm_weight": None,
-                                 "word_bonus": None}  # fmt: skip
+    assert greedy.describe() == {"name": "greedy", "beam_size": None, "lm": None, "lm_weight": None, "word_bonus": None}
     assert beam.describe() == {"name": "beam", "beam_size": 8, "lm": None, "lm_weight": None, "word_bonus": None}
-    assert fused.describe() == {"name": "beam+lm", "beam_size": 8, "lm": str(arpa), "lm_weight": 0.7,
-                                "word_bonus": 0.5}  # fmt: skip
+    assert fused.describe() == {"name": "beam+lm", "beam_size": 8, "lm": str(arpa), "lm_weight": 0.7, "word_bonus": 0.5}
     for decoder in (greedy, beam, fused):
         assert set(decoder.describe()) == DECODER_KEYS
         json.dumps(decoder.describe())
@@ -250,8 +250,7 @@ def test_lm_moves_the_result_to_in_domain_words(arpa, binary_lm, searcher):
     assert greedy == ["THE KAT SAT ON THE MAT", "A DOG SAT ON A MAP", "THE KAT SAW THE DOG"]
     assert BeamDecoder(TOKENS, BLANK, beam_size=16, searcher=searcher).decode(batch, lengths) == greedy
     for lm in (arpa, binary_lm):
-        fused = BeamDecoder(TOKENS, BLANK, beam_size=16, lm_path=lm, lm_weight=0.5, word_bonus=1.0,
-                            searcher=searcher)  # fmt: skip
+        fused = BeamDecoder(TOKENS, BLANK, beam_size=16, lm_path=lm, lm_weight=0.5, word_bonus=1.0, searcher=searcher)
         assert fused.decode(batch, lengths) == refs, lm
 
 
@@ -261,7 +260,8 @@ def test_tune_picks_a_grid_point(arpa):
     grid = {"lm_weight": [0.0, 0.5, 1.0], "word_bonus": [0.0, 2.0]}
     result = decoder.tune(batch, lengths, refs, grid)
     assert len(result.table) == 6 and {(r["lm_weight"], r["word_bonus"]) for r in result.table} == {
-        (a, b) for a in grid["lm_weight"] for b in grid["word_bonus"]}  # fmt: skip
+        (a, b) for a in grid["lm_weight"] for b in grid["word_bonus"]
+    }
     assert (result.lm_weight, result.word_bonus) in {(a, b) for a in grid["lm_weight"] for b in grid["word_bonus"]}
     assert result.wer == min(r["wer"] for r in result.table) == 0.0
     assert result.lm_weight > 0.0  # the LM is what fixes 'KAT' and 'MAP'
@@ -306,8 +306,9 @@ def test_numpy_runtime_agrees_with_speechbrain(arpa, binary_lm):
         assert same >= 0.95, (lm, alpha, beta, [(a, b) for a, b in zip(expected, got) if a != b][:3])
         assert same == 1.0, (lm, alpha, beta)
     # and the LM made a difference on this set
-    assert BeamDecoder(TOKENS, BLANK, beam_size=10).decode(batch, lengths) != \
-        BeamDecoder(TOKENS, BLANK, beam_size=10, lm_path=arpa, lm_weight=1.5).decode(batch, lengths)  # fmt: skip
+    assert BeamDecoder(TOKENS, BLANK, beam_size=10).decode(batch, lengths) != BeamDecoder(
+        TOKENS, BLANK, beam_size=10, lm_path=arpa, lm_weight=1.5
+    ).decode(batch, lengths)
 
 
 def test_numpy_runtime_spm_and_pipe_delimiters(arpa):
@@ -316,8 +317,10 @@ def test_numpy_runtime_spm_and_pipe_delimiters(arpa):
     pipe_tokens = ["<pad>", "|"] + TOKENS[2:]
     batch, lengths, refs = _cat_example()
     scorer = KenLMScorer(arpa, alpha=0.5, beta=1.0)
-    got = [ctc_beam_search(batch[i, :n], pipe_tokens, 0, beam_size=16, lm=scorer, space_token="|")
-           for i, n in enumerate(lengths)]  # fmt: skip
+    got = [
+        ctc_beam_search(batch[i, :n], pipe_tokens, 0, beam_size=16, lm=scorer, space_token="|")
+        for i, n in enumerate(lengths)
+    ]
     assert got == refs
     fused = BeamDecoder(pipe_tokens, 0, beam_size=16, lm_path=arpa, lm_weight=0.5, word_bonus=1.0)
     assert fused.decode(batch, lengths) == refs

@@ -75,8 +75,15 @@ def test_padding_does_not_change_losses(tensors):
 def test_batch_equals_frame_weighted_singles(tensors):
     student, teacher, mask, lengths = tensors
     batch = kd_kl(student, teacher, mask, 2.0)
-    singles = [kd_kl(student[b : b + 1, : lengths[b]], teacher[b : b + 1, : lengths[b]],
-                     torch.ones(1, int(lengths[b]), dtype=torch.bool), 2.0) for b in range(B)]  # fmt: skip
+    singles = [
+        kd_kl(
+            student[b : b + 1, : lengths[b]],
+            teacher[b : b + 1, : lengths[b]],
+            torch.ones(1, int(lengths[b]), dtype=torch.bool),
+            2.0,
+        )
+        for b in range(B)
+    ]
     expected = sum(float(s) * int(n) for s, n in zip(singles, lengths)) / int(lengths.sum())
     assert float(batch) == pytest.approx(expected, rel=1e-5)
 
@@ -106,8 +113,9 @@ def test_ctc_on_collapsed_teacher_path():
     assert labels[0].tolist() == [3, 3, 2] and lens.tolist() == [3, 1] and labels[1, 0] == 1
     student = teacher.clone()  # a student that already matches the teacher has a low CTC loss
     low = kd_ctc_collapsed(student, teacher, torch.tensor([8, 3]), torch.tensor([8, 3]), 0)
-    high = kd_ctc_collapsed(torch.log_softmax(torch.zeros(2, 8, V), -1), teacher, torch.tensor([8, 3]),
-                            torch.tensor([8, 3]), 0)  # fmt: skip
+    high = kd_ctc_collapsed(
+        torch.log_softmax(torch.zeros(2, 8, V), -1), teacher, torch.tensor([8, 3]), torch.tensor([8, 3]), 0
+    )
     assert float(low) < 0.01 < float(high)
 
 

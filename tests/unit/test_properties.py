@@ -20,8 +20,11 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 ENCODINGS = ("utf-8", "utf-8-sig", "utf-16", "latin-1", "cp1252")
 
 #: CSV-ish text: the manifest's own characters in abundance, plus anything
-_cells = st.lists(st.sampled_from([*"ID,duration,wav,wrd\"\n\r0123456789.-eE ", "nan", "inf", "\x00", "\u00e9",
-                                   "\u2581", "\ufeff"]) | st.characters(), max_size=120).map("".join)  # fmt: skip
+_cells = st.lists(
+    st.sampled_from([*'ID,duration,wav,wrd"\n\r0123456789.-eE ', "nan", "inf", "\x00", "\u00e9", "\u2581", "\ufeff"])
+    | st.characters(),
+    max_size=120,
+).map("".join)
 
 
 def _read_both(data: bytes) -> None:
@@ -51,8 +54,13 @@ def test_manifest_reader_random_text_in_any_encoding(text, encoding, with_header
 
 
 @FAST
-@given(st.lists(st.text(max_size=4), min_size=0, max_size=12), st.integers(-2, 13),
-       st.lists(st.text(max_size=3), min_size=0, max_size=12), st.integers(-2, 13), st.booleans())  # fmt: skip
+@given(
+    st.lists(st.text(max_size=4), min_size=0, max_size=12),
+    st.integers(-2, 13),
+    st.lists(st.text(max_size=3), min_size=0, max_size=12),
+    st.integers(-2, 13),
+    st.booleans(),
+)
 def test_vocab_mapping_random_tokens(teacher, t_blank, student, s_blank, case_fold):
     try:
         vmap = VocabMap.build(teacher, t_blank, student, s_blank, case_fold=case_fold)

@@ -77,8 +77,9 @@ def test_bad_teacher_folders(tmp_path):
     from transformers import Wav2Vec2Config, Wav2Vec2Model
 
     plain = tmp_path / "not_ctc"
-    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=32)).save_pretrained(plain)  # fmt: skip
+    Wav2Vec2Model(
+        Wav2Vec2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(plain)
     with pytest.raises(TeacherError, match="not a CTC teacher"):
         load_teacher(plain)
 

@@ -76,8 +76,10 @@ def test_mixed_batches_split_between_ddp_processes():
 
 
 def _batch(words: list[str]):
-    examples = [{"id": f"u{i}", "sig": torch.randn(1600), "tokens": torch.arange(1, len(w) + 1), "wrd": w}
-                for i, w in enumerate(words)]  # fmt: skip
+    examples = [
+        {"id": f"u{i}", "sig": torch.randn(1600), "tokens": torch.arange(1, len(w) + 1), "wrd": w}
+        for i, w in enumerate(words)
+    ]
     return collate_readable(examples)
 
 

@@ -64,19 +64,26 @@ from speech_kd.targets.teachers.ensemble import teacher_sources
 
 def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
     """The experiment runner's options (``speech-kd bench-kd --help``; the description is this module's docstring)."""
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="LibriSpeech-layout folder with train/dev/test")
     parser.add_argument("--out", required=True, help="output folder: one run folder per variant, results.md/json")
-    parser.add_argument("--teacher", default=None,
-                        help="teacher model folder, or A,B,... for an ensemble (default: train one)")  # fmt: skip
+    parser.add_argument(
+        "--teacher", default=None, help="teacher model folder, or A,B,... for an ensemble (default: train one)"
+    )
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of every student")
-    parser.add_argument("--teacher_epochs", type=int, default=10,
-                        help="epochs of the teacher trained when --teacher is not given")  # fmt: skip
+    parser.add_argument(
+        "--teacher_epochs", type=int, default=10, help="epochs of the teacher trained when --teacher is not given"
+    )
     parser.add_argument("--student", default="hparams/distill.yaml", help="the students' yaml")
-    parser.add_argument("--variants", nargs="+", default=["scratch", "kd"],
-                        help=f"names among {sorted(VARIANTS)}, each optionally + _online (live teacher) or _sp "
-                        "(speed perturbation, live teacher)")  # fmt: skip
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["scratch", "kd"],
+        help=f"names among {sorted(VARIANTS)}, each optionally + _online (live teacher) or _sp "
+        "(speed perturbation, live teacher)",
+    )
     parser.add_argument("--parallel", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--seed", type=int, default=1986, help="the seed of a single-seed run")
     parser.add_argument(
@@ -101,8 +108,9 @@ def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
         default=None,
         help="split folder of --data used as the untranscribed audio (default: the rest of train)",
     )
-    parser.add_argument("--min_confidence", type=float, default=0.85,
-                        help="unlabeled_min_confidence of the kd_unlabeled_filter variant")  # fmt: skip
+    parser.add_argument(
+        "--min_confidence", type=float, default=0.85, help="unlabeled_min_confidence of the kd_unlabeled_filter variant"
+    )
     return parser
 
 
@@ -142,9 +150,19 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = args.teacher
     if teacher is None:
         run = out / "teacher"
-        run_all({"teacher": speech_kd_command("train", str(hparams_files.path("teacher.yaml")), f"--data_folder={data}",
-                                        f"--output_folder={run}", f"--number_of_epochs={args.teacher_epochs}")},
-                 logs, 1)  # fmt: skip
+        run_all(
+            {
+                "teacher": speech_kd_command(
+                    "train",
+                    str(hparams_files.path("teacher.yaml")),
+                    f"--data_folder={data}",
+                    f"--output_folder={run}",
+                    f"--number_of_epochs={args.teacher_epochs}",
+                )
+            },
+            logs,
+            1,
+        )
         teacher = str(run / "model")
 
     teacher = ",".join(str(Path(t).resolve()) for t in teacher_sources(teacher))  # A,B,...: an ensemble teacher
@@ -153,8 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.transcribed_fraction or args.unlabeled:
         data = str(make_partition(Path(data), out / "partition", args.transcribed_fraction, args.unlabeled))
         train_split = "transcribed" if args.transcribed_fraction else "train"
-        unlabeled_csv = prepare_librispeech(data, out / "data", splits=[],
-                                            unlabeled_splits=["untranscribed"]).csv_files["untranscribed"]  # fmt: skip
+        unlabeled_csv = prepare_librispeech(
+            data, out / "data", splits=[], unlabeled_splits=["untranscribed"]
+        ).csv_files["untranscribed"]
     elif any(name.startswith("kd_unlabeled") for name in args.variants):
         raise ValueError("the kd_unlabeled variants need --transcribed_fraction or --unlabeled")
     csvs = prepare_librispeech(data, out / "data", splits=[train_split, "dev", "test"]).csv_files
@@ -166,21 +185,39 @@ def main(argv: list[str] | None = None) -> dict:
     cache = out / "cache"
     # one cache serves every cached variant: built for the highest temperature any of them trains at
     ceiling = ["--max_temperature", f"{cache_temperature(variants, args.extra.split()):g}"]
-    caches = {"cache": speech_kd_command("cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache),
-                                  *ceiling)}  # fmt: skip
+    caches = {
+        "cache": speech_kd_command(
+            "cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache), *ceiling
+        )
+    }
     if unlabeled_csv:
-        caches["cache_unlabeled"] = speech_kd_command("cache-targets", "--teacher", teacher, "--csv", unlabeled_csv, "--out",
-                                               str(out / "cache_unlabeled"), *ceiling)  # fmt: skip
+        caches["cache_unlabeled"] = speech_kd_command(
+            "cache-targets",
+            "--teacher",
+            teacher,
+            "--csv",
+            unlabeled_csv,
+            "--out",
+            str(out / "cache_unlabeled"),
+            *ceiling,
+        )
     run_all(caches, logs, 1)
 
     folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
     students, progress = {}, {}
     for seed, folder in folders.items():
         for name, (overrides, cached) in variants.items():
-            cmd = speech_kd_command("distill", hparams_files.resolve(args.student), f"--teacher_source={teacher}",
-                             f"--data_folder={data}", f"--output_folder={folder / name}",
-                             f"--number_of_epochs={args.epochs}", f"--seed={seed}", "--report_after_run=False",
-                             *merge_overrides(overrides, args.extra.split()))  # fmt: skip
+            cmd = speech_kd_command(
+                "distill",
+                hparams_files.resolve(args.student),
+                f"--teacher_source={teacher}",
+                f"--data_folder={data}",
+                f"--output_folder={folder / name}",
+                f"--number_of_epochs={args.epochs}",
+                f"--seed={seed}",
+                "--report_after_run=False",
+                *merge_overrides(overrides, args.extra.split()),
+            )
             if train_split != "train":
                 cmd.append(f"--train_splits=[{train_split}]")
             if name.startswith("kd_unlabeled_filter"):

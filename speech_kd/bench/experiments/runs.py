@@ -43,8 +43,10 @@ def run_all(
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
     epochs = epochs or {}
-    bars = {name: tqdm(total=total, desc=name, unit="epoch", position=i, leave=True)
-            for i, (name, (_, total)) in enumerate(epochs.items())}  # fmt: skip
+    bars = {
+        name: tqdm(total=total, desc=name, unit="epoch", position=i, leave=True)
+        for i, (name, (_, total)) in enumerate(epochs.items())
+    }
     pending = list(commands.items())
     running: list[tuple[str, subprocess.Popen]] = []
     try:
@@ -68,6 +70,7 @@ def run_all(
             proc.kill()
         for bar in bars.values():
             bar.close()
+
 
 def make_partition(data: Path, out: Path, transcribed_fraction: float | None, unlabeled: str | None) -> Path:
     """A LibriSpeech-layout folder of symbolic links: ``dev``, ``test`` and the training audio, split in two.
@@ -122,8 +125,10 @@ def make_partition(data: Path, out: Path, transcribed_fraction: float | None, un
 
 def evaluate_run(model: Path | str, csvs: dict, folder: Path, name: str) -> dict:
     """Test and dev scores of one model; per-utterance files ``eval_NAME[_dev]_utts.txt`` beside the JSON."""
-    scores = evaluate_model(model, csvs["test"], json_path=folder / f"eval_{name}.json",
-                            utts_path=folder / f"eval_{name}_utts.txt").summary  # fmt: skip
-    dev = evaluate_model(model, csvs["dev"], json_path=folder / f"eval_{name}_dev.json",
-                         utts_path=folder / f"eval_{name}_dev_utts.txt").summary  # fmt: skip
+    scores = evaluate_model(
+        model, csvs["test"], json_path=folder / f"eval_{name}.json", utts_path=folder / f"eval_{name}_utts.txt"
+    ).summary
+    dev = evaluate_model(
+        model, csvs["dev"], json_path=folder / f"eval_{name}_dev.json", utts_path=folder / f"eval_{name}_dev_utts.txt"
+    ).summary
     return {**scores, "dev_wer": dev["wer"], "dev_cer": dev["cer"]}

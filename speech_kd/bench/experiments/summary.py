@@ -34,12 +34,16 @@ def summarise_seeds(per_seed: dict, out: Path, folders: dict, variants: list[str
                 kd = [read_utterance_errors(f / f"eval_{name}{suffix}_utts.txt") for f in folders.values()]
                 gap = compare_gap(teacher, scratch, kd)
                 summary[name][f"{split}_gap"] = {
-                    "closed": gap.gap_closed, "interval": gap.gap_closed_interval, "wer_gain": gap.wer_gain,
-                    "wer_gain_interval": gap.wer_gain_interval, "prob_kd_better": gap.prob_kd_better,
-                    "num_utts": gap.num_utts, "teacher_better": gap.teacher_better,
+                    "closed": gap.gap_closed,
+                    "interval": gap.gap_closed_interval,
+                    "wer_gain": gap.wer_gain,
+                    "wer_gain_interval": gap.wer_gain_interval,
+                    "prob_kd_better": gap.prob_kd_better,
+                    "num_utts": gap.num_utts,
+                    "teacher_better": gap.teacher_better,
                     "teacher_advantage": gap.teacher_advantage,
                     "teacher_advantage_interval": gap.teacher_advantage_interval,
-                }  # fmt: skip
+                }
     return summary
 
 
@@ -60,15 +64,20 @@ def format_seed_summary(summary: dict, seeds: list[int]) -> str:
         g = row.get("test_gap")
         return f"{g['wer_gain']:.2f} [{g['wer_gain_interval'][0]:.2f}, {g['wer_gain_interval'][1]:.2f}]" if g else ""
 
-    lines = [f"mean over seeds {', '.join(map(str, seeds))}; [95 % bootstrap interval over test utterances and "
-             "seed pairs]", "",
-             "| model | WER % | CER % | dev WER % | dev CER % | parameters | WER gap closed | dev WER gap closed "
-             "| WER gain (points) | s/epoch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"mean over seeds {', '.join(map(str, seeds))}; [95 % bootstrap interval over test utterances and seed pairs]",
+        "",
+        "| model | WER % | CER % | dev WER % | dev CER % | parameters | WER gap closed | dev WER gap closed "
+        "| WER gain (points) | s/epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, row in summary.items():
         seconds = row.get("train_s_per_epoch")
-        lines.append(f"| {name} | {row['wer']:.2f} | {row['cer']:.2f} | {row.get('dev_wer', float('nan')):.2f} | "
-                     f"{row.get('dev_cer', float('nan')):.2f} | {row['params']:,} | {gap(row, 'test')} | "
-                     f"{gap(row, 'dev')} | {gain(row)} | {f'{seconds:.1f}' if seconds else ''} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {row['wer']:.2f} | {row['cer']:.2f} | {row.get('dev_wer', float('nan')):.2f} | "
+            f"{row.get('dev_cer', float('nan')):.2f} | {row['params']:,} | {gap(row, 'test')} | "
+            f"{gap(row, 'dev')} | {gain(row)} | {f'{seconds:.1f}' if seconds else ''} |"
+        )
     return "\n".join(lines)
 
 
@@ -100,8 +109,13 @@ def format_results(results: dict) -> str:
 
     def closed(name: str, key: str) -> str:
         teacher, scratch = results.get("teacher", {}).get(key), results.get(baseline_of(name, results), {}).get(key)
-        if name == "teacher" or name.startswith("scratch") or teacher is None or scratch is None \
-                or key not in results[name]:  # fmt: skip
+        if (
+            name == "teacher"
+            or name.startswith("scratch")
+            or teacher is None
+            or scratch is None
+            or key not in results[name]
+        ):
             return ""
         if scratch <= teacher:  # the scratch student is already as good as the teacher: no gap to close
             return no_gap_label(scratch, teacher)
@@ -110,15 +124,19 @@ def format_results(results: dict) -> str:
     def number(row: dict, key: str) -> str:
         return f"{row[key]:.2f}" if key in row else ""
 
-    lines = ["| model | WER % | CER % | parameters | RTF | WER gap closed | dev WER % | dev CER % | dev WER gap closed "
-             "| s/epoch | vs scratch |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| model | WER % | CER % | parameters | RTF | WER gap closed | dev WER % | dev CER % | dev WER gap closed "
+        "| s/epoch | vs scratch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, s in results.items():
         seconds = s.get("train_s_per_epoch")
         base_time = results.get(baseline_of(name, results), {}).get("train_s_per_epoch")
         timing = f"{seconds:.1f} | " if seconds else " | "
         timing += f"{seconds / base_time:.2f}" if seconds and base_time else ""
-        lines.append(f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} | "
-                     f"{closed(name, 'wer')} | {number(s, 'dev_wer')} | {number(s, 'dev_cer')} | "
-                     f"{closed(name, 'dev_wer')} | {timing} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {s['wer']:.2f} | {s['cer']:.2f} | {s['params']:,} | {s['rtf']:.4f} | "
+            f"{closed(name, 'wer')} | {number(s, 'dev_wer')} | {number(s, 'dev_cer')} | "
+            f"{closed(name, 'dev_wer')} | {timing} |"
+        )
     return "\n".join(lines)
-

@@ -164,7 +164,7 @@ def _write_split(result: PrepareResult, split: str, save_folder: str | os.PathLi
         logger.warning("skipped %s (%s): %s", item.utt_id, item.path, item.reason)
     if not rows:
         logger.warning("%s: no usable utterance in split %s (%d skipped); its CSV is empty", csv_path, split,
-                       len(skipped))  # fmt: skip
+                       len(skipped))
     return result
 
 

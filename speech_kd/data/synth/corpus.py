@@ -206,7 +206,7 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
         got = summary.get(split.name, {}).get("speakers", 0)
         if got < split.speakers:
             logger.warning("split %s: %d of %d speakers have utterances (%.3f h is too little for them all)",
-                           split.name, got, split.speakers, split.hours)  # fmt: skip
+                           split.name, got, split.speakers, split.hours)
     return summary
 
 

@@ -129,7 +129,7 @@ def _synthesise_raw(speaker: Speaker, text: str, wav_path: str) -> None:
         cmd = [
             "espeak-ng", "-v", speaker.voice, "-s", str(speaker.espeak_wpm),
             "-p", str(speaker.espeak_pitch), "-w", wav_path, lower,
-        ]  # fmt: skip
+        ]
         subprocess.run(cmd, check=True, capture_output=True)
     elif speaker.engine == "flite":
         cmd = ["flite", "-voice", speaker.voice, "-t", lower, "-o", wav_path]

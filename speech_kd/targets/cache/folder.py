@@ -116,7 +116,7 @@ def _new_meta(
             "max_run": MAX_RUN,
             "block_utts": BLOCK_UTTS,
             "compression": "zlib-9",
-        },  # fmt: skip
+        },
         "student_tokens": list(student_tokens) if student_tokens is not None else None,
         "data_fingerprint": data_fingerprint((u.uid, u.duration) for u in utts),
         "csv": str(csv_path),
@@ -159,8 +159,11 @@ def _open_out_dir(out_dir: Path, meta: dict) -> dict:
 
 def _check_stored_data(out_dir: Path, utts: list[_Utt], done: dict[str, tuple[float, int] | None], csv_path) -> None:
     """Raise :class:`CacheError` naming the IDs whose stored targets were computed from other audio than the CSV's."""
-    diffs = [(u.uid, done[u.uid], (u.duration, u.bytes)) for u in utts
-             if u.uid in done and utt_data_differs(done[u.uid], (u.duration, u.bytes))]  # fmt: skip
+    diffs = [
+        (u.uid, done[u.uid], (u.duration, u.bytes))
+        for u in utts
+        if u.uid in done and utt_data_differs(done[u.uid], (u.duration, u.bytes))
+    ]
     if diffs:
         raise CacheError(
             f"{out_dir} holds targets of other audio than {csv_path}: "

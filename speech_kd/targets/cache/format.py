@@ -75,9 +75,15 @@ SHARD_PATTERN = "shard-{:05d}.bin"
 _TINY = 1e-30  # probabilities are clamped here before a log
 #: meta.json keys that must agree before a rerun may add to a folder
 _IDENTITY_KEYS = (
-    "format_version", "teacher_fingerprint", "teacher_tokens", "blank_index", "frame_shift", "sample_rate",
-    "scheme", "student_tokens",
-)  # fmt: skip
+    "format_version",
+    "teacher_fingerprint",
+    "teacher_tokens",
+    "blank_index",
+    "frame_shift",
+    "sample_rate",
+    "scheme",
+    "student_tokens",
+)
 
 
 class CacheError(RuntimeError):

@@ -153,8 +153,9 @@ class CacheReader:
                     if len(source) >= 2:
                         data[uid] = (float(source[0]), int(source[1]))
                     c, i, p = totals[block]
-                    index[uid] = _Where(number, block, frames, slice(c, c + n_codes), slice(i, i + n_ids),
-                                        slice(p, p + n_probs))  # fmt: skip
+                    index[uid] = _Where(
+                        number, block, frames, slice(c, c + n_codes), slice(i, i + n_ids), slice(p, p + n_probs)
+                    )
                     totals[block] += (n_codes, n_ids, n_probs)
                 start = len(SHARD_MAGIC) + 8 + header["header_bytes"]
                 blocks = [(start + offset, size) for offset, size in header["blocks"]]
@@ -251,9 +252,11 @@ class CacheReader:
         stored in the teacher's token space, so any student can use them).
         """
         wanted = {
-            "teacher_fingerprint": teacher_fingerprint, "teacher_tokens": teacher_tokens,
-            "data_fingerprint": data_ids_fingerprint, "frame_shift": frame_shift,
-        }  # fmt: skip
+            "teacher_fingerprint": teacher_fingerprint,
+            "teacher_tokens": teacher_tokens,
+            "data_fingerprint": data_ids_fingerprint,
+            "frame_shift": frame_shift,
+        }
         wanted = {key: value for key, value in wanted.items() if value is not None}
         if student_tokens is not None and self._meta.get("student_tokens") is not None:
             wanted["student_tokens"] = student_tokens
@@ -293,8 +296,10 @@ class CacheUnion:
         for other in self.readers[1:]:
             diffs = _differences(other._meta, {key: first._meta.get(key) for key in self._SAME})
             if diffs:
-                raise CacheError(f"caches {first.out_dir} and {other.out_dir} were made by different teachers or "
-                                 "settings: " + "; ".join(diffs))  # fmt: skip
+                raise CacheError(
+                    f"caches {first.out_dir} and {other.out_dir} were made by different teachers or "
+                    "settings: " + "; ".join(diffs)
+                )
         self.out_dir = ",".join(str(r.out_dir) for r in self.readers)
         self.vocab_size = first.vocab_size
         self.blank_index = first.blank_index

@@ -80,9 +80,12 @@ def _encode_batch(
 
 
 def _write_shard(
-    out_dir: Path, number: int, utts: list[tuple[str, EncodedFrames]], vocab_size: int,
+    out_dir: Path,
+    number: int,
+    utts: list[tuple[str, EncodedFrames]],
+    vocab_size: int,
     data: dict[str, tuple[float, int]] | None = None,
-) -> dict:  # fmt: skip
+) -> dict:
     """Write one shard atomically and return its ``shards.json`` entry."""
     path = out_dir / SHARD_PATTERN.format(number)
     pieces = _shard_pieces(utts, vocab_size, data)
@@ -91,9 +94,12 @@ def _write_shard(
     for piece in pieces:
         digest.update(piece)
     return {
-        "name": path.name, "sha256": digest.hexdigest(), "bytes": sum(len(p) for p in pieces),
-        "utterances": len(utts), "frames": sum(enc.num_frames for _, enc in utts),
-    }  # fmt: skip
+        "name": path.name,
+        "sha256": digest.hexdigest(),
+        "bytes": sum(len(p) for p in pieces),
+        "utterances": len(utts),
+        "frames": sum(enc.num_frames for _, enc in utts),
+    }
 
 
 def _save_manifest(out_dir: Path, entries: list[dict]) -> None:
@@ -167,21 +173,36 @@ def write_cache(
     if max_duration:
         too_long = [u for u in utts if u.duration > max_duration]
         for utt in too_long:
-            logger.warning("cache: skipping %s (%s): %.1f s, longer than max_duration=%.1f s", utt.uid, utt.wav,
-                           utt.duration, max_duration)  # fmt: skip
+            logger.warning(
+                "cache: skipping %s (%s): %.1f s, longer than max_duration=%.1f s",
+                utt.uid,
+                utt.wav,
+                utt.duration,
+                max_duration,
+            )
         utts = [u for u in utts if u.duration <= max_duration]
         if not utts:
             raise CacheError(f"{csv_path}: every utterance is longer than max_duration={max_duration} s")
     with FolderLock(out_dir, "cache folder"):
         scheme = (top_k, mass, max_temperature)
-        return _write_locked(teacher, csv_path, out_dir, utts, start, batch_seconds, shard_utts, scheme, device,
-                             student_tokens, progress)  # fmt: skip
+        return _write_locked(
+            teacher, csv_path, out_dir, utts, start, batch_seconds, shard_utts, scheme, device, student_tokens, progress
+        )
 
 
 def _write_locked(
-    teacher: Teacher, csv_path, out_dir: Path, utts: list[_Utt], start: float, batch_seconds: float,
-    shard_utts: int, scheme: tuple[int, float, float], device: str, student_tokens, progress: bool,
-) -> dict:  # fmt: skip
+    teacher: Teacher,
+    csv_path,
+    out_dir: Path,
+    utts: list[_Utt],
+    start: float,
+    batch_seconds: float,
+    shard_utts: int,
+    scheme: tuple[int, float, float],
+    device: str,
+    student_tokens,
+    progress: bool,
+) -> dict:
     """:func:`write_cache`'s work, under the folder's lock."""
     meta = _open_out_dir(out_dir, _new_meta(teacher, utts, csv_path, *scheme, student_tokens))
     entries = _read_json(out_dir / MANIFEST_NAME)["shards"] if (out_dir / MANIFEST_NAME).exists() else []
@@ -191,8 +212,13 @@ def _write_locked(
     todo = [u for u in utts if u.uid not in done]
     if done:
         wanted = sum(1 for u in utts if u.uid in done)
-        logger.info("cache %s: resuming, %d of %d utterances already stored (%d stored in all)", out_dir, wanted,
-                    len(utts), len(done))  # fmt: skip
+        logger.info(
+            "cache %s: resuming, %d of %d utterances already stored (%d stored in all)",
+            out_dir,
+            wanted,
+            len(utts),
+            len(done),
+        )
     teacher.to(device)
     next_number = 1 + max((int(e["name"][6:11]) for e in entries), default=-1)
     with _progress(len(todo), progress) as bar:
@@ -207,8 +233,12 @@ def _write_locked(
             _save_manifest(out_dir, entries)
     _save_manifest(out_dir, entries)
     frames = sum(e["frames"] for e in entries)
-    meta.update(frames=frames, complete=True, completed=meta.get("completed") or _now(),
-                utterances=sum(e["utterances"] for e in entries))  # fmt: skip
+    meta.update(
+        frames=frames,
+        complete=True,
+        completed=meta.get("completed") or _now(),
+        utterances=sum(e["utterances"] for e in entries),
+    )
     _write_json(out_dir / META_NAME, meta)
     return _summary(out_dir, meta, entries, len(todo), len(utts) - len(todo), time.monotonic() - start)
 
@@ -218,17 +248,29 @@ def _summary(out_dir: Path, meta: dict, entries: list[dict], ran: int, reused: i
     size = _dir_bytes(out_dir)
     fp32 = frames * len(meta["teacher_tokens"]) * 4
     return {
-        "out_dir": str(out_dir), "utterances": sum(e["utterances"] for e in entries), "frames": frames,
-        "bytes": size, "bytes_per_frame": size / max(frames, 1), "fp32_bytes": fp32,
-        "compression_ratio": fp32 / max(size, 1), "seconds": round(seconds, 3), "shards": len(entries),
-        "teacher_utterances": ran, "reused_utterances": reused,
-    }  # fmt: skip
+        "out_dir": str(out_dir),
+        "utterances": sum(e["utterances"] for e in entries),
+        "frames": frames,
+        "bytes": size,
+        "bytes_per_frame": size / max(frames, 1),
+        "fp32_bytes": fp32,
+        "compression_ratio": fp32 / max(size, 1),
+        "seconds": round(seconds, 3),
+        "shards": len(entries),
+        "teacher_utterances": ran,
+        "reused_utterances": reused,
+    }
 
 
 def cache_targets(
-    teacher_source: str | os.PathLike, csv_path: str | os.PathLike, out_dir: str | os.PathLike, *,
-    kind: str = "auto", teacher_overrides: dict | None = None, **kw,
-) -> dict:  # fmt: skip
+    teacher_source: str | os.PathLike,
+    csv_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    teacher_overrides: dict | None = None,
+    **kw,
+) -> dict:
     """Load a teacher (one folder, or comma-separated folders: an ensemble) and :func:`write_cache` its targets.
 
     ``teacher_overrides`` replace keys of a SpeechBrain teacher's

@@ -158,8 +158,11 @@ def load_teacher(source: str | os.PathLike, kind: str = "auto", device: str = "c
     if kind == "auto":
         kind = detect_kind(source)
     # adapters register themselves on import
-    importlib.import_module({"speechbrain": "speech_kd.targets.teachers.sb", "huggingface": "speech_kd.targets.teachers.hf"}
-                            .get(kind, "speech_kd.targets.teachers.sb"))  # fmt: skip
+    importlib.import_module(
+        {"speechbrain": "speech_kd.targets.teachers.sb", "huggingface": "speech_kd.targets.teachers.hf"}.get(
+            kind, "speech_kd.targets.teachers.sb"
+        )
+    )
     if kind not in TEACHER_KINDS:
         raise TeacherError(f"unknown teacher kind {kind!r}; known: {sorted(TEACHER_KINDS)}")
     teacher = TEACHER_KINDS[kind](source, device=device, **kwargs)

@@ -17,8 +17,9 @@ logger = logging.getLogger(__name__)
 MIN_SPIKE_SURVIVAL = 0.97
 
 
-def spike_survival(member_log_probs: list[torch.Tensor], ensemble_log_probs: torch.Tensor, lengths: torch.Tensor,
-                   blank_index: int) -> float:  # fmt: skip
+def spike_survival(
+    member_log_probs: list[torch.Tensor], ensemble_log_probs: torch.Tensor, lengths: torch.Tensor, blank_index: int
+) -> float:
     """Share of the members' non-blank argmax frames where the averaged posterior is non-blank too.
 
     CTC models emit each token as a one-frame spike, and independently trained
@@ -60,8 +61,13 @@ class EnsembleTeacher(Teacher):
     default; :meth:`weights_from_wer` gives weights proportional to 1/WER).
     """
 
-    def __init__(self, members: list[Teacher], weights: list[float] | None = None,
-                 tokens: list[str] | None = None, blank_index: int | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        members: list[Teacher],
+        weights: list[float] | None = None,
+        tokens: list[str] | None = None,
+        blank_index: int | None = None,
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one teacher")
@@ -115,8 +121,9 @@ class EnsembleTeacher(Teacher):
             self._check_spike_timing(aligned, mean_log_probs, ref_lengths)
         return TeacherOutput(mean_log_probs, ref_lengths)
 
-    def _check_spike_timing(self, aligned: list[torch.Tensor], mean_log_probs: torch.Tensor,
-                            lengths: torch.Tensor) -> None:  # fmt: skip
+    def _check_spike_timing(
+        self, aligned: list[torch.Tensor], mean_log_probs: torch.Tensor, lengths: torch.Tensor
+    ) -> None:
         """Measure :func:`spike_survival` on the first batch; warn when the members' spikes do not line up."""
         self.spike_survival = spike_survival(aligned, mean_log_probs, lengths, self.blank_index)
         if self.spike_survival < MIN_SPIKE_SURVIVAL:
@@ -124,8 +131,9 @@ class EnsembleTeacher(Teacher):
                 "%s: only %.1f %% of the members' CTC spikes survive averaging (first batch): their spike "
                 "timing differs, so the ensemble drops tokens and can be worse than its members. Check its "
                 "WER (speech-kd evaluate --asr A,B,...); members distilled from one teacher share its timing",
-                self.name, 100 * self.spike_survival,
-            )  # fmt: skip
+                self.name,
+                100 * self.spike_survival,
+            )
 
 
 def load_ensemble(sources: list[str], weights: list[float] | None = None, device: str = "cpu") -> EnsembleTeacher:
@@ -149,9 +157,12 @@ def teacher_sources(value) -> list[str]:
 
 
 def load_teachers(
-    value, kind: str = "auto", device: str = "cpu", overrides: dict | None = None,
+    value,
+    kind: str = "auto",
+    device: str = "cpu",
+    overrides: dict | None = None,
     weights: list[float] | None = None,
-) -> Teacher:  # fmt: skip
+) -> Teacher:
     """One teacher for one folder, an :class:`EnsembleTeacher` for several (``value``: see :func:`teacher_sources`).
 
     ``overrides`` (keys replaced in a SpeechBrain teacher's ``hyperparams.yaml``)

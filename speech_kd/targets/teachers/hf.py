@@ -70,8 +70,9 @@ class HFCTCTeacher(Teacher):
         if blank is None:
             raise TeacherError(f"{source}: config has no pad_token_id, cannot tell the CTC blank")
         self.blank_index = int(blank)
-        self.frame_shift = measure_frame_shift(lambda w, lens: self.posteriors(w, lens).log_probs,
-                                               self.sample_rate, device)  # fmt: skip
+        self.frame_shift = measure_frame_shift(
+            lambda w, lens: self.posteriors(w, lens).log_probs, self.sample_rate, device
+        )
 
     def state_dict(self, *args, **kwargs):
         """Weights of the wrapped model (used for the fingerprint)."""

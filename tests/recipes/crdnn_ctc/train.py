@@ -120,9 +120,12 @@ if __name__ == "__main__":
     )
     run_on_main(
         prepare_librispeech,
-        kwargs={"data_folder": hparams["data_folder"], "save_folder": hparams["save_folder"],
-                "splits": ["train", "dev", "test"]},
-    )  # fmt: skip
+        kwargs={
+            "data_folder": hparams["data_folder"],
+            "save_folder": hparams["save_folder"],
+            "splits": ["train", "dev", "test"],
+        },
+    )
     train_data, valid_data, test_data, label_encoder = dataio_prep(hparams)
 
     asr_brain = ASR_Brain(
