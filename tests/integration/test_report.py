@@ -110,13 +110,13 @@ def test_report_of_a_run_without_teacher(trained_run, tmp_path):
 
 
 def test_report_failure_only_warns(monkeypatch, caplog, tmp_path):
-    import speech_kd.report
+    import speech_kd.training.distill
     from speech_kd.training.distill import _report
 
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(speech_kd.report, "build_report", broken)
+    monkeypatch.setattr(speech_kd.training.distill, "build_report", broken)
     with caplog.at_level(logging.WARNING):
         _report({"output_folder": str(tmp_path), "report_after_run": True})
     assert "could not write the run report: boom" in caplog.text
