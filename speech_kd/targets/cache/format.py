@@ -15,8 +15,8 @@ so a cache for ``T = 2`` keeps more tokens per frame (``distill`` refuses a
 higher temperature than the cache's). Store the kept token ids, one byte per
 kept token after the first (its probability in the log domain, :func:`to_byte`:
 steps of ``LOG_STEP`` nats down to 1e-8, a relative error within 3.7 %), and one
-byte for the true mass of every token *not* kept (the residual, same
-coding). The first token's probability is implied (one minus the rest), so a
+byte for the true mass of every token *not* kept (the residual, in steps of
+``RESIDUAL_STEPS * LOG_STEP``: within 15.6 %). The first token's probability is implied (one minus the rest), so a
 frame of one confident token costs an id and one byte. In a shard each
 utterance becomes codes (:func:`to_codes`): a byte ``k`` (2..127) for a frame
 of ``k`` kept tokens, or ``128 + n - 1`` for a run of ``n`` one-token frames
@@ -27,7 +27,7 @@ error, never wrong targets.
 Reconstruction (:func:`decode`): kept tokens get their stored probabilities,
 the residual is spread evenly over the tokens not kept (at least
 ``RESIDUAL_FLOOR`` in all), the first token takes what is left, and the frame
-is renormalised. The residual's *size* is exact to 3.7 %; only its shape
+is renormalised. The residual's *size* is exact to 15.6 %; only its shape
 over the unkept tokens is lost, and the tokens were chosen so that it holds
 at most ``1 - mass`` of the softened distribution. Measured on the shipped
 teacher (``docs/cache.md``, with the command): per-frame ``T^2 KL(teacher ||
@@ -56,6 +56,9 @@ FORMAT_VERSION = 3
 #: nats per step of a probability byte: 254 steps from probability 1 down to 1e-8 (byte 255: zero)
 LOG_STEP = math.log(1e8) / 254
 ZERO_BYTE = 255
+#: the residual byte is a multiple of this many steps (0.29 nats, its size within 15.6 %): runs of confident
+#: frames then share it, and its precision barely moves the KL (docs/cache.md)
+RESIDUAL_STEPS = 4
 #: least total probability spread over the tokens not kept
 RESIDUAL_FLOOR = 1e-8
 #: the largest temperature a cache is built for unless told otherwise
@@ -163,6 +166,19 @@ def to_byte(log_probs: torch.Tensor) -> torch.Tensor:
     return torch.where(steps > ZERO_BYTE - 1, torch.full_like(steps, ZERO_BYTE), steps.clamp(min=0)).to(torch.uint8)
 
 
+def residual_byte(log_mass: torch.Tensor) -> torch.Tensor:
+    """The residual's byte: :func:`to_byte` rounded to a multiple of ``RESIDUAL_STEPS``.
+
+    Examples
+    --------
+    >>> residual_byte(torch.log(torch.tensor([0.01, 0.0]))).tolist()
+    [64, 255]
+    """
+    byte = to_byte(log_mass).to(torch.int64)
+    coarse = (torch.floor(byte.double() / RESIDUAL_STEPS + 0.5) * RESIDUAL_STEPS).clamp(max=ZERO_BYTE - 3)
+    return torch.where(byte == ZERO_BYTE, byte, coarse.to(torch.int64)).to(torch.uint8)
+
+
 def from_byte(codes: np.ndarray) -> np.ndarray:
     """Probabilities (float64) of log-domain bytes; ``ZERO_BYTE`` is 0."""
     codes = codes.astype(np.float64)
@@ -206,7 +222,7 @@ def encode(
     token_bytes = to_byte(sorted_lp)
     # per frame: bytes of kept tokens 2..k, then the residual byte
     body = keep & (position > 0)
-    per_frame = torch.cat([token_bytes.masked_fill(~body, 0), to_byte(residual)[:, None]], dim=1)
+    per_frame = torch.cat([token_bytes.masked_fill(~body, 0), residual_byte(residual)[:, None]], dim=1)
     stored = torch.cat([body, torch.ones_like(kept, dtype=torch.bool)[:, None]], dim=1)
     return EncodedFrames(
         counts=kept.to(torch.uint8).cpu().numpy(),
