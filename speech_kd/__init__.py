@@ -21,7 +21,7 @@ _EXPORTS = {
     "CTCBrain": "speech_kd.training.ctc_brain",
     "DistillBrain": "speech_kd.training.distill_brain",
     "KDMixin": "speech_kd.kd.mixin",
-    "KDSetupError": "speech_kd.kd.mixin",
+    "KDSetupError": "speech_kd.kd.config",
     "load_teacher": "speech_kd.targets.teachers.base",
     "make_targets": "speech_kd.targets.build",
     "run_distillation": "speech_kd.training.distill",

@@ -1,6 +1,7 @@
 """The KD term: what distillation adds to a CTC Brain.
 
-Owns the KD mixin (:mod:`~speech_kd.kd.mixin`, with the per-batch term in :mod:`~speech_kd.kd.term`),
+Owns the KD options and their defaults (:mod:`~speech_kd.kd.config`, ``KDConfig``), the KD mixin
+(:mod:`~speech_kd.kd.mixin`, one class; the per-batch math as pure functions in :mod:`~speech_kd.kd.term`),
 the losses on teacher and student posteriors (:mod:`~speech_kd.kd.losses`), weight and temperature
 schedules (:mod:`~speech_kd.kd.schedules`), teacher annealing (:mod:`~speech_kd.kd.anneal`), the
 per-epoch KD statistics (:mod:`~speech_kd.kd.stats`), finding a stock recipe's CTC outputs
@@ -11,12 +12,14 @@ infrastructure (``training.checkpoints``, ``training.distributed``, ``training.p
 imports ``kd.losses``); never the Brains or recipes of ``training``, which build on them.
 """
 
+from speech_kd.kd.config import KDConfig, KDSetupError
 from speech_kd.kd.losses import collapse_greedy, kd_loss
-from speech_kd.kd.mixin import KDMixin, KDSetupError
+from speech_kd.kd.mixin import KDMixin
 from speech_kd.kd.recipe_outputs import OutputLayoutError, find_ctc_outputs
 from speech_kd.kd.schedules import WarmupCosine, linear_ramp
 
 __all__ = [
+    "KDConfig",
     "KDMixin",
     "KDSetupError",
     "OutputLayoutError",

@@ -34,14 +34,12 @@ import os
 import speechbrain as sb
 from speechbrain.utils.checkpoints import mark_as_loader, mark_as_saver, register_checkpoint_hooks
 
+from speech_kd.kd.config import KDConfig
 from speech_kd.scoring.teacher_check import REACHED_ADVICE, TeacherDevScore
 
-__all__ = ["ANNEAL_DEFAULTS", "anneal_scale", "TeacherAnneal", "TeacherAnnealMixin"]
+__all__ = ["anneal_scale", "TeacherAnneal", "TeacherAnnealMixin"]
 
 logger = logging.getLogger(__name__)
-
-#: defaults when the yaml does not set the keys (``hparams/distill.yaml`` documents them)
-ANNEAL_DEFAULTS = {"kd_anneal": True, "kd_anneal_margin": 0.1}
 
 
 def anneal_scale(student_wer: float, teacher_wer: float, margin: float) -> float:
@@ -149,8 +147,8 @@ class TeacherAnnealMixin:
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        option = {key: getattr(self.hparams, key, default) for key, default in ANNEAL_DEFAULTS.items()}
-        self.kd_anneal = TeacherAnneal(bool(option["kd_anneal"]), float(option["kd_anneal_margin"]))
+        config = KDConfig.from_hparams(self.hparams)  # kd_anneal, kd_anneal_margin and their defaults
+        self.kd_anneal = TeacherAnneal(bool(config.kd_anneal), float(config.kd_anneal_margin))
         if self.checkpointer is not None and "kd_anneal" not in self.checkpointer.recoverables:
             self.checkpointer.add_recoverable("kd_anneal", self.kd_anneal, optional_load=True)
 

@@ -44,42 +44,29 @@ see ``hparams/distill.yaml``).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import speechbrain as sb
+import torch
 
 from speech_kd.kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
+from speech_kd.kd.config import KDConfig, KDSetupError
+from speech_kd.kd.recipe_outputs import find_ctc_outputs
 from speech_kd.kd.schedules import linear_ramp
 from speech_kd.kd.stats import KDEpochTotals
-from speech_kd.kd.term import KDSetupError, KDTermMixin, untranscribed_rows
+from speech_kd.kd.term import kd_term_loss, measured_frame_shift, untranscribed_rows
+from speech_kd.targets.align import relative_to_frames
 from speech_kd.training.checkpoints import add_random_states, make_atomic
 
-__all__ = ["KDMixin", "KDSetupError", "untranscribed_rows"]
+__all__ = ["KDMixin"]
 
 logger = logging.getLogger(__name__)
-
-_DEFAULTS = {
-    "kd_weight": 0.5,
-    "kd_weight_final": None,
-    "temperature": 2.0,
-    "temperature_final": None,
-    "kd_ramp_epochs": 1,
-    "kd_loss": "kl",
-    "unlabeled_kd_loss": None,
-    "kd_reduction": "auto",
-    "kd_topk": None,
-    "kd_outputs": None,
-    "blank_mode": "none",
-    "blank_threshold": 0.9,
-    "blank_weight": 0.1,
-    "blank_index": 0,
-    "sample_rate": 16000,
-}
 
 _WRAPPED = ("compute_forward", "compute_objectives", "on_stage_start", "on_stage_end", "fit_batch")
 
 
-class KDMixin(KDTermMixin):
+class KDMixin:
     """Mix a KD term into a CTC Brain's training objective (see the module docstring)."""
 
     kd_targets = None
@@ -172,26 +159,31 @@ class KDMixin(KDTermMixin):
                 )
 
     def _kd_check_options(self) -> None:
-        """Weights outside ``[0, 1]`` would turn the recipe's loss negative; temperatures must be positive."""
-        for key in ("kd_weight", "kd_weight_final"):
-            value = self.kd_option(key)
-            if value is not None and not 0.0 <= float(value) <= 1.0:
-                raise KDSetupError(
-                    f"{key}={value}: must be between 0 and 1 (loss = (1 - kd_weight) * recipe loss + kd_weight * KD)"
-                )
-        for key in ("temperature", "temperature_final"):
-            value = self.kd_option(key)
-            if value is not None and not float(value) > 0.0:
-                raise KDSetupError(f"{key}={value}: must be > 0")
+        """Refuse KD options out of range before any training (:class:`KDConfig` validates them)."""
+        self.kd_config  # noqa: B018 (built, hence validated)
 
     def kd_time_changing_augmentations(self) -> list[str]:
         """Yaml keys of augmentations that would misalign cached targets (see ``augment_rows``)."""
         return time_changing_augmentations(self.hparams)
 
     # ---------------------------------------------------------------- options
+    @property
+    def kd_config(self) -> KDConfig:
+        """The KD options of the hparams (:class:`~speech_kd.kd.config.KDConfig`: one default for each).
+
+        Read again when an option changes, so a schedule or a benchmark that
+        sets ``hparams.kd_weight`` between steps is followed.
+        """
+        names = KDConfig.option_names()
+        key = tuple(repr(getattr(self.hparams, name, None)) for name in names)
+        if getattr(self, "_kd_config_key", None) != key:
+            self._kd_config = KDConfig.from_hparams(self.hparams)
+            self._kd_config_key = key
+        return self._kd_config
+
     def kd_option(self, name: str):
-        """A KD setting from the hparams, or its documented default."""
-        value = getattr(self.hparams, name, _DEFAULTS[name])
+        """One KD setting (``kd_reduction``'s ``auto`` resolved for the recipe's CTC loss)."""
+        value = getattr(self.kd_config, name)
         if name == "kd_reduction" and value in (None, "auto"):
             value = self._kd_auto_reduction()
         return value
@@ -208,8 +200,6 @@ class KDMixin(KDTermMixin):
         ``utterance``.
         """
         if getattr(self, "_kd_reduction_found", None) is None:
-            import functools
-
             reductions = [
                 value.keywords.get("reduction", "mean")
                 for value in vars(self.hparams).values()
@@ -234,6 +224,102 @@ class KDMixin(KDTermMixin):
         weight *= getattr(self, "kd_weight_scale", 1.0)  # set by a remedy that anneals KD (1.0: none)
         temp = linear_ramp(self.kd_option("temperature"), self.kd_option("temperature_final"), epoch, ramp)
         return weight, temp
+
+    # ------------------------------------------------------------ the KD term
+
+    def kd_student_outputs(self, predictions) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student frame log-probs ``[B, T, V]`` and relative lengths ``[B]`` from ``compute_forward``.
+
+        Found by :func:`speech_kd.kd.recipe_outputs.find_ctc_outputs` (the first
+        log-probability tensor and the first relative-length vector; the yaml's
+        ``kd_outputs: [i, j]`` names them). Override for other layouts.
+        """
+        return find_ctc_outputs(predictions, self.kd_option("kd_outputs"))
+
+    def _kd_batch_rows(self, batch, student_rows: int) -> dict:
+        """What the target strategy needs to give one target row per student row (audio, row maps)."""
+        extra = {}
+        rows = self._kd_rows
+        augmented = rows is not None and rows.calls
+        # the live teacher hears the clean utterance whenever the augmentation keeps the time axis (noise,
+        # dropped chunks or frequencies), as the cache does: the student learns to map augmented audio to what
+        # the teacher says of clean audio, and live and cached runs optimise the same thing
+        clean = getattr(self.kd_targets, "reads_cache", False) or not self._kd_time_changing
+        if augmented:
+            index = rows.utterance_rows if clean else rows.teacher_rows
+            if index is not None:
+                extra["rows"] = index.to(self.device)
+            if rows.wavs is not None and not clean:
+                extra["wavs"] = rows.wavs
+        else:
+            if getattr(self, "shared_features", None) is not None:
+                extra["features"] = self.shared_features
+            if getattr(self, "perturbed_wavs", None) is not None:
+                extra["wavs"] = self.perturbed_wavs
+        n_utts = len(batch.id)
+        expected = n_utts
+        if "rows" in extra:
+            expected = extra["rows"].shape[0]
+        elif "wavs" in extra:
+            expected = extra["wavs"][0].shape[0]
+        if student_rows != expected:
+            raise KDSetupError(
+                f"the student's output has {student_rows} rows for {n_utts} utterances and speech_kd cannot tell "
+                "which utterance each row is: augment with SpeechBrain's Augmenter kept in the hparams (e.g. "
+                "wav_augment), whose rows are followed, or set self.perturbed_wavs = (wavs, wav_lens) in "
+                "compute_forward after changing the rows"
+            )
+        return extra
+
+    def _kd_check_frames(self, log_probs: torch.Tensor, extra: dict, batch) -> None:
+        """First training batch: the student's frame count must fit ``frame_shift`` (measured when unset)."""
+        if self._kd_checked_frames:
+            return
+        self._kd_checked_frames = True
+        wavs = extra["wavs"][0] if "wavs" in extra else batch.sig[0]
+        seconds = wavs.shape[-1] / float(self.kd_option("sample_rate"))
+        frames = log_probs.shape[1]
+        aligner = getattr(self.kd_targets, "aligner", None)
+        declared = getattr(aligner, "student_frame_shift", None) if aligner is not None else None
+        if declared is None:
+            declared = getattr(self.hparams, "frame_shift", None)
+        if declared is None and aligner is not None:
+            measured = measured_frame_shift(seconds, frames)
+            aligner.set_student_frame_shift(measured)
+            logger.info(
+                "student frame shift measured on the first batch: %.3f s (%d frames for %.2f s)",
+                measured,
+                frames,
+                seconds,
+            )
+            return
+        if declared is None:
+            return
+        expected = seconds / declared
+        if not 0.8 <= frames / expected <= 1.25:
+            raise KDSetupError(
+                f"the student's CTC output has {frames} frames for {seconds:.2f} s of audio, about "
+                f"{seconds / frames * 1000:.1f} ms per frame, but frame_shift is {declared * 1000:.1f} ms: set "
+                "frame_shift to the model's output frame shift (or remove it to have it measured), or, if "
+                "that output is not the CTC log-probabilities, set kd_outputs"
+            )
+
+    def kd_term(
+        self, predictions, batch, temperature: float, loss_name: str | None = None
+    ) -> tuple[torch.Tensor, dict]:
+        """KD loss between the student's outputs and the teacher targets for ``batch`` (:func:`kd_term_loss`).
+
+        ``loss_name``: the KD loss (default ``kd_loss``; ``unlabeled_kd_loss``
+        for untranscribed batches).
+        """
+        log_probs, wav_lens = self.kd_student_outputs(predictions)
+        student_max = log_probs.shape[1]
+        extra = self._kd_batch_rows(batch, log_probs.shape[0])
+        self._kd_check_frames(log_probs, extra, batch)
+        lengths = relative_to_frames(wav_lens, student_max)
+        targets = self.kd_targets(batch, lengths, student_max, **extra)
+        reduction = self.kd_option("kd_reduction")
+        return kd_term_loss(log_probs, lengths, targets, self.kd_config, temperature, reduction, loss_name)
 
     # ------------------------------------------------------------ the wrappers
     def _kd_compute_forward(self, batch, stage):

@@ -1,10 +1,12 @@
-"""The KD term of one training batch: the student's outputs, the teacher's rows for them, the loss.
+"""The KD term of one training batch as pure functions: the teacher's rows for the student's, the loss.
 
-``KDTermMixin`` is the half of :class:`speech_kd.kd.mixin.KDMixin` that computes
-the term; the other half wraps the recipe's hooks and mixes it into the loss.
-It needs the host's ``kd_option``, ``kd_targets``, ``_kd_rows`` (the
-augmentation rows followed, :mod:`speech_kd.kd.augment_rows`) and
-``_kd_checked_frames``, which ``KDMixin`` sets up.
+:func:`kd_term_loss` is what :class:`speech_kd.kd.mixin.KDMixin` computes for a
+training batch once it has the student's outputs and the teacher's targets for
+the same rows; the helpers around it widen targets to the student's units
+(:func:`pad_units`), leave out tokens no teacher reaches
+(:func:`restrict_to_reached`), tell untranscribed utterances
+(:func:`untranscribed_rows`) and measure the student's frame shift
+(:func:`measured_frame_shift`). Nothing here holds state.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import logging
 
 import torch
 
+from speech_kd.kd.config import KDConfig, KDSetupError
 from speech_kd.kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
-from speech_kd.kd.recipe_outputs import find_ctc_outputs
-from speech_kd.targets.align import relative_to_frames
+from speech_kd.targets.strategies import Targets
 from speech_kd.training.precision import autocast_for
 
-__all__ = ["KDSetupError", "KDTermMixin", "untranscribed_rows"]
+__all__ = [
+    "FRAME_SHIFT_GRID",
+    "kd_term_loss",
+    "measured_frame_shift",
+    "pad_units",
+    "restrict_to_reached",
+    "untranscribed_rows",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class KDSetupError(ValueError):
-    """KD cannot run as set up (the message says what to change; ``speech-kd`` prints it as one line)."""
 
 
 def untranscribed_rows(batch) -> list[bool] | None:
@@ -35,7 +40,7 @@ def untranscribed_rows(batch) -> list[bool] | None:
     return [not str(w).strip() for w in words]
 
 
-def _pad_units(targets, student_units: int):
+def pad_units(targets: Targets, student_units: int) -> Targets:
     """``targets`` widened to ``student_units`` outputs; the extra ones get no teacher probability (``-inf``).
 
     A SentencePiece char model can have fewer pieces than ``output_neurons``
@@ -120,132 +125,69 @@ def measured_frame_shift(seconds: float, frames: int) -> float:
     return round(raw, 3)
 
 
-class KDTermMixin:
-    """Compute the KD loss and statistics of a training batch (used through :class:`speech_kd.kd.mixin.KDMixin`)."""
+def kd_term_loss(
+    log_probs: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: Targets,
+    config: KDConfig,
+    temperature: float,
+    reduction: str,
+    loss_name: str | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """The KD loss of a batch and its statistics, in fp32 whatever autocast is open.
 
-    def kd_student_outputs(self, predictions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student frame log-probs ``[B, T, V]`` and relative lengths ``[B]`` from ``compute_forward``.
+    Parameters
+    ----------
+    log_probs : torch.Tensor
+        ``[B, T, V]`` the student's CTC log-probabilities.
+    lengths : torch.Tensor
+        ``[B]`` valid student frames.
+    targets : Targets
+        The teacher's targets for the same rows (``[B, T, V']``, ``V' <= V``).
+    config : KDConfig
+        The KD options (loss, top-k, blank handling, blank index).
+    temperature : float
+        This epoch's temperature.
+    reduction : str
+        ``utterance`` or ``frame`` (``auto`` already resolved by the caller).
+    loss_name : str, optional
+        The KD loss (default ``config.kd_loss``; ``unlabeled_kd_loss`` for untranscribed batches).
 
-        Found by :func:`speech_kd.kd.recipe_outputs.find_ctc_outputs` (the first
-        log-probability tensor and the first relative-length vector; the yaml's
-        ``kd_outputs: [i, j]`` names them). Override for other layouts.
-        """
-        return find_ctc_outputs(predictions, self.kd_option("kd_outputs"))
-
-    def _kd_batch_rows(self, batch, student_rows: int) -> dict:
-        """What the target strategy needs to give one target row per student row (audio, row maps)."""
-        extra = {}
-        rows = self._kd_rows
-        augmented = rows is not None and rows.calls
-        # the live teacher hears the clean utterance whenever the augmentation keeps the time axis (noise,
-        # dropped chunks or frequencies), as the cache does: the student learns to map augmented audio to what
-        # the teacher says of clean audio, and live and cached runs optimise the same thing
-        clean = getattr(self.kd_targets, "reads_cache", False) or not self._kd_time_changing
-        if augmented:
-            index = rows.utterance_rows if clean else rows.teacher_rows
-            if index is not None:
-                extra["rows"] = index.to(self.device)
-            if rows.wavs is not None and not clean:
-                extra["wavs"] = rows.wavs
-        else:
-            if getattr(self, "shared_features", None) is not None:
-                extra["features"] = self.shared_features
-            if getattr(self, "perturbed_wavs", None) is not None:
-                extra["wavs"] = self.perturbed_wavs
-        n_utts = len(batch.id)
-        expected = n_utts
-        if "rows" in extra:
-            expected = extra["rows"].shape[0]
-        elif "wavs" in extra:
-            expected = extra["wavs"][0].shape[0]
-        if student_rows != expected:
-            raise KDSetupError(
-                f"the student's output has {student_rows} rows for {n_utts} utterances and speech_kd cannot tell "
-                "which utterance each row is: augment with SpeechBrain's Augmenter kept in the hparams (e.g. "
-                "wav_augment), whose rows are followed, or set self.perturbed_wavs = (wavs, wav_lens) in "
-                "compute_forward after changing the rows"
-            )
-        return extra
-
-    def _kd_check_frames(self, log_probs: torch.Tensor, extra: dict, batch) -> None:
-        """First training batch: the student's frame count must fit ``frame_shift`` (measured when unset)."""
-        if self._kd_checked_frames:
-            return
-        self._kd_checked_frames = True
-        wavs = extra["wavs"][0] if "wavs" in extra else batch.sig[0]
-        seconds = wavs.shape[-1] / float(self.kd_option("sample_rate"))
-        frames = log_probs.shape[1]
-        aligner = getattr(self.kd_targets, "aligner", None)
-        declared = getattr(aligner, "student_frame_shift", None) if aligner is not None else None
-        if declared is None:
-            declared = getattr(self.hparams, "frame_shift", None)
-        if declared is None and aligner is not None:
-            measured = measured_frame_shift(seconds, frames)
-            aligner.set_student_frame_shift(measured)
-            logger.info(
-                "student frame shift measured on the first batch: %.3f s (%d frames for %.2f s)",
-                measured,
-                frames,
-                seconds,
-            )
-            return
-        if declared is None:
-            return
-        expected = seconds / declared
-        if not 0.8 <= frames / expected <= 1.25:
-            raise KDSetupError(
-                f"the student's CTC output has {frames} frames for {seconds:.2f} s of audio, about "
-                f"{seconds / frames * 1000:.1f} ms per frame, but frame_shift is {declared * 1000:.1f} ms: set "
-                "frame_shift to the model's output frame shift (or remove it to have it measured), or, if "
-                "that output is not the CTC log-probabilities, set kd_outputs"
-            )
-
-    def kd_term(
-        self, predictions, batch, temperature: float, loss_name: str | None = None
-    ) -> tuple[torch.Tensor, dict]:
-        """KD loss between the student's outputs and the teacher targets for ``batch``.
-
-        ``loss_name``: the KD loss (default ``kd_loss``; ``unlabeled_kd_loss``
-        for untranscribed batches).
-        """
-        log_probs, wav_lens = self.kd_student_outputs(predictions)
-        student_max = log_probs.shape[1]
-        extra = self._kd_batch_rows(batch, log_probs.shape[0])
-        self._kd_check_frames(log_probs, extra, batch)
-        lengths = relative_to_frames(wav_lens, student_max)
-        targets = self.kd_targets(batch, lengths, student_max, **extra)
-        targets = _pad_units(targets, log_probs.shape[-1])
-        blank = self.kd_option("blank_index")
-        # the KD term in fp32 whatever --precision says: small probabilities and the T^2 scale need it
-        with autocast_for(log_probs.device.type, "fp32"):
-            log_probs = log_probs.float()
-            teacher = topk_restrict(targets.log_probs.float(), self.kd_option("kd_topk"))
-            weights = blank_frame_weights(
-                targets.log_probs,
-                blank,
-                self.kd_option("blank_mode"),
-                self.kd_option("blank_threshold"),
-                self.kd_option("blank_weight"),
-            )
-            student, teacher, hard, kd_blank = restrict_to_reached(
-                log_probs, teacher, targets.hard_labels, targets.reached, blank
-            )
-            loss = kd_loss(
-                loss_name or self.kd_option("kd_loss"),
-                student,
-                teacher,
-                targets.mask,
-                temperature=temperature,
-                frame_weights=weights,
-                student_lengths=lengths,
-                teacher_lengths=lengths,
-                blank_index=kd_blank,
-                reduction=self.kd_option("kd_reduction"),
-                hard_labels=hard,
-            )
-        stats = {
-            "blank_share": blank_share(targets.log_probs, targets.mask, blank, self.kd_option("blank_threshold")),
-            "agreement": agreement_rate(log_probs.detach(), targets.log_probs, targets.mask),
-            "lost_mass": targets.lost_mass,
-        }
-        return loss, stats
+    Returns
+    -------
+    loss : torch.Tensor
+        0-dim.
+    stats : dict
+        ``blank_share``, ``agreement`` (0-dim tensors) and ``lost_mass`` (float).
+    """
+    targets = pad_units(targets, log_probs.shape[-1])
+    blank = config.blank_index
+    # the KD term in fp32 whatever --precision says: small probabilities and the T^2 scale need it
+    with autocast_for(log_probs.device.type, "fp32"):
+        log_probs = log_probs.float()
+        teacher = topk_restrict(targets.log_probs.float(), config.kd_topk)
+        weights = blank_frame_weights(
+            targets.log_probs, blank, config.blank_mode, config.blank_threshold, config.blank_weight
+        )
+        student, teacher, hard, kd_blank = restrict_to_reached(
+            log_probs, teacher, targets.hard_labels, targets.reached, blank
+        )
+        loss = kd_loss(
+            loss_name or config.kd_loss,
+            student,
+            teacher,
+            targets.mask,
+            temperature=temperature,
+            frame_weights=weights,
+            student_lengths=lengths,
+            teacher_lengths=lengths,
+            blank_index=kd_blank,
+            reduction=reduction,
+            hard_labels=hard,
+        )
+    stats = {
+        "blank_share": blank_share(targets.log_probs, targets.mask, blank, config.blank_threshold),
+        "agreement": agreement_rate(log_probs.detach(), targets.log_probs, targets.mask),
+        "lost_mass": targets.lost_mass,
+    }
+    return loss, stats

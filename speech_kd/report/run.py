@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from speech_kd.kd.config import KDConfig
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,7 +68,8 @@ class RunFolder:
         if self.resolved:
             return True
         try:  # a run folder older than kd_run.json
-            return float(_yaml_value(self.hparams_text, "kd_weight") or 0) > 0
+            value = _yaml_value(self.hparams_text, "kd_weight")
+            return float(value) > 0 if value not in (None, "") else KDConfig().kd_weight > 0
         except ValueError:
             return False
 

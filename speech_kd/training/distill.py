@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from speech_kd.data.dataio import token_strings
+from speech_kd.kd.config import KDConfig
 from speech_kd.report import build_report
 from speech_kd.scoring.teacher_check import check_teacher
 from speech_kd.targets.build import check_cache_covers, check_cache_data, make_targets
@@ -82,7 +83,7 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             report_after_run=hparams.get("report_after_run", True),
             device=str(brain.device),
         )
-        if hparams.get("kd_weight", 0.0) == 0.0 and hparams.get("kd_weight_final") in (None, 0.0):
+        if not KDConfig.from_hparams(hparams).uses_teacher:  # a yaml without kd_weight: KDConfig's default
             logger.info("kd_weight=0: training the student without a teacher (the baseline)")
             return
         targets = make_targets(hparams, token_strings(brain.tokenizer), device=str(brain.device))

@@ -68,7 +68,7 @@ def test_cache_stays_close_to_the_teacher_at_every_temperature_it_serves(
 
 def test_cache_refuses_a_temperature_above_what_it_was_built_for(tiny_corpus, tmp_path):
     from speech_kd.data.prepare import prepare_librispeech
-    from speech_kd.kd.mixin import KDSetupError
+    from speech_kd.kd import KDSetupError
     from speech_kd.targets.cache import write_cache
 
     prepare_librispeech(tiny_corpus, tmp_path / "csv", splits=["train"])
@@ -195,3 +195,17 @@ def teacher_folder(tmp_path_factory):
 
 def test_alphabet_is_shared():
     assert ALPHABET.startswith(" ")
+
+
+def test_a_yaml_without_kd_options_gets_one_default_everywhere(teacher_folder):
+    """KDConfig holds each default once: the mixin, distill's 'is there a teacher' and the report agree."""
+    from speech_kd.kd import KDConfig
+
+    hparams = {"teacher_source": str(teacher_folder), "blank_index": 0, "sample_rate": 16000}
+    config = KDConfig.from_hparams(hparams)
+    assert config.uses_teacher and config.kd_weight == KDConfig().kd_weight == 0.9 and config.temperature == 1.0
+    brain = _brain(KDRecipe, teacher_folder, augment=False)
+    del brain.hparams.kd_weight, brain.hparams.temperature  # as a yaml that never names them
+    assert brain.kd_schedule() == (0.9, 1.0)
+    with pytest.raises(ValueError, match="kd_weight=1.5: must be between 0 and 1"):
+        KDConfig.from_hparams({"kd_weight": 1.5})
