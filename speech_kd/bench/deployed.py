@@ -1,16 +1,20 @@
-"""Speed, memory and size of exported students against the PyTorch teacher (``speech-kd bench``'s deployment part).
+"""Speed, memory and size of exported teacher and student (``speech-kd bench``'s deployment part).
 
 Every figure comes from one run on this machine, side by side with the
-PyTorch teacher as users run it (``EncoderASR.transcribe_batch``, fp32):
+PyTorch models as users run them (``EncoderASR.transcribe_batch``, fp32):
 
 - ``rtf_side_*``: real-time factor of transcribing the benchmark batch
-  (fbank, network, greedy decoding; the exported students run it as their
+  (fbank, network, greedy decoding; the exported models run it as their
   ``transcribe.py`` does, longest first in groups of ``max_batch_seconds``
-  of padded audio) with the same number of threads, the
-  four models timed in turn over :data:`ROUNDS` rounds (teacher and student
-  in PyTorch, student in ONNX fp32 and int8);
-- ``student_speedup_onnx`` / ``student_speedup_int8`` (``student_speedup_side``
-  for the PyTorch student): the teacher's RTF over the student's;
+  of padded audio) with the same number of threads, the six models timed
+  in turn over :data:`ROUNDS` rounds (teacher and student in PyTorch, in
+  ONNX fp32 and in ONNX int8);
+- like with like, the teacher's RTF over the student's in the same runtime
+  and format: ``student_speedup_side`` (PyTorch), ``student_speedup_exported``
+  (ONNX fp32), ``student_speedup_exported_int8`` (ONNX int8);
+- mixed, kept labelled as such: ``student_speedup_onnx`` /
+  ``student_speedup_int8``, the PyTorch teacher over the exported student
+  (what export gives and what distillation gives, together);
 - ``peak_rss_mb_*``: peak resident memory of a fresh process that loads the
   model and transcribes the batch's files (PyTorch: ``speech_kd.scoring.evaluate.load_asr``;
   exported: the folder's own ``transcribe.py``, which imports no torch);
@@ -110,7 +114,13 @@ def bench_deployed(
     tmp: Path,
     max_batch_seconds: float = MAX_BATCH_SECONDS,
 ) -> dict:
-    """Export the student (ONNX fp32 and int8) and measure it against the PyTorch teacher (module docstring).
+    """Export teacher and student (ONNX fp32 and int8) and time all six side by side (module docstring).
+
+    Like with like: ``student_speedup`` (PyTorch over PyTorch, ``student_speedup_side`` here),
+    ``student_speedup_exported`` (ONNX fp32 teacher over ONNX fp32 student) and
+    ``student_speedup_exported_int8`` (int8 over int8): same runtime, format, threads and batch.
+    ``student_speedup_onnx`` / ``student_speedup_int8`` (the PyTorch teacher over the exported
+    student) mix what export gives with what distillation gives, and are kept only as that.
 
     Parameters
     ----------
@@ -137,14 +147,19 @@ def bench_deployed(
         "student": Path(model_dirs["student"]),
         "student_onnx": tmp / "student_onnx",
         "student_int8": tmp / "student_int8",
+        "teacher_onnx": tmp / "teacher_onnx",
+        "teacher_int8": tmp / "teacher_int8",
     }
-    export_asr(folders["student"], folders["student_onnx"], "onnx")
-    export_asr(folders["student"], folders["student_int8"], "onnx", quantize="int8")
+    for model in ("student", "teacher"):
+        export_asr(folders[model], folders[f"{model}_onnx"], "onnx")
+        export_asr(folders[model], folders[f"{model}_int8"], "onnx", quantize="int8")
     runs = {
         "teacher": load_asr(folders["teacher"]),
         "student": load_asr(folders["student"]),
         "student_onnx": DeployedASR(folders["student_onnx"], threads=threads, max_batch_seconds=max_batch_seconds),
         "student_int8": DeployedASR(folders["student_int8"], threads=threads, max_batch_seconds=max_batch_seconds),
+        "teacher_onnx": DeployedASR(folders["teacher_onnx"], threads=threads, max_batch_seconds=max_batch_seconds),
+        "teacher_int8": DeployedASR(folders["teacher_int8"], threads=threads, max_batch_seconds=max_batch_seconds),
     }
     samples: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(ROUNDS):  # interleaved, so that a drift of the machine's speed hits all alike
@@ -154,6 +169,8 @@ def bench_deployed(
     for name in ("student", "student_onnx", "student_int8"):
         key = "student_speedup_side" if name == "student" else f"student_speedup_{name.split('_')[1]}"
         out[key] = out["rtf_side_teacher"] / out[f"rtf_side_{name}"]
+    out["student_speedup_exported"] = out["rtf_side_teacher_onnx"] / out["rtf_side_student_onnx"]
+    out["student_speedup_exported_int8"] = out["rtf_side_teacher_int8"] / out["rtf_side_student_int8"]
 
     audio = tmp / "bench_audio"
     audio.mkdir(exist_ok=True)

@@ -16,14 +16,18 @@ Measured:
   an online teacher (KD), and with cached targets (KD);
 - inference real-time factor of teacher and student, and the speed-up;
 - ``speech-kd evaluate`` throughput (utterances per second, RTF);
-- the student exported to ONNX (fp32 and int8) against the PyTorch teacher:
-  RTF, speed-up, peak memory of a fresh process, size on disk
+- teacher and student exported to ONNX (fp32 and int8), timed side by side
+  with the PyTorch models: RTF, speed-ups like with like, peak memory of a
+  fresh process, size on disk
   (:mod:`speech_kd.bench.deployed`; needs onnxruntime, skipped without it).
 
 JSON keys (``--json``): ``features_vs_librosa``, ``cached_kd_over_plain``,
-``online_kd_over_plain``, ``student_speedup``, ``student_speedup_onnx``,
-``student_speedup_int8`` (with ``student_speedup_side``: the three timed in
-turn with the teacher), ``peak_rss_mb_teacher``, ``peak_rss_mb_student``,
+``online_kd_over_plain``, ``student_speedup`` (PyTorch teacher over PyTorch
+student), ``student_speedup_exported`` (ONNX fp32 teacher over ONNX fp32
+student, same threads and batch) and ``student_speedup_exported_int8``: like
+with like; ``student_speedup_onnx`` and ``student_speedup_int8`` (the PyTorch
+teacher over the exported student: export and distillation mixed, kept
+labelled as such; with ``student_speedup_side``, all timed in turn), ``peak_rss_mb_teacher``, ``peak_rss_mb_student``,
 ``params_teacher``, ``params_student``, ``student_params_fraction`` plus
 the raw timings. ``--extra="--key=value ..."`` changes the student's yaml (e.g.
 its shape), as ``speech-kd distill`` would.
