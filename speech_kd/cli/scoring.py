@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from speech_kd.cli.common import check_device
+from speech_kd.cli.common import (
+    check_device,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from speech_kd.report import build_report, evaluation_page
 from speech_kd.scoring.compare import compare_files, format_comparison
 from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
@@ -79,29 +86,29 @@ def add_evaluate(sub) -> None:
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--utts", default=None, help="per-utterance file (default: next to --json)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--batch_seconds", type=float, default=60.0, help="seconds of audio per batch")
+    p.add_argument("--batch_seconds", type=positive_float, default=60.0, help="seconds of audio per batch")
     p.add_argument(
         "--max_duration",
-        type=float,
+        type=non_negative_float,
         default=60.0,
         help="longer utterances (seconds) are not scored, a warning names each; 0: no limit",
     )
     p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
     p.add_argument(
         "--blank_penalty",
-        type=float,
+        type=finite_float,
         default=None,
         help="exported folders only: subtracted from the blank's log-probability at decoding",
     )
     p.add_argument(
         "--chunk_seconds",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="exported folders only: utterances transcribed in chunks of this many seconds",
     )
     p.add_argument(
         "--context_seconds",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="with --chunk_seconds: audio before and after each chunk the network also reads "
         "(default 2; 0: independent chunks)",
@@ -114,8 +121,8 @@ def add_report(sub) -> None:
     p = sub.add_parser("report", help="HTML/Markdown report of a run folder")
     p.add_argument("run_dir", help="a train or distill output folder")
     p.add_argument("--compare", action="append", metavar="NAME=FOLDER", help="another model folder for the table")
-    p.add_argument("--max_utts", type=int, default=200, help="test utterances scored per model (0: all)")
-    p.add_argument("--posteriorgrams", type=int, default=3, help="dev utterances drawn as posteriorgrams")
+    p.add_argument("--max_utts", type=non_negative_int, default=200, help="test utterances scored per model (0: all)")
+    p.add_argument("--posteriorgrams", type=non_negative_int, default=3, help="dev utterances drawn as posteriorgrams")
     p.add_argument(
         "--no-eval",
         dest="no_eval",
@@ -132,6 +139,6 @@ def add_compare(sub) -> None:
     p.add_argument("--teacher", required=True, help="the teacher's per-utterance file (speech-kd evaluate --utts)")
     p.add_argument("--scratch", required=True, nargs="+", help="scratch students' files, one per seed")
     p.add_argument("--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order")
-    p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
+    p.add_argument("--draws", type=positive_int, default=2000, help="bootstrap draws")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_cmd_compare)
