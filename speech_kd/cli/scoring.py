@@ -13,6 +13,7 @@ from speech_kd.cli.common import (
     positive_int,
 )
 from speech_kd.report import build_report, evaluation_page
+from speech_kd.report.evaluation import check_page_paths
 from speech_kd.scoring.compare import compare_files, format_comparison
 from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
 
@@ -26,6 +27,8 @@ def _cmd_evaluate(args) -> None:
         utts = str(json_path.with_name(json_path.stem + "_utts.txt"))  # x.json -> x_utts.txt, in its folder
     check_device(args.device)
     check_writable(args.json, utts)  # now, not after the scoring
+    if args.html:
+        check_page_paths(args.html)  # a page, .md or _files/ of the user's: refused before the scoring
     result = evaluate_model(
         args.asr,
         csv_path=args.csv,
