@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from speech_kd.cli.common import (
@@ -20,7 +21,7 @@ from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_out
 __all__ = ["add_compare", "add_evaluate", "add_report"]
 
 
-def _cmd_evaluate(args) -> None:
+def _cmd_evaluate(args) -> int:
     utts = args.utts
     if utts is None and args.json:
         json_path = Path(args.json)
@@ -52,6 +53,11 @@ def _cmd_evaluate(args) -> None:
         print(f"wrote {args.json}" + (f" and {utts}" if utts else ""))
     if args.html:
         print(f"wrote {evaluation_page(result.summary, result.utterances, args.html, device=args.device)}")
+    if result.failed:  # each named in a warning as it was met; the scores cover the others
+        total = len(result.failed) + s["num_utts"]
+        print(f"speech-kd evaluate: {len(result.failed)} of {total} file(s) not scored (see above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_report(args) -> None:
@@ -107,7 +113,8 @@ def add_evaluate(sub) -> None:
         "--chunk_seconds",
         type=non_negative_float,
         default=None,
-        help="exported folders only: utterances transcribed in chunks of this many seconds",
+        help="exported folders only: utterances transcribed in chunks of this many seconds "
+        "(default: those over 60 s in 20 s chunks, as transcribe.py; 0: each whole)",
     )
     p.add_argument(
         "--context_seconds",
