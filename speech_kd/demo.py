@@ -19,11 +19,13 @@ from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 from speech_kd.report import build_report
 from speech_kd.training.train import run_training
 
-__all__ = ["run_demo", "SHIPPED_TEACHER", "DemoSizes"]
+__all__ = ["run_demo", "SHIPPED_TEACHER", "DemoSizes", "MARKER_NAME", "check_demo_folder"]
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_TEACHER = Path(__file__).resolve().parent / "pretrained" / "teacher_synth"
+#: written first into a demo's ``--out``: a rerun continues in a folder that holds it, and only there
+MARKER_NAME = "speech_kd_demo.json"
 
 
 class DemoSizes:
@@ -73,10 +75,31 @@ def _teacher(out: Path, corpus: Path, sizes: DemoSizes, quick: bool) -> Path:
     return run / "model"
 
 
+def check_demo_folder(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a non-empty folder without :data:`MARKER_NAME` (not a demo run).
+
+    A demo writes a corpus, runs and a report into ``out``, replacing files of those names; in a folder of
+    the user's that would overwrite them, so nothing is done: ``FileExistsError`` naming the folder.
+    """
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out}: a file, not a folder; choose a new folder")
+    if out.is_dir() and not (out / MARKER_NAME).is_file() and any(out.iterdir()):
+        raise FileExistsError(
+            f"--out {out}: not empty and not a folder of speech-kd demo (no {MARKER_NAME}); nothing changed: "
+            "choose a new or empty folder"
+        )
+
+
 def run_demo(out: str | Path = "demo_run", quick: bool = False) -> dict:
-    """Run the whole demo into ``out``; return the results table as a dict."""
+    """Run the whole demo into ``out``; return the results table as a dict.
+
+    ``out`` must be new, empty or an earlier demo's folder (:func:`check_demo_folder`): a rerun continues there.
+    """
     started = time.time()
     out = Path(out)
+    check_demo_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER_NAME).write_text(json.dumps({"written_by": "speech-kd demo", "quick": quick}) + "\n")
     sizes = DemoSizes(quick)
     print("== 1/4 synthesising the corpus", flush=True)
     corpus = _synth(out, sizes)

@@ -46,6 +46,7 @@ from pathlib import Path
 import torch
 
 from speech_kd import hparams_files
+from speech_kd.argtypes import non_negative_float, positive_int
 from speech_kd.bench.deployed import bench_deployed
 from speech_kd.bench.timing import median_time
 from speech_kd.data.dataio import load_dataset, make_tokenizer, token_strings
@@ -220,8 +221,10 @@ def build_parser(prog: str = "speech-kd bench") -> argparse.ArgumentParser:
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", default=None, help="also write the measured numbers here")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats of each measurement (median kept)")
-    parser.add_argument("--batch_size", type=int, default=8, help="utterances per benchmark batch")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=5, help="timed repeats of each measurement (median kept)"
+    )
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="utterances per benchmark batch")
     parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
@@ -229,7 +232,7 @@ def build_parser(prog: str = "speech-kd bench") -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max_batch_seconds",
-        type=float,
+        type=non_negative_float,
         default=MAX_BATCH_SECONDS,
         help="padded audio per run of the exported students (transcribe.py's default; "
         "0: the whole batch in one run, as the PyTorch models)",

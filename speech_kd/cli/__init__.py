@@ -80,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_kd_main(argv[1:])
         return 0
     args = build_parser().parse_args(argv)
-    args.func(args)
-    return 0
+    return args.func(args) or 0  # evaluate: 1 when some file was not scored
 
 
 def _is_input_error(error: BaseException) -> bool:

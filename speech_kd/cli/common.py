@@ -1,10 +1,29 @@
-"""What several verbs check the same way before any work."""
+"""What several verbs check the same way before any work: the device, and numbers (:mod:`speech_kd.argtypes`)."""
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["check_device"]
+from speech_kd.argtypes import (
+    finite_float,
+    float_range,
+    int_range,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
+
+__all__ = [
+    "check_device",
+    "finite_float",
+    "float_range",
+    "int_range",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+]
 
 
 def check_device(device: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from speech_kd.cli.common import non_negative_float, non_negative_int, positive_float, positive_int
 from speech_kd.data.prepare import prepare_librispeech
 from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 
@@ -51,22 +52,26 @@ def add_synth(sub) -> None:
     p = sub.add_parser("synth", help="synthesise a LibriSpeech-layout English corpus offline")
     p.add_argument("out_dir", help="corpus folder to write (train/, dev/, test/ in LibriSpeech layout)")
     hours_help = "hours of training audio, planned from sentence lengths (comes out ~7%% shorter: 0.93 h for 1)"
-    p.add_argument("--hours", type=float, default=1.0, help=hours_help)
-    p.add_argument("--speakers", type=int, default=100, help="training speakers")
-    p.add_argument("--dev_hours", type=float, default=0.15, help="hours of the dev split")
-    p.add_argument("--dev_speakers", type=int, default=10, help="dev speakers (none of them in other splits)")
-    p.add_argument("--test_hours", type=float, default=0.15, help="hours of the test split")
-    p.add_argument("--test_speakers", type=int, default=10, help="test speakers (none of them in other splits)")
+    p.add_argument("--hours", type=positive_float, default=1.0, help=hours_help)
+    p.add_argument("--speakers", type=positive_int, default=100, help="training speakers")
+    p.add_argument("--dev_hours", type=positive_float, default=0.15, help="hours of the dev split")
+    p.add_argument("--dev_speakers", type=positive_int, default=10, help="dev speakers (none of them in other splits)")
+    p.add_argument("--test_hours", type=positive_float, default=0.15, help="hours of the test split")
+    p.add_argument(
+        "--test_speakers", type=positive_int, default=10, help="test speakers (none of them in other splits)"
+    )
     p.add_argument(
         "--untranscribed_hours",
-        type=float,
+        type=non_negative_float,
         default=0.0,
         help="hours of an untranscribed split (no .trans.txt; its own speakers, sentences not in dev/test)",
     )
-    p.add_argument("--untranscribed_speakers", type=int, default=50, help="speakers of the untranscribed split")
+    p.add_argument(
+        "--untranscribed_speakers", type=positive_int, default=50, help="speakers of the untranscribed split"
+    )
     p.add_argument("--untranscribed_name", default="untranscribed", help="folder name of the untranscribed split")
-    p.add_argument("--seed", type=int, default=1234, help="the same seed and sizes give the same corpus")
-    p.add_argument("--jobs", type=int, default=None, help="worker processes (default: all cores)")
+    p.add_argument("--seed", type=non_negative_int, default=1234, help="the same seed and sizes give the same corpus")
+    p.add_argument("--jobs", type=positive_int, default=None, help="worker processes (default: all cores)")
     p.set_defaults(func=_cmd_synth)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from speech_kd.cli.common import finite_float
 from speech_kd.demo import run_demo
 from speech_kd.deploy.onnx_export import export_asr
 
@@ -57,7 +58,7 @@ def add_export(sub) -> None:
     )
     p.add_argument(
         "--blank_penalty",
-        type=float,
+        type=finite_float,
         default=0.0,
         help="stored in the folder: subtracted from the blank's log-probability at decoding",
     )

@@ -2,23 +2,34 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from speech_kd.cli.common import check_device
+from speech_kd.cli.common import (
+    check_device,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+)
 from speech_kd.report import build_report, evaluation_page
+from speech_kd.report.evaluation import check_page_paths
 from speech_kd.scoring.compare import compare_files, format_comparison
 from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
 
 __all__ = ["add_compare", "add_evaluate", "add_report"]
 
 
-def _cmd_evaluate(args) -> None:
+def _cmd_evaluate(args) -> int:
     utts = args.utts
     if utts is None and args.json:
         json_path = Path(args.json)
         utts = str(json_path.with_name(json_path.stem + "_utts.txt"))  # x.json -> x_utts.txt, in its folder
     check_device(args.device)
     check_writable(args.json, utts)  # now, not after the scoring
+    if args.html:
+        check_page_paths(args.html)  # a page, .md or _files/ of the user's: refused before the scoring
     result = evaluate_model(
         args.asr,
         csv_path=args.csv,
@@ -42,6 +53,11 @@ def _cmd_evaluate(args) -> None:
         print(f"wrote {args.json}" + (f" and {utts}" if utts else ""))
     if args.html:
         print(f"wrote {evaluation_page(result.summary, result.utterances, args.html, device=args.device)}")
+    if result.failed:  # each named in a warning as it was met; the scores cover the others
+        total = len(result.failed) + s["num_utts"]
+        print(f"speech-kd evaluate: {len(result.failed)} of {total} file(s) not scored (see above)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_report(args) -> None:
@@ -79,29 +95,30 @@ def add_evaluate(sub) -> None:
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--utts", default=None, help="per-utterance file (default: next to --json)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--batch_seconds", type=float, default=60.0, help="seconds of audio per batch")
+    p.add_argument("--batch_seconds", type=positive_float, default=60.0, help="seconds of audio per batch")
     p.add_argument(
         "--max_duration",
-        type=float,
+        type=non_negative_float,
         default=60.0,
         help="longer utterances (seconds) are not scored, a warning names each; 0: no limit",
     )
     p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
     p.add_argument(
         "--blank_penalty",
-        type=float,
+        type=finite_float,
         default=None,
         help="exported folders only: subtracted from the blank's log-probability at decoding",
     )
     p.add_argument(
         "--chunk_seconds",
-        type=float,
+        type=non_negative_float,
         default=None,
-        help="exported folders only: utterances transcribed in chunks of this many seconds",
+        help="exported folders only: utterances transcribed in chunks of this many seconds "
+        "(default: those over 60 s in 20 s chunks, as transcribe.py; 0: each whole)",
     )
     p.add_argument(
         "--context_seconds",
-        type=float,
+        type=non_negative_float,
         default=None,
         help="with --chunk_seconds: audio before and after each chunk the network also reads "
         "(default 2; 0: independent chunks)",
@@ -114,8 +131,8 @@ def add_report(sub) -> None:
     p = sub.add_parser("report", help="HTML/Markdown report of a run folder")
     p.add_argument("run_dir", help="a train or distill output folder")
     p.add_argument("--compare", action="append", metavar="NAME=FOLDER", help="another model folder for the table")
-    p.add_argument("--max_utts", type=int, default=200, help="test utterances scored per model (0: all)")
-    p.add_argument("--posteriorgrams", type=int, default=3, help="dev utterances drawn as posteriorgrams")
+    p.add_argument("--max_utts", type=non_negative_int, default=200, help="test utterances scored per model (0: all)")
+    p.add_argument("--posteriorgrams", type=non_negative_int, default=3, help="dev utterances drawn as posteriorgrams")
     p.add_argument(
         "--no-eval",
         dest="no_eval",
@@ -132,6 +149,6 @@ def add_compare(sub) -> None:
     p.add_argument("--teacher", required=True, help="the teacher's per-utterance file (speech-kd evaluate --utts)")
     p.add_argument("--scratch", required=True, nargs="+", help="scratch students' files, one per seed")
     p.add_argument("--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order")
-    p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
+    p.add_argument("--draws", type=positive_int, default=2000, help="bootstrap draws")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_cmd_compare)

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from speech_kd import hparams_files
-from speech_kd.cli.common import check_device
+from speech_kd.cli.common import check_device, float_range, int_range, non_negative_float, positive_float, positive_int
 from speech_kd.targets.cache import cache_targets
 from speech_kd.training.distill import run_distillation
 from speech_kd.training.train import run_training
@@ -86,30 +86,30 @@ def add_cache_targets(sub) -> None:
     p.add_argument("--csv", required=True, help="SpeechBrain CSV manifest of the utterances to cache")
     p.add_argument("--out", required=True, help="cache folder; an existing one for the same teacher is completed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--top_k", type=int, default=8, help="most tokens stored per frame (at most 127)")
+    p.add_argument("--top_k", type=int_range(1, 127), default=8, help="most tokens stored per frame (at most 127)")
     p.add_argument(
         "--mass",
-        type=float,
+        type=float_range(0, 1, low_ok=False),
         default=0.98,
         help="tokens stored per frame until they hold this share of the distribution softened at --max_temperature",
     )
     p.add_argument(
         "--max_temperature",
-        type=float,
+        type=positive_float,
         default=1.0,
         help="largest KD temperature the cache serves (distill refuses a higher one); a higher value "
         "keeps more tokens per frame (docs/cache.md)",
     )
-    p.add_argument("--batch_seconds", type=float, default=120.0, help="seconds of audio per teacher batch")
+    p.add_argument("--batch_seconds", type=positive_float, default=120.0, help="seconds of audio per teacher batch")
     p.add_argument(
         "--max_duration",
-        type=float,
+        type=non_negative_float,
         default=60.0,
         help="skip utterances longer than this (seconds; a warning names each); 0: no limit",
     )
     p.add_argument(
         "--shard_utts",
-        type=int,
+        type=positive_int,
         default=2000,
         help="utterances per shard file (an interrupted run redoes at most one shard)",
     )

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import torch
 
-from speech_kd.deploy.runtime import CONFIG_NAME, CONTEXT_SECONDS, MAX_BATCH_SECONDS, ExportedASR, greedy_decode
+from speech_kd.deploy.runtime import (
+    AUTO_CHUNK_SECONDS,
+    CONFIG_NAME,
+    CONTEXT_SECONDS,
+    LONG_SECONDS,
+    MAX_BATCH_SECONDS,
+    ExportedASR,
+    greedy_decode,
+)
 
 __all__ = ["DeployedASR", "is_exported_folder"]
 
@@ -34,7 +42,9 @@ class DeployedASR:
         Replaces the folder's blank penalty at decoding.
     chunk_seconds : float, optional
         > 0: each utterance is transcribed in consecutive chunks of this many seconds
-        (:meth:`~speech_kd.deploy.runtime.ExportedASR.transcribe_long`), to measure what chunking costs.
+        (:meth:`~speech_kd.deploy.runtime.ExportedASR.transcribe_long`), to measure what chunking costs;
+        0: each whole; ``None`` (default): as ``transcribe.py``, utterances over ``LONG_SECONDS`` (60) in
+        ``AUTO_CHUNK_SECONDS`` (20) chunks, shorter ones whole (bounded memory).
     context_seconds : float, optional
         Audio before and after each chunk that the network also reads (default ``CONTEXT_SECONDS``, 2; 0: none).
     max_batch_seconds : float, optional
@@ -68,8 +78,19 @@ class DeployedASR:
 
     def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
         """Words and token ids of padded ``wavs [B, S]`` with relative lengths ``wav_lens [B]``."""
+        lengths = torch.round(wav_lens * wavs.shape[1]).long().tolist()
+        if self.chunk_seconds is None and max(lengths, default=0) > LONG_SECONDS * self.sample_rate:
+            # automatic: long utterances in chunks, one at a time (batches are length-sorted: they are together)
+            texts = [
+                self.runtime.transcribe_long(
+                    wavs[i, :n].cpu().float().numpy(), AUTO_CHUNK_SECONDS, self.context_seconds
+                )
+                if n > LONG_SECONDS * self.sample_rate
+                else self.transcribe_batch(wavs[i : i + 1, :n], torch.ones(1))[0][0]
+                for i, n in enumerate(lengths)
+            ]
+            return texts, [[] for _ in texts]
         if self.chunk_seconds:
-            lengths = torch.round(wav_lens * wavs.shape[1]).long().tolist()
             chunked = [
                 self.runtime.transcribe_long(
                     wavs[i, :n].cpu().float().numpy(), self.chunk_seconds, self.context_seconds

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from speech_kd.report import plots
-from speech_kd.report.html import Page
+from speech_kd.report.html import Page, check_own_page
 from speech_kd.report.posteriors import Student, load_targets, posteriorgram_section
 from speech_kd.report.run import RunFolder, load_history, read_rows
 from speech_kd.report.scores import cache_stats, reached_teacher_epoch, scores_section, summary_rows
@@ -49,7 +49,9 @@ def build_report(
     pathlib.Path
         ``RUN_DIR/report.html``.
     """
-    run = RunFolder.read(Path(run_dir))
+    folder = Path(run_dir)
+    check_own_page(folder / "report.html", folder / "report.md", folder / "report_files")  # before any work
+    run = RunFolder.read(folder)
     model_dir = run.folder / "model"
     if not model_dir.exists():
         raise FileNotFoundError(f"{run.folder}: no model/ folder (is this a finished speech-kd run?)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from speech_kd.report.html import Page
+from speech_kd.report.html import Page, check_own_page
 from speech_kd.report.posteriors import Student, posteriorgram_section
 from speech_kd.report.run import read_rows
 
@@ -13,6 +13,12 @@ from speech_kd.report.run import read_rows
 def _strip_sentence_header(alignment: str) -> str:
     """The jiwer alignment without its ``=== SENTENCE 1 ===`` line (one sentence per block here)."""
     return "\n".join(line for line in alignment.splitlines() if not line.startswith("=== SENTENCE")).strip("\n")
+
+
+def check_page_paths(path: str | os.PathLike) -> None:
+    """Refuse an ``--html`` path whose page, Markdown (``.md``) or ``<stem>_files/`` were not written by speech_kd."""
+    path = Path(path)
+    check_own_page(path, path.with_suffix(".md"), path.parent / (path.stem + "_files"))
 
 
 def evaluation_page(
@@ -47,6 +53,7 @@ def evaluation_page(
         ``path``.
     """
     path = Path(path)
+    check_page_paths(path)
     page = Page(f"speech_kd evaluation: {summary.get('model', '')}", path.parent / (path.stem + "_files"))
     page.table(
         [

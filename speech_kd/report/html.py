@@ -44,6 +44,46 @@ def _cell(value, numeric: bool) -> str:
     return f"<td{cls}>{html.escape(text)}</td>"
 
 
+#: in the ``<head>`` of every page this package writes: how a rerun knows the file is its own
+GENERATOR = '<meta name="generator" content="speech_kd">'
+#: title prefixes of the pages written before ``GENERATOR`` existed
+_OWN_TITLES = ("<title>speech_kd report:", "<title>speech_kd evaluation:")
+
+
+def _is_own(path: Path, markers: tuple[str, ...]) -> bool:
+    """Whether the first 4 KB of the file ``path`` hold one of ``markers``."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return any(marker in head for marker in markers)
+
+
+def check_own_page(html_path: str | Path, md_path: str | Path, files_dir: str | Path | None = None) -> None:
+    """Refuse to replace a page's files unless this package wrote them (``FileExistsError`` naming the path).
+
+    ``html_path`` may exist when it is a page of ours (:data:`GENERATOR`, or an
+    older page's title), ``md_path`` when it starts with ``# speech_kd ``, and
+    ``files_dir`` (the Markdown's PNGs; ``None``: not checked) when it is empty
+    or the HTML page beside it is ours. Anything else is the user's: nothing is written.
+    """
+    html_path, md_path = Path(html_path), Path(md_path)
+    advice = "not overwritten: move it away (or choose another name)"
+    if html_path.is_dir() or md_path.is_dir():
+        raise IsADirectoryError(f"{html_path if html_path.is_dir() else md_path}: a folder; {advice}")
+    html_ours = html_path.is_file() and _is_own(html_path, (GENERATOR, *_OWN_TITLES))
+    if html_path.exists() and not html_ours:
+        raise FileExistsError(f"{html_path}: exists and was not written by speech_kd; {advice}")
+    if md_path.exists() and not _is_own(md_path, ("# speech_kd ",)):
+        raise FileExistsError(f"{md_path}: exists and was not written by speech_kd; {advice}")
+    if files_dir is None:
+        return
+    files_dir = Path(files_dir)
+    if files_dir.exists() and not html_ours and (not files_dir.is_dir() or any(files_dir.iterdir())):
+        raise FileExistsError(f"{files_dir}: exists beside no page of speech_kd's; {advice}")
+
+
 def _md_cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -116,10 +156,11 @@ class Page:
         self._md += [f"![{alt}]({self.files_dir.name}/{name})", "", "```", caption.rstrip("\n"), "```", ""]
 
     def write(self, html_path: str | Path, md_path: str | Path) -> Path:
-        """Write both files; return the HTML path."""
+        """Write both files; return the HTML path (files speech_kd did not write: refused, :func:`check_own_page`)."""
+        check_own_page(html_path, md_path)  # the images' folder: checked by the caller before the first image
         doc = (
             f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">{GENERATOR}'
             f"<title>{html.escape(self.title)}</title><style>{_STYLE}</style>{_CHECK}</head><body>\n"
             + "\n".join(self._html)
             + "\n</body></html>\n"

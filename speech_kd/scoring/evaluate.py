@@ -8,25 +8,37 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import soundfile as sf
 import torch
 from tqdm import tqdm
 
-from speech_kd.data.audio import read_audio
+from speech_kd.data.audio import AudioError, read_audio
 from speech_kd.data.dataio import read_csv_rows
 from speech_kd.data.prepare import prepare_split
 from speech_kd.deploy.asr import DeployedASR, is_exported_folder
+from speech_kd.deploy.runtime import MIN_SAMPLE_RATE
 from speech_kd.kd.losses import collapse_greedy
 from speech_kd.scoring.metrics import error_rates, normalize_text, utterance_errors, write_utterances
 from speech_kd.targets.teachers.ensemble import load_ensemble, teacher_sources
 
-__all__ = ["load_asr", "evaluate_model", "EvalResult", "EnsembleASR", "ModelFolderError", "read_manifest"]
+__all__ = [
+    "load_asr",
+    "evaluate_model",
+    "EvalResult",
+    "EnsembleASR",
+    "ModelFolderError",
+    "read_manifest",
+    "read_scored_audio",
+    "load_checked_batch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +278,8 @@ class EvalResult:
 
     summary: dict
     utterances: list
+    #: ``(ID, path, reason)`` of each manifest row whose audio could not be used (not scored)
+    failed: list = field(default_factory=list)
 
 
 def _warn_converted_audio(rows: list[dict], sample_rate: int, csv_path) -> None:
@@ -309,6 +323,61 @@ def load_batch(batch: list[dict], sample_rate: int) -> tuple[torch.Tensor, torch
     return torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lengths
 
 
+#: largest ``old x new`` of a sample-rate ratio in lowest terms that is resampled (the resampler's table)
+MAX_RATE_RATIO = 4_000_000
+
+
+def read_scored_audio(path: str | os.PathLike, sample_rate: int) -> torch.Tensor:
+    """Mono float32 samples ``[S]`` of an audio file at ``sample_rate``, checked as ``transcribe.py`` checks them.
+
+    Raises :class:`~speech_kd.data.audio.AudioError` (a ``ValueError``; one line starting with the path) for a
+    missing file, a folder, an empty (0-byte), unreadable or sample-less file, NaN or infinite samples (never
+    scored as an empty transcript), a rate below 4 kHz, or a rate with no small ratio to ``sample_rate``
+    (e.g. 44101 Hz). Any other rate is resampled (:func:`~speech_kd.data.audio.read_audio`, torchaudio's sinc);
+    ``evaluate_model`` notes the resampled files in a warning.
+    """
+    if os.path.isdir(path):
+        raise AudioError(path, "a folder, not an audio file")
+    if os.path.exists(path) and os.path.getsize(path) == 0:
+        raise AudioError(path, "empty file (0 bytes)")
+    try:
+        rate = sf.info(str(path)).samplerate
+    except Exception:  # noqa: BLE001 - read_audio names what is wrong with the file
+        rate = sample_rate
+    if rate != sample_rate:
+        if rate < MIN_SAMPLE_RATE:
+            raise AudioError(path, f"{rate} Hz is too low for speech; this model takes {sample_rate} Hz")
+        g = math.gcd(int(rate), int(sample_rate))
+        if (rate // g) * (sample_rate // g) > MAX_RATE_RATIO:
+            raise AudioError(
+                path,
+                f"{rate} Hz: no small ratio to {sample_rate} Hz; resample the file first "
+                f"(sox IN -r {sample_rate} OUT.wav)",
+            )
+    return read_audio(path, sample_rate)
+
+
+def load_checked_batch(batch: list[dict], sample_rate: int) -> tuple[list[dict], torch.Tensor, torch.Tensor, list]:
+    """:func:`load_batch` that skips unusable files: ``(rows read, padded [B, S], lengths [B], failed)``.
+
+    ``failed`` lists ``(ID, path, reason)`` of each row whose audio :func:`read_scored_audio` refused; each is
+    also logged as a one-line warning naming the file.
+    """
+    kept, wavs, failed = [], [], []
+    for row in batch:
+        try:
+            wavs.append(read_scored_audio(row["wav"], sample_rate))
+        except AudioError as error:
+            logger.warning("%s: not scored (%s): %s", error.path, row["ID"], error.reason)
+            failed.append((row["ID"], error.path, error.reason))
+            continue
+        kept.append(row)
+    if not wavs:
+        return kept, torch.zeros(0, 0), torch.zeros(0), failed
+    lengths = torch.tensor([w.shape[0] for w in wavs], dtype=torch.float32)
+    return kept, torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lengths, failed
+
+
 def evaluate_model(
     asr_folder: str | os.PathLike,
     csv_path: str | os.PathLike | None = None,
@@ -339,7 +408,11 @@ def evaluate_model(
     (ONNX or TorchScript) is run by :class:`~speech_kd.deploy.asr.DeployedASR`
     (its ``transcribe.py`` code), ``blank_penalty`` replacing the folder's;
     ``chunk_seconds`` > 0 transcribes each utterance in chunks of that many seconds, each read with
-    ``context_seconds`` (default 2) of audio on both sides.
+    ``context_seconds`` (default 2) of audio on both sides (``None``: utterances over 60 s in 20 s
+    chunks, as ``transcribe.py``; 0: each whole). Each file that cannot be used (:func:`read_scored_audio`:
+    missing, empty, unreadable, NaN/Inf samples, a rate below 4 kHz) is logged in one line naming it and
+    left out; the scores cover the others and :attr:`EvalResult.failed` lists the rows left out
+    (``ValueError`` when every file fails).
     """
     check_writable(json_path, utts_path)  # before the work: a path that cannot be written fails now, not after it
     if csv_path is None:
@@ -373,17 +446,20 @@ def evaluate_model(
         sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
 
     _warn_converted_audio(rows, sample_rate, csv_path)
-    ids, refs, hyps = [], [], []
+    ids, refs, hyps, failed = [], [], [], []
     audio_seconds = compute_seconds = 0.0
     batches = duration_batches(rows, batch_seconds)
     # audio of the next batch is read on a thread while the model runs on this one
     # (reading was 11% of the loop when done in line; profiled with cProfile)
     with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(load_batch, batches[0], sample_rate) if batches else None
+        pending = reader.submit(load_checked_batch, batches[0], sample_rate) if batches else None
         for number, batch in enumerate(tqdm(batches, desc="evaluating", unit="batch", disable=not progress)):
-            padded, lengths = pending.result()
+            batch, padded, lengths, bad = pending.result()
+            failed += bad
             if number + 1 < len(batches):
-                pending = reader.submit(load_batch, batches[number + 1], sample_rate)
+                pending = reader.submit(load_checked_batch, batches[number + 1], sample_rate)
+            if not batch:
+                continue
             start = time.perf_counter()
             words, _ = asr.transcribe_batch(padded, lengths / lengths.max())
             compute_seconds += time.perf_counter() - start
@@ -392,6 +468,8 @@ def evaluate_model(
             refs += [r["wrd"] for r in batch]
             hyps += list(words)
 
+    if not ids:
+        raise ValueError(f"{csv_path}: no audio file could be used ({len(failed)} refused, each named above)")
     _warn_unreachable_characters(asr, refs, csv_path)
     rates = error_rates(refs, hyps)
     summary = {
@@ -411,7 +489,8 @@ def evaluate_model(
         "model": str(asr_folder),
         "csv": str(csv_path),
         "device": device,
+        "not_scored": [{"ID": uid, "wav": path, "reason": reason} for uid, path, reason in failed],
     }
-    result = EvalResult(summary, utterance_errors(ids, refs, hyps))
+    result = EvalResult(summary, utterance_errors(ids, refs, hyps), failed)
     write_outputs(result, json_path, utts_path)
     return result

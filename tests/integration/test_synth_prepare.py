@@ -6,6 +6,7 @@ import csv
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from speech_kd.data.prepare import prepare_librispeech
@@ -171,11 +172,13 @@ def test_synth_is_repeatable_and_a_rerun_with_another_seed_never_mixes_corpora(t
     assert all(np.array_equal(rerun[k], fresh[k]) for k in fresh)
     assert _all_transcripts(tmp_path / "a") == _all_transcripts(tmp_path / "fresh")
 
-    # a folder without the plan record (an older version's, or one copied by hand): nothing of it is trusted
+    # a folder without the plan record (an older version's, or one copied by hand): not ours, refused as it is
     (tmp_path / "b" / "synth_plan.json").unlink()
-    synthesize_corpus(tmp_path / "b", config(6, 2))
-    assert _audio(tmp_path / "b").keys() == fresh.keys()
-    assert _all_transcripts(tmp_path / "b") == _all_transcripts(tmp_path / "fresh")
+    before = _audio(tmp_path / "b")
+    with pytest.raises(FileExistsError, match="not a corpus written by speech-kd synth"):
+        synthesize_corpus(tmp_path / "b", config(6, 2))
+    after = _audio(tmp_path / "b")
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
 
 
 def test_prepare_checks_every_split_before_writing(tiny_corpus, tmp_path):

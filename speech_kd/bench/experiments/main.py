@@ -49,6 +49,7 @@ import json
 from pathlib import Path
 
 from speech_kd import hparams_files
+from speech_kd.argtypes import float_range, non_negative_int, positive_int
 from speech_kd.bench.experiments.runs import (
     evaluate_run,
     make_partition,
@@ -72,9 +73,12 @@ def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
     parser.add_argument(
         "--teacher", default=None, help="teacher model folder, or A,B,... for an ensemble (default: train one)"
     )
-    parser.add_argument("--epochs", type=int, default=15, help="training epochs of every student")
+    parser.add_argument("--epochs", type=positive_int, default=15, help="training epochs of every student")
     parser.add_argument(
-        "--teacher_epochs", type=int, default=10, help="epochs of the teacher trained when --teacher is not given"
+        "--teacher_epochs",
+        type=positive_int,
+        default=10,
+        help="epochs of the teacher trained when --teacher is not given",
     )
     parser.add_argument("--student", default="hparams/distill.yaml", help="the students' yaml")
     parser.add_argument(
@@ -84,11 +88,11 @@ def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
         help=f"names among {sorted(VARIANTS)}, each optionally + _online (live teacher) or _sp "
         "(speed perturbation, live teacher)",
     )
-    parser.add_argument("--parallel", type=int, default=2, help="runs at once (one torch thread each)")
-    parser.add_argument("--seed", type=int, default=1986, help="the seed of a single-seed run")
+    parser.add_argument("--parallel", type=positive_int, default=2, help="runs at once (one torch thread each)")
+    parser.add_argument("--seed", type=non_negative_int, default=1986, help="the seed of a single-seed run")
     parser.add_argument(
         "--seeds",
-        type=int,
+        type=non_negative_int,
         nargs="+",
         default=None,
         help="several seeds: runs in OUT/seed_S/; mean table, bootstrap interval, dev curves",
@@ -99,7 +103,7 @@ def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
     parser.add_argument("--extra", default="", help='more overrides for every student: --extra="--key=value ..."')
     parser.add_argument(
         "--transcribed_fraction",
-        type=float,
+        type=float_range(0, 1, low_ok=False),
         default=None,
         help="keep the transcripts of this fraction of the train split; the rest is untranscribed",
     )
@@ -109,7 +113,10 @@ def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
         help="split folder of --data used as the untranscribed audio (default: the rest of train)",
     )
     parser.add_argument(
-        "--min_confidence", type=float, default=0.85, help="unlabeled_min_confidence of the kd_unlabeled_filter variant"
+        "--min_confidence",
+        type=float_range(0, 1),
+        default=0.85,
+        help="unlabeled_min_confidence of the kd_unlabeled_filter variant",
     )
     return parser
 

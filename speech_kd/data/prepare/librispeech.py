@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 from speech_kd.data.prepare.splits import LIBRISPEECH_ALPHABET, PrepareResult, prepare_split, prepare_unlabeled_split
-from speech_kd.data.prepare.stamp import read_stamp, what_changed, split_files
+from speech_kd.data.prepare.stamp import read_stamp, split_files, what_changed, write_stamp
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +66,7 @@ def prepare_librispeech(
     missing = [split for split in unlabeled if not (data_folder / split).is_dir()]
     if missing:
         raise FileNotFoundError(f"unlabeled split folder {', '.join(missing)} does not exist in {data_folder}")
+    check_own_csvs(Path(save_folder), [*splits, *unlabeled])  # before any CSV is written
     total = PrepareResult()
     for split in [*splits, *unlabeled]:
         is_unlabeled = split in unlabeled
@@ -88,6 +88,9 @@ def prepare_librispeech(
             continue
         if old is not None:
             logger.info("%s: redoing split %s (%s)", csv_path, split, what_changed(old, settings))
+        Path(save_folder).mkdir(parents=True, exist_ok=True)
+        # the stamp first (it never equals a finished split's): a CSV left by a killed run stays ours
+        write_stamp(stamp, {**settings, "files": {}, "writing": True})
         if is_unlabeled:
             res = prepare_unlabeled_split(data_folder, split, save_folder, sample_rate)
         else:
@@ -96,7 +99,23 @@ def prepare_librispeech(
         total.kept.update(res.kept)
         total.hours.update(res.hours)
         total.skipped.extend(res.skipped)
-        tmp = stamp.with_name(stamp.name + ".tmp")
-        tmp.write_text(json.dumps(settings, separators=(",", ":")))
-        os.replace(tmp, stamp)
+        write_stamp(stamp, settings)
     return total
+
+
+def check_own_csvs(save_folder: Path, splits: list[str]) -> None:
+    """Refuse to replace a ``SPLIT.csv`` or ``SPLIT_skipped.csv`` that ``prepare`` did not write.
+
+    Ours have ``prepare_SPLIT.json`` beside them (written before the CSVs); any
+    other file of those names is the user's: ``FileExistsError`` naming it.
+    """
+    for split in splits:
+        if (save_folder / f"prepare_{split}.json").is_file():
+            continue
+        for name in (f"{split}.csv", f"{split}_skipped.csv"):
+            path = save_folder / name
+            if path.exists() or path.is_symlink():
+                raise FileExistsError(
+                    f"{path}: exists and was not written by prepare (no prepare_{split}.json beside it); "
+                    "not overwritten: move it away or choose another --save_folder"
+                )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import secrets
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -236,6 +237,8 @@ def prepare_unlabeled_split(
     ------
     FileNotFoundError
         The split folder does not exist, or holds no ``.flac``/``.wav`` file.
+    ValueError
+        None of its audio files is usable (each unreadable, empty or at another rate).
     """
     split_dir = Path(data_folder) / split
     if not split_dir.is_dir():
@@ -252,13 +255,27 @@ def prepare_unlabeled_split(
     ids = _unlabeled_ids(split_dir, files)
     candidates = [(uid, path, "", _speaker_of(split, split_dir, path, uid)) for uid, path in zip(ids, files)]
     rows = _probe_rows(candidates, split, result.skipped, sample_rate, workers)
+    if not rows:  # a header-only CSV would train on nothing from this split without a word
+        reasons = Counter(item.reason.split(" (")[0] for item in result.skipped)
+        first = result.skipped[0]
+        raise ValueError(
+            f"unlabeled split folder {split_dir}: none of its {len(files)} audio file(s) is usable "
+            f"({', '.join(f'{n}: {reason}' for reason, n in reasons.most_common(3))}; e.g. {first.path}: "
+            f"{first.reason}); fix the files, or leave the split out of --unlabeled_splits"
+        )
     return _write_split(result, split, save_folder, rows)
 
 
 def _atomic_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    """Write the CSV via a temporary file of its own (never one of the user's) and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # a new name, made with "x"
+    out = open(tmp, "x", newline="", encoding="utf-8")  # outside the try: a name that exists is never removed
+    try:
+        with out as fh:
+            writer = csv.writer(fh)
+            writer.writerow(header)
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 
 from speech_kd.data.prepare.splits import AUDIO_EXTENSIONS
 
 
 def read_stamp(path: Path) -> dict | None:
+    """The stamp at ``path``, or ``None`` when missing or unreadable."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def write_stamp(path: Path, stamp: dict) -> None:
+    """Write ``stamp`` to ``path`` atomically (a temporary file of its own, then ``os.replace``)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # a new name, made with "x"
+    out = open(tmp, "x")  # outside the try: a name that exists is never removed
+    try:
+        with out as fh:
+            fh.write(json.dumps(stamp, separators=(",", ":")))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def split_files(folder: Path, deep: bool = False) -> dict[str, list[int]]:

@@ -183,6 +183,7 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
     config = config or SynthConfig()
     check_engines()
     root = Path(out_dir)
+    check_synth_folder(root)
     root.mkdir(parents=True, exist_ok=True)
     plan = _plan(config)
     _reconcile_with_previous_plan(root, plan)
@@ -218,21 +219,34 @@ def _audio_key(u: _Utterance) -> str:
     return hashlib.sha1(f"{u.speaker!r}|{u.text}".encode()).hexdigest()[:16]
 
 
+def check_synth_folder(root: Path) -> None:
+    """Refuse an ``out_dir`` that is a file, or a non-empty folder that is not a corpus of ``synth`` (no ``synth_plan.json``).
+
+    A corpus of ours is completed or changed to the new plan (its files are
+    ours); in any other folder synthesising would replace or delete the user's
+    files, so nothing is done: ``FileExistsError`` naming the folder.
+    """
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"{root}: a file, not a folder; choose a new folder for the corpus")
+    if root.is_dir() and not (root / PLAN_NAME).is_file() and any(root.iterdir()):
+        raise FileExistsError(
+            f"{root}: not empty and not a corpus written by speech-kd synth (no {PLAN_NAME}); nothing changed: "
+            "choose a new or empty folder"
+        )
+
+
 def _reconcile_with_previous_plan(root: Path, plan: list[_Utterance]) -> None:
     """Delete audio that the new ``plan`` does not want as it is, then record the plan (before rendering).
 
     Files of the previous plan (``synth_plan.json``) are kept where the new
     plan wants the same speaker and sentence at the same path; the rest are
-    removed, with the transcripts of chapters the new plan no longer has. In a
-    folder with audio but no plan record (made by hand, or by a version that
-    wrote none) no file is trusted: all are removed and the plan rendered anew.
+    removed, with the transcripts of chapters the new plan no longer has. A
+    non-empty folder without a plan record is refused before this
+    (:func:`check_synth_folder`): its files are not ours to remove.
     """
     wanted = {str(u.flac_path(root).relative_to(root)): _audio_key(u) for u in plan}
     plan_file = root / PLAN_NAME
-    if plan_file.exists():
-        previous = json.loads(plan_file.read_text())
-    else:  # unknown origin: every audio file there is stale (the transcripts go with their chapters below)
-        previous = {str(p.relative_to(root)): "" for p in root.glob("*/*/*/*.flac")}
+    previous = json.loads(plan_file.read_text()) if plan_file.exists() else {}  # none: an empty folder
     for part in root.glob("*/*/*/*.part.flac"):  # a render interrupted before its rename
         part.unlink()
     stale = {path for path, key in previous.items() if wanted.get(path) != key}

@@ -128,21 +128,47 @@ def _new_meta(
     }
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """Refuse an ``out_dir`` that is a file, or a non-empty folder that holds no cache of ours; nothing is changed.
+
+    A cache of ours (``meta.json`` with the keys this package writes) is
+    completed by the caller; anything else would have its files replaced or
+    its ``shard-*``/temporary files removed, so it is a :class:`CacheError`
+    naming the folder (checked before the teacher is loaded, and again under
+    the folder's lock).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CacheError(f"{out_dir}: a file, not a folder; choose a new folder for the cache")
+    if not out_dir.is_dir():
+        return
+    meta_path = out_dir / META_NAME
+    if meta_path.is_file():
+        meta = _read_json(meta_path)
+        if not isinstance(meta, dict) or not {"format_version", "teacher_fingerprint", "scheme"} <= set(meta):
+            raise CacheError(
+                f"{meta_path}: not the {META_NAME} of a speech-kd cache; nothing changed: use an empty or new folder"
+            )
+        return
+    # what a run killed before its meta.json was in place leaves: the lock, meta.json's temporary file
+    others = [p.name for p in out_dir.iterdir() if p.name != LOCK_NAME and not p.name.startswith(f"{META_NAME}.tmp.")]
+    if others:
+        raise CacheError(
+            f"{out_dir} is not empty and holds no cache {META_NAME} (found {sorted(others)[:5]}); nothing changed: "
+            "use an empty or new folder"
+        )
+
+
 def _open_out_dir(out_dir: Path, meta: dict) -> dict:
     """Create ``out_dir`` or check that it holds a cache of the same teacher and scheme; return the meta to keep.
 
     The data is checked per utterance (:func:`_check_stored_data`), so a
     manifest that gained or lost rows resumes.
     """
+    check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / META_NAME
     if not meta_path.exists():
-        others = [p.name for p in out_dir.iterdir() if ".tmp." not in p.name and p.name != LOCK_NAME]
-        if others:
-            raise CacheError(
-                f"{out_dir} is not empty and holds no cache {META_NAME} (found {others[:5]}); "
-                "use an empty or new folder"
-            )
         _write_json(meta_path, meta)
         return meta
     old = _read_json(meta_path)

@@ -22,6 +22,7 @@ from speech_kd.targets.cache.folder import (  # noqa: F401 (file_size, _differen
     _shard_problem,
     _Utt,
     _verified_shards,
+    check_out_dir,
     file_size,
 )
 from speech_kd.targets.cache.format import (
@@ -169,6 +170,7 @@ def write_cache(
     if shard_utts < 1 or batch_seconds <= 0:
         raise CacheError(f"shard_utts ({shard_utts}) and batch_seconds ({batch_seconds}) must be positive")
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     utts = sorted(_read_manifest(csv_path), key=lambda u: (u.duration, u.uid))
     if max_duration:
         too_long = [u for u in utts if u.duration > max_duration]
@@ -276,5 +278,6 @@ def cache_targets(
     ``teacher_overrides`` replace keys of a SpeechBrain teacher's
     ``hyperparams.yaml`` (the ``teacher_overrides`` of the distillation yaml).
     """
+    check_out_dir(out_dir)  # before the teacher is loaded (minutes for a large one)
     teacher = load_teachers(teacher_source, kind=kind, device=kw.get("device", "cpu"), overrides=teacher_overrides)
     return write_cache(teacher, csv_path, out_dir, **kw)

@@ -138,8 +138,15 @@ def detect_kind(source: str | os.PathLike) -> str:
         return "speechbrain"
     if (path / "config.json").exists():
         return "huggingface"
+    if (path / "deploy.json").is_file():  # written by speech-kd export (the name is deploy.runtime.CONFIG_NAME)
+        raise TeacherError(
+            f"{source}: an exported folder (speech-kd export: ONNX/TorchScript), which only transcribe.py and "
+            "speech-kd evaluate --asr FOLDER (alone) run; as a teacher or an ensemble member give the model folder "
+            "it was exported from (RUN/model)"
+        )
     raise TeacherError(
-        f"{source}: not a teacher folder (expected a SpeechBrain hyperparams.yaml or a Hugging Face config.json)"
+        f"{source}: not a teacher folder: it holds neither hyperparams.yaml (a SpeechBrain model folder, e.g. "
+        "RUN/model of speech-kd train) nor config.json (a Hugging Face CTC model); give such a folder"
     )
 
 
