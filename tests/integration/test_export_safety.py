@@ -121,7 +121,7 @@ def test_force_replaces_an_earlier_export_and_only_that(tiny_model, tmp_path):
 
 
 def test_export_leaves_a_users_tmp_folder_and_nothing_after_a_failure(tiny_model, tmp_path, monkeypatch):
-    from speech_kd.deploy import exporter
+    from speech_kd.deploy import onnx_export as exporter
 
     users_tmp = tmp_path / "onnx.tmp"
     users_tmp.mkdir()

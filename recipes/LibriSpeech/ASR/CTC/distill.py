@@ -2,12 +2,12 @@
 """Recipe: distil the LibriSpeech conformer CTC student from a public teacher folder.
 
 Run (from the repository root, or from this folder with hparams/...):
-    python recipes/LibriSpeech/distill.py recipes/LibriSpeech/hparams/distill_wav2vec2_base_960h.yaml \
+    python recipes/LibriSpeech/ASR/CTC/distill.py recipes/LibriSpeech/ASR/CTC/hparams/distill_wav2vec2_base_960h.yaml \
         --data_folder=/path/to/LibriSpeech --teacher_source=teachers/wav2vec2-base-960h \
         [--targets_cache=CACHE_DIR] [--kd_weight=0.5]
 
 Multi-GPU (PyTorch DDP, one process per GPU; the teacher runs beside the student on each):
-    torchrun --nproc_per_node=4 recipes/LibriSpeech/distill.py recipes/LibriSpeech/hparams/... \
+    torchrun --nproc_per_node=4 recipes/LibriSpeech/ASR/CTC/distill.py recipes/LibriSpeech/ASR/CTC/hparams/... \
         --data_folder=/path/to/LibriSpeech
 
 --kd_weight=0 trains the identical student without KD (the baseline). Everything

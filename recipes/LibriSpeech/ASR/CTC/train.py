@@ -2,11 +2,12 @@
 """Recipe: train a CTC conformer (the student baseline, or a teacher of your own) on LibriSpeech.
 
 Run (from the repository root, or from this folder with hparams/conformer_ctc.yaml):
-    python recipes/LibriSpeech/train.py recipes/LibriSpeech/hparams/conformer_ctc.yaml \
+    python recipes/LibriSpeech/ASR/CTC/train.py recipes/LibriSpeech/ASR/CTC/hparams/conformer_ctc.yaml \
         --data_folder=/path/to/LibriSpeech [--output_folder=...] [--precision=bf16]
 
 Multi-GPU (PyTorch DDP, one process per GPU):
-    torchrun --nproc_per_node=4 recipes/LibriSpeech/train.py recipes/LibriSpeech/hparams/conformer_ctc.yaml \
+    torchrun --nproc_per_node=4 recipes/LibriSpeech/ASR/CTC/train.py \
+        recipes/LibriSpeech/ASR/CTC/hparams/conformer_ctc.yaml \
         --data_folder=/path/to/LibriSpeech
 
 Data preparation, training, checkpointing, testing and the export of
