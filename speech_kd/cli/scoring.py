@@ -1,4 +1,4 @@
-"""``speech-kd evaluate``, ``compare`` and ``report``: scores of model folders and runs."""
+"""``speech-kd evaluate``, ``compare``, ``report`` and ``lm``: scores of model folders and runs, language models."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ from speech_kd.cli.common import check_device
 from speech_kd.report import build_report, evaluation_page
 from speech_kd.scoring.compare import compare_files, format_comparison
 from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
+from speech_kd.scoring.lm import LMError, build_lm, load_lm, read_texts
 
-__all__ = ["add_compare", "add_evaluate", "add_report"]
+__all__ = ["add_compare", "add_evaluate", "add_lm", "add_report"]
+
+
+def _cmd_lm(args) -> None:
+    if not args.text and not args.csv:
+        raise LMError(f"{args.out}: give the text to build it from: --text FILE... and/or --csv CSV...")
+    if Path(args.out).exists():  # never overwrite what this command did not write
+        raise LMError(f"--out {args.out}: exists; remove it or choose another file")
+    path = build_lm(read_texts(args.text or (), args.csv or ()), args.order, args.out)
+    info = load_lm(path)
+    counts = ", ".join(f"{n}-grams {c:,}" for n, c in sorted(info.counts.items()))
+    print(f"wrote {path}: {info.format}, {len(info.words):,} words" + (f", {counts}" if counts else ""))
 
 
 def _cmd_evaluate(args) -> None:
@@ -135,3 +147,17 @@ def add_compare(sub) -> None:
     p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_cmd_compare)
+
+
+def add_lm(sub) -> None:
+    """``speech-kd lm``."""
+    p = sub.add_parser(
+        "lm", help="word n-gram language model (KenLM lmplz, modified Kneser-Ney) from transcripts or text"
+    )
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text files, one sentence a line")
+    p.add_argument("--csv", nargs="+", default=None, metavar="CSV", help="CSV manifests (their wrd column)")
+    p.add_argument("--order", type=int, default=3, help="n-gram order, 2 to 6")
+    p.add_argument(
+        "--out", required=True, help="ARPA file to write (a name ending in .bin: KenLM binary); must not exist"
+    )
+    p.set_defaults(func=_cmd_lm)

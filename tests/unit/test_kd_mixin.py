@@ -19,8 +19,8 @@ from speechbrain.dataio.batch import PaddedBatch
 
 from speech_kd import KDMixin, make_targets, token_strings
 from speech_kd.data.dataio import make_tokenizer
-from speech_kd.kd.augment_rows import AugmentationRows
 from speech_kd.kd import KDSetupError
+from speech_kd.kd.augment_rows import AugmentationRows
 from speech_kd.kd.recipe_outputs import OutputLayoutError, find_ctc_outputs
 from speech_kd.targets.align import VocabMappingError
 from speech_kd.testing import make_tiny_sb_model, whitenoise
