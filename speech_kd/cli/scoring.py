@@ -7,7 +7,7 @@ from pathlib import Path
 from speech_kd.cli.common import check_device
 from speech_kd.report import build_report, evaluation_page
 from speech_kd.scoring.compare import compare_files, format_comparison
-from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
+from speech_kd.scoring.evaluate import DEFAULT_LM_BEAM, check_writable, evaluate_model, write_outputs
 from speech_kd.scoring.lm import LMError, build_lm, load_lm, read_texts
 
 __all__ = ["add_compare", "add_evaluate", "add_lm", "add_report"]
@@ -42,11 +42,23 @@ def _cmd_evaluate(args) -> None:
         blank_penalty=args.blank_penalty,
         chunk_seconds=args.chunk_seconds,
         context_seconds=args.context_seconds,
+        beam_size=args.beam_size,
+        lm=args.lm,
+        lm_weight=args.lm_weight,
+        word_bonus=args.word_bonus,
+        tune_lm=args.tune_lm,
+        dev_csv=args.dev_csv,
     )
     s = result.summary
+    if "tune_lm" in s:
+        print(s["tune_lm"]["summary"], flush=True)
+    d = s["decoder"]
+    how = d["name"] if d["name"] == "greedy" else f"{d['name']} {d['beam_size']}"
+    if d["lm"]:
+        how += f", lm_weight {d['lm_weight']:g}, word_bonus {d['word_bonus']:g}"
     print(
         f"WER {s['wer']:.2f}%  CER {s['cer']:.2f}%  utterances {s['num_utts']}  "
-        f"params {s['params']:,}  RTF {s['rtf']:.4f}",
+        f"params {s['params']:,}  RTF {s['rtf']:.4f}  decoder {how}",
         flush=True,
     )
     write_outputs(result, args.json, utts)  # after the WER is printed: a failing disk does not hide it
@@ -118,6 +130,22 @@ def add_evaluate(sub) -> None:
         help="with --chunk_seconds: audio before and after each chunk the network also reads "
         "(default 2; 0: independent chunks)",
     )
+    p.add_argument(
+        "--beam_size",
+        type=int,
+        default=None,
+        help=f"CTC beam search (SpeechBrain's CTCBeamSearcher) with this many beams; default: greedy, "
+        f"or {DEFAULT_LM_BEAM} with --lm",
+    )
+    p.add_argument("--lm", default=None, help="word n-gram (ARPA, .arpa.gz or KenLM binary) fused into the beam search")
+    p.add_argument("--lm_weight", type=float, default=None, help="weight of the LM's log-probability (default 0.5)")
+    p.add_argument("--word_bonus", type=float, default=None, help="score added per word (default 1.5)")
+    p.add_argument(
+        "--tune_lm",
+        action="store_true",
+        help="pick --lm_weight/--word_bonus on a dev set by a small grid (says what it picked)",
+    )
+    p.add_argument("--dev_csv", default=None, help="dev manifest for --tune_lm (default: the dev split beside --split)")
     p.set_defaults(func=_cmd_evaluate)
 
 
