@@ -6,7 +6,12 @@ from pathlib import Path
 
 from speech_kd.cli.common import check_device
 from speech_kd.report import build_report, evaluation_page
-from speech_kd.scoring.compare import compare_files, format_comparison
+from speech_kd.scoring.compare import (
+    compare_decoder_files,
+    compare_files,
+    format_comparison,
+    format_decoder_comparisons,
+)
 from speech_kd.scoring.evaluate import DEFAULT_LM_BEAM, check_writable, evaluate_model, write_outputs
 from speech_kd.scoring.lm import LMError, build_lm, load_lm, read_texts
 
@@ -87,7 +92,13 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_compare(args) -> None:
-    result = compare_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
+    if len(args.teacher) > 1:  # files of several decoders (greedy, beam + LM): the gap closed under each
+        results = compare_decoder_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
+        print(format_decoder_comparisons(results))
+        if args.json:
+            print(f"wrote {args.json}")
+        return
+    result = compare_files(args.teacher[0], args.scratch, args.kd, json_path=args.json, draws=args.draws)
     print(format_comparison(result))
     if args.json:
         print(f"wrote {args.json}")
@@ -169,9 +180,19 @@ def add_report(sub) -> None:
 def add_compare(sub) -> None:
     """``speech-kd compare``."""
     p = sub.add_parser("compare", help="share of the teacher gap KD closes, with a bootstrap interval")
-    p.add_argument("--teacher", required=True, help="the teacher's per-utterance file (speech-kd evaluate --utts)")
-    p.add_argument("--scratch", required=True, nargs="+", help="scratch students' files, one per seed")
-    p.add_argument("--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        nargs="+",
+        help="the teacher's per-utterance file (speech-kd evaluate --utts); one per decoder (greedy, beam + LM: "
+        "each file's first line names it) to get the gap closed under each",
+    )
+    p.add_argument(
+        "--scratch", required=True, nargs="+", help="scratch students' files, one per seed (and per decoder)"
+    )
+    p.add_argument(
+        "--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order (and per decoder)"
+    )
     p.add_argument("--draws", type=int, default=2000, help="bootstrap draws")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_cmd_compare)

@@ -39,6 +39,8 @@ __all__ = [
     "read_manifest",
     "DecodingASR",
     "model_log_probs",
+    "pad_log_probs",
+    "model_tokens",
     "dev_split_of",
     "DEFAULT_LM_BEAM",
 ]
@@ -243,7 +245,7 @@ def model_log_probs(asr, wavs: torch.Tensor, wav_lens: torch.Tensor) -> list[np.
     return [log_probs[i, : max(int(n), 1)] for i, n in enumerate(lengths.cpu().tolist())]
 
 
-def _padded(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pad_log_probs(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """``[B, T, V]`` of ``[T_i, V]`` arrays (padding never decoded) and their lengths ``[B]``."""
     width = max((a.shape[0] for a in arrays), default=1)
     vocab = arrays[0].shape[1] if arrays else 1
@@ -271,7 +273,7 @@ class DecodingASR:
 
     def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
         """Words of padded ``wavs [B, S]`` (``wav_lens [B]`` relative) by the decoder; no token ids."""
-        log_probs, lengths = _padded(model_log_probs(self.asr, wavs, wav_lens))
+        log_probs, lengths = pad_log_probs(model_log_probs(self.asr, wavs, wav_lens))
         texts = self.decoder.decode(log_probs, lengths)
         return texts, [[] for _ in texts]
 
@@ -296,7 +298,7 @@ def _collect_log_probs(asr, rows: list[dict], sample_rate: int, batch_seconds: f
         padded, lengths = load_batch(batch, sample_rate)
         arrays += model_log_probs(asr, padded, lengths / lengths.max())
         refs += [r["wrd"] for r in batch]
-    log_probs, frames = _padded(arrays)
+    log_probs, frames = pad_log_probs(arrays)
     return log_probs, frames, refs
 
 
