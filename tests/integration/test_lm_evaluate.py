@@ -17,12 +17,15 @@ import pytest
 from speech_kd.cli import run
 from speech_kd.data.prepare import prepare_split
 from speech_kd.deploy import lm_runtime, runtime
+from speech_kd.report import build_report
 from speech_kd.scoring import evaluate as evaluate_mod
 from speech_kd.scoring.compare import compare_decoder_files, format_decoder_comparisons
 from speech_kd.scoring.decoding import BeamDecoder
 from speech_kd.scoring.lm import LMError, find_kenlm_tool
 from speech_kd.scoring.metrics import read_utterance_decoder, read_utterance_errors
 from speech_kd.testing import make_tiny_hf_ctc
+from speech_kd.training.train import run_training
+from tests.conftest import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[2]
 TEACHER = REPO / "speech_kd" / "pretrained" / "teacher_synth"
@@ -188,3 +191,21 @@ def test_bad_decoding_input_is_one_line_before_decoding(csvs, arpa, tmp_path, ca
     # export --lm refuses the same before writing anything
     _one_line_error(capsys, ["export", str(TEACHER), "--out", str(tmp_path / "o"), "--lm", str(lower)], "lower case")
     assert not (tmp_path / "o").exists()
+
+
+def test_training_final_test_with_lm(tiny_corpus, arpa, tmp_path):
+    base = [str(REPO / "hparams/teacher.yaml"), f"--data_folder={tiny_corpus}", "--number_of_epochs=1", *TINY_MODEL]
+    # a bad test_lm is refused before the training starts
+    with pytest.raises(LMError, match="no such language model file"):
+        run_training([*base, f"--output_folder={tmp_path / 'bad'}", f"--test_lm={tmp_path / 'nope.arpa'}"])
+    assert not (tmp_path / "bad" / "history.jsonl").exists()
+    out = tmp_path / "run"
+    results = run_training([*base, f"--output_folder={out}", f"--test_lm={arpa}", "--test_beam_size=4"])
+    fused = results["test"]["beam_lm"]
+    assert set(fused) >= {"WER", "CER", "rtf", "greedy_WER", "decoder"}
+    assert fused["decoder"]["name"] == "beam+lm" and fused["decoder"]["beam_size"] == 4
+    assert json.loads((out / "test_results.json").read_text())["test"]["beam_lm"] == fused
+    assert read_utterance_decoder(out / "test_lm_test_utts.txt")["lm"] == str(arpa)
+    assert read_utterance_decoder(out / "test_greedy_test_utts.txt")["name"] == "greedy"
+    report = build_report(out, evaluate=False)
+    assert "WER % beam+LM" in report.with_suffix(".md").read_text()
