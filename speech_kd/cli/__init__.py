@@ -11,6 +11,7 @@ Commands::
     speech-kd export MODEL_FOLDER --out DIR [--format onnx|torchscript] [--quantize int8] [--force]
     speech-kd report RUN_DIR [--compare NAME=FOLDER ...] [--max_utts N] [--no-eval]
     speech-kd compare --teacher T_utts.txt --scratch S_utts.txt ... --kd K_utts.txt ... [--json PATH]
+    speech-kd lm (--text FILE... | --csv CSV...) --order N --out LM.arpa   word n-gram LM (KenLM)
     speech-kd bench [--json PATH]                    speed benchmarks
     speech-kd bench-kd --data DIR --out DIR ...      experiments: scratch vs KD students over seeds
     speech-kd demo [--out DIR]
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_cache_targets(sub)
     scoring.add_report(sub)
     scoring.add_compare(sub)
+    scoring.add_lm(sub)
     deploy.add_bench(sub)
     deploy.add_demo(sub)
     training.add_train_distill(sub)

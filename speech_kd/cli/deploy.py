@@ -24,12 +24,28 @@ def _cmd_export(args) -> None:
         fp32_layers=tuple(args.fp32_layers),
         blank_penalty=args.blank_penalty,
         force=args.force,
+        **{
+            k: v
+            for k, v in (
+                ("lm", args.lm),
+                ("lm_weight", args.lm_weight),
+                ("word_bonus", args.word_bonus),
+                ("beam_size", args.beam_size),
+            )
+            if v is not None
+        },
     )
     print(
         f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
         f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
         f"PyTorch network on a test batch {info['max_abs_diff']:.2g}"
     )
+    if info.get("lm"):
+        lm = info["lm"]
+        print(
+            f"copied the LM as {lm['file']}: transcribe.py decodes with it (beam {lm['beam_size']}, "
+            f"lm_weight {lm['lm_weight']:g}, word_bonus {lm['word_bonus']:g}; --lm none: greedy)"
+        )
     print(f"try: python {Path(args.out) / 'transcribe.py'} AUDIO.wav")
 
 
@@ -67,6 +83,14 @@ def add_export(sub) -> None:
         action="store_true",
         help="replace --out when it holds an earlier export (anything else is never replaced)",
     )
+    p.add_argument(
+        "--lm",
+        default=None,
+        help="word n-gram (ARPA or KenLM binary) copied into the folder; transcribe.py then decodes with it",
+    )
+    p.add_argument("--lm_weight", type=float, default=None, help="with --lm: recorded LM weight (default 0.5)")
+    p.add_argument("--word_bonus", type=float, default=None, help="with --lm: recorded word bonus (default 1.5)")
+    p.add_argument("--beam_size", type=int, default=None, help="with --lm: recorded beam size (default 100)")
     p.set_defaults(func=_cmd_export)
 
 

@@ -1,4 +1,4 @@
-"""``speech-kd evaluate``, ``compare`` and ``report``: scores of model folders and runs."""
+"""``speech-kd evaluate``, ``compare``, ``report`` and ``lm``: scores of model folders and runs, language models."""
 
 from __future__ import annotations
 
@@ -15,10 +15,27 @@ from speech_kd.cli.common import (
 )
 from speech_kd.report import build_report, evaluation_page
 from speech_kd.report.evaluation import check_page_paths
-from speech_kd.scoring.compare import compare_files, format_comparison
-from speech_kd.scoring.evaluate import check_writable, evaluate_model, write_outputs
+from speech_kd.scoring.compare import (
+    compare_decoder_files,
+    compare_files,
+    format_comparison,
+    format_decoder_comparisons,
+)
+from speech_kd.scoring.evaluate import DEFAULT_LM_BEAM, check_writable, evaluate_model, write_outputs
+from speech_kd.scoring.lm import LMError, build_lm, load_lm, read_texts
 
-__all__ = ["add_compare", "add_evaluate", "add_report"]
+__all__ = ["add_compare", "add_evaluate", "add_lm", "add_report"]
+
+
+def _cmd_lm(args) -> None:
+    if not args.text and not args.csv:
+        raise LMError(f"{args.out}: give the text to build it from: --text FILE... and/or --csv CSV...")
+    if Path(args.out).exists():  # never overwrite what this command did not write
+        raise LMError(f"--out {args.out}: exists; remove it or choose another file")
+    path = build_lm(read_texts(args.text or (), args.csv or ()), args.order, args.out)
+    info = load_lm(path)
+    counts = ", ".join(f"{n}-grams {c:,}" for n, c in sorted(info.counts.items()))
+    print(f"wrote {path}: {info.format}, {len(info.words):,} words" + (f", {counts}" if counts else ""))
 
 
 def _cmd_evaluate(args) -> int:
@@ -41,11 +58,23 @@ def _cmd_evaluate(args) -> int:
         blank_penalty=args.blank_penalty,
         chunk_seconds=args.chunk_seconds,
         context_seconds=args.context_seconds,
+        beam_size=args.beam_size,
+        lm=args.lm,
+        lm_weight=args.lm_weight,
+        word_bonus=args.word_bonus,
+        tune_lm=args.tune_lm,
+        dev_csv=args.dev_csv,
     )
     s = result.summary
+    if "tune_lm" in s:
+        print(s["tune_lm"]["summary"], flush=True)
+    d = s["decoder"]
+    how = d["name"] if d["name"] == "greedy" else f"{d['name']} {d['beam_size']}"
+    if d["lm"]:
+        how += f", lm_weight {d['lm_weight']:g}, word_bonus {d['word_bonus']:g}"
     print(
         f"WER {s['wer']:.2f}%  CER {s['cer']:.2f}%  utterances {s['num_utts']}  "
-        f"params {s['params']:,}  RTF {s['rtf']:.4f}",
+        f"params {s['params']:,}  RTF {s['rtf']:.4f}  decoder {how}",
         flush=True,
     )
     write_outputs(result, args.json, utts)  # after the WER is printed: a failing disk does not hide it
@@ -79,7 +108,13 @@ def _cmd_report(args) -> None:
 
 
 def _cmd_compare(args) -> None:
-    result = compare_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
+    if len(args.teacher) > 1:  # files of several decoders (greedy, beam + LM): the gap closed under each
+        results = compare_decoder_files(args.teacher, args.scratch, args.kd, json_path=args.json, draws=args.draws)
+        print(format_decoder_comparisons(results))
+        if args.json:
+            print(f"wrote {args.json}")
+        return
+    result = compare_files(args.teacher[0], args.scratch, args.kd, json_path=args.json, draws=args.draws)
     print(format_comparison(result))
     if args.json:
         print(f"wrote {args.json}")
@@ -123,6 +158,22 @@ def add_evaluate(sub) -> None:
         help="with --chunk_seconds: audio before and after each chunk the network also reads "
         "(default 2; 0: independent chunks)",
     )
+    p.add_argument(
+        "--beam_size",
+        type=int,
+        default=None,
+        help=f"CTC beam search (SpeechBrain's CTCBeamSearcher) with this many beams; default: greedy, "
+        f"or {DEFAULT_LM_BEAM} with --lm",
+    )
+    p.add_argument("--lm", default=None, help="word n-gram (ARPA, .arpa.gz or KenLM binary) fused into the beam search")
+    p.add_argument("--lm_weight", type=float, default=None, help="weight of the LM's log-probability (default 0.5)")
+    p.add_argument("--word_bonus", type=float, default=None, help="score added per word (default 1.5)")
+    p.add_argument(
+        "--tune_lm",
+        action="store_true",
+        help="pick --lm_weight/--word_bonus on a dev set by a small grid (says what it picked)",
+    )
+    p.add_argument("--dev_csv", default=None, help="dev manifest for --tune_lm (default: the dev split beside --split)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -146,9 +197,33 @@ def add_report(sub) -> None:
 def add_compare(sub) -> None:
     """``speech-kd compare``."""
     p = sub.add_parser("compare", help="share of the teacher gap KD closes, with a bootstrap interval")
-    p.add_argument("--teacher", required=True, help="the teacher's per-utterance file (speech-kd evaluate --utts)")
-    p.add_argument("--scratch", required=True, nargs="+", help="scratch students' files, one per seed")
-    p.add_argument("--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order")
+    p.add_argument(
+        "--teacher",
+        required=True,
+        nargs="+",
+        help="the teacher's per-utterance file (speech-kd evaluate --utts); one per decoder (greedy, beam + LM: "
+        "each file's first line names it) to get the gap closed under each",
+    )
+    p.add_argument(
+        "--scratch", required=True, nargs="+", help="scratch students' files, one per seed (and per decoder)"
+    )
+    p.add_argument(
+        "--kd", required=True, nargs="+", help="KD students' files, one per seed, in the same order (and per decoder)"
+    )
     p.add_argument("--draws", type=positive_int, default=2000, help="bootstrap draws")
     p.add_argument("--json", default=None, help="also write the result here")
     p.set_defaults(func=_cmd_compare)
+
+
+def add_lm(sub) -> None:
+    """``speech-kd lm``."""
+    p = sub.add_parser(
+        "lm", help="word n-gram language model (KenLM lmplz, modified Kneser-Ney) from transcripts or text"
+    )
+    p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text files, one sentence a line")
+    p.add_argument("--csv", nargs="+", default=None, metavar="CSV", help="CSV manifests (their wrd column)")
+    p.add_argument("--order", type=int, default=3, help="n-gram order, 2 to 6")
+    p.add_argument(
+        "--out", required=True, help="ARPA file to write (a name ending in .bin: KenLM binary); must not exist"
+    )
+    p.set_defaults(func=_cmd_lm)

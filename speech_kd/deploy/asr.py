@@ -64,7 +64,11 @@ class DeployedASR:
         self.context_seconds = CONTEXT_SECONDS if context_seconds is None else context_seconds
         threads = torch.get_num_threads() if threads is None else threads
         self.runtime = ExportedASR(
-            folder, threads=threads, blank_penalty=blank_penalty, max_batch_seconds=max_batch_seconds
+            folder,
+            threads=threads,
+            blank_penalty=blank_penalty,
+            max_batch_seconds=max_batch_seconds,
+            lm="",  # evaluate decodes itself (scoring.decoding): greedy unless asked, even with the folder's LM
         )
         self.sample_rate = self.runtime.sample_rate
         self.tokens = self.runtime.tokens

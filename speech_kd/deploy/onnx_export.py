@@ -8,6 +8,9 @@ Written into ``out``::
     deploy.json             tokens, blank, sample rate, frame shift, fbank settings, quantisation, parameters
     tokens.txt              one token per line, in index order
     transcribe.py           :mod:`speech_kd.deploy.runtime`, copied: fbank, network, greedy CTC decoding
+                            or beam search with a KenLM word n-gram
+    lm.arpa | lm.arpa.gz | lm.bin   with ``lm``: the language model, copied (``deploy.json`` ``"lm"``
+                            records it with its weights; transcribe.py uses it by default)
     README.txt              usage
 
 Quantisation (``int8``) is dynamic: weights stored as int8, activations
@@ -36,6 +39,7 @@ from speech_kd.deploy import runtime
 from speech_kd.deploy.graph import CTCGraph, UnsupportedModelError
 from speech_kd.nnet.features import filter_matrix as _filter_matrix
 from speech_kd.scoring.evaluate import count_parameters, load_asr
+from speech_kd.scoring.lm import check_lm_units, load_lm
 
 __all__ = ["export_asr", "check_out_folder", "FORMATS", "QUANTIZE", "DEFAULT_FP32_LAYERS", "WRITTEN_BY"]
 
@@ -59,6 +63,7 @@ EXPORT_ENTRIES = frozenset(
         "transcribe.py",
         "README.txt",
         "__pycache__",
+        *runtime.LM_NAMES,
     }
 )
 
@@ -272,6 +277,10 @@ def export_asr(
     fp32_layers: tuple[str, ...] = DEFAULT_FP32_LAYERS,
     blank_penalty: float = 0.0,
     force: bool = False,
+    lm: str | os.PathLike | None = None,
+    lm_weight: float = runtime.DEFAULT_LM_WEIGHT,
+    word_bonus: float = runtime.DEFAULT_WORD_BONUS,
+    beam_size: int = runtime.DEFAULT_BEAM_SIZE,
 ) -> dict:
     """Export a model folder (``speech-kd train``/``distill``'s ``<output_folder>/model``) to ``out``.
 
@@ -294,6 +303,12 @@ def export_asr(
         Written to ``deploy.json``: subtracted from the blank's log-probability when decoding.
     force : bool
         Replace ``out`` when it holds an earlier export (only then).
+    lm : str or os.PathLike, optional
+        A word n-gram (ARPA, ``.arpa.gz`` or KenLM binary) copied into the folder as ``lm.arpa``,
+        ``lm.arpa.gz`` or ``lm.bin``, checked first against the model's units
+        (:func:`~speech_kd.scoring.lm.check_lm_units`); ``transcribe.py`` then decodes with it by default.
+    lm_weight, word_bonus, beam_size : float, float, int
+        Recorded with the LM in ``deploy.json`` ``"lm"`` (e.g. what ``speech-kd evaluate --tune_lm`` picked).
 
     Returns
     -------
@@ -306,7 +321,13 @@ def export_asr(
     if quantize not in QUANTIZE:
         raise ValueError(f"--quantize {quantize!r}: only int8 (dynamic) is supported")
     out = check_out_folder(out, model_folder, force)
+    lm_info = load_lm(lm) if lm is not None else None  # a missing or corrupt LM: told before the export runs
+    if isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1:
+        raise ValueError(f"--beam_size must be a positive integer, got {beam_size!r}")
     asr = _load_model(model_folder)
+    if lm_info is not None:
+        tokens = [asr.tokenizer.ind2lab[i] for i in range(len(asr.tokenizer))]
+        check_lm_units(lm_info, tokens, int(getattr(asr.hparams, "blank_index", 0)))
     encoder = asr.mods.encoder.eval()
     settings, window, mel = _fbank_settings(encoder.compute_features)
     graph = CTCGraph(encoder)
@@ -337,6 +358,8 @@ def export_asr(
             count_parameters(asr),
             model_folder,
         )
+        if lm_info is not None:
+            config = _copy_lm(tmp, lm_info, config, lm_weight, word_bonus, beam_size)
         check_out_folder(out, model_folder, force)  # again: the folder may have changed while the export ran
         _replace(tmp, out)
     except BaseException:
@@ -348,6 +371,29 @@ def export_asr(
                 break
         raise
     return {**config, "max_abs_diff": diff, "bytes": (out / config["model_file"]).stat().st_size}
+
+
+def _copy_lm(tmp: Path, info, config: dict, lm_weight: float, word_bonus: float, beam_size: int) -> dict:
+    """Copy the LM into the export (``lm.arpa``/``lm.arpa.gz``/``lm.bin``), record it in ``deploy.json``, load it."""
+    if info.format == "binary":
+        name = "lm.bin"
+    else:
+        with open(info.path, "rb") as fh:
+            name = "lm.arpa.gz" if fh.read(2) == b"\x1f\x8b" else "lm.arpa"
+    shutil.copyfile(info.path, tmp / name)
+    config = {
+        **config,
+        "lm": {
+            "file": name,
+            "source": info.path.name,
+            "lm_weight": float(lm_weight),
+            "word_bonus": float(word_bonus),
+            "beam_size": int(beam_size),
+        },
+    }
+    (tmp / runtime.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    runtime.ExportedASR(tmp, threads=1)  # the folder's transcribe.py loads it: KenLM's errors now, not later
+    return config
 
 
 def _replace(tmp: Path, out: Path) -> None:

@@ -5,6 +5,7 @@ folder as ``transcribe.py``, which needs neither speechbrain nor speech_kd::
 
     python DIR/transcribe.py a.wav b.flac [--threads 1] [--max_batch_seconds 16] [--blank_penalty 0]
     python DIR/transcribe.py long.wav        # over LONG_SECONDS (60 s): 20 s chunks with 2 s of context
+    python DIR/transcribe.py a.wav --beam_size 100 --lm LM.arpa --lm_weight 0.5 --word_bonus 1.5
 
 or, from Python, ``ExportedASR(DIR).transcribe_files(["a.wav"])``.
 
@@ -19,7 +20,10 @@ Pipeline: audio (mono, the folder's sample rate) -> log-mel fbank computed
 here in numpy (:func:`fbank`; the same numbers as SpeechBrain's ``Fbank``
 within 1e-4 dB, tested) -> the network (``model.onnx`` or ``model.ts``:
 normalisation, convolution front end, conformer, CTC output layer,
-log-softmax) -> greedy CTC decoding (:func:`greedy_decode`). Each utterance's
+log-softmax) -> greedy CTC decoding (:func:`greedy_decode`), or CTC beam search
+(:func:`ctc_beam_search`, SpeechBrain's ``CTCBeamSearcher`` ported to numpy) with a
+KenLM word n-gram fused (``--lm``, or the folder's own ``lm.*`` copied by ``speech-kd export --lm``,
+used by default with the weights ``deploy.json`` records). Each utterance's
 result does not depend on what else is in its batch.
 
 Shapes: ``S`` samples, ``T`` fbank frames, ``F`` mel bins, ``T'`` output
@@ -29,7 +33,10 @@ frames (``frame_shift`` seconds each), ``V`` tokens, ``B`` batch.
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
+import gzip
+import heapq
 import json
 import math
 import os
@@ -49,6 +56,12 @@ __all__ = [
     "mel_blocks",
     "best_tokens",
     "greedy_decode",
+    "ctc_beam_search",
+    "KenLMScorer",
+    "read_lm_words",
+    "lm_spelling_share",
+    "LM_NAMES",
+    "DEFAULT_BEAM_SIZE",
     "read_audio",
     "check_samples",
     "resample",
@@ -86,6 +99,12 @@ MIN_SAMPLE_RATE = 4000
 #: (padding included). One padded batch of 8 utterances (41 s) was 5-17 % slower on a 2-core CPU
 #: (docs/deploy.md, ``speech-kd bench --max_batch_seconds 0``): its activations no longer fit in the cache
 MAX_BATCH_SECONDS = 16.0
+#: names ``speech-kd export --lm`` gives the language model it copies (ARPA, gzipped ARPA, KenLM binary)
+LM_NAMES = ("lm.arpa", "lm.arpa.gz", "lm.bin")
+#: beams kept when a language model is used and no --beam_size is given (SpeechBrain's searchers' default)
+DEFAULT_BEAM_SIZE = 100
+#: the LM weight and word bonus without recorded or given ones (SpeechBrain's ``alpha``, ``beta`` defaults)
+DEFAULT_LM_WEIGHT, DEFAULT_WORD_BONUS = 0.5, 1.5
 
 
 def mel_blocks(mel: np.ndarray, blocks: int = 4) -> list[tuple[int, int, int, int, np.ndarray]]:
@@ -184,6 +203,313 @@ def run_groups(lengths: list[int], budget: int) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
+
+
+# ------------------------------------------------------------------ CTC beam search with a word n-gram
+# A port of SpeechBrain 1.1's ``speechbrain.decoders.ctc.CTCBeamSearcher`` (itself adapted from pyctcdecode),
+# step for step: the same token and beam pruning, beam merging, history pruning, LM shallow fusion (``alpha``
+# times the natural-log LM score plus ``beta`` per word, ``unk_score_offset`` for out-of-vocabulary and
+# partial words) and the same floating-point operations on the same numpy types, so it returns SpeechBrain's
+# transcripts (tests/unit/test_lm_decoding.py). Like SpeechBrain's searcher it does not add the
+# end-of-sentence probability at the end of an utterance. numpy and the standard library; ``kenlm`` only
+# when a language model is given. speech_kd.deploy.lm_runtime re-exports these (one copy, this one).
+
+#: the first bytes of a KenLM binary file
+_LM_BINARY_MAGIC = b"mmap lm "
+#: how much of a KenLM binary file's end is searched for its vocabulary strings
+_BINARY_VOCAB_TAIL = 256 * 1024 * 1024
+#: ARPA/KenLM pseudo-words that are not words of the text
+_LM_SPECIALS = ("<s>", "</s>", "<unk>")
+
+
+def read_lm_words(path: str | os.PathLike) -> list[str] | None:
+    r"""The words of a KenLM binary or (optionally gzipped) ARPA file, ``<s>``/``</s>``/``<unk>`` left out.
+
+    An ARPA file's words are its ``\1-grams:`` section. A KenLM binary file
+    keeps its vocabulary as NUL-separated strings at its end, after
+    ``<unk>``; None when they cannot be found there.
+
+    Parameters
+    ----------
+    path : path-like
+        The language model.
+
+    Returns
+    -------
+    list of str or None
+        The words, in file order.
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as fh:
+        head = fh.read(len(_LM_BINARY_MAGIC))
+    if head == _LM_BINARY_MAGIC:
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            fh.seek(max(0, size - _BINARY_VOCAB_TAIL))
+            tail = fh.read()
+        start = tail.rfind(b"<unk>\x00")
+        if start < 0:
+            return None
+        words = tail[start:].rstrip(b"\x00").split(b"\x00")
+        return [w.decode("utf-8", "replace") for w in words if w.decode("utf-8", "replace") not in _LM_SPECIALS]
+    opener = gzip.open if head[:2] == b"\x1f\x8b" else open
+    words = []
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+        in_unigrams = False
+        for line in fh:
+            line = line.strip()
+            if line == "\\1-grams:":
+                in_unigrams = True
+                continue
+            if in_unigrams:
+                if not line:
+                    continue
+                if line.startswith("\\"):
+                    break
+                parts = line.split()
+                if len(parts) >= 2 and parts[1] not in _LM_SPECIALS:
+                    words.append(parts[1])
+    return words
+
+
+class KenLMScorer:
+    """A KenLM n-gram for :func:`ctc_beam_search` (SpeechBrain's ``KenlmScorer``, same scores).
+
+    Parameters
+    ----------
+    path : path-like
+        KenLM binary or ARPA file.
+    alpha : float
+        LM weight (on natural-log probabilities).
+    beta : float
+        Bonus per word.
+    unigrams : iterable of str, optional
+        Known words; read from the file when None (:func:`read_lm_words`).
+    unk_score_offset : float
+        Added to the log10 score of an unknown word, and (unweighted) to a
+        partial word that begins no known word.
+    score_boundary : bool
+        Start each utterance in the sentence-start context ``<s>``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        alpha: float = 0.5,
+        beta: float = 1.5,
+        unigrams=None,
+        unk_score_offset: float = -10.0,
+        score_boundary: bool = True,
+    ):
+        try:
+            import kenlm
+        except ImportError as err:
+            raise ImportError(
+                "decoding with a language model needs the kenlm module: pip install kenlm "
+                "(speech_kd's scripts/install_kenlm.sh installs it)"
+            ) from err
+        self._kenlm = kenlm
+        self.model = kenlm.Model(os.fspath(path))
+        if unigrams is None:
+            unigrams = read_lm_words(path)
+        known = {w for w in (unigrams or ()) if w in self.model}
+        self.unigrams = known
+        self._sorted = sorted(known) if unigrams is not None else None
+        self.alpha = alpha
+        self.beta = beta
+        self.unk_score_offset = unk_score_offset
+        self.score_boundary = score_boundary
+        self.order = int(self.model.order)
+
+    def start_state(self):
+        """The LM state an utterance starts in."""
+        state = self._kenlm.State()
+        if self.score_boundary:
+            self.model.BeginSentenceWrite(state)
+        else:
+            self.model.NullContextWrite(state)
+        return state
+
+    def _is_prefix(self, partial: str) -> bool:
+        if self._sorted is None:
+            return False
+        i = bisect.bisect_left(self._sorted, partial)
+        return i < len(self._sorted) and self._sorted[i].startswith(partial)
+
+    def score_partial(self, partial: str) -> float:
+        """Penalty of a word still being spelt: ``unk_score_offset`` unless it begins a known word."""
+        unk = self.unk_score_offset * int(not self._is_prefix(partial))
+        if len(partial) > 6:
+            unk = unk * len(partial) / 6
+        return unk
+
+    def score(self, state, word: str, is_last_word: bool = False):
+        """Weighted score of ``word`` after ``state``, and the state after it."""
+        end_state = self._kenlm.State()
+        lm_score = self.model.BaseScore(state, word, end_state)
+        if len(self.unigrams) > 0 and word not in self.unigrams or word not in self.model:
+            lm_score += self.unk_score_offset
+        if is_last_word and self.score_boundary:
+            lm_score = lm_score + self.model.BaseScore(end_state, "</s>", self._kenlm.State())
+        lm_score = self.alpha * lm_score * 1.0 / math.log10(math.e) + self.beta
+        return lm_score, end_state
+
+
+def _join(text: str, word: str) -> str:
+    if len(word) == 0:
+        return text
+    if len(text) == 0:
+        return word
+    return text + " " + word
+
+
+# A beam during the frame loop: (text, next_word, partial_word, last_token, score); after LM scoring the
+# same with next_word folded into text and the fused score appended: (text, partial_word, last_token, score,
+# lm_score).
+
+
+def _merge(beams: list) -> list:
+    """Beams with the same text, partial word and last token become one (probabilities added)."""
+    merged: dict = {}
+    for beam in beams:
+        key = (_join(beam[0], beam[1]), beam[2], beam[3])
+        if key not in merged:
+            merged[key] = beam
+        else:
+            merged[key] = beam[:4] + (np.logaddexp(merged[key][4], beam[4]),)
+    return list(merged.values())
+
+
+def _lm_beams(beams: list, lm: KenLMScorer | None, lm_cache: dict, partial_cache: dict) -> list:
+    """Fold each beam's next word into its text and add the LM's score (the CTC score when no LM)."""
+    out = []
+    for text, next_word, partial, last, score in beams:
+        new_text = _join(text, next_word)
+        if lm is None:
+            out.append((new_text, partial, last, score, score))
+            continue
+        key = (new_text, False)
+        if key not in lm_cache:
+            prev_score, state = lm_cache[(text, False)]
+            word_score, end_state = lm.score(state, next_word, is_last_word=False)
+            lm_cache[key] = (prev_score + word_score, end_state)
+        lm_score = lm_cache[key][0]
+        if len(partial) > 0:
+            if partial not in partial_cache:
+                partial_cache[partial] = lm.score_partial(partial)
+            lm_score += partial_cache[partial]
+        out.append((new_text, partial, last, score, score + lm_score))
+    return out
+
+
+def _prune(scored: list, beam_size: int, beam_prune_logp: float) -> list:
+    best = max(b[4] for b in scored)
+    kept = [b for b in scored if b[4] >= best + beam_prune_logp]
+    return heapq.nlargest(beam_size, kept, key=lambda b: b[4])
+
+
+def ctc_beam_search(
+    log_probs: np.ndarray,
+    tokens: list[str],
+    blank: int,
+    beam_size: int = 100,
+    lm: KenLMScorer | None = None,
+    space_token: str = " ",
+    beam_prune_logp: float = -10.0,
+    token_prune_min_logp: float = -5.0,
+    prune_history: bool = True,
+    spm_token: str = "\u2581",
+) -> str:
+    """Best transcript of one utterance's CTC ``log_probs [T, V]`` by beam search, with ``lm`` fused when given.
+
+    Parameters
+    ----------
+    log_probs : numpy.ndarray
+        ``[T, V]`` log-posteriors of the valid frames.
+    tokens : list of str
+        Unit strings in index order, the blank included.
+    blank : int
+        Index of the CTC blank.
+    beam_size : int
+        Beams kept after each frame.
+    lm : KenLMScorer, optional
+        Word n-gram fused into the search.
+    space_token : str
+        The word-delimiter unit (ignored with SentencePiece units, whose
+        words begin with ``spm_token``).
+    beam_prune_logp : float
+        Beams more than this below the best are dropped.
+    token_prune_min_logp : float
+        Units below this log-probability on a frame are not tried (the best one always is).
+    prune_history : bool
+        Keep one beam per LM context (the last ``order - 1`` words).
+    spm_token : str
+        SentencePiece's word-start marker.
+
+    Returns
+    -------
+    str
+        The words, single spaces between them.
+
+    Examples
+    --------
+    >>> lp = np.log(np.array([[0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=np.float32))
+    >>> ctc_beam_search(lp, ["<blank>", "A", "B"], blank=0, beam_size=4)
+    'AB'
+    """
+    is_spm = any(str(t).startswith(spm_token) for t in tokens)
+    space_index = tokens.index(space_token) if (not is_spm and space_token in tokens) else -1
+    lm_cache: dict = {}
+    if lm is not None:
+        lm_cache[("", False)] = (0.0, lm.start_state())
+    partial_cache: dict = {}
+    vocab = set(range(len(tokens)))
+    history = max(1, (1 if lm is None else lm.order) - 1)
+    beams = [("", "", "", None, 0.0)]  # (text, next_word, partial_word, last_token, score)
+    for column in log_probs:
+        if column[blank] > 0.0:  # SpeechBrain's blank_skip_threshold of 1.0: never true for log-probabilities
+            continue
+        candidates = (set(np.where(column > token_prune_min_logp)[0]) | {column.argmax()}) & vocab
+        grown = []
+        for index in candidates:
+            p = column[index]
+            token = tokens[index]
+            for text, next_word, partial, last, score in beams:
+                if index == blank or last == token:
+                    grown.append((text, next_word, partial, token, score + p))
+                elif is_spm and token[:1] == spm_token:
+                    grown.append((text, partial, token[1:], token, score + p))
+                elif not is_spm and index == space_index:
+                    grown.append((text, partial, "", token, score + p))
+                else:
+                    grown.append((text, next_word, partial + token, token, score + p))
+        scored = _prune(_lm_beams(_merge(grown), lm, lm_cache, partial_cache), beam_size, beam_prune_logp)
+        if prune_history:
+            seen, beams = set(), []
+            for text, partial, last, score, _ in scored:
+                key = (tuple(text.split()[-history:]), partial, last)
+                if key not in seen:
+                    seen.add(key)
+                    beams.append((text, "", partial, last, score))
+        else:
+            beams = [(text, "", partial, last, score) for text, partial, last, score, _ in scored]
+    final = _merge([(text, partial, "", None, score) for text, _, partial, _, score in beams])
+    best = _prune(_lm_beams(final, lm, lm_cache, partial_cache), beam_size, beam_prune_logp)
+    return " ".join(best[0][0].split())
+
+
+def lm_spelling_share(words: list[str], tokens: list[str], blank: int) -> float:
+    """Share of the LM's ``words`` spelt with the characters of the model's ``tokens`` (specials, blank aside).
+
+    Examples
+    --------
+    >>> lm_spelling_share(["AB", "ba", "<s>"], ["<blank>", " ", "A", "B"], 0)
+    0.5
+    """
+    units = [t for i, t in enumerate(tokens) if i != blank and not (len(t) > 2 and t[0] + t[-1] in ("<>", "[]"))]
+    alphabet = {c for t in units for c in t} - {" ", "|", "\u2581"}
+    words = [w for w in words if w and not (len(w) > 2 and w[0] + w[-1] == "<>")]
+    return sum(set(w) <= alphabet for w in words) / len(words) if words else 0.0
 
 
 class TranscribeError(ValueError):
@@ -358,6 +684,16 @@ class ExportedASR:
     max_batch_seconds : float, optional
         Padded audio per network run (default :data:`MAX_BATCH_SECONDS`); the utterances given together are
         run longest first in groups of at most this much (:func:`run_groups`). 0: all in one padded batch.
+    beam_size : int, optional
+        > 1: CTC beam search (:func:`ctc_beam_search`) instead of greedy decoding (default: 1, or the
+        folder's recorded beam size, else :data:`DEFAULT_BEAM_SIZE`, when a language model is used).
+    lm : str or os.PathLike, optional
+        Word n-gram (ARPA, ``.arpa.gz`` or KenLM binary; needs the ``kenlm`` module) fused into the beam
+        search. Default: the folder's own (``deploy.json`` ``"lm"``, copied by ``speech-kd export --lm``)
+        with its recorded weights; ``""`` or ``"none"``: no LM.
+    lm_weight, word_bonus : float, optional
+        Weight of the LM's natural-log probability and score per word (default: the recorded ones for the
+        folder's LM, else 0.5 and 1.5).
 
     A missing or corrupt ``deploy.json``, ``fbank.npz`` or model file, or an option out of range, raises
     :class:`TranscribeError` (one line naming the file or option).
@@ -369,6 +705,10 @@ class ExportedASR:
         threads: int | None = None,
         blank_penalty: float | None = None,
         max_batch_seconds: float = MAX_BATCH_SECONDS,
+        beam_size: int | None = None,
+        lm: str | os.PathLike | None = None,
+        lm_weight: float | None = None,
+        word_bonus: float | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.config = _read_config(self.folder)
@@ -399,6 +739,7 @@ class ExportedASR:
         if not math.isfinite(self.blank_penalty):
             raise TranscribeError(f"blank_penalty {self.blank_penalty}: must be a finite number")
         self.max_batch_seconds = _seconds(max_batch_seconds, "max_batch_seconds")
+        self._set_decoder(beam_size, lm, lm_weight, word_bonus)
         whole = isinstance(threads, (int, np.integer)) and not isinstance(threads, bool)
         if threads is not None and (not whole or threads < 1):
             raise TranscribeError(f"threads {threads!r}: must be a whole number >= 1")
@@ -445,6 +786,68 @@ class ExportedASR:
                 raise TranscribeError(
                     f"{model}: not a loadable TorchScript model ({_one_line(error)[:300]}); export the model again"
                 ) from None
+
+    def _set_decoder(self, beam_size, lm, lm_weight, word_bonus) -> None:
+        """Greedy, or beam search with the LM checked and loaded (:class:`TranscribeError` naming the file)."""
+        recorded = self.config.get("lm") if isinstance(self.config.get("lm"), dict) else {}
+        own = lm is None and bool(recorded.get("file"))
+        if own:
+            lm = self.folder / str(recorded["file"])
+        elif lm is not None and str(lm).strip().lower() in ("", "none"):
+            lm = None
+        self.lm_path = None if lm is None else Path(lm)
+        defaults = recorded if own else {}
+        self.lm_weight = float(defaults.get("lm_weight", DEFAULT_LM_WEIGHT) if lm_weight is None else lm_weight)
+        self.word_bonus = float(defaults.get("word_bonus", DEFAULT_WORD_BONUS) if word_bonus is None else word_bonus)
+        if beam_size is None:
+            beam_size = int(defaults.get("beam_size", DEFAULT_BEAM_SIZE)) if self.lm_path is not None else 1
+        if isinstance(beam_size, bool) or not isinstance(beam_size, (int, np.integer)) or beam_size < 1:
+            raise TranscribeError(f"beam_size {beam_size!r}: must be a whole number >= 1")
+        if not (math.isfinite(self.lm_weight) and self.lm_weight >= 0 and math.isfinite(self.word_bonus)):
+            raise TranscribeError(
+                f"lm_weight {self.lm_weight} / word_bonus {self.word_bonus}: must be finite, lm_weight >= 0"
+            )
+        self.beam_size = int(beam_size)
+        self.space_token = next((t for t in (" ", "|") if t in self.tokens), " ")
+        self.lm = None
+        if self.lm_path is None:
+            return
+        path = self.lm_path
+        if not path.is_file():
+            raise TranscribeError(f"{path}: no such language model file")
+        try:
+            words = read_lm_words(path)
+        except (OSError, EOFError, ValueError) as error:
+            raise TranscribeError(f"{path}: not a readable language model ({_one_line(error)})") from None
+        if not words:
+            raise TranscribeError(f"{path}: corrupt or not a language model (no words found: ARPA or KenLM binary)")
+        if not any(t in (" ", "|") or t.startswith("\u2581") for t in self.tokens):
+            raise TranscribeError(
+                f"{path}: the model's units have no word boundary (no ' ' or '|' unit, no '\u2581' pieces)"
+            )
+        share = lm_spelling_share(words, self.tokens, self.blank_index)
+        if share < 0.5:
+            upper = lm_spelling_share([w.upper() for w in words], self.tokens, self.blank_index)
+            hint = "; its words are lower case, the model's units upper case" if upper >= 0.5 else ""
+            raise TranscribeError(
+                f"{path}: only {100 * share:.0f}% of the LM's {len(words)} words are spelt with the model's units{hint}"
+            )
+        try:
+            self.lm = KenLMScorer(path, alpha=self.lm_weight, beta=self.word_bonus, unigrams=words)
+        except ImportError as error:
+            raise TranscribeError(f"{path}: {_one_line(error)}") from None
+        except Exception as error:  # kenlm's OSError/RuntimeError on a corrupt file
+            raise TranscribeError(f"{path}: KenLM cannot read it ({_one_line(error)[:200]})") from None
+
+    def decode(self, log_probs: np.ndarray) -> str:
+        """Transcript of one utterance's ``[T', V]`` log-probabilities: greedy, or beam search (with the LM)."""
+        if self.beam_size == 1 and self.lm is None:
+            return self.text(greedy_decode(log_probs, self.blank_index, self.blank_penalty))
+        log_probs = np.array(log_probs, dtype=np.float32)
+        log_probs[:, self.blank_index] -= self.blank_penalty
+        return ctc_beam_search(
+            log_probs, self.tokens, self.blank_index, self.beam_size, self.lm, space_token=self.space_token
+        )
 
     def features(self, wav: np.ndarray) -> np.ndarray:
         """Fbank ``[T, F]`` of ``wav [S]``; audio shorter than ``min_samples`` is zero-padded to it first."""
@@ -538,7 +941,7 @@ class ExportedASR:
 
     def transcribe(self, wavs: list[np.ndarray]) -> list[str]:
         """Transcripts of waveforms ``[S]`` at the folder's sample rate (as :meth:`log_probs` runs them)."""
-        return [self.text(greedy_decode(lp, self.blank_index, self.blank_penalty)) for lp in self.log_probs(wavs)]
+        return [self.decode(lp) for lp in self.log_probs(wavs)]
 
     def stream_log_probs(
         self, wav: np.ndarray, chunk_seconds: float = 20.0, context_seconds: float = CONTEXT_SECONDS
@@ -572,8 +975,12 @@ class ExportedASR:
         """Transcript of a long waveform ``[S]`` from :meth:`stream_log_probs` (bounded memory).
 
         Greedy decoding runs across chunk boundaries (a token repeated over a boundary is merged as within a
-        chunk), keeping only the last frame's best token between chunks.
+        chunk), keeping only the last frame's best token between chunks; beam search runs on the chunks'
+        frames put together.
         """
+        if self.beam_size > 1 or self.lm is not None:
+            pieces = list(self.stream_log_probs(wav, chunk_seconds, context_seconds))
+            return self.decode(np.concatenate(pieces) if pieces else np.zeros((0, len(self.tokens)), np.float32))
         ids: list[int] = []
         previous = -1
         for piece in self.stream_log_probs(wav, chunk_seconds, context_seconds):
@@ -661,6 +1068,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=CONTEXT_SECONDS,
         help="with chunks: audio before and after each chunk also read (0: none)",
     )
+    parser.add_argument(
+        "--beam_size",
+        type=_number(int, 1, True, "must be at least 1"),
+        default=None,
+        help=f"CTC beam search with this many beams (default: 1, greedy; with an LM the folder's, "
+        f"else {DEFAULT_BEAM_SIZE})",
+    )
+    parser.add_argument(
+        "--lm",
+        default=None,
+        help="word n-gram (ARPA or KenLM binary, needs the kenlm module) for the beam search; default: the "
+        "folder's own (speech-kd export --lm) with its recorded weights; none: no LM",
+    )
+    parser.add_argument(
+        "--lm_weight",
+        type=_number(float, 0, True, "must be a finite number >= 0"),
+        default=None,
+        help="weight of the LM's log-probability",
+    )
+    parser.add_argument(
+        "--word_bonus",
+        type=_number(float, -math.inf, False, "must be a finite number"),
+        default=None,
+        help="score added per word",
+    )
     return parser
 
 
@@ -673,7 +1105,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         asr = ExportedASR(
-            args.model, threads=args.threads, blank_penalty=args.blank_penalty, max_batch_seconds=args.max_batch_seconds
+            args.model,
+            threads=args.threads,
+            blank_penalty=args.blank_penalty,
+            max_batch_seconds=args.max_batch_seconds,
+            beam_size=args.beam_size,
+            lm=args.lm,
+            lm_weight=args.lm_weight,
+            word_bonus=args.word_bonus,
         )
     except TranscribeError as error:
         print(f"transcribe.py: error: {error}", file=sys.stderr)

@@ -113,14 +113,23 @@ def build_report(
         if results.exists():
             page.paragraph("Not re-scored (--no-eval); the run's own test scores from training (test_results.json):")
             scores = json.loads(results.read_text())
+            with_lm = any(isinstance(v.get("beam_lm"), dict) for v in scores.values())
             page.table(
-                ["split", "WER %", "CER %", "loss"],
+                ["split", "WER %", "CER %", "loss"] + (["WER % beam+LM", "CER % beam+LM"] if with_lm else []),
                 [
                     [
                         k,
                         f"{v.get('WER', float('nan')):.2f}",
                         f"{v.get('CER', float('nan')):.2f}",
                         f"{v.get('loss', float('nan')):.3g}",
+                        *(
+                            [
+                                f"{v.get('beam_lm', {}).get('WER', float('nan')):.2f}",
+                                f"{v.get('beam_lm', {}).get('CER', float('nan')):.2f}",
+                            ]
+                            if with_lm
+                            else []
+                        ),
                     ]
                     for k, v in scores.items()
                 ],

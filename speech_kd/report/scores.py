@@ -14,22 +14,45 @@ from speech_kd.scoring.teacher_check import read_teacher_score
 from speech_kd.targets.cache import CacheReader
 
 
-def _evaluate_models(models: dict[str, Path], test_csv: Path, device: str) -> list[dict]:
+def _evaluate_models(models: dict[str, Path], test_csv: Path, device: str, lm: dict | None = None) -> list[dict]:
+    """Greedy scores of each model, and with ``lm`` (``evaluate_model``'s decoding settings) beam + LM ones too."""
     rows = []
     for name, folder in models.items():
         s = evaluate_model(folder, test_csv, device=device, progress=False).summary
-        rows.append(
-            {
-                "name": name,
-                "wer": s["wer"],
-                "cer": s["cer"],
-                "params": s["params"],
-                "rtf": s["rtf"],
-                "num_utts": s["num_utts"],
-                "folder": str(folder),
-            }
-        )
+        row = {
+            "name": name,
+            "wer": s["wer"],
+            "cer": s["cer"],
+            "params": s["params"],
+            "rtf": s["rtf"],
+            "num_utts": s["num_utts"],
+            "folder": str(folder),
+        }
+        if lm is not None:
+            fused = evaluate_model(folder, test_csv, device=device, progress=False, **lm).summary
+            row["lm"] = {"wer": fused["wer"], "cer": fused["cer"], "rtf": fused["rtf"], "decoder": fused["decoder"]}
+        rows.append(row)
     return rows
+
+
+def run_lm_settings(run: RunFolder) -> dict | None:
+    """The run's ``test_lm`` decoding (``evaluate_model`` keywords), None when it has none or the file is gone."""
+    lm = run.setting("test_lm")
+    if not lm or lm in ("null", "None", "~") or not Path(lm).is_file():
+        return None
+
+    def number(key: str, default: float) -> float:
+        try:
+            return float(run.setting(key) or default)
+        except ValueError:
+            return default
+
+    return {
+        "beam_size": int(number("test_beam_size", 100)),
+        "lm": lm,
+        "lm_weight": number("test_lm_weight", 0.5),
+        "word_bonus": number("test_word_bonus", 1.5),
+    }
 
 
 def gap_closed_by_run(rows: list[dict], run_name: str) -> dict[str, str]:
@@ -60,12 +83,20 @@ def scores_section(page: Page, run: RunFolder, compare: dict, max_utts: int | No
     for name, folder in (compare or {}).items():
         models[name] = Path(folder)
     subset = subset_csv(test_csv, max_utts, run.folder / "report_files" / "eval_subset.csv")
-    rows = _evaluate_models(models, subset, device)
+    lm = run_lm_settings(run)
+    rows = _evaluate_models(models, subset, device, lm)
+    with_lm = (
+        f" and CTC beam search ({lm['beam_size']} beams) with the run's test_lm {Path(lm['lm']).name} "
+        f"(lm_weight {lm['lm_weight']:g}, word_bonus {lm['word_bonus']:g}), side by side"
+        if lm
+        else ""
+    )
     page.paragraph(
-        f"Scored on {rows[0]['num_utts']} utterances of {test_csv.name} (greedy CTC decoding, jiwer, "
-        f"upper-cased; RTF = compute seconds / audio seconds on {device})."
+        f"Scored on {rows[0]['num_utts']} utterances of {test_csv.name} (greedy CTC decoding{with_lm}, jiwer, "
+        f"upper-cased; RTF = compute seconds / audio seconds on {device}, decoding included)."
     )
     gap = gap_closed_by_run(rows, run.folder.name)
+    lm_gap = gap_closed_by_run([{**r, **r["lm"]} for r in rows], run.folder.name) if lm else {}
     if gap.get(run.folder.name, "").startswith("teacher"):
         by_name = {r["name"]: r for r in rows}
         teacher, scratch, kd = by_name["teacher"], by_name["scratch"], by_name[run.folder.name]
@@ -77,6 +108,8 @@ def scores_section(page: Page, run: RunFolder, compare: dict, max_utts: int | No
             "hundred utterances and one seed a point or two is noise (`speech-kd compare` gives an interval)."
         )
     header = ["model", "WER %", "CER %", "parameters", "RTF"] + (["WER gap closed"] if gap else [])
+    if lm:
+        header += ["WER % beam+LM", "CER % beam+LM", "RTF beam+LM"] + (["gap closed, beam+LM"] if lm_gap else [])
     page.table(
         header,
         [
@@ -87,6 +120,12 @@ def scores_section(page: Page, run: RunFolder, compare: dict, max_utts: int | No
                 f"{r['params']:,}",
                 f"{r['rtf']:.4f}",
                 *([gap.get(r["name"], "")] if gap else []),
+                *(
+                    [f"{r['lm']['wer']:.2f}", f"{r['lm']['cer']:.2f}", f"{r['lm']['rtf']:.4f}"]
+                    + ([lm_gap.get(r["name"], "")] if lm_gap else [])
+                    if lm
+                    else []
+                ),
             ]
             for r in rows
         ],

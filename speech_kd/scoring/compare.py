@@ -13,6 +13,9 @@ position), and reports
   scratch students (a teacher trained too briefly, on other data) is reported
   as "teacher worse than scratch", with how far, never as a negative or
   undefined share; KD is then judged by its WER difference from scratch alone;
+- with per-utterance files of several decoders (greedy, beam + LM: the ``# decoder:`` line
+  ``evaluate`` writes), each decoder's comparison, and the gap closed under each side by side
+  (:func:`compare_decoder_files`);
 - a bootstrap interval for that share and for the WER difference, resampling
   the test utterances (the same draw for every model, so the comparison is
   paired) and, with two or more seed pairs, the seed pairs too, so that both
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech_kd.scoring.metrics import read_utterance_errors
+from speech_kd.scoring.metrics import read_utterance_decoder, read_utterance_errors
 
 __all__ = [
     "read_utterance_errors",
@@ -39,6 +42,10 @@ __all__ = [
     "compare_gap",
     "compare_files",
     "format_comparison",
+    "decoder_label",
+    "group_by_decoder",
+    "compare_decoder_files",
+    "format_decoder_comparisons",
 ]
 
 
@@ -271,3 +278,83 @@ def compare_files(
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
     return result
+
+
+def decoder_label(path: str | os.PathLike) -> str:
+    """The decoder a per-utterance file was made with: its ``# decoder:`` record's name, ``greedy`` without one."""
+    record = read_utterance_decoder(path)
+    return "greedy" if record is None else str(record.get("name") or "greedy")
+
+
+def group_by_decoder(teacher: list, scratch: list, kd: list) -> dict[str, tuple[str | os.PathLike, list, list]]:
+    """``{decoder: (teacher file, scratch files, kd files)}``, decoders in the teacher files' order.
+
+    Raises
+    ------
+    ValueError
+        Two teacher files of one decoder, or a decoder without a teacher, scratch or KD file.
+    """
+    groups: dict[str, tuple] = {}
+    for path in teacher:
+        label = decoder_label(path)
+        if label in groups:
+            raise ValueError(f"{path}: a second teacher file decoded with {label} ({groups[label][0]} is the first)")
+        groups[label] = (path, [], [])
+    for role, paths in (("scratch", scratch), ("kd", kd)):
+        for path in paths:
+            label = decoder_label(path)
+            if label not in groups:
+                raise ValueError(f"{path}: decoded with {label}, but no --teacher file is ({', '.join(groups)})")
+            groups[label][1 if role == "scratch" else 2].append(path)
+    for label, (_, s, k) in groups.items():
+        if not s or not k:
+            raise ValueError(f"decoder {label}: needs at least one --scratch and one --kd file decoded with it")
+    return groups
+
+
+def compare_decoder_files(
+    teacher: list,
+    scratch: list,
+    kd: list,
+    json_path: str | os.PathLike | None = None,
+    draws: int = 2000,
+) -> dict[str, GapComparison]:
+    """:func:`compare_files` for each decoder the files were made with (:func:`group_by_decoder`).
+
+    Writes ``json_path`` as ``{"decoders": {name: comparison}}`` when given.
+    """
+    groups = group_by_decoder(teacher, scratch, kd)
+    results = {label: compare_files(t, s, k, draws=draws) for label, (t, s, k) in groups.items()}
+    if json_path:
+        data = {
+            "decoders": {
+                label: results[label].to_dict()
+                | {"teacher_better": results[label].teacher_better}
+                | {"files": {"teacher": str(t), "scratch": [str(p) for p in s], "kd": [str(p) for p in k]}}
+                for label, (t, s, k) in groups.items()
+            }
+        }
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(_finite_or_none(data), indent=2, allow_nan=False) + "\n")
+    return results
+
+
+def format_decoder_comparisons(results: dict[str, GapComparison]) -> str:
+    """Each decoder's :func:`format_comparison`, then one table of the gap closed under each."""
+    lines = []
+    for label, result in results.items():
+        lines += [f"## {label}", "", format_comparison(result), ""]
+    lines += [
+        "## gap closed under each decoder",
+        "",
+        "| decoder | teacher WER % | scratch WER % | KD WER % | gap closed by KD |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, r in results.items():
+        share = (
+            f"{100 * r.gap_closed:.0f} % ({100 * r.gap_closed_interval[0]:.0f} to {100 * r.gap_closed_interval[1]:.0f})"
+            if r.teacher_better
+            else no_gap_label(r.scratch_mean, r.teacher_wer)
+        )
+        lines.append(f"| {label} | {r.teacher_wer:.2f} | {r.scratch_mean:.2f} | {r.kd_mean:.2f} | {share} |")
+    return "\n".join(lines)

@@ -16,18 +16,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 import torch
 from tqdm import tqdm
 
 from speech_kd.data.audio import AudioError, read_audio
-from speech_kd.data.dataio import read_csv_rows
+from speech_kd.data.dataio import read_csv_rows, token_strings
 from speech_kd.data.prepare import prepare_split
 from speech_kd.deploy.asr import DeployedASR, is_exported_folder
 from speech_kd.deploy.runtime import MIN_SAMPLE_RATE
 from speech_kd.kd.losses import collapse_greedy
+from speech_kd.scoring.decoding import DecodingError, make_decoder
+from speech_kd.scoring.lm import load_lm
 from speech_kd.scoring.metrics import error_rates, normalize_text, utterance_errors, write_utterances
 from speech_kd.targets.teachers.ensemble import load_ensemble, teacher_sources
+from speech_kd.targets.teachers.sb import sb_blank_index
 
 __all__ = [
     "load_asr",
@@ -38,12 +42,20 @@ __all__ = [
     "read_manifest",
     "read_scored_audio",
     "load_checked_batch",
+    "DecodingASR",
+    "model_log_probs",
+    "pad_log_probs",
+    "model_tokens",
+    "dev_split_of",
+    "DEFAULT_LM_BEAM",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: default longest utterance scored (seconds); longer ones are skipped with a warning (memory bound)
 MAX_DURATION = 60.0
+#: beam size when a language model is given without ``beam_size`` (SpeechBrain's searchers' default)
+DEFAULT_LM_BEAM = 100
 
 
 class ModelFolderError(ValueError):
@@ -186,6 +198,117 @@ def _warn_unreachable_characters(asr, refs: list[str], csv_path) -> None:
         )
 
 
+def model_tokens(asr) -> tuple[list[str], int]:
+    """The units (index order, blank included) and blank index of a loaded model of any kind ``evaluate`` runs."""
+    if isinstance(asr, DeployedASR):
+        return list(asr.tokens), int(asr.runtime.blank_index)
+    if isinstance(asr, EnsembleASR):
+        return list(asr.teacher.tokens), int(asr.teacher.blank_index)
+    tokens = token_strings(asr.tokenizer)
+    return tokens, sb_blank_index(asr, tokens)
+
+
+def model_log_probs(asr, wavs: torch.Tensor, wav_lens: torch.Tensor) -> list[np.ndarray]:
+    """Per-utterance ``[T'_i, V]`` natural-log posteriors of padded ``wavs [B, S]`` (``wav_lens [B]`` relative).
+
+    An exported folder's are its runtime's (its blank penalty subtracted from the blank, as its greedy
+    decoding does; with ``chunk_seconds`` the chunks' frames concatenated); an ensemble's the averaged
+    members'; an ``EncoderASR``'s ``encode_batch`` (log-softmax applied when it returns logits).
+    """
+    if isinstance(asr, DeployedASR):
+        if asr.chunk_seconds:
+            lengths = torch.round(wav_lens * wavs.shape[1]).long().tolist()
+            arrays = [
+                np.concatenate(
+                    list(
+                        asr.runtime.stream_log_probs(
+                            wavs[i, :n].cpu().float().numpy(), asr.chunk_seconds, asr.context_seconds
+                        )
+                    )
+                )
+                for i, n in enumerate(lengths)
+            ]
+        else:
+            arrays = [lp.numpy() for lp in asr.log_probs_batch(wavs, wav_lens)]
+        blank, penalty = asr.runtime.blank_index, asr.runtime.blank_penalty
+        out = []
+        for lp in arrays:
+            lp = np.array(lp, dtype=np.float32)
+            lp[:, blank] -= penalty
+            out.append(lp)
+        return out
+    with torch.no_grad():
+        if isinstance(asr, EnsembleASR):
+            result = asr.teacher(wavs.to(asr.device), wav_lens.to(asr.device))
+            log_probs, lengths = result.log_probs, result.lengths
+        else:
+            log_probs = asr.encode_batch(wavs, wav_lens).float()
+            if not torch.allclose(log_probs.exp().sum(-1), torch.ones(()), atol=1e-3):
+                log_probs = log_probs.log_softmax(-1)
+            lengths = torch.round(wav_lens.to(log_probs.device) * log_probs.shape[1]).long()
+    log_probs = log_probs.float().cpu().numpy()
+    return [log_probs[i, : max(int(n), 1)] for i, n in enumerate(lengths.cpu().tolist())]
+
+
+def pad_log_probs(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, T, V]`` of ``[T_i, V]`` arrays (padding never decoded) and their lengths ``[B]``."""
+    width = max((a.shape[0] for a in arrays), default=1)
+    vocab = arrays[0].shape[1] if arrays else 1
+    batch = np.zeros((len(arrays), width, vocab), dtype=np.float32)
+    for i, a in enumerate(arrays):
+        batch[i, : a.shape[0]] = a
+    return batch, np.array([a.shape[0] for a in arrays], dtype=np.int64)
+
+
+class DecodingASR:
+    """A loaded model decoded by a :class:`~speech_kd.scoring.decoding.Decoder`: ``transcribe_batch`` as ``EncoderASR``.
+
+    Parameters
+    ----------
+    asr
+        What :func:`evaluate_model` loads (``EncoderASR``, :class:`EnsembleASR`, ``DeployedASR``).
+    decoder : speech_kd.scoring.decoding.Decoder
+        Made for the model's units (:func:`model_tokens`).
+    """
+
+    def __init__(self, asr, decoder) -> None:
+        self.asr = asr
+        self.decoder = decoder
+        self.mods = getattr(asr, "mods", None)
+
+    def transcribe_batch(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> tuple[list[str], list[list[int]]]:
+        """Words of padded ``wavs [B, S]`` (``wav_lens [B]`` relative) by the decoder; no token ids."""
+        log_probs, lengths = pad_log_probs(model_log_probs(self.asr, wavs, wav_lens))
+        texts = self.decoder.decode(log_probs, lengths)
+        return texts, [[] for _ in texts]
+
+
+def dev_split_of(split: str) -> str:
+    """The dev split beside a test split: ``test-clean`` -> ``dev-clean``, ``test`` -> ``dev``.
+
+    Examples
+    --------
+    >>> dev_split_of("test-other"), dev_split_of("test")
+    ('dev-other', 'dev')
+    """
+    if "test" not in split:
+        raise ValueError(f"--tune_lm: no dev split beside --split {split} (no 'test' in its name); give --dev_csv")
+    return split.replace("test", "dev", 1)
+
+
+def _collect_log_probs(asr, rows: list[dict], sample_rate: int, batch_seconds: float, progress: bool):
+    """``[B, T, V]`` log-posteriors, lengths ``[B]`` and references of manifest rows (for tuning)."""
+    arrays, refs = [], []
+    for batch in tqdm(duration_batches(rows, batch_seconds), desc="dev", unit="batch", disable=not progress):
+        batch, padded, lengths, _ = load_checked_batch(batch, sample_rate)  # a bad dev file: named, left out
+        if not batch:
+            continue
+        arrays += model_log_probs(asr, padded, lengths / lengths.max())
+        refs += [r["wrd"] for r in batch]
+    log_probs, frames = pad_log_probs(arrays)
+    return log_probs, frames, refs
+
+
 def read_manifest(csv_path: str | os.PathLike) -> list[dict]:
     """Rows of a SpeechBrain CSV (``ID,wav,wrd``; ``duration`` optional).
 
@@ -252,7 +375,7 @@ def write_outputs(result: EvalResult, json_path=None, utts_path=None) -> None:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result.summary, indent=2) + "\n")
     if utts_path:
-        write_utterances(result.utterances, utts_path)
+        write_utterances(result.utterances, utts_path, decoder=result.summary.get("decoder"))
 
 
 def duration_batches(rows: list[dict], batch_seconds: float) -> list[list[dict]]:
@@ -392,6 +515,12 @@ def evaluate_model(
     blank_penalty: float | None = None,
     chunk_seconds: float | None = None,
     context_seconds: float | None = None,
+    beam_size: int | None = None,
+    lm: str | os.PathLike | None = None,
+    lm_weight: float | None = None,
+    word_bonus: float | None = None,
+    tune_lm: bool = False,
+    dev_csv: str | os.PathLike | None = None,
 ) -> EvalResult:
     """Transcribe a test set with the model folder and score it.
 
@@ -413,15 +542,39 @@ def evaluate_model(
     missing, empty, unreadable, NaN/Inf samples, a rate below 4 kHz) is logged in one line naming it and
     left out; the scores cover the others and :attr:`EvalResult.failed` lists the rows left out
     (``ValueError`` when every file fails).
+
+    Decoding is greedy unless ``beam_size`` > 1 or ``lm`` is given: then
+    :class:`~speech_kd.scoring.decoding.BeamDecoder` (SpeechBrain's ``CTCBeamSearcher``, ``beam_size``
+    default :data:`DEFAULT_LM_BEAM` with an LM) with the KenLM ``lm`` fused at ``lm_weight``/``word_bonus``.
+    The LM file is checked before the model loads, and against the model's units before any audio is
+    run. ``tune_lm`` picks ``lm_weight``/``word_bonus`` on ``dev_csv`` (default with ``data_folder``: the
+    dev split beside ``split``, :func:`dev_split_of`) by :func:`~speech_kd.scoring.decoding.tune_lm`'s
+    grid. The summary's ``"decoder"`` records the decoder (and ``"tune_lm"`` the grid); the
+    per-utterance file's first line too; ``rtf`` includes the decoding time.
     """
     check_writable(json_path, utts_path)  # before the work: a path that cannot be written fails now, not after it
+    if beam_size is not None and (isinstance(beam_size, bool) or not isinstance(beam_size, int) or beam_size < 1):
+        raise DecodingError(f"--beam_size must be a positive integer, got {beam_size!r}")
+    if lm is not None:
+        load_lm(lm)  # a missing or corrupt file is told now, before the model loads
+    elif tune_lm or lm_weight is not None or word_bonus is not None:
+        raise DecodingError("--tune_lm, --lm_weight and --word_bonus need a language model (--lm)")
+    if tune_lm and dev_csv is None:
+        if data_folder is None or split is None:
+            raise DecodingError("--tune_lm needs a dev set: --dev_csv, or --data_folder and --split (its dev split)")
+        dev_split = dev_split_of(split)
+        if not (Path(data_folder) / dev_split).is_dir():
+            raise DecodingError(f"--tune_lm: {Path(data_folder) / dev_split}: no such dev split; give --dev_csv")
     if csv_path is None:
         if data_folder is None or split is None:
             raise ValueError("give --csv, or --data_folder and --split")
 
         tmp = tempfile.mkdtemp(prefix="speechkd_eval_")
         csv_path = prepare_split(data_folder, split, tmp).csv_files[split]
+    if tune_lm and dev_csv is None:
+        dev_csv = prepare_split(data_folder, dev_split, tempfile.mkdtemp(prefix="speechkd_dev_")).csv_files[dev_split]
     rows = skip_long(read_manifest(csv_path), max_duration, csv_path)
+    dev_rows = skip_long(read_manifest(dev_csv), max_duration, dev_csv) if tune_lm else []
     folders = teacher_sources(asr_folder)
     if not folders:
         raise ValueError("--asr names no model folder")
@@ -445,6 +598,28 @@ def evaluate_model(
         asr = load_asr(asr_folder, device=device)
         sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
 
+    tokens, blank = model_tokens(asr)
+    if beam_size is None:
+        beam_size = DEFAULT_LM_BEAM if lm is not None else 1
+    weights = {k: v for k, v in (("lm_weight", lm_weight), ("word_bonus", word_bonus)) if v is not None}
+    decoder = make_decoder(tokens, blank, beam_size, lm, **weights)  # the LM checked against the units here
+    runner = asr if decoder.name == "greedy" else DecodingASR(asr, decoder)
+    tuned = None
+    if tune_lm:
+        start = time.perf_counter()
+        dev_lp, dev_frames, dev_refs = _collect_log_probs(asr, dev_rows, sample_rate, batch_seconds, progress)
+        result = decoder.tune(dev_lp, dev_frames, dev_refs)
+        logger.info("%s (dev %s, %d utterances)", result.summary(), dev_csv, len(dev_refs))
+        tuned = {
+            "dev_csv": str(dev_csv),
+            "lm_weight": result.lm_weight,
+            "word_bonus": result.word_bonus,
+            "dev_wer": round(result.wer, 3),
+            "seconds": round(time.perf_counter() - start, 2),
+            "grid": result.table,
+            "summary": result.summary(),
+        }
+
     _warn_converted_audio(rows, sample_rate, csv_path)
     ids, refs, hyps, failed = [], [], [], []
     audio_seconds = compute_seconds = 0.0
@@ -461,7 +636,7 @@ def evaluate_model(
             if not batch:
                 continue
             start = time.perf_counter()
-            words, _ = asr.transcribe_batch(padded, lengths / lengths.max())
+            words, _ = runner.transcribe_batch(padded, lengths / lengths.max())
             compute_seconds += time.perf_counter() - start
             audio_seconds += float(lengths.sum()) / sample_rate
             ids += [r["ID"] for r in batch]
@@ -490,7 +665,10 @@ def evaluate_model(
         "csv": str(csv_path),
         "device": device,
         "not_scored": [{"ID": uid, "wav": path, "reason": reason} for uid, path, reason in failed],
+        "decoder": decoder.describe(),
     }
+    if tuned is not None:
+        summary["tune_lm"] = tuned
     result = EvalResult(summary, utterance_errors(ids, refs, hyps), failed)
     write_outputs(result, json_path, utts_path)
     return result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import asdict, dataclass
@@ -17,6 +18,8 @@ __all__ = [
     "utterance_errors",
     "write_utterances",
     "read_utterance_errors",
+    "read_utterance_decoder",
+    "DECODER_LINE",
 ]
 
 
@@ -121,10 +124,16 @@ def utterance_errors(ids: list[str], refs: list[str], hyps: list[str]) -> list[U
     return out
 
 
-def write_utterances(per_utt: list, path: str | os.PathLike) -> None:
-    """Per-utterance reference/hypothesis/errors, worst first."""
+#: first line of a per-utterance file naming its decoder (``# decoder: {json}``); files without it are greedy
+DECODER_LINE = "# decoder: "
+
+
+def write_utterances(per_utt: list, path: str | os.PathLike, decoder: dict | None = None) -> None:
+    """Per-utterance reference/hypothesis/errors, worst first; ``decoder`` (its record) as a first line."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
+        if decoder is not None:
+            fh.write(DECODER_LINE + json.dumps(decoder, sort_keys=True) + "\n\n")
         for u in per_utt:
             fh.write(f"{u.utt_id}  WER {u.wer:.1f}%  ({u.errors} errors / {u.ref_words} words)\n")
             fh.write(u.alignment + "\n\n")
@@ -132,6 +141,21 @@ def write_utterances(per_utt: list, path: str | os.PathLike) -> None:
 
 #: the header line of each utterance in :func:`write_utterances`' file
 _UTTERANCE_HEADER = re.compile(r"^(\S+)  WER [0-9.]+%  \((\d+) errors / (\d+) words\)$")
+
+
+def read_utterance_decoder(path: str | os.PathLike) -> dict | None:
+    """The decoder record of a :func:`write_utterances` file (its first line), None when it has none (greedy)."""
+    with open(path, encoding="utf-8") as fh:
+        first = fh.readline()
+    if not first.startswith(DECODER_LINE):
+        return None
+    try:
+        record = json.loads(first[len(DECODER_LINE) :])
+    except ValueError as err:
+        raise ValueError(f"{path}: unreadable decoder line ({err})") from err
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: the decoder line is not a JSON object")
+    return record
 
 
 def read_utterance_errors(path: str | os.PathLike) -> dict[str, tuple[int, int]]:

@@ -19,10 +19,20 @@ import speechbrain as sb
 import torch
 from speechbrain.utils.distributed import run_on_main
 
-from speech_kd.data.dataio import collate_readable, dynamic_batch_sampler, load_dataset, make_tokenizer, merge_csvs
+from speech_kd.data.dataio import (
+    collate_readable,
+    dynamic_batch_sampler,
+    load_dataset,
+    make_tokenizer,
+    merge_csvs,
+    token_strings,
+)
 from speech_kd.data.prepare import prepare_librispeech
 from speech_kd.hparams_files import resolve as resolve_hparams_file
 from speech_kd.model_folder import export_model_folder
+from speech_kd.scoring.decoding import DecodingError
+from speech_kd.scoring.evaluate import evaluate_model
+from speech_kd.scoring.lm import check_lm_units, load_lm
 from speech_kd.training.checkpoints import FolderLock
 from speech_kd.training.ctc_brain import CTCBrain
 from speech_kd.training.settings import (
@@ -177,6 +187,7 @@ def _run_locked(
     tokenizer = make_tokenizer(hparams["alphabet"], hparams["blank_index"])
     if len(tokenizer) != hparams["output_neurons"]:
         raise ValueError(f"output_neurons={hparams['output_neurons']} but the alphabet gives {len(tokenizer)} tokens")
+    test_lm = test_lm_settings(hparams, tokenizer)  # a bad LM is told now, not after the training
     frame_shift = hparams.get("frame_shift", 0.04)
     datasets = build_datasets(hparams, tokenizer, csvs, frame_shift)
 
@@ -243,9 +254,74 @@ def _run_locked(
             "extra_info": info,
         },
     )
+    if test_lm is not None and sb.utils.distributed.if_main_process():
+        for split, csv in zip(hparams["test_splits"], csvs["test"]):
+            if split in results:
+                results[split]["beam_lm"] = test_with_lm(hparams, split, csv, test_lm, str(brain.device))
     if sb.utils.distributed.if_main_process():
         (Path(hparams["output_folder"]) / "test_results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def test_lm_settings(hparams: dict, tokenizer) -> dict | None:
+    """The final test's beam + LM decoding (``test_lm``, ``test_beam_size``, ...), checked; None: greedy only.
+
+    Raises
+    ------
+    speech_kd.scoring.lm.LMError
+        A missing or corrupt LM, or one whose words the model's units cannot spell.
+    speech_kd.scoring.decoding.DecodingError
+        ``test_beam_size`` < 1.
+    """
+    lm = hparams.get("test_lm")
+    if not lm:
+        return None
+    beam = hparams.get("test_beam_size", 100)
+    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+        raise DecodingError(f"--test_beam_size must be a positive integer, got {beam!r}")
+    check_lm_units(load_lm(lm), token_strings(tokenizer), hparams["blank_index"])
+    return {
+        "beam_size": beam,
+        "lm": str(lm),
+        "lm_weight": float(hparams.get("test_lm_weight", 0.5)),
+        "word_bonus": float(hparams.get("test_word_bonus", 1.5)),
+    }
+
+
+def test_with_lm(hparams: dict, split: str, csv: str, settings: dict, device: str) -> dict:
+    """Score the run's model folder on a test split greedily and with beam + LM, both per-utterance files kept.
+
+    Writes ``test_{greedy,lm}_<split>.json`` and ``..._utts.txt`` in the output folder (for
+    ``speech-kd compare``); returns the beam + LM ``WER``, ``CER``, ``rtf`` and ``decoder`` record.
+    """
+    out = Path(hparams["output_folder"])
+    common = {"device": device, "progress": False, "max_duration": hparams.get("max_eval_duration") or None}
+    greedy = evaluate_model(
+        hparams["model_folder"],
+        csv,
+        json_path=out / f"test_greedy_{split}.json",
+        utts_path=out / f"test_greedy_{split}_utts.txt",
+        **common,
+    ).summary
+    fused = evaluate_model(
+        hparams["model_folder"],
+        csv,
+        json_path=out / f"test_lm_{split}.json",
+        utts_path=out / f"test_lm_{split}_utts.txt",
+        **settings,
+        **common,
+    ).summary
+    logger.info(
+        "test %s: WER greedy %.2f, beam+lm %.2f (%s)", split, greedy["wer"], fused["wer"], json.dumps(fused["decoder"])
+    )
+    return {
+        "WER": fused["wer"],
+        "CER": fused["cer"],
+        "rtf": fused["rtf"],
+        "greedy_WER": greedy["wer"],
+        "greedy_rtf": greedy["rtf"],
+        "decoder": fused["decoder"],
+    }
 
 
 def _write_hypotheses(path: Path, rows) -> None:

@@ -13,11 +13,11 @@ from speech_kd.data.dataio import token_strings
 from speech_kd.nnet.features import fast_fbank, fast_fbank_applies, fbank_signature
 from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
 
-__all__ = ["SpeechBrainTeacher"]
+__all__ = ["SpeechBrainTeacher", "sb_blank_index"]
 
 
-def _blank_index(asr, tokens: list[str]) -> int:
-    """The CTC blank: from the decoding function, the hparams, or the ``<blank>`` label."""
+def sb_blank_index(asr, tokens: list[str]) -> int:
+    """The CTC blank of a loaded ``EncoderASR``: from its decoding function, its hparams, or the ``<blank>`` label."""
     decoding = getattr(asr.hparams, "decoding_function", None)
     keywords = getattr(decoding, "keywords", {}) or {}
     for key in ("blank_id", "blank_index"):
@@ -72,7 +72,7 @@ class SpeechBrainTeacher(Teacher):
         self.name = f"speechbrain:{source.name}"
         self.sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
         self.tokens = token_strings(asr.tokenizer)
-        self.blank_index = _blank_index(asr, self.tokens)
+        self.blank_index = sb_blank_index(asr, self.tokens)
         self.device_name = device
         probe = self.asr.encode_batch(torch.zeros(1, self.sample_rate), torch.ones(1))
         if probe.dim() != 3 or probe.shape[-1] != len(self.tokens):
