@@ -23,7 +23,7 @@ __all__ = ["run_demo", "SHIPPED_TEACHER", "DemoSizes", "MARKER_NAME", "check_dem
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_TEACHER = Path(__file__).resolve().parent / "pretrained" / "teacher_synth"
+SHIPPED_TEACHER = hparams_files.shipped_teacher()
 #: written first into a demo's ``--out``: a rerun continues in a folder that holds it, and only there
 MARKER_NAME = "speech_kd_demo.json"
 

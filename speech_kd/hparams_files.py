@@ -18,7 +18,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["folder", "names", "path", "resolve"]
+__all__ = ["folder", "names", "path", "resolve", "shipped_teacher"]
 
 
 def folder() -> Path:
@@ -27,6 +27,11 @@ def folder() -> Path:
         return Path(str(resources.files("speech_kd.hparams")))
     except ModuleNotFoundError:  # a checkout on PYTHONPATH: speech_kd.hparams exists only once installed
         return Path(str(resources.files("speech_kd"))).parent / "hparams"
+
+
+def shipped_teacher() -> Path:
+    """The teacher shipped with the package (``speech_kd/pretrained/teacher_synth``, package data too)."""
+    return Path(str(resources.files("speech_kd"))) / "pretrained" / "teacher_synth"
 
 
 def names() -> list[str]:

@@ -48,6 +48,7 @@ import torch
 from speech_kd import hparams_files
 from speech_kd.argtypes import non_negative_float, positive_int
 from speech_kd.bench.deployed import bench_deployed
+from speech_kd.bench.teacher_archs import build_teacher, teacher_arch
 from speech_kd.bench.timing import median_time
 from speech_kd.data.dataio import load_dataset, make_tokenizer, token_strings
 from speech_kd.data.prepare import prepare_librispeech
@@ -186,7 +187,9 @@ def bench_steps(
         writer = csv_mod.DictWriter(dst, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    start = time.perf_counter()
     write_cache(teacher, csv, tmp / "cache", device=device, progress=False)
+    results["cache_fill_audio_s_per_s"] = _batch_seconds(batch) / (time.perf_counter() - start)
     brain.attach_targets(CachedTargets(CacheReader(tmp / "cache"), aligner))
     results["step_cached_kd_s"] = median_time(lambda: brain.fit_batch(batch), repeats)
     results["cached_kd_over_plain"] = results["step_cached_kd_s"] / results["step_plain_s"]
@@ -194,16 +197,63 @@ def bench_steps(
     return results
 
 
-def bench_inference(batch, model_dirs: dict, repeats: int, device: str) -> dict:
-    """Real-time factor of each exported model (encode + greedy decode)."""
+def _batch_seconds(batch) -> float:
     wavs, lens = batch.sig
-    seconds = float((lens * wavs.shape[1]).sum()) / 16000
+    return float((lens * wavs.shape[1]).sum()) / 16000
+
+
+def bench_inference(batch, model_dirs: dict, repeats: int, device: str) -> dict:
+    """Real-time factor of each model folder (encode + greedy decode).
+
+    A Hugging Face teacher folder is timed through its teacher adapter (the
+    posteriors, whose greedy decoding costs next to nothing), as
+    ``speech-kd cache-targets`` and a live teacher run it.
+    """
+    wavs, lens = batch.sig
+    seconds = _batch_seconds(batch)
     out = {}
     for name, folder in model_dirs.items():
-        asr = load_asr(folder, device=device)
-        out[f"rtf_{name}"] = median_time(lambda asr=asr: asr.transcribe_batch(wavs, lens), repeats) / seconds
+        if (Path(folder) / "hyperparams.yaml").exists():
+            asr = load_asr(folder, device=device)
+            run = lambda asr=asr: asr.transcribe_batch(wavs, lens)  # noqa: E731
+        else:
+            teacher = load_teacher(folder, device=device)
+            run = lambda teacher=teacher: teacher(wavs, lens)  # noqa: E731
+        with torch.no_grad():
+            out[f"rtf_{name}"] = median_time(run, repeats) / seconds
     out["student_speedup"] = out["rtf_teacher"] / out["rtf_student"]
     return out
+
+
+def _parameters(folder: Path) -> int:
+    """Parameters of a model folder (ours: ``speech_kd.json``; a Hugging Face folder: counted)."""
+    info = Path(folder) / "speech_kd.json"
+    if info.exists():
+        return int(json.loads(info.read_text())["params"])
+    teacher = load_teacher(folder)
+    return sum(p.numel() for p in teacher.parameters())
+
+
+def cache_projection(batch, csv_path: str, teacher_dir: Path, tmp: Path, device: str) -> dict:
+    """Bytes a soft-target cache takes per audio hour at the teacher's frame rate, and for LibriSpeech 960 h.
+
+    A random-weight teacher's posteriors are flat, so the bytes per frame come
+    from the shipped teacher's cache of the same batch (real CTC posteriors at
+    40 ms); they are scaled to the benchmarked teacher's frames per second.
+    """
+    shipped = load_teacher(hparams_files.shipped_teacher(), device=device)
+    csv = tmp / "batch.csv"
+    if not csv.exists():
+        raise FileNotFoundError(f"{csv}: written by bench_steps first")
+    summary = write_cache(shipped, csv, tmp / "cache_shipped", device=device, progress=False)
+    frame_shift = load_teacher(teacher_dir).frame_shift
+    per_hour = summary["bytes_per_frame"] * 3600 / frame_shift
+    return {
+        "cache_bytes_per_frame": summary["bytes_per_frame"],
+        "teacher_frame_shift_s": frame_shift,
+        "cache_mb_per_audio_hour": per_hour / 1e6,
+        "cache_gb_librispeech_960h": per_hour * 960 / 1e9,
+    }
 
 
 def _export_random(yaml: str, out: Path, tokenizer, overrides: dict | None = None) -> Path:
@@ -238,6 +288,12 @@ def build_parser(prog: str = "speech-kd bench") -> argparse.ArgumentParser:
         "0: the whole batch in one run, as the PyTorch models)",
     )
     parser.add_argument(
+        "--teacher_arch",
+        default="synth",
+        help="the teacher's architecture, random weights (speech_kd.bench.teacher_archs): synth (the shipped "
+        "teacher's shape), wav2vec2-base, wav2vec2-large, wavlm-large, sb-conformer-large",
+    )
+    parser.add_argument(
         "--extra",
         default="",
         help="overrides of the student's hparams/distill.yaml, "
@@ -270,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     student_overrides = parse_overrides(args.extra)
 
+    arch = teacher_arch(args.teacher_arch)  # an unknown name: one line, before any work
     known = defined_keys(hparams_files.path("distill.yaml").read_text())
     if set(student_overrides) - known:  # now, not after the corpus is synthesised
         raise ValueError(f"--extra: {sorted(set(student_overrides) - known)} not keys of hparams/distill.yaml")
@@ -280,7 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
     csvs = prepare_librispeech(corpus, tmp / "data").csv_files
     batch = _batch(csvs["train"], tokenizer, args.batch_size, args.device)
     models = {
-        "teacher": _export_random("hparams/teacher.yaml", tmp / "teacher", tokenizer),
+        "teacher": build_teacher(
+            arch.name, tmp / "teacher", lambda yaml, out, overrides: _export_random(yaml, out, tokenizer, overrides)
+        ),
         "student": _export_random("hparams/distill.yaml", tmp / "student_export", tokenizer, student_overrides),
     }
 
@@ -291,12 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_audio_s": float((batch.sig[1] * batch.sig[0].shape[1]).sum()) / 16000,
     }
     results.update(bench_features(batch, args.repeats, args.device))
-    results.update(
-        {
-            f"params_{name}": json.loads((folder / "speech_kd.json").read_text())["params"]
-            for name, folder in models.items()
-        }
-    )
+    results["teacher_arch"] = arch.name
+    results.update({f"params_{name}": _parameters(folder) for name, folder in models.items()})
     results["student_params_fraction"] = results["params_student"] / results["params_teacher"]
     results.update(
         bench_steps(
@@ -304,13 +359,17 @@ def main(argv: list[str] | None = None) -> dict:
         )
     )
     results.update(bench_inference(batch, models, args.repeats, args.device))
+    results.update(cache_projection(batch, csvs["train"], models["teacher"], tmp, args.device))
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         print("onnxruntime missing: exported-student figures skipped (pip install 'speech_kd[export]')")
     else:
-        wavs, lens = batch.sig  # exported models run on the CPU: all four are timed there
-        results.update(bench_deployed(wavs.cpu(), lens.cpu(), models, args.repeats, tmp, args.max_batch_seconds))
+        wavs, lens = batch.sig  # exported models run on the CPU: all are timed there
+        if arch.kind == "speechbrain":
+            results.update(bench_deployed(wavs.cpu(), lens.cpu(), models, args.repeats, tmp, args.max_batch_seconds))
+        else:
+            print(f"{arch.name}: the exporter takes this package's conformer only; exported figures skipped")
     ev = evaluate_model(models["student"], csvs["test"], device=args.device, progress=False).summary
     results.update(evaluate_utts_per_s=ev["utts_per_second"], evaluate_rtf=ev["rtf"])
 
