@@ -9,8 +9,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from speech_kd.kd.config import KDConfig
-
 logger = logging.getLogger(__name__)
 
 
@@ -68,8 +66,9 @@ class RunFolder:
         if self.resolved:
             return True
         try:  # a run folder older than kd_run.json
-            value = _yaml_value(self.hparams_text, "kd_weight")
-            return float(value) > 0 if value not in (None, "") else KDConfig().kd_weight > 0
+            # distill has written kd_run.json since it existed; an older distill yaml always names kd_weight,
+            # and a run of speech-kd train (no kd_weight in its yaml) has no teacher
+            return float(_yaml_value(self.hparams_text, "kd_weight") or 0) > 0
         except ValueError:
             return False
 
