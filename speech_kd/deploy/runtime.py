@@ -907,7 +907,7 @@ class ExportedASR:
             hop = int(self.config["fbank"]["hop_length"])  # samples per fbank frame
             groups = run_groups(lengths, max(int(self.max_batch_seconds * self.sample_rate / hop), 1))
         else:
-            groups = [list(range(len(feats)))]
+            groups = [list(range(len(feats)))] if feats else []
         side_by_side = self.format == "onnx" and self.threads > 1 and len(groups) > 1
         if side_by_side:
             self._one_thread()  # made here, before the threads share it
@@ -1121,6 +1121,8 @@ def main(argv: list[str] | None = None) -> int:
     pending: list[tuple[str, np.ndarray]] = []  # short files read, transcribed together (order kept)
 
     def flush() -> None:
+        if not pending:
+            return
         for (path, _), text in zip(pending, asr.transcribe([wav for _, wav in pending])):
             print(f"{path}\t{text}", flush=True)
         pending.clear()

@@ -442,3 +442,18 @@ def test_property_option_parsing(argv):
         assert np.isfinite(getattr(parsed, name)) and getattr(parsed, name) >= 0
     assert parsed.chunk_seconds is None or (np.isfinite(parsed.chunk_seconds) and parsed.chunk_seconds >= 0)
     assert parsed.blank_penalty is None or np.isfinite(parsed.blank_penalty)
+
+
+def test_one_padded_batch_of_every_file_and_an_empty_call(tiny_export, speech):
+    """--max_batch_seconds 0 (one padded batch) with --batch equal to the number of files: the last flush has
+    nothing left and must not fail (speech-kd bench's memory probe runs exactly this)."""
+    asr = ExportedASR(str(tiny_export), max_batch_seconds=0)
+    assert asr.transcribe([]) == []
+    files = [str(speech), str(speech)]
+    run = subprocess.run(
+        [sys.executable, str(tiny_export / "transcribe.py"), "--batch", "2", "--max_batch_seconds", "0", *files],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    assert len(run.stdout.strip().splitlines()) == 2
