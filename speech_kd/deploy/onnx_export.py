@@ -37,7 +37,7 @@ import torch
 
 from speech_kd.deploy import runtime
 from speech_kd.deploy.graph import CTCGraph, UnsupportedModelError
-from speech_kd.nnet.features import filter_matrix as _filter_matrix
+from speech_kd.nnet.features import filter_matrix
 from speech_kd.scoring.evaluate import count_parameters, load_asr
 from speech_kd.scoring.lm import check_lm_units, load_lm
 
@@ -107,7 +107,7 @@ def _fbank_settings(module: torch.nn.Module) -> tuple[dict, np.ndarray, np.ndarr
     if stft.win_length < stft.n_fft:  # torch.stft centres a shorter window in n_fft
         left = (stft.n_fft - stft.win_length) // 2
         window = np.pad(window, (left, stft.n_fft - stft.win_length - left))
-    mel = _filter_matrix(banks, torch.device("cpu")).double().numpy().T
+    mel = filter_matrix(banks, torch.device("cpu")).double().numpy().T
     settings = {
         "n_fft": int(stft.n_fft),
         "hop_length": int(stft.hop_length),

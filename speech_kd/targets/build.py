@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 
 from speech_kd.targets.cache import CacheError, open_cache
+from speech_kd.targets.cache.folder import file_size
 from speech_kd.targets.cache.format import describe_data_differences, utt_data_differs
-from speech_kd.targets.cache.writer import file_size
 from speech_kd.targets.strategies import PERTURBED_CACHE_ERROR, CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.targets.teachers.ensemble import load_teachers, teacher_sources
 

@@ -172,7 +172,7 @@ def auto_frame_tolerance(teacher_frame_shift: float, student_frame_shift: float)
     return 2 * max(1, math.ceil(teacher_frame_shift / student_frame_shift - 1e-6))
 
 
-def _resample_wavs(wavs: torch.Tensor, orig: int, new: int) -> torch.Tensor:
+def resample_wavs(wavs: torch.Tensor, orig: int, new: int) -> torch.Tensor:
     import torchaudio.functional as AF
 
     return AF.resample(wavs, orig, new)
@@ -232,7 +232,7 @@ class OnlineTargets:
         device_type = wavs.device.type
         with autocast_for(device_type, self.precision):
             if self.teacher.sample_rate != self.sample_rate:
-                wavs = _resample_wavs(wavs, self.sample_rate, self.teacher.sample_rate)
+                wavs = resample_wavs(wavs, self.sample_rate, self.teacher.sample_rate)
                 features = None
             out = self.teacher(wavs, wav_lens, features=features)
         with autocast_for(device_type, "fp32"):

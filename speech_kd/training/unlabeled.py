@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import ConcatDataset, Sampler
 
 from speech_kd.data.dataio import collate_readable, dynamic_batch_sampler
-from speech_kd.targets.strategies import _resample_wavs
+from speech_kd.targets.strategies import resample_wavs
 
 __all__ = [
     "MixedBatchSampler",
@@ -250,7 +250,7 @@ def _scores_live(teacher, dataset, sample_rate: int, device, batch_size: int = 8
             wavs, wav_lens = batch.sig
             wavs, wav_lens = wavs.to(device), wav_lens.to(device)
             if teacher.sample_rate != sample_rate:
-                wavs = _resample_wavs(wavs, sample_rate, teacher.sample_rate)
+                wavs = resample_wavs(wavs, sample_rate, teacher.sample_rate)
             out = teacher(wavs, wav_lens)
             values = teacher_confidence(out.log_probs, out.lengths.to(out.log_probs.device), teacher.blank_index)
             scores.update(zip(batch.id, values.cpu().tolist()))

@@ -197,7 +197,7 @@ def test_bpe_5000_vocab_stays_small():
     assert bool((err <= bound + 1e-6).all())
     bytes_per_frame = enc.nbytes / len(log_probs)
     utts = [(f"u{i}", encode(log_probs[i * 400 : (i + 1) * 400])) for i in range(10)]
-    shard_bytes = sum(len(piece) for piece in cache_format._shard_pieces(utts, 5000))
+    shard_bytes = sum(len(piece) for piece in cache_format.shard_pieces(utts, 5000))
     print(
         f"5000-token vocab: {bytes_per_frame:.2f} payload bytes/frame before runs and compression, "
         f"{shard_bytes / len(log_probs):.2f} in a shard file (fp32 would be 20000)"

@@ -14,20 +14,20 @@ from pathlib import Path
 
 from speech_kd.data.dataio import read_csv_rows
 from speech_kd.targets.cache.format import (
-    _IDENTITY_KEYS,
     BLOCK_UTTS,
     FORMAT_VERSION,
+    IDENTITY_KEYS,
     MAX_RUN,
     META_NAME,
     RESIDUAL_FLOOR,
     CacheError,
-    _read_shard_header,
     data_fingerprint,
     describe_data_differences,
     id_dtype,
+    read_shard_header,
     utt_data_differs,
 )
-from speech_kd.targets.cache.storage import _file_sha256, _now, _read_json, _write_json
+from speech_kd.targets.cache.storage import file_sha256, read_json, utc_now, write_json
 from speech_kd.targets.teachers.base import Teacher
 from speech_kd.training.checkpoints import LOCK_NAME
 
@@ -43,7 +43,7 @@ def _describe_tokens(name: str, a: Sequence[str] | None, b: Sequence[str] | None
     return f"{name} differ at index {first}: {a[first]!r} != {b[first]!r}"
 
 
-def _differences(cached: dict, wanted: dict) -> list[str]:
+def meta_differences(cached: dict, wanted: dict) -> list[str]:
     """Human-readable ``key cached != wanted`` lines for every key of ``wanted`` that differs."""
     out = []
     for key, value in wanted.items():
@@ -60,7 +60,9 @@ def _differences(cached: dict, wanted: dict) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Utt:
+class CacheUtt:
+    """One manifest row to cache: ID, duration (s), audio path, and the audio file's size in bytes."""
+
     uid: str
     duration: float
     wav: str
@@ -75,7 +77,7 @@ def file_size(path: str | os.PathLike) -> int:
         return -1
 
 
-def _read_manifest(csv_path: str | os.PathLike) -> list[_Utt]:
+def read_cache_manifest(csv_path: str | os.PathLike) -> list[CacheUtt]:
     """Utterances of a SpeechBrain CSV (``ID``, ``duration``, ``wav``), checked for duplicates.
 
     Raises :class:`CacheError` naming the file (and row) for a missing
@@ -85,7 +87,7 @@ def _read_manifest(csv_path: str | os.PathLike) -> list[_Utt]:
         rows = read_csv_rows(csv_path, required=("ID", "duration", "wav"))
     except ValueError as err:
         raise CacheError(str(err)) from err
-    utts = [_Utt(row["ID"], float(row["duration"]), row["wav"], file_size(row["wav"])) for row in rows]
+    utts = [CacheUtt(row["ID"], float(row["duration"]), row["wav"], file_size(row["wav"])) for row in rows]
     if not utts:
         raise CacheError(f"{csv_path}: no utterances")
     dups = sorted(uid for uid, n in Counter(u.uid for u in utts).items() if n > 1)
@@ -94,9 +96,10 @@ def _read_manifest(csv_path: str | os.PathLike) -> list[_Utt]:
     return utts
 
 
-def _new_meta(
-    teacher: Teacher, utts: list[_Utt], csv_path, top_k: int, mass: float, max_temperature: float, student_tokens
+def new_meta(
+    teacher: Teacher, utts: list[CacheUtt], csv_path, top_k: int, mass: float, max_temperature: float, student_tokens
 ) -> dict:
+    """The ``meta.json`` of a new cache of ``teacher`` over ``utts`` with this storage scheme."""
     return {
         "format_version": FORMAT_VERSION,
         "teacher_name": teacher.name,
@@ -123,7 +126,7 @@ def _new_meta(
         "utterances": len(utts),
         "frames": None,
         "complete": False,
-        "created": _now(),
+        "created": utc_now(),
         "completed": None,
     }
 
@@ -144,7 +147,7 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         return
     meta_path = out_dir / META_NAME
     if meta_path.is_file():
-        meta = _read_json(meta_path)
+        meta = read_json(meta_path)
         if not isinstance(meta, dict) or not {"format_version", "teacher_fingerprint", "scheme"} <= set(meta):
             raise CacheError(
                 f"{meta_path}: not the {META_NAME} of a speech-kd cache; nothing changed: use an empty or new folder"
@@ -159,20 +162,20 @@ def check_out_dir(out_dir: str | os.PathLike) -> None:
         )
 
 
-def _open_out_dir(out_dir: Path, meta: dict) -> dict:
+def open_out_dir(out_dir: Path, meta: dict) -> dict:
     """Create ``out_dir`` or check that it holds a cache of the same teacher and scheme; return the meta to keep.
 
-    The data is checked per utterance (:func:`_check_stored_data`), so a
+    The data is checked per utterance (:func:`check_stored_data`), so a
     manifest that gained or lost rows resumes.
     """
     check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta_path = out_dir / META_NAME
     if not meta_path.exists():
-        _write_json(meta_path, meta)
+        write_json(meta_path, meta)
         return meta
-    old = _read_json(meta_path)
-    diffs = _differences(old, {key: meta[key] for key in _IDENTITY_KEYS})
+    old = read_json(meta_path)
+    diffs = meta_differences(old, {key: meta[key] for key in IDENTITY_KEYS})
     if diffs:
         raise CacheError(
             f"{out_dir} holds a cache made from other inputs (cache != requested): "
@@ -183,7 +186,7 @@ def _open_out_dir(out_dir: Path, meta: dict) -> dict:
     return old
 
 
-def _check_stored_data(out_dir: Path, utts: list[_Utt], done: dict[str, tuple[float, int] | None], csv_path) -> None:
+def check_stored_data(out_dir: Path, utts: list[CacheUtt], done: dict[str, tuple[float, int] | None], csv_path) -> None:
     """Raise :class:`CacheError` naming the IDs whose stored targets were computed from other audio than the CSV's."""
     diffs = [
         (u.uid, done[u.uid], (u.duration, u.bytes))
@@ -198,24 +201,24 @@ def _check_stored_data(out_dir: Path, utts: list[_Utt], done: dict[str, tuple[fl
         )
 
 
-def _verified_shards(out_dir: Path, entries: list[dict]) -> tuple[list[dict], dict[str, tuple[float, int] | None]]:
+def verified_shards(out_dir: Path, entries: list[dict]) -> tuple[list[dict], dict[str, tuple[float, int] | None]]:
     """Listed shards whose size and sha256 still match, and the utterances they hold (ID -> duration, bytes)."""
     good: list[dict] = []
     done: dict[str, tuple[float, int] | None] = {}
     for entry in entries:
         path = out_dir / entry["name"]
-        problem = _shard_problem(path, entry)
+        problem = shard_problem(path, entry)
         if problem:
             logger.warning("cache: %s; its utterances will be recomputed", problem)
             path.unlink(missing_ok=True)
             continue
         good.append(entry)
-        for row in _read_shard_header(path)["utts"]:
+        for row in read_shard_header(path)["utts"]:
             done[row[0]] = (float(row[6]), int(row[7])) if len(row) >= 8 else None
     return good, done
 
 
-def _shard_problem(path: Path, entry: dict) -> str | None:
+def shard_problem(path: Path, entry: dict) -> str | None:
     """Why a listed shard is unusable (missing, wrong size, wrong sha256), or ``None``."""
     if not path.exists():
         return f"{path.name}: missing"
@@ -223,12 +226,12 @@ def _shard_problem(path: Path, entry: dict) -> str | None:
     if size != entry["bytes"]:
         how = "truncated" if size < entry["bytes"] else "grown"
         return f"{path.name}: {size} bytes, {entry['bytes']} listed ({how})"
-    if _file_sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         return f"{path.name}: sha256 mismatch (corrupted)"
     return None
 
 
-def _remove_leftovers(out_dir: Path, listed: set[str]) -> None:
+def remove_leftovers(out_dir: Path, listed: set[str]) -> None:
     """Delete temporary files and shard files that no finished-shard list names (a killed run's)."""
     for path in out_dir.iterdir():
         if ".tmp." in path.name or (path.name.startswith("shard-") and path.name not in listed):

@@ -71,13 +71,13 @@ BLOCK_UTTS = 16
 #: longest run of one-token frames one code byte holds
 MAX_RUN = 128
 #: decoded blocks kept per reader process
-_BLOCK_CACHE = 64
+BLOCK_CACHE = 64
 META_NAME = "meta.json"
 MANIFEST_NAME = "shards.json"
 SHARD_PATTERN = "shard-{:05d}.bin"
 _TINY = 1e-30  # probabilities are clamped here before a log
 #: meta.json keys that must agree before a rerun may add to a folder
-_IDENTITY_KEYS = (
+IDENTITY_KEYS = (
     "format_version",
     "teacher_fingerprint",
     "teacher_tokens",
@@ -387,12 +387,13 @@ def describe_data_differences(diffs: list[tuple[str, tuple[float, int], tuple[fl
     return f"{len(diffs)} utterance(s) with other audio under the same ID: {shown}{more}"
 
 
-def _compress(data: bytes) -> bytes:
+def compress_block(data: bytes) -> bytes:
     """A block or a shard header in zlib format: DEFLATE plus an Adler-32 checksum, so damage is caught when read."""
     return zlib.compress(data, 9)
 
 
-def _decompress(data: bytes | memoryview, where: str) -> bytes:
+def decompress_block(data: bytes | memoryview, where: str) -> bytes:
+    """A zlib block decompressed; damage is a :class:`CacheError` naming ``where``."""
     try:
         return zlib.decompress(data)
     except zlib.error as err:
@@ -401,7 +402,7 @@ def _decompress(data: bytes | memoryview, where: str) -> bytes:
         ) from err
 
 
-def _shard_pieces(
+def shard_pieces(
     utts: list[tuple[str, EncodedFrames]], vocab_size: int, data: dict[str, tuple[float, int]] | None = None
 ) -> list[bytes]:
     """The bytes of one shard file holding ``utts`` (layout in the module docstring).
@@ -422,15 +423,15 @@ def _shard_pieces(
             rows.append(row)
             for stream, part in zip(streams, (codes, ids.astype(dtype), probs)):
                 stream.append(part.tobytes())
-        blocks.append(_compress(b"".join(b"".join(stream) for stream in streams)))
+        blocks.append(compress_block(b"".join(b"".join(stream) for stream in streams)))
     header = {"frames": sum(enc.num_frames for _, enc in utts), "id_dtype": id_dtype(vocab_size).name, "utts": rows}
     offsets = np.cumsum([0] + [len(b) for b in blocks])[:-1].tolist()  # from the end of the header
     header["blocks"] = [[offset, len(block)] for offset, block in zip(offsets, blocks)]
-    blob = _compress(json.dumps(header, separators=(",", ":")).encode())
+    blob = compress_block(json.dumps(header, separators=(",", ":")).encode())
     return [SHARD_MAGIC, np.uint64(len(blob)).astype("<u8").tobytes(), blob, *blocks]
 
 
-def _read_shard_header(path: Path) -> dict:
+def read_shard_header(path: Path) -> dict:
     """The JSON header of a shard file (raises :class:`CacheError` naming it when unreadable)."""
     try:
         with open(path, "rb") as fh:

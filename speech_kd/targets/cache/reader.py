@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speech_kd.targets.cache.folder import _differences, _shard_problem
+from speech_kd.targets.cache.folder import meta_differences, shard_problem
 from speech_kd.targets.cache.format import (
-    _BLOCK_CACHE,
+    BLOCK_CACHE,
     FORMAT_VERSION,
     MANIFEST_NAME,
     META_NAME,
@@ -23,12 +23,12 @@ from speech_kd.targets.cache.format import (
     SHARD_MAGIC,
     CacheError,
     CacheMissError,
-    _decompress,
-    _read_shard_header,
     decode_into,
+    decompress_block,
     from_codes,
+    read_shard_header,
 )
-from speech_kd.targets.cache.storage import _read_json
+from speech_kd.targets.cache.storage import read_json
 from speech_kd.targets.teachers.base import TeacherOutput
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class CacheReader:
         self.out_dir = Path(out_dir)
         if not (self.out_dir / META_NAME).exists():
             raise CacheError(f"{self.out_dir}: not a targets cache (no {META_NAME}); make one with cache-targets")
-        self._meta = _read_json(self.out_dir / META_NAME)
+        self._meta = read_json(self.out_dir / META_NAME)
         if self._meta.get("format_version") != FORMAT_VERSION:
             raise CacheError(
                 f"{self.out_dir}: cache format {self._meta.get('format_version')}, "
@@ -82,7 +82,7 @@ class CacheReader:
                 "rerun cache-targets with the same arguments to finish it"
             )
         manifest = self.out_dir / MANIFEST_NAME
-        self._entries: list[dict] = _read_json(manifest)["shards"] if manifest.exists() else []
+        self._entries: list[dict] = read_json(manifest)["shards"] if manifest.exists() else []
         self.vocab_size = len(self._meta["teacher_tokens"])
         self.blank_index = int(self._meta["blank_index"])
         self._index: dict[str, _Where] | None = None
@@ -146,7 +146,7 @@ class CacheReader:
                         f"{entry['name']}: {size} bytes, {entry['bytes']} listed in {MANIFEST_NAME} "
                         "(truncated or missing; run CacheReader.verify() or rebuild)"
                     )
-                header = _read_shard_header(path)
+                header = read_shard_header(path)
                 dtype = np.dtype(header["id_dtype"]).newbyteorder("<")
                 totals = np.zeros((len(header["blocks"]), 3), dtype=np.int64)  # codes, ids, probs per block
                 for uid, block, frames, n_codes, n_ids, n_probs, *source in header["utts"]:
@@ -176,14 +176,16 @@ class CacheReader:
             self._maps[shard] = np.memmap(self.out_dir / name, dtype=np.uint8, mode="r")
         lay = self._layout[shard]
         offset, size = lay["blocks"][block]
-        data = np.frombuffer(_decompress(self._maps[shard][offset : offset + size], f"{name} block {block}"), np.uint8)
+        data = np.frombuffer(
+            decompress_block(self._maps[shard][offset : offset + size], f"{name} block {block}"), np.uint8
+        )
         n_codes, n_ids, n_probs = (int(n) for n in lay["totals"][block])
         id_bytes = n_ids * lay["dtype"].itemsize
         if len(data) != n_codes + id_bytes + n_probs:
             raise CacheError(f"{name} block {block}: {len(data)} bytes, header says {n_codes + id_bytes + n_probs}")
         streams = (data[:n_codes], data[n_codes : n_codes + id_bytes].view(lay["dtype"]), data[n_codes + id_bytes :])
         self._blocks[key] = streams
-        if len(self._blocks) > _BLOCK_CACHE:
+        if len(self._blocks) > BLOCK_CACHE:
             self._blocks.popitem(last=False)
         return streams
 
@@ -260,13 +262,13 @@ class CacheReader:
         wanted = {key: value for key, value in wanted.items() if value is not None}
         if student_tokens is not None and self._meta.get("student_tokens") is not None:
             wanted["student_tokens"] = student_tokens
-        diffs = _differences(self._meta, wanted)
+        diffs = meta_differences(self._meta, wanted)
         if diffs:
             raise CacheError(f"cache {self.out_dir} does not match (cache != given): " + "; ".join(diffs))
 
     def verify(self) -> list[str]:
         """Recompute each shard's size and sha256; one ``"shard-NNNNN.bin: problem"`` line per bad shard."""
-        problems = [_shard_problem(self.out_dir / e["name"], e) for e in self._entries]
+        problems = [shard_problem(self.out_dir / e["name"], e) for e in self._entries]
         return [p for p in problems if p]
 
 
@@ -294,7 +296,7 @@ class CacheUnion:
             raise CacheError("CacheUnion needs at least one cache folder")
         first = self.readers[0]
         for other in self.readers[1:]:
-            diffs = _differences(other._meta, {key: first._meta.get(key) for key in self._SAME})
+            diffs = meta_differences(other._meta, {key: first._meta.get(key) for key in self._SAME})
             if diffs:
                 raise CacheError(
                     f"caches {first.out_dir} and {other.out_dir} were made by different teachers or "

@@ -16,7 +16,8 @@ from speech_kd.targets.cache.format import CacheError
 logger = logging.getLogger(__name__)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -43,7 +44,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, pieces: Iterable[bytes | memoryview]) -> None:
+def write_atomic(path: Path, pieces: Iterable[bytes | memoryview]) -> None:
     """Write ``pieces`` to ``path`` via a temporary file, fsync and ``os.replace``.
 
     On any error the temporary file is removed; a full disk (ENOSPC/EDQUOT)
@@ -67,11 +68,13 @@ def _write_atomic(path: Path, pieces: Iterable[bytes | memoryview]) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, [json.dumps(obj, indent=1).encode()])
+def write_json(path: Path, obj: dict) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically."""
+    write_atomic(path, [json.dumps(obj, indent=1).encode()])
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON file of the cache (missing: FileNotFoundError; damaged: a :class:`CacheError` naming it)."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -80,12 +83,13 @@ def _read_json(path: Path) -> dict:
         raise CacheError(f"{path}: unreadable ({err.__class__.__name__}: {err})") from err
 
 
-def _dir_bytes(folder: Path) -> int:
+def dir_bytes(folder: Path) -> int:
     """Bytes of the cache's files (the writer's ``.lock`` left out)."""
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and p.name != ".lock")
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 

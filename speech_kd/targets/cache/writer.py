@@ -12,18 +12,15 @@ from pathlib import Path
 import torch
 
 from speech_kd.data.audio import read_audio
-from speech_kd.targets.cache.folder import (  # noqa: F401 (file_size, _differences, _shard_problem: imported from here too)
-    _check_stored_data,
-    _differences,
-    _new_meta,
-    _open_out_dir,
-    _read_manifest,
-    _remove_leftovers,
-    _shard_problem,
-    _Utt,
-    _verified_shards,
+from speech_kd.targets.cache.folder import (
+    CacheUtt,
     check_out_dir,
-    file_size,
+    check_stored_data,
+    new_meta,
+    open_out_dir,
+    read_cache_manifest,
+    remove_leftovers,
+    verified_shards,
 )
 from speech_kd.targets.cache.format import (
     DEFAULT_MAX_TEMPERATURE,
@@ -33,11 +30,11 @@ from speech_kd.targets.cache.format import (
     SHARD_PATTERN,
     CacheError,
     EncodedFrames,
-    _shard_pieces,
     check_scheme,
     encode,
+    shard_pieces,
 )
-from speech_kd.targets.cache.storage import _dir_bytes, _now, _read_json, _write_atomic, _write_json
+from speech_kd.targets.cache.storage import dir_bytes, read_json, utc_now, write_atomic, write_json
 from speech_kd.targets.teachers.base import Teacher
 from speech_kd.targets.teachers.ensemble import load_teachers
 from speech_kd.training.checkpoints import FolderLock
@@ -48,9 +45,9 @@ logger = logging.getLogger(__name__)
 MAX_DURATION = 60.0
 
 
-def _batches(utts: list[_Utt], batch_seconds: float) -> Iterator[list[_Utt]]:
+def _batches(utts: list[CacheUtt], batch_seconds: float) -> Iterator[list[CacheUtt]]:
     """Consecutive batches of length-sorted ``utts`` whose padded audio ``B * longest <= batch_seconds``."""
-    batch: list[_Utt] = []
+    batch: list[CacheUtt] = []
     for utt in utts:
         if batch and (len(batch) + 1) * max(utt.duration, batch[-1].duration) > batch_seconds:
             yield batch
@@ -60,7 +57,7 @@ def _batches(utts: list[_Utt], batch_seconds: float) -> Iterator[list[_Utt]]:
         yield batch
 
 
-def _load_wavs(batch: list[_Utt], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _load_wavs(batch: list[CacheUtt], sample_rate: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Zero-padded waveforms ``[B, S]`` and relative lengths ``[B]``."""
     sigs = [read_audio(utt.wav, sample_rate) for utt in batch]
     longest = max(len(s) for s in sigs)
@@ -71,7 +68,7 @@ def _load_wavs(batch: list[_Utt], sample_rate: int) -> tuple[torch.Tensor, torch
 
 
 def _encode_batch(
-    teacher: Teacher, batch: list[_Utt], device: str, top_k: int, mass: float, max_temperature: float
+    teacher: Teacher, batch: list[CacheUtt], device: str, top_k: int, mass: float, max_temperature: float
 ) -> list[EncodedFrames]:
     """Run the teacher on one batch and encode each utterance's valid frames."""
     wavs, wav_lens = _load_wavs(batch, teacher.sample_rate)
@@ -89,8 +86,8 @@ def _write_shard(
 ) -> dict:
     """Write one shard atomically and return its ``shards.json`` entry."""
     path = out_dir / SHARD_PATTERN.format(number)
-    pieces = _shard_pieces(utts, vocab_size, data)
-    _write_atomic(path, pieces)
+    pieces = shard_pieces(utts, vocab_size, data)
+    write_atomic(path, pieces)
     digest = hashlib.sha256()
     for piece in pieces:
         digest.update(piece)
@@ -104,7 +101,7 @@ def _write_shard(
 
 
 def _save_manifest(out_dir: Path, entries: list[dict]) -> None:
-    _write_json(out_dir / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "shards": entries})
+    write_json(out_dir / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "shards": entries})
 
 
 def _progress(total: int, enabled: bool):
@@ -171,7 +168,7 @@ def write_cache(
         raise CacheError(f"shard_utts ({shard_utts}) and batch_seconds ({batch_seconds}) must be positive")
     out_dir = Path(out_dir)
     check_out_dir(out_dir)
-    utts = sorted(_read_manifest(csv_path), key=lambda u: (u.duration, u.uid))
+    utts = sorted(read_cache_manifest(csv_path), key=lambda u: (u.duration, u.uid))
     if max_duration:
         too_long = [u for u in utts if u.duration > max_duration]
         for utt in too_long:
@@ -196,7 +193,7 @@ def _write_locked(
     teacher: Teacher,
     csv_path,
     out_dir: Path,
-    utts: list[_Utt],
+    utts: list[CacheUtt],
     start: float,
     batch_seconds: float,
     shard_utts: int,
@@ -206,11 +203,11 @@ def _write_locked(
     progress: bool,
 ) -> dict:
     """:func:`write_cache`'s work, under the folder's lock."""
-    meta = _open_out_dir(out_dir, _new_meta(teacher, utts, csv_path, *scheme, student_tokens))
-    entries = _read_json(out_dir / MANIFEST_NAME)["shards"] if (out_dir / MANIFEST_NAME).exists() else []
-    _remove_leftovers(out_dir, {e["name"] for e in entries})
-    entries, done = _verified_shards(out_dir, entries)
-    _check_stored_data(out_dir, utts, done, csv_path)
+    meta = open_out_dir(out_dir, new_meta(teacher, utts, csv_path, *scheme, student_tokens))
+    entries = read_json(out_dir / MANIFEST_NAME)["shards"] if (out_dir / MANIFEST_NAME).exists() else []
+    remove_leftovers(out_dir, {e["name"] for e in entries})
+    entries, done = verified_shards(out_dir, entries)
+    check_stored_data(out_dir, utts, done, csv_path)
     todo = [u for u in utts if u.uid not in done]
     if done:
         wanted = sum(1 for u in utts if u.uid in done)
@@ -238,16 +235,16 @@ def _write_locked(
     meta.update(
         frames=frames,
         complete=True,
-        completed=meta.get("completed") or _now(),
+        completed=meta.get("completed") or utc_now(),
         utterances=sum(e["utterances"] for e in entries),
     )
-    _write_json(out_dir / META_NAME, meta)
+    write_json(out_dir / META_NAME, meta)
     return _summary(out_dir, meta, entries, len(todo), len(utts) - len(todo), time.monotonic() - start)
 
 
 def _summary(out_dir: Path, meta: dict, entries: list[dict], ran: int, reused: int, seconds: float) -> dict:
     frames = meta["frames"]
-    size = _dir_bytes(out_dir)
+    size = dir_bytes(out_dir)
     fp32 = frames * len(meta["teacher_tokens"]) * 4
     return {
         "out_dir": str(out_dir),
