@@ -1,4 +1,4 @@
-"""Write a trained model as a folder SpeechBrain's ``EncoderASR`` loads offline.
+"""The model folder: written from a trained model, read back as SpeechBrain's ``EncoderASR`` (one module for both).
 
 Folder contents::
 
@@ -12,7 +12,9 @@ Folder contents::
     speech_kd.json     tokens, frame shift, parameter count, provenance
 
 Load it with ``EncoderASR.from_hparams(source=FOLDER, savedir=...)``; nothing
-from this package is imported by the yaml.
+from this package is imported by the yaml. :func:`load_asr` does that offline
+with checks (a missing or damaged file is a :class:`ModelFolderError` naming it),
+:func:`count_parameters` counts what was loaded.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ __all__ = [
     "MODEL_BLOCK_START",
     "MODEL_BLOCK_END",
     "FORMAT",
+    "ModelFolderError",
+    "count_parameters",
+    "load_asr",
+    "pretrainer_loadables",
 ]
 
 MODEL_BLOCK_START = "# >>> model"
@@ -223,3 +229,77 @@ def export_model_folder(
                 break
         raise
     return out_dir
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class ModelFolderError(ValueError):
+    """A model folder that exists but does not load (damaged checkpoint, broken hyperparams.yaml)."""
+
+
+def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None = None):
+    """Load an ``EncoderASR`` model folder offline."""
+    from speechbrain.inference.ASR import EncoderASR
+    from speechbrain.utils.fetching import FetchConfig
+
+    folder = Path(folder)
+    if not (folder / "hyperparams.yaml").exists():
+        raise FileNotFoundError(f"{folder}: not a model folder (no hyperparams.yaml)")
+    missing = [
+        f"{name}.ckpt"
+        for name in pretrainer_loadables(folder / "hyperparams.yaml")
+        if not (folder / f"{name}.ckpt").exists()
+    ]
+    if missing:  # SpeechBrain would load without it (an empty tokenizer: KeyError at the first transcript)
+        raise ModelFolderError(
+            f"{folder}: missing {', '.join(missing)} (listed in its hyperparams.yaml pretrainer); "
+            "copy the whole model folder again"
+        )
+    try:
+        return EncoderASR.from_hparams(
+            source=str(folder.resolve()),
+            savedir=savedir or tempfile.mkdtemp(prefix="speechkd_asr_"),
+            run_opts={"device": device},
+            fetch_config=FetchConfig(allow_network=False),
+        )
+    except (RuntimeError, EOFError, KeyError, OSError, ValueError) as err:  # a damaged checkpoint, a bad yaml
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ModelFolderError(
+            f"{folder}: cannot load as a SpeechBrain EncoderASR folder ({err.__class__.__name__}: {first_line})"
+        ) from err
+
+
+def pretrainer_loadables(yaml_path: Path) -> list[str]:
+    """Names under ``pretrainer: ... loadables:`` of a model folder's yaml, when it gives no explicit ``paths``."""
+    lines = yaml_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    names: list[str] = []
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("pretrainer:"))
+    except StopIteration:
+        return names
+    block = []
+    for line in lines[start + 1 :]:
+        if line.strip() and not line.startswith((" ", "\t")):
+            break
+        block.append(line)
+    if any(line.strip().startswith("paths:") for line in block):
+        return []
+    inside, depth = False, 0
+    for line in block:
+        stripped = line.strip()
+        if stripped.startswith("loadables:"):
+            inside, depth = True, len(line) - len(line.lstrip())
+            continue
+        if inside and stripped:
+            if len(line) - len(line.lstrip()) <= depth:
+                break
+            names.append(stripped.split(":")[0].strip())
+    return names
+
+
+def count_parameters(asr) -> int:
+    """Number of parameters of the loaded model's modules (an exported folder's: from its ``deploy.json``)."""
+    if getattr(asr, "exported_params", None) is not None:
+        return int(asr.exported_params)
+    return sum(p.numel() for p in asr.mods.parameters())

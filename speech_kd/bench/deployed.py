@@ -16,7 +16,7 @@ PyTorch models as users run them (``EncoderASR.transcribe_batch``, fp32):
   ``student_speedup_int8``, the PyTorch teacher over the exported student
   (what export gives and what distillation gives, together);
 - ``peak_rss_mb_*``: peak resident memory of a fresh process that loads the
-  model and transcribes the batch's files (PyTorch: ``speech_kd.scoring.evaluate.load_asr``;
+  model and transcribes the batch's files (PyTorch: ``speech_kd.model_folder.load_asr``;
   exported: the folder's own ``transcribe.py``, which imports no torch);
 - ``disk_mb_*``: size of the weights file.
 """
@@ -35,7 +35,7 @@ from speech_kd.bench.timing import median_time
 from speech_kd.deploy.asr import DeployedASR
 from speech_kd.deploy.onnx_export import export_asr
 from speech_kd.deploy.runtime import MAX_BATCH_SECONDS
-from speech_kd.scoring.evaluate import load_asr
+from speech_kd.model_folder import load_asr
 
 __all__ = ["bench_deployed", "peak_rss_mb", "ROUNDS"]
 
@@ -45,7 +45,7 @@ ROUNDS = 3
 _PYTORCH_CHILD = """
 import resource, sys, torch, soundfile as sf
 torch.set_num_threads({threads})
-from speech_kd.scoring.evaluate import load_asr
+from speech_kd.model_folder import load_asr
 asr = load_asr({folder!r})
 wavs = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in {files!r}]
 lens = torch.tensor([len(w) for w in wavs], dtype=torch.float32)

@@ -54,9 +54,9 @@ from speech_kd.data.dataio import load_dataset, make_tokenizer, token_strings
 from speech_kd.data.prepare import prepare_librispeech
 from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 from speech_kd.deploy.runtime import MAX_BATCH_SECONDS
-from speech_kd.model_folder import defined_keys, export_model_folder
+from speech_kd.model_folder import defined_keys, export_model_folder, load_asr
 from speech_kd.nnet.features import chunk_size, fast_fbank, librosa_fbank
-from speech_kd.scoring.evaluate import evaluate_model, load_asr
+from speech_kd.scoring.evaluate import evaluate_model
 from speech_kd.targets.cache import CacheReader, write_cache
 from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.targets.teachers.base import load_teacher

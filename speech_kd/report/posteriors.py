@@ -13,10 +13,10 @@ import torch
 from speech_kd.data.audio import read_audio
 from speech_kd.data.dataio import token_strings
 from speech_kd.kd.losses import collapse_greedy
+from speech_kd.model_folder import load_asr
 from speech_kd.report import plots
 from speech_kd.report.html import Page
 from speech_kd.report.run import RunFolder
-from speech_kd.scoring.evaluate import load_asr
 from speech_kd.scoring.metrics import error_rates
 from speech_kd.targets.strategies import OnlineTargets, TargetAligner
 from speech_kd.targets.teachers.base import load_teacher, measure_frame_shift

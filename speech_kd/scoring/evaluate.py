@@ -27,6 +27,7 @@ from speech_kd.data.prepare import prepare_split
 from speech_kd.deploy.asr import DeployedASR, is_exported_folder
 from speech_kd.deploy.runtime import MIN_SAMPLE_RATE
 from speech_kd.kd.losses import collapse_greedy
+from speech_kd.model_folder import count_parameters, load_asr
 from speech_kd.scoring.decoding import DecodingError, make_decoder
 from speech_kd.scoring.lm import load_lm
 from speech_kd.scoring.metrics import error_rates, normalize_text, utterance_errors, write_utterances
@@ -34,11 +35,9 @@ from speech_kd.targets.teachers.ensemble import load_ensemble, teacher_sources
 from speech_kd.targets.teachers.sb import sb_blank_index
 
 __all__ = [
-    "load_asr",
     "evaluate_model",
     "EvalResult",
     "EnsembleASR",
-    "ModelFolderError",
     "read_manifest",
     "read_scored_audio",
     "load_checked_batch",
@@ -56,77 +55,6 @@ logger = logging.getLogger(__name__)
 MAX_DURATION = 60.0
 #: beam size when a language model is given without ``beam_size`` (SpeechBrain's searchers' default)
 DEFAULT_LM_BEAM = 100
-
-
-class ModelFolderError(ValueError):
-    """A model folder that exists but does not load (damaged checkpoint, broken hyperparams.yaml)."""
-
-
-def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None = None):
-    """Load an ``EncoderASR`` model folder offline."""
-    from speechbrain.inference.ASR import EncoderASR
-    from speechbrain.utils.fetching import FetchConfig
-
-    folder = Path(folder)
-    if not (folder / "hyperparams.yaml").exists():
-        raise FileNotFoundError(f"{folder}: not a model folder (no hyperparams.yaml)")
-    missing = [
-        f"{name}.ckpt"
-        for name in _pretrainer_loadables(folder / "hyperparams.yaml")
-        if not (folder / f"{name}.ckpt").exists()
-    ]
-    if missing:  # SpeechBrain would load without it (an empty tokenizer: KeyError at the first transcript)
-        raise ModelFolderError(
-            f"{folder}: missing {', '.join(missing)} (listed in its hyperparams.yaml pretrainer); "
-            "copy the whole model folder again"
-        )
-    try:
-        return EncoderASR.from_hparams(
-            source=str(folder.resolve()),
-            savedir=savedir or tempfile.mkdtemp(prefix="speechkd_asr_"),
-            run_opts={"device": device},
-            fetch_config=FetchConfig(allow_network=False),
-        )
-    except (RuntimeError, EOFError, KeyError, OSError, ValueError) as err:  # a damaged checkpoint, a bad yaml
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise ModelFolderError(
-            f"{folder}: cannot load as a SpeechBrain EncoderASR folder ({err.__class__.__name__}: {first_line})"
-        ) from err
-
-
-def _pretrainer_loadables(yaml_path: Path) -> list[str]:
-    """Names under ``pretrainer: ... loadables:`` of a model folder's yaml, when it gives no explicit ``paths``."""
-    lines = yaml_path.read_text(encoding="utf-8", errors="replace").splitlines()
-    names: list[str] = []
-    try:
-        start = next(i for i, line in enumerate(lines) if line.startswith("pretrainer:"))
-    except StopIteration:
-        return names
-    block = []
-    for line in lines[start + 1 :]:
-        if line.strip() and not line.startswith((" ", "\t")):
-            break
-        block.append(line)
-    if any(line.strip().startswith("paths:") for line in block):
-        return []
-    inside, depth = False, 0
-    for line in block:
-        stripped = line.strip()
-        if stripped.startswith("loadables:"):
-            inside, depth = True, len(line) - len(line.lstrip())
-            continue
-        if inside and stripped:
-            if len(line) - len(line.lstrip()) <= depth:
-                break
-            names.append(stripped.split(":")[0].strip())
-    return names
-
-
-def count_parameters(asr) -> int:
-    """Number of parameters of the loaded model's modules (an exported folder's: from its ``deploy.json``)."""
-    if getattr(asr, "exported_params", None) is not None:
-        return int(asr.exported_params)
-    return sum(p.numel() for p in asr.mods.parameters())
 
 
 class EnsembleASR:

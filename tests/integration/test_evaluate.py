@@ -109,7 +109,8 @@ def test_ensemble_asr_decodes_as_encoder_asr_does(tmp_path):
     """Greedy decoding of the averaged posteriors equals SpeechBrain's own on a random model (non-empty text)."""
     import torch
 
-    from speech_kd.scoring.evaluate import EnsembleASR, load_asr
+    from speech_kd.model_folder import load_asr
+    from speech_kd.scoring.evaluate import EnsembleASR
     from speech_kd.testing import make_tiny_sb_model, whitenoise
 
     folder = make_tiny_sb_model(tmp_path / "model", seed=3)
@@ -146,7 +147,7 @@ def test_evaluate_scores_a_hugging_face_folder_as_distillation_reads_it(trained_
 def test_a_damaged_model_folder_is_named_in_one_line(trained_run, tmp_path):
     import shutil
 
-    from speech_kd.scoring.evaluate import ModelFolderError, load_asr
+    from speech_kd.model_folder import ModelFolderError, load_asr
 
     broken = tmp_path / "model"
     shutil.copytree(trained_run / "model", broken)

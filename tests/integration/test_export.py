@@ -37,7 +37,7 @@ def test_set(tiny_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def teacher():
-    from speech_kd.scoring.evaluate import load_asr
+    from speech_kd.model_folder import load_asr
 
     return load_asr(SHIPPED_TEACHER)
 

@@ -81,7 +81,7 @@ def test_model_folder_loads_in_speechbrain(trained_run, tiny_corpus):
 
 def test_exported_model_matches_training_forward(trained_run):
     """The exported encoder and the Brain's chain give the same log-probs."""
-    from speech_kd.scoring.evaluate import load_asr
+    from speech_kd.model_folder import load_asr
     from speech_kd.training.ctc_brain import run_chain
 
     asr = load_asr(trained_run / "model", savedir=str(trained_run / "load2"))
