@@ -133,7 +133,7 @@ def bench_features(batch, repeats: int, device: str) -> dict:
     with torch.no_grad():
         # A few milliseconds each: more repeats than the steps get, the torch ones interleaved so drifts hit
         # all alike. librosa runs apart, after a pause: numpy's BLAS threads spin-wait after each call and
-        # took the cores from whichever torch run came next (torch.stft measured 9x slower right after it).
+        # took the cores from whichever torch run came next (docs/speed.md).
         torch_runs = {name: run for name, run in runs.items() if name != "librosa"}
         samples: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(4):

@@ -82,12 +82,12 @@ CONFIG_NAME = "deploy.json"
 #: window and mel filters of the fbank, as SpeechBrain builds them
 FEATURES_NAME = "fbank.npz"
 #: fbank frames computed at a time: the whole utterance's spectrum at once is a few MB of temporaries whose
-#: fresh pages fault in on every call (2.7x slower, measured on 2-6 s utterances); pieces reuse memory
+#: fresh pages fault in on every call; pieces reuse memory (docs/deploy.md)
 FBANK_PIECE = 64
 #: audio (seconds) read before and after each chunk of a long file (``--context_seconds``)
 CONTEXT_SECONDS = 2.0
 #: files longer than this (seconds) are transcribed in chunks of AUTO_CHUNK_SECONDS by default (self-attention's
-#: memory grows with the square of the length: a 9-minute file in one piece took 12 GB, in 20 s chunks 212 MB)
+#: memory grows with the square of the length; measured in docs/deploy.md)
 LONG_SECONDS = 60.0
 #: chunk length (seconds) of the files longer than LONG_SECONDS when --chunk_seconds is not given
 AUTO_CHUNK_SECONDS = 20.0
@@ -96,8 +96,8 @@ MAX_THREADS = 1024
 #: lowest sample rate (Hz) resampled to the model's; lower ones are refused (not speech audio)
 MIN_SAMPLE_RATE = 4000
 #: padded audio (seconds) per network run: utterances are run longest first, in groups of at most this much
-#: (padding included). One padded batch of 8 utterances (41 s) was 5-17 % slower on a 2-core CPU
-#: (docs/deploy.md, ``speech-kd bench --max_batch_seconds 0``): its activations no longer fit in the cache
+#: (padding included): a larger padded batch's activations no longer fit in the CPU's cache (docs/deploy.md,
+#: ``speech-kd bench --max_batch_seconds 0``)
 MAX_BATCH_SECONDS = 16.0
 #: names ``speech-kd export --lm`` gives the language model it copies (ARPA, gzipped ARPA, KenLM binary)
 LM_NAMES = ("lm.arpa", "lm.arpa.gz", "lm.bin")

@@ -553,7 +553,6 @@ def evaluate_model(
     audio_seconds = compute_seconds = 0.0
     batches = duration_batches(rows, batch_seconds)
     # audio of the next batch is read on a thread while the model runs on this one
-    # (reading was 11% of the loop when done in line; profiled with cProfile)
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(load_checked_batch, batches[0], sample_rate) if batches else None
         for number, batch in enumerate(tqdm(batches, desc="evaluating", unit="batch", disable=not progress)):

@@ -57,7 +57,7 @@ FORMAT_VERSION = 3
 LOG_STEP = math.log(1e8) / 254
 ZERO_BYTE = 255
 #: the residual byte is a multiple of this many steps (0.29 nats, its size within 15.6 %): runs of confident
-#: frames then share it, and its precision barely moves the KL (docs/cache.md)
+#: frames then share it (docs/cache.md measures what it saves and costs)
 RESIDUAL_STEPS = 4
 #: least total probability spread over the tokens not kept
 RESIDUAL_FLOOR = 1e-8
