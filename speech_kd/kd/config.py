@@ -1,10 +1,11 @@
 """``KDConfig``: every KD option and its default, in one place.
 
-The mixin, ``speech-kd distill``, the run report and ``bench-kd`` read KD
-settings through :meth:`KDConfig.from_hparams`, so a yaml without a key
-behaves the same everywhere: the default here (the one ``hparams/distill.yaml``
-writes out). An unknown value is refused with a one-line message naming the
-key.
+The mixin, ``speech-kd distill`` and teacher annealing read KD settings
+through :meth:`KDConfig.from_hparams`, so a yaml without a key behaves the
+same everywhere: the default here. These are the values ``hparams/distill.yaml``
+writes out, except ``kd_reduction``: ``auto`` follows the recipe's CTC loss
+(for ``speech-kd distill``'s own Brain that is ``utterance``, which the yaml
+names). An unknown value is refused with a one-line message naming the key.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["KDConfig", "KDSetupError", "KD_LOSS_NAMES", "REDUCTIONS", "BLANK_MODES"]
+__all__ = ["KDConfig", "KDSetupError", "KD_LOSS_NAMES", "HARD_TARGET_LOSSES", "REDUCTIONS", "BLANK_MODES"]
 
 KD_LOSS_NAMES = ("kl", "ce", "mse", "ctc")
+#: the losses that read the teacher's best path (``Targets.hard_labels``) rather than its distribution
+HARD_TARGET_LOSSES = frozenset({"ce", "ctc"})
 REDUCTIONS = ("auto", "utterance", "frame")
 BLANK_MODES = ("none", "downweight", "drop")
 
@@ -98,6 +101,11 @@ class KDConfig:
             raise KDSetupError(f"unlabeled_kd_loss={self.unlabeled_kd_loss!r}: one of {', '.join(KD_LOSS_NAMES)}")
         if self.kd_topk is not None and int(self.kd_topk) < 1:
             raise KDSetupError(f"kd_topk={self.kd_topk}: must be a positive number of tokens (or null)")
+        if self.kd_loss == "ctc" and self.blank_mode != "none":
+            raise KDSetupError(
+                f"blank_mode={self.blank_mode} weights frames, but kd_loss=ctc is a sequence loss on the teacher's "
+                "transcript: it has no frames to weight; use blank_mode: none (or a frame loss: kl, ce, mse)"
+            )
         if int(self.kd_ramp_epochs) < 1:
             raise KDSetupError(f"kd_ramp_epochs={self.kd_ramp_epochs}: must be at least 1")
 
@@ -116,6 +124,8 @@ class KDConfig:
         """
         values = hparams if isinstance(hparams, Mapping) else vars(hparams)
         given = {f.name: values[f.name] for f in fields(cls) if f.name in values}
+        if given.get("kd_reduction") is None and "kd_reduction" in given:
+            given["kd_reduction"] = "auto"  # null in a yaml: follow the recipe's CTC loss
         if given.get("kd_outputs") is not None:
             given["kd_outputs"] = tuple(given["kd_outputs"])
         return cls(**given)

@@ -12,7 +12,9 @@ student's vocabulary).
 - ``mask`` ``[B, T]`` bool: valid (non-padding) student frames.
 - ``frame_weights`` ``[B, T]`` float or ``None``: per-frame weights (blank handling).
 
-Every loss returns a scalar: the weighted mean over valid frames. The teacher
+Every loss returns a scalar reduced over the valid, weighted frames by
+``reduction``: ``frame`` a mean per frame, ``utterance`` a sum over each
+utterance averaged over the batch (the scale of the recipe's CTC). The teacher
 side is detached inside each function, so no gradient can reach the teacher.
 """
 
@@ -136,7 +138,7 @@ def kd_ce_hard(
     """Cross-entropy of the student to the teacher's best path, frame by frame.
 
     ``hard_labels`` ``[B, T]`` long: the teacher's best path carried to the
-    student's frames (:func:`speech_kd.align.transfer_path`, taken from the
+    student's frames (:func:`speech_kd.targets.align.transfer_path`, taken from the
     teacher's own frames before any resampling); ``None``: the argmax of
     ``teacher_log_probs`` (right only when both models share a frame rate).
 
@@ -222,7 +224,7 @@ def kd_ctc_collapsed(
 
     The transcript is :func:`collapse_path` of ``hard_labels`` ``[B, T]`` (the
     teacher's best path taken on its own frames and carried to the
-    student's, :func:`speech_kd.align.transfer_path`), or of the argmax of
+    student's, :func:`speech_kd.targets.align.transfer_path`), or of the argmax of
     ``teacher_log_probs`` when it is ``None`` (same frame rate only).
     ``reduction``: ``utterance`` sums each utterance's CTC and averages over
     the batch (SpeechBrain's ``ctc_loss(reduction="batchmean")``, the

@@ -20,10 +20,13 @@ is ``(1 - kd_weight) * recipe_loss + kd_weight * kd``. What the wrapping does:
   ``compute_forward`` returns (:mod:`speech_kd.kd.recipe_outputs`; ``kd_outputs``
   in the yaml names them where that is ambiguous);
 - augmentation: every SpeechBrain ``Augmenter`` in the hparams is followed
-  (:mod:`speech_kd.kd.augment_rows`): a live teacher hears exactly the waveform
-  rows the student heard (original and augmented), feature-augmented rows
-  reuse their audio's targets, and cached targets are refused with
-  augmentations that move samples in time (named by yaml key);
+  (:mod:`speech_kd.kd.augment_rows`): when every augmentation keeps the time
+  axis (noise, dropped chunks or frequencies) a live teacher hears each
+  row's clean utterance, as the cache does; with one that moves samples in
+  time (speed perturbation) it hears exactly the waveform rows the student
+  heard, so the frames line up; feature-augmented rows reuse their audio's
+  targets, and cached targets are refused with augmentations that move
+  samples in time (named by yaml key);
 - statistics: the epoch's KD numbers (``kd_loss``, ``ctc_loss``,
   ``agreement``, ``lost_mass``, ``blank_share``, ``kd_weight``) are added to the
   ``train_stats`` the recipe gives its ``train_logger``, so they reach its
@@ -51,7 +54,7 @@ import speechbrain as sb
 import torch
 
 from speech_kd.kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
-from speech_kd.kd.config import KDConfig, KDSetupError
+from speech_kd.kd.config import HARD_TARGET_LOSSES, KDConfig, KDSetupError
 from speech_kd.kd.recipe_outputs import find_ctc_outputs
 from speech_kd.kd.schedules import linear_ramp
 from speech_kd.kd.stats import KDEpochTotals
@@ -140,6 +143,10 @@ class KDMixin:
                     "use the live teacher (no targets_cache)"
                 )
         self._kd_check_options()
+        aligner = getattr(targets, "aligner", None)
+        if aligner is not None:  # the teacher's best path is carried to the student's frames only when a loss reads it
+            config = self.kd_config
+            aligner.hard_labels = bool({config.kd_loss, config.unlabeled_kd_loss} & HARD_TARGET_LOSSES)
         if hasattr(targets, "to"):
             targets.to(self.device)
         self.kd_targets = targets
@@ -147,8 +154,9 @@ class KDMixin:
     def _kd_check_cache_temperature(self, targets) -> None:
         """A cache keeps the tail its ``max_temperature`` needs: a higher KD temperature would read it too flat."""
         ceiling = getattr(targets, "max_temperature", None)
-        if ceiling is None:
-            return
+        config = self.kd_config
+        if ceiling is None or "kl" not in {config.kd_loss, config.unlabeled_kd_loss or config.kd_loss}:
+            return  # only the KL softens the teacher's distribution
         for key in ("temperature", "temperature_final"):
             value = self.kd_option(key)
             if value is not None and float(value) > ceiling + 1e-9:
@@ -184,7 +192,7 @@ class KDMixin:
     def kd_option(self, name: str):
         """One KD setting (``kd_reduction``'s ``auto`` resolved for the recipe's CTC loss)."""
         value = getattr(self.kd_config, name)
-        if name == "kd_reduction" and value in (None, "auto"):
+        if name == "kd_reduction" and value == "auto":
             value = self._kd_auto_reduction()
         return value
 

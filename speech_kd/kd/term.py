@@ -22,6 +22,7 @@ from speech_kd.training.precision import autocast_for
 
 __all__ = [
     "FRAME_SHIFT_GRID",
+    "MIN_MEASURED_FRAMES",
     "kd_term_loss",
     "measured_frame_shift",
     "pad_units",
@@ -101,6 +102,8 @@ def restrict_to_reached(
 
 #: grid that a measured frame shift snaps to (seconds): front ends hop in multiples of 5 ms
 FRAME_SHIFT_GRID = 0.005
+#: fewest output frames a batch must have to measure the frame shift from (an edge frame is then under 5 %)
+MIN_MEASURED_FRAMES = 20
 
 
 def measured_frame_shift(seconds: float, frames: int) -> float:
@@ -109,7 +112,10 @@ def measured_frame_shift(seconds: float, frames: int) -> float:
     ``seconds / frames`` is biased low on short batches: a front end adds a
     frame or two at the edges (26 frames for 1 s at 40 ms). Front ends hop in
     multiples of 5 ms, so a ratio within 10 % of a grid point is that point;
-    one farther from every grid point is kept to the millisecond.
+    one farther from every grid point is kept to the millisecond. Below
+    ``MIN_MEASURED_FRAMES`` frames one edge frame is more than that margin:
+    such a batch is refused (set ``frame_shift`` in the yaml) rather than
+    guessed.
 
     Examples
     --------
@@ -118,7 +124,12 @@ def measured_frame_shift(seconds: float, frames: int) -> float:
     >>> measured_frame_shift(1.0, 33)
     0.03
     """
-    raw = seconds / max(frames, 1)
+    if frames < MIN_MEASURED_FRAMES:
+        raise KDSetupError(
+            f"the first training batch has {frames} output frames ({seconds:.2f} s): too short to measure the "
+            "student's frame shift; set frame_shift (seconds per output frame) in the yaml"
+        )
+    raw = seconds / frames
     snapped = max(FRAME_SHIFT_GRID, round(raw / FRAME_SHIFT_GRID) * FRAME_SHIFT_GRID)
     if abs(snapped - raw) <= 0.1 * snapped:
         return round(snapped, 6)

@@ -277,7 +277,7 @@ def check_teacher(brain, hparams: dict, targets, datasets: dict) -> TeacherDevSc
 
     Parameters
     ----------
-    brain : speech_kd.kd.mixin.DistillBrain
+    brain : speech_kd.training.distill_brain.DistillBrain
         The student's Brain.
     hparams : dict
         The run's hparams.

@@ -221,12 +221,13 @@ def transfer_path(
     * finer student frames: each student frame takes the teacher frame it
       lies in (nearest neighbour: every teacher frame is kept, so the
       collapsed transcript is the same);
-    * coarser student frames: each token the teacher emits (the first frame
-      of each run) is placed at the student frame that holds its start time,
-      or the next free one; a token repeating the previous one gets a blank
-      frame between them, so it is not merged. Tokens that no longer fit
-      before the utterance's last student frame are dropped (only when the
-      teacher emits more tokens than the student has frames).
+    * coarser student frames: each token the teacher emits (each run of
+      one token) starts at the student frame that holds its start time, or
+      the next free one, and covers the student frames its run covers, up to
+      the next token; a token repeating the previous one keeps a blank frame
+      between them, so it is not merged. Tokens that no longer fit before the
+      utterance's last student frame are dropped (only when the teacher emits
+      more tokens than the student has frames).
 
     Frames past ``target_lengths`` are blank.
 
@@ -254,7 +255,7 @@ def transfer_path(
     --------
     >>> path = torch.tensor([[0, 0, 5, 0, 0, 0, 5, 5, 5, 5, 0, 0]])  # 20 ms: "a", then "a" again
     >>> transfer_path(path, torch.tensor([12]), 0.02, 0.04, torch.tensor([6]), 6, 0)
-    tensor([[0, 5, 0, 5, 0, 0]])
+    tensor([[0, 5, 0, 5, 5, 0]])
     >>> transfer_path(torch.tensor([[0, 5, 5, 0]]), torch.tensor([4]), 0.04, 0.02, torch.tensor([8]), 8, 0)
     tensor([[0, 0, 5, 5, 5, 5, 0, 0]])
     """
@@ -274,24 +275,34 @@ def transfer_path(
         return torch.where(valid, out, torch.full_like(out, blank_index))
     out = torch.full((path.shape[0], target_max), blank_index, dtype=torch.long)
     rows = path.cpu()
+    ratio = src_shift / dst_shift  # student frames per teacher frame (< 1 here)
     for b in range(path.shape[0]):
         row = rows[b, : int(lengths[b])]
         if row.numel() == 0:
             continue
         changed = torch.ones_like(row, dtype=torch.bool)
         changed[1:] = row[1:] != row[:-1]
-        starts = torch.nonzero(changed & (row != blank_index)).flatten().tolist()
+        run_starts = torch.nonzero(changed).flatten().tolist() + [row.numel()]
         limit = int(target_lengths[b])
-        previous_pos, previous_token = -2, None
-        for t in starts:
-            token = int(row[t])
-            pos = max(int(t * src_shift / dst_shift + 1e-9), previous_pos + 1)
+        placed: list[tuple[int, int, int]] = []  # (student frame, token, last student frame the teacher holds it)
+        for start, end in zip(run_starts[:-1], run_starts[1:]):
+            token = int(row[start])
+            if token == blank_index:
+                continue
+            previous_pos, previous_token = (placed[-1][0], placed[-1][1]) if placed else (-2, None)
+            pos = max(int(start * ratio + 1e-9), previous_pos + 1)
             if token == previous_token and pos == previous_pos + 1:
                 pos += 1  # a blank between repeats, or CTC would merge them
             if pos >= limit:
                 break
-            out[b, pos] = token
-            previous_pos, previous_token = pos, token
+            placed.append((pos, token, int((end - 1) * ratio + 1e-9)))
+        for i, (pos, token, held) in enumerate(placed):
+            # the token on every student frame the teacher holds it, up to the next token (a blank kept before
+            # a repeat of the same token), so frame-wise CE sees the teacher's runs, not spikes
+            stop = limit - 1
+            if i + 1 < len(placed):
+                stop = placed[i + 1][0] - (2 if placed[i + 1][1] == token else 1)
+            out[b, pos : max(pos, min(held, stop)) + 1] = token
     return out.to(device)
 
 

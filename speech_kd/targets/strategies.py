@@ -44,7 +44,7 @@ class Targets:
     hard_labels : torch.Tensor, optional
         ``[B, T]`` long: the teacher's best path taken on its *own* frames
         (before any resampling) and carried to the student's
-        (:func:`speech_kd.align.transfer_path`): the hard targets of
+        (:func:`speech_kd.targets.align.transfer_path`): the hard targets of
         ``kd_loss: ce`` and ``ctc``, whose collapse is the teacher's greedy
         transcript.
     reached : torch.Tensor, optional
@@ -101,6 +101,9 @@ class TargetAligner:
         if student_frame_shift is not None:
             self.set_student_frame_shift(student_frame_shift)
         self._matrix_device = None
+        #: whether to carry the teacher's best path to the student's frames (``Targets.hard_labels``): only
+        #: the hard-target losses (``ce``, ``ctc``) read it; ``KDMixin.attach_targets`` sets it
+        self.hard_labels = True
 
     def set_student_frame_shift(self, seconds: float) -> None:
         """Set (or, when it was not given, fill in once measured) the student's seconds per frame."""
@@ -140,20 +143,22 @@ class TargetAligner:
             lost = self.vocab.check_mass(lost_mass, teacher_mask)
         if self.student_frame_shift is None:
             raise ValueError("the student's frame shift is not known yet: set frame_shift (seconds per output frame)")
-        best_path = log_probs.argmax(-1)  # [B, Tt]: hard targets come from the teacher's own frames
+        best_path = log_probs.argmax(-1) if self.hard_labels else None  # from the teacher's own frames
         teacher_lengths = lengths
         log_probs, lengths = resample_frames(log_probs, lengths, self.teacher_frame_shift, self.student_frame_shift)
         student_lengths = student_lengths.to(lengths.device)
         log_probs = reconcile_lengths(log_probs, lengths, student_lengths, student_max, self.frame_tolerance)
-        hard = transfer_path(
-            best_path,
-            teacher_lengths,
-            self.teacher_frame_shift,
-            self.student_frame_shift,
-            student_lengths,
-            student_max,
-            self.vocab.student_blank,
-        )
+        hard = None
+        if best_path is not None:
+            hard = transfer_path(
+                best_path,
+                teacher_lengths,
+                self.teacher_frame_shift,
+                self.student_frame_shift,
+                student_lengths,
+                student_max,
+                self.vocab.student_blank,
+            )
         reached = self.vocab.matrix.sum(0) > 0
         reached[self.vocab.student_blank] = True
         return Targets(log_probs, lengths_to_mask(student_lengths, student_max), lost, hard, reached)
@@ -254,8 +259,12 @@ class CachedTargets:
     def __init__(self, reader, aligner: TargetAligner) -> None:
         self.reader = reader
         self.aligner = aligner
-        #: the largest KD temperature the cache was built for (its stored tail is faithful up to it)
-        self.max_temperature = float(reader.metadata.get("scheme", {}).get("max_temperature", 1.0))
+        #: the largest KD temperature the cache was built for (its stored tail is faithful up to it); several
+        #: caches read as one (a CacheUnion) serve the lowest of theirs
+        self.max_temperature = min(
+            float(part.metadata.get("scheme", {}).get("max_temperature", 1.0))
+            for part in getattr(reader, "readers", [reader])
+        )
 
     def to(self, device) -> CachedTargets:
         """Nothing to move: targets are read straight onto the batch's device."""

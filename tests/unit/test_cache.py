@@ -93,7 +93,7 @@ def error_and_bound(log_probs: torch.Tensor, enc) -> tuple[torch.Tensor, torch.T
     """Per-frame max abs probability error of the round trip, and the documented bound.
 
     ``|p_hat - p| <= 1.16 m + 0.04 (1 - p_top) + 1e-8`` with ``m`` the true mass of the tokens not kept
-    (module docstring of speech_kd.cache.format).
+    (module docstring of speech_kd.targets.cache.format).
     """
     vocab = log_probs.shape[1]
     probs = torch.log_softmax(log_probs.double(), -1).exp()

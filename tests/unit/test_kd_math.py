@@ -209,3 +209,43 @@ def test_a_yaml_without_kd_options_gets_one_default_everywhere(teacher_folder):
     assert brain.kd_schedule() == (0.9, 1.0)
     with pytest.raises(ValueError, match="kd_weight=1.5: must be between 0 and 1"):
         KDConfig.from_hparams({"kd_weight": 1.5})
+
+
+def test_hard_labels_are_made_only_for_the_losses_that_read_them(teacher_folder):
+    for loss, expected in (("kl", False), ("ce", True), ("ctc", True)):
+        brain = _brain(KDRecipe, teacher_folder, augment=False, kd_loss=loss)
+        targets = _attach(brain)
+        assert targets.aligner.hard_labels is expected
+        brain.on_stage_start(sb.Stage.TRAIN, 1)
+        loss_value = brain.fit_batch(_batch())
+        assert torch.isfinite(loss_value)
+
+
+def test_a_union_of_caches_serves_the_lowest_temperature_of_its_parts():
+    from speech_kd.targets.strategies import CachedTargets
+
+    class Part:
+        def __init__(self, ceiling):
+            self.metadata = {"scheme": {"max_temperature": ceiling}}
+
+    class Union:
+        readers = [Part(2.0), Part(1.0)]
+        metadata = readers[0].metadata
+
+    assert CachedTargets(Union(), aligner=None).max_temperature == 1.0
+
+
+def test_blank_weighting_with_the_sequence_loss_is_refused():
+    from speech_kd.kd import KDConfig
+
+    with pytest.raises(ValueError, match="kd_loss=ctc is a sequence loss"):
+        KDConfig(kd_loss="ctc", blank_mode="downweight")
+    assert KDConfig.from_hparams({"kd_reduction": None}).kd_reduction == "auto"
+
+
+def test_a_batch_too_short_to_measure_the_frame_shift_is_refused():
+    from speech_kd.kd.term import measured_frame_shift
+
+    assert measured_frame_shift(1.0, 26) == 0.04
+    with pytest.raises(ValueError, match="too short to measure"):
+        measured_frame_shift(0.25, 7)

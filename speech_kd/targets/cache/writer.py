@@ -141,7 +141,7 @@ def write_cache(
     shard_utts : int
         Utterances per shard file.
     top_k, mass, max_temperature : int, float, float
-        Storage scheme (:mod:`speech_kd.cache.format`): at most ``top_k``
+        Storage scheme (:mod:`speech_kd.targets.cache.format`): at most ``top_k``
         tokens per frame, enough to hold ``mass`` of the distribution softened
         at ``max_temperature``, the largest KD temperature the cache serves.
     device : str
