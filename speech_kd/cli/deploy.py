@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from speech_kd.cli.common import finite_float
+from speech_kd.cli.common import finite_float, non_negative_float, positive_int
 from speech_kd.demo import run_demo
 from speech_kd.deploy.onnx_export import export_asr
 
@@ -88,9 +88,11 @@ def add_export(sub) -> None:
         default=None,
         help="word n-gram (ARPA or KenLM binary) copied into the folder; transcribe.py then decodes with it",
     )
-    p.add_argument("--lm_weight", type=float, default=None, help="with --lm: recorded LM weight (default 0.5)")
-    p.add_argument("--word_bonus", type=float, default=None, help="with --lm: recorded word bonus (default 1.5)")
-    p.add_argument("--beam_size", type=int, default=None, help="with --lm: recorded beam size (default 100)")
+    p.add_argument(
+        "--lm_weight", type=non_negative_float, default=None, help="with --lm: recorded LM weight (default 0.5)"
+    )
+    p.add_argument("--word_bonus", type=finite_float, default=None, help="with --lm: recorded word bonus (default 1.5)")
+    p.add_argument("--beam_size", type=positive_int, default=None, help="with --lm: recorded beam size (default 100)")
     p.set_defaults(func=_cmd_export)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from speech_kd.cli.common import (
     check_device,
     finite_float,
+    int_range,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -160,14 +161,16 @@ def add_evaluate(sub) -> None:
     )
     p.add_argument(
         "--beam_size",
-        type=int,
+        type=positive_int,
         default=None,
         help=f"CTC beam search (SpeechBrain's CTCBeamSearcher) with this many beams; default: greedy, "
         f"or {DEFAULT_LM_BEAM} with --lm",
     )
     p.add_argument("--lm", default=None, help="word n-gram (ARPA, .arpa.gz or KenLM binary) fused into the beam search")
-    p.add_argument("--lm_weight", type=float, default=None, help="weight of the LM's log-probability (default 0.5)")
-    p.add_argument("--word_bonus", type=float, default=None, help="score added per word (default 1.5)")
+    p.add_argument(
+        "--lm_weight", type=non_negative_float, default=None, help="weight of the LM's log-probability (default 0.5)"
+    )
+    p.add_argument("--word_bonus", type=finite_float, default=None, help="score added per word (default 1.5)")
     p.add_argument(
         "--tune_lm",
         action="store_true",
@@ -222,7 +225,7 @@ def add_lm(sub) -> None:
     )
     p.add_argument("--text", nargs="+", default=None, metavar="FILE", help="text files, one sentence a line")
     p.add_argument("--csv", nargs="+", default=None, metavar="CSV", help="CSV manifests (their wrd column)")
-    p.add_argument("--order", type=int, default=3, help="n-gram order, 2 to 6")
+    p.add_argument("--order", type=int_range(2, 6), default=3, help="n-gram order, 2 to 6")
     p.add_argument(
         "--out", required=True, help="ARPA file to write (a name ending in .bin: KenLM binary); must not exist"
     )

@@ -34,8 +34,17 @@ REFUSED = {
         "--blank_penalty": ("abc",),
         "--chunk_seconds": ("-1", "-5"),
         "--context_seconds": ("-1",),
+        "--beam_size": ("-1", "0", "1.5"),
+        "--lm_weight": ("-1",),
+        "--word_bonus": ("abc",),
     },
-    "export": {"--blank_penalty": ("abc",)},
+    "export": {
+        "--blank_penalty": ("abc",),
+        "--beam_size": ("-1", "0"),
+        "--lm_weight": ("-1",),
+        "--word_bonus": ("abc",),
+    },
+    "lm": {"--order": ("1", "7", "-1")},
     "cache-targets": {
         "--top_k": ("-1", "0", "128"),
         "--mass": ("-1", "0", "1.5"),
