@@ -68,7 +68,7 @@ def build_report(
 
     page.heading("Learning curves")
     if history:
-        reduction = run.setting("kd_reduction") or "utterance"
+        reduction = run.setting("kd_reduction") or "utterance"  # kd_run.json has it resolved; older runs: the yaml's
         page.image(
             "learning_curves.png",
             plots.learning_curves(history, reduction, teacher_wer=teacher.wer if teacher else None),

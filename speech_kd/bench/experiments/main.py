@@ -60,6 +60,7 @@ from speech_kd.bench.experiments.runs import (
 from speech_kd.bench.experiments.summary import format_results, format_seed_summary, seed_figure, summarise_seeds
 from speech_kd.bench.experiments.variants import VARIANTS, merge_overrides, variant_args
 from speech_kd.data.prepare import prepare_librispeech
+from speech_kd.kd.config import KDConfig
 from speech_kd.targets.teachers.ensemble import teacher_sources
 
 
@@ -131,7 +132,7 @@ def cache_temperature(variants: dict[str, tuple[list[str], bool]], extra: list[s
     >>> cache_temperature({"kd": ([], True)}, ["--temperature_final=3"])
     3.0
     """
-    highest = 1.0
+    highest = KDConfig().temperature  # what a variant that sets none trains at
     for overrides, cached in variants.values():
         if not cached:
             continue
