@@ -37,7 +37,7 @@ import torch
 
 from speech_kd.deploy import runtime
 from speech_kd.deploy.graph import CTCGraph, UnsupportedModelError
-from speech_kd.model_folder import count_parameters, load_asr
+from speech_kd.model_folder import ModelFolderError, count_parameters, load_asr
 from speech_kd.nnet.features import filter_matrix
 from speech_kd.scoring.lm import check_lm_units, load_lm
 
@@ -251,7 +251,6 @@ def _load_model(model_folder: str | os.PathLike):
     A checkpoint that is not one (random bytes, cut short, another format) is named in a ``ValueError``
     instead of torch's unpickling error (which advises unsafe loading).
     """
-    from speech_kd.model_folder import ModelFolderError
 
     try:
         return load_asr(model_folder, device="cpu")
