@@ -251,7 +251,6 @@ def _load_model(model_folder: str | os.PathLike):
     A checkpoint that is not one (random bytes, cut short, another format) is named in a ``ValueError``
     instead of torch's unpickling error (which advises unsafe loading).
     """
-
     try:
         return load_asr(model_folder, device="cpu")
     except (pickle.UnpicklingError, EOFError, RuntimeError, zipfile.BadZipFile, ModelFolderError) as error:
