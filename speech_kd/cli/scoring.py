@@ -136,7 +136,8 @@ def add_evaluate(sub) -> None:
         "--max_duration",
         type=non_negative_float,
         default=60.0,
-        help="longer utterances (seconds) are not scored, a warning names each; 0: no limit",
+        help="with --chunk_seconds 0 (each file read whole): longer utterances (seconds) are not scored, a "
+        "warning names each; 0: no limit",
     )
     p.add_argument("--html", default=None, help="per-utterance page, worst first, with alignments")
     p.add_argument(
@@ -149,8 +150,8 @@ def add_evaluate(sub) -> None:
         "--chunk_seconds",
         type=non_negative_float,
         default=None,
-        help="exported folders only: utterances transcribed in chunks of this many seconds "
-        "(default: those over 60 s in 20 s chunks, as transcribe.py; 0: each whole)",
+        help="utterances transcribed in chunks of this many seconds, any model folder (default: those over "
+        "60 s in 20 s chunks, as transcribe.py, so memory stays bounded; 0: each whole)",
     )
     p.add_argument(
         "--context_seconds",

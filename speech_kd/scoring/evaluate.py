@@ -25,7 +25,7 @@ from speech_kd.data.audio import AudioError, read_audio
 from speech_kd.data.dataio import read_csv_rows, token_strings
 from speech_kd.data.prepare import prepare_split
 from speech_kd.deploy.asr import DeployedASR, is_exported_folder
-from speech_kd.deploy.runtime import MIN_SAMPLE_RATE
+from speech_kd.deploy.runtime import AUTO_CHUNK_SECONDS, CONTEXT_SECONDS, LONG_SECONDS, MIN_SAMPLE_RATE
 from speech_kd.kd.losses import collapse_greedy
 from speech_kd.model_folder import count_parameters, load_asr
 from speech_kd.scoring.decoding import DecodingError, make_decoder
@@ -186,6 +186,85 @@ def pad_log_probs(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     for i, a in enumerate(arrays):
         batch[i, : a.shape[0]] = a
     return batch, np.array([a.shape[0] for a in arrays], dtype=np.int64)
+
+
+def model_frame_shift(asr, folder: str | os.PathLike, sample_rate: int) -> float:
+    """Seconds per output frame of a loaded PyTorch model (``speech_kd.json``, the teacher's, else measured).
+
+    Measured from two lengths (the frames of 4 s minus those of 2 s of silence, over 2 s), so a front
+    end's edge frames do not bias it.
+    """
+    info = Path(folder) / "speech_kd.json"
+    if info.exists() and "frame_shift" in json.loads(info.read_text()):
+        return float(json.loads(info.read_text())["frame_shift"])
+    if isinstance(asr, EnsembleASR):
+        return float(asr.teacher.frame_shift)
+    frames = [model_log_probs(asr, torch.zeros(1, s * sample_rate), torch.ones(1))[0].shape[0] for s in (2, 4)]
+    return 2.0 / max(frames[1] - frames[0], 1)
+
+
+def chunked_log_probs(
+    asr, wav: torch.Tensor, frame_shift: float, sample_rate: int, chunk_seconds: float, context_seconds: float
+) -> np.ndarray:
+    """``[T', V]`` log-posteriors of one long waveform ``wav [S]``, chunk by chunk (bounded memory).
+
+    The rule of the exported ``transcribe.py`` (``stream_log_probs``) for PyTorch models: chunks of
+    ``chunk_seconds`` (whole output frames), each run with ``context_seconds`` of audio on both sides,
+    only its own frames kept.
+    """
+    stride = max(round(frame_shift * sample_rate), 1)
+    core = max(round(chunk_seconds * sample_rate / stride), 1) * stride
+    context = max(round(context_seconds * sample_rate / stride), 0) * stride
+    pieces = []
+    for start in range(0, max(wav.shape[0], 1), core):
+        first = max(start - context, 0)
+        window = wav[first : min(start + core + context, wav.shape[0])]
+        out = model_log_probs(asr, window[None], torch.ones(1))[0]
+        skip = (start - first) // stride
+        pieces.append(out[skip:] if start + core >= wav.shape[0] else out[skip : skip + core // stride])
+    return np.concatenate(pieces)
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How :func:`evaluate_model` reads long files of a PyTorch model: in chunks of ``chunk_seconds``.
+
+    ``every``: every utterance (``--chunk_seconds`` > 0); else only those over ``LONG_SECONDS``.
+    """
+
+    frame_shift: float
+    chunk_seconds: float
+    context_seconds: float
+    every: bool
+
+
+def transcribe_rows(
+    asr, runner, decoder, padded: torch.Tensor, lengths: torch.Tensor, sample_rate: int, chunking: Chunking | None
+) -> list[str]:
+    """Transcripts of a loaded batch ``padded [B, S]`` (``lengths [B]`` samples): long files in chunks.
+
+    The utterances ``chunking`` selects are run by :func:`chunked_log_probs` and decoded by ``decoder``;
+    the others together by ``runner.transcribe_batch`` (the model, or :class:`DecodingASR`).
+    """
+    long = set()
+    if chunking is not None:
+        limit = LONG_SECONDS * sample_rate
+        long = {i for i, n in enumerate(lengths.tolist()) if chunking.every or n > limit}
+    words = [""] * len(lengths)
+    short = [i for i in range(len(lengths)) if i not in long]
+    if short:
+        index = torch.tensor(short)
+        part = lengths[index]
+        texts, _ = runner.transcribe_batch(padded[index, : int(part.max())], part / part.max())
+        for i, text in zip(short, texts):
+            words[i] = text
+    for i in sorted(long):
+        wav = padded[i, : int(lengths[i])]
+        lp = chunked_log_probs(
+            asr, wav, chunking.frame_shift, sample_rate, chunking.chunk_seconds, chunking.context_seconds
+        )
+        words[i] = decoder.decode(lp[None], np.array([lp.shape[0]]))[0]
+    return words
 
 
 class DecodingASR:
@@ -459,9 +538,14 @@ def evaluate_model(
     utterances are reported and skipped). Writes ``json_path`` (keys ``wer``,
     ``cer``, ``num_utts``, ``params``, ``rtf``, ...) and ``utts_path`` (one
     block per utterance, worst first, with jiwer's alignment) when given.
-    Utterances longer than ``max_duration`` seconds (default 60; ``None``
-    or 0: no limit) are skipped with a warning naming each file, so one long
-    recording cannot exhaust memory. A folder written by ``speech-kd export``
+    Long files are read in chunks by default, so memory stays bounded whatever
+    their length: ``chunk_seconds`` ``None`` (the default) reads utterances over
+    ``LONG_SECONDS`` (60 s) in ``AUTO_CHUNK_SECONDS`` (20 s) chunks with
+    ``context_seconds`` (default 2) of audio on both sides, as ``transcribe.py``
+    does, for every kind of model folder; ``chunk_seconds`` > 0 chunks every
+    utterance; 0 reads each whole, and then utterances longer than
+    ``max_duration`` seconds (default 60; ``None`` or 0: no limit) are skipped
+    with a warning naming each file. A folder written by ``speech-kd export``
     (ONNX or TorchScript) is run by :class:`~speech_kd.deploy.asr.DeployedASR`
     (its ``transcribe.py`` code), ``blank_penalty`` replacing the folder's;
     ``chunk_seconds`` > 0 transcribes each utterance in chunks of that many seconds, each read with
@@ -501,7 +585,8 @@ def evaluate_model(
         csv_path = prepare_split(data_folder, split, tmp).csv_files[split]
     if tune_lm and dev_csv is None:
         dev_csv = prepare_split(data_folder, dev_split, tempfile.mkdtemp(prefix="speechkd_dev_")).csv_files[dev_split]
-    rows = skip_long(read_manifest(csv_path), max_duration, csv_path)
+    whole_files = chunk_seconds is not None and not chunk_seconds  # --chunk_seconds 0: each file read whole
+    rows = skip_long(read_manifest(csv_path), max_duration if whole_files else None, csv_path)
     dev_rows = skip_long(read_manifest(dev_csv), max_duration, dev_csv) if tune_lm else []
     folders = teacher_sources(asr_folder)
     if not folders:
@@ -514,10 +599,8 @@ def evaluate_model(
             folders[0], blank_penalty=blank_penalty, chunk_seconds=chunk_seconds, context_seconds=context_seconds
         )
         sample_rate = asr.sample_rate
-    elif blank_penalty is not None or chunk_seconds or context_seconds is not None:
-        raise ValueError(
-            "--blank_penalty, --chunk_seconds and --context_seconds apply to folders written by speech-kd export"
-        )
+    elif blank_penalty is not None:
+        raise ValueError("--blank_penalty applies to folders written by speech-kd export")
     elif len(folders) > 1 or not (Path(folders[0]) / "hyperparams.yaml").exists():
         # several folders, or one that is not a SpeechBrain folder (a Hugging Face CTC model): the teacher loader
         asr = EnsembleASR(folders, device=device)
@@ -527,6 +610,14 @@ def evaluate_model(
         sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
 
     tokens, blank = model_tokens(asr)
+    chunking = None  # an exported folder's runtime chunks long files itself (its chunk_seconds)
+    if not isinstance(asr, DeployedASR) and not whole_files:
+        chunking = Chunking(
+            frame_shift=model_frame_shift(asr, folders[0], sample_rate),
+            chunk_seconds=float(chunk_seconds) if chunk_seconds else AUTO_CHUNK_SECONDS,
+            context_seconds=CONTEXT_SECONDS if context_seconds is None else float(context_seconds),
+            every=bool(chunk_seconds),
+        )
     if beam_size is None:
         beam_size = DEFAULT_LM_BEAM if lm is not None else 1
     weights = {k: v for k, v in (("lm_weight", lm_weight), ("word_bonus", word_bonus)) if v is not None}
@@ -563,7 +654,7 @@ def evaluate_model(
             if not batch:
                 continue
             start = time.perf_counter()
-            words, _ = runner.transcribe_batch(padded, lengths / lengths.max())
+            words = transcribe_rows(asr, runner, decoder, padded, lengths, sample_rate, chunking)
             compute_seconds += time.perf_counter() - start
             audio_seconds += float(lengths.sum()) / sample_rate
             ids += [r["ID"] for r in batch]

@@ -196,3 +196,38 @@ def test_evaluate_warns_about_what_it_scores_other_than_given(trained_run, tmp_p
     assert result.summary["num_utts"] == len(rows)
     assert f"1 of {len(rows)} files are not at the model's 16000 Hz and are resampled" in caplog.text
     assert f"1 of {len(rows)} files have several channels" in caplog.text
+
+
+def test_a_long_file_of_a_pytorch_model_is_read_in_chunks_like_the_whole(tmp_path, monkeypatch):
+    """evaluate of a PyTorch model folder chunks a long file by default (bounded memory, as transcribe.py)
+    and transcribes it as the whole file would be: the shipped teacher on 12 utterances put end to end."""
+    import csv as csv_mod
+
+    import numpy as np
+    import soundfile as sf
+
+    import speech_kd.scoring.evaluate as evaluate
+    from speech_kd import hparams_files
+    from speech_kd.data.synth.voices import make_speakers, render
+
+    speaker = make_speakers(1, 0)[0]
+    sentences = ["THE CAT SAT ON THE MAT", "A DOG RAN HOME IN THE RAIN", "SHE READ THE OLD LETTER AGAIN"] * 4
+    pieces = []
+    for i, text in enumerate(sentences):
+        render(speaker, text, tmp_path / f"{i}.flac")
+        pieces.append(sf.read(tmp_path / f"{i}.flac", dtype="float32")[0])
+    audio = np.concatenate(pieces)
+    sf.write(tmp_path / "long.flac", audio, 16000)
+    manifest = tmp_path / "long.csv"
+    with open(manifest, "w", newline="") as fh:
+        writer = csv_mod.writer(fh)
+        writer.writerow(["ID", "duration", "wav", "spk_id", "wrd"])
+        writer.writerow(["long", f"{len(audio) / 16000:.3f}", str(tmp_path / "long.flac"), "s", " ".join(sentences)])
+    monkeypatch.setattr(evaluate, "LONG_SECONDS", 5.0)  # the 60 s rule in 20 s chunks, on a file of about 20 s
+    monkeypatch.setattr(evaluate, "AUTO_CHUNK_SECONDS", 4.0)
+    teacher = str(hparams_files.shipped_teacher())
+    chunked = evaluate.evaluate_model(teacher, manifest, progress=False, utts_path=tmp_path / "chunked.txt")
+    whole = evaluate.evaluate_model(teacher, manifest, progress=False, chunk_seconds=0, max_duration=0)
+    assert chunked.summary["num_utts"] == whole.summary["num_utts"] == 1
+    assert abs(chunked.summary["wer"] - whole.summary["wer"]) <= 10.0  # a word or two at chunk boundaries
+    assert chunked.summary["wer"] < 90.0  # it transcribed the speech (nothing scores 100)

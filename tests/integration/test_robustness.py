@@ -151,9 +151,15 @@ def test_evaluate_long_files_missing_tokenizer_and_unwritable_output(
     rows = _rows(csv_path)
     longest = max(rows.values(), key=lambda r: float(r["duration"]))
     limit = f"{float(longest['duration']) - 0.01:.3f}"
-    code, out, _ = _run(capsys, "evaluate", "--asr", model, "--csv", csv_path, "--max_duration", limit)
-    assert code == 0 and f"utterances {len(rows) - 1} " in out
+    code, out, _ = _run(
+        capsys, "evaluate", "--asr", model, "--csv", csv_path, "--max_duration", limit, "--chunk_seconds", "0"
+    )
+    assert code == 0 and f"utterances {len(rows) - 1} " in out  # read whole: the longest is skipped, named
     assert f"skipping {longest['ID']} ({longest['wav']}): " in caplog.text
+    caplog.clear()
+    code, out, _ = _run(capsys, "evaluate", "--asr", model, "--csv", csv_path, "--max_duration", limit)
+    assert code == 0 and f"utterances {len(rows)} " in out  # by default long files are read in chunks: all scored
+    assert "skipping" not in caplog.text
     broken = tmp_path / "model"
     shutil.copytree(model, broken)
     (broken / "tokenizer.ckpt").unlink()
