@@ -61,6 +61,18 @@ def _one_line_error(capsys, argv: list[str], *needles: str) -> str:
     return err
 
 
+def _argparse_error(capsys, argv: list[str], *needles: str) -> None:
+    """A number out of range: argparse's one error line (after its usage lines), exit 2."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        run(argv)
+    assert exit_.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: argument" in last, last
+    for needle in needles:
+        assert needle in last, last
+
+
 def test_lm_verb(csvs, arpa, tmp_path, capsys):
     text = arpa.read_text()
     assert "\\3-grams:" in text and "THE" in text  # upper case, as transcripts are scored
@@ -69,7 +81,9 @@ def test_lm_verb(csvs, arpa, tmp_path, capsys):
     assert arpa.read_text() == text
     _one_line_error(capsys, ["lm", "--out", str(tmp_path / "x.arpa")], "--text", "--csv")
     _one_line_error(capsys, ["lm", "--text", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "x.arpa")], "nope")
-    _one_line_error(capsys, ["lm", "--csv", str(csvs["train"]), "--order", "9", "--out", str(tmp_path / "x.arpa")])
+    _argparse_error(
+        capsys, ["lm", "--csv", str(csvs["train"]), "--order", "9", "--out", str(tmp_path / "x.arpa")], "--order"
+    )
     assert not (tmp_path / "x.arpa").exists()
 
 
@@ -167,7 +181,7 @@ def test_bad_decoding_input_is_one_line_before_decoding(csvs, arpa, tmp_path, ca
 
     monkeypatch.setattr(evaluate_mod, "load_batch", no_decoding)
     base = ["evaluate", "--asr", str(TEACHER), "--csv", str(csvs["test"])]
-    _one_line_error(capsys, [*base, "--beam_size", "0"], "--beam_size must be a positive integer, got 0")
+    _argparse_error(capsys, [*base, "--beam_size", "0"], "--beam_size", "'0'")
     _one_line_error(capsys, [*base, "--lm", str(tmp_path / "nope.arpa")], "nope.arpa: no such language model file")
     truncated = tmp_path / "truncated.arpa"
     truncated.write_text(arpa.read_text()[: len(arpa.read_text()) // 2])
