@@ -271,7 +271,7 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
 
 
 def pretrainer_loadables(yaml_path: Path) -> list[str]:
-    """Names under ``pretrainer: ... loadables:`` of a model folder's yaml, when it gives no explicit ``paths``."""
+    """The names under the ``pretrainer`` entry's ``loadables`` in a model folder's yaml (none with ``paths``)."""
     lines = yaml_path.read_text(encoding="utf-8", errors="replace").splitlines()
     names: list[str] = []
     try:

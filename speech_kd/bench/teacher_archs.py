@@ -6,16 +6,12 @@ without downloading anything. Each entry copies the architecture fields of a
 published configuration (cited in ``source``); the CTC vocabulary is
 wav2vec2's 32 characters for the Hugging Face models.
 
-=====================  ==========  ==================================================
-name                   parameters  configuration
-=====================  ==========  ==================================================
-``synth``              3.1 M       ``hparams/teacher.yaml`` (the shipped teacher's shape)
-``wav2vec2-base``      94 M        facebook/wav2vec2-base-960h ``config.json``
-``wav2vec2-large``     315 M       facebook/wav2vec2-large-960h-lv60-self ``config.json``
-``wavlm-large``        315 M       microsoft/wavlm-large ``config.json`` (+ CTC head)
-``sb-conformer-large`` ~110 M      SpeechBrain's LibriSpeech conformer: d_model 512, 8 heads,
-                                   12 layers, d_ffn 2048 (``hparams/teacher.yaml``'s conformer)
-=====================  ==========  ==================================================
+- ``synth`` (3.1 M parameters): ``hparams/teacher.yaml``, the shipped teacher's shape;
+- ``wav2vec2-base`` (94 M): facebook/wav2vec2-base-960h ``config.json``;
+- ``wav2vec2-large`` (315 M): facebook/wav2vec2-large-960h-lv60-self ``config.json``;
+- ``wavlm-large`` (315 M): microsoft/wavlm-large ``config.json`` with a CTC head;
+- ``sb-conformer-large``: SpeechBrain's LibriSpeech conformer encoder size (d_model 512, 8 heads,
+  12 layers, d_ffn 2048) in ``hparams/teacher.yaml``'s conformer.
 """
 
 from __future__ import annotations

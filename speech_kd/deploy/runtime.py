@@ -685,7 +685,7 @@ class ExportedASR:
         Padded audio per network run (default :data:`MAX_BATCH_SECONDS`); the utterances given together are
         run longest first in groups of at most this much (:func:`run_groups`). 0: all in one padded batch.
     beam_size : int, optional
-        > 1: CTC beam search (:func:`ctc_beam_search`) instead of greedy decoding (default: 1, or the
+        Above 1: CTC beam search (:func:`ctc_beam_search`) instead of greedy decoding (default: 1, or the
         folder's recorded beam size, else :data:`DEFAULT_BEAM_SIZE`, when a language model is used).
     lm : str or os.PathLike, optional
         Word n-gram (ARPA, ``.arpa.gz`` or KenLM binary; needs the ``kenlm`` module) fused into the beam
@@ -695,8 +695,11 @@ class ExportedASR:
         Weight of the LM's natural-log probability and score per word (default: the recorded ones for the
         folder's LM, else 0.5 and 1.5).
 
-    A missing or corrupt ``deploy.json``, ``fbank.npz`` or model file, or an option out of range, raises
-    :class:`TranscribeError` (one line naming the file or option).
+    Raises
+    ------
+    TranscribeError
+        A missing or corrupt ``deploy.json``, ``fbank.npz`` or model file, or an option out of range (one
+        line naming the file or option).
     """
 
     def __init__(
