@@ -40,6 +40,7 @@ __all__ = [
     "count_parameters",
     "load_asr",
     "pretrainer_loadables",
+    "replace_folder",
 ]
 
 MODEL_BLOCK_START = "# >>> model"
@@ -208,18 +209,7 @@ def export_model_folder(
         info.update(extra_info or {})
         (tmp / "speech_kd.json").write_text(json.dumps(info, indent=2) + "\n")
         _check_model_out(out_dir)  # again: the folder may have changed meanwhile
-        if out_dir.exists() and any(out_dir.iterdir()):  # an earlier model folder of ours: moved aside, then removed
-            aside = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-            os.replace(out_dir, aside / "previous")
-            try:
-                os.replace(tmp, out_dir)
-            except BaseException:
-                os.replace(aside / "previous", out_dir)
-                aside.rmdir()
-                raise
-            shutil.rmtree(aside)
-        else:
-            os.replace(tmp, out_dir)
+        replace_folder(tmp, out_dir)  # an earlier model folder of ours: moved aside, then removed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # the parents this call made, if still empty
@@ -229,6 +219,26 @@ def export_model_folder(
                 break
         raise
     return out_dir
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``out``; an earlier folder at ``out`` is moved aside first, removed after.
+
+    Callers have checked that ``out`` is theirs to replace (an earlier model folder or export). A failed
+    rename puts the earlier folder back.
+    """
+    if not out.exists() or not any(out.iterdir()):
+        os.replace(tmp, out)  # over an empty folder: nothing is lost
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    os.replace(out, aside / "previous")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(aside / "previous", out)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
 
 
 # --------------------------------------------------------------------------- reading

@@ -37,7 +37,7 @@ import torch
 
 from speech_kd.deploy import runtime
 from speech_kd.deploy.graph import CTCGraph, UnsupportedModelError
-from speech_kd.model_folder import ModelFolderError, count_parameters, load_asr
+from speech_kd.model_folder import ModelFolderError, count_parameters, load_asr, replace_folder
 from speech_kd.nnet.features import filter_matrix
 from speech_kd.scoring.lm import check_lm_units, load_lm
 
@@ -359,7 +359,7 @@ def export_asr(
         if lm_info is not None:
             config = _copy_lm(tmp, lm_info, config, lm_weight, word_bonus, beam_size)
         check_out_folder(out, model_folder, force)  # again: the folder may have changed while the export ran
-        _replace(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # the parents this run made, if still empty
@@ -392,22 +392,6 @@ def _copy_lm(tmp: Path, info, config: dict, lm_weight: float, word_bonus: float,
     (tmp / runtime.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     runtime.ExportedASR(tmp, threads=1)  # the folder's transcribe.py loads it: KenLM's errors now, not later
     return config
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an earlier export at ``out`` is moved aside first and removed after."""
-    if not out.exists() or not any(out.iterdir()):
-        os.replace(tmp, out)  # over an empty folder: nothing is lost
-        return
-    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    os.replace(out, aside / "previous")
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(aside / "previous", out)
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside)
 
 
 def _write_folder(
