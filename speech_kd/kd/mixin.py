@@ -142,10 +142,9 @@ class KDMixin:
                     "yaml (augmentations that keep the time axis, e.g. DropFreq, DropChunk, AddNoise, stay), or "
                     "use the live teacher (no targets_cache)"
                 )
-        self._kd_check_options()
+        config = self.kd_config  # built from the hparams, hence validated: a bad option is refused before training
         aligner = getattr(targets, "aligner", None)
         if aligner is not None:  # the teacher's best path is carried to the student's frames only when a loss reads it
-            config = self.kd_config
             aligner.hard_labels = bool({config.kd_loss, config.unlabeled_kd_loss} & HARD_TARGET_LOSSES)
         if hasattr(targets, "to"):
             targets.to(self.device)
@@ -165,10 +164,6 @@ class KDMixin:
                     "keep only the tokens that matter up to that temperature; rebuild it with speech-kd "
                     f"cache-targets ... --max_temperature {value} (more bytes per frame, docs/cache.md) or lower {key}"
                 )
-
-    def _kd_check_options(self) -> None:
-        """Refuse KD options out of range before any training (:class:`KDConfig` validates them)."""
-        self.kd_config  # noqa: B018 (built, hence validated)
 
     def kd_time_changing_augmentations(self) -> list[str]:
         """Yaml keys of augmentations that would misalign cached targets (see ``augment_rows``)."""
