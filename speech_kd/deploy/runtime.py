@@ -185,6 +185,39 @@ def greedy_decode(log_probs: np.ndarray, blank: int, blank_penalty: float = 0.0,
     return [int(t) for t in best[keep & (best != blank)]]
 
 
+def chunk_windows(
+    samples: int, frame_shift: float, sample_rate: int, chunk_seconds: float, context_seconds: float
+) -> list[tuple[int, int, int, int | None]]:
+    """How a long file is read in chunks: ``(first, last, skip, keep)`` per chunk.
+
+    Chunks of ``chunk_seconds`` (whole output frames) each run with up to ``context_seconds`` of audio on
+    both sides: samples ``[first, last)`` go in, and of the output frames the ``keep`` after the first
+    ``skip`` are the chunk's own (``None``: all the rest, for the last chunk). Concatenated they have the
+    whole file's frame count.
+
+    Example
+    -------
+    >>> chunk_windows(16000 * 5, 0.04, 16000, 2.0, 1.0)
+    [(0, 48000, 0, 50), (16000, 80000, 25, 50), (48000, 80000, 25, None)]
+    """
+    stride = max(round(frame_shift * sample_rate), 1)  # samples per output frame
+    core = max(round(chunk_seconds * sample_rate / stride), 1) * stride
+    context = max(round(context_seconds * sample_rate / stride), 0) * stride
+    windows = []
+    for start in range(0, max(samples, 1), core):
+        first = max(start - context, 0)
+        last_chunk = start + core >= samples
+        windows.append(
+            (
+                first,
+                min(start + core + context, samples),
+                (start - first) // stride,
+                None if last_chunk else core // stride,
+            )
+        )
+    return windows
+
+
 def run_groups(lengths: list[int], budget: int) -> list[list[int]]:
     """Indices of utterances of ``lengths`` frames, longest first, in groups of at most ``budget`` padded frames.
 
@@ -961,16 +994,10 @@ class ExportedASR:
         chunk_seconds = _seconds(chunk_seconds, "chunk_seconds", zero=False)
         context_seconds = _seconds(context_seconds, "context_seconds")
         wav = check_samples(wav, "audio")
-        stride = max(round(self.frame_shift * self.sample_rate), 1)  # samples per output frame
-        core = max(round(chunk_seconds * self.sample_rate / stride), 1) * stride
-        context = max(round(context_seconds * self.sample_rate / stride), 0) * stride
-        for start in range(0, max(wav.shape[0], 1), core):
-            first = max(start - context, 0)
-            window = wav[first : min(start + core + context, wav.shape[0])]
-            out = self.log_probs([window])[0]
-            skip = (start - first) // stride
-            last = start + core >= wav.shape[0]
-            yield out[skip:] if last else out[skip : skip + core // stride]
+        windows = chunk_windows(wav.shape[0], self.frame_shift, self.sample_rate, chunk_seconds, context_seconds)
+        for first, last, skip, keep in windows:
+            out = self.log_probs([wav[first:last]])[0]
+            yield out[skip:] if keep is None else out[skip : skip + keep]
 
     def transcribe_long(
         self, wav: np.ndarray, chunk_seconds: float = 20.0, context_seconds: float = CONTEXT_SECONDS

@@ -25,7 +25,13 @@ from speech_kd.data.audio import AudioError, read_audio
 from speech_kd.data.dataio import read_csv_rows, token_strings
 from speech_kd.data.prepare import prepare_split
 from speech_kd.deploy.asr import DeployedASR, is_exported_folder
-from speech_kd.deploy.runtime import AUTO_CHUNK_SECONDS, CONTEXT_SECONDS, LONG_SECONDS, MIN_SAMPLE_RATE
+from speech_kd.deploy.runtime import (
+    AUTO_CHUNK_SECONDS,
+    CONTEXT_SECONDS,
+    LONG_SECONDS,
+    MIN_SAMPLE_RATE,
+    chunk_windows,
+)
 from speech_kd.kd.losses import collapse_greedy
 from speech_kd.model_folder import count_parameters, load_asr
 from speech_kd.scoring.decoding import DecodingError, make_decoder
@@ -212,16 +218,12 @@ def chunked_log_probs(
     ``chunk_seconds`` (whole output frames), each run with ``context_seconds`` of audio on both sides,
     only its own frames kept.
     """
-    stride = max(round(frame_shift * sample_rate), 1)
-    core = max(round(chunk_seconds * sample_rate / stride), 1) * stride
-    context = max(round(context_seconds * sample_rate / stride), 0) * stride
     pieces = []
-    for start in range(0, max(wav.shape[0], 1), core):
-        first = max(start - context, 0)
-        window = wav[first : min(start + core + context, wav.shape[0])]
-        out = model_log_probs(asr, window[None], torch.ones(1))[0]
-        skip = (start - first) // stride
-        pieces.append(out[skip:] if start + core >= wav.shape[0] else out[skip : skip + core // stride])
+    for first, last, skip, keep in chunk_windows(
+        wav.shape[0], frame_shift, sample_rate, chunk_seconds, context_seconds
+    ):
+        out = model_log_probs(asr, wav[first:last][None], torch.ones(1))[0]
+        pieces.append(out[skip:] if keep is None else out[skip : skip + keep])
     return np.concatenate(pieces)
 
 
