@@ -2,6 +2,7 @@
 # Install everything speech_kd needs on a fresh Debian machine:
 #   - Debian packages: TTS engines for the synthetic corpus, sox, and (with --test) chromium
 #   - a virtualenv .venv with the known-good Python stack and speech_kd (editable)
+#   - KenLM (lmplz, build_binary, the kenlm module) built from its PyPI sdist (scripts/install_kenlm.sh)
 #   - with --test the test and export extras, with --docs the docs extra (Sphinx, pinned in requirements/docs.txt)
 # Idempotent: a rerun only installs what is missing or changed.
 set -euo pipefail
@@ -44,5 +45,5 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp || requirements/known-good.txt -n
   .venv/bin/pip install -q -c requirements/known-good.txt -c requirements/docs.txt -e ".[${extras}]"
   touch "$stamp"
 fi
-[[ $WITH_TEST == 1 ]] && bash scripts/install_kenlm.sh  # lmplz/build_binary + kenlm for tests/unit/test_lm_decoding.py
+bash scripts/install_kenlm.sh  # KenLM's lmplz/build_binary + the kenlm module (speech-kd lm, evaluate --lm); idempotent
 echo "[setup] ready: $(.venv/bin/python -c 'import torch, speechbrain; print("torch", torch.__version__, "speechbrain", speechbrain.__version__)')"
