@@ -19,11 +19,13 @@ with checks (a missing or damaged file is a :class:`ModelFolderError` naming it)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ __all__ = [
     "count_parameters",
     "load_asr",
     "pretrainer_loadables",
+    "folder_written_beside",
     "replace_folder",
 ]
 
@@ -187,13 +190,7 @@ def export_model_folder(
 
     out_dir = Path(os.path.abspath(out_dir))
     _check_model_out(out_dir)
-    made = [folder for folder in (out_dir.parent, *out_dir.parent.parents) if not folder.exists()]  # deepest first
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))  # ours alone
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the folder private
+    with folder_written_beside(out_dir, lambda: _check_model_out(out_dir)) as tmp:
         (tmp / "hyperparams.yaml").write_text(text)
         torch.save(hparams["model"].state_dict(), tmp / "model.ckpt")
         hparams["normalize"]._save(str(tmp / "normalizer.ckpt"))
@@ -208,8 +205,27 @@ def export_model_folder(
         }
         info.update(extra_info or {})
         (tmp / "speech_kd.json").write_text(json.dumps(info, indent=2) + "\n")
-        _check_model_out(out_dir)  # again: the folder may have changed meanwhile
-        replace_folder(tmp, out_dir)  # an earlier model folder of ours: moved aside, then removed
+    return out_dir
+
+
+@contextlib.contextmanager
+def folder_written_beside(out: Path, check_again: Callable[[], None]) -> Iterator[Path]:
+    """Write a folder as a fresh temporary sibling of ``out``, then swap it in (:func:`replace_folder`).
+
+    The temporary folder is this call's alone (``mkdtemp``), with the permissions a plain ``mkdir`` would
+    give; ``check_again`` (that ``out`` is still ours to replace) runs right before the swap. On any
+    failure the temporary folder and the parent folders this call made are removed: nothing is left.
+    """
+    made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # ours alone
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the folder private
+        yield tmp
+        check_again()  # the folder may have changed while it was written
+        replace_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for folder in made:  # the parents this call made, if still empty
@@ -218,7 +234,6 @@ def export_model_folder(
             except OSError:
                 break
         raise
-    return out_dir
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

@@ -27,7 +27,6 @@ import json
 import os
 import pickle
 import shutil
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 
 from speech_kd.deploy import runtime
 from speech_kd.deploy.graph import CTCGraph, UnsupportedModelError
-from speech_kd.model_folder import ModelFolderError, count_parameters, load_asr, replace_folder
+from speech_kd.model_folder import ModelFolderError, count_parameters, folder_written_beside, load_asr
 from speech_kd.nnet.features import filter_matrix
 from speech_kd.scoring.lm import check_lm_units, load_lm
 
@@ -334,13 +333,7 @@ def export_asr(
         raise ValueError(f"--fp32_layers {', '.join(unknown)}: no such module (e.g. ctc_lin, encoder.layers.0)")
     example = _example(graph, settings["n_mels"])
 
-    made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # ours alone
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would make the export private
+    with folder_written_beside(out, lambda: check_out_folder(out, model_folder, force)) as tmp:
         config, diff = _write_folder(
             tmp,
             asr,
@@ -358,16 +351,6 @@ def export_asr(
         )
         if lm_info is not None:
             config = _copy_lm(tmp, lm_info, config, lm_weight, word_bonus, beam_size)
-        check_out_folder(out, model_folder, force)  # again: the folder may have changed while the export ran
-        replace_folder(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for folder in made:  # the parents this run made, if still empty
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
     return {**config, "max_abs_diff": diff, "bytes": (out / config["model_file"]).stat().st_size}
 
 
