@@ -1,29 +1,10 @@
-"""What several verbs check the same way before any work: the device, and numbers (:mod:`speech_kd.argtypes`)."""
+"""What several verbs check the same way before any work: the device (numbers: :mod:`speech_kd.argtypes`)."""
 
 from __future__ import annotations
 
 import torch
 
-from speech_kd.argtypes import (
-    finite_float,
-    float_range,
-    int_range,
-    non_negative_float,
-    non_negative_int,
-    positive_float,
-    positive_int,
-)
-
-__all__ = [
-    "check_device",
-    "finite_float",
-    "float_range",
-    "int_range",
-    "non_negative_float",
-    "non_negative_int",
-    "positive_float",
-    "positive_int",
-]
+__all__ = ["check_device"]
 
 
 def check_device(device: str) -> None:

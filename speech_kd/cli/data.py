@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from speech_kd.cli.common import non_negative_float, non_negative_int, positive_float, positive_int
+from speech_kd.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from speech_kd.data.prepare import prepare_librispeech
 from speech_kd.data.synth import SplitSpec, SynthConfig, synthesize_corpus
 

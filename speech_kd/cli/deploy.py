@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from speech_kd.cli.common import finite_float, non_negative_float, positive_int
+from speech_kd.argtypes import finite_float, non_negative_float, positive_int
 from speech_kd.demo import run_demo
 from speech_kd.deploy.onnx_export import export_asr
 

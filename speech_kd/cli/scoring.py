@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from speech_kd.cli.common import (
-    check_device,
+from speech_kd.argtypes import (
     finite_float,
     int_range,
     non_negative_float,
@@ -14,6 +13,7 @@ from speech_kd.cli.common import (
     positive_float,
     positive_int,
 )
+from speech_kd.cli.common import check_device
 from speech_kd.report import build_report, evaluation_page
 from speech_kd.report.evaluation import check_page_paths
 from speech_kd.scoring.compare import (

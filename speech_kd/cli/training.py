@@ -14,7 +14,8 @@ from pathlib import Path
 import yaml
 
 from speech_kd import hparams_files
-from speech_kd.cli.common import check_device, float_range, int_range, non_negative_float, positive_float, positive_int
+from speech_kd.argtypes import float_range, int_range, non_negative_float, positive_float, positive_int
+from speech_kd.cli.common import check_device
 from speech_kd.targets.cache import cache_targets
 from speech_kd.training.distill import run_distillation
 from speech_kd.training.train import run_training
