@@ -201,8 +201,9 @@ def model_frame_shift(asr, folder: str | os.PathLike, sample_rate: int) -> float
     end's edge frames do not bias it.
     """
     info = Path(folder) / "speech_kd.json"
-    if info.exists() and "frame_shift" in json.loads(info.read_text()):
-        return float(json.loads(info.read_text())["frame_shift"])
+    recorded = json.loads(info.read_text()).get("frame_shift") if info.exists() else None
+    if recorded is not None:
+        return float(recorded)
     if isinstance(asr, EnsembleASR):
         return float(asr.teacher.frame_shift)
     frames = [model_log_probs(asr, torch.zeros(1, s * sample_rate), torch.ones(1))[0].shape[0] for s in (2, 4)]
