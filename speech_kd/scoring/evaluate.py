@@ -309,7 +309,9 @@ def dev_split_of(split: str) -> str:
 def _collect_log_probs(asr, rows: list[dict], sample_rate: int, batch_seconds: float, progress: bool):
     """``[B, T, V]`` log-posteriors, lengths ``[B]`` and references of manifest rows (for tuning)."""
     arrays, refs = [], []
-    for batch in tqdm(duration_batches(rows, batch_seconds), desc="dev", unit="batch", disable=not progress):
+    for batch in tqdm(
+        duration_batches(rows, batch_seconds), desc="dev", unit="batch", disable=None if progress else True
+    ):
         batch, padded, lengths, _ = load_checked_batch(batch, sample_rate)  # a bad dev file: named, left out
         if not batch:
             continue
@@ -649,7 +651,9 @@ def evaluate_model(
     # audio of the next batch is read on a thread while the model runs on this one
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(load_checked_batch, batches[0], sample_rate) if batches else None
-        for number, batch in enumerate(tqdm(batches, desc="evaluating", unit="batch", disable=not progress)):
+        for number, batch in enumerate(
+            tqdm(batches, desc="evaluating", unit="batch", disable=None if progress else True)
+        ):
             batch, padded, lengths, bad = pending.result()
             failed += bad
             if number + 1 < len(batches):

@@ -145,6 +145,8 @@ def run_training(argv: list[str] | None = None, brain_class: type[CTCBrain] = CT
     if argv and not argv[0].startswith("-"):
         argv[0] = resolve_hparams_file(argv[0])
     argv, allow_changed, extra = preparse(argv)
+    if not sys.stderr.isatty() and "--noprogressbar" not in argv:
+        argv.append("--noprogressbar")  # a log file gets the epoch lines, not thousands of progress-bar redraws
     hparams_file, run_opts, overrides = sb.parse_arguments(argv)
     if extra:  # fractional --ckpt_interval_minutes: a yaml override (the Brain reads the yaml's value)
         import yaml

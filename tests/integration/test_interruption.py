@@ -109,6 +109,7 @@ def test_sigkill_then_rerun_resumes(tiny_corpus, tmp_path, kind):
         _command(tiny_corpus, killed, kind, teacher), env=env, capture_output=True, text=True, cwd=REPO
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]  # SpeechBrain logs tracebacks to stdout
+    assert "it/s" not in result.stderr and "s/it" not in result.stderr  # not a terminal: no progress-bar redraws
     assert _final_step(killed) == expected
     assert (killed / "model" / "model.ckpt").exists()
     assert sorted(_history(killed)) == list(range(1, EPOCHS + 1))

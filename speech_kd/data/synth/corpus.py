@@ -194,7 +194,7 @@ def synthesize_corpus(out_dir: str | os.PathLike, config: SynthConfig | None = N
     if todo:
         with render_pool(config.jobs) as pool:
             for _ in tqdm(
-                pool.imap_unordered(_render_job, todo, chunksize=8), total=len(todo), desc="synthesising", unit="utt"
+                pool.imap_unordered(_render_job, todo, chunksize=8), total=len(todo), desc="synthesising", unit="utt", disable=None
             ):
                 pass
 

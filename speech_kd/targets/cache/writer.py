@@ -107,7 +107,8 @@ def _save_manifest(out_dir: Path, entries: list[dict]) -> None:
 def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, unit="utt", desc="caching teacher targets", disable=not enabled)
+    # disable=None: drawn on a terminal only, so a log file is not filled with redraws
+    return tqdm(total=total, unit="utt", desc="caching teacher targets", disable=None if enabled else True)
 
 
 def write_cache(
