@@ -244,7 +244,7 @@ class CTCBrain(sb.Brain):
             self._collect_hypotheses(predictions, batch)
         return loss
 
-    def consistency_objective(self, predictions) -> torch.Tensor | None:
+    def consistency_objective(self, predictions: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
         """``cr_ctc_weight * CR`` of a training batch made of two views; ``None`` when it has one.
 
         CR is :func:`~speech_kd.kd.consistency.consistency_loss` of the outputs
