@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from speechbrain.augment.freq_domain import SpectrogramDrop
@@ -10,6 +12,7 @@ from speech_kd.bench.experiments.variants import variant_args
 from speech_kd.kd.consistency import ConsistencySetupError, CRConfig, consistency_loss, two_views, view_rows
 from speech_kd.nnet.chain import run_chain
 from speech_kd.report.plots import learning_curves
+from speech_kd.training.settings import check_run_settings
 
 
 def _log_probs(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -114,3 +117,13 @@ def test_the_report_draws_the_consistency_loss():
         for e in (1, 2)
     ]
     assert learning_curves(rows)[1:4] == b"PNG"
+
+
+def test_a_run_folder_older_than_the_key_continues_with_cr_off(tmp_path):
+    """A folder whose recorded settings predate cr_ctc_weight trained without CR-CTC: 0 continues it, 0.2 does not."""
+    (tmp_path / "save" / "CKPT+1").mkdir(parents=True)
+    (tmp_path / "run_settings.json").write_text(json.dumps({"hparams_file": "teacher.yaml", "lr": 0.001}))
+    check_run_settings({"output_folder": str(tmp_path), "lr": 0.001, "cr_ctc_weight": 0.0}, "teacher.yaml")
+    (tmp_path / "run_settings.json").write_text(json.dumps({"hparams_file": "teacher.yaml", "lr": 0.001}))
+    with pytest.raises(ValueError, match=r"cr_ctc_weight '\(unset\)' != 0.2"):
+        check_run_settings({"output_folder": str(tmp_path), "lr": 0.001, "cr_ctc_weight": 0.2}, "teacher.yaml")
