@@ -34,6 +34,15 @@ is ``(1 - kd_weight) * recipe_loss + kd_weight * kd``. What the wrapping does:
 - untranscribed utterances (empty ``wrd``): a training batch of them only is
   trained on the KD term alone (``unlabeled_kd_loss``); the recipe's
   ``compute_objectives`` never sees it;
+- CR-CTC (``cr_ctc_weight > 0``, :mod:`speech_kd.kd.consistency`): a host Brain
+  that trains two views of each utterance (``CTCBrain``) names each output
+  row's utterance in ``self.output_rows``, so both views get the KD term
+  against the same teacher targets (the teacher runs once per utterance), and
+  puts its weighted consistency term, already in its loss, in
+  ``self.consistency_term``: the mixin keeps that term at its full weight,
+  ``(1 - kd_weight) * CTC + kd_weight * KD + cr_ctc_weight * CR``. A host
+  without ``consistency_objective`` (a stock recipe) is refused with
+  ``cr_ctc_weight > 0``;
 - safety: with ``kd_weight > 0`` a training step that computed no KD term
   (e.g. a ``fit_batch`` override that bypasses ``self.compute_objectives``) is
   an error, as is a teacher that was never attached.
@@ -55,6 +64,7 @@ import torch
 
 from speech_kd.kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
 from speech_kd.kd.config import HARD_TARGET_LOSSES, KDConfig, KDSetupError
+from speech_kd.kd.consistency import ConsistencySetupError, CRConfig
 from speech_kd.kd.recipe_outputs import find_ctc_outputs
 from speech_kd.kd.schedules import linear_ramp
 from speech_kd.kd.stats import KDEpochTotals
@@ -98,6 +108,17 @@ class KDMixin:
         self.kd_epoch_stats: dict = {}
         self._kd_checked_frames = False
         self._wrap_train_logger()
+        self._kd_check_consistency_host()
+
+    def _kd_check_consistency_host(self) -> None:
+        """CR-CTC needs a host Brain that makes two views of each utterance (``CTCBrain``): refuse it otherwise."""
+        weight = CRConfig.from_hparams(self.hparams).cr_ctc_weight
+        if weight > 0.0 and not callable(getattr(self, "consistency_objective", None)):
+            raise ConsistencySetupError(
+                f"cr_ctc_weight={weight:g}: CR-CTC trains two augmented views of each utterance, which "
+                f"{type(self).__name__} does not make (speech_kd's CTCBrain and DistillBrain do: speech-kd train / "
+                "distill); set cr_ctc_weight: 0"
+            )
 
     def _wrap_train_logger(self) -> None:
         """Add the epoch's KD numbers to the ``train_stats`` the recipe logs (its own log, unedited)."""
@@ -259,6 +280,10 @@ class KDMixin:
                 extra["features"] = self.shared_features
             if getattr(self, "perturbed_wavs", None) is not None:
                 extra["wavs"] = self.perturbed_wavs
+            if getattr(self, "output_rows", None) is not None:
+                # CR-CTC's two views of each utterance: both read that utterance's targets (the teacher ran
+                # once on the B utterances' audio or features, or the cache was read once by ID)
+                extra["rows"] = self.output_rows.to(self.device)
         n_utts = len(batch.id)
         expected = n_utts
         if "rows" in extra:
@@ -376,9 +401,15 @@ class KDMixin:
             )
         ctc = recipe_objectives(predictions, batch, stage)
         kd, stats = self.kd_term(predictions, batch, temperature)
-        self._kd_epoch.add(ctc, kd, stats)
+        consistency = getattr(self, "consistency_term", None)  # CR-CTC's weighted term, inside the recipe's loss
+        self._kd_epoch.add(ctc if consistency is None else ctc.detach() - consistency.detach(), kd, stats)
         self._kd_step_done = True
-        return (1.0 - weight) * ctc + weight * kd
+        loss = (1.0 - weight) * ctc + weight * kd
+        if consistency is not None:
+            # (1 - w) scaled the recipe's consistency term c down with its CTC; give it the rest, so that
+            # loss = (1 - w) * CTC + w * KD + c: cr_ctc_weight means the same with or without KD
+            loss = loss + weight * consistency
+        return loss
 
     def _kd_on_stage_start(self, stage, epoch=None):
         """Reset the per-epoch KD statistics, then the recipe's hook.

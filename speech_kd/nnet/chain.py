@@ -52,7 +52,10 @@ def run_chain(
     Each module receives the relative lengths when its ``forward`` takes
     ``lengths`` or ``wav_lens`` (as ``LengthsCapableSequential`` does), and
     the epoch when it takes ``epoch`` (``InputNormalization``). ``after`` maps
-    a module name to a callable applied to its output (augmentation hooks).
+    a module name to a callable applied to its output (augmentation hooks);
+    a hook that changes the rows (CR-CTC's two views of each utterance,
+    ``[B, ...] -> [2B, ...]``) returns ``(output, relative lengths of its rows)``,
+    and the modules after it get those lengths.
     A plain SpeechBrain ``Fbank`` is computed by :func:`~speech_kd.nnet.features.fast_fbank`
     (same output, fewer passes over memory).
     """
@@ -72,4 +75,6 @@ def run_chain(
             x = module(x, **kwargs)
         if after and name in after:
             x = after[name](x)
+            if isinstance(x, tuple):
+                x, wav_lens = x
     return x

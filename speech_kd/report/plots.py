@@ -48,14 +48,14 @@ def _has(values: np.ndarray) -> bool:
 
 
 def learning_curves(history: list[dict], kd_reduction: str = "utterance", teacher_wer: float | None = None) -> bytes:
-    """Per-epoch losses (total, CTC, KD), dev WER/CER, learning rate and KD diagnostics.
+    """Per-epoch losses (total, CTC, KD, CR-CTC's consistency), dev WER/CER, learning rate and KD diagnostics.
 
     Parameters
     ----------
     history : list of dict
         Rows of ``history.jsonl``: ``{"epoch", "lr", "train": {"loss", ...}, "valid": {"loss", "WER", "CER"}}``;
         KD runs add ``ctc_loss``, ``kd_loss``, ``agreement``, ``blank_share``, ``lost_mass``, ``kd_weight``
-        and ``temperature`` to ``train``.
+        and ``temperature`` to ``train``; CR-CTC runs (``cr_ctc_weight > 0``) add ``cr_loss``.
     kd_reduction : str
         ``utterance`` or ``frame``: the unit of the KD loss axis.
     teacher_wer : float, optional
@@ -87,6 +87,8 @@ def learning_curves(history: list[dict], kd_reduction: str = "utterance", teache
     ax.plot(epochs, _series(history, "train", "loss"), "o-", label="train total")
     if _has(_series(history, "train", "ctc_loss")):
         ax.plot(epochs, _series(history, "train", "ctc_loss"), "s--", label="train CTC")
+    if _has(_series(history, "train", "cr_loss")):  # CR-CTC's consistency term (unweighted), per utterance as CTC
+        ax.plot(epochs, _series(history, "train", "cr_loss"), "v-.", label="train consistency (CR-CTC)")
     ax.plot(epochs, _series(history, "valid", "loss"), "^-", label="dev CTC")
     ax.set(xlabel="epoch", ylabel="CTC / total loss (per utterance)", title="Losses")
     handles, labels = ax.get_legend_handles_labels()

@@ -186,7 +186,18 @@ def summary_rows(run: RunFolder, history: list[dict]) -> list[list[str]]:
             rows.append(["kd_anneal", f"{anneal} (margin {run.setting('kd_anneal_margin') or '?'})"])
     else:
         rows.append(["teacher", "none (no KD in this run)"])
+    cr = run.setting("cr_ctc_weight")
+    if cr and _positive(cr):
+        rows.append(["cr_ctc_weight (CR-CTC: two SpecAugment views per utterance)", cr])
     return rows
+
+
+def _positive(text: str) -> bool:
+    """Whether a setting's text is a number above 0."""
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 def reached_teacher_epoch(history: list[dict], teacher_wer: float) -> int | None:

@@ -5,7 +5,11 @@ The model is whatever the yaml's ``encoder_chain`` lists, run in order, e.g.
 chain becomes the exported model's ``LengthsCapableSequential`` encoder, so
 training and inference cannot drift apart. Augmentations are inserted at
 fixed points: waveform augmentation before the chain, SpecAugment after
-``normalize``.
+``normalize``. With ``cr_ctc_weight > 0`` (CR-CTC, :mod:`speech_kd.kd.consistency`)
+each training batch of ``B`` utterances leaves ``normalize`` as ``2B`` rows, two
+independently SpecAugmented views of each utterance, and the loss adds
+``cr_ctc_weight`` times their consistency; dev, test and the exported model
+see one row per utterance, as without it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
+from speech_kd.kd.consistency import ConsistencySetupError, CRConfig, consistency_loss, two_views, view_rows
+from speech_kd.kd.term import untranscribed_rows
 from speech_kd.nnet.chain import run_chain
 from speech_kd.nnet.features import SharedFeatures, fbank_signature
 from speech_kd.scoring.metrics import error_rates
 from speech_kd.training.checkpoints import add_random_states, make_atomic
 from speech_kd.training.distributed import gather_objects, is_distributed, rank, weighted_mean_across, world_size
+from speech_kd.training.epoch_sums import EpochSums
 from speech_kd.training.history import write_history_line
 
 __all__ = ["CTCBrain", "NonFiniteLossError", "run_chain"]
@@ -51,7 +58,8 @@ class CTCBrain(sb.Brain):
     ones in ``modules``), ``ctc_cost``, ``blank_index``, ``lr_scheduler``,
     ``epoch_counter``, ``train_logger``, and optionally ``wav_augment`` /
     ``speed_perturb``, ``spec_augment_time`` / ``spec_augment_freq`` /
-    ``spec_augment``. ``self.tokenizer`` must be set before fitting.
+    ``spec_augment``, ``cr_ctc_weight`` (CR-CTC, :class:`~speech_kd.kd.consistency.CRConfig`).
+    ``self.tokenizer`` must be set before fitting.
 
     Under DDP (``torchrun``) the numbers it logs cover all processes: the
     training loss and the KD statistics are combined over the processes'
@@ -63,11 +71,50 @@ class CTCBrain(sb.Brain):
     """
 
     tokenizer = None
+    #: long ``[2B]``: for each row of the training batch's outputs, the utterance it is a view of (CR-CTC
+    #: makes two rows per utterance); ``None``: one row per utterance. Set by ``compute_forward``.
+    output_rows: torch.Tensor | None = None
+    #: ``cr_ctc_weight * CR`` of the current training batch, attached (part of ``compute_objectives``'s
+    #: loss; ``KDMixin`` reads it to keep it out of the KD mixing); ``None`` without two views
+    consistency_term: torch.Tensor | None = None
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         make_atomic(self.checkpointer)  # a kill during a save cannot leave a checkpoint that fails to load
         add_random_states(self.checkpointer)  # a resumed run draws what the interrupted one would have
+        self._cr_sums = EpochSums(("cr_loss",))
+        if self.cr_config.enabled and self.checkpointer is not None:
+            # the resumed epoch's cr_loss covers its batches before the kill too (optional: older checkpoints load)
+            self.checkpointer.add_recoverable("cr_epoch_sums", self._cr_sums, optional_load=True)
+
+    @property
+    def cr_config(self) -> CRConfig:
+        """The CR-CTC options of the hparams (:class:`~speech_kd.kd.consistency.CRConfig`: one default for each)."""
+        return CRConfig.from_hparams(self.hparams)
+
+    def check_consistency_setup(self) -> None:
+        """Refuse CR-CTC that cannot work (called before the first batch): its two views need SpecAugment.
+
+        Raises
+        ------
+        speech_kd.kd.consistency.ConsistencySetupError
+            ``cr_ctc_weight > 0`` without ``spec_augment: True``, or with an
+            ``encoder_chain`` that has no ``normalize`` (SpecAugment's place).
+        """
+        weight = self.cr_config.cr_ctc_weight
+        if weight <= 0.0:
+            return
+        if not getattr(self.hparams, "spec_augment", False):
+            raise ConsistencySetupError(
+                f"cr_ctc_weight={weight:g} needs feature augmentation to make the two views of each utterance "
+                "differ: set spec_augment: True (--spec_augment=True); without it the views are identical and "
+                "the consistency term is 0"
+            )
+        if "normalize" not in self.hparams.encoder_chain:
+            raise ConsistencySetupError(
+                f"cr_ctc_weight={weight:g}: the two views are made where SpecAugment runs, after the chain's "
+                f"normalize module, and encoder_chain {list(self.hparams.encoder_chain)} has none"
+            )
 
     # ------------------------------------------------------------------ forward
     def _module_table(self) -> dict:
@@ -94,15 +141,28 @@ class CTCBrain(sb.Brain):
         Speed-perturbed training waveforms are kept in ``self.perturbed_wavs``
         (``(wavs [B, S'], wav_lens [B])``), so that a live teacher hears the
         same perturbed audio as the student and their frames line up.
+
+        CR-CTC (``cr_ctc_weight > 0``): a training batch with a transcript
+        leaves ``normalize`` as two SpecAugmented views of each utterance, so
+        the outputs are ``[2B, T, V]`` and ``[2B]`` (view *a*, then view *b*)
+        and ``self.output_rows`` names each row's utterance. The fbank, the
+        normalisation statistics, the speed perturbation and the features kept
+        for the teacher are those of the ``B`` utterances, computed once.
         """
         batch = batch.to(self.device)
         wavs, wav_lens = batch.sig
         perturbed = stage == sb.Stage.TRAIN and getattr(self.hparams, "speed_perturb", False)
         self.perturbed_wavs = None
+        self.output_rows, self.consistency_term = None, None
         if perturbed:
             wavs = self.hparams.wav_augment(wavs)
             self.perturbed_wavs = (wavs, wav_lens)
         hooks = self._augment_hooks(stage)
+        out_lens = wav_lens
+        if self._makes_views(batch, stage):
+            augment, out_lens = hooks["normalize"], wav_lens.repeat(2)
+            hooks["normalize"] = lambda feats: (two_views(feats, augment), out_lens)
+            self.output_rows = view_rows(wav_lens.shape[0], device=wav_lens.device)
         self.shared_features = None
         first = self.hparams.encoder_chain[0]
         signature = self._feature_signature()
@@ -116,7 +176,20 @@ class CTCBrain(sb.Brain):
             after=hooks,
             epoch=self.hparams.epoch_counter.current,
         )
-        return log_probs, wav_lens
+        return log_probs, out_lens
+
+    def _makes_views(self, batch, stage) -> bool:
+        """Whether this batch is trained as two views (CR-CTC): training batches with a transcript.
+
+        A batch of untranscribed utterances only (KD-only batches of
+        ``speech-kd distill --unlabeled_splits``) keeps one view: CR-CTC
+        regularises the CTC of transcribed batches (``docs/design.md``).
+        """
+        if stage != sb.Stage.TRAIN or not self.cr_config.enabled:
+            return False
+        self.check_consistency_setup()
+        untranscribed = untranscribed_rows(batch)
+        return not (untranscribed and all(untranscribed))
 
     def _feature_signature(self) -> tuple | None:
         """``fbank_signature`` of the chain's first module (computed once)."""
@@ -141,9 +214,14 @@ class CTCBrain(sb.Brain):
         """
         log_probs, wav_lens = predictions
         tokens, token_lens = batch.tokens
+        rows = getattr(self, "output_rows", None)
+        if rows is not None:  # two views (CR-CTC): each view is trained on its utterance's transcript
+            tokens, token_lens = tokens[rows.to(tokens.device)], token_lens[rows.to(token_lens.device)]
         words = getattr(batch, "wrd", None)
         if words is not None and not isinstance(words, torch.Tensor) and any(not str(w).strip() for w in words):
             keep = torch.tensor([bool(str(w).strip()) for w in words], device=log_probs.device)
+            if rows is not None:
+                keep = keep[rows.to(keep.device)]
             if not keep.any():
                 return log_probs.sum() * 0.0
             log_probs, wav_lens = log_probs[keep], wav_lens[keep]
@@ -152,11 +230,34 @@ class CTCBrain(sb.Brain):
         return self.hparams.ctc_cost(log_probs, tokens, wav_lens, token_lens)
 
     def compute_objectives(self, predictions, batch, stage):
-        """CTC loss; on dev/test also decode greedily and keep hypotheses."""
+        """CTC loss (CR-CTC: of both views, plus the consistency term); on dev/test also decode and keep hypotheses.
+
+        With two views the CTC is SpeechBrain's ``batchmean`` over the ``2B``
+        rows, the mean of the two views' CTC: the scale of a run without CR.
+        """
         loss = self.ctc_objective(predictions, batch)
-        if stage != sb.Stage.TRAIN:
+        if stage == sb.Stage.TRAIN:
+            consistency = self.consistency_objective(predictions)
+            if consistency is not None:
+                loss = loss + consistency
+        else:
             self._collect_hypotheses(predictions, batch)
         return loss
+
+    def consistency_objective(self, predictions: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """``cr_ctc_weight * CR`` of a training batch made of two views; ``None`` when it has one.
+
+        CR is :func:`~speech_kd.kd.consistency.consistency_loss` of the outputs
+        ``[2B, T, V]``; it is added to the epoch's ``cr_loss`` (unweighted) and
+        kept, weighted and attached, in ``self.consistency_term``.
+        """
+        if self.output_rows is None:
+            return None
+        log_probs, lens = predictions
+        consistency = consistency_loss(log_probs, lens)
+        self._cr_sums.add(cr_loss=consistency)
+        self.consistency_term = self.cr_config.cr_ctc_weight * consistency
+        return self.consistency_term
 
     def _collect_hypotheses(self, predictions, batch) -> None:
         log_probs, wav_lens = predictions
@@ -185,7 +286,8 @@ class CTCBrain(sb.Brain):
         return loader
 
     def on_fit_start(self):
-        """Recover checkpoints, then size the LR schedule to the whole run."""
+        """Refuse a CR-CTC setup that cannot work, recover checkpoints, then size the LR schedule to the whole run."""
+        self.check_consistency_setup()
         super().on_fit_start()
         batches = getattr(self, "_train_batches", None)
         if batches and hasattr(self.hparams, "lr_scheduler"):
@@ -265,10 +367,16 @@ class CTCBrain(sb.Brain):
 
     # ------------------------------------------------------------ statistics
     def on_stage_start(self, stage, epoch=None):
-        """Reset the hypothesis buffers; start the training stage's clock."""
+        """Reset the hypothesis buffers; start the training stage's clock and its sums.
+
+        A training stage that starts at a step past 0 was resumed from an
+        intra-epoch checkpoint: it keeps the sums that checkpoint restored.
+        """
         self._ids, self._hyps, self._refs = [], [], []
         if stage == sb.Stage.TRAIN:
             self._train_started = time.monotonic()
+            if not getattr(self, "step", 0):
+                self._cr_sums.reset()
 
     def _gather_hypotheses(self) -> None:
         """Merge every process's ``(id, ref, hyp)`` rows, one per utterance ID (no-op in one process)."""
@@ -291,6 +399,8 @@ class CTCBrain(sb.Brain):
         batches = max(self.step, 1)
         stats = {"loss": weighted_mean_across(float(stage_loss), batches)}
         if stage == sb.Stage.TRAIN:
+            if self.cr_config.enabled:  # the epoch's mean consistency term, unweighted (a collective: all processes)
+                stats.update(self._cr_sums.means())
             self.batches_per_rank = [int(n) for n in gather_objects(self.step)]
             if is_distributed() and rank() == 0:
                 logger.info(

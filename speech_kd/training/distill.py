@@ -60,6 +60,7 @@ RUN_KEYS = (
     "unlabeled_fraction",
     "unlabeled_min_confidence",
     "unlabeled_kd_loss",
+    "cr_ctc_weight",
 )
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,10 @@ def run_distillation(argv: list[str] | None = None) -> dict:
         out = Path(hparams["output_folder"])
         (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
         resolved = {key: hparams.get(key) for key in RUN_KEYS}
-        # the KD options as they run: KDConfig's defaults for keys the yaml leaves out, kd_reduction resolved
-        resolved.update(brain.kd_config.to_dict(), kd_reduction=brain.kd_option("kd_reduction"))
+        # the KD and CR-CTC options as they run: the defaults for keys the yaml leaves out, kd_reduction resolved
+        resolved.update(
+            brain.kd_config.to_dict(), **brain.cr_config.to_dict(), kd_reduction=brain.kd_option("kd_reduction")
+        )
 
         for key in ("teacher_source", "targets_cache"):  # absolute, so `speech-kd report` finds them from anywhere
             if resolved.get(key):

@@ -51,6 +51,11 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
+#: keys added to the yamls after run folders were made, with the value that trains as their absence did: a
+#: folder whose recorded settings lack such a key continues when the key has that value now
+ADDED_KEYS = {"cr_ctc_weight": 0.0}
+
+
 def _run_option(run_opts, hparams: dict, name: str):
     """A run option as ``sb.Brain`` resolves it: command line, else yaml, else SpeechBrain's default."""
     if name in getattr(run_opts, "overridden_args", ()):
@@ -172,7 +177,8 @@ def check_run_settings(hparams: dict, hparams_file: str, allow_changed: bool = F
 
     Compared only when the folder holds checkpoints (there is work to lose
     or to mix): every plain-data key of the yaml plus command-line overrides,
-    except :data:`RESUMABLE_KEYS` and paths. ``allow_changed`` (the
+    except :data:`RESUMABLE_KEYS` and paths (and :data:`ADDED_KEYS` a folder
+    predates, at the value that trains as before). ``allow_changed`` (the
     ``--allow_changed_settings=True`` flag) turns the refusal into a warning
     that lists what differs; the file then records the new settings.
 
@@ -195,6 +201,7 @@ def check_run_settings(hparams: dict, hparams_file: str, allow_changed: bool = F
             f"{key} {before.get(key, '(unset)')!r} != {now.get(key, '(unset)')!r}"
             for key in sorted(set(before) | set(now))
             if before.get(key) != now.get(key)
+            and not (key not in before and key in ADDED_KEYS and now.get(key) == ADDED_KEYS[key])
         ]
         if diffs and not allow_changed:
             raise ValueError(

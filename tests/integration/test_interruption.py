@@ -189,6 +189,34 @@ def test_a_run_killed_mid_epoch_ends_with_the_weights_of_one_never_killed(
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def test_cr_ctc_resumed_mid_epoch_draws_the_same_two_views(tiny_corpus, tmp_path, monkeypatch):
+    """CR-CTC's two SpecAugment views are drawn from the checkpointed generator: killed at the 4th batch (intra-epoch
+    checkpoints every 2 steps) and rerun, the run ends with the weights of one never killed, and the epoch's
+    logged cr_loss covers all its batches."""
+    from speech_kd.training.ctc_brain import CTCBrain
+    from speech_kd.training.train import run_training
+
+    def argv(out: Path) -> list[str]:
+        return [
+            str(REPO / "hparams/teacher.yaml"),
+            f"--data_folder={tiny_corpus}",
+            f"--output_folder={out}",
+            "--number_of_epochs=1",
+            "--ckpt_interval_steps=2",
+            "--cr_ctc_weight=0.2",
+            "--spec_augment=True",
+            "--max_batch_length=10",
+            *(a for a in TINY_MODEL if not a.startswith("--max_batch_length")),
+        ]
+
+    _kill_at_batch_then_rerun(run_training, argv(tmp_path / "killed"), CTCBrain, 4, monkeypatch)
+    run_training(argv(tmp_path / "clean"))
+    resumed, straight = (torch.load(tmp_path / o / "model" / "model.ckpt") for o in ("killed", "clean"))
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    resumed, straight = (_history(tmp_path / o)[1]["train"] for o in ("killed", "clean"))
+    assert resumed["cr_loss"] > 0 and resumed["cr_loss"] == pytest.approx(straight["cr_loss"], rel=1e-9)
+
+
 def test_kd_statistics_of_an_epoch_resumed_mid_way_cover_all_its_batches(tiny_corpus, tmp_path, monkeypatch):
     """Killed at the 4th training batch of epoch 1 (intra-epoch checkpoints every 2 steps), then rerun: epoch 1's
     logged KD numbers are those of the run never killed, not only of the batches after the resume."""

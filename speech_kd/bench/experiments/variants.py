@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+#: the SpecAugment of CR-CTC as icefall's recipes run it (2.5x the time masks of their SpecAugment): on,
+#: with 2.5x hparams/distill.yaml's 4 time masks (that yaml's SpecAugment is off)
+CR_AUGMENT = ["--spec_augment=True", "--n_time_masks=10"]
+#: CR-CTC (speech_kd.kd.consistency) at icefall's weight (``--cr-loss-scale 0.2``), with that SpecAugment
+CR_CTC = ["--cr_ctc_weight=0.2", *CR_AUGMENT]
+
 #: named KD settings (overrides of hparams/distill.yaml). Any name may end in ``_online`` (the
 #: live teacher instead of the cache) or ``_sp`` (speed perturbation 0.9/1.0/1.1x, for both the
 #: student and the live teacher, which then hears the perturbed audio): see :func:`variant_args`.
+#: Variants with ``--kd_weight=0`` train without a teacher (no cache, no live teacher).
 VARIANTS: dict[str, list[str]] = {
     # the student without KD, at its own best learning rate (0.001 / 0.002 / 0.004 measured; the yaml's
     # 0.004 is the KD student's best): each student is compared at the rate that suits it (docs/results.md)
     "scratch": ["--kd_weight=0", "--lr=0.002"],
     "kd": [],  # the KD settings of the student yaml itself (hparams/distill.yaml's defaults)
+    # CR-CTC (speech_kd.kd.consistency): the strongest baseline without a teacher, at scratch's learning rate,
+    # and stacked with kd; *_sa: their SpecAugment alone (controls: what the consistency term adds)
+    "scratch_cr": ["--kd_weight=0", "--lr=0.002", *CR_CTC],
+    "kd_cr": list(CR_CTC),
+    "scratch_sa": ["--kd_weight=0", "--lr=0.002", *CR_AUGMENT],
+    "kd_sa": list(CR_AUGMENT),
     "kd_anneal": ["--kd_anneal=True"],  # kd with teacher annealing on (KD fades as the student reaches the teacher)
     "kd_plain": ["--kd_anneal=False"],  # kd with teacher annealing off (the KD weight as configured, all run long)
     # untranscribed audio (needs --transcribed_fraction or --unlabeled): KD on the split named untranscribed too
@@ -43,6 +56,10 @@ def variant_args(name: str) -> tuple[list[str], bool]:
     (['--kd_weight=0.5', '--temperature=2'], False)
     >>> variant_args("scratch_sp")
     (['--kd_weight=0', '--lr=0.002', '--speed_perturb=True'], False)
+    >>> variant_args("kd_cr_online")
+    (['--cr_ctc_weight=0.2', '--spec_augment=True', '--n_time_masks=10'], False)
+    >>> variant_args("scratch_cr")[1]
+    False
     """
     base, extra, cached = name, [], True
     for suffix, args in (("_sp", ["--speed_perturb=True"]), ("_online", [])):
@@ -50,7 +67,7 @@ def variant_args(name: str) -> tuple[list[str], bool]:
             base, extra, cached = base[: -len(suffix)], args + extra, False
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}: one of {sorted(VARIANTS)}, optionally + _online or _sp")
-    return VARIANTS[base] + extra, cached and base != "scratch"
+    return VARIANTS[base] + extra, cached and "--kd_weight=0" not in VARIANTS[base]
 
 
 def merge_overrides(variant: list[str], extra: list[str]) -> list[str]:
