@@ -5,8 +5,10 @@ Owns the KD options and their defaults (:mod:`~speech_kd.kd.config`, ``KDConfig`
 the losses on teacher and student posteriors (:mod:`~speech_kd.kd.losses`), weight and temperature
 schedules (:mod:`~speech_kd.kd.schedules`), teacher annealing (:mod:`~speech_kd.kd.anneal`), the
 per-epoch KD statistics (:mod:`~speech_kd.kd.stats`), finding a stock recipe's CTC outputs
-(:mod:`~speech_kd.kd.recipe_outputs`) and the rows augmentation adds to a batch
-(:mod:`~speech_kd.kd.augment_rows`). It may import ``targets`` (frame alignment), the training
+(:mod:`~speech_kd.kd.recipe_outputs`), the rows augmentation adds to a batch
+(:mod:`~speech_kd.kd.augment_rows`) and layer distillation's student side (:mod:`~speech_kd.kd.layers`:
+tapped encoder layers, learned projections). It may import ``targets`` (frame alignment), ``nnet``
+(``nnet.layers``), the training
 infrastructure (``training.checkpoints``, ``training.distributed``, ``training.precision``) and
 ``scoring.teacher_check`` (``anneal`` only, which is therefore not re-exported here: ``scoring``
 imports ``kd.losses``); never the Brains or recipes of ``training``, which build on them.

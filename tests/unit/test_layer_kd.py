@@ -33,7 +33,7 @@ from speech_kd.targets.cache.format import decode_hidden, encode_hidden, hidden_
 from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.targets.teachers.base import TeacherError, load_teacher
 from speech_kd.targets.teachers.ensemble import EnsembleTeacher
-from speech_kd.testing import make_tiny_hf_ctc, make_tiny_sb_model, whitenoise
+from speech_kd.testing import make_tiny_hf_ctc, make_tiny_sb_model, make_tiny_sb_wav2vec2, whitenoise
 
 
 def _conformer(d_model: int = 16, layers: int = 3, seed: int = 0) -> EncoderWrapper:
@@ -184,6 +184,15 @@ def test_huggingface_teacher_layer_k_is_hidden_states_k_plus_1(tmp_path):
     assert teacher.layer_count() == 2
     assert torch.allclose(out.hiddens[0], reference.hidden_states[1], atol=1e-4)
     assert torch.allclose(out.hiddens[1], reference.hidden_states[2], atol=1e-4)
+
+
+def test_speechbrain_wav2vec2_teacher_layers_are_its_hugging_face_encoder_layers(tmp_path):
+    """The layout of speechbrain/asr-wav2vec2-librispeech: the wav2vec2 layers are found under its encoder."""
+    folder, hub = make_tiny_sb_wav2vec2(tmp_path / "model")
+    teacher = load_teacher(folder, overrides={"wav2vec2_hub": hub})
+    assert teacher.layer_count() == 2 and teacher.layer_stack_name == "encoder.wav2vec2.model.encoder.layers"
+    out = teacher(whitenoise(1.0)[None], torch.ones(1), hidden_layers=[1])
+    assert out.hiddens[1].shape == (*out.log_probs.shape[:2], 32)
 
 
 def test_teacher_frames_are_averaged_into_the_students_and_padding_is_masked():
