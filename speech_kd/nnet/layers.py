@@ -135,6 +135,9 @@ def find_layer_stack(
     return name, _children(stack)
 
 
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm)
+
+
 def output_width(layer: torch.nn.Module) -> int | None:
     """Width ``D`` of a layer's output, from its last submodule that fixes one; ``None`` when none does.
 
@@ -152,7 +155,7 @@ def output_width(layer: torch.nn.Module) -> int | None:
     for module in reversed(list(layer.modules())):
         if isinstance(module, torch.nn.LayerNorm):
             return int(module.normalized_shape[-1])
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, _BATCH_NORMS):
             return int(module.num_features)
         if isinstance(module, torch.nn.Linear):
             return int(module.out_features)

@@ -21,7 +21,6 @@ from speech_kd.testing import make_tiny_sb_model
 from speech_kd.training.distill import run_distillation
 from speech_kd.training.distill_brain import DistillBrain
 from tests.conftest import REPO, TINY_MODEL
-from tests.integration.test_interruption import _kill_at_batch_then_rerun
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +44,27 @@ def _argv(corpus: Path, out: Path, teacher: str, *extra: str) -> list[str]:
         *(arg for arg in STUDENT if arg.split("=", 1)[0] not in given),
         *extra,
     ]
+
+
+class Killed(Exception):
+    """Stands for a kill inside the training loop."""
+
+
+def _kill_at_batch_then_rerun(argv: list[str], kill_at_batch: int, monkeypatch) -> None:
+    """``run_distillation(argv)`` dies at training batch ``kill_at_batch``, then runs again to the end."""
+    real, calls = DistillBrain.fit_batch, {"n": 0}
+
+    def dies_at_a_batch(self, batch):
+        calls["n"] += 1
+        if calls["n"] == kill_at_batch:
+            raise Killed
+        return real(self, batch)
+
+    monkeypatch.setattr(DistillBrain, "fit_batch", dies_at_a_batch)
+    with pytest.raises(Killed):
+        run_distillation(argv)
+    monkeypatch.setattr(DistillBrain, "fit_batch", real)
+    run_distillation(argv)
 
 
 def _train_stats(out: Path) -> dict:
@@ -98,7 +118,7 @@ def test_a_layer_kd_run_killed_mid_epoch_resumes_to_the_same_weights(tiny_corpus
     def argv(out: Path) -> list[str]:
         return _argv(tiny_corpus, out, teacher, "--kd_layers=auto", "--ckpt_interval_steps=2", "--max_batch_length=10")
 
-    _kill_at_batch_then_rerun(run_distillation, argv(tmp_path / "killed"), DistillBrain, 4, monkeypatch)
+    _kill_at_batch_then_rerun(argv(tmp_path / "killed"), 4, monkeypatch)
     run_distillation(argv(tmp_path / "clean"))
     loads = [(tmp_path / o / "log.txt").read_text().count("Loading a checkpoint") for o in ("killed", "clean")]
     assert loads == [2, 1]  # the rerun resumed from the intra-epoch checkpoint (and both loaded the best for test)
