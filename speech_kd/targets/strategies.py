@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -252,7 +253,7 @@ class OnlineTargets:
         self.teacher.layer_path = path
         return self.teacher.layer_count()
 
-    def request_layers(self, layers) -> dict[int, int]:
+    def request_layers(self, layers: Iterable[int]) -> dict[int, int]:
         """Hand out these teacher layers' hidden states with every batch's targets; return their widths.
 
         Checked against the teacher's depth; the widths are measured on one second of silence.
@@ -352,7 +353,7 @@ class CachedTargets:
             "live teacher (no targets_cache)"
         )
 
-    def request_layers(self, layers) -> dict[int, int]:
+    def request_layers(self, layers: Iterable[int]) -> dict[int, int]:
         """Read these teacher layers' stored hidden states with every batch; return their widths.
 
         Refused (:class:`~speech_kd.targets.cache.CacheError`, naming the cache, the missing layers and

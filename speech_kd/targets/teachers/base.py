@@ -13,7 +13,7 @@ import hashlib
 import importlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,7 +91,7 @@ class Teacher(torch.nn.Module, ABC):
         """
         raise TeacherError(f"teacher {self.name}: layer distillation (kd_layers) is not supported for this teacher")
 
-    def check_hidden_layers(self, layers) -> None:
+    def check_hidden_layers(self, layers: Iterable[int]) -> None:
         """Refuse, naming the teacher, the index and its depth, a layer past :meth:`layer_count`."""
         depth = self.layer_count()
         for layer in layers:
@@ -101,7 +101,9 @@ class Teacher(torch.nn.Module, ABC):
                     f"({depth} layers, 0..{depth - 1})"
                 )
 
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor, features=None, hidden_layers=()) -> TeacherOutput:
+    def forward(
+        self, wavs: torch.Tensor, wav_lens: torch.Tensor, features=None, hidden_layers: Iterable[int] = ()
+    ) -> TeacherOutput:
         """Run :meth:`posteriors` in eval mode without gradients; check the output.
 
         ``features`` (a ``speech_kd.nnet.features.SharedFeatures``) is the
