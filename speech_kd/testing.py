@@ -68,7 +68,7 @@ def make_tiny_hf_ctc(folder: str | os.PathLike, vocab: list[str] | None = None, 
     return str(folder)
 
 
-def make_tiny_sb_model(folder: str | os.PathLike, seed: int = 0) -> str:
+def make_tiny_sb_model(folder: str | os.PathLike, seed: int = 0, num_encoder_layers: int = 1) -> str:
     """Export a tiny random model of ``hparams/teacher.yaml``'s architecture as an EncoderASR folder."""
     from hyperpyyaml import load_hyperpyyaml
 
@@ -79,7 +79,7 @@ def make_tiny_sb_model(folder: str | os.PathLike, seed: int = 0) -> str:
         "output_folder": str(Path(folder).parent / "tiny_sb_run"),
         "d_model": 32,
         "d_ffn": 64,
-        "num_encoder_layers": 1,
+        "num_encoder_layers": num_encoder_layers,
         "seed": seed,
     }
     hparams = load_hyperpyyaml(text, overrides)

@@ -60,6 +60,8 @@ def _cmd_cache_targets(args) -> None:
         shard_utts=args.shard_utts,
         teacher_overrides=overrides,
         max_duration=args.max_duration,
+        hidden_layers=args.hidden_layers,
+        hidden_dtype=args.hidden_dtype,
     )
     print(json.dumps(summary, indent=2))
 
@@ -119,6 +121,18 @@ def add_cache_targets(sub) -> None:
         default=None,
         help="YAML dict of keys replaced in a SpeechBrain teacher's hyperparams.yaml, "
         "e.g. '{wav2vec2_hub: teachers/wav2vec2-large-960h-lv60-self}'",
+    )
+    p.add_argument(
+        "--hidden_layers",
+        default=None,
+        help="also store these teacher encoder layers' hidden states, for distill's kd_layers: 1,3,5 (from 0), "
+        "all, or auto:N (the layers kd_layers: auto maps a student of N layers to); default: none",
+    )
+    p.add_argument(
+        "--hidden_dtype",
+        choices=["int8", "fp16"],
+        default="int8",
+        help="storage of hidden states: int8 with an fp16 scale per frame, or fp16 (docs/cache.md)",
     )
     p.set_defaults(func=_cmd_cache_targets)
 

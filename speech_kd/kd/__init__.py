@@ -6,9 +6,11 @@ the losses on teacher and student posteriors (:mod:`~speech_kd.kd.losses`), weig
 schedules (:mod:`~speech_kd.kd.schedules`), teacher annealing (:mod:`~speech_kd.kd.anneal`), the
 per-epoch KD statistics (:mod:`~speech_kd.kd.stats`), finding a stock recipe's CTC outputs
 (:mod:`~speech_kd.kd.recipe_outputs`), the rows augmentation adds to a batch
-(:mod:`~speech_kd.kd.augment_rows`) and CR-CTC's consistency between two augmented views of each
+(:mod:`~speech_kd.kd.augment_rows`), layer distillation's student side (:mod:`~speech_kd.kd.layers`:
+tapped encoder layers, learned projections) and CR-CTC's consistency between two augmented views of each
 utterance (:mod:`~speech_kd.kd.consistency`: a self-distillation without a teacher, which
-``training.ctc_brain.CTCBrain`` uses with or without KD). It may import ``targets`` (frame alignment), the training
+``training.ctc_brain.CTCBrain`` uses with or without KD). It may import ``targets`` (frame alignment), ``nnet``
+(``nnet.layers``), the training
 infrastructure (``training.checkpoints``, ``training.distributed``, ``training.precision``) and
 ``scoring.teacher_check`` (``anneal`` only, which is therefore not re-exported here: ``scoring``
 imports ``kd.losses``); never the Brains or recipes of ``training``, which build on them.

@@ -15,13 +15,26 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["KDConfig", "KDSetupError", "KD_LOSS_NAMES", "HARD_TARGET_LOSSES", "REDUCTIONS", "BLANK_MODES"]
+from speech_kd.nnet.layers import auto_layer_map
 
-KD_LOSS_NAMES = ("kl", "ce", "mse", "ctc")
+__all__ = [
+    "KDConfig",
+    "KDSetupError",
+    "KD_LOSS_NAMES",
+    "HARD_TARGET_LOSSES",
+    "REDUCTIONS",
+    "BLANK_MODES",
+    "LAYER_LOSS_NAMES",
+]
+
+#: ``none``: no KD on the output posteriors (only ``kd_layers``)
+KD_LOSS_NAMES = ("kl", "ce", "mse", "ctc", "none")
 #: the losses that read the teacher's best path (``Targets.hard_labels``) rather than its distribution
 HARD_TARGET_LOSSES = frozenset({"ce", "ctc"})
 REDUCTIONS = ("auto", "utterance", "frame")
 BLANK_MODES = ("none", "downweight", "drop")
+#: losses between a projected student layer and its teacher layer (:func:`speech_kd.kd.losses.layer_loss`)
+LAYER_LOSS_NAMES = ("l1_cos", "mse")
 
 
 class KDSetupError(ValueError):
@@ -35,7 +48,8 @@ class KDConfig:
     Attributes
     ----------
     kd_weight : float
-        ``loss = (1 - kd_weight) * recipe loss + kd_weight * KD``; 0 trains without a teacher.
+        ``loss = (1 - kd_weight) * recipe loss + kd_weight * KD``; 0 trains without a teacher. With
+        ``kd_layers``, ``KD = output KD + kd_layer_weight * layer loss``.
     kd_weight_final, temperature_final : float, optional
         Values reached linearly over ``kd_ramp_epochs`` (``None``: constant).
     temperature : float
@@ -43,7 +57,7 @@ class KDConfig:
     kd_ramp_epochs : int
         Epochs of the linear ramp.
     kd_loss : str
-        ``kl`` | ``ce`` | ``mse`` | ``ctc``.
+        ``kl`` | ``ce`` | ``mse`` | ``ctc`` | ``none`` (no output KD: ``kd_layers`` alone).
     unlabeled_kd_loss : str, optional
         The KD loss of untranscribed batches (``None``: ``kd_loss``).
     kd_reduction : str
@@ -63,6 +77,17 @@ class KDConfig:
         Fade KD out as the student reaches the teacher's dev WER (:mod:`speech_kd.kd.anneal`).
     kd_anneal_margin : float
         Relative margin above the teacher's dev WER at which the fade starts.
+    kd_layers : str or tuple of (int, int), optional
+        Layer-to-layer distillation: ``auto`` (each student encoder layer to an evenly spaced
+        teacher layer, :func:`~speech_kd.nnet.layers.auto_layer_map`) or ``(student, teacher)``
+        pairs of 0-based layer indices (a yaml mapping ``{2: 4, 5: 11}``); ``None``: off.
+    kd_layer_weight : float
+        Weight of the layer loss inside the KD term.
+    kd_layer_loss : str
+        ``l1_cos`` (DistilHuBERT: L1 + cosine) | ``mse``.
+    kd_student_layers, kd_teacher_layers : str, optional
+        Dotted paths to the student's / a SpeechBrain teacher's list of encoder layers
+        (``None``: found, :func:`~speech_kd.nnet.layers.find_layer_stack`).
     """
 
     kd_weight: float = 0.9
@@ -82,6 +107,11 @@ class KDConfig:
     sample_rate: int = 16000
     kd_anneal: bool = True
     kd_anneal_margin: float = 0.1
+    kd_layers: str | tuple[tuple[int, int], ...] | None = None
+    kd_layer_weight: float = 1.0
+    kd_layer_loss: str = "l1_cos"
+    kd_student_layers: str | None = None
+    kd_teacher_layers: str | None = None
 
     def __post_init__(self) -> None:
         for key in ("kd_weight", "kd_weight_final"):
@@ -108,6 +138,19 @@ class KDConfig:
             )
         if int(self.kd_ramp_epochs) < 1:
             raise KDSetupError(f"kd_ramp_epochs={self.kd_ramp_epochs}: must be at least 1")
+        if self.kd_layer_loss not in LAYER_LOSS_NAMES:
+            raise KDSetupError(f"kd_layer_loss={self.kd_layer_loss!r}: one of {', '.join(LAYER_LOSS_NAMES)}")
+        weight = float(self.kd_layer_weight)
+        if not (math.isfinite(weight) and weight >= 0.0):
+            raise KDSetupError(f"kd_layer_weight={self.kd_layer_weight}: must be >= 0")
+        if self.kd_layers is not None and self.kd_layers != "auto":
+            if not self.kd_layers or any(s < 0 or t < 0 for s, t in self.kd_layers):
+                raise KDSetupError(f"kd_layers={self.kd_layers}: student and teacher layers count from 0")
+        if self.kd_loss == "none" and not self.uses_layers:
+            raise KDSetupError(
+                "kd_loss=none turns the output KD off, and kd_layers is empty: nothing to distil; set kd_layers "
+                "(auto, or {student: teacher}) or a kd_loss (kl, ce, mse, ctc), or kd_weight: 0 for no teacher"
+            )
 
     @classmethod
     def from_hparams(cls, hparams: Mapping[str, Any] | Any) -> KDConfig:
@@ -128,7 +171,50 @@ class KDConfig:
             given["kd_reduction"] = "auto"  # null in a yaml: follow the recipe's CTC loss
         if given.get("kd_outputs") is not None:
             given["kd_outputs"] = tuple(given["kd_outputs"])
+        if "kd_layers" in given:
+            given["kd_layers"] = cls.parse_layers(given["kd_layers"])
+        for key in ("kd_student_layers", "kd_teacher_layers"):
+            if key in given and not given[key]:
+                given[key] = None
         return cls(**given)
+
+    @staticmethod
+    def parse_layers(value: Any) -> str | tuple[tuple[int, int], ...] | None:
+        """``kd_layers`` as given in a yaml: ``auto``, a ``{student: teacher}`` mapping (or ``"2:4,5:11"``), or off.
+
+        Off: ``None``, ``{}``, ``""``, ``none``/``null``/``off``. A mapping becomes sorted
+        ``(student, teacher)`` pairs of ints; anything else is a :class:`KDSetupError`.
+
+        Examples
+        --------
+        >>> KDConfig.parse_layers({5: 11, 2: 4}), KDConfig.parse_layers("auto"), KDConfig.parse_layers({})
+        (((2, 4), (5, 11)), 'auto', None)
+        >>> KDConfig.parse_layers("2:4, 5:11")
+        ((2, 4), (5, 11))
+        """
+        given = value
+        if value is None or (isinstance(value, (Mapping, str)) and not value):
+            return None
+        if isinstance(value, str):
+            text = value.strip().lower()
+            if text in ("none", "null", "off", "{}"):
+                return None
+            if text == "auto":
+                return "auto"
+            if ":" in text:  # "2:4,5:11", for a yaml whose kd_layers is not a mapping a command line can override
+                value = [tuple(part.split(":", 1)) for part in text.replace(" ", "").split(",") if part]
+        if isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            value = dict(value)
+        if isinstance(value, Mapping):
+            try:
+                pairs = tuple(sorted((int(s), int(t)) for s, t in value.items()))
+            except (TypeError, ValueError):
+                pairs = ()
+            if pairs and all(not isinstance(v, bool) for pair in value.items() for v in pair):
+                return pairs
+        raise KDSetupError(
+            f"kd_layers={given!r}: auto, or a mapping of student to teacher layers counted from 0, e.g. {{2: 4, 5: 11}}"
+        )
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -145,6 +231,50 @@ class KDConfig:
         (False, True)
         """
         return self.kd_weight > 0.0 or (self.kd_weight_final is not None and self.kd_weight_final > 0.0)
+
+    @property
+    def uses_layers(self) -> bool:
+        """Whether layer-to-layer distillation is on (``kd_layers`` set).
+
+        Examples
+        --------
+        >>> KDConfig(kd_layers="auto").uses_layers, KDConfig().uses_layers
+        (True, False)
+        """
+        return self.kd_layers is not None
+
+    def layer_pairs(
+        self, student_depth: int, teacher_depth: int, student: str = "the student", teacher: str = "the teacher"
+    ) -> dict[int, int]:
+        """``{student layer: teacher layer}`` for models of these depths (``auto`` resolved); ``{}`` when off.
+
+        ``student``/``teacher`` name the models in the :class:`KDSetupError` raised for a layer past
+        either depth (the index and the depth said too).
+
+        Examples
+        --------
+        >>> KDConfig(kd_layers="auto").layer_pairs(3, 6)
+        {0: 1, 1: 3, 2: 5}
+        >>> KDConfig(kd_layers=((0, 7),)).layer_pairs(3, 6, teacher="T")
+        Traceback (most recent call last):
+        ...
+        speech_kd.kd.config.KDSetupError: kd_layers: teacher layer 7 is past the depth of T (6 layers, 0..5)
+        """
+        if self.kd_layers is None:
+            return {}
+        if self.kd_layers == "auto":
+            return auto_layer_map(student_depth, teacher_depth)
+        for side, name, depth, position in (
+            ("student", student, student_depth, 0),
+            ("teacher", teacher, teacher_depth, 1),
+        ):
+            for pair in self.kd_layers:
+                if pair[position] >= depth:
+                    raise KDSetupError(
+                        f"kd_layers: {side} layer {pair[position]} is past the depth of {name} "
+                        f"({depth} layers, 0..{depth - 1})"
+                    )
+        return dict(self.kd_layers)
 
     @property
     def highest_temperature(self) -> float:

@@ -12,6 +12,11 @@ student's vocabulary).
 - ``mask`` ``[B, T]`` bool: valid (non-padding) student frames.
 - ``frame_weights`` ``[B, T]`` float or ``None``: per-frame weights (blank handling).
 
+Layer losses (:func:`layer_loss`, ``kd_layers``) compare hidden states instead:
+``student`` ``[B, T, D]`` (a student layer's output through its learned projection
+to the teacher's width ``D``) and ``teacher`` ``[B, T, D]`` (the teacher layer's
+output at the student's frame rate).
+
 Every loss returns a scalar reduced over the valid, weighted frames by
 ``reduction``: ``frame`` a mean per frame, ``utterance`` a sum over each
 utterance averaged over the batch (the scale of the recipe's CTC). The teacher
@@ -35,6 +40,7 @@ __all__ = [
     "kd_kl",
     "kd_loss",
     "kd_mse",
+    "layer_loss",
     "soften",
     "topk_restrict",
 ]
@@ -286,6 +292,55 @@ def blank_frame_weights(
     if mode == "drop":
         return torch.where(blanky, torch.zeros_like(ones), ones)
     raise ValueError(f"blank_mode must be none, downweight or drop, not {mode!r}")
+
+
+#: ``-log sigmoid(1)``: DistilHuBERT's cosine term at a perfect match, subtracted so that a match costs 0
+_COS_FLOOR = float(-F.logsigmoid(torch.tensor(1.0)))
+
+
+def layer_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str = "l1_cos",
+    reduction: str = "frame",
+) -> torch.Tensor:
+    """Distance between a projected student layer and a teacher layer, per frame, reduced over valid frames.
+
+    ``l1_cos`` (DistilHuBERT, Chang et al. 2022, arXiv 2110.01900): ``mean_D |s - t|`` plus
+    ``-log sigmoid(cos(s, t))``, the latter shifted by the constant ``log sigmoid(1)`` so that a
+    perfect match costs 0 (same gradient). ``mse``: ``mean_D (s - t)^2``. Computed in fp32;
+    the teacher side is detached.
+
+    Parameters
+    ----------
+    student, teacher : torch.Tensor
+        ``[B, T, D]``: the student layer through its projection, the teacher layer.
+    mask : torch.Tensor
+        ``[B, T]`` bool, valid frames.
+    kind : str
+        ``l1_cos`` or ``mse``.
+    reduction : str
+        ``frame`` (mean per valid frame) or ``utterance`` (sum over frames, mean over the batch).
+
+    Examples
+    --------
+    >>> t = torch.randn(2, 5, 8)
+    >>> mask = torch.ones(2, 5, dtype=torch.bool)
+    >>> float(layer_loss(t, t, mask)) < 1e-6, float(layer_loss(t, t, mask, "mse"))
+    (True, 0.0)
+    >>> float(layer_loss(-t, t, mask)) > 1.0
+    True
+    """
+    student, teacher = student.float(), teacher.detach().float()
+    if kind == "l1_cos":
+        cosine = F.cosine_similarity(student, teacher, dim=-1, eps=1e-8)
+        per_frame = (student - teacher).abs().mean(-1) + (-F.logsigmoid(cosine) - _COS_FLOOR)
+    elif kind == "mse":
+        per_frame = (student - teacher).pow(2).mean(-1)
+    else:
+        raise ValueError(f"kd_layer_loss must be l1_cos or mse, not {kind!r}")
+    return _weighted_frame_mean(per_frame, mask, None, reduction)
 
 
 KD_LOSSES = {"kl": kd_kl, "ce": kd_ce_hard, "mse": kd_mse, "ctc": kd_ctc_collapsed}

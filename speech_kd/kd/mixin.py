@@ -14,7 +14,8 @@ At construction the mixin wraps the instance's own ``compute_forward``,
 ``compute_objectives``, ``on_stage_start``, ``on_stage_end`` and ``fit_batch``
 (whatever class in the MRO defines them), so the recipe's methods run as
 written and the KD term is added around them; on training batches the loss
-is ``(1 - kd_weight) * recipe_loss + kd_weight * kd``. What the wrapping does:
+is ``(1 - kd_weight) * recipe_loss + kd_weight * kd``; with ``kd_layers``,
+``kd = output KD + kd_layer_weight * layer loss``. What the wrapping does:
 
 - outputs: the CTC log-probabilities and relative lengths are found in what
   ``compute_forward`` returns (:mod:`speech_kd.kd.recipe_outputs`; ``kd_outputs``
@@ -43,6 +44,12 @@ is ``(1 - kd_weight) * recipe_loss + kd_weight * kd``. What the wrapping does:
   ``(1 - kd_weight) * CTC + kd_weight * KD + cr_ctc_weight * CR``. A host
   without ``consistency_objective`` (a stock recipe) is refused with
   ``cr_ctc_weight > 0``;
+- layers (``kd_layers``): the student's encoder layers are found in its
+  ``modules`` (``kd_student_layers`` names them otherwise) and tapped by
+  forward hooks during training forwards; each mapped layer gets a learned
+  projection to the teacher layer's width (:mod:`speech_kd.kd.layers`), put
+  in ``modules`` as ``kd_layer_projections`` (so the optimiser trains it and
+  checkpoints keep it) but outside the exported ``model``;
 - safety: with ``kd_weight > 0`` a training step that computed no KD term
   (e.g. a ``fit_batch`` override that bypasses ``self.compute_objectives``) is
   an error, as is a teacher that was never attached.
@@ -65,10 +72,11 @@ import torch
 from speech_kd.kd.augment_rows import AugmentationRows, find_augmenters, time_changing_augmentations
 from speech_kd.kd.config import HARD_TARGET_LOSSES, KDConfig, KDSetupError
 from speech_kd.kd.consistency import ConsistencySetupError, CRConfig
+from speech_kd.kd.layers import LayerProjections, StudentLayers
 from speech_kd.kd.recipe_outputs import find_ctc_outputs
 from speech_kd.kd.schedules import linear_ramp
 from speech_kd.kd.stats import KDEpochTotals
-from speech_kd.kd.term import kd_term_loss, measured_frame_shift, untranscribed_rows
+from speech_kd.kd.term import kd_term_loss, layer_term_loss, measured_frame_shift, untranscribed_rows
 from speech_kd.targets.align import relative_to_frames
 from speech_kd.training.checkpoints import add_random_states, make_atomic
 
@@ -77,6 +85,8 @@ __all__ = ["KDMixin"]
 logger = logging.getLogger(__name__)
 
 _WRAPPED = ("compute_forward", "compute_objectives", "on_stage_start", "on_stage_end", "fit_batch")
+#: the name of the layer projections in the Brain's ``modules`` and its checkpointer's recoverables
+PROJECTIONS = "kd_layer_projections"
 
 
 class KDMixin:
@@ -107,6 +117,10 @@ class KDMixin:
             self.checkpointer.add_recoverable("kd_epoch_totals", self._kd_epoch, optional_load=True)
         self.kd_epoch_stats: dict = {}
         self._kd_checked_frames = False
+        self._kd_student_layers: StudentLayers | None = None
+        #: student layer -> teacher layer (``kd_layers`` resolved when targets are attached)
+        self.kd_layer_pairs: dict[int, int] = {}
+        self._kd_checked_optimizer = False
         self._wrap_train_logger()
         self._kd_check_consistency_host()
 
@@ -170,6 +184,48 @@ class KDMixin:
         if hasattr(targets, "to"):
             targets.to(self.device)
         self.kd_targets = targets
+        if config.uses_layers:
+            self._kd_setup_layers(targets)
+
+    def _kd_setup_layers(self, targets) -> None:
+        """``kd_layers``: tap the student's layers, ask the targets for the teacher's, build the projections.
+
+        Everything that can be refused is refused here, before the first batch: no layer list found,
+        a layer past either model's depth, an ensemble teacher, a cache without those layers.
+        """
+        config = self.kd_config
+        if not hasattr(targets, "request_layers"):
+            raise KDSetupError(f"kd_layers: these targets ({type(targets).__name__}) hand out no teacher layers")
+        student = StudentLayers(self.modules, vars(self.hparams), config.kd_student_layers)
+        wanted = (  # the cache-targets --hidden_layers that would serve this run (for a cache without them)
+            f"auto:{student.depth}"
+            if config.kd_layers == "auto"
+            else ",".join(str(t) for t in sorted({t for _, t in config.kd_layers}))
+        )
+        teacher_depth = targets.layer_count(config.kd_teacher_layers, wanted)
+        pairs = config.layer_pairs(
+            student.depth, teacher_depth, student=f"the student ({student.name})", teacher=targets.teacher_name
+        )
+        teacher_widths = targets.request_layers(sorted(set(pairs.values())))
+        student_widths = student.tap(sorted(pairs))
+        projections = LayerProjections({s: (student_widths[s], teacher_widths[t]) for s, t in pairs.items()})
+        projections.to(self.device)
+        self.modules[PROJECTIONS] = projections  # the optimiser (built when fit starts) and DDP take it from here
+        if self.checkpointer is not None:
+            if PROJECTIONS in self.checkpointer.recoverables:
+                self.checkpointer.recoverables[PROJECTIONS] = projections
+            else:
+                self.checkpointer.add_recoverable(PROJECTIONS, projections)
+        if self._kd_student_layers is not None and self._kd_student_layers.taps is not None:
+            self._kd_student_layers.taps.remove()
+        self._kd_student_layers, self.kd_layer_pairs = student, pairs
+        self.kd_layer_report = (
+            f"layers: student {student.name} ({student.depth}) -> {targets.teacher_name} ({teacher_depth}): "
+            + ", ".join(f"{s}->{t}" for s, t in sorted(pairs.items()))
+            + f"; {config.kd_layer_loss} loss, weight {config.kd_layer_weight:g}; "
+            f"{sum(p.numel() for p in projections.parameters())} projection parameters (trained, not exported)"
+        )
+        logger.info("kd_layers: %s", self.kd_layer_report)
 
     def _kd_check_cache_temperature(self, targets) -> None:
         """A cache keeps the tail its ``max_temperature`` needs: a higher KD temperature would read it too flat."""
@@ -347,20 +403,39 @@ class KDMixin:
         lengths = relative_to_frames(wav_lens, student_max)
         targets = self.kd_targets(batch, lengths, student_max, **extra)
         reduction = self.kd_option("kd_reduction")
-        return kd_term_loss(log_probs, lengths, targets, self.kd_config, temperature, reduction, loss_name)
+        loss, stats = kd_term_loss(log_probs, lengths, targets, self.kd_config, temperature, reduction, loss_name)
+        if not self.kd_layer_pairs:
+            return loss, stats
+        # layer distillation: kd = output KD + kd_layer_weight * layer loss; kd_loss stays the output KD's
+        config = self.kd_config
+        projected = self.modules[PROJECTIONS](self._kd_student_layers.take(student_max))
+        layers = layer_term_loss(
+            projected, targets.hiddens or {}, self.kd_layer_pairs, targets.mask, config.kd_layer_loss, reduction
+        )
+        stats.update(kd_loss=loss.detach(), layer_loss=layers.detach())
+        return loss + config.kd_layer_weight * layers, stats
 
     # ------------------------------------------------------------ the wrappers
     def _kd_compute_forward(self, batch, stage):
         """The recipe's ``compute_forward``, with its training batch's ``Augmenter`` calls followed."""
-        rows = self._kd_rows if stage == sb.Stage.TRAIN and self.kd_targets is not None else None
-        if rows is None:
+        training = stage == sb.Stage.TRAIN and self.kd_targets is not None
+        rows = self._kd_rows if training else None
+        taps = self._kd_student_layers.taps if training and self._kd_student_layers is not None else None
+        if rows is None and taps is None:
             return self._kd_recipe["compute_forward"](batch, stage)
-        rows.reset(len(batch.id))
-        rows.active = True
+        if rows is not None:
+            rows.reset(len(batch.id))
+            rows.active = True
+        if taps is not None:  # the student's mapped layers, kept for this batch's layer loss
+            taps.take()
+            taps.active = True
         try:
             return self._kd_recipe["compute_forward"](batch, stage)
         finally:
-            rows.active = False
+            if rows is not None:
+                rows.active = False
+            if taps is not None:
+                taps.active = False
 
     def _kd_compute_objectives(self, predictions, batch, stage):
         """The recipe's objective, mixed with KD on training batches."""
@@ -432,7 +507,13 @@ class KDMixin:
     def _kd_fit_batch(self, batch):
         """The recipe's ``fit_batch``; with ``kd_weight > 0``, a step without a KD term is an error."""
         self._kd_step_done = False
-        outputs = self._kd_recipe["fit_batch"](batch)
+        if self.kd_layer_pairs and not self._kd_checked_optimizer:
+            self._kd_check_optimizer()
+        try:
+            outputs = self._kd_recipe["fit_batch"](batch)
+        finally:
+            if self._kd_student_layers is not None and self._kd_student_layers.taps is not None:
+                self._kd_student_layers.taps.take()  # a batch without a KD term (weight 0) leaves them unread
         weight, _ = self.kd_schedule()
         if weight > 0.0 and not self._kd_step_done:
             raise KDSetupError(
@@ -441,6 +522,19 @@ class KDMixin:
                 "another loss function, or a class method directly, bypasses KD); call self.compute_objectives"
             )
         return outputs
+
+    def _kd_check_optimizer(self) -> None:
+        """The layer projections must be in an optimiser (a recipe's own ``init_optimizers`` may leave them out)."""
+        self._kd_checked_optimizer = True
+        optimizers = dict(getattr(self, "optimizers_dict", None) or {})
+        if not optimizers and getattr(self, "optimizer", None) is not None:
+            optimizers = {"optimizer": self.optimizer}
+        held = {id(p) for opt in optimizers.values() for group in opt.param_groups for p in group["params"]}
+        if any(id(p) not in held for p in self.modules[PROJECTIONS].parameters()):
+            raise KDSetupError(
+                "kd_layers: the layer projections are in no optimiser (this Brain's init_optimizers builds its "
+                f"optimisers from other parameters): add self.modules.{PROJECTIONS}.parameters() to one of them"
+            )
 
     # ---------------------------------------------------------------- statistics
     def kd_stats(self) -> dict:

@@ -19,7 +19,8 @@ from speech_kd.training.distributed import gather_objects, rank, sum_across, wor
 
 logger = logging.getLogger(__name__)
 
-#: the per-batch numbers whose epoch means are logged
+#: the per-batch numbers whose epoch means are logged (a batch's statistics may add more, e.g. ``layer_loss``
+#: with layer distillation: they are summed from their first batch on)
 STAT_KEYS = ("ctc_loss", "kd_loss", "blank_share", "agreement", "lost_mass")
 
 
@@ -53,7 +54,7 @@ class KDEpochTotals:
         for key, value in counted.items():
             value = value.detach() if isinstance(value, torch.Tensor) else float(value)
             value = torch.as_tensor(value, dtype=torch.float64, device=finite.device)
-            self.totals[key] = self.totals[key] + torch.where(finite, value, torch.zeros_like(value))
+            self.totals[key] = self.totals.get(key, 0.0) + torch.where(finite, value, torch.zeros_like(value))
         as_count = finite.to(torch.float64)
         self.counts["kd"] = self.counts["kd"] + as_count
         if ctc is not None:

@@ -6,7 +6,8 @@ the same rows; the helpers around it widen targets to the student's units
 (:func:`pad_units`), leave out tokens no teacher reaches
 (:func:`restrict_to_reached`), tell untranscribed utterances
 (:func:`untranscribed_rows`) and measure the student's frame shift
-(:func:`measured_frame_shift`). Nothing here holds state.
+(:func:`measured_frame_shift`). :func:`layer_term_loss` is the layer-to-layer
+part of the KD term (``kd_layers``). Nothing here holds state.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import logging
 import torch
 
 from speech_kd.kd.config import KDConfig, KDSetupError
-from speech_kd.kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, topk_restrict
+from speech_kd.kd.losses import agreement_rate, blank_frame_weights, blank_share, kd_loss, layer_loss, topk_restrict
 from speech_kd.targets.strategies import Targets
 from speech_kd.training.precision import autocast_for
 
@@ -24,6 +25,7 @@ __all__ = [
     "FRAME_SHIFT_GRID",
     "MIN_MEASURED_FRAMES",
     "kd_term_loss",
+    "layer_term_loss",
     "measured_frame_shift",
     "pad_units",
     "restrict_to_reached",
@@ -162,7 +164,8 @@ def kd_term_loss(
     reduction : str
         ``utterance`` or ``frame`` (``auto`` already resolved by the caller).
     loss_name : str, optional
-        The KD loss (default ``config.kd_loss``; ``unlabeled_kd_loss`` for untranscribed batches).
+        The KD loss (default ``config.kd_loss``; ``unlabeled_kd_loss`` for untranscribed batches);
+        ``none``: 0 (only the layers are distilled), the statistics still computed.
 
     Returns
     -------
@@ -183,18 +186,23 @@ def kd_term_loss(
         student, teacher, hard, kd_blank = restrict_to_reached(
             log_probs, teacher, targets.hard_labels, targets.reached, blank
         )
-        loss = kd_loss(
-            loss_name or config.kd_loss,
-            student,
-            teacher,
-            targets.mask,
-            temperature=temperature,
-            frame_weights=weights,
-            student_lengths=lengths,
-            teacher_lengths=lengths,
-            blank_index=kd_blank,
-            reduction=reduction,
-            hard_labels=hard,
+        name = loss_name or config.kd_loss
+        loss = (
+            log_probs.new_zeros(())
+            if name == "none"
+            else kd_loss(
+                name,
+                student,
+                teacher,
+                targets.mask,
+                temperature=temperature,
+                frame_weights=weights,
+                student_lengths=lengths,
+                teacher_lengths=lengths,
+                blank_index=kd_blank,
+                reduction=reduction,
+                hard_labels=hard,
+            )
         )
     stats = {
         "blank_share": blank_share(targets.log_probs, targets.mask, blank, config.blank_threshold),
@@ -202,3 +210,49 @@ def kd_term_loss(
         "lost_mass": targets.lost_mass,
     }
     return loss, stats
+
+
+def layer_term_loss(
+    projected: dict[int, torch.Tensor],
+    teacher: dict[int, torch.Tensor],
+    pairs: dict[int, int],
+    mask: torch.Tensor,
+    kind: str,
+    reduction: str,
+) -> torch.Tensor:
+    """The layer loss of a batch: :func:`~speech_kd.kd.losses.layer_loss` averaged over the mapped pairs, fp32.
+
+    The mean over pairs (DistilHuBERT sums its three heads) keeps ``kd_layer_weight`` meaning the
+    same whatever the number of pairs. A pair whose student layer gave no output this batch (skipped
+    by LayerDrop) is left out of the mean.
+
+    Parameters
+    ----------
+    projected : dict of int to torch.Tensor
+        Student layer -> its output through its projection, ``[B, T, D_t]``.
+    teacher : dict of int to torch.Tensor
+        Teacher layer -> its hidden states at the student's frames, ``[B, T, D_t]`` (``Targets.hiddens``).
+    pairs : dict of int to int
+        Student layer -> teacher layer.
+    mask : torch.Tensor
+        ``[B, T]`` bool, the student's valid frames.
+    kind, reduction : str
+        ``kd_layer_loss`` (``l1_cos`` | ``mse``); ``utterance`` or ``frame`` (as the KD term).
+
+    Returns
+    -------
+    torch.Tensor
+        0-dim.
+
+    Examples
+    --------
+    >>> h = torch.randn(2, 4, 3)
+    >>> float(layer_term_loss({0: h}, {5: h}, {0: 5}, torch.ones(2, 4, dtype=torch.bool), "l1_cos", "frame")) < 1e-6
+    True
+    """
+    present = [(s, t) for s, t in sorted(pairs.items()) if s in projected]
+    if not present:
+        return mask.new_zeros((), dtype=torch.float32)
+    with autocast_for(mask.device.type, "fp32"):
+        losses = [layer_loss(projected[s], teacher[t], mask, kind, reduction) for s, t in present]
+    return torch.stack(losses).mean()

@@ -2,7 +2,9 @@
 
 :mod:`~speech_kd.nnet.features` computes Kaldi-style log-mel filterbanks batched (and
 checks two models read the same features); :mod:`~speech_kd.nnet.chain` runs a yaml's
-``Sequential``-like chain of modules with relative lengths. Imports nothing else of speech_kd.
+``Sequential``-like chain of modules with relative lengths; :mod:`~speech_kd.nnet.layers` finds a
+model's encoder layers and taps their outputs (layer distillation, for students and teachers alike).
+Imports nothing else of speech_kd.
 """
 
 from speech_kd.nnet.chain import run_chain

@@ -55,7 +55,8 @@ def learning_curves(history: list[dict], kd_reduction: str = "utterance", teache
     history : list of dict
         Rows of ``history.jsonl``: ``{"epoch", "lr", "train": {"loss", ...}, "valid": {"loss", "WER", "CER"}}``;
         KD runs add ``ctc_loss``, ``kd_loss``, ``agreement``, ``blank_share``, ``lost_mass``, ``kd_weight``
-        and ``temperature`` to ``train``; CR-CTC runs (``cr_ctc_weight > 0``) add ``cr_loss``.
+        and ``temperature`` to ``train`` (``layer_loss`` with ``kd_layers``); CR-CTC runs
+        (``cr_ctc_weight > 0``) add ``cr_loss``.
     kd_reduction : str
         ``utterance`` or ``frame``: the unit of the KD loss axis.
     teacher_wer : float, optional
@@ -95,6 +96,9 @@ def learning_curves(history: list[dict], kd_reduction: str = "utterance", teache
     if kd:
         kd_ax = ax.twinx()
         kd_ax.plot(epochs, _series(history, "train", "kd_loss"), "d:", color="tab:red", label="train KD (right axis)")
+        if _has(_series(history, "train", "layer_loss")):  # kd_layers: the layer term (before kd_layer_weight)
+            layers = _series(history, "train", "layer_loss")
+            kd_ax.plot(epochs, layers, "v:", color="tab:purple", label="train layer KD (right axis)")
         kd_ax.set_ylabel(f"KD loss (per {'frame' if kd_reduction == 'frame' else 'utterance'})", color="tab:red")
         more = kd_ax.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]

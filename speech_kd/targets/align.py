@@ -9,7 +9,8 @@ into the student's terms:
   here) maps teacher tokens onto student tokens and carries teacher
   probabilities into the student's vocabulary;
 * :func:`resample_frames` converts posteriors between frame shifts (e.g. a
-  20 ms wav2vec2 teacher to a 40 ms student) and :func:`reconcile_lengths`
+  20 ms wav2vec2 teacher to a 40 ms student), :func:`resample_hidden` does the
+  same for hidden states (layer distillation), and :func:`reconcile_lengths`
   makes the teacher time axis match the student's exactly.
 
 Shape legend used throughout: ``B`` batch, ``T`` frames (``Tt`` teacher /
@@ -33,6 +34,7 @@ __all__ = [
     "VocabMap",
     "FrameRateError",
     "resample_frames",
+    "resample_hidden",
     "transfer_path",
     "reconcile_lengths",
     "WORD_DELIMITERS",
@@ -139,6 +141,62 @@ def _linear(probs: torch.Tensor, lengths: torch.Tensor, ratio: float, out_len: i
     return (1.0 - frac) * take(lo) + frac * take(hi)
 
 
+def _ratio(src_shift: float, dst_shift: float) -> float | None:
+    """Source frames per destination frame, snapped to a whole number or its inverse; ``None`` at equal shifts."""
+    if src_shift <= 0 or dst_shift <= 0:
+        raise FrameRateError(f"frame shifts must be positive, got {src_shift} and {dst_shift}")
+    if abs(src_shift - dst_shift) < 1e-6:
+        return None
+    ratio = dst_shift / src_shift
+    if abs(ratio - round(ratio)) < 1e-6:
+        ratio = float(round(ratio))
+    elif abs(1 / ratio - round(1 / ratio)) < 1e-6:
+        ratio = 1.0 / round(1 / ratio)
+    return ratio
+
+
+def _resampled_lengths(
+    lengths: torch.Tensor, frames: torch.Tensor, ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Source lengths clamped to ``frames [B, Tt, ...]``, destination lengths and the destination's padded length."""
+    lengths = lengths.to(frames.device).long().clamp(0, frames.shape[1])
+    new_lengths = _frames(lengths, 1.0 / ratio)
+    out_len = max(1, int(math.floor(frames.shape[1] / ratio + 0.5)), int(new_lengths.max()) if len(lengths) else 1)
+    return lengths, new_lengths, out_len
+
+
+def resample_hidden(
+    hidden: torch.Tensor, lengths: torch.Tensor, src_shift: float, dst_shift: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hidden states ``[B, Tt, D]`` at ``src_shift`` to ``dst_shift``, as :func:`resample_frames` maps posteriors.
+
+    Coarser destination frames average the valid source frames they overlap (a 40 ms student frame
+    is the mean of two 20 ms teacher frames); finer ones interpolate linearly between frame centres.
+    Padding never leaks in. Equal shifts return the inputs unchanged.
+
+    Returns
+    -------
+    hidden : torch.Tensor
+        ``[B, Ts, D]`` float32 (the input's dtype), ``Ts = round(Tt * src / dst)``.
+    lengths : torch.Tensor
+        ``[B]`` long valid destination frames.
+
+    Examples
+    --------
+    >>> h = torch.tensor([[[1.0], [3.0], [5.0], [7.0], [100.0]]])
+    >>> out, lens = resample_hidden(h, torch.tensor([4]), 0.02, 0.04)
+    >>> out.flatten()[:2], lens
+    (tensor([2., 6.]), tensor([2]))
+    """
+    ratio = _ratio(src_shift, dst_shift)
+    if ratio is None:
+        return hidden, lengths
+    lengths, new_lengths, out_len = _resampled_lengths(lengths, hidden, ratio)
+    resample = _area_average if ratio > 1 else _linear
+    out = resample(hidden.float(), lengths, ratio if ratio > 1 else 1.0 / ratio, out_len)
+    return out.to(hidden.dtype), new_lengths
+
+
 def resample_frames(
     log_probs: torch.Tensor, lengths: torch.Tensor, src_shift: float, dst_shift: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,18 +236,10 @@ def resample_frames(
     (tensor([[[0.5000, 0.5000],
              [0.5000, 0.5000]]]), tensor([2]))
     """
-    if src_shift <= 0 or dst_shift <= 0:
-        raise FrameRateError(f"frame shifts must be positive, got {src_shift} and {dst_shift}")
-    if abs(src_shift - dst_shift) < 1e-6:
+    ratio = _ratio(src_shift, dst_shift)
+    if ratio is None:
         return log_probs, lengths
-    ratio = dst_shift / src_shift  # source frames per destination frame
-    if abs(ratio - round(ratio)) < 1e-6:
-        ratio = float(round(ratio))
-    elif abs(1 / ratio - round(1 / ratio)) < 1e-6:
-        ratio = 1.0 / round(1 / ratio)
-    lengths = lengths.to(log_probs.device).long().clamp(0, log_probs.shape[1])
-    new_lengths = _frames(lengths, 1.0 / ratio)
-    out_len = max(1, int(math.floor(log_probs.shape[1] / ratio + 0.5)), int(new_lengths.max()) if len(lengths) else 1)
+    lengths, new_lengths, out_len = _resampled_lengths(lengths, log_probs, ratio)
     dtype = log_probs.dtype
     lp = log_probs.detach().float()
     lp = torch.where(torch.isfinite(lp), lp, torch.full((), -1e4, device=lp.device))

@@ -9,17 +9,32 @@ Two interchangeable strategies with one call signature::
 utterance ID. Both hand their teacher-space posteriors to the same
 :class:`TargetAligner`, which maps the vocabulary and the frame rate onto the
 student's, so the loss code never knows where targets came from.
+
+With layer distillation the strategy is told which teacher layers to hand out too
+(:meth:`OnlineTargets.request_layers` / :meth:`CachedTargets.request_layers`, checked before the
+first batch): the live teacher returns them from the same forward pass as its posteriors, the
+cache reads the ones it stores, and the aligner pools them to the student's frames
+(``Targets.hiddens``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
-from speech_kd.targets.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames, transfer_path
+from speech_kd.targets.align import (
+    VocabMap,
+    lengths_to_mask,
+    reconcile_lengths,
+    resample_frames,
+    resample_hidden,
+    transfer_path,
+)
+from speech_kd.targets.cache.format import CacheError
 from speech_kd.targets.teachers.base import Teacher, TeacherOutput
 from speech_kd.training.precision import autocast_for, check_precision
 
@@ -50,6 +65,10 @@ class Targets:
     reached : torch.Tensor, optional
         ``[V]`` bool: student tokens some teacher token maps to. The others
         carry no teacher information; the KD term leaves them out.
+    hiddens : dict of int to torch.Tensor, optional
+        Teacher layer -> its hidden states ``[B, T, D]`` at the student's frames (teacher frames
+        averaged into each student frame, :func:`~speech_kd.targets.align.resample_hidden`):
+        the layers asked for with ``request_layers`` (layer distillation), else ``None``.
     """
 
     log_probs: torch.Tensor
@@ -57,6 +76,7 @@ class Targets:
     lost_mass: float = 0.0
     hard_labels: torch.Tensor | None = None
     reached: torch.Tensor | None = None
+    hiddens: dict[int, torch.Tensor] | None = None
 
 
 class TargetAligner:
@@ -161,7 +181,17 @@ class TargetAligner:
             )
         reached = self.vocab.matrix.sum(0) > 0
         reached[self.vocab.student_blank] = True
-        return Targets(log_probs, lengths_to_mask(student_lengths, student_max), lost, hard, reached)
+        hiddens = None
+        if out.hiddens:  # layer distillation: the same frame mapping as the posteriors, on hidden states
+            hiddens = {}
+            for layer, hidden in out.hiddens.items():
+                hidden, hidden_lengths = resample_hidden(
+                    hidden, teacher_lengths, self.teacher_frame_shift, self.student_frame_shift
+                )
+                hiddens[layer] = reconcile_lengths(
+                    hidden, hidden_lengths, student_lengths, student_max, self.frame_tolerance
+                )
+        return Targets(log_probs, lengths_to_mask(student_lengths, student_max), lost, hard, reached, hiddens)
 
 
 def auto_frame_tolerance(teacher_frame_shift: float, student_frame_shift: float) -> int:
@@ -198,6 +228,8 @@ class OnlineTargets:
         self.aligner = aligner
         self.sample_rate = sample_rate
         self.precision = precision
+        #: teacher layers whose hidden states each batch's targets carry (:meth:`request_layers`)
+        self.hidden_layers: tuple[int, ...] = ()
         weight = next(iter(teacher.parameters()), None)
         check_precision(precision, weight.device.type if weight is not None else "cuda", what="teacher_precision")
         if teacher.sample_rate != sample_rate:
@@ -207,6 +239,31 @@ class OnlineTargets:
                 teacher.sample_rate,
                 sample_rate,
             )
+
+    @property
+    def teacher_name(self) -> str:
+        """The teacher, as error messages name it."""
+        return f"teacher {self.teacher.name}"
+
+    def layer_count(self, path: str | None = None, wanted: str | None = None) -> int:
+        """The teacher's encoder layers (``path``: ``kd_teacher_layers``); a one-line ``TeacherError`` for an ensemble.
+
+        ``wanted`` is for the cache's error message (unused here).
+        """
+        self.teacher.layer_path = path
+        return self.teacher.layer_count()
+
+    def request_layers(self, layers: Iterable[int]) -> dict[int, int]:
+        """Hand out these teacher layers' hidden states with every batch's targets; return their widths.
+
+        Checked against the teacher's depth; the widths are measured on one second of silence.
+        """
+        layers = tuple(sorted({int(layer) for layer in layers}))
+        self.teacher.check_hidden_layers(layers)
+        device = next(iter(self.teacher.parameters())).device
+        out = self.teacher(torch.zeros(1, self.teacher.sample_rate, device=device), torch.ones(1), hidden_layers=layers)
+        self.hidden_layers = layers
+        return {layer: int(out.hiddens[layer].shape[-1]) for layer in layers}
 
     def to(self, device) -> OnlineTargets:
         """Place the teacher on the student's device (refused if it cannot run ``precision`` there)."""
@@ -239,7 +296,7 @@ class OnlineTargets:
             if self.teacher.sample_rate != self.sample_rate:
                 wavs = resample_wavs(wavs, self.sample_rate, self.teacher.sample_rate)
                 features = None
-            out = self.teacher(wavs, wav_lens, features=features)
+            out = self.teacher(wavs, wav_lens, features=features, hidden_layers=self.hidden_layers)
         with autocast_for(device_type, "fp32"):
             return self.aligner(select_rows(out, rows), student_lengths, student_max)
 
@@ -259,12 +316,57 @@ class CachedTargets:
     def __init__(self, reader, aligner: TargetAligner) -> None:
         self.reader = reader
         self.aligner = aligner
+        #: teacher layers whose stored hidden states each batch's targets carry (:meth:`request_layers`)
+        self.hidden_layers: tuple[int, ...] = ()
         #: the largest KD temperature the cache was built for (its stored tail is faithful up to it); several
         #: caches read as one (a CacheUnion) serve the lowest of theirs
         self.max_temperature = min(
             float(part.metadata.get("scheme", {}).get("max_temperature", 1.0))
             for part in getattr(reader, "readers", [reader])
         )
+
+    @property
+    def teacher_name(self) -> str:
+        """The cached teacher, as error messages name it."""
+        return f"teacher {self.reader.metadata.get('teacher_name')} (cache {self.reader.out_dir})"
+
+    def layer_count(self, path: str | None = None, wanted: str | None = None) -> int:
+        """The cached teacher's encoder layers (recorded when hidden states were stored; ``path`` unused).
+
+        ``wanted``: the ``--hidden_layers`` that would serve the run, said in the error for a cache
+        that stores no hidden states.
+        """
+        depth = self.reader.hidden_spec().get("depth")
+        if depth is None:
+            raise CacheError(self._rebuild_message([], wanted))
+        return int(depth)
+
+    def _rebuild_message(self, missing: list[int], wanted: str | None = None) -> str:
+        stored = self.reader.hidden_spec().get("layers") or []
+        what = f"teacher layers {missing}" if missing else "teacher hidden states"
+        spec = wanted or ",".join(str(layer) for layer in sorted(set(stored) | set(missing)))
+        return (
+            f"kd_layers needs {what}, but cache {self.reader.out_dir} stores "
+            + (f"only layers {stored}" if stored else "no hidden states")
+            + f": rebuild it into a new folder: speech-kd cache-targets --teacher TEACHER --csv "
+            f"{self.reader.metadata.get('csv')} --out NEW_CACHE --hidden_layers {spec} (docs/cache.md), or use the "
+            "live teacher (no targets_cache)"
+        )
+
+    def request_layers(self, layers: Iterable[int]) -> dict[int, int]:
+        """Read these teacher layers' stored hidden states with every batch; return their widths.
+
+        Refused (:class:`~speech_kd.targets.cache.CacheError`, naming the cache, the missing layers and
+        the command to rebuild it) when the cache does not store them all.
+        """
+        layers = tuple(sorted({int(layer) for layer in layers}))
+        spec = self.reader.hidden_spec()
+        widths = dict(zip(spec.get("layers") or [], spec.get("dims") or []))
+        missing = [layer for layer in layers if layer not in widths]
+        if missing:
+            raise CacheError(self._rebuild_message(missing))
+        self.hidden_layers = layers
+        return {layer: int(widths[layer]) for layer in layers}
 
     def to(self, device) -> CachedTargets:
         """Nothing to move: targets are read straight onto the batch's device."""
@@ -282,7 +384,7 @@ class CachedTargets:
         if wavs is not None:
             raise ValueError(PERTURBED_CACHE_ERROR)
         del features  # the cache needs no audio
-        out = self.reader.batch(list(batch.id), device=student_lengths.device)
+        out = self.reader.batch(list(batch.id), device=student_lengths.device, hidden_layers=self.hidden_layers)
         with autocast_for(student_lengths.device.type, "fp32"):
             return self.aligner(select_rows(out, rows), student_lengths, student_max)
 
@@ -299,4 +401,8 @@ def select_rows(out: TeacherOutput, rows: torch.Tensor | None) -> TeacherOutput:
     if rows is None:
         return out
     rows = rows.to(out.log_probs.device)
-    return TeacherOutput(out.log_probs.index_select(0, rows), out.lengths.index_select(0, rows.to(out.lengths.device)))
+    hiddens = None
+    if out.hiddens is not None:
+        hiddens = {layer: hidden.index_select(0, rows.to(hidden.device)) for layer, hidden in out.hiddens.items()}
+    lengths = out.lengths.index_select(0, rows.to(out.lengths.device))
+    return TeacherOutput(out.log_probs.index_select(0, rows), lengths, hiddens)

@@ -100,7 +100,8 @@ def run_distillation(argv: list[str] | None = None) -> dict:
             )
         brain.attach_targets(targets)
         out = Path(hparams["output_folder"])
-        (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n")
+        layers = getattr(brain, "kd_layer_report", None)  # kd_layers: which student layer learns which teacher layer
+        (out / "kd_setup.txt").write_text(targets.aligner.report() + "\n" + (layers + "\n" if layers else ""))
         resolved = {key: hparams.get(key) for key in RUN_KEYS}
         # the KD and CR-CTC options as they run: the defaults for keys the yaml leaves out, kd_reduction resolved
         resolved.update(

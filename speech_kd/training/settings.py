@@ -53,7 +53,14 @@ RESUMABLE_KEYS = frozenset(
 
 #: keys added to the yamls after run folders were made, with the value that trains as their absence did: a
 #: folder whose recorded settings lack such a key continues when the key has that value now
-ADDED_KEYS = {"cr_ctc_weight": 0.0}
+ADDED_KEYS = {
+    "cr_ctc_weight": 0.0,
+    "kd_layers": {},
+    "kd_layer_weight": 1.0,
+    "kd_layer_loss": "l1_cos",
+    "kd_student_layers": None,
+    "kd_teacher_layers": None,
+}
 
 
 def _run_option(run_opts, hparams: dict, name: str):

@@ -21,6 +21,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from speech_kd.testing import make_tiny_sb_model
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -159,6 +160,25 @@ def test_librispeech_ctc_recipe_distils_with_the_readme_lines_both_ways(trained_
     _, wrap_weights, wrap_log = runs["wrap", 0.9]
     assert "kd_loss" in wrap_log
     assert all(torch.equal(kd_weights[k], wrap_weights[k]) for k in kd_weights)
+
+
+def test_librispeech_ctc_recipe_distils_layers_with_one_more_yaml_key(tiny_corpus, tmp_path):
+    """kd_layers: auto in the recipe's yaml: its TransformerASR's layers are found, the projections train."""
+    teacher = make_tiny_sb_model(tmp_path / "teacher" / "model", num_encoder_layers=2)
+    folder = _recipe(tmp_path, "librispeech_ctc", "conformer.yaml", "in_place", "ASR", "tokenizer")
+    yaml = folder / "hparams" / "conformer.yaml"
+    yaml.write_text(yaml.read_text() + "kd_layers: auto\n")
+    out = tmp_path / "out"
+    common = [f"--data_folder={tiny_corpus}", f"--teacher_source={teacher}"]
+    result = _train(folder, "conformer.yaml", out, *common, f"--output_neurons={_output_neurons(tiny_corpus, 3)}")
+    _ok(result)
+    assert (
+        "layers: student Transformer.encoder.layers (1) -> teacher speechbrain:model (2): 0->1"
+        in (out / "log.txt").read_text()
+    )
+    log = (out / "train_log.txt").read_text()
+    assert "layer_loss" in log and "kd_loss" in log, log  # the recipe's own train log
+    assert (next((out / "save").glob("CKPT+*")) / "kd_layer_projections.ckpt").exists()
 
 
 def test_crdnn_recipe_at_20ms_distils_from_a_40ms_teacher(trained_run, tiny_corpus, tmp_path, noise_csv):

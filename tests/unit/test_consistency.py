@@ -6,13 +6,15 @@ import json
 
 import pytest
 import torch
+from hyperpyyaml import load_hyperpyyaml
 from speechbrain.augment.freq_domain import SpectrogramDrop
 
+from speech_kd import hparams_files
 from speech_kd.bench.experiments.variants import variant_args
 from speech_kd.kd.consistency import ConsistencySetupError, CRConfig, consistency_loss, two_views, view_rows
 from speech_kd.nnet.chain import run_chain
 from speech_kd.report.plots import learning_curves
-from speech_kd.training.settings import check_run_settings
+from speech_kd.training.settings import ADDED_KEYS, check_run_settings
 
 
 def _log_probs(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -127,3 +129,13 @@ def test_a_run_folder_older_than_the_key_continues_with_cr_off(tmp_path):
     (tmp_path / "run_settings.json").write_text(json.dumps({"hparams_file": "teacher.yaml", "lr": 0.001}))
     with pytest.raises(ValueError, match=r"cr_ctc_weight '\(unset\)' != 0.2"):
         check_run_settings({"output_folder": str(tmp_path), "lr": 0.001, "cr_ctc_weight": 0.2}, "teacher.yaml")
+
+
+def test_keys_added_after_folders_were_made_continue_at_the_shipped_yamls_values():
+    """``ADDED_KEYS`` holds, for each key, the value the shipped yamls give it: what trains as its absence did."""
+    for name in ("distill.yaml", "teacher.yaml"):
+        text = hparams_files.path(name).read_text()
+        loaded = load_hyperpyyaml(text, {"data_folder": "unused", "output_folder": "unused"})
+        for key, value in ADDED_KEYS.items():
+            if key in loaded:
+                assert loaded[key] == value, (name, key)

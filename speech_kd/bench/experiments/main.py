@@ -46,7 +46,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+import yaml
 
 from speech_kd import hparams_files
 from speech_kd.argtypes import float_range, non_negative_int, positive_int
@@ -143,6 +146,48 @@ def cache_temperature(variants: dict[str, tuple[list[str], bool]], extra: list[s
     return highest
 
 
+def cache_hidden_layers(
+    variants: dict[str, tuple[list[str], bool]], extra: list[str], student_yaml: str | None = None
+) -> str | None:
+    """The ``cache-targets --hidden_layers`` that serves every cached variant's ``kd_layers`` (``None``: none needs it).
+
+    Explicit mappings give their teacher layers; ``auto`` gives ``auto:N``, ``N`` the student's
+    ``num_encoder_layers`` (from the overrides, else ``student_yaml``'s text); several different needs
+    (or an unknown ``N``) give ``all``.
+
+    Examples
+    --------
+    >>> cache_hidden_layers({"kd_out_layer": (["--kd_layers=auto"], True)}, ["--num_encoder_layers=3"])
+    'auto:3'
+    >>> cache_hidden_layers({"a": (["--kd_layers={0: 4, 1: 2}"], True), "b": (["--kd_layers=1:5"], True)}, [])
+    '2,4,5'
+    >>> cache_hidden_layers({"kd": ([], True), "kd_out_layer_online": (["--kd_layers=auto"], False)}, []) is None
+    True
+    """
+    needs = set()
+    for overrides, cached in variants.values():
+        if not cached:
+            continue
+        args = dict(arg.split("=", 1) for arg in merge_overrides(overrides, extra) if "=" in arg)
+        raw = args.get("--kd_layers", "").strip()
+        layers = KDConfig.parse_layers(yaml.safe_load(raw) if raw.startswith("{") else raw)  # "1:5" is not 65
+        if layers == "auto":
+            depth = args.get("--num_encoder_layers")
+            if depth is None and student_yaml and Path(student_yaml).is_file():
+                found = re.search(r"^num_encoder_layers:\s*(\d+)", Path(student_yaml).read_text(), re.M)
+                depth = found.group(1) if found else None
+            needs.add(f"auto:{int(depth)}" if depth is not None else "all")
+        elif layers:
+            needs.add(tuple(sorted({teacher for _, teacher in layers})))
+    if not needs:
+        return None
+    if len(needs) == 1 and isinstance(next(iter(needs)), str):
+        return next(iter(needs))
+    if all(isinstance(need, tuple) for need in needs):
+        return ",".join(str(layer) for layer in sorted({layer for need in needs for layer in need}))
+    return "all"
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns the results dict (with several seeds: ``{"seeds", "mean"}``)."""
     args = build_parser().parse_args(argv)
@@ -193,6 +238,9 @@ def main(argv: list[str] | None = None) -> dict:
     cache = out / "cache"
     # one cache serves every cached variant: built for the highest temperature any of them trains at
     ceiling = ["--max_temperature", f"{cache_temperature(variants, args.extra.split()):g}"]
+    hidden = cache_hidden_layers(variants, args.extra.split(), hparams_files.resolve(args.student))
+    if hidden:  # kd_layers variants read the teacher layers' hidden states from the same cache
+        ceiling += ["--hidden_layers", hidden]
     caches = {
         "cache": speech_kd_command(
             "cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache), *ceiling

@@ -42,6 +42,11 @@ VARIANTS: dict[str, list[str]] = {
     "ce_hard": ["--kd_weight=0.5", "--kd_loss=ce"],
     "ctc_teacher_path": ["--kd_weight=0.5", "--kd_loss=ctc"],
     "mse": ["--kd_weight=0.5", "--kd_loss=mse"],
+    # layer-to-layer distillation (kd_layers: auto, each student layer to an evenly spaced teacher layer, l1_cos):
+    # on top of kd's output KD, and alone (kd_loss none). Alone, kd_weight 0.5 rather than kd's 0.9: the layer
+    # loss does not train the CTC output layer, and at 0.9 the CTC that does would get a tenth of the loss
+    "kd_out_layer": ["--kd_layers=auto"],
+    "kd_layer": ["--kd_layers=auto", "--kd_loss=none", "--kd_weight=0.5"],
 }
 
 

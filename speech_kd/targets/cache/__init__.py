@@ -2,7 +2,8 @@
 
 :func:`write_cache` (``speech-kd cache-targets``) runs a teacher over a CSV
 manifest and stores a compact copy of its frame posteriors, keyed by utterance
-ID; :class:`CacheReader` turns them back into dense log-posteriors for any
+ID (and, with ``hidden_layers``, chosen encoder layers' hidden states for layer
+distillation); :class:`CacheReader` turns them back into dense log-posteriors for any
 batch. One module per job:
 
 - :mod:`speech_kd.targets.cache.format`: the frame encoding (top-k tokens, one byte per

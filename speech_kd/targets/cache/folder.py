@@ -97,10 +97,22 @@ def read_cache_manifest(csv_path: str | os.PathLike) -> list[CacheUtt]:
 
 
 def new_meta(
-    teacher: Teacher, utts: list[CacheUtt], csv_path, top_k: int, mass: float, max_temperature: float, student_tokens
+    teacher: Teacher,
+    utts: list[CacheUtt],
+    csv_path,
+    top_k: int,
+    mass: float,
+    max_temperature: float,
+    student_tokens,
+    hidden: dict | None = None,
 ) -> dict:
-    """The ``meta.json`` of a new cache of ``teacher`` over ``utts`` with this storage scheme."""
-    return {
+    """The ``meta.json`` of a new cache of ``teacher`` over ``utts`` with this storage scheme.
+
+    ``hidden`` (``layers``, ``dims``, ``dtype``, ``depth``): the teacher hidden states stored too, recorded
+    as ``scheme.hidden`` (in the scheme, so a rerun, or an older writer, adding to the folder must store
+    the same ones).
+    """
+    meta = {
         "format_version": FORMAT_VERSION,
         "teacher_name": teacher.name,
         "teacher_fingerprint": teacher.fingerprint(),
@@ -129,6 +141,9 @@ def new_meta(
         "created": utc_now(),
         "completed": None,
     }
+    if hidden:
+        meta["scheme"]["hidden"] = dict(hidden)
+    return meta
 
 
 def check_out_dir(out_dir: str | os.PathLike) -> None:

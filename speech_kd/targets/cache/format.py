@@ -24,6 +24,12 @@ with the same id and residual byte, stored once; blocks of ``BLOCK_UTTS``
 utterances are zlib-compressed with their checksum, so a damaged block is an
 error, never wrong targets.
 
+Teacher hidden states (optional, for layer distillation: ``cache-targets --hidden_layers``) are
+stored per utterance after the posterior blocks, one zlib chunk per utterance holding each stored
+layer's frames (:func:`encode_hidden`): ``int8`` (one byte per value and a per-frame fp16 scale,
+``absmax / 127``) or ``fp16``. Which layers, their widths and the encoding are in ``meta.json``'s
+``scheme.hidden``; readers that do not know them read the posteriors as before.
+
 Reconstruction (:func:`decode`): kept tokens get their stored probabilities,
 the residual is spread evenly over the tokens not kept (at least
 ``RESIDUAL_FLOOR`` in all), the first token takes what is left, and the frame
@@ -72,6 +78,8 @@ BLOCK_UTTS = 16
 MAX_RUN = 128
 #: decoded blocks kept per reader process
 BLOCK_CACHE = 64
+#: encodings of stored hidden states (:func:`encode_hidden`)
+HIDDEN_DTYPES = ("int8", "fp16")
 META_NAME = "meta.json"
 MANIFEST_NAME = "shards.json"
 SHARD_PATTERN = "shard-{:05d}.bin"
@@ -344,6 +352,56 @@ def from_codes(codes: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> tuple[n
     return counts, np.repeat(ids, repeats), np.repeat(probs, repeats)
 
 
+# --------------------------------------------------------------------------- hidden states
+
+
+def hidden_bytes_per_frame(dim: int, dtype: str) -> int:
+    """Bytes of one frame of a ``dim``-wide layer, uncompressed: ``dim + 2`` (int8 + fp16 scale) or ``2 dim`` (fp16)."""
+    if dtype == "int8":
+        return dim + 2
+    if dtype == "fp16":
+        return 2 * dim
+    raise CacheError(f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}, not {dtype!r}")
+
+
+def encode_hidden(hidden: torch.Tensor, dtype: str = "int8") -> bytes:
+    """One utterance's ``[T, D]`` hidden states of one layer as bytes (little-endian).
+
+    ``int8``: per frame an fp16 scale ``absmax / 127`` (``T`` of them first), then
+    ``round(x / scale)`` as int8 (``T * D``): a per-value error of at most half a step,
+    ``absmax / 254``. ``fp16``: the values as half floats (relative error 2^-11).
+
+    Examples
+    --------
+    >>> x = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0]])
+    >>> len(encode_hidden(x)), len(encode_hidden(x, "fp16"))
+    (10, 12)
+    >>> decode_hidden(encode_hidden(x), 2, 3).round(decimals=2).tolist()
+    [[1.0, -0.5, 0.25], [0.0, 0.0, 0.0]]
+    """
+    values = hidden.detach().to("cpu", torch.float32)
+    if dtype == "fp16":
+        return values.numpy().astype("<f2").tobytes()
+    hidden_bytes_per_frame(values.shape[-1], dtype)  # refuses an unknown dtype
+    scale = (values.abs().amax(-1) / 127.0).clamp(max=65504.0).half()  # fp16, as stored
+    divisor = scale.float().unsqueeze(-1)
+    quantised = torch.where(divisor > 0, values / divisor.clamp(min=1e-30), torch.zeros_like(values))
+    quantised = torch.round(quantised).clamp(-127, 127).to(torch.int8)
+    return scale.numpy().astype("<f2").tobytes() + quantised.numpy().tobytes()
+
+
+def decode_hidden(data: bytes | memoryview | np.ndarray, frames: int, dim: int, dtype: str = "int8") -> np.ndarray:
+    """Inverse of :func:`encode_hidden`: ``[frames, dim]`` float32."""
+    buffer = np.frombuffer(data, dtype=np.uint8)
+    if len(buffer) != frames * hidden_bytes_per_frame(dim, dtype):
+        raise CacheError(f"corrupt hidden states: {len(buffer)} bytes for {frames} frames of {dim} values ({dtype})")
+    if dtype == "fp16":
+        return buffer.view("<f2").astype(np.float32).reshape(frames, dim)
+    scale = buffer[: 2 * frames].view("<f2").astype(np.float32)
+    values = buffer[2 * frames :].view(np.int8).astype(np.float32).reshape(frames, dim)
+    return values * scale[:, None]
+
+
 # --------------------------------------------------------------------------- files
 
 
@@ -403,12 +461,18 @@ def decompress_block(data: bytes | memoryview, where: str) -> bytes:
 
 
 def shard_pieces(
-    utts: list[tuple[str, EncodedFrames]], vocab_size: int, data: dict[str, tuple[float, int]] | None = None
+    utts: list[tuple[str, EncodedFrames]],
+    vocab_size: int,
+    data: dict[str, tuple[float, int]] | None = None,
+    hidden: dict[str, bytes] | None = None,
 ) -> list[bytes]:
     """The bytes of one shard file holding ``utts`` (layout in the module docstring).
 
     ``data`` maps an utterance ID to the ``(duration, audio file bytes)`` it
     was computed from, appended to its header row (:func:`utt_data_differs`).
+    ``hidden`` maps every utterance ID to its hidden states (the stored layers' :func:`encode_hidden`
+    bytes, one after the other): each is compressed on its own and placed after the posterior
+    blocks, its ``[offset, bytes]`` in the header's ``hidden`` list (in the order of ``utts``).
     """
     dtype = id_dtype(vocab_size).newbyteorder("<")
     rows, blocks = [], []
@@ -425,8 +489,14 @@ def shard_pieces(
                 stream.append(part.tobytes())
         blocks.append(compress_block(b"".join(b"".join(stream) for stream in streams)))
     header = {"frames": sum(enc.num_frames for _, enc in utts), "id_dtype": id_dtype(vocab_size).name, "utts": rows}
+    posterior_blocks = len(blocks)
+    if hidden is not None:
+        blocks += [compress_block(hidden[uid]) for uid, _ in utts]
     offsets = np.cumsum([0] + [len(b) for b in blocks])[:-1].tolist()  # from the end of the header
-    header["blocks"] = [[offset, len(block)] for offset, block in zip(offsets, blocks)]
+    places = [[offset, len(block)] for offset, block in zip(offsets, blocks)]
+    header["blocks"] = places[:posterior_blocks]
+    if hidden is not None:
+        header["hidden"] = places[posterior_blocks:]
     blob = compress_block(json.dumps(header, separators=(",", ":")).encode())
     return [SHARD_MAGIC, np.uint64(len(blob)).astype("<u8").tobytes(), blob, *blocks]
 

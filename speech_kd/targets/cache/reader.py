@@ -23,9 +23,11 @@ from speech_kd.targets.cache.format import (
     SHARD_MAGIC,
     CacheError,
     CacheMissError,
+    decode_hidden,
     decode_into,
     decompress_block,
     from_codes,
+    hidden_bytes_per_frame,
     read_shard_header,
 )
 from speech_kd.targets.cache.storage import read_json
@@ -86,6 +88,7 @@ class CacheReader:
         self.vocab_size = len(self._meta["teacher_tokens"])
         self.blank_index = int(self._meta["blank_index"])
         self._index: dict[str, _Where] | None = None
+        self._hidden_at: dict[str, tuple[int, int, int]] = {}
         self._data: dict[str, tuple[float, int]] = {}
         self._layout: list[dict] = []
         self._maps: dict[int, np.ndarray] = {}
@@ -122,6 +125,13 @@ class CacheReader:
     def __len__(self) -> int:
         return len(self._where())
 
+    def hidden_spec(self) -> dict:
+        """What hidden states the cache stores: ``layers``, ``dims``, ``dtype``, ``depth`` (``{}``: none).
+
+        From ``meta.json``'s ``scheme.hidden`` (``cache-targets --hidden_layers``).
+        """
+        return dict(self._meta.get("scheme", {}).get("hidden") or {})
+
     def num_frames(self, utt_id: str) -> int:
         """Teacher frames stored for ``utt_id``."""
         return self._locate([utt_id])[0].frames
@@ -137,7 +147,7 @@ class CacheReader:
     def _where(self) -> dict[str, _Where]:
         """utt_id -> location, built from the shard headers on first use."""
         if self._index is None:
-            index, layout, data = {}, [], {}
+            index, layout, data, hidden_at = {}, [], {}, {}
             for number, entry in enumerate(self._entries):
                 path = self.out_dir / entry["name"]
                 size = path.stat().st_size if path.exists() else -1
@@ -160,25 +170,57 @@ class CacheReader:
                 start = len(SHARD_MAGIC) + 8 + header["header_bytes"]
                 blocks = [(start + offset, size) for offset, size in header["blocks"]]
                 layout.append({"blocks": blocks, "totals": totals, "dtype": dtype})
-            self._index, self._layout, self._data = index, layout, data
+                for row, (offset, size) in zip(header["utts"], header.get("hidden") or []):
+                    hidden_at[row[0]] = (number, start + offset, size)
+            self._index, self._layout, self._data, self._hidden_at = index, layout, data, hidden_at
         return self._index
+
+    def _shard_map(self, shard: int) -> np.ndarray:
+        """The memory map of one shard file (opened once per process)."""
+        if self._pid != os.getpid():
+            self._maps, self._blocks, self._pid = {}, OrderedDict(), os.getpid()
+        if shard not in self._maps:
+            self._maps[shard] = np.memmap(self.out_dir / self._entries[shard]["name"], dtype=np.uint8, mode="r")
+        return self._maps[shard]
+
+    def hidden(self, utt_id: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Stored hidden states of one utterance: layer -> ``[T, D]`` float32 (teacher frames).
+
+        Raises :class:`CacheError` for a layer the cache does not store or an utterance stored without them.
+        """
+        spec = self.hidden_spec()
+        stored = list(spec.get("layers") or [])
+        missing = [layer for layer in layers if layer not in stored]
+        if missing:
+            raise CacheError(f"cache {self.out_dir} stores no hidden states of teacher layers {missing}")
+        (where,) = self._locate([utt_id])
+        if utt_id not in self._hidden_at:
+            raise CacheError(f"cache {self.out_dir}: {utt_id} was stored without hidden states; rebuild the cache")
+        shard, offset, size = self._hidden_at[utt_id]
+        name = self._entries[shard]["name"]
+        data = decompress_block(self._shard_map(shard)[offset : offset + size], f"{name} hidden states of {utt_id}")
+        out, position = {}, 0
+        for layer, dim in zip(stored, spec["dims"]):
+            size = where.frames * hidden_bytes_per_frame(int(dim), spec["dtype"])
+            if layer in layers:
+                chunk = data[position : position + size]
+                out[layer] = torch.from_numpy(decode_hidden(chunk, where.frames, int(dim), spec["dtype"]))
+            position += size
+        if position != len(data):
+            raise CacheError(f"{name}: hidden states of {utt_id} are {len(data)} bytes, {position} expected")
+        return out
 
     def _block(self, shard: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The decompressed ``codes``, ``ids`` and ``probs`` streams of one block (kept for reuse)."""
-        if self._pid != os.getpid():
-            self._maps, self._blocks, self._pid = {}, OrderedDict(), os.getpid()
+        shard_map = self._shard_map(shard)
         key = (shard, block)
         if key in self._blocks:
             self._blocks.move_to_end(key)
             return self._blocks[key]
         name = self._entries[shard]["name"]
-        if shard not in self._maps:
-            self._maps[shard] = np.memmap(self.out_dir / name, dtype=np.uint8, mode="r")
         lay = self._layout[shard]
         offset, size = lay["blocks"][block]
-        data = np.frombuffer(
-            decompress_block(self._maps[shard][offset : offset + size], f"{name} block {block}"), np.uint8
-        )
+        data = np.frombuffer(decompress_block(shard_map[offset : offset + size], f"{name} block {block}"), np.uint8)
         n_codes, n_ids, n_probs = (int(n) for n in lay["totals"][block])
         id_bytes = n_ids * lay["dtype"].itemsize
         if len(data) != n_codes + id_bytes + n_probs:
@@ -212,7 +254,9 @@ class CacheReader:
         self._decode_into(out, where)
         return torch.from_numpy(out)
 
-    def batch(self, utt_ids: Sequence[str], device: str | torch.device = "cpu") -> TeacherOutput:
+    def batch(
+        self, utt_ids: Sequence[str], device: str | torch.device = "cpu", hidden_layers: Sequence[int] = ()
+    ) -> TeacherOutput:
         """Padded targets of several utterances, as a teacher would return them.
 
         Parameters
@@ -221,13 +265,16 @@ class CacheReader:
             Utterance IDs; any missing one raises :class:`CacheMissError` listing them all.
         device : str or torch.device
             Where the returned tensors live.
+        hidden_layers : sequence of int
+            Teacher layers whose stored hidden states to return too (``TeacherOutput.hiddens``).
 
         Returns
         -------
         TeacherOutput
             ``log_probs [B, Tmax, V]`` float32 and ``lengths [B]`` int64. Padding
             frames hold the blank token with probability 1: log-prob ``0`` on
-            blank and ``log(1e-8)`` (:data:`PAD_LOG_PROB`) elsewhere.
+            blank and ``log(1e-8)`` (:data:`PAD_LOG_PROB`) elsewhere. Hidden states
+            ``[B, Tmax, D]`` are zero on padding frames.
         """
         wheres = self._locate(list(utt_ids))
         longest = max((w.frames for w in wheres), default=0)
@@ -237,7 +284,10 @@ class CacheReader:
             out[row, where.frames :] = PAD_LOG_PROB
             out[row, where.frames :, self.blank_index] = 0.0
         lengths = torch.tensor([w.frames for w in wheres], dtype=torch.int64)
-        return TeacherOutput(torch.from_numpy(out).to(device), lengths.to(device))
+        hiddens = (
+            padded_hiddens([self.hidden(uid, hidden_layers) for uid in utt_ids], device) if hidden_layers else None
+        )
+        return TeacherOutput(torch.from_numpy(out).to(device), lengths.to(device), hiddens)
 
     def check_compatible(
         self,
@@ -314,6 +364,21 @@ class CacheUnion:
                 self._owner.update(dict.fromkeys(reader.ids, reader))
         return self._owner
 
+    def hidden_spec(self) -> dict:
+        """The hidden states every cache stores (the first cache's spec, its layers those all of them hold)."""
+        specs = [reader.hidden_spec() for reader in self.readers]
+        if not all(specs):
+            return {}
+        common = [layer for layer in specs[0]["layers"] if all(layer in spec["layers"] for spec in specs)]
+        return {**specs[0], "layers": common}
+
+    def hidden(self, utt_id: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """:meth:`CacheReader.hidden` from the cache that holds ``utt_id``."""
+        reader = self._owners().get(utt_id)
+        if reader is None:
+            raise CacheMissError([utt_id], self.out_dir)
+        return reader.hidden(utt_id, layers)
+
     @property
     def metadata(self) -> dict:
         """The first cache's ``meta.json``, with ``csv`` listing every cache's manifest."""
@@ -346,7 +411,9 @@ class CacheUnion:
             raise CacheMissError([utt_id], self.out_dir)
         return reader.get(utt_id)
 
-    def batch(self, utt_ids: Sequence[str], device: str | torch.device = "cpu") -> TeacherOutput:
+    def batch(
+        self, utt_ids: Sequence[str], device: str | torch.device = "cpu", hidden_layers: Sequence[int] = ()
+    ) -> TeacherOutput:
         """Padded targets of several utterances, as :meth:`CacheReader.batch` returns them."""
         owners = self._owners()
         missing = [uid for uid in utt_ids if uid not in owners]
@@ -354,7 +421,7 @@ class CacheUnion:
             raise CacheMissError(missing, self.out_dir)
         readers = {id(owners[uid]) for uid in utt_ids}
         if len(readers) == 1:  # the usual case: a batch from one pool
-            return owners[utt_ids[0]].batch(utt_ids, device=device)
+            return owners[utt_ids[0]].batch(utt_ids, device=device, hidden_layers=hidden_layers)
         rows = [owners[uid].get(uid) for uid in utt_ids]
         longest = max(len(row) for row in rows)
         out = torch.full((len(rows), longest, self.vocab_size), PAD_LOG_PROB, dtype=torch.float32)
@@ -362,12 +429,27 @@ class CacheUnion:
         for i, row in enumerate(rows):
             out[i, : len(row)] = row
         lengths = torch.tensor([len(row) for row in rows], dtype=torch.int64)
-        return TeacherOutput(out.to(device), lengths.to(device))
+        hiddens = (
+            padded_hiddens([self.hidden(uid, hidden_layers) for uid in utt_ids], device) if hidden_layers else None
+        )
+        return TeacherOutput(out.to(device), lengths.to(device), hiddens)
 
     def check_compatible(self, **kwargs) -> None:
         """:meth:`CacheReader.check_compatible` on every cache."""
         for reader in self.readers:
             reader.check_compatible(**kwargs)
+
+
+def padded_hiddens(rows: list[dict[int, torch.Tensor]], device: str | torch.device) -> dict[int, torch.Tensor]:
+    """Per layer, the utterances' ``[T_i, D]`` hidden states as one zero-padded ``[B, Tmax, D]`` on ``device``."""
+    out = {}
+    for layer in rows[0]:
+        longest = max(row[layer].shape[0] for row in rows)
+        batch = torch.zeros(len(rows), longest, rows[0][layer].shape[1])
+        for i, row in enumerate(rows):
+            batch[i, : row[layer].shape[0]] = row[layer]
+        out[layer] = batch.to(device)
+    return out
 
 
 def open_cache(spec: str | os.PathLike) -> CacheReader | CacheUnion:

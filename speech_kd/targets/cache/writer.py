@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from speech_kd.data.audio import read_audio
+from speech_kd.nnet.layers import LayerStackError, teacher_layers_spec
 from speech_kd.targets.cache.folder import (
     CacheUtt,
     check_out_dir,
@@ -25,6 +26,7 @@ from speech_kd.targets.cache.folder import (
 from speech_kd.targets.cache.format import (
     DEFAULT_MAX_TEMPERATURE,
     FORMAT_VERSION,
+    HIDDEN_DTYPES,
     MANIFEST_NAME,
     META_NAME,
     SHARD_PATTERN,
@@ -32,10 +34,11 @@ from speech_kd.targets.cache.format import (
     EncodedFrames,
     check_scheme,
     encode,
+    encode_hidden,
     shard_pieces,
 )
 from speech_kd.targets.cache.storage import dir_bytes, read_json, utc_now, write_atomic, write_json
-from speech_kd.targets.teachers.base import Teacher
+from speech_kd.targets.teachers.base import Teacher, TeacherError
 from speech_kd.targets.teachers.ensemble import load_teachers
 from speech_kd.training.checkpoints import FolderLock
 
@@ -68,13 +71,47 @@ def _load_wavs(batch: list[CacheUtt], sample_rate: int) -> tuple[torch.Tensor, t
 
 
 def _encode_batch(
-    teacher: Teacher, batch: list[CacheUtt], device: str, top_k: int, mass: float, max_temperature: float
-) -> list[EncodedFrames]:
-    """Run the teacher on one batch and encode each utterance's valid frames."""
+    teacher: Teacher,
+    batch: list[CacheUtt],
+    device: str,
+    scheme: tuple[int, float, float],
+    hidden: dict | None = None,
+) -> tuple[list[EncodedFrames], list[bytes] | None]:
+    """Run the teacher on one batch; encode each utterance's valid frames (and its stored layers' hidden states)."""
     wavs, wav_lens = _load_wavs(batch, teacher.sample_rate)
+    layers = hidden["layers"] if hidden else ()
     with torch.no_grad():
-        out = teacher(wavs.to(device), wav_lens.to(device))
-    return [encode(out.log_probs[i, : int(out.lengths[i])], top_k, mass, max_temperature) for i in range(len(batch))]
+        out = teacher(wavs.to(device), wav_lens.to(device), hidden_layers=layers)
+    lengths = [int(n) for n in out.lengths]
+    encoded = [encode(out.log_probs[i, :n], *scheme) for i, n in enumerate(lengths)]
+    if not hidden:
+        return encoded, None
+    chunks = [
+        b"".join(encode_hidden(out.hiddens[layer][i, :n], hidden["dtype"]) for layer in layers)
+        for i, n in enumerate(lengths)
+    ]
+    return encoded, chunks
+
+
+def hidden_spec(teacher: Teacher, layers: str | Sequence[int], dtype: str, device: str) -> dict:
+    """``scheme.hidden`` of a cache storing ``layers`` (``1,3,5``, ``all``, ``auto:N`` or a list) of ``teacher``.
+
+    The layers' widths are measured on one second of silence. Raises :class:`CacheError` (one line) for a
+    teacher without layers (an ensemble), a layer past its depth or an unknown ``dtype``.
+    """
+    if dtype not in HIDDEN_DTYPES:
+        raise CacheError(f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}, not {dtype!r}")
+    try:
+        depth = teacher.layer_count()
+        spec = layers if isinstance(layers, str) else ",".join(str(int(layer)) for layer in layers)
+        chosen = teacher_layers_spec(spec, depth)
+    except (LayerStackError, TeacherError) as err:
+        raise CacheError(f"--hidden_layers: {err}") from None
+    teacher.to(device)
+    probe = torch.zeros(1, teacher.sample_rate, device=device)
+    out = teacher(probe, torch.ones(1, device=device), hidden_layers=chosen)
+    dims = [int(out.hiddens[layer].shape[-1]) for layer in chosen]
+    return {"layers": chosen, "dims": dims, "dtype": dtype, "depth": depth}
 
 
 def _write_shard(
@@ -83,10 +120,11 @@ def _write_shard(
     utts: list[tuple[str, EncodedFrames]],
     vocab_size: int,
     data: dict[str, tuple[float, int]] | None = None,
+    hidden: dict[str, bytes] | None = None,
 ) -> dict:
     """Write one shard atomically and return its ``shards.json`` entry."""
     path = out_dir / SHARD_PATTERN.format(number)
-    pieces = shard_pieces(utts, vocab_size, data)
+    pieces = shard_pieces(utts, vocab_size, data, hidden)
     write_atomic(path, pieces)
     digest = hashlib.sha256()
     for piece in pieces:
@@ -125,6 +163,8 @@ def write_cache(
     student_tokens: Sequence[str] | None = None,
     progress: bool = True,
     max_duration: float | None = MAX_DURATION,
+    hidden_layers: str | Sequence[int] | None = None,
+    hidden_dtype: str = "int8",
 ) -> dict:
     """Run ``teacher`` once over a manifest and store its soft targets in ``out_dir``.
 
@@ -155,13 +195,20 @@ def write_cache(
         Utterances longer than this (seconds, by the manifest) are skipped
         with a warning naming each file, so one long recording cannot
         exhaust memory; ``None`` or 0: no limit.
+    hidden_layers : str or sequence of int, optional
+        Also store these encoder layers' hidden states (layer distillation, ``kd_layers``):
+        ``1,3,5`` (0-based), ``all``, or ``auto:N`` (the layers ``kd_layers: auto`` maps a student of
+        ``N`` layers to). Recorded in ``meta.json`` (``scheme.hidden``).
+    hidden_dtype : str
+        ``int8`` (a byte per value and an fp16 scale per frame) or ``fp16`` (docs/cache.md measures both).
 
     Returns
     -------
     dict
         ``utterances``, ``frames``, ``bytes`` (whole folder), ``bytes_per_frame``,
         ``fp32_bytes`` (``frames * V * 4``), ``compression_ratio``, ``seconds``,
-        plus ``shards``, ``teacher_utterances`` (run now) and ``reused_utterances``.
+        plus ``shards``, ``teacher_utterances`` (run now), ``reused_utterances`` and
+        ``hidden_layers`` (the teacher layers stored, or ``None``).
     """
     start = time.monotonic()
     check_scheme(top_k, mass, max_temperature)
@@ -183,10 +230,22 @@ def write_cache(
         utts = [u for u in utts if u.duration <= max_duration]
         if not utts:
             raise CacheError(f"{csv_path}: every utterance is longer than max_duration={max_duration} s")
+    hidden = hidden_spec(teacher, hidden_layers, hidden_dtype, device) if hidden_layers else None
     with FolderLock(out_dir, "cache folder"):
         scheme = (top_k, mass, max_temperature)
         return _write_locked(
-            teacher, csv_path, out_dir, utts, start, batch_seconds, shard_utts, scheme, device, student_tokens, progress
+            teacher,
+            csv_path,
+            out_dir,
+            utts,
+            start,
+            batch_seconds,
+            shard_utts,
+            scheme,
+            device,
+            student_tokens,
+            progress,
+            hidden,
         )
 
 
@@ -202,9 +261,10 @@ def _write_locked(
     device: str,
     student_tokens,
     progress: bool,
+    hidden: dict | None = None,
 ) -> dict:
     """:func:`write_cache`'s work, under the folder's lock."""
-    meta = open_out_dir(out_dir, new_meta(teacher, utts, csv_path, *scheme, student_tokens))
+    meta = open_out_dir(out_dir, new_meta(teacher, utts, csv_path, *scheme, student_tokens, hidden))
     entries = read_json(out_dir / MANIFEST_NAME)["shards"] if (out_dir / MANIFEST_NAME).exists() else []
     remove_leftovers(out_dir, {e["name"] for e in entries})
     entries, done = verified_shards(out_dir, entries)
@@ -223,12 +283,17 @@ def _write_locked(
     next_number = 1 + max((int(e["name"][6:11]) for e in entries), default=-1)
     with _progress(len(todo), progress) as bar:
         for first in range(0, len(todo), shard_utts):
-            chunk, stored = todo[first : first + shard_utts], []
+            chunk, stored, hiddens = todo[first : first + shard_utts], [], {}
             for batch in _batches(chunk, batch_seconds):
-                stored += zip((u.uid for u in batch), _encode_batch(teacher, batch, device, *scheme))
+                encoded, chunks = _encode_batch(teacher, batch, device, scheme, hidden)
+                stored += zip((u.uid for u in batch), encoded)
+                if chunks is not None:
+                    hiddens.update(zip((u.uid for u in batch), chunks))
                 bar.update(len(batch))
             data = {u.uid: (u.duration, u.bytes) for u in chunk}
-            entries.append(_write_shard(out_dir, next_number, stored, len(teacher.tokens), data))
+            entries.append(
+                _write_shard(out_dir, next_number, stored, len(teacher.tokens), data, hiddens if hidden else None)
+            )
             next_number += 1
             _save_manifest(out_dir, entries)
     _save_manifest(out_dir, entries)
@@ -259,6 +324,7 @@ def _summary(out_dir: Path, meta: dict, entries: list[dict], ran: int, reused: i
         "shards": len(entries),
         "teacher_utterances": ran,
         "reused_utterances": reused,
+        "hidden_layers": (meta["scheme"].get("hidden") or {}).get("layers"),
     }
 
 

@@ -3,8 +3,9 @@
 :mod:`~speech_kd.targets.teachers.base` holds the protocol (:class:`Teacher`, :class:`TeacherOutput`),
 the registry and :func:`load_teacher`; :mod:`~speech_kd.targets.teachers.sb` and
 :mod:`~speech_kd.targets.teachers.hf` the adapters (``transformers`` is imported only by ``hf``, when a
-Hugging Face teacher is loaded); :mod:`~speech_kd.targets.teachers.ensemble` averages several. They may
-import ``data`` (tokens), ``nnet`` (features) and ``targets.align``.
+Hugging Face teacher is loaded); :mod:`~speech_kd.targets.teachers.ensemble` averages several. Single
+teachers also return chosen encoder layers' hidden states (``hidden_layers``, layer distillation). They may
+import ``data`` (tokens), ``nnet`` (features, layer lists) and ``targets.align``.
 """
 
 from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput, load_teacher, register_teacher

@@ -13,7 +13,7 @@ import hashlib
 import importlib
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,10 +44,14 @@ class TeacherOutput:
         ``[B, T, V]`` float32 log-posteriors over the teacher's tokens.
     lengths : torch.Tensor
         ``[B]`` int64, number of valid frames of each utterance.
+    hiddens : dict of int to torch.Tensor, optional
+        Encoder layer (0-based) -> its output ``[B, T, D]`` float32 at the same frames as
+        ``log_probs``: the layers asked for with ``hidden_layers`` (layer distillation), else ``None``.
     """
 
     log_probs: torch.Tensor
     lengths: torch.Tensor
+    hiddens: dict[int, torch.Tensor] | None = None
 
 
 class Teacher(torch.nn.Module, ABC):
@@ -67,6 +71,10 @@ class Teacher(torch.nn.Module, ABC):
     #: ``speech_kd.nnet.features.fbank_signature`` of the teacher's own fbank when it
     #: can start from precomputed features (see :meth:`posteriors_from_features`)
     feature_signature: tuple | None = None
+    #: dotted path to the encoder's list of layers (``kd_teacher_layers``; SpeechBrain teachers), ``None``: found
+    layer_path: str | None = None
+    #: the encoder layers the running call returns in ``TeacherOutput.hiddens`` (set by :meth:`forward`)
+    _hidden_request: tuple[int, ...] = ()
 
     @abstractmethod
     def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
@@ -76,20 +84,46 @@ class Teacher(torch.nn.Module, ABC):
         """Log-posteriors from precomputed fbank ``feats [B, T, n_mels]`` (only if ``feature_signature``)."""
         raise NotImplementedError(f"teacher {self.name} cannot start from precomputed features")
 
-    def forward(self, wavs: torch.Tensor, wav_lens: torch.Tensor, features=None) -> TeacherOutput:
+    def layer_count(self) -> int:
+        """Number of encoder layers :meth:`forward` can return hidden states of (``hidden_layers``).
+
+        Raises :class:`TeacherError` (one line) for a teacher without such layers.
+        """
+        raise TeacherError(f"teacher {self.name}: layer distillation (kd_layers) is not supported for this teacher")
+
+    def check_hidden_layers(self, layers: Iterable[int]) -> None:
+        """Refuse, naming the teacher, the index and its depth, a layer past :meth:`layer_count`."""
+        depth = self.layer_count()
+        for layer in layers:
+            if not 0 <= int(layer) < depth:
+                raise TeacherError(
+                    f"kd_layers: teacher layer {layer} is past the depth of teacher {self.name} "
+                    f"({depth} layers, 0..{depth - 1})"
+                )
+
+    def forward(
+        self, wavs: torch.Tensor, wav_lens: torch.Tensor, features=None, hidden_layers: Iterable[int] = ()
+    ) -> TeacherOutput:
         """Run :meth:`posteriors` in eval mode without gradients; check the output.
 
         ``features`` (a ``speech_kd.nnet.features.SharedFeatures``) is the
         student's fbank of the same batch: when it was computed with exactly
         the teacher's fbank settings, the teacher starts from it instead of
-        recomputing the spectrum.
+        recomputing the spectrum. ``hidden_layers``: encoder layers (0-based)
+        whose outputs the same forward pass also returns (``TeacherOutput.hiddens``).
         """
         self.eval()
-        with torch.no_grad():
-            if features is not None and features.usable_by(self.feature_signature):
-                out = self.posteriors_from_features(features.feats, features.wav_lens)
-            else:
-                out = self.posteriors(wavs, wav_lens)
+        self._hidden_request = tuple(sorted({int(layer) for layer in hidden_layers}))
+        if self._hidden_request:
+            self.check_hidden_layers(self._hidden_request)
+        try:
+            with torch.no_grad():
+                if features is not None and features.usable_by(self.feature_signature):
+                    out = self.posteriors_from_features(features.feats, features.wav_lens)
+                else:
+                    out = self.posteriors(wavs, wav_lens)
+        finally:
+            self._hidden_request = ()
         if out.log_probs.dim() != 3 or out.log_probs.shape[-1] != len(self.tokens):
             raise TeacherError(
                 f"teacher {self.name}: output shape {tuple(out.log_probs.shape)} does not match its "
@@ -100,6 +134,8 @@ class Teacher(torch.nn.Module, ABC):
                 f"teacher {self.name}: non-finite posteriors (NaN/inf) for this batch. A teacher run at "
                 "teacher_precision=fp16 can overflow (use fp32 or bf16); otherwise check its weights and the audio"
             )
+        if hidden_layers:
+            check_hiddens(self.name, out, sorted({int(layer) for layer in hidden_layers}))
         return out
 
     def train(self, mode: bool = True):
@@ -114,6 +150,21 @@ class Teacher(torch.nn.Module, ABC):
             digest.update(name.encode())
             digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
+
+
+def check_hiddens(name: str, out: TeacherOutput, layers: list[int]) -> None:
+    """Each asked-for layer is in ``out.hiddens`` as ``[B, T, D]`` at the posteriors' frames, else a TeacherError."""
+    hiddens = out.hiddens or {}
+    missing = [layer for layer in layers if layer not in hiddens]
+    if missing:
+        raise TeacherError(f"teacher {name}: no hidden state from layer(s) {missing} (skipped by LayerDrop?)")
+    for layer in layers:
+        shape = tuple(hiddens[layer].shape)
+        if len(shape) != 3 or shape[:2] != tuple(out.log_probs.shape[:2]):
+            raise TeacherError(
+                f"teacher {name}: layer {layer} gives shape {shape}, the posteriors {tuple(out.log_probs.shape)}: "
+                "only layers at the output frame rate ([B, T, D], same B and T) can be distilled"
+            )
 
 
 TEACHER_KINDS: dict[str, Callable[..., Teacher]] = {}

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from speech_kd.targets.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
-from speech_kd.targets.teachers.base import Teacher, TeacherOutput, load_teacher
+from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput, load_teacher
 
 __all__ = ["EnsembleTeacher", "load_ensemble", "load_teachers", "teacher_sources", "spike_survival"]
 
@@ -85,6 +85,13 @@ class EnsembleTeacher(Teacher):
         #: :func:`spike_survival` of the first batch (``None`` before it); below
         #: ``MIN_SPIKE_SURVIVAL`` a warning says the members' spikes are not aligned
         self.spike_survival: float | None = None
+
+    def layer_count(self) -> int:
+        """Refused: the members' layers do not correspond, so no layer of the ensemble can be a target."""
+        raise TeacherError(
+            f"kd_layers needs one teacher, not the ensemble {self.name}: its members' hidden layers have no common "
+            "meaning to average; distil the layers from one teacher folder (or drop kd_layers)"
+        )
 
     @staticmethod
     def weights_from_wer(wers: list[float]) -> list[float]:

@@ -1,0 +1,268 @@
+"""Layer-to-layer distillation (``kd_layers``): layer mapping, the layer loss, teachers' hidden states, the cache.
+
+Real SpeechBrain modules (TransformerASR conformer encoders, a CRDNN), the package's tiny random teacher
+folders (SpeechBrain and Hugging Face), real cache files.
+"""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from speechbrain.lobes.models.CRDNN import CRDNN
+from speechbrain.lobes.models.transformer.TransformerASR import EncoderWrapper, TransformerASR
+
+from speech_kd.kd.config import KDConfig, KDSetupError
+from speech_kd.kd.layers import LayerProjections, StudentLayers
+from speech_kd.kd.losses import layer_loss
+from speech_kd.kd.term import layer_term_loss
+from speech_kd.nnet.layers import (
+    LayerStackError,
+    LayerTaps,
+    auto_layer_map,
+    find_layer_stack,
+    output_width,
+    teacher_layers_spec,
+)
+from speech_kd.targets.align import resample_hidden
+from speech_kd.targets.cache import CacheError, CacheReader, write_cache
+from speech_kd.targets.cache.format import decode_hidden, encode_hidden, hidden_bytes_per_frame
+from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
+from speech_kd.targets.teachers.base import TeacherError, load_teacher
+from speech_kd.targets.teachers.ensemble import EnsembleTeacher
+from speech_kd.testing import make_tiny_hf_ctc, make_tiny_sb_model, make_tiny_sb_wav2vec2, whitenoise
+
+
+def _conformer(d_model: int = 16, layers: int = 3, seed: int = 0) -> EncoderWrapper:
+    torch.manual_seed(seed)
+    transformer = TransformerASR(
+        input_size=20,
+        tgt_vocab=5,
+        d_model=d_model,
+        nhead=2,
+        num_encoder_layers=layers,
+        num_decoder_layers=0,
+        d_ffn=2 * d_model,
+        encoder_module="conformer",
+        attention_type="RelPosMHAXL",
+        normalize_before=True,
+        causal=False,
+    )
+    return EncoderWrapper(transformer)
+
+
+@pytest.fixture(scope="module")
+def sb_teacher(tmp_path_factory):
+    folder = make_tiny_sb_model(tmp_path_factory.mktemp("teacher") / "model", num_encoder_layers=3)
+    return load_teacher(folder)
+
+
+# ----------------------------------------------------------------------------- the mapping
+
+
+def test_auto_mapping_spaces_student_layers_evenly_over_the_teacher():
+    assert auto_layer_map(3, 6) == {0: 1, 1: 3, 2: 5}  # the shipped student and teacher
+    assert auto_layer_map(12, 24) == {i: 2 * i + 1 for i in range(12)}
+    assert auto_layer_map(6, 4) == {0: 0, 1: 0, 2: 1, 3: 2, 4: 2, 5: 3}  # a deeper student shares teacher layers
+    assert KDConfig(kd_layers="auto").layer_pairs(3, 6) == {0: 1, 1: 3, 2: 5}
+    assert teacher_layers_spec("auto:3", 6) == [1, 3, 5] and teacher_layers_spec("all", 2) == [0, 1]
+
+
+def test_kd_layers_yaml_forms_and_refusals():
+    assert KDConfig.from_hparams({"kd_layers": {5: 11, 2: 4}}).kd_layers == ((2, 4), (5, 11))
+    assert KDConfig.from_hparams({"kd_layers": "2:4,5:11"}).kd_layers == ((2, 4), (5, 11))
+    assert KDConfig.from_hparams({"kd_layers": {}}).uses_layers is False  # the yaml's default: off
+    assert KDConfig.from_hparams({"kd_layers": [[2, 4]]}).kd_layers == ((2, 4),)  # as kd_run.json writes it
+    with pytest.raises(KDSetupError, match="count from 0"):
+        KDConfig.from_hparams({"kd_layers": {-1: 2}})
+    with pytest.raises(KDSetupError, match="kd_layers='two'"):
+        KDConfig.from_hparams({"kd_layers": "two"})
+    with pytest.raises(KDSetupError, match="kd_layer_loss='l2': one of l1_cos, mse"):
+        KDConfig.from_hparams({"kd_layer_loss": "l2"})
+    with pytest.raises(KDSetupError, match="kd_loss=none turns the output KD off, and kd_layers is empty"):
+        KDConfig.from_hparams({"kd_loss": "none"})
+    with pytest.raises(KDSetupError, match=r"student layer 3 is past the depth of S \(3 layers, 0\.\.2\)"):
+        KDConfig(kd_layers=((3, 0),)).layer_pairs(3, 6, student="S")
+
+
+# ----------------------------------------------------------------------------- finding layers
+
+
+def test_layer_lists_are_found_in_speechbrain_models_or_named_by_path():
+    enc = _conformer()
+    modules = {"CNN": torch.nn.Conv1d(2, 2, 3), "enc": enc}
+    name, layers = find_layer_stack(modules)
+    assert name == "enc.transformer.encoder.layers" and len(layers) == 3
+    # the same list reached twice (the yaml's Transformer and the wrapper in modules) is one list
+    assert find_layer_stack({"Transformer": enc.transformer, "enc": enc})[1] == layers
+    assert find_layer_stack(modules, "enc.transformer.encoder.layers")[1] == layers
+    crdnn = CRDNN(input_shape=[None, None, 20], cnn_blocks=1, rnn_layers=1, dnn_blocks=2, dnn_neurons=12)
+    name, blocks = find_layer_stack({"model": crdnn})
+    assert name == "model.DNN" and [output_width(b) for b in blocks] == [12, 12]
+    assert [output_width(layer) for layer in layers] == [16, 16, 16]
+    with pytest.raises(LayerStackError, match="found no layer list .looked for a ModuleList named 'layers'"):
+        find_layer_stack({"lin": torch.nn.Linear(3, 3)})
+    with pytest.raises(LayerStackError, match="nothing at 'enc.encoder.layers'"):
+        find_layer_stack(modules, "enc.encoder.layers")
+    with pytest.raises(LayerStackError, match="several layer lists"):
+        find_layer_stack({"a": _conformer(), "b": _conformer()})
+
+
+def test_student_without_a_layer_list_is_refused_naming_what_was_looked_for():
+    with pytest.raises(KDSetupError, match="kd layers of the student: found no layer list.*kd_student_layers"):
+        StudentLayers({"lin": torch.nn.Linear(3, 3)}, {})
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def test_layer_loss_is_zero_when_the_projected_student_layer_is_the_teacher_layer():
+    """Two copies of one conformer: the student's taps through identity projections give the teacher's layers."""
+    student, teacher = _conformer(seed=1), _conformer(seed=1)
+    student_layers, teacher_layers = find_layer_stack({"s": student})[1], find_layer_stack({"t": teacher})[1]
+    pairs = {0: 0, 2: 2}
+    taps = LayerTaps(student_layers, pairs)
+    teacher_taps = LayerTaps(teacher_layers, pairs.values())
+    taps.active = teacher_taps.active = True
+    x, lens = torch.randn(2, 7, 20), torch.tensor([1.0, 0.6])
+    student.eval(), teacher.eval()
+    student(x, lens), teacher(x, lens)
+    projections = LayerProjections({s: (16, 16) for s in pairs})
+    with torch.no_grad():
+        for head in projections.heads.values():
+            head.weight.copy_(torch.eye(16))
+            head.bias.zero_()
+    projected = projections(taps.take())
+    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
+    hiddens = teacher_taps.take()
+    for kind in ("l1_cos", "mse"):
+        assert float(layer_term_loss(projected, hiddens, pairs, mask, kind, "utterance").detach()) < 1e-6
+    # a random projection is far from it, and padding frames do not count
+    far = LayerProjections({s: (16, 16) for s in pairs})(projected)
+    assert float(layer_term_loss(far, hiddens, pairs, mask, "l1_cos", "frame").detach()) > 0.5
+    noisy = {k: v.clone() for k, v in hiddens.items()}
+    for v in noisy.values():
+        v[1, 4:] += 100.0
+    assert float(layer_term_loss(projected, noisy, pairs, mask, "mse", "frame").detach()) < 1e-6
+
+
+def test_layer_loss_reductions_and_gradient_reach_only_the_student():
+    student = torch.randn(2, 5, 4, requires_grad=True)
+    teacher = torch.randn(2, 5, 4, requires_grad=True)
+    mask = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    per_frame = layer_loss(student, teacher, mask, "l1_cos", "frame")
+    per_utt = layer_loss(student, teacher, mask, "l1_cos", "utterance")
+    assert torch.isclose(per_utt * 2, per_frame * 8)  # 8 valid frames over 2 utterances
+    per_utt.backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+# ----------------------------------------------------------------------------- teachers and frames
+
+
+def test_teacher_hidden_states_come_from_the_same_pass_and_bad_layers_are_refused(sb_teacher, tmp_path):
+    wavs = torch.stack([whitenoise(1.2, seed=1), whitenoise(1.2, seed=2)])
+    out = sb_teacher(wavs, torch.tensor([1.0, 0.7]), hidden_layers=[0, 2])
+    assert sb_teacher.layer_count() == 3 and sorted(out.hiddens) == [0, 2]
+    assert out.hiddens[2].shape == (*out.log_probs.shape[:2], 32)
+    assert sb_teacher(wavs, torch.ones(2)).hiddens is None  # not asked: nothing kept
+    with pytest.raises(TeacherError, match=r"teacher layer 3 is past the depth of teacher speechbrain:model \(3 "):
+        sb_teacher(wavs, torch.ones(2), hidden_layers=[3])
+    with pytest.raises(TeacherError, match="kd_layers needs one teacher, not the ensemble"):
+        EnsembleTeacher([sb_teacher, sb_teacher]).layer_count()
+
+
+def test_huggingface_teacher_layer_k_is_hidden_states_k_plus_1(tmp_path):
+    teacher = load_teacher(make_tiny_hf_ctc(tmp_path / "hf"))
+    wav = whitenoise(1.0)[None]
+    out = teacher(wav, torch.ones(1), hidden_layers=[0, 1])
+    with torch.no_grad():
+        reference = teacher.model(((wav - wav.mean()) / wav.std(unbiased=False)), output_hidden_states=True)
+    assert teacher.layer_count() == 2
+    assert torch.allclose(out.hiddens[0], reference.hidden_states[1], atol=1e-4)
+    assert torch.allclose(out.hiddens[1], reference.hidden_states[2], atol=1e-4)
+
+
+def test_speechbrain_wav2vec2_teacher_layers_are_its_hugging_face_encoder_layers(tmp_path):
+    """The layout of speechbrain/asr-wav2vec2-librispeech: the wav2vec2 layers are found under its encoder."""
+    folder, hub = make_tiny_sb_wav2vec2(tmp_path / "model")
+    teacher = load_teacher(folder, overrides={"wav2vec2_hub": hub})
+    assert teacher.layer_count() == 2 and teacher.layer_stack_name == "encoder.wav2vec2.model.encoder.layers"
+    out = teacher(whitenoise(1.0)[None], torch.ones(1), hidden_layers=[1])
+    assert out.hiddens[1].shape == (*out.log_probs.shape[:2], 32)
+
+
+def test_teacher_frames_are_averaged_into_the_students_and_padding_is_masked():
+    hidden = torch.arange(12.0).view(1, 6, 2).repeat(2, 1, 1)  # 20 ms teacher frames
+    out, lengths = resample_hidden(hidden, torch.tensor([6, 3]), 0.02, 0.04)
+    assert lengths.tolist() == [3, 2]
+    assert out[0, :, 0].tolist() == [1.0, 5.0, 9.0]  # pairs of frames averaged
+    assert out[1, 1, 0] == 4.0  # the last student frame of a 3-frame utterance holds the third frame alone
+    aligner = TargetAligner(["<blank>", "A"], 0, 0.02, ["<blank>", "A"], 0, 0.04)
+    teacher_out = type("Out", (), {})()
+    teacher_out.log_probs, teacher_out.lengths = torch.zeros(2, 6, 2).log_softmax(-1), torch.tensor([6, 3])
+    teacher_out.hiddens = {4: hidden}
+    targets = aligner(teacher_out, torch.tensor([3, 2]), 3)
+    assert targets.hiddens[4].shape == (2, 3, 2) and targets.mask[1].tolist() == [True, True, False]
+
+
+# ----------------------------------------------------------------------------- the cache
+
+
+def test_hidden_state_coding_error_and_size():
+    x = torch.randn(50, 144) * torch.linspace(0.1, 5.0, 50)[:, None]
+    for dtype, bound in (("int8", 1 / 254), ("fp16", 2**-11)):
+        data = encode_hidden(x, dtype)
+        assert len(data) == 50 * hidden_bytes_per_frame(144, dtype)
+        error = (torch.from_numpy(decode_hidden(data, 50, 144, dtype)) - x).abs()
+        assert (error <= bound * x.abs().amax(-1, keepdim=True) * 1.01 + 1e-7).all(), dtype
+    with pytest.raises(CacheError, match="corrupt hidden states"):
+        decode_hidden(encode_hidden(x)[:-1], 50, 144)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("audio")
+    path = folder / "train.csv"
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["ID", "duration", "wav", "spk_id", "wrd"])
+        for i, seconds in enumerate((1.0, 1.4, 0.8)):
+            sf.write(folder / f"u{i}.wav", whitenoise(seconds, seed=i).numpy(), 16000)
+            writer.writerow([f"u{i}", seconds, str(folder / f"u{i}.wav"), "s", "A"])
+    return path
+
+
+def test_cache_stores_the_chosen_layers_and_a_cache_without_them_is_refused(sb_teacher, manifest, tmp_path):
+    write_cache(sb_teacher, manifest, tmp_path / "hid", hidden_layers="0,2", progress=False, batch_seconds=3)
+    reader = CacheReader(tmp_path / "hid")
+    assert reader.hidden_spec() == {"layers": [0, 2], "dims": [32, 32], "dtype": "int8", "depth": 3}
+    wav = torch.from_numpy(sf.read(manifest.parent / "u1.wav", dtype="float32")[0])[None]
+    alone = sb_teacher(wav, torch.ones(1), hidden_layers=[2]).hiddens[2][0]
+    stored = reader.hidden("u1", [2])[2]
+    relative = (stored - alone[: len(stored)]).norm(dim=-1) / alone[: len(stored)].norm(dim=-1)
+    assert float(relative.median()) < 0.02  # int8 coding plus what batching with padding changes
+    batch = reader.batch(["u0", "u1"], hidden_layers=[0, 2])
+    assert batch.hiddens[0].shape == (2, int(batch.lengths.max()), 32)
+    aligner = TargetAligner(sb_teacher.tokens, 0, sb_teacher.frame_shift, sb_teacher.tokens, 0, 0.04)
+    cached = CachedTargets(reader, aligner)
+    assert cached.request_layers([2]) == {2: 32} and cached.layer_count() == 3
+    with pytest.raises(CacheError, match=r"needs teacher layers \[1\], but cache .*hid stores only layers \[0, 2\]"):
+        cached.request_layers([1])
+    # a cache written without hidden states (as before) reads as before, and is refused for kd_layers
+    write_cache(sb_teacher, manifest, tmp_path / "plain", progress=False, batch_seconds=3)
+    plain = CachedTargets(CacheReader(tmp_path / "plain"), aligner)
+    assert torch.equal(plain.reader.batch(["u0"]).log_probs, CacheReader(tmp_path / "hid").batch(["u0"]).log_probs)
+    with pytest.raises(CacheError, match=r"stores no hidden states: rebuild .*--hidden_layers auto:3"):
+        plain.layer_count(wanted="auto:3")
+    # the live teacher: the same layers from the same forward pass
+    online = OnlineTargets(sb_teacher, aligner, 16000)
+    assert online.request_layers([0, 2]) == {0: 32, 2: 32}
+    with pytest.raises(CacheError, match="--hidden_layers: .*teacher has 3 layers"):
+        write_cache(sb_teacher, manifest, tmp_path / "bad", hidden_layers="5", progress=False)
+    with pytest.raises(CacheError, match="--hidden_layers: kd_layers needs one teacher, not the ensemble"):
+        write_cache(EnsembleTeacher([sb_teacher]), manifest, tmp_path / "ens", hidden_layers="all", progress=False)
+    assert np.isfinite(batch.hiddens[2].numpy()).all()
