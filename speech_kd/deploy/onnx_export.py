@@ -327,7 +327,7 @@ def export_asr(
         check_lm_units(lm_info, tokens, int(getattr(asr.hparams, "blank_index", 0)))
     encoder = asr.mods.encoder.eval()
     settings, window, mel = _fbank_settings(encoder.compute_features)
-    graph = CTCGraph(encoder)
+    graph = CTCGraph.from_encoder(encoder)
     unknown = [layer for layer in fp32_layers if layer not in dict(graph.named_modules())]
     if quantize and unknown:
         raise ValueError(f"--fp32_layers {', '.join(unknown)}: no such module (e.g. ctc_lin, encoder.layers.0)")
