@@ -134,7 +134,7 @@ def read_tokens(path: str | os.PathLike, blank_index: int | None) -> tuple[list[
       with SentencePiece's word-start mark ``▁`` before it, so that the transcript is the labels separated by
       spaces. The blank is the encoder's ``blank_label``.
     - SentencePiece: each piece (``▁`` starts a word); control pieces (``<s>``, ``</s>``) as ``""`` and the
-      unknown piece as `` ⁇ ``, as ``decode_ids`` writes them. The blank is ``blank_index`` (the recipe's).
+      unknown piece as ``" ⁇ "``, as ``decode_ids`` writes them. The blank is ``blank_index`` (the recipe's).
 
     Raises
     ------
@@ -564,9 +564,11 @@ def load_recipe(
         ckpt_root = roots[0]
     tokenizer_path = Path(tokenizer) if tokenizer is not None else find_tokenizer([ckpt_root, folder], loaded)
     if tokenizer_path is None:
+        ours = folder / "model" / "speech_kd.json"  # a run of speech-kd train/distill: its model folder exports
+        hint = f" (or export {ours.parent}, the model folder this run wrote)" if ours.is_file() else ""
         raise RecipeFolderError(
             f"{ckpt_root}: no tokenizer ({LABEL_ENCODER} of a CTCTextEncoder or one SentencePiece *.model); "
-            "give it with --tokenizer FILE"
+            f"give it with --tokenizer FILE{hint}"
         )
     if not tokenizer_path.is_file():
         raise RecipeFolderError(f"{tokenizer_path}: no such tokenizer file")
