@@ -614,9 +614,10 @@ def _choose_graph(
 ) -> tuple[torch.nn.Module, str, float, bool]:
     """Write the first fp32 network that reproduces ``reference`` into ``tmp``: ``(graph, path, diff, batch_exact)``.
 
-    Tried in turn: the exporter's graph (batch-exact), then the recipe's modules as they are (one utterance per
-    run). The check runs each of ``checks`` (single utterances) through the written folder (``description``,
-    ``features``: the fbank's settings, window and filters) and the reference.
+    Tried in turn: the exporter's graph (batch-exact), the recipe's modules as they are (one utterance per
+    run), the same with the modules that script scripted (:func:`export_recipe`). The check runs each of
+    ``checks`` (single utterances) through the written folder (``description``, ``features``: the fbank's
+    settings, window and filters) and the reference.
     """
     settings, window, mel = features
     reasons = []
