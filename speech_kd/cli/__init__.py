@@ -9,6 +9,7 @@ Commands::
     speech-kd cache-targets --teacher FOLDER --csv train.csv --out CACHE_DIR
     speech-kd evaluate --asr FOLDER (--csv TEST.csv | --data_folder DIR --split NAME) [--json PATH] [--html PATH]
     speech-kd export MODEL_FOLDER --out DIR [--format onnx|torchscript] [--quantize int8] [--force]
+    speech-kd export RECIPE_OUTPUT_FOLDER --out DIR [--hparams RECIPE.yaml] [--overrides YAML] ...
     speech-kd report RUN_DIR [--compare NAME=FOLDER ...] [--max_utts N] [--no-eval]
     speech-kd compare --teacher T_utts.txt --scratch S_utts.txt ... --kd K_utts.txt ... [--json PATH]
     speech-kd lm (--text FILE... | --csv CSV...) --order N --out LM.arpa   word n-gram LM (KenLM)

@@ -8,38 +8,78 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
+
 from speech_kd.argtypes import finite_float, non_negative_float, positive_int
 from speech_kd.demo import run_demo
-from speech_kd.deploy.onnx_export import export_asr
+from speech_kd.deploy.onnx_export import export_asr, export_recipe
+from speech_kd.deploy.recipe_folder import CHECKPOINT_CHOICES, is_recipe_folder
 
 __all__ = ["add_bench", "add_demo", "add_export"]
 
 
+#: the options that read a recipe's output folder (any of them given: the folder is taken as one)
+RECIPE_OPTIONS = ("hparams", "overrides", "modules", "tokenizer", "checkpoint")
+
+
+def _overrides(text: str | None) -> dict | None:
+    """``--overrides "{key: value, ...}"`` as a dict (a YAML mapping, as ``--teacher_overrides``)."""
+    if not text:
+        return None
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"--overrides {text!r}: not YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f'--overrides {text!r}: give a YAML mapping, e.g. "{{data_folder: /data, n_mels: 80}}"')
+    return value
+
+
 def _cmd_export(args) -> None:
-    info = export_asr(
-        args.model_folder,
-        args.out,
-        fmt=args.format,
-        quantize=args.quantize,
-        fp32_layers=tuple(args.fp32_layers),
-        blank_penalty=args.blank_penalty,
-        force=args.force,
-        **{
-            k: v
-            for k, v in (
-                ("lm", args.lm),
-                ("lm_weight", args.lm_weight),
-                ("word_bonus", args.word_bonus),
-                ("beam_size", args.beam_size),
-            )
-            if v is not None
-        },
-    )
+    lm_options = {
+        k: v
+        for k, v in (
+            ("lm", args.lm),
+            ("lm_weight", args.lm_weight),
+            ("word_bonus", args.word_bonus),
+            ("beam_size", args.beam_size),
+        )
+        if v is not None
+    }
+    common = {
+        "fmt": args.format,
+        "quantize": args.quantize,
+        "fp32_layers": tuple(args.fp32_layers) if args.fp32_layers is not None else None,
+        "blank_penalty": args.blank_penalty,
+        "force": args.force,
+        **lm_options,
+    }
+    recipe = any(getattr(args, name) is not None for name in RECIPE_OPTIONS) or is_recipe_folder(args.model_folder)
+    if recipe:
+        info = export_recipe(
+            args.model_folder,
+            args.out,
+            hparams=args.hparams,
+            overrides=_overrides(args.overrides),
+            modules=args.modules,
+            tokenizer=args.tokenizer,
+            checkpoint=args.checkpoint or "best",
+            **common,
+        )
+        print(f"read {info['checkpoint']}; exported with {info['path']}")
+    else:
+        info = export_asr(args.model_folder, args.out, **common)
     print(
         f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
         f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
         f"PyTorch network on a test batch {info['max_abs_diff']:.2g}"
     )
+    if recipe:
+        same = "the same" if info["audio_same_transcript"] else "a DIFFERENT"
+        print(
+            f"on a synthetic waveform, transcribe.py's fbank + network against SpeechBrain's Fbank + the recipe's "
+            f"modules: largest log-prob difference {info['audio_max_abs_diff']:.2g}, {same} greedy transcript"
+        )
     if info.get("lm"):
         lm = info["lm"]
         print(
@@ -55,8 +95,15 @@ def _cmd_demo(args) -> None:
 
 def add_export(sub) -> None:
     """``speech-kd export``."""
-    p = sub.add_parser("export", help="model folder -> ONNX/TorchScript folder that runs without speechbrain")
-    p.add_argument("model_folder", help="a model folder (<output_folder>/model of speech-kd train/distill)")
+    p = sub.add_parser(
+        "export",
+        help="model folder or recipe output folder -> ONNX/TorchScript folder that runs without speechbrain",
+    )
+    p.add_argument(
+        "model_folder",
+        help="a model folder (<output_folder>/model of speech-kd train/distill), or the output folder of your own "
+        "SpeechBrain CTC recipe (hyperparams.yaml, save/CKPT+*: docs/deploy.md)",
+    )
     p.add_argument("--out", required=True, help="folder to write (model, deploy.json, tokens, transcribe.py)")
     format_help = "onnx (needs onnxruntime, numpy, soundfile) or torchscript (torch, numpy, soundfile)"
     p.add_argument("--format", default="onnx", choices=["onnx", "torchscript"], help=format_help)
@@ -69,8 +116,8 @@ def add_export(sub) -> None:
     p.add_argument(
         "--fp32_layers",
         nargs="*",
-        default=["ctc_lin"],
-        help="modules kept in fp32 by --quantize int8 (default: ctc_lin, the output layer)",
+        default=None,
+        help="modules kept in fp32 by --quantize int8 (default: the output layer: ctc_lin, or a recipe's last module)",
     )
     p.add_argument(
         "--blank_penalty",
@@ -93,6 +140,39 @@ def add_export(sub) -> None:
     )
     p.add_argument("--word_bonus", type=finite_float, default=None, help="with --lm: recorded word bonus (default 1.5)")
     p.add_argument("--beam_size", type=positive_int, default=None, help="with --lm: recorded beam size (default 100)")
+    recipe = p.add_argument_group(
+        "a recipe's output folder",
+        "read when MODEL_FOLDER holds checkpoints (save/CKPT+*) and no model.ckpt, or when any of these is given",
+    )
+    recipe.add_argument(
+        "--hparams",
+        default=None,
+        help="the recipe's yaml (default: MODEL_FOLDER/hyperparams.yaml, the copy the run wrote)",
+    )
+    recipe.add_argument(
+        "--overrides",
+        default=None,
+        help='yaml keys to set, as a YAML mapping: "{key: value}" (output_folder is MODEL_FOLDER, '
+        "!PLACEHOLDER keys get a dummy value)",
+    )
+    recipe.add_argument(
+        "--modules",
+        nargs="+",
+        default=None,
+        help="yaml keys of the modules compute_forward runs after the features, in order (default: the yaml's "
+        "modules, normaliser first)",
+    )
+    recipe.add_argument(
+        "--tokenizer",
+        default=None,
+        help="label_encoder.txt or SentencePiece .model (default: the one in the save folder)",
+    )
+    recipe.add_argument(
+        "--checkpoint",
+        default=None,
+        help=f"{' | '.join(CHECKPOINT_CHOICES)} | CKPT+... (default best: the lowest WER, else CER, else PER "
+        "recorded; the newest when none is)",
+    )
     p.set_defaults(func=_cmd_export)
 
 

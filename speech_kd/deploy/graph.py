@@ -183,25 +183,42 @@ def _same_padding(kernel: int, stride: int) -> list[int]:
 
 
 class CTCGraph(torch.nn.Module):
-    """``(feats [B, T, F], lengths [B]) -> (log_probs [B, T', V], out_lengths [B])`` of a model folder's chain.
+    """``(feats [B, T, F], lengths [B]) -> (log_probs [B, T', V], out_lengths [B])`` of a conformer CTC model.
+
+    Built from the trained SpeechBrain modules themselves (their weights are shared, not copied):
+    :meth:`from_encoder` takes a model folder's chain, a recipe's modules are given one by one
+    (:mod:`speech_kd.deploy.recipe_folder`).
 
     Parameters
     ----------
-    encoder : torch.nn.Module
-        The loaded folder's ``encoder`` (``LengthsCapableSequential`` with ``normalize``, ``CNN``, ``enc``,
-        ``ctc_lin``, ``log_softmax``), as ``EncoderASR.mods.encoder``.
+    normalize : torch.nn.Module
+        ``InputNormalization`` with ``norm_type: global`` (its running mean and standard deviation are used).
+    cnn : torch.nn.Module
+        ``ConvolutionFrontEnd`` of plain blocks (``padding="same"``, reflection, no residual).
+    enc : torch.nn.Module
+        ``EncoderWrapper`` of a ``TransformerASR`` whose encoder is a non-causal conformer with
+        ``RelPosMHAXL`` attention.
+    ctc_lin : torch.nn.Module
+        The output layer (``[B, T', D] -> [B, T', V]``).
+
+    Raises
+    ------
+    UnsupportedModelError
+        Any other module or setting, named.
     """
 
-    def __init__(self, encoder: torch.nn.Module) -> None:
+    def __init__(
+        self, normalize: torch.nn.Module, cnn: torch.nn.Module, enc: torch.nn.Module, ctc_lin: torch.nn.Module
+    ) -> None:
         super().__init__()
-        names = list(encoder.keys()) if hasattr(encoder, "keys") else [n for n, _ in encoder.named_children()]
-        expected = ["compute_features", "normalize", "CNN", "enc", "ctc_lin", "log_softmax"]
-        if names != expected:
-            raise UnsupportedModelError(f"encoder chain {names}; this exporter rebuilds {expected}")
-        norm = encoder.normalize
-        if norm.norm_type != "global":
-            raise UnsupportedModelError(f"InputNormalization norm_type={norm.norm_type!r} (only 'global')")
-        transformer = encoder.enc.transformer
+        norm = normalize
+        if getattr(norm, "norm_type", None) != "global":
+            raise UnsupportedModelError(
+                f"{type(norm).__name__} norm_type={getattr(norm, 'norm_type', None)!r} (only global InputNormalization)"
+            )
+        transformer = getattr(enc, "transformer", None)
+        if transformer is None or not hasattr(transformer, "encoder") or not hasattr(transformer, "custom_src_module"):
+            raise UnsupportedModelError(f"encoder {type(enc).__name__} (only EncoderWrapper of a TransformerASR)")
         if type(transformer.encoder).__name__ != "ConformerEncoder" or any(
             layer.convolution_module.causal for layer in transformer.encoder.layers
         ):
@@ -211,17 +228,34 @@ class CTCGraph(torch.nn.Module):
                 f"transformer attention {transformer.attention_type!r} causal="
                 f"{transformer.causal} (only non-causal RelPosMHAXL)"
             )
+        if not isinstance(ctc_lin, torch.nn.Module) or not any(
+            isinstance(m, torch.nn.Linear) for m in ctc_lin.modules()
+        ):
+            raise UnsupportedModelError(f"output layer {type(ctc_lin).__name__} (only a linear layer)")
         std = norm.glob_std if norm.std_norm else torch.ones_like(norm.glob_std)
         self.register_buffer("mean", norm.glob_mean.detach().clone().float())
         self.register_buffer("std", std.detach().clone().float().clamp(min=norm.epsilon))
-        self.front_end = FrontEnd(encoder.CNN)
+        self.front_end = FrontEnd(cnn)
         self.block_convs = self.front_end.strides()
         self.src_module = transformer.custom_src_module
         self.positional_encoding = transformer.positional_encoding
         self.encoder = transformer.encoder
         self.attention = torch.nn.ModuleList(SelfAttention(layer.mha_layer) for layer in self.encoder.layers)
-        self.ctc_lin = encoder.ctc_lin
+        self.ctc_lin = ctc_lin
         self.eval()
+
+    @classmethod
+    def from_encoder(cls, encoder: torch.nn.Module) -> CTCGraph:
+        """The graph of a model folder's ``encoder``, as ``EncoderASR.mods.encoder``.
+
+        A ``LengthsCapableSequential`` with ``compute_features``, ``normalize``, ``CNN``, ``enc``, ``ctc_lin``,
+        ``log_softmax``; any other chain is an :class:`UnsupportedModelError`.
+        """
+        names = list(encoder.keys()) if hasattr(encoder, "keys") else [n for n, _ in encoder.named_children()]
+        expected = ["compute_features", "normalize", "CNN", "enc", "ctc_lin", "log_softmax"]
+        if names != expected:
+            raise UnsupportedModelError(f"encoder chain {names}; this exporter rebuilds {expected}")
+        return cls(encoder.normalize, encoder.CNN, encoder.enc, encoder.ctc_lin)
 
     def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         """Output frames ``[B]`` for ``lengths`` ``[B]`` fbank frames."""
