@@ -38,6 +38,9 @@ speech-kd train --data_folder=corpus --output_folder=teacher "${tiny[@]}"
 speech-kd distill --data_folder=corpus --output_folder=student --teacher_source=teacher/model "${tiny[@]}" \
   --report_after_run=False
 speech-kd evaluate --asr student/model --csv student/data/test.csv --json student/eval.json
+# the documents' name of the shipped teacher works outside a checkout (the package's copy)
+speech-kd evaluate --asr speech_kd/pretrained/teacher_synth --csv student/data/test.csv
+speech-kd cache-targets --teacher speech_kd/pretrained/teacher_synth --csv student/data/test.csv --out shipped_cache
 speech-kd export student/model --out student_onnx
 speech-kd evaluate --asr student_onnx --csv student/data/test.csv
 speech-kd bench --repeats 1 --batch_size 2 --json bench.json >/dev/null

@@ -18,7 +18,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["folder", "names", "path", "resolve", "shipped_teacher"]
+__all__ = ["folder", "model_folder", "names", "path", "resolve", "shipped_teacher"]
 
 
 def folder() -> Path:
@@ -32,6 +32,28 @@ def folder() -> Path:
 def shipped_teacher() -> Path:
     """The teacher shipped with the package (``speech_kd/pretrained/teacher_synth``, package data too)."""
     return Path(str(resources.files("speech_kd"))) / "pretrained" / "teacher_synth"
+
+
+def model_folder(source: str) -> str:
+    """A model folder given on the command line or in a yaml: ``source`` itself, or the shipped copy of it.
+
+    The documents name the shipped teacher ``speech_kd/pretrained/teacher_synth``, a path that exists in
+    a checkout only; where no such folder exists (a pip install, another directory), a path ending in
+    ``speech_kd/pretrained/NAME`` is the package's own ``pretrained/NAME``. Anything else is returned as
+    given, for the caller's own "does not exist" message.
+
+    Examples
+    --------
+    >>> model_folder("no/such/folder")
+    'no/such/folder'
+    >>> Path(model_folder("/elsewhere/speech_kd/pretrained/teacher_synth")) == shipped_teacher()
+    True
+    """
+    given = Path(source)
+    if given.exists() or given.parts[-3:-1] != ("speech_kd", "pretrained"):
+        return source
+    shipped = Path(str(resources.files("speech_kd"))) / "pretrained" / given.name
+    return str(shipped) if shipped.is_dir() else source
 
 
 def names() -> list[str]:

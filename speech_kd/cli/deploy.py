@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from speech_kd import hparams_files
 from speech_kd.argtypes import finite_float, non_negative_float, positive_int
 from speech_kd.demo import run_demo
 from speech_kd.deploy.onnx_export import export_asr, export_recipe
@@ -101,6 +102,7 @@ def add_export(sub) -> None:
     )
     p.add_argument(
         "model_folder",
+        type=hparams_files.model_folder,
         help="a model folder (<output_folder>/model of speech-kd train/distill), or the output folder of your own "
         "SpeechBrain CTC recipe (hyperparams.yaml, save/CKPT+*: docs/deploy.md)",
     )

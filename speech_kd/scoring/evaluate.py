@@ -611,7 +611,7 @@ def evaluate_model(
         asr = EnsembleASR(folders, device=device)
         sample_rate = asr.sample_rate
     else:
-        asr = load_asr(asr_folder, device=device)
+        asr = load_asr(folders[0], device=device)
         sample_rate = int(getattr(asr.hparams, "sample_rate", 16000))
 
     tokens, blank = model_tokens(asr)

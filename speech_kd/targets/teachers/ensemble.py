@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from speech_kd.hparams_files import model_folder
 from speech_kd.targets.align import VocabMap, lengths_to_mask, reconcile_lengths, resample_frames
 from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput, load_teacher
 
@@ -151,6 +152,9 @@ def load_ensemble(sources: list[str], weights: list[float] | None = None, device
 def teacher_sources(value) -> list[str]:
     """Teacher folders from a yaml/CLI value: a list, or one string with comma-separated folders.
 
+    ``speech_kd/pretrained/NAME`` is the shipped model where no such folder exists here
+    (:func:`speech_kd.hparams_files.model_folder`).
+
     Examples
     --------
     >>> teacher_sources("a, b")
@@ -159,8 +163,8 @@ def teacher_sources(value) -> list[str]:
     ['a']
     """
     if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [s.strip() for s in str(value or "").split(",") if s.strip()]
+        return [model_folder(str(v)) for v in value]
+    return [model_folder(s.strip()) for s in str(value or "").split(",") if s.strip()]
 
 
 def load_teachers(
