@@ -22,7 +22,14 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
-from speech_kd.kd.consistency import ConsistencySetupError, CRConfig, consistency_loss, two_views, view_rows
+from speech_kd.kd.consistency import (
+    ConsistencySetupError,
+    CRConfig,
+    check_ctc_reduction,
+    consistency_loss,
+    two_views,
+    view_rows,
+)
 from speech_kd.kd.term import untranscribed_rows
 from speech_kd.nnet.chain import run_chain
 from speech_kd.nnet.features import SharedFeatures, fbank_signature
@@ -93,13 +100,17 @@ class CTCBrain(sb.Brain):
         return CRConfig.from_hparams(self.hparams)
 
     def check_consistency_setup(self) -> None:
-        """Refuse CR-CTC that cannot work (called before the first batch): its two views need SpecAugment.
+        """Refuse CR-CTC that cannot work as set up (called before the first batch).
+
+        Its two views need SpecAugment, and its consistency term has the
+        scale of a ``batchmean`` CTC (:func:`~speech_kd.kd.consistency.check_ctc_reduction`).
 
         Raises
         ------
         speech_kd.kd.consistency.ConsistencySetupError
-            ``cr_ctc_weight > 0`` without ``spec_augment: True``, or with an
-            ``encoder_chain`` that has no ``normalize`` (SpecAugment's place).
+            ``cr_ctc_weight > 0`` without ``spec_augment: True``, with an
+            ``encoder_chain`` that has no ``normalize`` (SpecAugment's place),
+            or with a ``ctc_cost`` whose ``reduction`` is not ``batchmean``.
         """
         weight = self.cr_config.cr_ctc_weight
         if weight <= 0.0:
@@ -115,6 +126,7 @@ class CTCBrain(sb.Brain):
                 f"cr_ctc_weight={weight:g}: the two views are made where SpecAugment runs, after the chain's "
                 f"normalize module, and encoder_chain {list(self.hparams.encoder_chain)} has none"
             )
+        check_ctc_reduction(weight, getattr(self.hparams, "ctc_cost", None))
 
     # ------------------------------------------------------------------ forward
     def _module_table(self) -> dict:

@@ -6,6 +6,7 @@ synthesised corpus's first training utterances.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -13,6 +14,7 @@ import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.augment.freq_domain import SpectrogramDrop
+from speechbrain.nnet.losses import ctc_loss
 
 from speech_kd import KDMixin, make_targets, token_strings
 from speech_kd.cli import run
@@ -145,6 +147,17 @@ def test_cr_without_feature_augmentation_is_refused_in_one_line(tmp_path, tiny_c
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "ConsistencySetupError" in err and "--spec_augment=True" in err
     assert not (tmp_path / "run" / "history.jsonl").exists()  # refused before the first batch
+
+
+def test_cr_with_the_ctc_at_reduction_mean_is_refused_before_the_first_batch(tmp_path):
+    """ctc_cost at reduction: mean divides each utterance's CTC by its transcript length: the consistency term (a
+    frame sum per utterance) would weigh about frames/tokens times more than cr_ctc_weight says."""
+    brain = _brain(tmp_path / "brain", spec_augment=True, cr_ctc_weight=0.2)
+    brain.hparams.ctc_cost = functools.partial(ctc_loss, blank_index=brain.hparams.blank_index, reduction="mean")
+    with pytest.raises(ConsistencySetupError, match="ctc_cost has reduction: mean"):
+        brain.on_fit_start()
+    brain.hparams.cr_ctc_weight = 0.0  # without CR the recipe's CTC is the recipe's business
+    brain.check_consistency_setup()
 
 
 def _history(out) -> list[dict]:
