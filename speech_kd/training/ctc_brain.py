@@ -267,7 +267,7 @@ class CTCBrain(sb.Brain):
             return None
         log_probs, lens = predictions
         consistency = consistency_loss(log_probs, lens)
-        self._cr_sums.add(cr_loss=consistency)
+        self._cr_sums.add({"cr_loss": consistency})
         self.consistency_term = self.cr_config.cr_ctc_weight * consistency
         return self.consistency_term
 
