@@ -78,8 +78,9 @@ class CTCBrain(sb.Brain):
     """
 
     tokenizer = None
-    #: long ``[2B]``: for each row of the training batch's outputs, the utterance it is a view of (CR-CTC
-    #: makes two rows per utterance); ``None``: one row per utterance. Set by ``compute_forward``.
+    #: long ``[2B]``: for each row of the training batch's outputs, the row of the ``B`` it is a view of (CR-CTC
+    #: makes two rows of each: the utterances', or the rows an ``Augmenter`` made of them before the forward);
+    #: ``None``: one row per utterance. Set by ``compute_forward``.
     output_rows: torch.Tensor | None = None
     #: ``cr_ctc_weight * CR`` of the current training batch, attached (part of ``compute_objectives``'s
     #: loss; ``KDMixin`` reads it to keep it out of the KD mixing); ``None`` without two views
