@@ -3,7 +3,8 @@
 Consistency-regularised CTC (Yao et al., "CR-CTC: Consistency regularization on CTC for improved
 speech recognition", ICLR 2025, arXiv 2410.05101; icefall PR #1766) trains every utterance of a
 training batch twice in one forward pass, as two views that went through independent SpecAugment
-draws, and adds a term that pulls each view's frame posteriors toward the other's::
+draws (and, in the forward, independent dropout), and adds a term that pulls each view's frame
+posteriors toward the other's::
 
     loss = CTC(both views) + cr_ctc_weight * CR
 

@@ -119,8 +119,8 @@ class CTCBrain(sb.Brain):
         if not getattr(self.hparams, "spec_augment", False):
             raise ConsistencySetupError(
                 f"cr_ctc_weight={weight:g} needs feature augmentation to make the two views of each utterance "
-                "differ: set spec_augment: True (--spec_augment=True); without it the views are identical and "
-                "the consistency term is 0"
+                "differ: set spec_augment: True (--spec_augment=True); without it the views differ by dropout "
+                "alone (not at all at dropout 0) and the consistency term is about 0"
             )
         if "normalize" not in self.hparams.encoder_chain:
             raise ConsistencySetupError(
