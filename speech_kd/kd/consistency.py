@@ -3,7 +3,8 @@
 Consistency-regularised CTC (Yao et al., "CR-CTC: Consistency regularization on CTC for improved
 speech recognition", ICLR 2025, arXiv 2410.05101; icefall PR #1766) trains every utterance of a
 training batch twice in one forward pass, as two views that went through independent SpecAugment
-draws, and adds a term that pulls each view's frame posteriors toward the other's::
+draws (and, in the forward, independent dropout), and adds a term that pulls each view's frame
+posteriors toward the other's::
 
     loss = CTC(both views) + cr_ctc_weight * CR
 
@@ -16,13 +17,16 @@ Shapes (legend): ``B`` utterances of the batch, ``2B`` rows of the doubled batch
 utterance), ``T`` output frames, ``F`` feature bins, ``V`` tokens.
 
 What lives here: the option and its default (:class:`CRConfig`, one place for every Brain that
-reads it), making the two views (:func:`two_views`, :func:`view_rows`) and the loss
-(:func:`consistency_loss`). ``speech_kd.training.ctc_brain.CTCBrain`` uses them; the decisions are
+reads it), making the two views (:func:`two_views`, :func:`view_rows`), the loss
+(:func:`consistency_loss`) and the check that the recipe's CTC has the scale the loss is computed
+at (:func:`check_ctc_reduction`). ``speech_kd.training.ctc_brain.CTCBrain`` uses them; the decisions are
 in ``docs/design.md`` ("CR-CTC").
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -33,7 +37,20 @@ import torch
 from speech_kd.targets.align import lengths_to_mask, relative_to_frames
 from speech_kd.training.precision import autocast_for
 
-__all__ = ["CRConfig", "ConsistencySetupError", "consistency_loss", "two_views", "view_rows"]
+__all__ = [
+    "CTC_REDUCTION",
+    "CRConfig",
+    "ConsistencySetupError",
+    "check_ctc_reduction",
+    "consistency_loss",
+    "ctc_reduction",
+    "two_views",
+    "view_rows",
+]
+
+#: the ``reduction`` of SpeechBrain's ``ctc_loss`` whose scale :func:`consistency_loss` has: the CTC summed over
+#: each utterance's frames, averaged over the batch's rows
+CTC_REDUCTION = "batchmean"
 
 
 class ConsistencySetupError(ValueError):
@@ -166,3 +183,72 @@ def consistency_loss(log_probs: torch.Tensor, rel_lengths: torch.Tensor) -> torc
         per_frame = torch.where(target > 0, target * (other - log_probs), torch.zeros_like(target)).sum(-1)
         mask = lengths_to_mask(relative_to_frames(rel_lengths, log_probs.shape[1]), log_probs.shape[1])
         return (per_frame * mask.to(per_frame.dtype)).sum() / rows
+
+
+def ctc_reduction(ctc_cost: object) -> str | None:
+    """The ``reduction`` a yaml's ``ctc_cost`` (``!name:speechbrain.nnet.losses.ctc_loss``) applies; ``None``: unknown.
+
+    Read from the partial's keywords, else from its function's default
+    (SpeechBrain's ``ctc_loss`` defaults to ``mean``). A ``ctc_cost`` that is
+    not a ``functools.partial`` of a function taking ``reduction`` (a user's own
+    loss) cannot be read.
+
+    Examples
+    --------
+    >>> from speechbrain.nnet.losses import ctc_loss
+    >>> ctc_reduction(functools.partial(ctc_loss, blank_index=0, reduction="batchmean"))
+    'batchmean'
+    >>> ctc_reduction(functools.partial(ctc_loss, blank_index=0)), ctc_reduction(None)
+    ('mean', None)
+    """
+    if not isinstance(ctc_cost, functools.partial):
+        return None
+    if "reduction" in ctc_cost.keywords:
+        return str(ctc_cost.keywords["reduction"])
+    try:
+        parameter = inspect.signature(ctc_cost.func).parameters.get("reduction")
+    except (TypeError, ValueError):  # a builtin without a signature
+        return None
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return str(parameter.default)
+
+
+def check_ctc_reduction(cr_ctc_weight: float, ctc_cost: object) -> None:
+    """Refuse CR-CTC with a CTC loss not reduced as SpeechBrain's ``batchmean``, the scale the consistency term has.
+
+    :func:`consistency_loss` is a per-utterance frame sum averaged over the
+    ``2B`` rows, as ``ctc_loss(reduction="batchmean")`` reduces the CTC. With
+    ``mean`` (each utterance's CTC divided by its transcript length) the same
+    ``cr_ctc_weight`` would be about frames per token (2-4x at 40 ms
+    characters) stronger against the CTC, with ``sum`` ``2B`` times weaker:
+    refused rather than silently mis-weighted. A ``ctc_cost`` whose reduction
+    cannot be read (:func:`ctc_reduction` is ``None``) is taken to be ``batchmean``.
+
+    Raises
+    ------
+    ConsistencySetupError
+        ``cr_ctc_weight > 0`` and ``ctc_cost`` reduces otherwise (one line, naming the key).
+
+    Examples
+    --------
+    >>> from speechbrain.nnet.losses import ctc_loss
+    >>> check_ctc_reduction(0.2, functools.partial(ctc_loss, blank_index=0, reduction="batchmean"))
+    >>> check_ctc_reduction(0.0, functools.partial(ctc_loss, blank_index=0))
+    >>> check_ctc_reduction(0.2, functools.partial(ctc_loss, blank_index=0))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    speech_kd.kd.consistency.ConsistencySetupError: cr_ctc_weight=0.2: ... ctc_cost has reduction: mean ...
+    """
+    reduction = ctc_reduction(ctc_cost)
+    if cr_ctc_weight <= 0.0 or reduction is None or reduction == CTC_REDUCTION:
+        return
+    effect = {
+        "mean": "divided by each transcript's length: CR would weigh about frames/tokens times more",
+        "sum": "summed over the batch: CR would weigh 2B times less",
+    }.get(reduction, "not one number per batch averaged over its utterances")
+    raise ConsistencySetupError(
+        f"cr_ctc_weight={cr_ctc_weight:g}: the consistency term is scaled for ctc_cost's reduction: {CTC_REDUCTION} "
+        f"(CTC summed over each utterance's frames, averaged over the batch) and ctc_cost has reduction: {reduction} "
+        f"({effect}); set reduction: {CTC_REDUCTION} under ctc_cost in the yaml"
+    )

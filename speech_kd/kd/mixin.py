@@ -37,7 +37,8 @@ is ``(1 - kd_weight) * recipe_loss + kd_weight * kd``; with ``kd_layers``,
   ``compute_objectives`` never sees it;
 - CR-CTC (``cr_ctc_weight > 0``, :mod:`speech_kd.kd.consistency`): a host Brain
   that trains two views of each utterance (``CTCBrain``) names each output
-  row's utterance in ``self.output_rows``, so both views get the KD term
+  row's utterance (the row an ``Augmenter`` made, when one ran first: the two
+  row maps are composed) in ``self.output_rows``, so both views get the KD term
   against the same teacher targets (the teacher runs once per utterance), and
   puts its weighted consistency term, already in its loss, in
   ``self.consistency_term``: the mixin keeps that term at its full weight,
@@ -327,6 +328,9 @@ class KDMixin:
         clean = getattr(self.kd_targets, "reads_cache", False) or not self._kd_time_changing
         if augmented:
             index = rows.utterance_rows if clean else rows.teacher_rows
+            views = getattr(self, "output_rows", None)
+            if views is not None:  # CR-CTC's two views of the augmented rows: augmenter rows first, then the views
+                index = self._kd_compose_views(index, views, rows)
             if index is not None:
                 extra["rows"] = index.to(self.device)
             if rows.wavs is not None and not clean:
@@ -354,6 +358,27 @@ class KDMixin:
                 "compute_forward after changing the rows"
             )
         return extra
+
+    def _kd_compose_views(
+        self, index: torch.Tensor | None, views: torch.Tensor, rows: AugmentationRows
+    ) -> torch.Tensor:
+        """Target row of each of CR-CTC's ``2B'`` rows: the Augmenter's row map ``index [B']`` after ``views [2B']``.
+
+        ``views`` (``output_rows``) names, for each output row, the augmented
+        row it is a view of; ``index`` the utterance (or teacher audio) row of
+        each augmented row, ``None`` when the teacher hears the augmented rows
+        themselves. Views made of other rows than the Augmenter's output
+        cannot be mapped: refused.
+        """
+        views = views.to(self.device)
+        made = rows.utterance_rows.shape[0]
+        if views.shape[0] != 2 * made:
+            raise KDSetupError(
+                f"CR-CTC (cr_ctc_weight) made {views.shape[0]} rows, two views of {views.shape[0] // 2}, but the "
+                f"Augmenter ({', '.join(rows.calls)}) gave {made} rows: speech_kd follows both only when the views "
+                "are made of the Augmenter's rows (augment first, then the views)"
+            )
+        return views if index is None else index.to(self.device)[views]
 
     def _kd_check_frames(self, log_probs: torch.Tensor, extra: dict, batch) -> None:
         """First training batch: the student's frame count must fit ``frame_shift`` (measured when unset)."""

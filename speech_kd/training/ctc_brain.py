@@ -22,7 +22,14 @@ import speechbrain as sb
 import torch
 from speechbrain.decoders.ctc import ctc_greedy_decode
 
-from speech_kd.kd.consistency import ConsistencySetupError, CRConfig, consistency_loss, two_views, view_rows
+from speech_kd.kd.consistency import (
+    ConsistencySetupError,
+    CRConfig,
+    check_ctc_reduction,
+    consistency_loss,
+    two_views,
+    view_rows,
+)
 from speech_kd.kd.term import untranscribed_rows
 from speech_kd.nnet.chain import run_chain
 from speech_kd.nnet.features import SharedFeatures, fbank_signature
@@ -71,8 +78,9 @@ class CTCBrain(sb.Brain):
     """
 
     tokenizer = None
-    #: long ``[2B]``: for each row of the training batch's outputs, the utterance it is a view of (CR-CTC
-    #: makes two rows per utterance); ``None``: one row per utterance. Set by ``compute_forward``.
+    #: long ``[2B]``: for each row of the training batch's outputs, the row of the ``B`` it is a view of (CR-CTC
+    #: makes two rows of each: the utterances', or the rows an ``Augmenter`` made of them before the forward);
+    #: ``None``: one row per utterance. Set by ``compute_forward``.
     output_rows: torch.Tensor | None = None
     #: ``cr_ctc_weight * CR`` of the current training batch, attached (part of ``compute_objectives``'s
     #: loss; ``KDMixin`` reads it to keep it out of the KD mixing); ``None`` without two views
@@ -93,13 +101,17 @@ class CTCBrain(sb.Brain):
         return CRConfig.from_hparams(self.hparams)
 
     def check_consistency_setup(self) -> None:
-        """Refuse CR-CTC that cannot work (called before the first batch): its two views need SpecAugment.
+        """Refuse CR-CTC that cannot work as set up (called before the first batch).
+
+        Its two views need SpecAugment, and its consistency term has the
+        scale of a ``batchmean`` CTC (:func:`~speech_kd.kd.consistency.check_ctc_reduction`).
 
         Raises
         ------
         speech_kd.kd.consistency.ConsistencySetupError
-            ``cr_ctc_weight > 0`` without ``spec_augment: True``, or with an
-            ``encoder_chain`` that has no ``normalize`` (SpecAugment's place).
+            ``cr_ctc_weight > 0`` without ``spec_augment: True``, with an
+            ``encoder_chain`` that has no ``normalize`` (SpecAugment's place),
+            or with a ``ctc_cost`` whose ``reduction`` is not ``batchmean``.
         """
         weight = self.cr_config.cr_ctc_weight
         if weight <= 0.0:
@@ -107,14 +119,15 @@ class CTCBrain(sb.Brain):
         if not getattr(self.hparams, "spec_augment", False):
             raise ConsistencySetupError(
                 f"cr_ctc_weight={weight:g} needs feature augmentation to make the two views of each utterance "
-                "differ: set spec_augment: True (--spec_augment=True); without it the views are identical and "
-                "the consistency term is 0"
+                "differ: set spec_augment: True (--spec_augment=True); without it the views differ by dropout "
+                "alone (not at all at dropout 0) and the consistency term is about 0"
             )
         if "normalize" not in self.hparams.encoder_chain:
             raise ConsistencySetupError(
                 f"cr_ctc_weight={weight:g}: the two views are made where SpecAugment runs, after the chain's "
                 f"normalize module, and encoder_chain {list(self.hparams.encoder_chain)} has none"
             )
+        check_ctc_reduction(weight, getattr(self.hparams, "ctc_cost", None))
 
     # ------------------------------------------------------------------ forward
     def _module_table(self) -> dict:
@@ -255,7 +268,7 @@ class CTCBrain(sb.Brain):
             return None
         log_probs, lens = predictions
         consistency = consistency_loss(log_probs, lens)
-        self._cr_sums.add(cr_loss=consistency)
+        self._cr_sums.add({"cr_loss": consistency})
         self.consistency_term = self.cr_config.cr_ctc_weight * consistency
         return self.consistency_term
 

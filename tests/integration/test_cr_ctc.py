@@ -6,18 +6,25 @@ synthesised corpus's first training utterances.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 
 import pytest
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
+from speechbrain.augment.augmenter import Augmenter
 from speechbrain.augment.freq_domain import SpectrogramDrop
+from speechbrain.augment.time_domain import AddNoise
+from speechbrain.dataio.batch import PaddedData
+from speechbrain.nnet.losses import ctc_loss
 
 from speech_kd import KDMixin, make_targets, token_strings
 from speech_kd.cli import run
 from speech_kd.data.dataio import load_dataset, make_tokenizer
 from speech_kd.data.prepare import prepare_librispeech
+from speech_kd.kd.config import KDSetupError
 from speech_kd.kd.consistency import ConsistencySetupError, consistency_loss
 from speech_kd.nnet.chain import run_chain
 from speech_kd.testing import make_tiny_sb_model
@@ -46,7 +53,7 @@ def teacher(tmp_path_factory):
     return make_tiny_sb_model(tmp_path_factory.mktemp("cr_teacher") / "model")
 
 
-def _brain(tmp_path, yaml=TEACHER, cls=CTCBrain, **overrides):
+def _brain(tmp_path, yaml=TEACHER, cls=CTCBrain, extra_hparams: dict | None = None, **overrides):
     hparams = load_hyperpyyaml(
         yaml.read_text(),
         {
@@ -57,6 +64,7 @@ def _brain(tmp_path, yaml=TEACHER, cls=CTCBrain, **overrides):
             **overrides,
         },
     )
+    hparams.update(extra_hparams or {})
     brain = cls(
         modules=hparams["modules"],
         opt_class=hparams["opt_class"],
@@ -147,6 +155,17 @@ def test_cr_without_feature_augmentation_is_refused_in_one_line(tmp_path, tiny_c
     assert not (tmp_path / "run" / "history.jsonl").exists()  # refused before the first batch
 
 
+def test_cr_with_the_ctc_at_reduction_mean_is_refused_before_the_first_batch(tmp_path):
+    """ctc_cost at reduction: mean divides each utterance's CTC by its transcript length: the consistency term (a
+    frame sum per utterance) would weigh about frames/tokens times more than cr_ctc_weight says."""
+    brain = _brain(tmp_path / "brain", spec_augment=True, cr_ctc_weight=0.2)
+    brain.hparams.ctc_cost = functools.partial(ctc_loss, blank_index=brain.hparams.blank_index, reduction="mean")
+    with pytest.raises(ConsistencySetupError, match="ctc_cost has reduction: mean"):
+        brain.on_fit_start()
+    brain.hparams.cr_ctc_weight = 0.0  # without CR the recipe's CTC is the recipe's business
+    brain.check_consistency_setup()
+
+
 def _history(out) -> list[dict]:
     return [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
 
@@ -227,3 +246,66 @@ def test_a_recipe_brain_without_two_views_is_refused(teacher):
 
     with pytest.raises(ConsistencySetupError, match="does not make"):
         Recipe(modules={}, hparams={"cr_ctc_weight": 0.2, "teacher_source": teacher}, run_opts={"device": "cpu"})
+
+
+class AugmentingDistill(DistillBrain):
+    """A Brain on DistillBrain that augments as SpeechBrain recipes do: an ``Augmenter`` (``rows_augment``) adds rows
+    to the waveforms before the forward, its labels replicated with them; CTCBrain then makes two views of each row.
+    With ``views_of_utterances`` it (wrongly) makes the views of the batch's utterances, not of the augmented rows."""
+
+    views_of_utterances = False
+
+    def compute_forward(self, batch, stage):
+        self.rows_batch = batch
+        if stage == sb.Stage.TRAIN:
+            augment = self.hparams.rows_augment
+            wavs, lens = augment(*batch.sig)
+            utterances = augment.replicate_labels(torch.arange(len(batch.id)))
+            if not self.views_of_utterances:
+                self.rows_batch = copy.copy(batch)
+                self.rows_batch.sig = PaddedData(wavs, lens)
+                self.rows_batch.tokens = PaddedData(*(x[utterances] for x in batch.tokens))
+                self.rows_batch.wrd = [batch.wrd[i] for i in utterances.tolist()]
+        return super().compute_forward(self.rows_batch, stage)
+
+    def ctc_objective(self, predictions, batch):
+        return super().ctc_objective(predictions, self.rows_batch)
+
+
+def test_with_an_augmenter_that_adds_rows_the_views_read_the_targets_of_their_rows_utterances(
+    tmp_path, batches, teacher
+):
+    """Augmenter rows first (3 utterances -> 6 rows: originals + noisy copies), then CR-CTC's two views of each
+    (12 rows): KD reads each row's utterance's targets, the two row maps composed (was: "cannot tell which utterance
+    each row is")."""
+    augment = Augmenter(
+        concat_original=True, min_augmentations=1, max_augmentations=1, augmentations=[AddNoise(snr_low=0, snr_high=5)]
+    )
+    brain = _brain(
+        tmp_path / "composed",
+        yaml=DISTILL,
+        cls=AugmentingDistill,
+        extra_hparams={"rows_augment": augment},
+        spec_augment=True,
+        cr_ctc_weight=0.2,
+        teacher_source=teacher,
+    )
+    recording = Recording(make_targets(vars(brain.hparams), token_strings(brain.tokenizer)))
+    brain.attach_targets(recording)
+    batch = batches[0]
+    torch.manual_seed(0)
+    loss, predictions = _train_loss(brain, batch)
+
+    utterances = augment.replicate_labels(torch.arange(3))
+    assert utterances.shape[0] == 6 and predictions[0].shape[0] == 12
+    (extra, targets), *_ = recording.calls
+    assert extra["rows"].tolist() == utterances.repeat(2).tolist()  # row r of view a or b: utterance of row r
+    assert "wavs" not in extra and "features" not in extra  # noise keeps time: the teacher heard the 3 clean utterances
+    first_row = {}  # every row of an utterance gets the same targets
+    for row, utterance in enumerate(extra["rows"].tolist()):
+        assert torch.equal(targets.log_probs[row], targets.log_probs[first_row.setdefault(utterance, row)])
+    assert torch.isfinite(loss) and float(brain.consistency_term.detach()) > 0
+
+    brain.views_of_utterances = True  # views of the 3 utterances while the Augmenter made 6 rows: refused
+    with pytest.raises(KDSetupError, match=r"two views of 3, but the Augmenter \(rows_augment\) gave 6 rows"):
+        _train_loss(brain, batch)

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.augment.freq_domain import SpectrogramDrop
+from speechbrain.nnet.losses import ctc_loss
 
 from speech_kd import hparams_files
 from speech_kd.bench.experiments.variants import variant_args
-from speech_kd.kd.consistency import ConsistencySetupError, CRConfig, consistency_loss, two_views, view_rows
+from speech_kd.kd.consistency import (
+    ConsistencySetupError,
+    CRConfig,
+    check_ctc_reduction,
+    consistency_loss,
+    ctc_reduction,
+    two_views,
+    view_rows,
+)
 from speech_kd.nnet.chain import run_chain
 from speech_kd.report.plots import learning_curves
 from speech_kd.training.settings import ADDED_KEYS, check_run_settings
@@ -96,6 +106,25 @@ def test_a_chain_hook_may_double_the_rows_with_their_lengths():
 def test_a_bad_weight_is_refused_naming_the_key(value):
     with pytest.raises(ConsistencySetupError, match="cr_ctc_weight"):
         CRConfig.from_hparams({"cr_ctc_weight": value})
+
+
+def test_the_ctc_reduction_is_read_from_the_yamls_partial():
+    assert ctc_reduction(functools.partial(ctc_loss, blank_index=0, reduction="batchmean")) == "batchmean"
+    assert ctc_reduction(functools.partial(ctc_loss, blank_index=0)) == "mean"  # SpeechBrain's default
+    assert ctc_reduction(lambda *args: args) is None and ctc_reduction(functools.partial(len)) is None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "batch"])
+def test_cr_with_a_ctc_not_reduced_as_batchmean_is_refused_in_one_line_naming_the_key(reduction):
+    """CR is a per-utterance frame sum averaged over the rows: a CTC divided by its transcript length (mean) would
+    make it about frames/tokens times stronger, a summed one 2B times weaker."""
+    cost = functools.partial(ctc_loss, blank_index=0, reduction=reduction)
+    with pytest.raises(ConsistencySetupError, match=f"ctc_cost has reduction: {reduction} ") as refused:
+        check_ctc_reduction(0.2, cost)
+    assert "\n" not in str(refused.value) and "reduction: batchmean under ctc_cost" in str(refused.value)
+    check_ctc_reduction(0.0, cost)  # CR off: any CTC
+    check_ctc_reduction(0.2, functools.partial(ctc_loss, blank_index=0, reduction="batchmean"))
+    check_ctc_reduction(0.2, lambda *args: args)  # a user's own loss: cannot be read, taken as batchmean
 
 
 def test_off_by_default():
