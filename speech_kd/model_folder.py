@@ -282,7 +282,7 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
             "copy the whole model folder again"
         )
     try:
-        return EncoderASR.from_hparams(
+        asr = EncoderASR.from_hparams(
             source=str(folder.resolve()),
             savedir=savedir or tempfile.mkdtemp(prefix="speechkd_asr_"),
             run_opts={"device": device},
@@ -293,6 +293,14 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
         raise ModelFolderError(
             f"{folder}: cannot load as a SpeechBrain EncoderASR folder ({err.__class__.__name__}: {first_line})"
         ) from err
+    outputs = getattr(asr.hparams, "output_neurons", None)
+    if outputs is not None and hasattr(asr.tokenizer, "expect_len"):  # a CTCTextEncoder: one token per output
+        if len(asr.tokenizer) != int(outputs):
+            raise ModelFolderError(
+                f"{folder}: tokenizer.ckpt holds {len(asr.tokenizer)} tokens, but output_neurons is {outputs}"
+            )
+        asr.tokenizer.expect_len(int(outputs))  # said: SpeechBrain warns at every load until it is
+    return asr
 
 
 def pretrainer_loadables(yaml_path: Path) -> list[str]:

@@ -156,6 +156,21 @@ def test_a_damaged_model_folder_is_named_in_one_line(trained_run, tmp_path):
         load_asr(broken)
 
 
+def test_a_tokenizer_of_another_size_than_the_output_layer_is_named_in_one_line(trained_run, tmp_path):
+    import shutil
+
+    from speech_kd.model_folder import ModelFolderError, load_asr
+
+    edited = tmp_path / "model"
+    shutil.copytree(trained_run / "model", edited)
+    lines = (edited / "tokenizer.ckpt").read_text().splitlines(keepends=True)
+    last = lines.index("================\n") - 1  # the last token; after the rule come the encoder's settings
+    (edited / "tokenizer.ckpt").write_text("".join(lines[:last] + lines[last + 1 :]))  # one token fewer
+    with pytest.raises(ModelFolderError, match=f"{edited}: tokenizer.ckpt holds {last} tokens, but output_neurons"):
+        load_asr(edited)
+    assert load_asr(trained_run / "model").tokenizer is not None  # the folder as written loads
+
+
 def test_evaluate_warns_about_what_it_scores_other_than_given(trained_run, tmp_path, caplog):
     import csv as csv_mod
     import logging
