@@ -88,6 +88,23 @@ def test_kd_layers_yaml_forms_and_refusals():
         KDConfig(kd_layers=((3, 0),)).layer_pairs(3, 6, student="S")
 
 
+def test_settings_where_the_kd_term_is_nothing_or_ignored_are_refused_at_setup():
+    with pytest.raises(KDSetupError, match="kd_loss=none turns the output KD off, and kd_layer_weight is 0"):
+        KDConfig.from_hparams({"kd_loss": "none", "kd_layers": "auto", "kd_layer_weight": 0})
+    # without a layer term an untranscribed batch would have a loss without gradient (a crash in backward)
+    with pytest.raises(KDSetupError, match="unlabeled_kd_loss=none leaves untranscribed batches no loss at all"):
+        KDConfig.from_hparams({"unlabeled_kd_loss": "none"})
+    with pytest.raises(KDSetupError, match="kd_layers has kd_layer_weight 0"):
+        KDConfig.from_hparams({"unlabeled_kd_loss": "none", "kd_layers": "auto", "kd_layer_weight": 0})
+    with pytest.raises(KDSetupError, match="kd_layers='auto' but kd_weight is 0"):
+        KDConfig.from_hparams({"kd_layers": "auto", "kd_weight": 0})
+    # what stays allowed: layers alone, unlabeled batches on layers alone, a KD weight ramped up from 0
+    assert KDConfig.from_hparams({"kd_loss": "none", "kd_layers": "auto"}).layer_term_on
+    assert KDConfig.from_hparams({"unlabeled_kd_loss": "none", "kd_layers": {0: 1}}).unlabeled_kd_loss == "none"
+    assert KDConfig.from_hparams({"kd_layers": "auto", "kd_weight": 0, "kd_weight_final": 0.5}).uses_layers
+    assert KDConfig.from_hparams({"kd_weight": 0}).uses_teacher is False
+
+
 # ----------------------------------------------------------------------------- finding layers
 
 
