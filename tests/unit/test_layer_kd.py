@@ -28,7 +28,7 @@ from speech_kd.nnet.layers import (
     teacher_layers_spec,
 )
 from speech_kd.targets.align import resample_hidden
-from speech_kd.targets.cache import CacheError, CacheReader, write_cache
+from speech_kd.targets.cache import CacheError, CacheReader, open_cache, write_cache
 from speech_kd.targets.cache.format import decode_hidden, encode_hidden, hidden_bytes_per_frame
 from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.targets.teachers.base import TeacherError, load_teacher
@@ -283,3 +283,17 @@ def test_cache_stores_the_chosen_layers_and_a_cache_without_them_is_refused(sb_t
     with pytest.raises(CacheError, match="--hidden_layers: kd_layers needs one teacher, not the ensemble"):
         write_cache(EnsembleTeacher([sb_teacher]), manifest, tmp_path / "ens", hidden_layers="all", progress=False)
     assert np.isfinite(batch.hiddens[2].numpy()).all()
+
+
+def test_a_union_of_caches_gives_each_common_layer_its_own_width(sb_teacher, manifest, tmp_path, monkeypatch):
+    for name, layers in (("a", "0,1,2"), ("b", "1,2")):
+        write_cache(sb_teacher, manifest, tmp_path / name, hidden_layers=layers, progress=False, batch_seconds=3)
+    union = open_cache(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert union.hidden_spec()["layers"] == [1, 2] and union.hidden_spec()["dims"] == [32, 32]
+    # layers of other widths (a teacher whose layers differ in width): each keeps its own
+    first, second = union.readers
+    monkeypatch.setattr(
+        first, "hidden_spec", lambda: {**CacheReader(tmp_path / "a").hidden_spec(), "dims": [8, 16, 24]}
+    )
+    monkeypatch.setattr(second, "hidden_spec", lambda: {**CacheReader(tmp_path / "b").hidden_spec(), "dims": [16, 24]})
+    assert union.hidden_spec()["layers"] == [1, 2] and union.hidden_spec()["dims"] == [16, 24]

@@ -365,12 +365,19 @@ class CacheUnion:
         return self._owner
 
     def hidden_spec(self) -> dict:
-        """The hidden states every cache stores (the first cache's spec, its layers those all of them hold)."""
+        """The hidden states every cache stores: the first cache's spec, cut to the layers all of them hold.
+
+        ``layers`` and ``dims`` stay in step (each kept layer with its width).
+        """
         specs = [reader.hidden_spec() for reader in self.readers]
         if not all(specs):
             return {}
-        common = [layer for layer in specs[0]["layers"] if all(layer in spec["layers"] for spec in specs)]
-        return {**specs[0], "layers": common}
+        kept = [
+            (layer, dim)
+            for layer, dim in zip(specs[0]["layers"], specs[0]["dims"])
+            if all(layer in spec["layers"] for spec in specs)
+        ]
+        return {**specs[0], "layers": [layer for layer, _ in kept], "dims": [dim for _, dim in kept]}
 
     def hidden(self, utt_id: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """:meth:`CacheReader.hidden` from the cache that holds ``utt_id``."""
