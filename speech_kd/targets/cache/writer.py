@@ -27,6 +27,7 @@ from speech_kd.targets.cache.format import (
     DEFAULT_MAX_TEMPERATURE,
     FORMAT_VERSION,
     HIDDEN_DTYPES,
+    HIDDEN_LAYOUT,
     MANIFEST_NAME,
     META_NAME,
     SHARD_PATTERN,
@@ -111,7 +112,7 @@ def hidden_spec(teacher: Teacher, layers: str | Sequence[int], dtype: str, devic
     probe = torch.zeros(1, teacher.sample_rate, device=device)
     out = teacher(probe, torch.ones(1, device=device), hidden_layers=chosen)
     dims = [int(out.hiddens[layer].shape[-1]) for layer in chosen]
-    return {"layers": chosen, "dims": dims, "dtype": dtype, "depth": depth}
+    return {"layers": chosen, "dims": dims, "dtype": dtype, "depth": depth, "layout": HIDDEN_LAYOUT}
 
 
 def _write_shard(
