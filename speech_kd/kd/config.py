@@ -86,8 +86,9 @@ class KDConfig:
     kd_layer_loss : str
         ``l1_cos`` (DistilHuBERT: L1 + cosine) | ``mse``.
     kd_student_layers, kd_teacher_layers : str, optional
-        Dotted paths to the student's / a SpeechBrain teacher's list of encoder layers
-        (``None``: found, :func:`~speech_kd.nnet.layers.find_layer_stack`).
+        Dotted paths to the student's / the teacher's list of encoder layers (a SpeechBrain teacher's
+        ``mods``, a Hugging Face model's children: ``wav2vec2.encoder.layers``; ``None``: found,
+        :func:`~speech_kd.nnet.layers.find_layer_stack`).
     """
 
     kd_weight: float = 0.9

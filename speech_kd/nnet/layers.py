@@ -1,8 +1,8 @@
 """A model's stack of encoder layers: finding it, tapping its outputs, pairing student and teacher layers.
 
 Layer-to-layer distillation (``kd_layers``) compares the hidden states of a student's encoder layers
-with a teacher's. Both are SpeechBrain modules (or, for a teacher, a Hugging Face model, which hands
-its hidden states out itself), so the layers are found the same way on either side:
+with a teacher's. Both are torch modules (SpeechBrain's, or a Hugging Face teacher's), so the layers
+are found and tapped the same way on either side:
 
 * :func:`find_layer_stack`: the encoder's layers as a list, under a dotted path
   (``kd_student_layers: enc.transformer.encoder.layers``) or found by their known shapes

@@ -193,15 +193,41 @@ def test_teacher_hidden_states_come_from_the_same_pass_and_bad_layers_are_refuse
         EnsembleTeacher([sb_teacher, sb_teacher]).layer_count()
 
 
-def test_huggingface_teacher_layer_k_is_hidden_states_k_plus_1(tmp_path):
-    teacher = load_teacher(make_tiny_hf_ctc(tmp_path / "hf"))
-    wav = whitenoise(1.0)[None]
-    out = teacher(wav, torch.ones(1), hidden_layers=[0, 1])
-    with torch.no_grad():
-        reference = teacher.model(((wav - wav.mean()) / wav.std(unbiased=False)), output_hidden_states=True)
+@pytest.mark.parametrize("stable_layer_norm", [False, True])
+def test_huggingface_teacher_layer_k_is_the_kth_encoder_layers_output(tmp_path, monkeypatch, stable_layer_norm):
+    """Compared with forward hooks on the encoder's layers, not with ``hidden_states``.
+
+    ``hidden_states[-1]`` of a stable-layer-norm model is taken after its final LayerNorm by
+    transformers 4.x and before it by 5.x; a layer's own output is the same under both.
+    """
+    teacher = load_teacher(make_tiny_hf_ctc(tmp_path / "hf", stable_layer_norm=stable_layer_norm))
+    encoder = teacher.model.wav2vec2.encoder
+    kept: dict[int, torch.Tensor] = {}
+
+    def keeper(index: int):
+        def keep(module, inputs, output) -> None:
+            kept[index] = output[0] if isinstance(output, tuple) else output
+
+        return keep
+
+    handles = [layer.register_forward_hook(keeper(k)) for k, layer in enumerate(encoder.layers)]
+    forward, asked = teacher.model.forward, []
+    monkeypatch.setattr(teacher.model, "forward", lambda *a, **kw: asked.append(kw) or forward(*a, **kw))
+    out = teacher(whitenoise(1.0)[None], torch.ones(1), hidden_layers=[0, 1])
+    for handle in handles:
+        handle.remove()
+    assert teacher.layer_count() == 2 and teacher.layer_stack_name == "wav2vec2.encoder.layers"
+    assert all(torch.equal(out.hiddens[k], kept[k].float()) for k in (0, 1))
+    assert not any(kw.get("output_hidden_states") for kw in asked)  # no tensor of every layer
+    if stable_layer_norm:  # the last layer's output, before the encoder's final LayerNorm
+        with torch.no_grad():
+            assert not torch.allclose(out.hiddens[1], encoder.layer_norm(kept[1]), atol=1e-3)
+    # kd_teacher_layers names a Hugging Face teacher's layer list too
+    teacher.layer_path = "wav2vec2.encoder.layers"
     assert teacher.layer_count() == 2
-    assert torch.allclose(out.hiddens[0], reference.hidden_states[1], atol=1e-4)
-    assert torch.allclose(out.hiddens[1], reference.hidden_states[2], atol=1e-4)
+    teacher.layer_path = "wav2vec2.feature_extractor"
+    with pytest.raises(TeacherError, match="'wav2vec2.feature_extractor' is a Wav2Vec2FeatureEncoder, not a"):
+        teacher.layer_count()
 
 
 def test_speechbrain_wav2vec2_teacher_layers_are_its_hugging_face_encoder_layers(tmp_path):
