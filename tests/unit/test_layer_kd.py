@@ -16,6 +16,7 @@ import torch
 from speechbrain.lobes.models.CRDNN import CRDNN
 from speechbrain.lobes.models.transformer.TransformerASR import EncoderWrapper, TransformerASR
 
+from speech_kd.cli import main
 from speech_kd.kd.config import KDConfig, KDSetupError
 from speech_kd.kd.layers import LayerProjections, StudentLayers
 from speech_kd.kd.losses import layer_loss
@@ -56,9 +57,13 @@ def _conformer(d_model: int = 16, layers: int = 3, seed: int = 0) -> EncoderWrap
 
 
 @pytest.fixture(scope="module")
-def sb_teacher(tmp_path_factory):
-    folder = make_tiny_sb_model(tmp_path_factory.mktemp("teacher") / "model", num_encoder_layers=3)
-    return load_teacher(folder)
+def sb_folder(tmp_path_factory) -> str:
+    return make_tiny_sb_model(tmp_path_factory.mktemp("teacher") / "model", num_encoder_layers=3)
+
+
+@pytest.fixture(scope="module")
+def sb_teacher(sb_folder):
+    return load_teacher(sb_folder)
 
 
 # ----------------------------------------------------------------------------- the mapping
@@ -304,7 +309,9 @@ def manifest(tmp_path_factory):
 def test_cache_stores_the_chosen_layers_and_a_cache_without_them_is_refused(sb_teacher, manifest, tmp_path):
     write_cache(sb_teacher, manifest, tmp_path / "hid", hidden_layers="0,2", progress=False, batch_seconds=3)
     reader = CacheReader(tmp_path / "hid")
-    assert reader.hidden_spec() == {"layers": [0, 2], "dims": [32, 32], "dtype": "int8", "depth": 3, "layout": 2}
+    stack = "encoder.enc.transformer.encoder.layers"
+    spec = {"layers": [0, 2], "dims": [32, 32], "dtype": "int8", "depth": 3, "layout": 2, "stack": stack}
+    assert reader.hidden_spec() == spec
     wav = torch.from_numpy(sf.read(manifest.parent / "u1.wav", dtype="float32")[0])[None]
     alone = sb_teacher(wav, torch.ones(1), hidden_layers=[2]).hiddens[2][0]
     stored = reader.hidden("u1", [2])[2]
@@ -351,3 +358,25 @@ def test_a_union_of_caches_gives_each_common_layer_its_own_width(sb_teacher, man
     )
     monkeypatch.setattr(second, "hidden_spec", lambda: {**CacheReader(tmp_path / "b").hidden_spec(), "dims": [16, 24]})
     assert union.hidden_spec()["layers"] == [1, 2] and union.hidden_spec()["dims"] == [16, 24]
+
+
+def test_the_cache_records_the_teachers_layer_list_and_a_run_naming_another_is_refused(
+    sb_folder, sb_teacher, manifest, tmp_path
+):
+    stack = "encoder.enc.transformer.encoder.layers"
+    cache = ["cache-targets", "--teacher", sb_folder, "--csv", str(manifest), "--batch_seconds", "3"]
+    assert main([*cache, "--out", str(tmp_path / "named"), "--hidden_layers", "1", "--teacher_layers", stack]) == 0
+    write_cache(sb_teacher, manifest, tmp_path / "found", hidden_layers="1", progress=False, batch_seconds=3)
+    aligner = TargetAligner(sb_teacher.tokens, 0, sb_teacher.frame_shift, sb_teacher.tokens, 0, 0.04)
+    for name in ("named", "found"):  # found or named, the list is recorded by its path
+        cached = CachedTargets(CacheReader(tmp_path / name), aligner)
+        assert cached.reader.hidden_spec()["stack"] == stack
+        assert cached.layer_count(None) == cached.layer_count(stack) == 3
+        with pytest.raises(CacheError, match=rf"kd_teacher_layers=encoder.dnn.layers but cache .*{name} stores "):
+            cached.layer_count("encoder.dnn.layers")
+    with pytest.raises(
+        CacheError, match="--hidden_layers / --teacher_layers: kd layers of teacher .*nothing at 'enc.x'"
+    ):
+        write_cache(sb_teacher, manifest, tmp_path / "bad", hidden_layers="1", teacher_layers="enc.x", progress=False)
+    with pytest.raises(CacheError, match="--teacher_layers enc.x: names the layer list that --hidden_layers stores"):
+        write_cache(sb_teacher, manifest, tmp_path / "bad", teacher_layers="enc.x", progress=False)

@@ -376,10 +376,11 @@ class CacheUnion:
     def hidden_spec(self) -> dict:
         """The hidden states every cache stores: the first cache's spec, cut to the layers all of them hold.
 
-        ``layers`` and ``dims`` stay in step (each kept layer with its width).
+        ``layers`` and ``dims`` stay in step (each kept layer with its width). Caches of different
+        layer lists of the teacher (``stack``) have none in common.
         """
         specs = [reader.hidden_spec() for reader in self.readers]
-        if not all(specs):
+        if not all(specs) or len({spec.get("stack") for spec in specs}) > 1:
             return {}
         kept = [
             (layer, dim)
