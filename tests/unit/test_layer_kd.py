@@ -12,11 +12,15 @@ import json
 import numpy as np
 import pytest
 import soundfile as sf
+import speechbrain as sb
 import torch
+from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.lobes.models.CRDNN import CRDNN
 from speechbrain.lobes.models.transformer.TransformerASR import EncoderWrapper, TransformerASR
 
+from speech_kd import KDMixin, make_targets, token_strings
 from speech_kd.cli import main
+from speech_kd.data.dataio import make_tokenizer
 from speech_kd.kd.config import KDConfig, KDSetupError
 from speech_kd.kd.layers import LayerProjections, StudentLayers
 from speech_kd.kd.losses import layer_loss
@@ -380,3 +384,97 @@ def test_the_cache_records_the_teachers_layer_list_and_a_run_naming_another_is_r
         write_cache(sb_teacher, manifest, tmp_path / "bad", hidden_layers="1", teacher_layers="enc.x", progress=False)
     with pytest.raises(CacheError, match="--teacher_layers enc.x: names the layer list that --hidden_layers stores"):
         write_cache(sb_teacher, manifest, tmp_path / "bad", teacher_layers="enc.x", progress=False)
+
+
+# ----------------------------------------------------------------------------- KDMixin with kd_layers
+
+ALPHABET = " 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class TinyEncoder(torch.nn.Module):
+    """An input projection, then a list of three layers; ``skip`` leaves layers out of a forward (LayerDrop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(40, 16)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(3)])
+        self.skip: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        for index, layer in enumerate(self.layers):
+            if index not in self.skip:
+                x = torch.relu(layer(x))
+        return x
+
+
+class LayerRecipe(sb.Brain):
+    """A recipe's Brain over ``enc`` (or, with ``hparams.detached``, a copy the layers were not found in)."""
+
+    def compute_forward(self, batch, stage):
+        wavs, wav_lens = batch.sig
+        feats = self.hparams.compute_features(wavs)[:, ::4]  # 40 ms frames
+        encoder = getattr(self.hparams, "detached", None) or self.modules.enc
+        return self.hparams.log_softmax(self.modules.lin(encoder(feats))), wav_lens
+
+    def compute_objectives(self, predictions, batch, stage):
+        tokens, token_lens = batch.tokens
+        return sb.nnet.losses.ctc_loss(predictions[0], tokens, predictions[1], token_lens, blank_index=0)
+
+
+class LayerKDRecipe(KDMixin, LayerRecipe):
+    pass
+
+
+def _layer_brain(sb_folder: str, optimizer: bool = True, **extra) -> LayerKDRecipe:
+    torch.manual_seed(0)
+    hparams = {
+        "compute_features": sb.lobes.features.Fbank(n_mels=40),
+        "log_softmax": torch.nn.LogSoftmax(dim=-1),
+        "teacher_source": sb_folder,
+        "kd_weight": 0.5,
+        "kd_layers": {0: 0, 2: 2},
+        "blank_index": 0,
+        "sample_rate": 16000,
+        **extra,
+    }
+    brain = LayerKDRecipe(
+        modules={"enc": TinyEncoder(), "lin": torch.nn.Linear(16, len(ALPHABET) + 1)},
+        opt_class=lambda params: torch.optim.SGD(params, lr=0.01),
+        hparams=hparams,
+        run_opts={"device": "cpu", "noprogressbar": True, **extra.pop("run_opts", {})},
+    )
+    brain.attach_targets(make_targets(hparams, token_strings(make_tokenizer(ALPHABET))))
+    if optimizer:
+        brain.init_optimizers()
+        brain.on_stage_start(sb.Stage.TRAIN, 1)
+    return brain
+
+
+def _layer_batch() -> PaddedBatch:
+    tokenizer = make_tokenizer(ALPHABET)
+    rows = [
+        {
+            "id": f"u{i}",
+            "sig": whitenoise(1.0 + 0.3 * i, seed=i),
+            "wrd": w,
+            "tokens": tokenizer.encode_sequence_torch(list(w)),
+        }
+        for i, w in enumerate(("HELLO", "A CAT"))
+    ]
+    return PaddedBatch(rows)
+
+
+def test_a_student_whose_layer_hooks_never_fire_is_refused_on_the_first_batch(sb_folder):
+    brain = _layer_brain(sb_folder)
+    brain.hparams.detached = TinyEncoder()  # the forward pass goes through another copy of the encoder
+    with pytest.raises(KDSetupError, match=r"no layer of the student's enc.layers ran in the first training batch"):
+        brain.fit_batch(_layer_batch())
+    # LayerDrop skipping every mapped layer of a batch: that batch's layer loss is 0, training goes on
+    brain = _layer_brain(sb_folder)
+    brain.modules.enc.skip = {0, 2}
+    brain.fit_batch(_layer_batch())
+    assert brain.kd_stats()["layer_loss"] == 0.0
+    brain.modules.enc.skip = set()
+    brain.fit_batch(_layer_batch())
+    assert brain.kd_stats()["layer_loss"] > 0.0
