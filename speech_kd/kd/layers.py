@@ -37,6 +37,8 @@ class LayerProjections(torch.nn.Module):
 
     def __init__(self, widths: Mapping[int, tuple[int, int]]) -> None:
         super().__init__()
+        #: student layer -> ``(student width, teacher width)`` (whether a re-attach can keep these heads)
+        self.widths = dict(sorted(widths.items()))
         self.heads = torch.nn.ModuleDict(
             {str(layer): torch.nn.Linear(d_in, d_out) for layer, (d_in, d_out) in sorted(widths.items())}
         )
@@ -79,8 +81,8 @@ class StudentLayers:
         """Number of layers in the student's layer list."""
         return len(self.stack)
 
-    def tap(self, layers: list[int]) -> dict[int, int]:
-        """Hook ``layers`` (0-based); return each one's output width (read from its modules, checked on use)."""
+    def output_widths(self, layers: list[int]) -> dict[int, int]:
+        """Each of ``layers``' (0-based) output width, read from its modules (checked on use)."""
         widths = {}
         for layer in layers:
             width = output_width(self.stack[layer])
@@ -90,6 +92,11 @@ class StudentLayers:
                     f"{type(self.stack[layer]).__name__}: no Linear, LayerNorm, BatchNorm or RNN in it)"
                 )
             widths[layer] = width
+        return widths
+
+    def tap(self, layers: list[int]) -> dict[int, int]:
+        """Hook ``layers`` (0-based); return each one's output width (:meth:`output_widths`)."""
+        widths = self.output_widths(layers)
         if self.taps is not None:
             self.taps.remove()
         self.taps, self.widths, self.checked = LayerTaps(self.stack, layers), widths, False

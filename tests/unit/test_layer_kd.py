@@ -478,3 +478,25 @@ def test_a_student_whose_layer_hooks_never_fire_is_refused_on_the_first_batch(sb
     brain.modules.enc.skip = set()
     brain.fit_batch(_layer_batch())
     assert brain.kd_stats()["layer_loss"] > 0.0
+
+
+def test_targets_attached_again_keep_the_projections_the_optimiser_holds(sb_folder):
+    brain = _layer_brain(sb_folder, optimizer=False)
+    projections = brain.modules.kd_layer_projections
+    brain.init_optimizers()
+    brain.on_stage_start(sb.Stage.TRAIN, 1)
+    brain.fit_batch(_layer_batch())
+    hparams = vars(brain.hparams)
+    brain.attach_targets(make_targets(hparams, token_strings(make_tokenizer(ALPHABET))))  # as bench's speed does
+    assert brain.modules.kd_layer_projections is projections
+    before = projections.heads["0"].weight.detach().clone()
+    brain.fit_batch(_layer_batch())
+    assert not torch.equal(before, projections.heads["0"].weight)  # still trained by the optimiser
+    brain.hparams.kd_layers = {1: 2}  # other pairs, once the optimiser exists: refused
+    with pytest.raises(KDSetupError, match=r"kd_layers: the targets attached now map layers \{1: 2\}"):
+        brain.attach_targets(make_targets(hparams, token_strings(make_tokenizer(ALPHABET))))
+    # before the optimiser exists, other pairs get new projections
+    brain = _layer_brain(sb_folder, optimizer=False)
+    brain.hparams.kd_layers = {1: 2}
+    brain.attach_targets(make_targets(vars(brain.hparams), token_strings(make_tokenizer(ALPHABET))))
+    assert list(brain.modules.kd_layer_projections.heads) == ["1"]
