@@ -192,7 +192,8 @@ class KDMixin:
         """``kd_layers``: tap the student's layers, ask the targets for the teacher's, build the projections.
 
         Everything that can be refused is refused here, before the first batch: no layer list found,
-        a layer past either model's depth, an ensemble teacher, a cache without those layers. Targets
+        a layer past either model's depth, an ensemble teacher, a cache without those layers, a
+        student scripted by ``--jit`` (forward hooks do not survive ``torch.jit.script``). Targets
         attached again (another strategy for the same run) keep the projections when the pairs and
         widths are the same; other ones are refused once the optimiser holding the first exists.
         """
@@ -200,6 +201,7 @@ class KDMixin:
         if not hasattr(targets, "request_layers"):
             raise KDSetupError(f"kd_layers: these targets ({type(targets).__name__}) hand out no teacher layers")
         student = StudentLayers(self.modules, vars(self.hparams), config.kd_student_layers)
+        self._kd_check_jit(student.name)
         wanted = (  # the cache-targets --hidden_layers that would serve this run (for a cache without them)
             f"auto:{student.depth}"
             if config.kd_layers == "auto"
@@ -253,6 +255,19 @@ class KDMixin:
                 self.checkpointer.add_recoverable(PROJECTIONS, projections)
         self._kd_checked_optimizer = False  # new parameters: checked against the optimiser at the next step
         return projections
+
+    def _kd_check_jit(self, student_name: str) -> None:
+        """Refuse ``--jit`` scripting the student's layer list or the projections (hooks do not survive it)."""
+        if not getattr(self, "jit", False):
+            return
+        keys = getattr(self, "jit_module_keys", None)
+        scripted = set(self.modules) if keys is None else set(keys)
+        hit = sorted(scripted & {student_name.split(".", 1)[0], PROJECTIONS})
+        if hit:
+            raise KDSetupError(
+                f"kd_layers takes the student's layers by forward hooks, which torch.jit.script drops, and --jit "
+                f"scripts {', '.join(hit)}: run without --jit, or leave those modules out of jit_module_keys"
+            )
 
     def _kd_optimizers(self) -> dict:
         """The Brain's optimisers by name (``{}`` before ``init_optimizers``)."""

@@ -500,3 +500,9 @@ def test_targets_attached_again_keep_the_projections_the_optimiser_holds(sb_fold
     brain.hparams.kd_layers = {1: 2}
     brain.attach_targets(make_targets(vars(brain.hparams), token_strings(make_tokenizer(ALPHABET))))
     assert list(brain.modules.kd_layer_projections.heads) == ["1"]
+
+
+def test_jit_scripting_the_student_is_refused_with_kd_layers(sb_folder):
+    with pytest.raises(KDSetupError, match=r"forward hooks, which torch.jit.script drops, and --jit scripts enc"):
+        _layer_brain(sb_folder, run_opts={"jit": True, "jit_module_keys": ["enc"]})
+    _layer_brain(sb_folder, run_opts={"jit": True, "jit_module_keys": ["lin"]})  # not the layers: allowed
