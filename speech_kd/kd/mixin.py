@@ -201,7 +201,7 @@ class KDMixin:
         if not hasattr(targets, "request_layers"):
             raise KDSetupError(f"kd_layers: these targets ({type(targets).__name__}) hand out no teacher layers")
         student = StudentLayers(self.modules, vars(self.hparams), config.kd_student_layers)
-        self._kd_check_jit(student.name)
+        self._kd_check_jit(student)
         wanted = (  # the cache-targets --hidden_layers that would serve this run (for a cache without them)
             f"auto:{student.depth}"
             if config.kd_layers == "auto"
@@ -256,13 +256,22 @@ class KDMixin:
         self._kd_checked_optimizer = False  # new parameters: checked against the optimiser at the next step
         return projections
 
-    def _kd_check_jit(self, student_name: str) -> None:
-        """Refuse ``--jit`` scripting the student's layer list or the projections (hooks do not survive it)."""
+    def _kd_check_jit(self, student: StudentLayers) -> None:
+        """Refuse ``--jit`` scripting a module that holds the student's layers, or the projections.
+
+        Forward hooks do not survive ``torch.jit.script``. The modules scripted are ``jit_module_keys``
+        (all of ``modules`` when unset), as SpeechBrain's ``Brain._compile`` picks them.
+        """
         if not getattr(self, "jit", False):
             return
         keys = getattr(self, "jit_module_keys", None)
-        scripted = set(self.modules) if keys is None else set(keys)
-        hit = sorted(scripted & {student_name.split(".", 1)[0], PROJECTIONS})
+        scripted = set(self.modules) if keys is None else set(keys) & set(self.modules)
+        first_layer = student.stack[0]
+        hit = sorted(
+            name
+            for name in scripted
+            if name == PROJECTIONS or any(module is first_layer for module in self.modules[name].modules())
+        )
         if hit:
             raise KDSetupError(
                 f"kd_layers takes the student's layers by forward hooks, which torch.jit.script drops, and --jit "

@@ -426,8 +426,9 @@ class LayerKDRecipe(KDMixin, LayerRecipe):
     pass
 
 
-def _layer_brain(sb_folder: str, optimizer: bool = True, **extra) -> LayerKDRecipe:
+def _layer_brain(sb_folder: str, optimizer: bool = True, encoder: TinyEncoder | None = None, **extra) -> LayerKDRecipe:
     torch.manual_seed(0)
+    run_opts = {"device": "cpu", "noprogressbar": True, **extra.pop("run_opts", {})}
     hparams = {
         "compute_features": sb.lobes.features.Fbank(n_mels=40),
         "log_softmax": torch.nn.LogSoftmax(dim=-1),
@@ -439,10 +440,10 @@ def _layer_brain(sb_folder: str, optimizer: bool = True, **extra) -> LayerKDReci
         **extra,
     }
     brain = LayerKDRecipe(
-        modules={"enc": TinyEncoder(), "lin": torch.nn.Linear(16, len(ALPHABET) + 1)},
+        modules={"enc": encoder or TinyEncoder(), "lin": torch.nn.Linear(16, len(ALPHABET) + 1)},
         opt_class=lambda params: torch.optim.SGD(params, lr=0.01),
         hparams=hparams,
-        run_opts={"device": "cpu", "noprogressbar": True, **extra.pop("run_opts", {})},
+        run_opts=run_opts,
     )
     brain.attach_targets(make_targets(hparams, token_strings(make_tokenizer(ALPHABET))))
     if optimizer:
@@ -506,3 +507,13 @@ def test_jit_scripting_the_student_is_refused_with_kd_layers(sb_folder):
     with pytest.raises(KDSetupError, match=r"forward hooks, which torch.jit.script drops, and --jit scripts enc"):
         _layer_brain(sb_folder, run_opts={"jit": True, "jit_module_keys": ["enc"]})
     _layer_brain(sb_folder, run_opts={"jit": True, "jit_module_keys": ["lin"]})  # not the layers: allowed
+    # the layers named from a yaml key (kd_student_layers), scripted as part of the module that holds them
+    encoder = TinyEncoder()
+    with pytest.raises(KDSetupError, match=r"--jit scripts enc: run without --jit"):
+        _layer_brain(
+            sb_folder,
+            encoder=encoder,
+            encoder_yaml=encoder,
+            kd_student_layers="encoder_yaml.layers",
+            run_opts={"jit": True, "jit_module_keys": ["enc"]},
+        )
