@@ -5,8 +5,9 @@ its posteriors with the cache's decoded ones; prints one JSON object (mean, 99th
 temperature, bytes per frame of the folder). For a cache with hidden states (``--hidden_layers``) it adds,
 per stored layer, the relative error ``|h_stored - h| / |h|`` per frame of the storage alone (the
 teacher's frames encoded and decoded: what the int8/fp16 coding loses) and of the cache against the
-teacher run on the utterance alone (adds what batching with padding changes), and the hidden states'
-bytes per frame::
+teacher run on the utterance alone (adds what batching with padding changes), the storage's error on
+the channels other than each frame's largest (which a whole-frame error hides when one channel dwarfs
+the rest), and the hidden states' bytes per frame::
 
     python scripts/cache_fidelity.py --teacher speech_kd/pretrained/teacher_synth --cache cache/teacher \
         --csv data/csv/test.csv
@@ -48,6 +49,13 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return (approx.double() - exact.double()).norm(dim=-1) / exact.double().norm(dim=-1).clamp(min=1e-12)
 
 
+def relative_error_beside_largest(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """:func:`relative_error` ``[N]`` over each frame's channels but its largest ``|exact|`` one."""
+    others = torch.ones_like(exact, dtype=torch.bool).scatter_(-1, exact.abs().argmax(-1, keepdim=True), False)
+    zero = torch.zeros((), dtype=exact.dtype)
+    return relative_error(torch.where(others, approx, zero), torch.where(others, exact, zero))
+
+
 def hidden_bytes(cache: Path) -> int:
     """Compressed bytes of the hidden states in a cache's shards."""
     return sum(size for shard in cache.glob("shard-*.bin") for _, size in read_shard_header(shard).get("hidden", []))
@@ -66,6 +74,7 @@ def main() -> None:
     layers = list(spec.get("layers") or [])
     true, cached = [], []
     storage = {layer: [] for layer in layers}
+    beside_largest = {layer: [] for layer in layers}
     against_alone = {layer: [] for layer in layers}
     with open(args.csv, newline="") as fh, torch.no_grad():
         for row in csv.DictReader(fh):
@@ -81,6 +90,7 @@ def main() -> None:
                 exact = out.hiddens[layer][0, : int(out.lengths[0])]
                 coded = decode_hidden(encode_hidden(exact, spec["dtype"]), len(exact), exact.shape[-1], spec["dtype"])
                 storage[layer].append(relative_error(torch.from_numpy(coded), exact))
+                beside_largest[layer].append(relative_error_beside_largest(torch.from_numpy(coded), exact))
                 against_alone[layer].append(relative_error(stored_hidden[layer][:frames], exact[:frames]))
     true_lp, cached_lp = torch.cat(true), torch.cat(cached)
     folder_bytes = sum(f.stat().st_size for f in Path(args.cache).iterdir())
@@ -96,6 +106,9 @@ def main() -> None:
             "dtype": spec["dtype"],
             "bytes_per_frame": round(hidden_bytes(Path(args.cache)) / len(true_lp), 3),
             "relative_error_storage": {str(k): _summary(torch.cat(v)) for k, v in storage.items()},
+            "relative_error_storage_beside_largest": {
+                str(k): _summary(torch.cat(v)) for k, v in beside_largest.items()
+            },
             "relative_error_vs_alone": {str(k): _summary(torch.cat(v)) for k, v in against_alone.items()},
         }
     for temperature in (1.0, 2.0, 4.0):

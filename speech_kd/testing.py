@@ -28,8 +28,14 @@ def whitenoise(seconds: float, sample_rate: int = 16000, seed: int = 0) -> torch
     return 0.1 * torch.randn(int(seconds * sample_rate), generator=gen)
 
 
-def make_tiny_hf_ctc(folder: str | os.PathLike, vocab: list[str] | None = None, seed: int = 0) -> str:
-    """Save a tiny random ``Wav2Vec2ForCTC`` + processor to ``folder`` (20 ms frames, wav2vec2 vocabulary)."""
+def make_tiny_hf_ctc(
+    folder: str | os.PathLike, vocab: list[str] | None = None, seed: int = 0, stable_layer_norm: bool = False
+) -> str:
+    """Save a tiny random ``Wav2Vec2ForCTC`` + processor to ``folder`` (20 ms frames, wav2vec2 vocabulary).
+
+    ``stable_layer_norm``: the pre-LN encoder of wav2vec2-large-lv60 (``do_stable_layer_norm``: a
+    LayerNorm after the last layer), rather than wav2vec2-base's post-LN one.
+    """
     from transformers import (
         Wav2Vec2Config,
         Wav2Vec2CTCTokenizer,
@@ -56,6 +62,8 @@ def make_tiny_hf_ctc(folder: str | os.PathLike, vocab: list[str] | None = None, 
         num_conv_pos_embedding_groups=4,
         pad_token_id=vocab.index("<pad>"),
         ctc_loss_reduction="mean",
+        do_stable_layer_norm=stable_layer_norm,
+        feat_extract_norm="layer" if stable_layer_norm else "group",
     )
     Wav2Vec2ForCTC(config).save_pretrained(folder)
     tokenizer = Wav2Vec2CTCTokenizer(

@@ -62,6 +62,7 @@ def _cmd_cache_targets(args) -> None:
         max_duration=args.max_duration,
         hidden_layers=args.hidden_layers,
         hidden_dtype=args.hidden_dtype,
+        teacher_layers=args.teacher_layers,
     )
     print(json.dumps(summary, indent=2))
 
@@ -132,7 +133,14 @@ def add_cache_targets(sub) -> None:
         "--hidden_dtype",
         choices=["int8", "fp16"],
         default="int8",
-        help="storage of hidden states: int8 with an fp16 scale per frame, or fp16 (docs/cache.md)",
+        help="storage of hidden states: int8 scaled per channel and per frame, or fp16 (docs/cache.md)",
+    )
+    p.add_argument(
+        "--teacher_layers",
+        default=None,
+        metavar="DOTTED.PATH",
+        help="the teacher's list of layers --hidden_layers counts in, for a teacher with several (distill's "
+        "kd_teacher_layers, e.g. encoder.wav2vec2.model.encoder.layers); default: found",
     )
     p.set_defaults(func=_cmd_cache_targets)
 

@@ -86,8 +86,9 @@ class KDConfig:
     kd_layer_loss : str
         ``l1_cos`` (DistilHuBERT: L1 + cosine) | ``mse``.
     kd_student_layers, kd_teacher_layers : str, optional
-        Dotted paths to the student's / a SpeechBrain teacher's list of encoder layers
-        (``None``: found, :func:`~speech_kd.nnet.layers.find_layer_stack`).
+        Dotted paths to the student's / the teacher's list of encoder layers (a SpeechBrain teacher's
+        ``mods``, a Hugging Face model's children: ``wav2vec2.encoder.layers``; ``None``: found,
+        :func:`~speech_kd.nnet.layers.find_layer_stack`).
     """
 
     kd_weight: float = 0.9
@@ -146,10 +147,23 @@ class KDConfig:
         if self.kd_layers is not None and self.kd_layers != "auto":
             if not self.kd_layers or any(s < 0 or t < 0 for s, t in self.kd_layers):
                 raise KDSetupError(f"kd_layers={self.kd_layers}: student and teacher layers count from 0")
-        if self.kd_loss == "none" and not self.uses_layers:
+        if self.kd_loss == "none" and not self.layer_term_on:
             raise KDSetupError(
-                "kd_loss=none turns the output KD off, and kd_layers is empty: nothing to distil; set kd_layers "
-                "(auto, or {student: teacher}) or a kd_loss (kl, ce, mse, ctc), or kd_weight: 0 for no teacher"
+                "kd_loss=none turns the output KD off, and "
+                + ("kd_layer_weight is 0" if self.uses_layers else "kd_layers is empty")
+                + ": nothing to distil; set kd_layers (auto, or {student: teacher}) with kd_layer_weight > 0, or a "
+                "kd_loss (kl, ce, mse, ctc), or kd_weight: 0 for no teacher"
+            )
+        if self.unlabeled_kd_loss == "none" and not self.layer_term_on:
+            raise KDSetupError(
+                "unlabeled_kd_loss=none leaves untranscribed batches no loss at all (kd_layers "
+                + ("has kd_layer_weight 0" if self.uses_layers else "is off")
+                + "): set a loss (kl, ce, mse, ctc; null: kd_loss's), or kd_layers with kd_layer_weight > 0"
+            )
+        if self.uses_layers and not self.uses_teacher:
+            raise KDSetupError(
+                f"kd_layers={self.kd_layers!r} but kd_weight is 0 (and no kd_weight_final above 0): no teacher is "
+                "attached, so the layers would not be distilled; set kd_weight > 0 or kd_layers: {} (off)"
             )
 
     @classmethod
@@ -242,6 +256,17 @@ class KDConfig:
         (True, False)
         """
         return self.kd_layers is not None
+
+    @property
+    def layer_term_on(self) -> bool:
+        """Whether the layer loss adds to the KD term (``kd_layers`` set and ``kd_layer_weight`` above 0).
+
+        Examples
+        --------
+        >>> KDConfig(kd_layers="auto").layer_term_on, KDConfig(kd_layers="auto", kd_layer_weight=0).layer_term_on
+        (True, False)
+        """
+        return self.uses_layers and float(self.kd_layer_weight) > 0.0
 
     def layer_pairs(
         self, student_depth: int, teacher_depth: int, student: str = "the student", teacher: str = "the teacher"

@@ -37,6 +37,8 @@ class LayerProjections(torch.nn.Module):
 
     def __init__(self, widths: Mapping[int, tuple[int, int]]) -> None:
         super().__init__()
+        #: student layer -> ``(student width, teacher width)`` (whether a re-attach can keep these heads)
+        self.widths = dict(sorted(widths.items()))
         self.heads = torch.nn.ModuleDict(
             {str(layer): torch.nn.Linear(d_in, d_out) for layer, (d_in, d_out) in sorted(widths.items())}
         )
@@ -71,14 +73,16 @@ class StudentLayers:
             raise KDSetupError(str(err)) from None
         self.taps: LayerTaps | None = None
         self.widths: dict[int, int] = {}
+        #: whether a training batch's outputs were checked (:meth:`take`: did the forward pass use these layers?)
+        self.checked = False
 
     @property
     def depth(self) -> int:
         """Number of layers in the student's layer list."""
         return len(self.stack)
 
-    def tap(self, layers: list[int]) -> dict[int, int]:
-        """Hook ``layers`` (0-based); return each one's output width (read from its modules, checked on use)."""
+    def output_widths(self, layers: list[int]) -> dict[int, int]:
+        """Each of ``layers``' (0-based) output width, read from its modules (checked on use)."""
         widths = {}
         for layer in layers:
             width = output_width(self.stack[layer])
@@ -88,14 +92,33 @@ class StudentLayers:
                     f"{type(self.stack[layer]).__name__}: no Linear, LayerNorm, BatchNorm or RNN in it)"
                 )
             widths[layer] = width
+        return widths
+
+    def tap(self, layers: list[int]) -> dict[int, int]:
+        """Hook ``layers`` (0-based); return each one's output width (:meth:`output_widths`)."""
+        widths = self.output_widths(layers)
         if self.taps is not None:
             self.taps.remove()
-        self.taps, self.widths = LayerTaps(self.stack, layers), widths
+        self.taps, self.widths, self.checked = LayerTaps(self.stack, layers), widths, False
         return widths
 
     def take(self, frames: int) -> dict[int, torch.Tensor]:
-        """The tapped layers' outputs ``[B, T, D_s]`` of the last forward pass, checked: ``T = frames``, widths."""
+        """The tapped layers' outputs ``[B, T, D_s]`` of the last forward pass, checked: ``T = frames``, widths.
+
+        A layer skipped by LayerDrop has no output (its pair sits this batch out). On the first
+        batch taken, no layer of the list having run is a :class:`KDSetupError`: the hooks are on
+        modules the forward pass does not use, and the layer loss would be 0 on every batch.
+        """
+        ran = self.taps is not None and self.taps.ran
         hiddens = self.taps.take() if self.taps is not None else {}
+        if not self.checked:
+            self.checked = True
+            if not hiddens and not ran:
+                raise KDSetupError(
+                    f"kd_layers: no layer of the student's {self.name} ran in the first training batch's forward "
+                    "pass (their hooks never fired), so the layer loss would be 0: the model trained is not the one "
+                    "those layers belong to; name its layer list with kd_student_layers"
+                )
         for layer, hidden in hiddens.items():
             if hidden.dim() != 3 or hidden.shape[1] != frames or hidden.shape[-1] != self.widths[layer]:
                 raise KDSetupError(

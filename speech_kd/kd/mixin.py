@@ -185,6 +185,7 @@ class KDMixin:
         if hasattr(targets, "to"):
             targets.to(self.device)
         self.kd_targets = targets
+        self._kd_checked_frames = False  # new targets: their aligner learns the student's frame shift anew
         if config.uses_layers:
             self._kd_setup_layers(targets)
 
@@ -192,12 +193,16 @@ class KDMixin:
         """``kd_layers``: tap the student's layers, ask the targets for the teacher's, build the projections.
 
         Everything that can be refused is refused here, before the first batch: no layer list found,
-        a layer past either model's depth, an ensemble teacher, a cache without those layers.
+        a layer past either model's depth, an ensemble teacher, a cache without those layers, a
+        student scripted by ``--jit`` (forward hooks do not survive ``torch.jit.script``). Targets
+        attached again (another strategy for the same run) keep the projections when the pairs and
+        widths are the same; other ones are refused once the optimiser holding the first exists.
         """
         config = self.kd_config
         if not hasattr(targets, "request_layers"):
             raise KDSetupError(f"kd_layers: these targets ({type(targets).__name__}) hand out no teacher layers")
         student = StudentLayers(self.modules, vars(self.hparams), config.kd_student_layers)
+        self._kd_check_jit(student)
         wanted = (  # the cache-targets --hidden_layers that would serve this run (for a cache without them)
             f"auto:{student.depth}"
             if config.kd_layers == "auto"
@@ -208,15 +213,10 @@ class KDMixin:
             student.depth, teacher_depth, student=f"the student ({student.name})", teacher=targets.teacher_name
         )
         teacher_widths = targets.request_layers(sorted(set(pairs.values())))
-        student_widths = student.tap(sorted(pairs))
-        projections = LayerProjections({s: (student_widths[s], teacher_widths[t]) for s, t in pairs.items()})
-        projections.to(self.device)
-        self.modules[PROJECTIONS] = projections  # the optimiser (built when fit starts) and DDP take it from here
-        if self.checkpointer is not None:
-            if PROJECTIONS in self.checkpointer.recoverables:
-                self.checkpointer.recoverables[PROJECTIONS] = projections
-            else:
-                self.checkpointer.add_recoverable(PROJECTIONS, projections)
+        student_widths = student.output_widths(sorted(pairs))
+        widths = {s: (student_widths[s], teacher_widths[t]) for s, t in sorted(pairs.items())}
+        projections = self._kd_projections(pairs, widths)
+        student.tap(sorted(pairs))
         if self._kd_student_layers is not None and self._kd_student_layers.taps is not None:
             self._kd_student_layers.taps.remove()
         self._kd_student_layers, self.kd_layer_pairs = student, pairs
@@ -227,6 +227,64 @@ class KDMixin:
             f"{sum(p.numel() for p in projections.parameters())} projection parameters (trained, not exported)"
         )
         logger.info("kd_layers: %s", self.kd_layer_report)
+
+    def _kd_projections(self, pairs: dict[int, int], widths: dict[int, tuple[int, int]]) -> LayerProjections:
+        """The layer projections of ``pairs`` (student -> teacher layer) and ``widths`` (student -> ``(D_s, D_t)``).
+
+        Those already in ``modules`` are kept when their pairs and widths are these (targets attached
+        again: the optimiser, DDP and a loaded checkpoint hold them); other ones are built, into
+        ``modules`` and the checkpointer, only while no optimiser exists, since one built before
+        would not train them.
+        """
+        held = self.modules[PROJECTIONS] if PROJECTIONS in self.modules else None
+        held = getattr(held, "module", held)  # under DDP, the wrapped projections
+        if held is not None and held.widths == widths and self.kd_layer_pairs == pairs:
+            return held
+        if held is not None and self._kd_optimizers():
+            raise KDSetupError(
+                f"kd_layers: the targets attached now map layers {pairs} with widths {widths} (student layer: "
+                f"(student width, teacher width)), the optimiser holds projections for {self.kd_layer_pairs} with "
+                f"{held.widths}; attach the targets before fit builds the optimiser, or keep kd_layers and the "
+                "teacher's layers as they were"
+            )
+        projections = LayerProjections(widths).to(self.device)
+        self.modules[PROJECTIONS] = projections  # the optimiser (built when fit starts) and DDP take it from here
+        if self.checkpointer is not None:
+            if PROJECTIONS in self.checkpointer.recoverables:
+                self.checkpointer.recoverables[PROJECTIONS] = projections
+            else:
+                self.checkpointer.add_recoverable(PROJECTIONS, projections)
+        self._kd_checked_optimizer = False  # new parameters: checked against the optimiser at the next step
+        return projections
+
+    def _kd_check_jit(self, student: StudentLayers) -> None:
+        """Refuse ``--jit`` scripting a module that holds the student's layers, or the projections.
+
+        Forward hooks do not survive ``torch.jit.script``. The modules scripted are ``jit_module_keys``
+        (all of ``modules`` when unset), as SpeechBrain's ``Brain._compile`` picks them.
+        """
+        if not getattr(self, "jit", False):
+            return
+        keys = getattr(self, "jit_module_keys", None)
+        scripted = set(self.modules) if keys is None else set(keys) & set(self.modules)
+        first_layer = student.stack[0]
+        hit = sorted(
+            name
+            for name in scripted
+            if name == PROJECTIONS or any(module is first_layer for module in self.modules[name].modules())
+        )
+        if hit:
+            raise KDSetupError(
+                f"kd_layers takes the student's layers by forward hooks, which torch.jit.script drops, and --jit "
+                f"scripts {', '.join(hit)}: run without --jit, or leave those modules out of jit_module_keys"
+            )
+
+    def _kd_optimizers(self) -> dict:
+        """The Brain's optimisers by name (``{}`` before ``init_optimizers``)."""
+        optimizers = dict(getattr(self, "optimizers_dict", None) or {})
+        if not optimizers and getattr(self, "optimizer", None) is not None:
+            optimizers = {"optimizer": self.optimizer}
+        return optimizers
 
     def _kd_check_cache_temperature(self, targets) -> None:
         """A cache keeps the tail its ``max_temperature`` needs: a higher KD temperature would read it too flat."""
@@ -551,10 +609,7 @@ class KDMixin:
     def _kd_check_optimizer(self) -> None:
         """The layer projections must be in an optimiser (a recipe's own ``init_optimizers`` may leave them out)."""
         self._kd_checked_optimizer = True
-        optimizers = dict(getattr(self, "optimizers_dict", None) or {})
-        if not optimizers and getattr(self, "optimizer", None) is not None:
-            optimizers = {"optimizer": self.optimizer}
-        held = {id(p) for opt in optimizers.values() for group in opt.param_groups for p in group["params"]}
+        held = {id(p) for opt in self._kd_optimizers().values() for group in opt.param_groups for p in group["params"]}
         if any(id(p) not in held for p in self.modules[PROJECTIONS].parameters()):
             raise KDSetupError(
                 "kd_layers: the layer projections are in no optimiser (this Brain's init_optimizers builds its "

@@ -1,8 +1,8 @@
 """A model's stack of encoder layers: finding it, tapping its outputs, pairing student and teacher layers.
 
 Layer-to-layer distillation (``kd_layers``) compares the hidden states of a student's encoder layers
-with a teacher's. Both are SpeechBrain modules (or, for a teacher, a Hugging Face model, which hands
-its hidden states out itself), so the layers are found the same way on either side:
+with a teacher's. Both are torch modules (SpeechBrain's, or a Hugging Face teacher's), so the layers
+are found and tapped the same way on either side:
 
 * :func:`find_layer_stack`: the encoder's layers as a list, under a dotted path
   (``kd_student_layers: enc.transformer.encoder.layers``) or found by their known shapes
@@ -177,6 +177,10 @@ def _first_tensor(output) -> torch.Tensor:
 class LayerTaps:
     """Forward hooks keeping the outputs ``[B, T, D]`` of chosen layers while :attr:`active`.
 
+    Every layer of the stack is hooked, so :attr:`ran` also tells whether the forward pass went
+    through the stack at all: a chosen layer without an output was skipped (LayerDrop) when others
+    ran, and none running means the hooks sit on modules the model does not use.
+
     Parameters
     ----------
     layers : sequence of torch.nn.Module
@@ -190,25 +194,30 @@ class LayerTaps:
     >>> taps = LayerTaps(stack, [1])
     >>> taps.active = True
     >>> _ = stack[1](stack[0](torch.zeros(1, 5, 3)))
-    >>> {k: tuple(v.shape) for k, v in taps.take().items()}
-    {1: (1, 5, 2)}
+    >>> taps.ran, {k: tuple(v.shape) for k, v in taps.take().items()}
+    (True, {1: (1, 5, 2)})
     """
 
     def __init__(self, layers: Sequence[torch.nn.Module], indices: Iterable[int]) -> None:
         self.active = False
         self.outputs: dict[int, torch.Tensor] = {}
-        self._handles = [layers[i].register_forward_hook(self._keeper(i)) for i in sorted(set(indices))]
+        #: whether any layer of the stack ran while active since the last :meth:`take`
+        self.ran = False
+        kept = set(indices)
+        self._handles = [layer.register_forward_hook(self._keeper(i, i in kept)) for i, layer in enumerate(layers)]
 
-    def _keeper(self, index: int):
+    def _keeper(self, index: int, keep_output: bool):
         def keep(module, inputs, output) -> None:
             if self.active:
-                self.outputs[index] = _first_tensor(output)
+                self.ran = True
+                if keep_output:
+                    self.outputs[index] = _first_tensor(output)
 
         return keep
 
     def take(self) -> dict[int, torch.Tensor]:
-        """The outputs kept since the last call (layer index -> ``[B, T, D]``), forgotten here."""
-        outputs, self.outputs = self.outputs, {}
+        """The outputs kept since the last call (layer index -> ``[B, T, D]``), forgotten here (and :attr:`ran`)."""
+        outputs, self.outputs, self.ran = self.outputs, {}, False
         return outputs
 
     def remove(self) -> None:

@@ -331,15 +331,24 @@ class CachedTargets:
         return f"teacher {self.reader.metadata.get('teacher_name')} (cache {self.reader.out_dir})"
 
     def layer_count(self, path: str | None = None, wanted: str | None = None) -> int:
-        """The cached teacher's encoder layers (recorded when hidden states were stored; ``path`` unused).
+        """The cached teacher's encoder layers (recorded when hidden states were stored).
 
-        ``wanted``: the ``--hidden_layers`` that would serve the run, said in the error for a cache
-        that stores no hidden states.
+        ``path`` (``kd_teacher_layers``): the teacher's layer list the run means; refused when the
+        cache recorded another (``scheme.hidden.stack``, ``cache-targets --teacher_layers``). ``wanted``:
+        the ``--hidden_layers`` that would serve the run, said in the error for a cache that stores no
+        hidden states.
         """
-        depth = self.reader.hidden_spec().get("depth")
-        if depth is None:
+        spec = self.reader.hidden_spec()
+        if spec.get("depth") is None:
             raise CacheError(self._rebuild_message([], wanted))
-        return int(depth)
+        stack = spec.get("stack")
+        if path and stack and path != stack:
+            raise CacheError(
+                f"kd_teacher_layers={path} but cache {self.reader.out_dir} stores layers of the teacher's {stack}: "
+                f"set kd_teacher_layers: {stack} (or null), or cache the other list (cache-targets "
+                f"--teacher_layers {path} --hidden_layers ...) into a new folder"
+            )
+        return int(spec["depth"])
 
     def _rebuild_message(self, missing: list[int], wanted: str | None = None) -> str:
         stored = self.reader.hidden_spec().get("layers") or []

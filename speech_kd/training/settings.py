@@ -12,12 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import speechbrain as sb
 import torch
 from hyperpyyaml import load_hyperpyyaml
 
+from speech_kd.kd.config import KDConfig, KDSetupError
+from speech_kd.kd.consistency import ConsistencySetupError, CRConfig
 from speech_kd.training.precision import check_precision
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "load_hparams",
     "preparse",
     "run_settings",
+    "trains_as_absent",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,16 +55,36 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
-#: keys added to the yamls after run folders were made, with the value that trains as their absence did: a
-#: folder whose recorded settings lack such a key continues when the key has that value now
-ADDED_KEYS = {
-    "cr_ctc_weight": 0.0,
-    "kd_layers": {},
-    "kd_layer_weight": 1.0,
-    "kd_layer_loss": "l1_cos",
-    "kd_student_layers": None,
-    "kd_teacher_layers": None,
-}
+#: keys added to the yamls after run folders were made: a folder whose recorded settings lack such a key
+#: continues when the key's value now trains as its absence did (:func:`trains_as_absent`)
+ADDED_KEYS = (
+    "cr_ctc_weight",
+    "kd_layers",
+    "kd_layer_weight",
+    "kd_layer_loss",
+    "kd_student_layers",
+    "kd_teacher_layers",
+)
+
+
+def trains_as_absent(key: str, value) -> bool:
+    """Whether ``value`` of an option in :data:`ADDED_KEYS` trains as a yaml without the key did.
+
+    Read as its config class reads it (:class:`~speech_kd.kd.config.KDConfig`,
+    :class:`~speech_kd.kd.consistency.CRConfig`) and compared with that class's default, so every
+    spelling of "off" it accepts (``kd_layers``: ``null``, ``{}``, ``""``, ...) continues a folder.
+
+    Examples
+    --------
+    >>> trains_as_absent("kd_layers", None), trains_as_absent("kd_layers", {}), trains_as_absent("kd_layers", "auto")
+    (True, True, False)
+    """
+    config = CRConfig if key in {f.name for f in fields(CRConfig)} else KDConfig
+    try:
+        read = config.from_hparams({key: value})
+    except (KDSetupError, ConsistencySetupError):
+        return False
+    return getattr(read, key) == getattr(config(), key)
 
 
 def _run_option(run_opts, hparams: dict, name: str):
@@ -208,7 +232,7 @@ def check_run_settings(hparams: dict, hparams_file: str, allow_changed: bool = F
             f"{key} {before.get(key, '(unset)')!r} != {now.get(key, '(unset)')!r}"
             for key in sorted(set(before) | set(now))
             if before.get(key) != now.get(key)
-            and not (key not in before and key in ADDED_KEYS and now.get(key) == ADDED_KEYS[key])
+            and not (key not in before and key in ADDED_KEYS and trains_as_absent(key, now.get(key)))
         ]
         if diffs and not allow_changed:
             raise ValueError(

@@ -24,7 +24,7 @@ from speech_kd.kd.consistency import (
 )
 from speech_kd.nnet.chain import run_chain
 from speech_kd.report.plots import learning_curves
-from speech_kd.training.settings import ADDED_KEYS, check_run_settings
+from speech_kd.training.settings import ADDED_KEYS, check_run_settings, trains_as_absent
 
 
 def _log_probs(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -161,10 +161,21 @@ def test_a_run_folder_older_than_the_key_continues_with_cr_off(tmp_path):
 
 
 def test_keys_added_after_folders_were_made_continue_at_the_shipped_yamls_values():
-    """``ADDED_KEYS`` holds, for each key, the value the shipped yamls give it: what trains as its absence did."""
+    """The value the shipped yamls give each of ``ADDED_KEYS`` trains as its absence did."""
     for name in ("distill.yaml", "teacher.yaml"):
         text = hparams_files.path(name).read_text()
         loaded = load_hyperpyyaml(text, {"data_folder": "unused", "output_folder": "unused"})
-        for key, value in ADDED_KEYS.items():
+        for key in ADDED_KEYS:
             if key in loaded:
-                assert loaded[key] == value, (name, key)
+                assert trains_as_absent(key, loaded[key]), (name, key)
+
+
+@pytest.mark.parametrize("off", [None, {}, "", "off"])
+def test_a_folder_older_than_kd_layers_continues_with_any_spelling_of_off(tmp_path, off):
+    (tmp_path / "save" / "CKPT+1").mkdir(parents=True)
+    before = json.dumps({"hparams_file": "distill.yaml", "lr": 0.001})
+    (tmp_path / "run_settings.json").write_text(before)
+    check_run_settings({"output_folder": str(tmp_path), "lr": 0.001, "kd_layers": off}, "distill.yaml")
+    (tmp_path / "run_settings.json").write_text(before)
+    with pytest.raises(ValueError, match=r"kd_layers '\(unset\)' != 'auto'"):
+        check_run_settings({"output_folder": str(tmp_path), "lr": 0.001, "kd_layers": "auto"}, "distill.yaml")

@@ -7,14 +7,20 @@ folders (SpeechBrain and Hugging Face), real cache files.
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
 import soundfile as sf
+import speechbrain as sb
 import torch
+from speechbrain.dataio.batch import PaddedBatch
 from speechbrain.lobes.models.CRDNN import CRDNN
 from speechbrain.lobes.models.transformer.TransformerASR import EncoderWrapper, TransformerASR
 
+from speech_kd import KDMixin, make_targets, token_strings
+from speech_kd.cli import main
+from speech_kd.data.dataio import make_tokenizer
 from speech_kd.kd.config import KDConfig, KDSetupError
 from speech_kd.kd.layers import LayerProjections, StudentLayers
 from speech_kd.kd.losses import layer_loss
@@ -28,8 +34,8 @@ from speech_kd.nnet.layers import (
     teacher_layers_spec,
 )
 from speech_kd.targets.align import resample_hidden
-from speech_kd.targets.cache import CacheError, CacheReader, write_cache
-from speech_kd.targets.cache.format import decode_hidden, encode_hidden, hidden_bytes_per_frame
+from speech_kd.targets.cache import CacheError, CacheReader, open_cache, write_cache
+from speech_kd.targets.cache.format import decode_hidden, encode_hidden, hidden_nbytes
 from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.targets.teachers.base import TeacherError, load_teacher
 from speech_kd.targets.teachers.ensemble import EnsembleTeacher
@@ -55,9 +61,13 @@ def _conformer(d_model: int = 16, layers: int = 3, seed: int = 0) -> EncoderWrap
 
 
 @pytest.fixture(scope="module")
-def sb_teacher(tmp_path_factory):
-    folder = make_tiny_sb_model(tmp_path_factory.mktemp("teacher") / "model", num_encoder_layers=3)
-    return load_teacher(folder)
+def sb_folder(tmp_path_factory) -> str:
+    return make_tiny_sb_model(tmp_path_factory.mktemp("teacher") / "model", num_encoder_layers=3)
+
+
+@pytest.fixture(scope="module")
+def sb_teacher(sb_folder):
+    return load_teacher(sb_folder)
 
 
 # ----------------------------------------------------------------------------- the mapping
@@ -86,6 +96,23 @@ def test_kd_layers_yaml_forms_and_refusals():
         KDConfig.from_hparams({"kd_loss": "none"})
     with pytest.raises(KDSetupError, match=r"student layer 3 is past the depth of S \(3 layers, 0\.\.2\)"):
         KDConfig(kd_layers=((3, 0),)).layer_pairs(3, 6, student="S")
+
+
+def test_settings_where_the_kd_term_is_nothing_or_ignored_are_refused_at_setup():
+    with pytest.raises(KDSetupError, match="kd_loss=none turns the output KD off, and kd_layer_weight is 0"):
+        KDConfig.from_hparams({"kd_loss": "none", "kd_layers": "auto", "kd_layer_weight": 0})
+    # without a layer term an untranscribed batch would have a loss without gradient (a crash in backward)
+    with pytest.raises(KDSetupError, match="unlabeled_kd_loss=none leaves untranscribed batches no loss at all"):
+        KDConfig.from_hparams({"unlabeled_kd_loss": "none"})
+    with pytest.raises(KDSetupError, match="kd_layers has kd_layer_weight 0"):
+        KDConfig.from_hparams({"unlabeled_kd_loss": "none", "kd_layers": "auto", "kd_layer_weight": 0})
+    with pytest.raises(KDSetupError, match="kd_layers='auto' but kd_weight is 0"):
+        KDConfig.from_hparams({"kd_layers": "auto", "kd_weight": 0})
+    # what stays allowed: layers alone, unlabeled batches on layers alone, a KD weight ramped up from 0
+    assert KDConfig.from_hparams({"kd_loss": "none", "kd_layers": "auto"}).layer_term_on
+    assert KDConfig.from_hparams({"unlabeled_kd_loss": "none", "kd_layers": {0: 1}}).unlabeled_kd_loss == "none"
+    assert KDConfig.from_hparams({"kd_layers": "auto", "kd_weight": 0, "kd_weight_final": 0.5}).uses_layers
+    assert KDConfig.from_hparams({"kd_weight": 0}).uses_teacher is False
 
 
 # ----------------------------------------------------------------------------- finding layers
@@ -175,15 +202,41 @@ def test_teacher_hidden_states_come_from_the_same_pass_and_bad_layers_are_refuse
         EnsembleTeacher([sb_teacher, sb_teacher]).layer_count()
 
 
-def test_huggingface_teacher_layer_k_is_hidden_states_k_plus_1(tmp_path):
-    teacher = load_teacher(make_tiny_hf_ctc(tmp_path / "hf"))
-    wav = whitenoise(1.0)[None]
-    out = teacher(wav, torch.ones(1), hidden_layers=[0, 1])
-    with torch.no_grad():
-        reference = teacher.model(((wav - wav.mean()) / wav.std(unbiased=False)), output_hidden_states=True)
+@pytest.mark.parametrize("stable_layer_norm", [False, True])
+def test_huggingface_teacher_layer_k_is_the_kth_encoder_layers_output(tmp_path, monkeypatch, stable_layer_norm):
+    """Compared with forward hooks on the encoder's layers, not with ``hidden_states``.
+
+    ``hidden_states[-1]`` of a stable-layer-norm model is taken after its final LayerNorm by
+    transformers 4.x and before it by 5.x; a layer's own output is the same under both.
+    """
+    teacher = load_teacher(make_tiny_hf_ctc(tmp_path / "hf", stable_layer_norm=stable_layer_norm))
+    encoder = teacher.model.wav2vec2.encoder
+    kept: dict[int, torch.Tensor] = {}
+
+    def keeper(index: int):
+        def keep(module, inputs, output) -> None:
+            kept[index] = output[0] if isinstance(output, tuple) else output
+
+        return keep
+
+    handles = [layer.register_forward_hook(keeper(k)) for k, layer in enumerate(encoder.layers)]
+    forward, asked = teacher.model.forward, []
+    monkeypatch.setattr(teacher.model, "forward", lambda *a, **kw: asked.append(kw) or forward(*a, **kw))
+    out = teacher(whitenoise(1.0)[None], torch.ones(1), hidden_layers=[0, 1])
+    for handle in handles:
+        handle.remove()
+    assert teacher.layer_count() == 2 and teacher.layer_stack_name == "wav2vec2.encoder.layers"
+    assert all(torch.equal(out.hiddens[k], kept[k].float()) for k in (0, 1))
+    assert not any(kw.get("output_hidden_states") for kw in asked)  # no tensor of every layer
+    if stable_layer_norm:  # the last layer's output, before the encoder's final LayerNorm
+        with torch.no_grad():
+            assert not torch.allclose(out.hiddens[1], encoder.layer_norm(kept[1]), atol=1e-3)
+    # kd_teacher_layers names a Hugging Face teacher's layer list too
+    teacher.layer_path = "wav2vec2.encoder.layers"
     assert teacher.layer_count() == 2
-    assert torch.allclose(out.hiddens[0], reference.hidden_states[1], atol=1e-4)
-    assert torch.allclose(out.hiddens[1], reference.hidden_states[2], atol=1e-4)
+    teacher.layer_path = "wav2vec2.feature_extractor"
+    with pytest.raises(TeacherError, match="'wav2vec2.feature_extractor' is a Wav2Vec2FeatureEncoder, not a"):
+        teacher.layer_count()
 
 
 def test_speechbrain_wav2vec2_teacher_layers_are_its_hugging_face_encoder_layers(tmp_path):
@@ -213,14 +266,35 @@ def test_teacher_frames_are_averaged_into_the_students_and_padding_is_masked():
 
 
 def test_hidden_state_coding_error_and_size():
-    x = torch.randn(50, 144) * torch.linspace(0.1, 5.0, 50)[:, None]
-    for dtype, bound in (("int8", 1 / 254), ("fp16", 2**-11)):
+    x = torch.randn(50, 144) * torch.linspace(0.1, 5.0, 50)[:, None] * torch.linspace(0.5, 2.0, 144)
+    channel = x.abs().amax(0)  # b_c
+    step = (x.abs() / channel).amax(-1, keepdim=True) / 127 * channel  # a_t * b_c
+    for dtype, bound in (("int8", step / 2), ("fp16", x.abs() * 2**-11)):
         data = encode_hidden(x, dtype)
-        assert len(data) == 50 * hidden_bytes_per_frame(144, dtype)
+        assert len(data) == hidden_nbytes(50, 144, dtype) == {"int8": 2 * 144 + 50 * 146, "fp16": 2 * 50 * 144}[dtype]
         error = (torch.from_numpy(decode_hidden(data, 50, 144, dtype)) - x).abs()
-        assert (error <= bound * x.abs().amax(-1, keepdim=True) * 1.01 + 1e-7).all(), dtype
+        assert (error <= bound * 1.01 + 1e-7).all(), dtype
     with pytest.raises(CacheError, match="corrupt hidden states"):
         decode_hidden(encode_hidden(x)[:-1], 50, 144)
+
+
+def test_int8_hidden_states_keep_the_channels_beside_an_outlier_channel():
+    """wav2vec2 / HuBERT layers carry a few channels hundreds of times larger than the rest.
+
+    With one int8 scale per frame (absmax / 127) one channel at 400 rounded 88 % of the other 767
+    N(0, 1) channels to 0 (l1_cos 0.70 between stored and true); each channel's own scale keeps them.
+    """
+    torch.manual_seed(0)
+    x = torch.randn(200, 768)
+    x[:, 7] = 400.0
+    stored = torch.from_numpy(decode_hidden(encode_hidden(x), 200, 768))
+    others = torch.arange(768) != 7
+    relative = (stored - x)[:, others].norm(dim=-1) / x[:, others].norm(dim=-1)
+    assert float(relative.max()) < 0.02
+    assert float((stored[:, others] == 0).float().mean()) < 0.02  # only values within half a step of 0
+    mask = torch.ones(1, 200, dtype=torch.bool)
+    assert float(layer_loss(stored[None], x[None], mask, "l1_cos", "frame")) < 0.01
+    assert torch.allclose(stored[:, 7], x[:, 7], rtol=1e-3)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +313,9 @@ def manifest(tmp_path_factory):
 def test_cache_stores_the_chosen_layers_and_a_cache_without_them_is_refused(sb_teacher, manifest, tmp_path):
     write_cache(sb_teacher, manifest, tmp_path / "hid", hidden_layers="0,2", progress=False, batch_seconds=3)
     reader = CacheReader(tmp_path / "hid")
-    assert reader.hidden_spec() == {"layers": [0, 2], "dims": [32, 32], "dtype": "int8", "depth": 3}
+    stack = "encoder.enc.transformer.encoder.layers"
+    spec = {"layers": [0, 2], "dims": [32, 32], "dtype": "int8", "depth": 3, "layout": 2, "stack": stack}
+    assert reader.hidden_spec() == spec
     wav = torch.from_numpy(sf.read(manifest.parent / "u1.wav", dtype="float32")[0])[None]
     alone = sb_teacher(wav, torch.ones(1), hidden_layers=[2]).hiddens[2][0]
     stored = reader.hidden("u1", [2])[2]
@@ -266,3 +342,178 @@ def test_cache_stores_the_chosen_layers_and_a_cache_without_them_is_refused(sb_t
     with pytest.raises(CacheError, match="--hidden_layers: kd_layers needs one teacher, not the ensemble"):
         write_cache(EnsembleTeacher([sb_teacher]), manifest, tmp_path / "ens", hidden_layers="all", progress=False)
     assert np.isfinite(batch.hiddens[2].numpy()).all()
+    # hidden states of the unreleased layout before channel scales (no "layout") are refused, not misread
+    meta = json.loads((tmp_path / "hid" / "meta.json").read_text())
+    del meta["scheme"]["hidden"]["layout"]
+    (tmp_path / "hid" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheError, match="stores teacher hidden states in layout 1, this code reads 2"):
+        CachedTargets(CacheReader(tmp_path / "hid"), aligner).layer_count()
+
+
+def test_a_union_of_caches_gives_each_common_layer_its_own_width(sb_teacher, manifest, tmp_path, monkeypatch):
+    for name, layers in (("a", "0,1,2"), ("b", "1,2")):
+        write_cache(sb_teacher, manifest, tmp_path / name, hidden_layers=layers, progress=False, batch_seconds=3)
+    union = open_cache(f"{tmp_path / 'a'},{tmp_path / 'b'}")
+    assert union.hidden_spec()["layers"] == [1, 2] and union.hidden_spec()["dims"] == [32, 32]
+    # layers of other widths (a teacher whose layers differ in width): each keeps its own
+    first, second = union.readers
+    monkeypatch.setattr(
+        first, "hidden_spec", lambda: {**CacheReader(tmp_path / "a").hidden_spec(), "dims": [8, 16, 24]}
+    )
+    monkeypatch.setattr(second, "hidden_spec", lambda: {**CacheReader(tmp_path / "b").hidden_spec(), "dims": [16, 24]})
+    assert union.hidden_spec()["layers"] == [1, 2] and union.hidden_spec()["dims"] == [16, 24]
+
+
+def test_the_cache_records_the_teachers_layer_list_and_a_run_naming_another_is_refused(
+    sb_folder, sb_teacher, manifest, tmp_path
+):
+    stack = "encoder.enc.transformer.encoder.layers"
+    cache = ["cache-targets", "--teacher", sb_folder, "--csv", str(manifest), "--batch_seconds", "3"]
+    assert main([*cache, "--out", str(tmp_path / "named"), "--hidden_layers", "1", "--teacher_layers", stack]) == 0
+    write_cache(sb_teacher, manifest, tmp_path / "found", hidden_layers="1", progress=False, batch_seconds=3)
+    aligner = TargetAligner(sb_teacher.tokens, 0, sb_teacher.frame_shift, sb_teacher.tokens, 0, 0.04)
+    for name in ("named", "found"):  # found or named, the list is recorded by its path
+        cached = CachedTargets(CacheReader(tmp_path / name), aligner)
+        assert cached.reader.hidden_spec()["stack"] == stack
+        assert cached.layer_count(None) == cached.layer_count(stack) == 3
+        with pytest.raises(CacheError, match=rf"kd_teacher_layers=encoder.dnn.layers but cache .*{name} stores "):
+            cached.layer_count("encoder.dnn.layers")
+    with pytest.raises(
+        CacheError, match="--hidden_layers / --teacher_layers: kd layers of teacher .*nothing at 'enc.x'"
+    ):
+        write_cache(sb_teacher, manifest, tmp_path / "bad", hidden_layers="1", teacher_layers="enc.x", progress=False)
+    with pytest.raises(CacheError, match="--teacher_layers enc.x: names the layer list that --hidden_layers stores"):
+        write_cache(sb_teacher, manifest, tmp_path / "bad", teacher_layers="enc.x", progress=False)
+
+
+# ----------------------------------------------------------------------------- KDMixin with kd_layers
+
+ALPHABET = " 'ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class TinyEncoder(torch.nn.Module):
+    """An input projection, then a list of three layers; ``skip`` leaves layers out of a forward (LayerDrop)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(40, 16)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16) for _ in range(3)])
+        self.skip: set[int] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        for index, layer in enumerate(self.layers):
+            if index not in self.skip:
+                x = torch.relu(layer(x))
+        return x
+
+
+class LayerRecipe(sb.Brain):
+    """A recipe's Brain over ``enc`` (or, with ``hparams.detached``, a copy the layers were not found in)."""
+
+    def compute_forward(self, batch, stage):
+        wavs, wav_lens = batch.sig
+        feats = self.hparams.compute_features(wavs)[:, ::4]  # 40 ms frames
+        encoder = getattr(self.hparams, "detached", None) or self.modules.enc
+        return self.hparams.log_softmax(self.modules.lin(encoder(feats))), wav_lens
+
+    def compute_objectives(self, predictions, batch, stage):
+        tokens, token_lens = batch.tokens
+        return sb.nnet.losses.ctc_loss(predictions[0], tokens, predictions[1], token_lens, blank_index=0)
+
+
+class LayerKDRecipe(KDMixin, LayerRecipe):
+    pass
+
+
+def _layer_brain(sb_folder: str, optimizer: bool = True, encoder: TinyEncoder | None = None, **extra) -> LayerKDRecipe:
+    torch.manual_seed(0)
+    run_opts = {"device": "cpu", "noprogressbar": True, **extra.pop("run_opts", {})}
+    hparams = {
+        "compute_features": sb.lobes.features.Fbank(n_mels=40),
+        "log_softmax": torch.nn.LogSoftmax(dim=-1),
+        "teacher_source": sb_folder,
+        "kd_weight": 0.5,
+        "kd_layers": {0: 0, 2: 2},
+        "blank_index": 0,
+        "sample_rate": 16000,
+        **extra,
+    }
+    brain = LayerKDRecipe(
+        modules={"enc": encoder or TinyEncoder(), "lin": torch.nn.Linear(16, len(ALPHABET) + 1)},
+        opt_class=lambda params: torch.optim.SGD(params, lr=0.01),
+        hparams=hparams,
+        run_opts=run_opts,
+    )
+    brain.attach_targets(make_targets(hparams, token_strings(make_tokenizer(ALPHABET))))
+    if optimizer:
+        brain.init_optimizers()
+        brain.on_stage_start(sb.Stage.TRAIN, 1)
+    return brain
+
+
+def _layer_batch() -> PaddedBatch:
+    tokenizer = make_tokenizer(ALPHABET)
+    rows = [
+        {
+            "id": f"u{i}",
+            "sig": whitenoise(1.0 + 0.3 * i, seed=i),
+            "wrd": w,
+            "tokens": tokenizer.encode_sequence_torch(list(w)),
+        }
+        for i, w in enumerate(("HELLO", "A CAT"))
+    ]
+    return PaddedBatch(rows)
+
+
+def test_a_student_whose_layer_hooks_never_fire_is_refused_on_the_first_batch(sb_folder):
+    brain = _layer_brain(sb_folder)
+    brain.hparams.detached = TinyEncoder()  # the forward pass goes through another copy of the encoder
+    with pytest.raises(KDSetupError, match=r"no layer of the student's enc.layers ran in the first training batch"):
+        brain.fit_batch(_layer_batch())
+    # LayerDrop skipping every mapped layer of a batch: that batch's layer loss is 0, training goes on
+    brain = _layer_brain(sb_folder)
+    brain.modules.enc.skip = {0, 2}
+    brain.fit_batch(_layer_batch())
+    assert brain.kd_stats()["layer_loss"] == 0.0
+    brain.modules.enc.skip = set()
+    brain.fit_batch(_layer_batch())
+    assert brain.kd_stats()["layer_loss"] > 0.0
+
+
+def test_targets_attached_again_keep_the_projections_the_optimiser_holds(sb_folder):
+    brain = _layer_brain(sb_folder, optimizer=False)
+    projections = brain.modules.kd_layer_projections
+    brain.init_optimizers()
+    brain.on_stage_start(sb.Stage.TRAIN, 1)
+    brain.fit_batch(_layer_batch())
+    hparams = vars(brain.hparams)
+    brain.attach_targets(make_targets(hparams, token_strings(make_tokenizer(ALPHABET))))  # as bench's speed does
+    assert brain.modules.kd_layer_projections is projections
+    before = projections.heads["0"].weight.detach().clone()
+    brain.fit_batch(_layer_batch())
+    assert not torch.equal(before, projections.heads["0"].weight)  # still trained by the optimiser
+    brain.hparams.kd_layers = {1: 2}  # other pairs, once the optimiser exists: refused
+    with pytest.raises(KDSetupError, match=r"kd_layers: the targets attached now map layers \{1: 2\}"):
+        brain.attach_targets(make_targets(hparams, token_strings(make_tokenizer(ALPHABET))))
+    # before the optimiser exists, other pairs get new projections
+    brain = _layer_brain(sb_folder, optimizer=False)
+    brain.hparams.kd_layers = {1: 2}
+    brain.attach_targets(make_targets(vars(brain.hparams), token_strings(make_tokenizer(ALPHABET))))
+    assert list(brain.modules.kd_layer_projections.heads) == ["1"]
+
+
+def test_jit_scripting_the_student_is_refused_with_kd_layers(sb_folder):
+    with pytest.raises(KDSetupError, match=r"forward hooks, which torch.jit.script drops, and --jit scripts enc"):
+        _layer_brain(sb_folder, run_opts={"jit": True, "jit_module_keys": ["enc"]})
+    _layer_brain(sb_folder, run_opts={"jit": True, "jit_module_keys": ["lin"]})  # not the layers: allowed
+    # the layers named from a yaml key (kd_student_layers), scripted as part of the module that holds them
+    encoder = TinyEncoder()
+    with pytest.raises(KDSetupError, match=r"--jit scripts enc: run without --jit"):
+        _layer_brain(
+            sb_folder,
+            encoder=encoder,
+            encoder_yaml=encoder,
+            kd_student_layers="encoder_yaml.layers",
+            run_opts={"jit": True, "jit_module_keys": ["enc"]},
+        )

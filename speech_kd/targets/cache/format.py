@@ -26,9 +26,10 @@ error, never wrong targets.
 
 Teacher hidden states (optional, for layer distillation: ``cache-targets --hidden_layers``) are
 stored per utterance after the posterior blocks, one zlib chunk per utterance holding each stored
-layer's frames (:func:`encode_hidden`): ``int8`` (one byte per value and a per-frame fp16 scale,
-``absmax / 127``) or ``fp16``. Which layers, their widths and the encoding are in ``meta.json``'s
-``scheme.hidden``; readers that do not know them read the posteriors as before.
+layer's frames (:func:`encode_hidden`): ``int8`` (one byte per value, scaled by an fp16 scale per
+channel times one per frame) or ``fp16``. Which layers, their widths, the encoding and the layout
+(:data:`HIDDEN_LAYOUT`) are in ``meta.json``'s ``scheme.hidden``; readers that do not know them read
+the posteriors as before.
 
 Reconstruction (:func:`decode`): kept tokens get their stored probabilities,
 the residual is spread evenly over the tokens not kept (at least
@@ -80,6 +81,10 @@ MAX_RUN = 128
 BLOCK_CACHE = 64
 #: encodings of stored hidden states (:func:`encode_hidden`)
 HIDDEN_DTYPES = ("int8", "fp16")
+#: layout of stored hidden states, ``scheme.hidden["layout"]``: 2, int8 scaled per channel and per frame
+#: (:func:`encode_hidden`). The unreleased layout before it (one int8 scale per frame, no ``layout``) is
+#: refused, to be rebuilt
+HIDDEN_LAYOUT = 2
 META_NAME = "meta.json"
 MANIFEST_NAME = "shards.json"
 SHARD_PATTERN = "shard-{:05d}.bin"
@@ -355,51 +360,77 @@ def from_codes(codes: np.ndarray, ids: np.ndarray, probs: np.ndarray) -> tuple[n
 # --------------------------------------------------------------------------- hidden states
 
 
-def hidden_bytes_per_frame(dim: int, dtype: str) -> int:
-    """Bytes of one frame of a ``dim``-wide layer, uncompressed: ``dim + 2`` (int8 + fp16 scale) or ``2 dim`` (fp16)."""
+def hidden_nbytes(frames: int, dim: int, dtype: str) -> int:
+    """Bytes of one utterance's ``[frames, dim]`` layer, uncompressed (:func:`encode_hidden`).
+
+    ``int8``: ``2 dim`` (the channel scales) ``+ frames * (dim + 2)`` (a byte per value, a frame scale);
+    ``fp16``: ``2 frames dim``.
+
+    Examples
+    --------
+    >>> hidden_nbytes(100, 144, "int8"), hidden_nbytes(100, 144, "fp16")
+    (14888, 28800)
+    """
     if dtype == "int8":
-        return dim + 2
+        return 2 * dim + frames * (dim + 2)
     if dtype == "fp16":
-        return 2 * dim
+        return 2 * frames * dim
     raise CacheError(f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}, not {dtype!r}")
+
+
+def _as_stored_fp16(values: torch.Tensor) -> torch.Tensor:
+    """``values`` rounded to fp16 as the file stores them (clamped to its largest finite value), as float32."""
+    return values.clamp(max=65504.0).half().float()
+
+
+def _divide_or_zero(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``values / scale`` (broadcast), 0 where the scale is 0 (an all-zero channel or frame)."""
+    return torch.where(scale > 0, values / scale.clamp(min=1e-30), torch.zeros_like(values))
 
 
 def encode_hidden(hidden: torch.Tensor, dtype: str = "int8") -> bytes:
     """One utterance's ``[T, D]`` hidden states of one layer as bytes (little-endian).
 
-    ``int8``: per frame an fp16 scale ``absmax / 127`` (``T`` of them first), then
-    ``round(x / scale)`` as int8 (``T * D``): a per-value error of at most half a step,
-    ``absmax / 254``. ``fp16``: the values as half floats (relative error 2^-11).
+    ``int8``: a rank-1 scale per value, ``a_t * b_c``. First ``D`` fp16 channel scales
+    ``b_c = max_t |x[t, c]|``, then ``T`` fp16 frame scales ``a_t = max_c |x[t, c] / b_c| / 127``, then
+    ``q = round(x / (a_t b_c))`` as int8 (``T * D``): a value's error is at most ``a_t b_c / 2``, half a
+    step of its own channel's range in its frame. The channel scale is what one scale per frame
+    lacked: a transformer layer's few huge channels (wav2vec2 / HuBERT keep some at hundreds of times
+    the others) set a per-frame step that rounded every other channel to 0; here each channel is
+    measured against its own largest value. ``fp16``: the values as half floats (relative error 2^-11).
 
     Examples
     --------
     >>> x = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0]])
     >>> len(encode_hidden(x)), len(encode_hidden(x, "fp16"))
-    (10, 12)
+    (16, 12)
     >>> decode_hidden(encode_hidden(x), 2, 3).round(decimals=2).tolist()
     [[1.0, -0.5, 0.25], [0.0, 0.0, 0.0]]
     """
     values = hidden.detach().to("cpu", torch.float32)
+    hidden_nbytes(*values.shape, dtype)  # refuses an unknown dtype
     if dtype == "fp16":
         return values.numpy().astype("<f2").tobytes()
-    hidden_bytes_per_frame(values.shape[-1], dtype)  # refuses an unknown dtype
-    scale = (values.abs().amax(-1) / 127.0).clamp(max=65504.0).half()  # fp16, as stored
-    divisor = scale.float().unsqueeze(-1)
-    quantised = torch.where(divisor > 0, values / divisor.clamp(min=1e-30), torch.zeros_like(values))
-    quantised = torch.round(quantised).clamp(-127, 127).to(torch.int8)
-    return scale.numpy().astype("<f2").tobytes() + quantised.numpy().tobytes()
+    channel = _as_stored_fp16(values.abs().amax(0))  # [D] b_c
+    relative = _divide_or_zero(values, channel)  # [T, D], |.| <= 1 up to b_c's rounding
+    frame = _as_stored_fp16(relative.abs().amax(-1) / 127.0)  # [T] a_t
+    quantised = torch.round(_divide_or_zero(relative, frame[:, None])).clamp(-127, 127).to(torch.int8)
+    return b"".join(
+        (channel.numpy().astype("<f2").tobytes(), frame.numpy().astype("<f2").tobytes(), quantised.numpy().tobytes())
+    )
 
 
 def decode_hidden(data: bytes | memoryview | np.ndarray, frames: int, dim: int, dtype: str = "int8") -> np.ndarray:
     """Inverse of :func:`encode_hidden`: ``[frames, dim]`` float32."""
     buffer = np.frombuffer(data, dtype=np.uint8)
-    if len(buffer) != frames * hidden_bytes_per_frame(dim, dtype):
+    if len(buffer) != hidden_nbytes(frames, dim, dtype):
         raise CacheError(f"corrupt hidden states: {len(buffer)} bytes for {frames} frames of {dim} values ({dtype})")
     if dtype == "fp16":
         return buffer.view("<f2").astype(np.float32).reshape(frames, dim)
-    scale = buffer[: 2 * frames].view("<f2").astype(np.float32)
-    values = buffer[2 * frames :].view(np.int8).astype(np.float32).reshape(frames, dim)
-    return values * scale[:, None]
+    channel = buffer[: 2 * dim].view("<f2").astype(np.float32)
+    frame = buffer[2 * dim : 2 * (dim + frames)].view("<f2").astype(np.float32)
+    values = buffer[2 * (dim + frames) :].view(np.int8).astype(np.float32).reshape(frames, dim)
+    return values * frame[:, None] * channel[None, :]
 
 
 # --------------------------------------------------------------------------- files

@@ -17,6 +17,7 @@ from speech_kd.targets.cache.folder import meta_differences, shard_problem
 from speech_kd.targets.cache.format import (
     BLOCK_CACHE,
     FORMAT_VERSION,
+    HIDDEN_LAYOUT,
     MANIFEST_NAME,
     META_NAME,
     PAD_LOG_PROB,
@@ -27,7 +28,7 @@ from speech_kd.targets.cache.format import (
     decode_into,
     decompress_block,
     from_codes,
-    hidden_bytes_per_frame,
+    hidden_nbytes,
     read_shard_header,
 )
 from speech_kd.targets.cache.storage import read_json
@@ -126,11 +127,19 @@ class CacheReader:
         return len(self._where())
 
     def hidden_spec(self) -> dict:
-        """What hidden states the cache stores: ``layers``, ``dims``, ``dtype``, ``depth`` (``{}``: none).
+        """What hidden states the cache stores: ``layers``, ``dims``, ``dtype``, ``depth``, ... (``{}``: none).
 
-        From ``meta.json``'s ``scheme.hidden`` (``cache-targets --hidden_layers``).
+        From ``meta.json``'s ``scheme.hidden`` (``cache-targets --hidden_layers``). Hidden states of
+        another layout than :data:`~speech_kd.targets.cache.format.HIDDEN_LAYOUT` are a :class:`CacheError`.
         """
-        return dict(self._meta.get("scheme", {}).get("hidden") or {})
+        spec = dict(self._meta.get("scheme", {}).get("hidden") or {})
+        if spec and spec.get("layout") != HIDDEN_LAYOUT:
+            raise CacheError(
+                f"cache {self.out_dir} stores teacher hidden states in layout {spec.get('layout', 1)}, this code "
+                f"reads {HIDDEN_LAYOUT} (int8 scaled per channel and frame): rebuild it into a new folder with "
+                "speech-kd cache-targets ... --hidden_layers (docs/cache.md)"
+            )
+        return spec
 
     def num_frames(self, utt_id: str) -> int:
         """Teacher frames stored for ``utt_id``."""
@@ -201,7 +210,7 @@ class CacheReader:
         data = decompress_block(self._shard_map(shard)[offset : offset + size], f"{name} hidden states of {utt_id}")
         out, position = {}, 0
         for layer, dim in zip(stored, spec["dims"]):
-            size = where.frames * hidden_bytes_per_frame(int(dim), spec["dtype"])
+            size = hidden_nbytes(where.frames, int(dim), spec["dtype"])
             if layer in layers:
                 chunk = data[position : position + size]
                 out[layer] = torch.from_numpy(decode_hidden(chunk, where.frames, int(dim), spec["dtype"]))
@@ -365,12 +374,20 @@ class CacheUnion:
         return self._owner
 
     def hidden_spec(self) -> dict:
-        """The hidden states every cache stores (the first cache's spec, its layers those all of them hold)."""
+        """The hidden states every cache stores: the first cache's spec, cut to the layers all of them hold.
+
+        ``layers`` and ``dims`` stay in step (each kept layer with its width). Caches of different
+        layer lists of the teacher (``stack``) have none in common.
+        """
         specs = [reader.hidden_spec() for reader in self.readers]
-        if not all(specs):
+        if not all(specs) or len({spec.get("stack") for spec in specs}) > 1:
             return {}
-        common = [layer for layer in specs[0]["layers"] if all(layer in spec["layers"] for spec in specs)]
-        return {**specs[0], "layers": common}
+        kept = [
+            (layer, dim)
+            for layer, dim in zip(specs[0]["layers"], specs[0]["dims"])
+            if all(layer in spec["layers"] for spec in specs)
+        ]
+        return {**specs[0], "layers": [layer for layer, _ in kept], "dims": [dim for _, dim in kept]}
 
     def hidden(self, utt_id: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """:meth:`CacheReader.hidden` from the cache that holds ``utt_id``."""

@@ -27,6 +27,7 @@ from speech_kd.targets.cache.format import (
     DEFAULT_MAX_TEMPERATURE,
     FORMAT_VERSION,
     HIDDEN_DTYPES,
+    HIDDEN_LAYOUT,
     MANIFEST_NAME,
     META_NAME,
     SHARD_PATTERN,
@@ -93,25 +94,37 @@ def _encode_batch(
     return encoded, chunks
 
 
-def hidden_spec(teacher: Teacher, layers: str | Sequence[int], dtype: str, device: str) -> dict:
+def hidden_spec(
+    teacher: Teacher, layers: str | Sequence[int], dtype: str, device: str, stack: str | None = None
+) -> dict:
     """``scheme.hidden`` of a cache storing ``layers`` (``1,3,5``, ``all``, ``auto:N`` or a list) of ``teacher``.
 
-    The layers' widths are measured on one second of silence. Raises :class:`CacheError` (one line) for a
-    teacher without layers (an ensemble), a layer past its depth or an unknown ``dtype``.
+    ``stack``: the dotted path of the teacher's layer list (``--teacher_layers``, as ``kd_teacher_layers``);
+    ``None``: the teacher's own (found). Recorded as ``stack``, so that a run naming another list is
+    refused. The layers' widths are measured on one second of silence. Raises :class:`CacheError`
+    (one line) for a teacher without layers (an ensemble), a layer past its depth or an unknown ``dtype``.
     """
     if dtype not in HIDDEN_DTYPES:
         raise CacheError(f"hidden_dtype must be one of {', '.join(HIDDEN_DTYPES)}, not {dtype!r}")
+    teacher.layer_path = stack
     try:
         depth = teacher.layer_count()
         spec = layers if isinstance(layers, str) else ",".join(str(int(layer)) for layer in layers)
         chosen = teacher_layers_spec(spec, depth)
     except (LayerStackError, TeacherError) as err:
-        raise CacheError(f"--hidden_layers: {err}") from None
+        raise CacheError(f"--hidden_layers{' / --teacher_layers' if stack else ''}: {err}") from None
     teacher.to(device)
     probe = torch.zeros(1, teacher.sample_rate, device=device)
     out = teacher(probe, torch.ones(1, device=device), hidden_layers=chosen)
     dims = [int(out.hiddens[layer].shape[-1]) for layer in chosen]
-    return {"layers": chosen, "dims": dims, "dtype": dtype, "depth": depth}
+    return {
+        "layers": chosen,
+        "dims": dims,
+        "dtype": dtype,
+        "depth": depth,
+        "layout": HIDDEN_LAYOUT,
+        "stack": teacher.layer_stack_name,
+    }
 
 
 def _write_shard(
@@ -165,6 +178,7 @@ def write_cache(
     max_duration: float | None = MAX_DURATION,
     hidden_layers: str | Sequence[int] | None = None,
     hidden_dtype: str = "int8",
+    teacher_layers: str | None = None,
 ) -> dict:
     """Run ``teacher`` once over a manifest and store its soft targets in ``out_dir``.
 
@@ -200,7 +214,10 @@ def write_cache(
         ``1,3,5`` (0-based), ``all``, or ``auto:N`` (the layers ``kd_layers: auto`` maps a student of
         ``N`` layers to). Recorded in ``meta.json`` (``scheme.hidden``).
     hidden_dtype : str
-        ``int8`` (a byte per value and an fp16 scale per frame) or ``fp16`` (docs/cache.md measures both).
+        ``int8`` (a byte per value, scaled per channel and per frame) or ``fp16`` (docs/cache.md measures both).
+    teacher_layers : str, optional
+        Dotted path of the teacher's layer list ``hidden_layers`` counts in (``kd_teacher_layers``; for a
+        teacher with several); ``None``: found. Only with ``hidden_layers``.
 
     Returns
     -------
@@ -230,7 +247,12 @@ def write_cache(
         utts = [u for u in utts if u.duration <= max_duration]
         if not utts:
             raise CacheError(f"{csv_path}: every utterance is longer than max_duration={max_duration} s")
-    hidden = hidden_spec(teacher, hidden_layers, hidden_dtype, device) if hidden_layers else None
+    if teacher_layers and not hidden_layers:
+        raise CacheError(
+            f"--teacher_layers {teacher_layers}: names the layer list that --hidden_layers stores layers of; "
+            "give --hidden_layers too (or leave both out)"
+        )
+    hidden = hidden_spec(teacher, hidden_layers, hidden_dtype, device, teacher_layers) if hidden_layers else None
     with FolderLock(out_dir, "cache folder"):
         scheme = (top_k, mass, max_temperature)
         return _write_locked(

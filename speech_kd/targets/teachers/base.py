@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from speech_kd.nnet.layers import LayerStackError, LayerTaps, find_layer_stack
+
 __all__ = [
     "Teacher",
     "TeacherError",
@@ -71,8 +73,11 @@ class Teacher(torch.nn.Module, ABC):
     #: ``speech_kd.nnet.features.fbank_signature`` of the teacher's own fbank when it
     #: can start from precomputed features (see :meth:`posteriors_from_features`)
     feature_signature: tuple | None = None
-    #: dotted path to the encoder's list of layers (``kd_teacher_layers``; SpeechBrain teachers), ``None``: found
+    #: dotted path to the encoder's list of layers (``kd_teacher_layers``), from a key of :meth:`layer_roots`;
+    #: ``None``: :meth:`default_layer_path`, else found (:func:`~speech_kd.nnet.layers.find_layer_stack`)
     layer_path: str | None = None
+    #: the dotted path of the layer list hidden states are taken from (set when it is found)
+    layer_stack_name: str | None = None
     #: the encoder layers the running call returns in ``TeacherOutput.hiddens`` (set by :meth:`forward`)
     _hidden_request: tuple[int, ...] = ()
 
@@ -84,12 +89,57 @@ class Teacher(torch.nn.Module, ABC):
         """Log-posteriors from precomputed fbank ``feats [B, T, n_mels]`` (only if ``feature_signature``)."""
         raise NotImplementedError(f"teacher {self.name} cannot start from precomputed features")
 
+    def layer_roots(self) -> dict[str, torch.nn.Module]:
+        """The modules the encoder's layer list is looked for in (a ``layer_path`` starts at one of the keys).
+
+        Raises :class:`TeacherError` (one line) for a teacher without such layers (the default).
+        """
+        raise TeacherError(f"teacher {self.name}: layer distillation (kd_layers) is not supported for this teacher")
+
+    def default_layer_path(self) -> str | None:
+        """The layer list's path when ``layer_path`` is unset; ``None`` (the default): found by its shape."""
+        return None
+
+    def layer_stack(self) -> list[torch.nn.Module]:
+        """The encoder's layers, 0-based as ``kd_layers`` counts them (found once per ``layer_path``).
+
+        Hidden states are these layers' outputs, taken by forward hooks
+        (:class:`~speech_kd.nnet.layers.LayerTaps`) in the pass that gives the posteriors: the
+        ``k``-th layer's output whatever else the model does after its layers (a final LayerNorm).
+        """
+        if getattr(self, "_stack_key", None) != (self.layer_path,):
+            try:
+                name, stack = find_layer_stack(
+                    self.layer_roots(), self.layer_path or self.default_layer_path(), f"teacher {self.name}"
+                )
+            except LayerStackError as err:
+                raise TeacherError(str(err)) from None
+            if getattr(self, "_taps", None) is not None:
+                self._taps.remove()
+            self._stack_key, self._stack, self._taps, self.layer_stack_name = (self.layer_path,), stack, None, name
+        return self._stack
+
     def layer_count(self) -> int:
         """Number of encoder layers :meth:`forward` can return hidden states of (``hidden_layers``).
 
         Raises :class:`TeacherError` (one line) for a teacher without such layers.
         """
-        raise TeacherError(f"teacher {self.name}: layer distillation (kd_layers) is not supported for this teacher")
+        return len(self.layer_stack())
+
+    def _arm_taps(self) -> None:
+        """Before a forward pass: hooks on the asked-for layers (:attr:`_hidden_request`), switched on."""
+        stack = self.layer_stack()
+        if self._taps is None or self._tapped != self._hidden_request:
+            if self._taps is not None:
+                self._taps.remove()
+            self._taps, self._tapped = LayerTaps(stack, self._hidden_request), self._hidden_request
+        self._taps.take()
+        self._taps.active = True
+
+    def _taken(self) -> dict[int, torch.Tensor]:
+        """After a forward pass: the asked-for layers' outputs ``[B, T, D]`` as float32 (hooks off)."""
+        self._taps.active = False
+        return {layer: hidden.float() for layer, hidden in self._taps.take().items()}
 
     def check_hidden_layers(self, layers: Iterable[int]) -> None:
         """Refuse, naming the teacher, the index and its depth, a layer past :meth:`layer_count`."""
@@ -110,19 +160,25 @@ class Teacher(torch.nn.Module, ABC):
         student's fbank of the same batch: when it was computed with exactly
         the teacher's fbank settings, the teacher starts from it instead of
         recomputing the spectrum. ``hidden_layers``: encoder layers (0-based)
-        whose outputs the same forward pass also returns (``TeacherOutput.hiddens``).
+        whose outputs the same forward pass also returns (``TeacherOutput.hiddens``), taken
+        by forward hooks on :meth:`layer_stack`.
         """
         self.eval()
         self._hidden_request = tuple(sorted({int(layer) for layer in hidden_layers}))
         if self._hidden_request:
             self.check_hidden_layers(self._hidden_request)
+            self._arm_taps()
         try:
             with torch.no_grad():
                 if features is not None and features.usable_by(self.feature_signature):
                     out = self.posteriors_from_features(features.feats, features.wav_lens)
                 else:
                     out = self.posteriors(wavs, wav_lens)
+            if self._hidden_request and out.hiddens is None:
+                out = TeacherOutput(out.log_probs, out.lengths, self._taken())
         finally:
+            if self._hidden_request:
+                self._taps.active = False
             self._hidden_request = ()
         if out.log_probs.dim() != 3 or out.log_probs.shape[-1] != len(self.tokens):
             raise TeacherError(

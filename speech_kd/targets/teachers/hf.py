@@ -37,10 +37,13 @@ class HFCTCTeacher(Teacher):
     teacher's device. ``dtype`` selects bf16/fp16 inference on CUDA; the
     returned log-probs are always float32.
 
-    Hidden states (``hidden_layers``, layer distillation) come from the same forward pass with
-    ``output_hidden_states=True``: ``hidden_states[0]`` is the feature projection's output, so
-    encoder layer ``k`` (0-based) is ``hidden_states[k + 1]`` (on models with a final encoder
-    layer norm, e.g. wav2vec2-large-lv60, the last one is taken after it, as ``transformers`` gives it).
+    Hidden states (``hidden_layers``, layer distillation) are taken in the same forward pass by
+    forward hooks on the encoder's layers, ``<base>.encoder.layers`` (``wav2vec2``, ``hubert``,
+    ``wavlm``; ``layer_path`` names another list): layer ``k`` (0-based) is the ``k``-th encoder
+    layer's output, under any ``transformers`` version. ``output_hidden_states`` is not used: its
+    last entry of a model with a final encoder LayerNorm (``do_stable_layer_norm``, e.g.
+    wav2vec2-large-lv60) is taken after that norm by transformers 4.x and before it by 5.x, and it
+    would hold every layer of the batch at once.
     """
 
     def __init__(self, source: str | os.PathLike, device: str = "cpu", dtype: str = "float32") -> None:
@@ -83,14 +86,15 @@ class HFCTCTeacher(Teacher):
         """Weights of the wrapped model (used for the fingerprint)."""
         return self.model.state_dict(*args, **kwargs)
 
-    def layer_count(self) -> int:
-        """The model's transformer layers (``config.num_hidden_layers``)."""
-        if self.layer_path:
-            raise TeacherError(
-                f"teacher {self.name}: kd_teacher_layers applies to SpeechBrain teachers; a Hugging Face model "
-                "gives its layers' hidden states itself (leave it null)"
-            )
-        return int(self.model.config.num_hidden_layers)
+    def layer_roots(self) -> dict[str, torch.nn.Module]:
+        """The model's children: ``kd_teacher_layers`` starts at one of them (``wav2vec2.encoder.layers``)."""
+        return dict(self.model.named_children())
+
+    def default_layer_path(self) -> str | None:
+        """``<base>.encoder.layers`` (``base_model_prefix``: ``wav2vec2``, ``hubert``, ``wavlm``) when it exists."""
+        prefix = getattr(self.model, "base_model_prefix", "")
+        encoder = getattr(getattr(self.model, prefix, None), "encoder", None)
+        return f"{prefix}.encoder.layers" if isinstance(getattr(encoder, "layers", None), torch.nn.ModuleList) else None
 
     def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
         """Frame log-posteriors ``[B, T, V]`` and valid frame counts ``[B]`` for ``wavs [B, S]``."""
@@ -105,15 +109,11 @@ class HFCTCTeacher(Teacher):
             wavs = (wavs - mean) / torch.sqrt(var + 1e-7) * valid
         # masking padded frames out of self-attention (group-norm models still see the zeros in their
         # first conv layer, so they are padding-invariant only approximately; batches are length-sorted)
-        kwargs = {"attention_mask": valid.long(), "output_hidden_states": bool(self._hidden_request)}
-        with torch.no_grad():
-            output = self.model(wavs.to(self.dtype), **kwargs)
+        with torch.no_grad():  # asked-for layers are kept by the hooks of Teacher.forward
+            output = self.model(wavs.to(self.dtype), attention_mask=valid.long())
         logits = output.logits.float()
-        hiddens = None
-        if self._hidden_request:  # hidden_states[0]: the feature projection; layer k is hidden_states[k + 1]
-            hiddens = {layer: output.hidden_states[layer + 1].float() for layer in self._hidden_request}
         if hasattr(self.model, "_get_feat_extract_output_lengths"):
             lengths = self.model._get_feat_extract_output_lengths(samples).long()
         else:
             lengths = torch.round(wav_lens.to(device) * logits.shape[1]).long()
-        return TeacherOutput(logits.log_softmax(-1), lengths.clamp(1, logits.shape[1]), hiddens)
+        return TeacherOutput(logits.log_softmax(-1), lengths.clamp(1, logits.shape[1]))

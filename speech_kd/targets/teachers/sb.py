@@ -11,7 +11,6 @@ from speechbrain.nnet.containers import LengthsCapableSequential
 
 from speech_kd.data.dataio import token_strings
 from speech_kd.nnet.features import fast_fbank, fast_fbank_applies, fbank_signature
-from speech_kd.nnet.layers import LayerStackError, LayerTaps, find_layer_stack
 from speech_kd.targets.teachers.base import Teacher, TeacherError, TeacherOutput, measure_frame_shift, register_teacher
 
 __all__ = ["SpeechBrainTeacher", "sb_blank_index"]
@@ -43,8 +42,8 @@ class SpeechBrainTeacher(Teacher):
     for a model whose yaml names a Hugging Face hub id it would download.
 
     Hidden states (``hidden_layers``, layer distillation) are taken by forward hooks on the
-    encoder's layer list (``layer_path``, or found: :func:`~speech_kd.nnet.layers.find_layer_stack`)
-    in the same pass that gives the posteriors.
+    encoder's layer list in ``mods`` (``layer_path``, or found: :func:`~speech_kd.nnet.layers.find_layer_stack`)
+    in the same pass that gives the posteriors (:meth:`Teacher.layer_stack`).
     """
 
     def __init__(
@@ -106,40 +105,9 @@ class SpeechBrainTeacher(Teacher):
         """Weights of the underlying encoder (used for the fingerprint)."""
         return self.asr.mods.state_dict(*args, **kwargs)
 
-    def _layer_stack(self) -> list[torch.nn.Module]:
-        """The encoder's layers (found once per ``layer_path``)."""
-        if getattr(self, "_stack_path", ()) != (self.layer_path,):
-            try:
-                name, stack = find_layer_stack(dict(self.asr.mods.items()), self.layer_path, f"teacher {self.name}")
-            except LayerStackError as err:
-                raise TeacherError(str(err)) from None
-            if getattr(self, "_taps", None) is not None:
-                self._taps.remove()
-            self._stack_path, self._stack, self._taps, self.layer_stack_name = (self.layer_path,), stack, None, name
-        return self._stack
-
-    def layer_count(self) -> int:
-        """Layers in the encoder's layer list (``kd_teacher_layers`` names it, or it is found)."""
-        return len(self._layer_stack())
-
-    def _arm_taps(self) -> None:
-        """Before a forward pass: hooks on the asked-for layers (:attr:`_hidden_request`), switched on."""
-        if not self._hidden_request:
-            return
-        stack = self._layer_stack()
-        if self._taps is None or self._tapped != self._hidden_request:
-            if self._taps is not None:
-                self._taps.remove()
-            self._taps, self._tapped = LayerTaps(stack, self._hidden_request), self._hidden_request
-        self._taps.take()
-        self._taps.active = True
-
-    def _taken(self) -> dict[int, torch.Tensor] | None:
-        """After a forward pass: the asked-for layers' outputs ``[B, T, D]`` as float32 (hooks off)."""
-        if not self._hidden_request:
-            return None
-        self._taps.active = False
-        return {layer: hidden.float() for layer, hidden in self._taps.take().items()}
+    def layer_roots(self) -> dict[str, torch.nn.Module]:
+        """The model's ``mods``: ``kd_teacher_layers`` starts at one of them (e.g. ``encoder.wav2vec2.model...``)."""
+        return dict(self.asr.mods.items())
 
     def posteriors(self, wavs: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
         """Frame log-posteriors ``[B, T, V]`` and valid frame counts ``[B]``.
@@ -150,14 +118,12 @@ class SpeechBrainTeacher(Teacher):
         if self._after_features is not None and wavs.dim() == 2 and fast_fbank_applies(self._fbank):
             feats = fast_fbank(self._fbank, wavs.to(self.asr.device))  # fast_fbank casts to fp32 itself
             return self.posteriors_from_features(feats, wav_lens)
-        self._arm_taps()
         return self._finish(self.asr.encode_batch(wavs, wav_lens).float(), wav_lens)
 
     def posteriors_from_features(self, feats: torch.Tensor, wav_lens: torch.Tensor) -> TeacherOutput:
         """The encoder after its fbank, applied to the student's fbank ``feats [B, T, n_mels]``."""
         x = feats.to(self.asr.device)
         wav_lens = wav_lens.to(self.asr.device)
-        self._arm_taps()
         for layer, lengths_arg in self._after_features:
             x = layer(x, **{lengths_arg: wav_lens}) if lengths_arg else layer(x)
             if isinstance(x, tuple):
@@ -168,4 +134,4 @@ class SpeechBrainTeacher(Teacher):
         if not self._outputs_log_probs:
             out = out.log_softmax(-1)
         lengths = torch.round(wav_lens.to(out.device) * out.shape[1]).long().clamp(1, out.shape[1])
-        return TeacherOutput(out, lengths, self._taken())
+        return TeacherOutput(out, lengths)
