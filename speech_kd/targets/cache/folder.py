@@ -44,11 +44,23 @@ def _describe_tokens(name: str, a: Sequence[str] | None, b: Sequence[str] | None
 
 
 def meta_differences(cached: dict, wanted: dict) -> list[str]:
-    """Human-readable ``key cached != wanted`` lines for every key of ``wanted`` that differs."""
+    """Human-readable ``key cached != wanted`` lines for every key of ``wanted`` that differs.
+
+    A mapping (the coding ``scheme``) is compared key by key, so the line names what differs, not
+    both whole mappings.
+
+    Examples
+    --------
+    >>> meta_differences({"scheme": {"top_k": 8, "mass": 0.98}}, {"scheme": {"top_k": 8, "mass": 0.98, "hidden": 1}})
+    ['scheme hidden None != 1']
+    """
     out = []
     for key, value in wanted.items():
         have = cached.get(key)
-        if key in ("teacher_tokens", "student_tokens"):
+        if isinstance(value, dict) and isinstance(have, dict):
+            out += [f"{key.replace('_', ' ')} {line}" for line in meta_differences(have, value)]
+            out += [f"{key.replace('_', ' ')} {extra} {have[extra]} != None" for extra in have if extra not in value]
+        elif key in ("teacher_tokens", "student_tokens"):
             if (list(have) if have is not None else None) != (list(value) if value is not None else None):
                 out.append(_describe_tokens(key.replace("_", " "), have, value))
         elif key == "frame_shift":
