@@ -13,7 +13,7 @@ import yaml
 from speech_kd.argtypes import finite_float, non_negative_float, positive_int
 from speech_kd.demo import run_demo
 from speech_kd.deploy.onnx_export import export_asr, export_recipe
-from speech_kd.deploy.recipe_folder import CHECKPOINT_CHOICES, is_recipe_folder
+from speech_kd.deploy.recipe_folder import CHECKPOINT_CHOICES, is_recipe_folder, run_model_folder
 
 __all__ = ["add_bench", "add_demo", "add_export"]
 
@@ -36,6 +36,7 @@ def _overrides(text: str | None) -> dict | None:
 
 
 def _cmd_export(args) -> None:
+    """Export a model folder, a ``speech-kd`` run folder's model folder, or a recipe's output folder."""
     lm_options = {
         k: v
         for k, v in (
@@ -54,7 +55,11 @@ def _cmd_export(args) -> None:
         "force": args.force,
         **lm_options,
     }
-    recipe = any(getattr(args, name) is not None for name in RECIPE_OPTIONS) or is_recipe_folder(args.model_folder)
+    asked = any(getattr(args, name) is not None for name in RECIPE_OPTIONS)
+    source = None if asked else run_model_folder(args.model_folder)
+    if source is not None:  # its checkpoints look like a recipe's, but the run wrote the model folder that exports
+        print(f"{args.model_folder} is a speech-kd run folder: exporting the model folder it wrote, {source}")
+    recipe = source is None and (asked or is_recipe_folder(args.model_folder))
     if recipe:
         info = export_recipe(
             args.model_folder,
@@ -68,7 +73,7 @@ def _cmd_export(args) -> None:
         )
         print(f"read {info['checkpoint']}; exported with {info['path']}")
     else:
-        info = export_asr(args.model_folder, args.out, **common)
+        info = export_asr(source or args.model_folder, args.out, **common)
     print(
         f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
         f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
@@ -101,8 +106,9 @@ def add_export(sub) -> None:
     )
     p.add_argument(
         "model_folder",
-        help="a model folder (<output_folder>/model of speech-kd train/distill), or the output folder of your own "
-        "SpeechBrain CTC recipe (hyperparams.yaml, save/CKPT+*: docs/deploy.md)",
+        help="a model folder (<output_folder>/model of speech-kd train/distill; their <output_folder> exports "
+        "that), or the output folder of your own SpeechBrain CTC recipe (hyperparams.yaml, save/CKPT+*: "
+        "docs/deploy.md)",
     )
     p.add_argument("--out", required=True, help="folder to write (model, deploy.json, tokens, transcribe.py)")
     format_help = "onnx (needs onnxruntime, numpy, soundfile) or torchscript (torch, numpy, soundfile)"
@@ -142,7 +148,8 @@ def add_export(sub) -> None:
     p.add_argument("--beam_size", type=positive_int, default=None, help="with --lm: recorded beam size (default 100)")
     recipe = p.add_argument_group(
         "a recipe's output folder",
-        "read when MODEL_FOLDER holds checkpoints (save/CKPT+*) and no model.ckpt, or when any of these is given",
+        "read when MODEL_FOLDER holds checkpoints (save/CKPT+*) and no model.ckpt (nor the model/ folder of a "
+        "speech-kd run), or when any of these is given",
     )
     recipe.add_argument(
         "--hparams",

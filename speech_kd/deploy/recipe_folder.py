@@ -56,6 +56,7 @@ __all__ = [
     "ERROR_RATE_KEYS",
     "CHECKPOINT_CHOICES",
     "is_recipe_folder",
+    "run_model_folder",
     "find_checkpoint_dirs",
     "find_tokenizer",
     "read_tokens",
@@ -103,6 +104,29 @@ def is_recipe_folder(folder: str | os.PathLike) -> bool:
     """Whether ``folder`` is a recipe's output folder (checkpoints, no model folder's ``model.ckpt``)."""
     folder = Path(folder)
     return folder.is_dir() and not (folder / "model.ckpt").exists() and bool(find_checkpoint_dirs(folder))
+
+
+def run_model_folder(folder: str | os.PathLike) -> Path | None:
+    """``folder/model`` when ``folder`` is the output folder of ``speech-kd train``/``distill``, else ``None``.
+
+    Such a run folder holds checkpoints (``save/CKPT+*``) like a recipe's, and also the model folder the run
+    wrote (``model/speech_kd.json``): that is what exports, read as a model folder, not as a recipe.
+
+    Example
+    -------
+    >>> run_model_folder("/nonexistent") is None
+    True
+    """
+    model = Path(folder) / "model"
+    if (model / "speech_kd.json").is_file() and not (Path(folder) / "model.ckpt").exists():
+        return model
+    return None
+
+
+def _run_hint(folder: Path) -> str:
+    """`` (or export RUN/model, ...)`` when ``folder`` is a ``speech-kd`` run folder (:func:`run_model_folder`)."""
+    ours = run_model_folder(folder)
+    return f" (or export {ours}, the model folder this run wrote)" if ours is not None else ""
 
 
 def find_tokenizer(save_dirs: list[Path], hparams: dict) -> Path | None:
@@ -551,7 +575,7 @@ def load_recipe(
         )
     yaml_path = Path(hparams) if hparams is not None else folder / "hyperparams.yaml"
     if not yaml_path.is_file():
-        raise RecipeFolderError(f"{yaml_path}: no such file; give the recipe's yaml with --hparams")
+        raise RecipeFolderError(f"{yaml_path}: no such file; give the recipe's yaml with --hparams{_run_hint(folder)}")
     loaded = _load_yaml(yaml_path, folder, dict(overrides or {}))
     recipe_checkpointer = loaded.get("checkpointer")
     ckpt_root = Path(getattr(recipe_checkpointer, "checkpoints_dir", roots[0]))
