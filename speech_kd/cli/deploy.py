@@ -172,7 +172,8 @@ def add_export(sub) -> None:
     recipe.add_argument(
         "--tokenizer",
         default=None,
-        help="label_encoder.txt or SentencePiece .model (default: the one in the save folder)",
+        help="a CTCTextEncoder file or a SentencePiece model, told apart by content (default: label_encoder.txt, "
+        "tokenizer.ckpt or the one *.model in the save folder)",
     )
     recipe.add_argument(
         "--checkpoint",

@@ -8,7 +8,9 @@ CRDNN, ...) ends as the recipe's output folder, not as an ``EncoderASR`` model f
     OUTPUT/save/CKPT+.../            the checkpointer's recoverables (``model.ckpt``, ``normalizer.ckpt``, ...)
                                      and ``CKPT.yaml`` (meta: ``WER``, ``CER`` or ``PER`` when the recipe kept it)
     OUTPUT/save/label_encoder.txt    a ``CTCTextEncoder`` (TIMIT style), or
-    OUTPUT/save/<N>_<type>.model     a SentencePiece model (LibriSpeech style, ``SentencePiece(model_dir=save_folder)``)
+    OUTPUT/save/tokenizer.ckpt       what SpeechBrain's ``Pretrainer`` collected (LibriSpeech CTC: a
+                                     SentencePiece model; known by its content, not its name), or
+    OUTPUT/save/<N>_<type>.model     a SentencePiece model (``SentencePiece(model_dir=save_folder)``)
 
 :func:`load_recipe` loads the yaml with HyperPyYAML (the output folder's own copy unless another is given;
 ``output_folder`` is set to the folder given, paths the copy recorded under its old output folder follow it,
@@ -39,6 +41,7 @@ import re
 import warnings
 from pathlib import Path
 
+import sentencepiece
 import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.encoder import CTCTextEncoder
@@ -73,6 +76,8 @@ CHECKPOINT_CHOICES = ("best", "newest")
 UNUSED = "speech-kd-export-unused"
 #: the label-encoder file SpeechBrain's CTC recipes write into ``save_folder``
 LABEL_ENCODER = "label_encoder.txt"
+#: the file SpeechBrain's ``Pretrainer`` collects a recipe's ``tokenizer`` loadable into (``collect_in``)
+COLLECTED_TOKENIZER = "tokenizer.ckpt"
 #: SentencePiece's word-start mark; ``transcribe.py`` turns it into a space
 WORD_START = "\u2581"
 
@@ -130,16 +135,19 @@ def _run_hint(folder: Path) -> str:
 
 
 def find_tokenizer(save_dirs: list[Path], hparams: dict) -> Path | None:
-    """The tokenizer file a CTC recipe left: ``label_encoder.txt`` or one SentencePiece ``*.model``.
+    """The tokenizer file a CTC recipe left: ``label_encoder.txt``, ``tokenizer.ckpt`` or one ``*.model``.
 
-    Looked for in each of ``save_dirs`` (the checkpoint folder, then the output folder); of several
-    SentencePiece models the one named ``<output_neurons>_<token_type>.model`` (as SpeechBrain's
-    ``SentencePiece`` names it) is taken. ``None`` when there is none (or no way to choose).
+    Looked for in each of ``save_dirs`` (the checkpoint folder, then the output folder): a ``CTCTextEncoder``'s
+    ``label_encoder.txt``, else the ``tokenizer.ckpt`` SpeechBrain's ``Pretrainer`` collects (SpeechBrain's
+    LibriSpeech CTC recipe: a SentencePiece model), else a SentencePiece ``*.model``; of several, the one named
+    ``<output_neurons>_<token_type>.model`` (as SpeechBrain's ``SentencePiece`` names it). ``None`` when there
+    is none (or no way to choose). :func:`read_tokens` tells the kinds apart by content.
     """
     preferred = f"{hparams.get('output_neurons')}_{hparams.get('token_type')}.model"
     for folder in save_dirs:
-        if (folder / LABEL_ENCODER).is_file():
-            return folder / LABEL_ENCODER
+        for name in (LABEL_ENCODER, COLLECTED_TOKENIZER):
+            if (folder / name).is_file():
+                return folder / name
         models = sorted(folder.glob("*.model"))
         if len(models) == 1:
             return models[0]
@@ -148,10 +156,23 @@ def find_tokenizer(save_dirs: list[Path], hparams: dict) -> Path | None:
     return None
 
 
+def _sentencepiece(path: Path) -> sentencepiece.SentencePieceProcessor | None:
+    """``path`` loaded as a SentencePiece model, or ``None`` when its content is not one (whatever its name)."""
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.load(str(path))
+    except (OSError, RuntimeError):
+        return None
+    return processor
+
+
 def read_tokens(path: str | os.PathLike, blank_index: int | None) -> tuple[list[str], int]:
     """``(tokens [V], blank index)`` of a ``CTCTextEncoder`` file or a SentencePiece model, for ``deploy.json``.
 
-    Written so that ``transcribe.py``'s joined tokens of a best path are the tokenizer's own decoding:
+    The kind is told by the content, not the name: a file that loads as a SentencePiece model is one (the
+    ``tokenizer.ckpt`` SpeechBrain's ``Pretrainer`` collects is a SentencePiece model under another name),
+    anything else is read as a ``CTCTextEncoder`` file. Written so that ``transcribe.py``'s joined tokens of a
+    best path are the tokenizer's own decoding:
 
     - ``CTCTextEncoder`` (``label_encoder.txt``): each label as it is (characters, ``" "`` a space). When the
       labels are longer than one character and none is a space (TIMIT's phonemes, words), each is written
@@ -166,14 +187,8 @@ def read_tokens(path: str | os.PathLike, blank_index: int | None) -> tuple[list[
         The file cannot be read as either, or the blank index is not one of its tokens.
     """
     path = Path(path)
-    if path.suffix == ".model":
-        import sentencepiece
-
-        processor = sentencepiece.SentencePieceProcessor()
-        try:
-            processor.load(str(path))
-        except (OSError, RuntimeError) as error:
-            raise RecipeFolderError(f"{path}: not a SentencePiece model ({error_line(error)})") from None
+    processor = _sentencepiece(path)
+    if processor is not None:
         blank = 0 if blank_index is None else int(blank_index)
         tokens = []
         for i in range(processor.get_piece_size()):
@@ -191,7 +206,8 @@ def read_tokens(path: str | os.PathLike, blank_index: int | None) -> tuple[list[
             blank = int(encoder.lab2ind[encoder.blank_label])
         except (OSError, ValueError, KeyError, SyntaxError, AttributeError) as error:
             raise RecipeFolderError(
-                f"{path}: not a SpeechBrain CTCTextEncoder file with a blank label ({error_line(error)})"
+                f"{path}: neither a SentencePiece model nor a SpeechBrain CTCTextEncoder file with a blank label "
+                f"({error_line(error)})"
             ) from None
         if blank_index is not None and int(blank_index) != blank:
             raise RecipeFolderError(
@@ -549,7 +565,8 @@ def load_recipe(
         The yaml keys of the modules ``compute_forward`` runs between the normaliser and the log-softmax, in
         order; default: the ``modules`` mapping's entries in yaml order, normalisers first.
     tokenizer : str or os.PathLike, optional
-        ``label_encoder.txt`` or a SentencePiece ``.model``; default: the one the recipe left in its save folder.
+        A ``CTCTextEncoder`` file or a SentencePiece model (told apart by content, whatever the name); default:
+        the one the recipe left in its save folder (:func:`find_tokenizer`).
     checkpoint : str
         ``"best"`` (lowest WER, else CER, else PER recorded; else the newest), ``"newest"``, or a checkpoint
         folder's name (``CKPT+...``).
@@ -588,11 +605,9 @@ def load_recipe(
         ckpt_root = roots[0]
     tokenizer_path = Path(tokenizer) if tokenizer is not None else find_tokenizer([ckpt_root, folder], loaded)
     if tokenizer_path is None:
-        ours = folder / "model" / "speech_kd.json"  # a run of speech-kd train/distill: its model folder exports
-        hint = f" (or export {ours.parent}, the model folder this run wrote)" if ours.is_file() else ""
         raise RecipeFolderError(
-            f"{ckpt_root}: no tokenizer ({LABEL_ENCODER} of a CTCTextEncoder or one SentencePiece *.model); "
-            f"give it with --tokenizer FILE{hint}"
+            f"{ckpt_root}: no tokenizer ({LABEL_ENCODER} of a CTCTextEncoder, {COLLECTED_TOKENIZER} or one "
+            f"SentencePiece *.model); give it with --tokenizer FILE{_run_hint(folder)}"
         )
     if not tokenizer_path.is_file():
         raise RecipeFolderError(f"{tokenizer_path}: no such tokenizer file")

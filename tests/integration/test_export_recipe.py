@@ -328,7 +328,7 @@ def test_bad_recipe_input_is_refused_in_one_line_naming_the_file(crdnn_run, conf
     (copy / "save" / "label_encoder.txt").unlink()
     error = _one_line_error([str(copy)], out)
     assert error.endswith(
-        f"{copy / 'save'}: no tokenizer (label_encoder.txt of a CTCTextEncoder or one "
+        f"{copy / 'save'}: no tokenizer (label_encoder.txt of a CTCTextEncoder, tokenizer.ckpt or one "
         "SentencePiece *.model); give it with --tokenizer FILE"
     )
     # no checkpoint

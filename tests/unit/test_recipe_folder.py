@@ -1,0 +1,133 @@
+"""Reading a SpeechBrain recipe's output folder (``speech_kd.deploy.recipe_folder``) on tiny hand-made folders.
+
+Each folder is what SpeechBrain's ``create_experiment_directory`` and ``Checkpointer`` write (a resolved
+``hyperparams.yaml``, ``save/CKPT+*``), made here in a second with a linear layer over 8 mel bins instead of
+a trained network: which checkpoints go in (averaging as the stock LibriSpeech CTC recipe evaluates), that
+loading the yaml leaves nothing on disk, and which tokenizer files are read. The recipes trained through
+their own ``train.py`` are in ``tests/integration/test_export_recipe.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sentencepiece
+import torch
+from hyperpyyaml import load_hyperpyyaml
+from speechbrain.dataio.encoder import CTCTextEncoder
+
+from speech_kd.deploy.recipe_folder import RecipeFolderError, find_tokenizer, load_recipe, read_tokens
+
+#: a resolved copy as ``create_experiment_directory`` writes it: every path literal, ``checkpoints_dir`` too
+RECIPE_YAML = """\
+output_folder: {run}
+save_folder: {save}
+data_folder: !PLACEHOLDER
+avg_checkpoints: {avg}
+sample_rate: 16000
+n_mels: 8
+output_neurons: {neurons}
+blank_index: 0
+compute_features: !new:speechbrain.lobes.features.Fbank
+    n_mels: 8
+normalize: !new:speechbrain.processing.features.InputNormalization
+    norm_type: global
+output: !new:speechbrain.nnet.linear.Linear
+    input_size: 8
+    n_neurons: {neurons}
+modules:
+    normalize: !ref <normalize>
+    output: !ref <output>
+model: !new:torch.nn.ModuleList
+    - [!ref <output>]
+epoch_counter: !new:speechbrain.utils.epoch_loop.EpochCounter
+    limit: 2
+checkpointer: !new:speechbrain.utils.checkpoints.Checkpointer
+    checkpoints_dir: {save}
+    recoverables:
+        model: !ref <model>
+        normalizer: !ref <normalize>
+        counter: !ref <epoch_counter>
+"""
+#: the labels of the tiny recipes' ``label_encoder.txt`` (the blank first)
+LABELS = "abcd"
+
+
+def _recipe(
+    run_folder: Path, scores: list[float | None], weights: list[float], avg: int = 1, neurons: int = len(LABELS) + 1
+) -> list[float]:
+    """Write a recipe output folder with one checkpoint per ``(WER, weight)``, oldest first.
+
+    The output layer's weights are all ``weight`` in its checkpoint; the normaliser's mean moves at each one.
+    ``None`` records no WER. Returns the normaliser's mean in each checkpoint.
+    """
+    save = run_folder / "save"
+    text = RECIPE_YAML.format(run=run_folder, save=save, avg=avg, neurons=neurons)
+    hparams = load_hyperpyyaml(text, {"data_folder": "unused"})
+    means = []
+    for score, weight in zip(scores, weights):
+        with torch.no_grad():
+            for parameter in hparams["output"].parameters():
+                parameter.fill_(weight)
+        hparams["normalize"].train()
+        hparams["normalize"](torch.full((1, 20, 8), weight) + torch.randn(1, 20, 8), torch.ones(1))
+        means.append(float(hparams["normalize"].glob_mean.mean()))
+        hparams["checkpointer"].save_checkpoint(meta={} if score is None else {"WER": score}, verbosity=0)
+    (run_folder / "hyperparams.yaml").write_text(text)
+    encoder = CTCTextEncoder()
+    encoder.insert_blank(index=0)
+    encoder.update_from_iterable(LABELS)
+    encoder.save(save / "label_encoder.txt")
+    return means
+
+
+def _sentencepiece(folder: Path) -> Path:
+    """A SentencePiece character model as SpeechBrain's recipes train it (unk 0, the blank; bos 1, eos 2)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "text.txt").write_text("abc dab\ncab bad\n" * 20)
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(folder / "text.txt"),
+        model_prefix=str(folder / "chars"),
+        model_type="char",
+        vocab_size=8,
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        minloglevel=2,
+    )
+    return folder / "chars.model"
+
+
+def test_a_sentencepiece_model_is_known_by_its_content(tmp_path):
+    """``save/tokenizer.ckpt`` (what SpeechBrain's Pretrainer collects in the LibriSpeech CTC recipe) is a
+    SentencePiece model under another name: found in the folder, and read as one given with --tokenizer."""
+    model = _sentencepiece(tmp_path / "sp")
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(model))
+    run_folder = tmp_path / "run"
+    _recipe(run_folder, [10.0], [0.5], neurons=pieces.get_piece_size())
+    (run_folder / "save" / "label_encoder.txt").unlink()
+    collected = run_folder / "save" / "tokenizer.ckpt"
+    collected.write_bytes(model.read_bytes())
+    tokens, blank = read_tokens(collected, 0)
+    assert (tokens, blank) == read_tokens(model, 0)
+    assert tokens[1:3] == ["", ""] and tokens[3:] == [pieces.id_to_piece(i) for i in range(3, len(tokens))]
+    assert find_tokenizer([run_folder / "save", run_folder], {}) == collected
+    assert load_recipe(run_folder).tokens == tokens
+    elsewhere = tmp_path / "given.bin"
+    elsewhere.write_bytes(model.read_bytes())
+    collected.unlink()
+    assert load_recipe(run_folder, tokenizer=elsewhere).tokens == tokens
+    # a CTCTextEncoder under that name (a model folder's tokenizer.ckpt) is still read as one
+    encoder = CTCTextEncoder()
+    encoder.insert_blank(index=0)
+    encoder.update_from_iterable(LABELS)
+    encoder.save(collected)
+    assert read_tokens(collected, 0) == (["<blank>", *LABELS], 0)
+    garbage = tmp_path / "garbage.model"
+    garbage.write_bytes(b"\x00not a model")
+    with pytest.raises(
+        RecipeFolderError, match="garbage.model: neither a SentencePiece model nor a SpeechBrain CTCTextEncoder"
+    ):
+        read_tokens(garbage, 0)
