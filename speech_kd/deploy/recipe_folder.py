@@ -34,16 +34,19 @@ Shapes: ``B`` batch, ``T`` fbank frames, ``F`` mel bins, ``T'`` output frames, `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
 import re
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import sentencepiece
 import torch
-from hyperpyyaml import load_hyperpyyaml
+import yaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.lobes.features import Fbank
 from speechbrain.lobes.models.transformer.TransformerASR import EncoderWrapper, TransformerASR
@@ -414,8 +417,84 @@ def _renamed_anchors(text: str) -> str:
     return re.sub(r"(?<=[\s\[,{])([&*])id(\d+)\b", r"\1recipe\2", text)
 
 
+class _PlainLoader(yaml.SafeLoader):
+    """A YAML loader that reads each tagged node (``!new:``, ``!name:``, ``!apply:``...) as the plain value it holds."""
+
+
+def _plain_node(loader: _PlainLoader, suffix: str, node: yaml.Node) -> object:
+    """A tagged node's mapping, list or string, its tag ignored."""
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_PlainLoader.add_multi_constructor("!", _plain_node)
+
+
+def _strings(value: object) -> Iterator[str]:
+    """Every string among the values of a parsed yaml (mappings' values, lists' items), at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _yaml_strings(text: str, given: dict) -> list[str]:
+    """The string values of the yaml ``text`` with ``given`` applied and its references resolved.
+
+    Nothing is built: HyperPyYAML's ``resolve_references`` writes the values, tags are read as plain values.
+    These are the paths the yaml's objects may create when built (a ``Checkpointer``'s ``checkpoints_dir``).
+    """
+    try:
+        resolved = resolve_references(text, given).getvalue()
+    except Exception:  # what the load will report; the text's own strings are what can be known
+        resolved = text
+    try:
+        return list(_strings(yaml.load(resolved, Loader=_PlainLoader)))
+    except yaml.YAMLError:
+        return []
+
+
+@contextlib.contextmanager
+def _created_folders_removed(values: Iterable[str]) -> Iterator[None]:
+    """Remove, when the block ends, each folder named in ``values`` that it created, if empty (parents too).
+
+    Loading a recipe's yaml builds its objects, and SpeechBrain's ``Checkpointer`` creates its
+    ``checkpoints_dir`` (``os.makedirs``) in its ``__init__``: a ``save_folder`` recorded outside the output
+    folder (``--save_folder=`` at training), or one under a ``!PLACEHOLDER``'s dummy value (relative: the
+    working folder), would be left behind by an export that only reads. Each value, taken as a path (relative
+    ones from the working folder), is recorded with its parents that do not exist before the block; after it,
+    those that exist and are empty folders are removed, deepest first. Nothing that existed before is touched.
+    """
+    missing: set[Path] = set()
+    for value in values:
+        try:
+            path = Path(os.path.abspath(value))
+            while not os.path.lexists(path) and path != path.parent:
+                missing.add(path)
+                path = path.parent
+        except (OSError, ValueError):  # a NUL byte, a name too long: not a path anything creates
+            continue
+    try:
+        yield
+    finally:
+        for path in sorted(missing, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                    path.rmdir()
+
+
 def _load_yaml(yaml_path: Path, folder: Path, overrides: dict) -> dict:
-    """The recipe yaml loaded for ``folder``: ``output_folder`` set, recorded paths moved, placeholders filled."""
+    """The recipe yaml loaded for ``folder``: ``output_folder`` set, recorded paths moved, placeholders filled.
+
+    The folders that building its objects creates are removed again (:func:`_created_folders_removed`).
+    """
     try:
         text = yaml_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -426,7 +505,8 @@ def _load_yaml(yaml_path: Path, folder: Path, overrides: dict) -> dict:
         given["output_folder"] = str(folder)
     given.update(overrides)
     try:
-        hparams = load_hyperpyyaml(text, given)
+        with _created_folders_removed(_yaml_strings(text, given)):
+            hparams = load_hyperpyyaml(text, given)
     except Exception as error:  # HyperPyYAML raises whatever a constructor in the yaml raises
         raise RecipeFolderError(
             f"{yaml_path}: cannot be loaded ({error_line(error)}); give the keys it needs with "

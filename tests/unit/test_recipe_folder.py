@@ -17,6 +17,7 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.encoder import CTCTextEncoder
 
+from speech_kd.deploy.onnx_export import export_recipe
 from speech_kd.deploy.recipe_folder import RecipeFolderError, find_tokenizer, load_recipe, read_tokens
 
 #: a resolved copy as ``create_experiment_directory`` writes it: every path literal, ``checkpoints_dir`` too
@@ -131,3 +132,43 @@ def test_a_sentencepiece_model_is_known_by_its_content(tmp_path):
         RecipeFolderError, match="garbage.model: neither a SentencePiece model nor a SpeechBrain CTCTextEncoder"
     ):
         read_tokens(garbage, 0)
+
+
+def _snapshot(folder: Path) -> set[str]:
+    """Every path under ``folder``."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+#: a second checkpointer under a placeholder (``data_folder``: a relative dummy, so under the working folder)
+PLACEHOLDER_CHECKPOINTER = """
+scratch: !new:speechbrain.utils.checkpoints.Checkpointer
+    checkpoints_dir: !ref <data_folder>/scratch
+"""
+
+
+@pytest.mark.parametrize("refused", [True, False])
+def test_loading_the_yaml_creates_nothing_outside_out(refused, tmp_path, monkeypatch):
+    """A save_folder recorded outside the output folder (``--save_folder=`` at training) and a checkpointer under
+    a placeholder: SpeechBrain's Checkpointer creates its folder when the yaml is loaded; the export leaves
+    nothing behind, whether it is refused (no tokenizer) or writes ``--out``."""
+    pytest.importorskip("onnxruntime")
+    run_folder = tmp_path / "rf" / "run"
+    _recipe(run_folder, [10.0], [0.5])
+    elsewhere = tmp_path / "rf_elsewhere" / "user" / "save"
+    text = (run_folder / "hyperparams.yaml").read_text().replace(str(run_folder / "save"), str(elsewhere))
+    (run_folder / "hyperparams.yaml").write_text(text + PLACEHOLDER_CHECKPOINTER)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    if refused:
+        (run_folder / "save" / "label_encoder.txt").unlink()
+    before = _snapshot(tmp_path)
+    out = tmp_path / "onnx"
+    if refused:
+        with pytest.raises(RecipeFolderError, match="no tokenizer"):
+            export_recipe(run_folder, out)
+    else:
+        export_recipe(run_folder, out)
+        assert (out / "deploy.json").is_file()
+    assert not (tmp_path / "rf_elsewhere").exists() and not any(work.iterdir())
+    assert {p for p in _snapshot(tmp_path) if not p.startswith("onnx")} == before
