@@ -68,7 +68,7 @@ def _cmd_export(args) -> None:
             overrides=_overrides(args.overrides),
             modules=args.modules,
             tokenizer=args.tokenizer,
-            checkpoint=args.checkpoint or "best",
+            checkpoint=args.checkpoint,
             **common,
         )
         print(f"read {info['checkpoint']}; exported with {info['path']}")
@@ -178,8 +178,9 @@ def add_export(sub) -> None:
     recipe.add_argument(
         "--checkpoint",
         default=None,
-        help=f"{' | '.join(CHECKPOINT_CHOICES)} | CKPT+... (default best: the lowest WER, else CER, else PER "
-        "recorded; the newest when none is)",
+        help=f"{' | '.join(CHECKPOINT_CHOICES)} | CKPT+... (default: average when the yaml's avg_checkpoints > 1: "
+        "the model averaged over the checkpoints recording a WER, as SpeechBrain's LibriSpeech CTC recipe "
+        "evaluates it; else best: the lowest WER, else CER, else PER recorded, the newest when none is)",
     )
     p.set_defaults(func=_cmd_export)
 

@@ -14,16 +14,26 @@ CRDNN, ...) ends as the recipe's output folder, not as an ``EncoderASR`` model f
 
 :func:`load_recipe` loads the yaml with HyperPyYAML (the output folder's own copy unless another is given;
 ``output_folder`` is set to the folder given, paths the copy recorded under its old output folder follow it,
-``!PLACEHOLDER`` keys such as ``data_folder`` get a dummy value, since nothing is trained or read), restores
-the modules from one checkpoint through SpeechBrain's ``Checkpointer`` (the lowest ``WER``, else ``CER``,
-else ``PER`` the recipe recorded: the checkpoint its ``evaluate(min_key=...)`` tests; the newest when no
-error rate was recorded), reads the tokens, and returns the inference pipeline of the recipe's
-``compute_forward``:
+``!PLACEHOLDER`` keys such as ``data_folder`` get a dummy value, since nothing is trained or read; a folder
+that building the yaml's objects creates, such as a ``Checkpointer``'s ``checkpoints_dir`` recorded outside
+the output folder, is removed again), restores the modules through SpeechBrain's ``Checkpointer``, reads the
+tokens, and returns the inference pipeline of the recipe's ``compute_forward``:
 
     waveform -> ``compute_features`` (an ``Fbank``: computed by the exported folder's ``transcribe.py``)
              -> the normaliser (``InputNormalization``, its running statistics restored)
              -> the encoder modules, in the yaml's ``modules`` order (or ``modules=[...]``)
              -> log-softmax (CTC log-probabilities)
+
+Which weights (``checkpoint=``), so that the export is the model the recipe evaluated:
+
+- ``"average"``, the default when the yaml's ``avg_checkpoints`` is above 1 (SpeechBrain's LibriSpeech CTC
+  recipe): as that recipe's ``on_evaluate_start`` does, the recoverables holding the modules are averaged
+  (``average_checkpoints``) over every checkpoint that records the error rate (``find_checkpoints(min_key=
+  "WER")``, else ``CER``, else ``PER``), and the others (the normaliser's statistics) come from the newest
+  checkpoint, which its ``super().on_evaluate_start()`` recovers;
+- ``"best"``, the default otherwise: one checkpoint, the lowest ``WER``, else ``CER``, else ``PER`` recorded
+  (the one ``evaluate(min_key=...)`` tests); the newest when no error rate was recorded;
+- ``"newest"``, or a checkpoint folder's name (``CKPT+...``).
 
 Every bad input is refused before any export work with one line naming the file and the problem
 (:class:`RecipeFolderError`): no checkpoint, a yaml whose modules do not fit the checkpoint, no tokenizer,
@@ -51,7 +61,14 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.lobes.features import Fbank
 from speechbrain.lobes.models.transformer.TransformerASR import EncoderWrapper, TransformerASR
 from speechbrain.processing.features import InputNormalization
-from speechbrain.utils.checkpoints import Checkpointer
+from speechbrain.utils.checkpoints import (
+    DEFAULT_SAVE_HOOKS,
+    Checkpoint,
+    Checkpointer,
+    average_checkpoints,
+    get_default_hook,
+    torch_save,
+)
 
 from speech_kd.nnet import run_chain
 
@@ -73,8 +90,9 @@ __all__ = [
 
 #: meta keys of SpeechBrain checkpoints that are error rates (lower is better), in the order they are preferred
 ERROR_RATE_KEYS = ("WER", "CER", "PER")
-#: ``checkpoint=`` values besides a checkpoint folder: the lowest recorded error rate, or the newest
-CHECKPOINT_CHOICES = ("best", "newest")
+#: ``checkpoint=`` values besides a checkpoint folder: the average the recipe evaluates, the lowest recorded
+#: error rate, or the newest
+CHECKPOINT_CHOICES = ("average", "best", "newest")
 #: the value given to the yaml's ``!PLACEHOLDER`` keys (``data_folder``...) that the export never reads
 UNUSED = "speech-kd-export-unused"
 #: the label-encoder file SpeechBrain's CTC recipes write into ``save_folder``
@@ -232,9 +250,11 @@ class RecipeModel:
     Attributes
     ----------
     folder, yaml_path, checkpoint, tokenizer_path : Path
-        The output folder, the yaml loaded, the checkpoint folder restored, the tokenizer file.
+        The output folder, the yaml loaded, the checkpoint folder restored (when averaging: the one the
+        recoverables that are not averaged come from), the tokenizer file.
     checkpoint_note : str
-        Why that checkpoint (``"lowest WER 12.3 of 4 checkpoints"``, ``"newest of 2 (no error rate recorded)"``).
+        Why that checkpoint (``"lowest WER 12.3 of 4 checkpoints"``, ``"newest of 2 (no error rate recorded)"``),
+        or which checkpoints were averaged and how.
     hparams : dict
         The loaded yaml.
     features_key : str
@@ -246,6 +266,8 @@ class RecipeModel:
         ``V`` tokens, as :func:`read_tokens` writes them.
     blank_index, sample_rate : int
         The CTC blank and the audio sample rate.
+    averaged : list of Path
+        The checkpoint folders whose weights were averaged, lowest error rate first (empty: one checkpoint).
     """
 
     folder: Path
@@ -259,6 +281,14 @@ class RecipeModel:
     tokens: list
     blank_index: int
     sample_rate: int
+    averaged: list = dataclasses.field(default_factory=list)
+
+    def weights(self) -> str:
+        """Where the weights come from, for messages: ``"FOLDER (why)"`` or the averaged checkpoints."""
+        if not self.averaged:
+            return f"{self.checkpoint} ({self.checkpoint_note})"
+        where = self.checkpoint.parent
+        return f"the averaged model from {len(self.averaged)} checkpoints in {where} ({self.checkpoint_note})"
 
     @property
     def features(self) -> torch.nn.Module:
@@ -557,8 +587,26 @@ def _steps(hparams: dict, yaml_path: Path, features_key: str, modules: list[str]
     }
 
 
-def _choose_checkpoint(checkpointer: Checkpointer, choice: str, where: Path) -> tuple[Path, str]:
-    """The checkpoint folder to restore and why (see :func:`load_recipe`)."""
+@dataclasses.dataclass
+class _Choice:
+    """The checkpoints :func:`_restore` reads: one for every recoverable, and those to average, if any."""
+
+    checkpoint: Checkpoint
+    note: str
+    averaged: list[Checkpoint] = dataclasses.field(default_factory=list)
+    key: str = ""
+
+
+def _error_rate_key(checkpoints: list[Checkpoint]) -> str | None:
+    """The first of :data:`ERROR_RATE_KEYS` that a checkpoint records as a number, or ``None``."""
+    for key in ERROR_RATE_KEYS:
+        if any(isinstance(c.meta.get(key), (int, float)) for c in checkpoints):
+            return key
+    return None
+
+
+def _choose_checkpoint(checkpointer: Checkpointer, choice: str, where: Path, asked: bool) -> _Choice:
+    """The checkpoint(s) to restore and why (see :func:`load_recipe`; ``asked``: ``choice`` was given)."""
     checkpoints = checkpointer.list_checkpoints()
     if not checkpoints:
         raise RecipeFolderError(f"{where}: no checkpoint (CKPT+*/CKPT.yaml) to export")
@@ -569,20 +617,56 @@ def _choose_checkpoint(checkpointer: Checkpointer, choice: str, where: Path) -> 
                 f"--checkpoint {choice}: not one of the {len(checkpoints)} checkpoints in {where} "
                 f"({', '.join(c.path.name for c in checkpoints[:3])}{' ...' if len(checkpoints) > 3 else ''})"
             )
-        return named[0].path, "as asked"
+        return _Choice(named[0], "as asked")
     newest = max(checkpoints, key=lambda c: c.meta.get("unixtime", 0))
-    if choice == "best":
-        for key in ERROR_RATE_KEYS:
-            scored = [c for c in checkpoints if isinstance(c.meta.get(key), (int, float))]
-            if scored:
-                best = min(scored, key=lambda c: (c.meta[key], -c.meta.get("unixtime", 0)))
-                return best.path, f"lowest {key} ({best.meta[key]:.4g}) of {len(checkpoints)} checkpoint(s)"
-        return newest.path, f"newest of {len(checkpoints)} checkpoint(s) (no WER, CER or PER recorded)"
-    return newest.path, f"newest of {len(checkpoints)} checkpoint(s)"
+    key = _error_rate_key(checkpoints)
+    if choice == "newest":
+        return _Choice(newest, f"newest of {len(checkpoints)} checkpoint(s)")
+    if key is None:
+        if choice == "average" and asked:
+            raise RecipeFolderError(
+                f"--checkpoint average: no checkpoint in {where} records a WER, CER or PER to choose the "
+                "checkpoints to average by; give --checkpoint best, newest or a CKPT+... name"
+            )
+        return _Choice(newest, f"newest of {len(checkpoints)} checkpoint(s) (no WER, CER or PER recorded)")
+    # the recipe's own call (on_evaluate_start): every checkpoint recording the key, lowest first
+    scored = checkpointer.find_checkpoints(min_key=key, ckpt_predicate=lambda c: isinstance(c.meta[key], (int, float)))
+    if choice == "average" and len(scored) > 1:
+        return _Choice(newest, "", scored, key)
+    best = scored[0]
+    note = f"lowest {key} ({best.meta[key]:.4g}) of {len(checkpoints)} checkpoint(s)"
+    if choice == "average":
+        note += f"; the only one recording a {key}: nothing to average"
+    return _Choice(best, note)
 
 
-def _restore(hparams: dict, yaml_path: Path, steps: dict, ckpt_root: Path, choice: str) -> tuple[Path, str]:
-    """Restore the recoverables that hold the steps from one checkpoint (each checked against its file)."""
+def _load_entry(ckpt_root: Path, recoverables: dict, entry: Checkpoint) -> None:
+    """Load ``recoverables`` from one checkpoint; one that does not fit is named with the reason."""
+    try:
+        Checkpointer(ckpt_root, recoverables).load_checkpoint(entry)
+    except Exception:  # a size mismatch, missing or unexpected keys, a damaged file: find which, say why
+        for name, obj in recoverables.items():
+            try:
+                Checkpointer(ckpt_root, {name: obj}).load_checkpoint(entry)
+            except Exception as error:
+                raise RecipeFolderError(
+                    f"{entry.path / f'{name}.ckpt'}: does not fit the yaml's {name!r} ({type(obj).__name__}): "
+                    f"{error_line(error)}; give the yaml and --overrides the run was trained with"
+                ) from None
+        raise
+
+
+def _restore(
+    hparams: dict, yaml_path: Path, steps: dict, ckpt_root: Path, choice: str, asked: bool
+) -> tuple[Path, str, list[Path]]:
+    """Restore the recoverables that hold the steps (each checked against its file).
+
+    Returns the checkpoint restored, why, and the checkpoints averaged (lowest error rate first; empty when
+    one checkpoint was restored). Averaging is the stock LibriSpeech CTC recipe's ``on_evaluate_start``:
+    every recoverable is restored from the newest checkpoint (its ``super().on_evaluate_start()``, which
+    gives no key), then those saved as a state dict (SpeechBrain's default for a module: the ``model``, not
+    the normaliser's statistics) are replaced by ``average_checkpoints`` over the scored checkpoints.
+    """
     recipe_checkpointer = hparams.get("checkpointer")
     if not isinstance(recipe_checkpointer, Checkpointer):
         raise RecipeFolderError(f"{yaml_path}: no 'checkpointer' (a SpeechBrain Checkpointer) naming what to restore")
@@ -600,26 +684,45 @@ def _restore(hparams: dict, yaml_path: Path, steps: dict, ckpt_root: Path, choic
                 f"{yaml_path}: {key} ({type(inner).__name__}) is in no recoverable of the checkpointer: "
                 "its trained weights are not in the checkpoints"
             )
-    checkpoint, note = _choose_checkpoint(Checkpointer(ckpt_root), choice, ckpt_root)
-    for name in recoverables:
-        if not (checkpoint / f"{name}.ckpt").is_file():
-            raise RecipeFolderError(
-                f"{checkpoint / f'{name}.ckpt'}: missing; the checkpoint does not hold the yaml's {name!r}"
-            )
-    entry = next(c for c in Checkpointer(ckpt_root).list_checkpoints() if c.path == checkpoint)
-    try:
-        Checkpointer(ckpt_root, recoverables).load_checkpoint(entry)
-    except Exception:  # a size mismatch, missing or unexpected keys, a damaged file: find which, say why
-        for name, obj in recoverables.items():
-            try:
-                Checkpointer(ckpt_root, {name: obj}).load_checkpoint(entry)
-            except Exception as error:
+    chosen = _choose_checkpoint(Checkpointer(ckpt_root), choice, ckpt_root, asked)
+    averaged = [
+        name
+        for name, obj in recoverables.items()
+        if chosen.averaged
+        and name not in recipe_checkpointer.custom_save_hooks
+        and get_default_hook(obj, DEFAULT_SAVE_HOOKS) is torch_save
+    ]
+    if chosen.averaged and not averaged:
+        raise RecipeFolderError(
+            f"{yaml_path}: none of the recoverables holding the modules ({', '.join(recoverables)}) is saved as "
+            "a state dict, which averaging needs; give --checkpoint best"
+        )
+    for entry, names in [(chosen.checkpoint, list(recoverables)), *((c, averaged) for c in chosen.averaged)]:
+        for name in names:
+            if not (entry.path / f"{name}.ckpt").is_file():
                 raise RecipeFolderError(
-                    f"{checkpoint / f'{name}.ckpt'}: does not fit the yaml's {name!r} ({type(obj).__name__}): "
-                    f"{error_line(error)}; give the yaml and --overrides the run was trained with"
-                ) from None
-        raise
-    return checkpoint, note
+                    f"{entry.path / f'{name}.ckpt'}: missing; the checkpoint does not hold the yaml's {name!r}"
+                )
+    _load_entry(ckpt_root, recoverables, chosen.checkpoint)
+    for name in averaged:
+        try:
+            recoverables[name].load_state_dict(average_checkpoints(chosen.averaged, recoverable_name=name), strict=True)
+        except Exception as error:  # parameters of other shapes in one checkpoint, a damaged file
+            raise RecipeFolderError(
+                f"{ckpt_root}: the {name!r} of the {len(chosen.averaged)} checkpoints recording a {chosen.key} do "
+                f"not average into the yaml's {name!r} ({error_line(error)}); give --checkpoint best"
+            ) from None
+    if not chosen.averaged:
+        return chosen.checkpoint.path, chosen.note, []
+    scores = ", ".join(f"{c.path.name} ({chosen.key} {c.meta[chosen.key]:.4g})" for c in chosen.averaged)
+    rest = [name for name in recoverables if name not in averaged]
+    note = (
+        f"{', '.join(averaged)}: the average of the {len(chosen.averaged)} checkpoints recording a {chosen.key}, "
+        f"as the recipe's on_evaluate_start computes it: {scores}"
+    )
+    if rest:
+        note += f"; {', '.join(rest)} from the newest, {chosen.checkpoint.path.name}"
+    return chosen.checkpoint.path, note, [c.path for c in chosen.averaged]
 
 
 def load_recipe(
@@ -628,9 +731,9 @@ def load_recipe(
     overrides: dict | None = None,
     modules: list[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
 ) -> RecipeModel:
-    """Load a recipe's output folder as a CTC model at one checkpoint (see the module docstring).
+    """Load a recipe's output folder as a CTC model, with the weights the recipe evaluated (module docstring).
 
     Parameters
     ----------
@@ -647,9 +750,12 @@ def load_recipe(
     tokenizer : str or os.PathLike, optional
         A ``CTCTextEncoder`` file or a SentencePiece model (told apart by content, whatever the name); default:
         the one the recipe left in its save folder (:func:`find_tokenizer`).
-    checkpoint : str
-        ``"best"`` (lowest WER, else CER, else PER recorded; else the newest), ``"newest"``, or a checkpoint
-        folder's name (``CKPT+...``).
+    checkpoint : str, optional
+        ``"average"`` (the model averaged over the checkpoints recording the error rate, as SpeechBrain's
+        LibriSpeech CTC recipe evaluates it), ``"best"`` (lowest WER, else CER, else PER recorded; else the
+        newest), ``"newest"``, or a checkpoint folder's name (``CKPT+...``). Default: ``"average"`` when the
+        yaml's ``avg_checkpoints`` is above 1 (and more than one checkpoint records the error rate), else
+        ``"best"``.
 
     Returns
     -------
@@ -659,7 +765,8 @@ def load_recipe(
     ------
     RecipeFolderError
         One line naming the file: no checkpoint, no yaml, a yaml that does not load or whose modules do not fit
-        the checkpoint, no tokenizer, a tokenizer of another size than the output layer.
+        the checkpoint, no tokenizer, a tokenizer of another size than the output layer, ``"average"`` asked
+        where no checkpoint records an error rate.
     """
     folder = Path(os.path.abspath(folder))
     if not folder.is_dir():
@@ -695,7 +802,9 @@ def load_recipe(
     tokens, blank = read_tokens(tokenizer_path, None if blank is None else int(blank))
     features_key = _features_key(loaded, yaml_path)
     steps = _steps(loaded, yaml_path, features_key, modules)
-    chosen, note = _restore(loaded, yaml_path, steps, ckpt_root, checkpoint)
+    average = isinstance(loaded.get("avg_checkpoints"), int) and loaded["avg_checkpoints"] > 1
+    choice = checkpoint if checkpoint is not None else ("average" if average else "best")
+    chosen, note, averaged = _restore(loaded, yaml_path, steps, ckpt_root, choice, checkpoint is not None)
     for module in steps.values():
         module.eval()
     return RecipeModel(
@@ -710,4 +819,5 @@ def load_recipe(
         tokens=tokens,
         blank_index=blank,
         sample_rate=int(loaded.get("sample_rate", 16000)),
+        averaged=averaged,
     )

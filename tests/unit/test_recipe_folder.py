@@ -172,3 +172,53 @@ def test_loading_the_yaml_creates_nothing_outside_out(refused, tmp_path, monkeyp
         assert (out / "deploy.json").is_file()
     assert not (tmp_path / "rf_elsewhere").exists() and not any(work.iterdir())
     assert {p for p in _snapshot(tmp_path) if not p.startswith("onnx")} == before
+
+
+def _weight(model) -> float:
+    """The (one) value of the restored output layer's weights."""
+    weights = model.steps["output"].w.weight
+    assert torch.all(weights == weights.flatten()[0])
+    return float(weights.detach().flatten()[0])
+
+
+def _checkpoint_names(run_folder: Path) -> list[str]:
+    """The checkpoint folders' names, oldest first."""
+    return sorted(p.name for p in (run_folder / "save").glob("CKPT+*"))
+
+
+def test_checkpoints_are_averaged_as_the_recipe_evaluates_them(tmp_path):
+    """avg_checkpoints > 1: the model is the average of every checkpoint with a WER, as the stock recipe's
+    ``on_evaluate_start`` computes it (``find_checkpoints(min_key=...)``, ``average_checkpoints`` of ``model``);
+    the rest (the normaliser) as its ``super().on_evaluate_start()`` recovers it: the newest checkpoint."""
+    run_folder = tmp_path / "run"
+    means = _recipe(run_folder, [30.0, 10.0, 20.0, None], [1.0, 2.0, 6.0, 100.0], avg=3)
+    names = _checkpoint_names(run_folder)
+    model = load_recipe(run_folder)
+    assert _weight(model) == pytest.approx(3.0)  # (1 + 2 + 6) / 3: the unscored newest is not averaged
+    assert float(model.steps["normalize"].glob_mean.mean()) == pytest.approx(means[-1])
+    assert [p.name for p in model.averaged] == [names[1], names[2], names[0]]  # lowest WER first
+    assert (
+        all(name in model.checkpoint_note for name in names[:3])
+        and "average of the 3 checkpoints recording a WER" in model.checkpoint_note
+    )
+    assert model.checkpoint.name == names[-1]
+    # the other choices are still there, and the default without avg_checkpoints > 1 is the best
+    assert _weight(load_recipe(run_folder, checkpoint="best")) == pytest.approx(2.0)
+    assert _weight(load_recipe(run_folder, checkpoint="newest")) == pytest.approx(100.0)
+    assert _weight(load_recipe(run_folder, checkpoint=names[0])) == pytest.approx(1.0)
+    assert _weight(load_recipe(run_folder, overrides={"avg_checkpoints": 1})) == pytest.approx(2.0)
+    assert load_recipe(run_folder, checkpoint="best").averaged == []
+
+
+def test_average_needs_scored_checkpoints(tmp_path):
+    """One scored checkpoint: nothing to average (that one); none: the default falls back, asking is refused."""
+    one = tmp_path / "one"
+    _recipe(one, [None, 5.0, None], [1.0, 2.0, 3.0], avg=5)
+    model = load_recipe(one)
+    assert _weight(model) == pytest.approx(2.0) and model.averaged == []
+    assert "nothing to average" in model.checkpoint_note
+    none = tmp_path / "none"
+    _recipe(none, [None, None], [1.0, 2.0], avg=5)
+    assert _weight(load_recipe(none)) == pytest.approx(2.0)  # the newest, as "best" without scores
+    with pytest.raises(RecipeFolderError, match="--checkpoint average: no checkpoint in .* records a WER, CER or PER"):
+        load_recipe(none, checkpoint="average")
