@@ -82,8 +82,13 @@ def _cmd_export(args) -> None:
     if recipe:
         same = "the same" if info["audio_same_transcript"] else "a DIFFERENT"
         print(
-            f"on a synthetic waveform, transcribe.py's fbank + network against SpeechBrain's Fbank + the recipe's "
-            f"modules: largest log-prob difference {info['audio_max_abs_diff']:.2g}, {same} greedy transcript"
+            f"on a synthetic waveform, transcribe.py's fbank + network against SpeechBrain's Fbank + the yaml's "
+            f"modules in order: {', '.join(info['modules'])}, log-softmax: largest log-prob difference "
+            f"{info['audio_max_abs_diff']:.2g}, {same} greedy transcript"
+        )
+        print(
+            "anything your compute_forward does between these modules was not compared: compare one transcript "
+            "with your recipe's (docs/deploy.md)"
         )
     if info.get("lm"):
         lm = info["lm"]

@@ -480,8 +480,8 @@ def export_recipe(
         ``deploy.json``'s contents, plus ``max_abs_diff`` (exported network against the PyTorch modules on
         random frames), ``audio_max_abs_diff`` and ``audio_same_transcript`` (``transcribe.py``'s fbank and
         network against SpeechBrain's ``Fbank`` and the modules, on a synthetic waveform), ``path`` (which of
-        the three above), ``checkpoint`` (the folder restored and why, or the checkpoints averaged) and
-        ``bytes``.
+        the three above), ``checkpoint`` (the folder restored and why, or the checkpoints averaged),
+        ``modules`` (``"key (Class)"`` of the modules compared, in the order they ran) and ``bytes``.
 
     Raises
     ------
@@ -540,6 +540,7 @@ def export_recipe(
         **audio,
         "path": path,
         "checkpoint": model.weights(),
+        "modules": [model.describe(key) for key in model.steps],
         "bytes": (out / config["model_file"]).stat().st_size,
     }
 

@@ -9,6 +9,8 @@ their own ``train.py`` are in ``tests/integration/test_export_recipe.py``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ import torch
 from hyperpyyaml import load_hyperpyyaml
 from speechbrain.dataio.encoder import CTCTextEncoder
 
+from speech_kd.cli import run
 from speech_kd.deploy.onnx_export import export_recipe
 from speech_kd.deploy.recipe_folder import RecipeFolderError, find_tokenizer, load_recipe, read_tokens
 
@@ -222,3 +225,20 @@ def test_average_needs_scored_checkpoints(tmp_path):
     assert _weight(load_recipe(none)) == pytest.approx(2.0)  # the newest, as "best" without scores
     with pytest.raises(RecipeFolderError, match="--checkpoint average: no checkpoint in .* records a WER, CER or PER"):
         load_recipe(none, checkpoint="average")
+
+
+def test_the_cli_says_what_the_parity_check_compared(tmp_path):
+    """The check runs the yaml's modules one after the other: the message names them, in order, and says to
+    compare one transcript with the recipe's own (what a compute_forward does between them is not seen)."""
+    pytest.importorskip("onnxruntime")
+    run_folder = tmp_path / "run"
+    _recipe(run_folder, [10.0, 20.0], [0.5, 0.7], avg=2)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = run(["export", str(run_folder), "--out", str(tmp_path / "onnx")])
+    assert code == 0, stderr.getvalue()
+    text = stdout.getvalue()
+    assert "the yaml's modules in order: normalize (InputNormalization), output (Linear), log-softmax" in text
+    assert "compare one transcript with your recipe's" in text
+    names = _checkpoint_names(run_folder)
+    assert "averaged model from 2 checkpoints" in text and all(name in text for name in names)
