@@ -14,7 +14,7 @@ from speech_kd import hparams_files
 from speech_kd.argtypes import finite_float, non_negative_float, positive_int
 from speech_kd.demo import run_demo
 from speech_kd.deploy.onnx_export import export_asr, export_recipe
-from speech_kd.deploy.recipe_folder import CHECKPOINT_CHOICES, is_recipe_folder
+from speech_kd.deploy.recipe_folder import CHECKPOINT_CHOICES, is_recipe_folder, run_model_folder
 
 __all__ = ["add_bench", "add_demo", "add_export"]
 
@@ -37,6 +37,7 @@ def _overrides(text: str | None) -> dict | None:
 
 
 def _cmd_export(args) -> None:
+    """Export a model folder, a ``speech-kd`` run folder's model folder, or a recipe's output folder."""
     lm_options = {
         k: v
         for k, v in (
@@ -55,7 +56,11 @@ def _cmd_export(args) -> None:
         "force": args.force,
         **lm_options,
     }
-    recipe = any(getattr(args, name) is not None for name in RECIPE_OPTIONS) or is_recipe_folder(args.model_folder)
+    asked = any(getattr(args, name) is not None for name in RECIPE_OPTIONS)
+    source = None if asked else run_model_folder(args.model_folder)
+    if source is not None:  # its checkpoints look like a recipe's, but the run wrote the model folder that exports
+        print(f"{args.model_folder} is a speech-kd run folder: exporting the model folder it wrote, {source}")
+    recipe = source is None and (asked or is_recipe_folder(args.model_folder))
     if recipe:
         info = export_recipe(
             args.model_folder,
@@ -64,12 +69,12 @@ def _cmd_export(args) -> None:
             overrides=_overrides(args.overrides),
             modules=args.modules,
             tokenizer=args.tokenizer,
-            checkpoint=args.checkpoint or "best",
+            checkpoint=args.checkpoint,
             **common,
         )
         print(f"read {info['checkpoint']}; exported with {info['path']}")
     else:
-        info = export_asr(args.model_folder, args.out, **common)
+        info = export_asr(source or args.model_folder, args.out, **common)
     print(
         f"wrote {args.out}: {info['model_file']} ({info['format']}, {info['quantization']}, "
         f"{info['bytes'] / 1e6:.2f} MB, {info['params']:,} parameters); largest log-prob difference from the "
@@ -78,8 +83,13 @@ def _cmd_export(args) -> None:
     if recipe:
         same = "the same" if info["audio_same_transcript"] else "a DIFFERENT"
         print(
-            f"on a synthetic waveform, transcribe.py's fbank + network against SpeechBrain's Fbank + the recipe's "
-            f"modules: largest log-prob difference {info['audio_max_abs_diff']:.2g}, {same} greedy transcript"
+            f"on a synthetic waveform, transcribe.py's fbank + network against SpeechBrain's Fbank + the yaml's "
+            f"modules in order: {', '.join(info['modules'])}, log-softmax: largest log-prob difference "
+            f"{info['audio_max_abs_diff']:.2g}, {same} greedy transcript"
+        )
+        print(
+            "anything your compute_forward does between these modules was not compared: compare one transcript "
+            "with your recipe's (docs/deploy.md)"
         )
     if info.get("lm"):
         lm = info["lm"]
@@ -103,8 +113,9 @@ def add_export(sub) -> None:
     p.add_argument(
         "model_folder",
         type=hparams_files.model_folder,
-        help="a model folder (<output_folder>/model of speech-kd train/distill), or the output folder of your own "
-        "SpeechBrain CTC recipe (hyperparams.yaml, save/CKPT+*: docs/deploy.md)",
+        help="a model folder (<output_folder>/model of speech-kd train/distill; their <output_folder> exports "
+        "that), or the output folder of your own SpeechBrain CTC recipe (hyperparams.yaml, save/CKPT+*: "
+        "docs/deploy.md)",
     )
     p.add_argument("--out", required=True, help="folder to write (model, deploy.json, tokens, transcribe.py)")
     format_help = "onnx (needs onnxruntime, numpy, soundfile) or torchscript (torch, numpy, soundfile)"
@@ -144,7 +155,8 @@ def add_export(sub) -> None:
     p.add_argument("--beam_size", type=positive_int, default=None, help="with --lm: recorded beam size (default 100)")
     recipe = p.add_argument_group(
         "a recipe's output folder",
-        "read when MODEL_FOLDER holds checkpoints (save/CKPT+*) and no model.ckpt, or when any of these is given",
+        "read when MODEL_FOLDER holds checkpoints (save/CKPT+*) and no model.ckpt (nor the model/ folder of a "
+        "speech-kd run), or when any of these is given",
     )
     recipe.add_argument(
         "--hparams",
@@ -167,13 +179,15 @@ def add_export(sub) -> None:
     recipe.add_argument(
         "--tokenizer",
         default=None,
-        help="label_encoder.txt or SentencePiece .model (default: the one in the save folder)",
+        help="a CTCTextEncoder file or a SentencePiece model, told apart by content (default: label_encoder.txt, "
+        "tokenizer.ckpt or the one *.model in the save folder)",
     )
     recipe.add_argument(
         "--checkpoint",
         default=None,
-        help=f"{' | '.join(CHECKPOINT_CHOICES)} | CKPT+... (default best: the lowest WER, else CER, else PER "
-        "recorded; the newest when none is)",
+        help=f"{' | '.join(CHECKPOINT_CHOICES)} | CKPT+... (default: average when the yaml's avg_checkpoints > 1: "
+        "the model averaged over the checkpoints recording a WER, as SpeechBrain's LibriSpeech CTC recipe "
+        "evaluates it; else best: the lowest WER, else CER, else PER recorded, the newest when none is)",
     )
     p.set_defaults(func=_cmd_export)
 

@@ -425,7 +425,7 @@ def export_recipe(
     overrides: dict | None = None,
     modules: list[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     fmt: str = "onnx",
     quantize: str | None = None,
     fp32_layers: tuple[str, ...] | None = None,
@@ -438,7 +438,8 @@ def export_recipe(
 ) -> dict:
     """Export a CTC model trained in a user's own SpeechBrain recipe, from the recipe's output folder, to ``out``.
 
-    The folder is read by :func:`~speech_kd.deploy.recipe_folder.load_recipe` (the yaml, one checkpoint, the
+    The folder is read by :func:`~speech_kd.deploy.recipe_folder.load_recipe` (the yaml, the weights the recipe
+    evaluated: one checkpoint, or the average of several as SpeechBrain's LibriSpeech CTC recipe computes it; the
     tokenizer). The network (normalised fbank frames in, log-probabilities out) is exported by the first of
     these that reproduces the recipe's PyTorch modules (log-probabilities within :data:`PARITY_TOLERANCE` on
     random frames of lengths the trace did not see, each utterance alone):
@@ -479,7 +480,8 @@ def export_recipe(
         ``deploy.json``'s contents, plus ``max_abs_diff`` (exported network against the PyTorch modules on
         random frames), ``audio_max_abs_diff`` and ``audio_same_transcript`` (``transcribe.py``'s fbank and
         network against SpeechBrain's ``Fbank`` and the modules, on a synthetic waveform), ``path`` (which of
-        the three above), ``checkpoint`` (the folder restored and why) and ``bytes``.
+        the three above), ``checkpoint`` (the folder restored and why, or the checkpoints averaged),
+        ``modules`` (``"key (Class)"`` of the modules compared, in the order they ran) and ``bytes``.
 
     Raises
     ------
@@ -509,9 +511,7 @@ def export_recipe(
         "frame_shift": 1000 * settings["hop_length"] / frames / model.sample_rate,
         "min_samples": min_samples,
         "params": model.parameters(),
-        "source": f"{model.folder.name}/{model.checkpoint.relative_to(model.folder)}"
-        if model.checkpoint.is_relative_to(model.folder)
-        else str(model.checkpoint),
+        "source": _source(model),
     }
     checks = [_example(settings["n_mels"], (n,), seed=i + 1) for i, n in enumerate(CHECK_LENGTHS)]
 
@@ -539,9 +539,23 @@ def export_recipe(
         "max_abs_diff": diff,
         **audio,
         "path": path,
-        "checkpoint": f"{model.checkpoint} ({model.checkpoint_note})",
+        "checkpoint": model.weights(),
+        "modules": [model.describe(key) for key in model.steps],
         "bytes": (out / config["model_file"]).stat().st_size,
     }
+
+
+def _in_folder(folder: Path, path: Path) -> str:
+    """``path`` as ``FOLDER_NAME/relative/path`` when it is in ``folder`` (no machine's absolute path), else whole."""
+    return f"{folder.name}/{path.relative_to(folder)}" if path.is_relative_to(folder) else str(path)
+
+
+def _source(model: RecipeModel) -> str:
+    """``deploy.json``'s ``source``: the checkpoint folder (``run/save/CKPT+...``), or those averaged."""
+    if not model.averaged:
+        return _in_folder(model.folder, model.checkpoint)
+    averaged = ", ".join(_in_folder(model.folder, path) for path in model.averaged)
+    return f"average of {averaged} (the rest from {_in_folder(model.folder, model.checkpoint)})"
 
 
 def _recipe_checks(model: RecipeModel, reference: RecipeCTC, settings: dict) -> int:

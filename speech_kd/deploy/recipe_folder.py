@@ -8,20 +8,32 @@ CRDNN, ...) ends as the recipe's output folder, not as an ``EncoderASR`` model f
     OUTPUT/save/CKPT+.../            the checkpointer's recoverables (``model.ckpt``, ``normalizer.ckpt``, ...)
                                      and ``CKPT.yaml`` (meta: ``WER``, ``CER`` or ``PER`` when the recipe kept it)
     OUTPUT/save/label_encoder.txt    a ``CTCTextEncoder`` (TIMIT style), or
-    OUTPUT/save/<N>_<type>.model     a SentencePiece model (LibriSpeech style, ``SentencePiece(model_dir=save_folder)``)
+    OUTPUT/save/tokenizer.ckpt       what SpeechBrain's ``Pretrainer`` collected (LibriSpeech CTC: a
+                                     SentencePiece model; known by its content, not its name), or
+    OUTPUT/save/<N>_<type>.model     a SentencePiece model (``SentencePiece(model_dir=save_folder)``)
 
 :func:`load_recipe` loads the yaml with HyperPyYAML (the output folder's own copy unless another is given;
 ``output_folder`` is set to the folder given, paths the copy recorded under its old output folder follow it,
-``!PLACEHOLDER`` keys such as ``data_folder`` get a dummy value, since nothing is trained or read), restores
-the modules from one checkpoint through SpeechBrain's ``Checkpointer`` (the lowest ``WER``, else ``CER``,
-else ``PER`` the recipe recorded: the checkpoint its ``evaluate(min_key=...)`` tests; the newest when no
-error rate was recorded), reads the tokens, and returns the inference pipeline of the recipe's
-``compute_forward``:
+``!PLACEHOLDER`` keys such as ``data_folder`` get a dummy value, since nothing is trained or read; a folder
+that building the yaml's objects creates, such as a ``Checkpointer``'s ``checkpoints_dir`` recorded outside
+the output folder, is removed again), restores the modules through SpeechBrain's ``Checkpointer``, reads the
+tokens, and returns the inference pipeline of the recipe's ``compute_forward``:
 
     waveform -> ``compute_features`` (an ``Fbank``: computed by the exported folder's ``transcribe.py``)
              -> the normaliser (``InputNormalization``, its running statistics restored)
              -> the encoder modules, in the yaml's ``modules`` order (or ``modules=[...]``)
              -> log-softmax (CTC log-probabilities)
+
+Which weights (``checkpoint=``), so that the export is the model the recipe evaluated:
+
+- ``"average"``, the default when the yaml's ``avg_checkpoints`` is above 1 (SpeechBrain's LibriSpeech CTC
+  recipe): as that recipe's ``on_evaluate_start`` does, the recoverables holding the modules are averaged
+  (``average_checkpoints``) over every checkpoint that records the error rate (``find_checkpoints(min_key=
+  "WER")``, else ``CER``, else ``PER``), and the others (the normaliser's statistics) come from the newest
+  checkpoint, which its ``super().on_evaluate_start()`` recovers;
+- ``"best"``, the default otherwise: one checkpoint, the lowest ``WER``, else ``CER``, else ``PER`` recorded
+  (the one ``evaluate(min_key=...)`` tests); the newest when no error rate was recorded;
+- ``"newest"``, or a checkpoint folder's name (``CKPT+...``).
 
 Every bad input is refused before any export work with one line naming the file and the problem
 (:class:`RecipeFolderError`): no checkpoint, a yaml whose modules do not fit the checkpoint, no tokenizer,
@@ -32,20 +44,31 @@ Shapes: ``B`` batch, ``T`` fbank frames, ``F`` mel bins, ``T'`` output frames, `
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
 import re
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import sentencepiece
 import torch
-from hyperpyyaml import load_hyperpyyaml
+import yaml
+from hyperpyyaml import load_hyperpyyaml, resolve_references
 from speechbrain.dataio.encoder import CTCTextEncoder
 from speechbrain.lobes.features import Fbank
 from speechbrain.lobes.models.transformer.TransformerASR import EncoderWrapper, TransformerASR
 from speechbrain.processing.features import InputNormalization
-from speechbrain.utils.checkpoints import Checkpointer
+from speechbrain.utils.checkpoints import (
+    DEFAULT_SAVE_HOOKS,
+    Checkpoint,
+    Checkpointer,
+    average_checkpoints,
+    get_default_hook,
+    torch_save,
+)
 
 from speech_kd.nnet import run_chain
 
@@ -56,6 +79,7 @@ __all__ = [
     "ERROR_RATE_KEYS",
     "CHECKPOINT_CHOICES",
     "is_recipe_folder",
+    "run_model_folder",
     "find_checkpoint_dirs",
     "find_tokenizer",
     "read_tokens",
@@ -66,12 +90,15 @@ __all__ = [
 
 #: meta keys of SpeechBrain checkpoints that are error rates (lower is better), in the order they are preferred
 ERROR_RATE_KEYS = ("WER", "CER", "PER")
-#: ``checkpoint=`` values besides a checkpoint folder: the lowest recorded error rate, or the newest
-CHECKPOINT_CHOICES = ("best", "newest")
+#: ``checkpoint=`` values besides a checkpoint folder: the average the recipe evaluates, the lowest recorded
+#: error rate, or the newest
+CHECKPOINT_CHOICES = ("average", "best", "newest")
 #: the value given to the yaml's ``!PLACEHOLDER`` keys (``data_folder``...) that the export never reads
 UNUSED = "speech-kd-export-unused"
 #: the label-encoder file SpeechBrain's CTC recipes write into ``save_folder``
 LABEL_ENCODER = "label_encoder.txt"
+#: the file SpeechBrain's ``Pretrainer`` collects a recipe's ``tokenizer`` loadable into (``collect_in``)
+COLLECTED_TOKENIZER = "tokenizer.ckpt"
 #: SentencePiece's word-start mark; ``transcribe.py`` turns it into a space
 WORD_START = "\u2581"
 
@@ -105,17 +132,43 @@ def is_recipe_folder(folder: str | os.PathLike) -> bool:
     return folder.is_dir() and not (folder / "model.ckpt").exists() and bool(find_checkpoint_dirs(folder))
 
 
-def find_tokenizer(save_dirs: list[Path], hparams: dict) -> Path | None:
-    """The tokenizer file a CTC recipe left: ``label_encoder.txt`` or one SentencePiece ``*.model``.
+def run_model_folder(folder: str | os.PathLike) -> Path | None:
+    """``folder/model`` when ``folder`` is the output folder of ``speech-kd train``/``distill``, else ``None``.
 
-    Looked for in each of ``save_dirs`` (the checkpoint folder, then the output folder); of several
-    SentencePiece models the one named ``<output_neurons>_<token_type>.model`` (as SpeechBrain's
-    ``SentencePiece`` names it) is taken. ``None`` when there is none (or no way to choose).
+    Such a run folder holds checkpoints (``save/CKPT+*``) like a recipe's, and also the model folder the run
+    wrote (``model/speech_kd.json``): that is what exports, read as a model folder, not as a recipe.
+
+    Example
+    -------
+    >>> run_model_folder("/nonexistent") is None
+    True
+    """
+    model = Path(folder) / "model"
+    if (model / "speech_kd.json").is_file() and not (Path(folder) / "model.ckpt").exists():
+        return model
+    return None
+
+
+def _run_hint(folder: Path) -> str:
+    """`` (or export RUN/model, ...)`` when ``folder`` is a ``speech-kd`` run folder (:func:`run_model_folder`)."""
+    ours = run_model_folder(folder)
+    return f" (or export {ours}, the model folder this run wrote)" if ours is not None else ""
+
+
+def find_tokenizer(save_dirs: list[Path], hparams: dict) -> Path | None:
+    """The tokenizer file a CTC recipe left: ``label_encoder.txt``, ``tokenizer.ckpt`` or one ``*.model``.
+
+    Looked for in each of ``save_dirs`` (the checkpoint folder, then the output folder): a ``CTCTextEncoder``'s
+    ``label_encoder.txt``, else the ``tokenizer.ckpt`` SpeechBrain's ``Pretrainer`` collects (SpeechBrain's
+    LibriSpeech CTC recipe: a SentencePiece model), else a SentencePiece ``*.model``; of several, the one named
+    ``<output_neurons>_<token_type>.model`` (as SpeechBrain's ``SentencePiece`` names it). ``None`` when there
+    is none (or no way to choose). :func:`read_tokens` tells the kinds apart by content.
     """
     preferred = f"{hparams.get('output_neurons')}_{hparams.get('token_type')}.model"
     for folder in save_dirs:
-        if (folder / LABEL_ENCODER).is_file():
-            return folder / LABEL_ENCODER
+        for name in (LABEL_ENCODER, COLLECTED_TOKENIZER):
+            if (folder / name).is_file():
+                return folder / name
         models = sorted(folder.glob("*.model"))
         if len(models) == 1:
             return models[0]
@@ -124,10 +177,23 @@ def find_tokenizer(save_dirs: list[Path], hparams: dict) -> Path | None:
     return None
 
 
+def _sentencepiece(path: Path) -> sentencepiece.SentencePieceProcessor | None:
+    """``path`` loaded as a SentencePiece model, or ``None`` when its content is not one (whatever its name)."""
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.load(str(path))
+    except (OSError, RuntimeError):
+        return None
+    return processor
+
+
 def read_tokens(path: str | os.PathLike, blank_index: int | None) -> tuple[list[str], int]:
     """``(tokens [V], blank index)`` of a ``CTCTextEncoder`` file or a SentencePiece model, for ``deploy.json``.
 
-    Written so that ``transcribe.py``'s joined tokens of a best path are the tokenizer's own decoding:
+    The kind is told by the content, not the name: a file that loads as a SentencePiece model is one (the
+    ``tokenizer.ckpt`` SpeechBrain's ``Pretrainer`` collects is a SentencePiece model under another name),
+    anything else is read as a ``CTCTextEncoder`` file. Written so that ``transcribe.py``'s joined tokens of a
+    best path are the tokenizer's own decoding:
 
     - ``CTCTextEncoder`` (``label_encoder.txt``): each label as it is (characters, ``" "`` a space). When the
       labels are longer than one character and none is a space (TIMIT's phonemes, words), each is written
@@ -142,14 +208,8 @@ def read_tokens(path: str | os.PathLike, blank_index: int | None) -> tuple[list[
         The file cannot be read as either, or the blank index is not one of its tokens.
     """
     path = Path(path)
-    if path.suffix == ".model":
-        import sentencepiece
-
-        processor = sentencepiece.SentencePieceProcessor()
-        try:
-            processor.load(str(path))
-        except (OSError, RuntimeError) as error:
-            raise RecipeFolderError(f"{path}: not a SentencePiece model ({error_line(error)})") from None
+    processor = _sentencepiece(path)
+    if processor is not None:
         blank = 0 if blank_index is None else int(blank_index)
         tokens = []
         for i in range(processor.get_piece_size()):
@@ -167,7 +227,8 @@ def read_tokens(path: str | os.PathLike, blank_index: int | None) -> tuple[list[
             blank = int(encoder.lab2ind[encoder.blank_label])
         except (OSError, ValueError, KeyError, SyntaxError, AttributeError) as error:
             raise RecipeFolderError(
-                f"{path}: not a SpeechBrain CTCTextEncoder file with a blank label ({error_line(error)})"
+                f"{path}: neither a SentencePiece model nor a SpeechBrain CTCTextEncoder file with a blank label "
+                f"({error_line(error)})"
             ) from None
         if blank_index is not None and int(blank_index) != blank:
             raise RecipeFolderError(
@@ -189,9 +250,11 @@ class RecipeModel:
     Attributes
     ----------
     folder, yaml_path, checkpoint, tokenizer_path : Path
-        The output folder, the yaml loaded, the checkpoint folder restored, the tokenizer file.
+        The output folder, the yaml loaded, the checkpoint folder restored (when averaging: the one the
+        recoverables that are not averaged come from), the tokenizer file.
     checkpoint_note : str
-        Why that checkpoint (``"lowest WER 12.3 of 4 checkpoints"``, ``"newest of 2 (no error rate recorded)"``).
+        Why that checkpoint (``"lowest WER 12.3 of 4 checkpoints"``, ``"newest of 2 (no error rate recorded)"``),
+        or which checkpoints were averaged and how.
     hparams : dict
         The loaded yaml.
     features_key : str
@@ -203,6 +266,8 @@ class RecipeModel:
         ``V`` tokens, as :func:`read_tokens` writes them.
     blank_index, sample_rate : int
         The CTC blank and the audio sample rate.
+    averaged : list of Path
+        The checkpoint folders whose weights were averaged, lowest error rate first (empty: one checkpoint).
     """
 
     folder: Path
@@ -216,6 +281,14 @@ class RecipeModel:
     tokens: list
     blank_index: int
     sample_rate: int
+    averaged: list = dataclasses.field(default_factory=list)
+
+    def weights(self) -> str:
+        """Where the weights come from, for messages: ``"FOLDER (why)"`` or the averaged checkpoints."""
+        if not self.averaged:
+            return f"{self.checkpoint} ({self.checkpoint_note})"
+        where = self.checkpoint.parent
+        return f"the averaged model from {len(self.averaged)} checkpoints in {where} ({self.checkpoint_note})"
 
     @property
     def features(self) -> torch.nn.Module:
@@ -374,8 +447,84 @@ def _renamed_anchors(text: str) -> str:
     return re.sub(r"(?<=[\s\[,{])([&*])id(\d+)\b", r"\1recipe\2", text)
 
 
+class _PlainLoader(yaml.SafeLoader):
+    """A YAML loader that reads each tagged node (``!new:``, ``!name:``, ``!apply:``...) as the plain value it holds."""
+
+
+def _plain_node(loader: _PlainLoader, suffix: str, node: yaml.Node) -> object:
+    """A tagged node's mapping, list or string, its tag ignored."""
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_PlainLoader.add_multi_constructor("!", _plain_node)
+
+
+def _strings(value: object) -> Iterator[str]:
+    """Every string among the values of a parsed yaml (mappings' values, lists' items), at any depth."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def _yaml_strings(text: str, given: dict) -> list[str]:
+    """The string values of the yaml ``text`` with ``given`` applied and its references resolved.
+
+    Nothing is built: HyperPyYAML's ``resolve_references`` writes the values, tags are read as plain values.
+    These are the paths the yaml's objects may create when built (a ``Checkpointer``'s ``checkpoints_dir``).
+    """
+    try:
+        resolved = resolve_references(text, given).getvalue()
+    except Exception:  # what the load will report; the text's own strings are what can be known
+        resolved = text
+    try:
+        return list(_strings(yaml.load(resolved, Loader=_PlainLoader)))
+    except yaml.YAMLError:
+        return []
+
+
+@contextlib.contextmanager
+def _created_folders_removed(values: Iterable[str]) -> Iterator[None]:
+    """Remove, when the block ends, each folder named in ``values`` that it created, if empty (parents too).
+
+    Loading a recipe's yaml builds its objects, and SpeechBrain's ``Checkpointer`` creates its
+    ``checkpoints_dir`` (``os.makedirs``) in its ``__init__``: a ``save_folder`` recorded outside the output
+    folder (``--save_folder=`` at training), or one under a ``!PLACEHOLDER``'s dummy value (relative: the
+    working folder), would be left behind by an export that only reads. Each value, taken as a path (relative
+    ones from the working folder), is recorded with its parents that do not exist before the block; after it,
+    those that exist and are empty folders are removed, deepest first. Nothing that existed before is touched.
+    """
+    missing: set[Path] = set()
+    for value in values:
+        try:
+            path = Path(os.path.abspath(value))
+            while not os.path.lexists(path) and path != path.parent:
+                missing.add(path)
+                path = path.parent
+        except (OSError, ValueError):  # a NUL byte, a name too long: not a path anything creates
+            continue
+    try:
+        yield
+    finally:
+        for path in sorted(missing, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+                    path.rmdir()
+
+
 def _load_yaml(yaml_path: Path, folder: Path, overrides: dict) -> dict:
-    """The recipe yaml loaded for ``folder``: ``output_folder`` set, recorded paths moved, placeholders filled."""
+    """The recipe yaml loaded for ``folder``: ``output_folder`` set, recorded paths moved, placeholders filled.
+
+    The folders that building its objects creates are removed again (:func:`_created_folders_removed`).
+    """
     try:
         text = yaml_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -386,7 +535,8 @@ def _load_yaml(yaml_path: Path, folder: Path, overrides: dict) -> dict:
         given["output_folder"] = str(folder)
     given.update(overrides)
     try:
-        hparams = load_hyperpyyaml(text, given)
+        with _created_folders_removed(_yaml_strings(text, given)):
+            hparams = load_hyperpyyaml(text, given)
     except Exception as error:  # HyperPyYAML raises whatever a constructor in the yaml raises
         raise RecipeFolderError(
             f"{yaml_path}: cannot be loaded ({error_line(error)}); give the keys it needs with "
@@ -437,8 +587,26 @@ def _steps(hparams: dict, yaml_path: Path, features_key: str, modules: list[str]
     }
 
 
-def _choose_checkpoint(checkpointer: Checkpointer, choice: str, where: Path) -> tuple[Path, str]:
-    """The checkpoint folder to restore and why (see :func:`load_recipe`)."""
+@dataclasses.dataclass
+class _Choice:
+    """The checkpoints :func:`_restore` reads: one for every recoverable, and those to average, if any."""
+
+    checkpoint: Checkpoint
+    note: str
+    averaged: list[Checkpoint] = dataclasses.field(default_factory=list)
+    key: str = ""
+
+
+def _error_rate_key(checkpoints: list[Checkpoint]) -> str | None:
+    """The first of :data:`ERROR_RATE_KEYS` that a checkpoint records as a number, or ``None``."""
+    for key in ERROR_RATE_KEYS:
+        if any(isinstance(c.meta.get(key), (int, float)) for c in checkpoints):
+            return key
+    return None
+
+
+def _choose_checkpoint(checkpointer: Checkpointer, choice: str, where: Path, asked: bool) -> _Choice:
+    """The checkpoint(s) to restore and why (see :func:`load_recipe`; ``asked``: ``choice`` was given)."""
     checkpoints = checkpointer.list_checkpoints()
     if not checkpoints:
         raise RecipeFolderError(f"{where}: no checkpoint (CKPT+*/CKPT.yaml) to export")
@@ -449,20 +617,56 @@ def _choose_checkpoint(checkpointer: Checkpointer, choice: str, where: Path) -> 
                 f"--checkpoint {choice}: not one of the {len(checkpoints)} checkpoints in {where} "
                 f"({', '.join(c.path.name for c in checkpoints[:3])}{' ...' if len(checkpoints) > 3 else ''})"
             )
-        return named[0].path, "as asked"
+        return _Choice(named[0], "as asked")
     newest = max(checkpoints, key=lambda c: c.meta.get("unixtime", 0))
-    if choice == "best":
-        for key in ERROR_RATE_KEYS:
-            scored = [c for c in checkpoints if isinstance(c.meta.get(key), (int, float))]
-            if scored:
-                best = min(scored, key=lambda c: (c.meta[key], -c.meta.get("unixtime", 0)))
-                return best.path, f"lowest {key} ({best.meta[key]:.4g}) of {len(checkpoints)} checkpoint(s)"
-        return newest.path, f"newest of {len(checkpoints)} checkpoint(s) (no WER, CER or PER recorded)"
-    return newest.path, f"newest of {len(checkpoints)} checkpoint(s)"
+    key = _error_rate_key(checkpoints)
+    if choice == "newest":
+        return _Choice(newest, f"newest of {len(checkpoints)} checkpoint(s)")
+    if key is None:
+        if choice == "average" and asked:
+            raise RecipeFolderError(
+                f"--checkpoint average: no checkpoint in {where} records a WER, CER or PER to choose the "
+                "checkpoints to average by; give --checkpoint best, newest or a CKPT+... name"
+            )
+        return _Choice(newest, f"newest of {len(checkpoints)} checkpoint(s) (no WER, CER or PER recorded)")
+    # the recipe's own call (on_evaluate_start): every checkpoint recording the key, lowest first
+    scored = checkpointer.find_checkpoints(min_key=key, ckpt_predicate=lambda c: isinstance(c.meta[key], (int, float)))
+    if choice == "average" and len(scored) > 1:
+        return _Choice(newest, "", scored, key)
+    best = scored[0]
+    note = f"lowest {key} ({best.meta[key]:.4g}) of {len(checkpoints)} checkpoint(s)"
+    if choice == "average":
+        note += f"; the only one recording a {key}: nothing to average"
+    return _Choice(best, note)
 
 
-def _restore(hparams: dict, yaml_path: Path, steps: dict, ckpt_root: Path, choice: str) -> tuple[Path, str]:
-    """Restore the recoverables that hold the steps from one checkpoint (each checked against its file)."""
+def _load_entry(ckpt_root: Path, recoverables: dict, entry: Checkpoint) -> None:
+    """Load ``recoverables`` from one checkpoint; one that does not fit is named with the reason."""
+    try:
+        Checkpointer(ckpt_root, recoverables).load_checkpoint(entry)
+    except Exception:  # a size mismatch, missing or unexpected keys, a damaged file: find which, say why
+        for name, obj in recoverables.items():
+            try:
+                Checkpointer(ckpt_root, {name: obj}).load_checkpoint(entry)
+            except Exception as error:
+                raise RecipeFolderError(
+                    f"{entry.path / f'{name}.ckpt'}: does not fit the yaml's {name!r} ({type(obj).__name__}): "
+                    f"{error_line(error)}; give the yaml and --overrides the run was trained with"
+                ) from None
+        raise
+
+
+def _restore(
+    hparams: dict, yaml_path: Path, steps: dict, ckpt_root: Path, choice: str, asked: bool
+) -> tuple[Path, str, list[Path]]:
+    """Restore the recoverables that hold the steps (each checked against its file).
+
+    Returns the checkpoint restored, why, and the checkpoints averaged (lowest error rate first; empty when
+    one checkpoint was restored). Averaging is the stock LibriSpeech CTC recipe's ``on_evaluate_start``:
+    every recoverable is restored from the newest checkpoint (its ``super().on_evaluate_start()``, which
+    gives no key), then those saved as a state dict (SpeechBrain's default for a module: the ``model``, not
+    the normaliser's statistics) are replaced by ``average_checkpoints`` over the scored checkpoints.
+    """
     recipe_checkpointer = hparams.get("checkpointer")
     if not isinstance(recipe_checkpointer, Checkpointer):
         raise RecipeFolderError(f"{yaml_path}: no 'checkpointer' (a SpeechBrain Checkpointer) naming what to restore")
@@ -480,26 +684,45 @@ def _restore(hparams: dict, yaml_path: Path, steps: dict, ckpt_root: Path, choic
                 f"{yaml_path}: {key} ({type(inner).__name__}) is in no recoverable of the checkpointer: "
                 "its trained weights are not in the checkpoints"
             )
-    checkpoint, note = _choose_checkpoint(Checkpointer(ckpt_root), choice, ckpt_root)
-    for name in recoverables:
-        if not (checkpoint / f"{name}.ckpt").is_file():
-            raise RecipeFolderError(
-                f"{checkpoint / f'{name}.ckpt'}: missing; the checkpoint does not hold the yaml's {name!r}"
-            )
-    entry = next(c for c in Checkpointer(ckpt_root).list_checkpoints() if c.path == checkpoint)
-    try:
-        Checkpointer(ckpt_root, recoverables).load_checkpoint(entry)
-    except Exception:  # a size mismatch, missing or unexpected keys, a damaged file: find which, say why
-        for name, obj in recoverables.items():
-            try:
-                Checkpointer(ckpt_root, {name: obj}).load_checkpoint(entry)
-            except Exception as error:
+    chosen = _choose_checkpoint(Checkpointer(ckpt_root), choice, ckpt_root, asked)
+    averaged = [
+        name
+        for name, obj in recoverables.items()
+        if chosen.averaged
+        and name not in recipe_checkpointer.custom_save_hooks
+        and get_default_hook(obj, DEFAULT_SAVE_HOOKS) is torch_save
+    ]
+    if chosen.averaged and not averaged:
+        raise RecipeFolderError(
+            f"{yaml_path}: none of the recoverables holding the modules ({', '.join(recoverables)}) is saved as "
+            "a state dict, which averaging needs; give --checkpoint best"
+        )
+    for entry, names in [(chosen.checkpoint, list(recoverables)), *((c, averaged) for c in chosen.averaged)]:
+        for name in names:
+            if not (entry.path / f"{name}.ckpt").is_file():
                 raise RecipeFolderError(
-                    f"{checkpoint / f'{name}.ckpt'}: does not fit the yaml's {name!r} ({type(obj).__name__}): "
-                    f"{error_line(error)}; give the yaml and --overrides the run was trained with"
-                ) from None
-        raise
-    return checkpoint, note
+                    f"{entry.path / f'{name}.ckpt'}: missing; the checkpoint does not hold the yaml's {name!r}"
+                )
+    _load_entry(ckpt_root, recoverables, chosen.checkpoint)
+    for name in averaged:
+        try:
+            recoverables[name].load_state_dict(average_checkpoints(chosen.averaged, recoverable_name=name), strict=True)
+        except Exception as error:  # parameters of other shapes in one checkpoint, a damaged file
+            raise RecipeFolderError(
+                f"{ckpt_root}: the {name!r} of the {len(chosen.averaged)} checkpoints recording a {chosen.key} do "
+                f"not average into the yaml's {name!r} ({error_line(error)}); give --checkpoint best"
+            ) from None
+    if not chosen.averaged:
+        return chosen.checkpoint.path, chosen.note, []
+    scores = ", ".join(f"{c.path.name} ({chosen.key} {c.meta[chosen.key]:.4g})" for c in chosen.averaged)
+    rest = [name for name in recoverables if name not in averaged]
+    note = (
+        f"{', '.join(averaged)}: the average of the {len(chosen.averaged)} checkpoints recording a {chosen.key}, "
+        f"as the recipe's on_evaluate_start computes it: {scores}"
+    )
+    if rest:
+        note += f"; {', '.join(rest)} from the newest, {chosen.checkpoint.path.name}"
+    return chosen.checkpoint.path, note, [c.path for c in chosen.averaged]
 
 
 def load_recipe(
@@ -508,9 +731,9 @@ def load_recipe(
     overrides: dict | None = None,
     modules: list[str] | None = None,
     tokenizer: str | os.PathLike | None = None,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
 ) -> RecipeModel:
-    """Load a recipe's output folder as a CTC model at one checkpoint (see the module docstring).
+    """Load a recipe's output folder as a CTC model, with the weights the recipe evaluated (module docstring).
 
     Parameters
     ----------
@@ -525,10 +748,14 @@ def load_recipe(
         The yaml keys of the modules ``compute_forward`` runs between the normaliser and the log-softmax, in
         order; default: the ``modules`` mapping's entries in yaml order, normalisers first.
     tokenizer : str or os.PathLike, optional
-        ``label_encoder.txt`` or a SentencePiece ``.model``; default: the one the recipe left in its save folder.
-    checkpoint : str
-        ``"best"`` (lowest WER, else CER, else PER recorded; else the newest), ``"newest"``, or a checkpoint
-        folder's name (``CKPT+...``).
+        A ``CTCTextEncoder`` file or a SentencePiece model (told apart by content, whatever the name); default:
+        the one the recipe left in its save folder (:func:`find_tokenizer`).
+    checkpoint : str, optional
+        ``"average"`` (the model averaged over the checkpoints recording the error rate, as SpeechBrain's
+        LibriSpeech CTC recipe evaluates it), ``"best"`` (lowest WER, else CER, else PER recorded; else the
+        newest), ``"newest"``, or a checkpoint folder's name (``CKPT+...``). Default: ``"average"`` when the
+        yaml's ``avg_checkpoints`` is above 1 (and more than one checkpoint records the error rate), else
+        ``"best"``.
 
     Returns
     -------
@@ -538,7 +765,8 @@ def load_recipe(
     ------
     RecipeFolderError
         One line naming the file: no checkpoint, no yaml, a yaml that does not load or whose modules do not fit
-        the checkpoint, no tokenizer, a tokenizer of another size than the output layer.
+        the checkpoint, no tokenizer, a tokenizer of another size than the output layer, ``"average"`` asked
+        where no checkpoint records an error rate.
     """
     folder = Path(os.path.abspath(folder))
     if not folder.is_dir():
@@ -551,7 +779,7 @@ def load_recipe(
         )
     yaml_path = Path(hparams) if hparams is not None else folder / "hyperparams.yaml"
     if not yaml_path.is_file():
-        raise RecipeFolderError(f"{yaml_path}: no such file; give the recipe's yaml with --hparams")
+        raise RecipeFolderError(f"{yaml_path}: no such file; give the recipe's yaml with --hparams{_run_hint(folder)}")
     loaded = _load_yaml(yaml_path, folder, dict(overrides or {}))
     recipe_checkpointer = loaded.get("checkpointer")
     ckpt_root = Path(getattr(recipe_checkpointer, "checkpoints_dir", roots[0]))
@@ -564,11 +792,9 @@ def load_recipe(
         ckpt_root = roots[0]
     tokenizer_path = Path(tokenizer) if tokenizer is not None else find_tokenizer([ckpt_root, folder], loaded)
     if tokenizer_path is None:
-        ours = folder / "model" / "speech_kd.json"  # a run of speech-kd train/distill: its model folder exports
-        hint = f" (or export {ours.parent}, the model folder this run wrote)" if ours.is_file() else ""
         raise RecipeFolderError(
-            f"{ckpt_root}: no tokenizer ({LABEL_ENCODER} of a CTCTextEncoder or one SentencePiece *.model); "
-            f"give it with --tokenizer FILE{hint}"
+            f"{ckpt_root}: no tokenizer ({LABEL_ENCODER} of a CTCTextEncoder, {COLLECTED_TOKENIZER} or one "
+            f"SentencePiece *.model); give it with --tokenizer FILE{_run_hint(folder)}"
         )
     if not tokenizer_path.is_file():
         raise RecipeFolderError(f"{tokenizer_path}: no such tokenizer file")
@@ -576,7 +802,9 @@ def load_recipe(
     tokens, blank = read_tokens(tokenizer_path, None if blank is None else int(blank))
     features_key = _features_key(loaded, yaml_path)
     steps = _steps(loaded, yaml_path, features_key, modules)
-    chosen, note = _restore(loaded, yaml_path, steps, ckpt_root, checkpoint)
+    average = isinstance(loaded.get("avg_checkpoints"), int) and loaded["avg_checkpoints"] > 1
+    choice = checkpoint if checkpoint is not None else ("average" if average else "best")
+    chosen, note, averaged = _restore(loaded, yaml_path, steps, ckpt_root, choice, checkpoint is not None)
     for module in steps.values():
         module.eval()
     return RecipeModel(
@@ -591,4 +819,5 @@ def load_recipe(
         tokens=tokens,
         blank_index=blank,
         sample_rate=int(loaded.get("sample_rate", 16000)),
+        averaged=averaged,
     )

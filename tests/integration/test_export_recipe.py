@@ -81,10 +81,10 @@ def _listing(folder: Path) -> dict:
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
 
 
-def _train(recipe: str, yaml_name: str, out: Path, overrides: list[str]) -> list[str]:
+def _train(recipe: str, yaml_name: str, out: Path, overrides: list[str], epochs: int = 2) -> list[str]:
     """``python train.py hparams/YAML --output_folder=OUT ...`` in the recipe's folder; returns the overrides."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    args = [f"--output_folder={out}", "--number_of_epochs=2", *overrides]
+    args = [f"--output_folder={out}", f"--number_of_epochs={epochs}", *overrides]
     done = subprocess.run(
         [sys.executable, "train.py", f"hparams/{yaml_name}", *args],
         cwd=RECIPES / recipe,
@@ -123,6 +123,19 @@ def conformer_run(tiny_corpus, tmp_path_factory) -> tuple[Path, list[str]]:
     out = tmp_path_factory.mktemp("conformer") / "run"
     overrides = [f"--data_folder={tiny_corpus}", f"--output_neurons={_characters(tiny_corpus) + 3}"]
     return out, _train("librispeech_ctc", "conformer.yaml", out, overrides)
+
+
+@pytest.fixture(scope="module")
+def conformer_averaged_run(tiny_corpus, tmp_path_factory) -> tuple[Path, list[str]]:
+    """The same with avg_checkpoints 2 (conformer_large.yaml has 10), three epochs: it keeps its two best and
+    two newest checkpoints, and its evaluate() tests their average."""
+    out = tmp_path_factory.mktemp("conformer_averaged") / "run"
+    overrides = [
+        f"--data_folder={tiny_corpus}",
+        f"--output_neurons={_characters(tiny_corpus) + 3}",
+        "--avg_checkpoints=2",
+    ]
+    return out, _train("librispeech_ctc", "conformer.yaml", out, overrides, epochs=3)
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +296,48 @@ def test_librispeech_conformer_recipe_exports_through_the_exporters_graph(confor
         assert len(_transcribe_py(folder, test_wavs[:1])) == 1
 
 
+def test_librispeech_conformer_export_is_the_average_its_evaluate_tests(conformer_averaged_run, test_wavs, tmp_path):
+    """avg_checkpoints > 1: by default the export is the model the recipe's ``evaluate(min_key="WER")`` tests,
+    which its ``on_evaluate_start`` averages over the checkpoints; the tokenizer collected as
+    ``save/tokenizer.ckpt`` (the stock recipe's Pretrainer) is read as the SentencePiece model it is. Nothing
+    is written outside --out."""
+    run, overrides = conformer_averaged_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    sentencepiece_model = next((copy / "save").glob("*.model"))
+    sentencepiece_model.rename(copy / "save" / "tokenizer.ckpt")
+    scored = sorted(p.parent.name for p in (copy / "save").glob("CKPT+*/CKPT.yaml") if "WER" in p.read_text())
+    assert len(scored) >= 2, "three epochs, two best and two newest kept: at least two to average"
+    before = _listing(tmp_path)
+    out = tmp_path / "onnx"
+    code, stdout, err = _export(str(copy), "--out", str(out))
+    assert code == 0, err
+    assert {k: v for k, v in _listing(tmp_path).items() if not k.startswith("onnx")} == before
+    assert f"the averaged model from {len(scored)} checkpoints" in stdout and all(name in stdout for name in scored)
+    assert "model: the average of" in stdout and "normalizer from the newest" in stdout
+
+    brain, _ = _recipe_brain("librispeech_ctc", "conformer.yaml", "ASR", run, overrides, "model_opt_class")
+    brain.on_evaluate_start(min_key="WER")  # what the recipe's evaluate() runs first
+    brain.modules.eval()
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(copy / "save" / "tokenizer.ckpt"))
+    asr = ExportedASR(out, threads=1)
+    expected = []
+    for wav_path in test_wavs:
+        wav = sf.read(wav_path, dtype="float32")[0]
+        batch = PaddedBatch([{"id": wav_path.stem, "sig": torch.from_numpy(wav)}])
+        with torch.no_grad():
+            p_ctc, lens, greedy = brain.compute_forward(batch, sb.Stage.VALID)
+        got = asr.log_probs([wav])[0]
+        assert got.shape == tuple(p_ctc.shape[1:]) and np.abs(got - p_ctc[0].numpy()).max() < 1e-3
+        expected.append(" ".join(pieces.decode_ids(greedy[0]).split()))
+    assert _transcribe_py(out, test_wavs) == expected
+    # the one checkpoint of the lowest WER differs from the average: --checkpoint best is another model
+    best = tmp_path / "best"
+    assert _export(str(copy), "--out", str(best), "--checkpoint", "best")[0] == 0
+    wav = sf.read(test_wavs[0], dtype="float32")[0]
+    assert np.abs(ExportedASR(best).log_probs([wav])[0] - asr.log_probs([wav])[0]).max() > 1e-3
+
+
 def test_crdnn_int8_and_torchscript_keep_the_output_layer_fp32(crdnn_run, test_wavs, tmp_path):
     """int8 (ONNX, and TorchScript: quantised before the recurrent layer is scripted); --checkpoint newest."""
     run, _ = crdnn_run
@@ -328,7 +383,7 @@ def test_bad_recipe_input_is_refused_in_one_line_naming_the_file(crdnn_run, conf
     (copy / "save" / "label_encoder.txt").unlink()
     error = _one_line_error([str(copy)], out)
     assert error.endswith(
-        f"{copy / 'save'}: no tokenizer (label_encoder.txt of a CTCTextEncoder or one "
+        f"{copy / 'save'}: no tokenizer (label_encoder.txt of a CTCTextEncoder, tokenizer.ckpt or one "
         "SentencePiece *.model); give it with --tokenizer FILE"
     )
     # no checkpoint

@@ -85,6 +85,28 @@ def test_export_refuses_the_model_folder_and_the_run_folder(run_copy):
     assert (run_copy / "onnx" / "deploy.json").is_file() and _listing(run_copy / "model") == model_before
 
 
+def test_a_run_folder_exports_the_model_folder_it_wrote(run_copy, tmp_path):
+    """``speech-kd export RUN``: RUN's checkpoints look like a recipe's output folder, but the run wrote RUN/model,
+    which is what exports (said in one line), not RUN read as a recipe (no tokenizer there: refused)."""
+    from speech_kd.cli import run
+
+    checkpoint = run_copy / "save" / "CKPT+2024-01-01+00-00-00+00"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "CKPT.yaml").write_text("end-of-epoch: true\nunixtime: 1\n")
+    out = tmp_path / "onnx"
+    stdout, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(stdout):
+        code = run(["export", str(run_copy), "--out", str(out)])
+    assert code == 0, err.getvalue()
+    assert stdout.getvalue().splitlines()[0] == (
+        f"{run_copy} is a speech-kd run folder: exporting the model folder it wrote, {run_copy / 'model'}"
+    )
+    assert json.loads((out / "deploy.json").read_text())["source"] == "model"
+    # a recipe option asks for the recipe route: refused in one line that names the model folder
+    code, err = _export(str(run_copy), "--out", str(tmp_path / "again"), "--checkpoint", "best")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and f"(or export {run_copy / 'model'}" in err
+
+
 def test_export_refuses_a_users_folder_even_with_force(tiny_model, tmp_path):
     user = tmp_path / "mine"
     (user / "sub").mkdir(parents=True)
