@@ -271,6 +271,13 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
     folder = Path(folder)
     if not (folder / "hyperparams.yaml").exists():
         raise FileNotFoundError(f"{folder}: not a model folder (no hyperparams.yaml)")
+    yaml_text = (folder / "hyperparams.yaml").read_text(encoding="utf-8", errors="replace")
+    if not any(line.startswith("pretrainer:") for line in yaml_text.splitlines()):
+        raise ModelFolderError(
+            f"{folder}: not a model folder (its hyperparams.yaml has no pretrainer): a training run's output "
+            "folder? give its model folder (speech-kd: RUN/model), or export your recipe's output folder first "
+            "(speech-kd export FOLDER --out DIR, docs/deploy.md) and give DIR"
+        )
     missing = [
         f"{name}.ckpt"
         for name in pretrainer_loadables(folder / "hyperparams.yaml")

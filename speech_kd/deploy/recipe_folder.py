@@ -127,9 +127,20 @@ def find_checkpoint_dirs(folder: str | os.PathLike) -> list[Path]:
 
 
 def is_recipe_folder(folder: str | os.PathLike) -> bool:
-    """Whether ``folder`` is a recipe's output folder (checkpoints, no model folder's ``model.ckpt``)."""
+    """Whether ``folder`` is a recipe's output folder rather than a model folder.
+
+    Yes when it holds checkpoints and no model folder's ``model.ckpt``, or a ``hyperparams.yaml`` without
+    the ``pretrainer`` every model folder has (then refused for its missing checkpoints, not misread as a
+    model folder).
+    """
     folder = Path(folder)
-    return folder.is_dir() and not (folder / "model.ckpt").exists() and bool(find_checkpoint_dirs(folder))
+    if not folder.is_dir() or (folder / "model.ckpt").exists():
+        return False
+    if find_checkpoint_dirs(folder):
+        return True
+    yaml_path = folder / "hyperparams.yaml"
+    lines = yaml_path.read_text(encoding="utf-8", errors="replace").splitlines() if yaml_path.is_file() else []
+    return bool(lines) and not any(line.startswith("pretrainer:") for line in lines)
 
 
 def run_model_folder(folder: str | os.PathLike) -> Path | None:

@@ -21,7 +21,8 @@ from speechbrain.dataio.encoder import CTCTextEncoder
 
 from speech_kd.cli import run
 from speech_kd.deploy.onnx_export import export_recipe
-from speech_kd.deploy.recipe_folder import RecipeFolderError, find_tokenizer, load_recipe, read_tokens
+from speech_kd.deploy.recipe_folder import RecipeFolderError, find_tokenizer, is_recipe_folder, load_recipe, read_tokens
+from speech_kd.model_folder import ModelFolderError, load_asr
 
 #: a resolved copy as ``create_experiment_directory`` writes it: every path literal, ``checkpoints_dir`` too
 RECIPE_YAML = """\
@@ -242,3 +243,15 @@ def test_the_cli_says_what_the_parity_check_compared(tmp_path):
     assert "compare one transcript with your recipe's" in text
     names = _checkpoint_names(run_folder)
     assert "averaged model from 2 checkpoints" in text and all(name in text for name in names)
+
+
+def test_a_training_runs_yaml_is_not_read_as_a_model_folder(tmp_path):
+    """A recipe's output folder without checkpoints: evaluate/load_asr and export each say so in one line."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hyperparams.yaml").write_text("seed: 1\noutput_folder: run\nnumber_of_epochs: 2\n")
+    with pytest.raises(ModelFolderError, match=f"{run}: not a model folder .*no pretrainer"):
+        load_asr(run)
+    assert is_recipe_folder(run)  # so export takes the recipe route, which names the missing checkpoints
+    with pytest.raises(RecipeFolderError, match="no checkpoints"):
+        load_recipe(run)
