@@ -11,7 +11,7 @@ Put the mixin in the bases of an existing CTC Brain, either way::
     asr_brain.attach_targets(make_targets(hparams, token_strings(tokenizer)))
 
 At construction the mixin wraps the instance's own ``compute_forward``,
-``compute_objectives``, ``on_stage_start``, ``on_stage_end`` and ``fit_batch``
+``compute_objectives``, ``on_stage_start``, ``on_stage_end``, ``fit_batch`` and ``on_fit_start``
 (whatever class in the MRO defines them), so the recipe's methods run as
 written and the KD term is added around them; on training batches the loss
 is ``(1 - kd_weight) * recipe_loss + kd_weight * kd``; with ``kd_layers``,
@@ -85,7 +85,7 @@ __all__ = ["KDMixin"]
 
 logger = logging.getLogger(__name__)
 
-_WRAPPED = ("compute_forward", "compute_objectives", "on_stage_start", "on_stage_end", "fit_batch")
+_WRAPPED = ("compute_forward", "compute_objectives", "on_stage_start", "on_stage_end", "fit_batch", "on_fit_start")
 #: the name of the layer projections in the Brain's ``modules`` and its checkpointer's recoverables
 PROJECTIONS = "kd_layer_projections"
 
@@ -568,6 +568,24 @@ class KDMixin:
             # loss = (1 - w) * CTC + w * KD + c: cr_ctc_weight means the same with or without KD
             loss = loss + weight * consistency
         return loss
+
+    def _kd_on_fit_start(self):
+        """The recipe's hook (which recovers the newest checkpoint); a checkpoint that does not fit is told in one line.
+
+        A folder trained with other ``kd_layers`` (or none) holds other layer projections and optimiser
+        parameter groups: continuing it needs a new output folder, not ``--allow_changed_settings``.
+        """
+        try:
+            return self._kd_recipe["on_fit_start"]()
+        except RuntimeError as err:
+            text = str(err)
+            if "state_dict" not in text and "load path" not in text and "parameter group" not in text:
+                raise
+            folder = getattr(self.checkpointer, "checkpoints_dir", "the checkpoint folder")
+            raise KDSetupError(
+                f"{folder}: its checkpoints do not fit this run's modules ({text.splitlines()[0]}); a run whose "
+                "network or kd_layers changed cannot continue them: use a new output_folder"
+            ) from err
 
     def _kd_on_stage_start(self, stage, epoch=None):
         """Reset the per-epoch KD statistics, then the recipe's hook.

@@ -15,6 +15,7 @@ import torch
 
 from speech_kd.cli import main
 from speech_kd.deploy.onnx_export import export_asr
+from speech_kd.kd.config import KDSetupError
 from speech_kd.model_folder import count_parameters, load_asr
 from speech_kd.targets.cache import CacheError
 from speech_kd.testing import make_tiny_sb_model
@@ -132,3 +133,13 @@ def test_a_layer_kd_run_killed_mid_epoch_resumes_to_the_same_weights(tiny_corpus
     assert _train_stats(tmp_path / "killed")["layer_loss"] == pytest.approx(
         _train_stats(tmp_path / "clean")["layer_loss"]
     )
+
+
+def test_turning_kd_layers_on_in_a_folder_with_checkpoints_is_told_in_one_line(tiny_corpus, tmp_path, teacher):
+    """Projections and optimiser groups the checkpoints lack: a one-line error, even with --allow_changed_settings."""
+    out = tmp_path / "run"
+    run_distillation(_argv(tiny_corpus, out, teacher))
+    again = _argv(tiny_corpus, out, teacher, "--kd_layers=auto", "--allow_changed_settings=True")
+    again = [arg for arg in again if arg != "--number_of_epochs=1"] + ["--number_of_epochs=2"]
+    with pytest.raises(KDSetupError, match="checkpoints do not fit this run's modules .*use a new output_folder"):
+        run_distillation(again)
