@@ -205,6 +205,10 @@ class KDConfig:
         (((2, 4), (5, 11)), 'auto', None)
         >>> KDConfig.parse_layers("2:4, 5:11")
         ((2, 4), (5, 11))
+        >>> KDConfig.parse_layers("0:1,0:3")
+        Traceback (most recent call last):
+        ...
+        speech_kd.kd.config.KDSetupError: kd_layers='0:1,0:3': student layer 0 mapped twice; one each
         """
         given = value
         if value is None or (isinstance(value, (Mapping, str)) and not value):
@@ -218,6 +222,10 @@ class KDConfig:
             if ":" in text:  # "2:4,5:11", for a yaml whose kd_layers is not a mapping a command line can override
                 value = [tuple(part.split(":", 1)) for part in text.replace(" ", "").split(",") if part]
         if isinstance(value, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in value):
+            students = [str(student).strip() for student, _ in value]
+            repeated = sorted({s for s in students if students.count(s) > 1})
+            if repeated:
+                raise KDSetupError(f"kd_layers={given!r}: student layer {', '.join(repeated)} mapped twice; one each")
             value = dict(value)
         if isinstance(value, Mapping):
             try:
