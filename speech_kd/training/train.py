@@ -201,6 +201,7 @@ def _run_locked(
         checkpointer=hparams["checkpointer"],
     )
     brain.tokenizer = tokenizer
+    brain.check_consistency_setup()  # told now, before a teacher is loaded and scored
     if setup is not None:
         setup(brain, hparams, datasets)
 
