@@ -93,6 +93,12 @@ def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
         "(speed perturbation, live teacher)",
     )
     parser.add_argument("--parallel", type=positive_int, default=2, help="runs at once (one torch thread each)")
+    parser.add_argument(
+        "--keep_going",
+        action="store_true",
+        help="a student run that fails does not stop the others: the rest are scored, the failures listed "
+        "(and the exit status is 1)",
+    )
     parser.add_argument("--seed", type=non_negative_int, default=1986, help="the seed of a single-seed run")
     parser.add_argument(
         "--seeds",
@@ -188,6 +194,26 @@ def cache_hidden_layers(
     return "all"
 
 
+def cache_teacher_layers(variants: dict[str, tuple[list[str], bool]], extra: list[str]) -> str | None:
+    """The ``cache-targets --teacher_layers`` of the cached variants' ``kd_teacher_layers`` (``None``: found).
+
+    Examples
+    --------
+    >>> cache_teacher_layers({"kd_out_layer": (["--kd_layers=auto"], True)}, ["--kd_teacher_layers=enc.layers"])
+    'enc.layers'
+    >>> cache_teacher_layers({"kd_out_layer": (["--kd_layers=auto"], True)}, []) is None
+    True
+    """
+    stacks = set()
+    for overrides, cached in variants.values():
+        args = dict(arg.split("=", 1) for arg in merge_overrides(overrides, extra) if "=" in arg)
+        if cached and args.get("--kd_teacher_layers", "null") not in ("", "null", "None"):
+            stacks.add(args["--kd_teacher_layers"])
+    if len(stacks) > 1:
+        raise ValueError(f"one cache serves every variant, but their --kd_teacher_layers differ: {sorted(stacks)}")
+    return stacks.pop() if stacks else None
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command-line entry point; returns the results dict (with several seeds: ``{"seeds", "mean"}``)."""
     args = build_parser().parse_args(argv)
@@ -241,6 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     hidden = cache_hidden_layers(variants, args.extra.split(), hparams_files.resolve(args.student))
     if hidden:  # kd_layers variants read the teacher layers' hidden states from the same cache
         ceiling += ["--hidden_layers", hidden]
+        stack = cache_teacher_layers(variants, args.extra.split())
+        if stack:
+            ceiling += ["--teacher_layers", stack]
     caches = {
         "cache": speech_kd_command(
             "cache-targets", "--teacher", teacher, "--csv", csvs["train"], "--out", str(cache), *ceiling
@@ -284,13 +313,15 @@ def main(argv: list[str] | None = None) -> dict:
             key = name if len(seeds) == 1 else f"{name}_seed{seed}"
             students[key] = cmd
             progress[key] = (folder / name, args.epochs)
-    run_all(students, logs, args.parallel, progress)
+    failed = run_all(students, logs, args.parallel, progress, keep_going=args.keep_going)
+    # a variant that failed at any seed is left out of every seed's table (means over unequal seeds mislead)
+    scored = [name for name in args.variants if not any(key.split("_seed")[0] == name for key in failed)]
 
     teacher_scores = evaluate_run(teacher, csvs, out, "teacher")
     per_seed = {}
     for seed, folder in folders.items():
         results = {"teacher": teacher_scores}
-        for name in args.variants:
+        for name in scored:
             results[name] = evaluate_run(folder / name / "model", csvs, folder, name)
             results[name]["train_s_per_epoch"] = train_seconds_per_epoch(folder / name)
         (folder / "results.md").write_text(format_results(results) + "\n")
@@ -299,11 +330,16 @@ def main(argv: list[str] | None = None) -> dict:
     if len(seeds) == 1:
         table, results = format_results(per_seed[seeds[0]]), per_seed[seeds[0]]
     else:
-        results = {"seeds": per_seed, "mean": summarise_seeds(per_seed, out, folders, args.variants)}
+        results = {"seeds": per_seed, "mean": summarise_seeds(per_seed, out, folders, scored)}
         table = format_seed_summary(results["mean"], seeds)
-        seed_figure(out, folders, args.variants, teacher_scores.get("dev_wer"))
+        seed_figure(out, folders, scored, teacher_scores.get("dev_wer"))
         table += "\n\n" + "\n\n".join(f"seed {s}:\n\n{format_results(r)}" for s, r in per_seed.items())
+    if failed:
+        results["failed"] = failed
+        table += "\n\nfailed (left out): " + ", ".join(f"{key} ({logs / (key + '.log')})" for key in failed)
     (out / "results.md").write_text(table + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table)
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {', '.join(failed)}; the others are in {out / 'results.md'}")
     return results

@@ -32,10 +32,17 @@ def _epochs_done(folder: Path) -> int:
 
 
 def run_all(
-    commands: dict[str, list[str]], logs: Path, parallel: int, epochs: dict[str, tuple[Path, int]] | None = None
-) -> None:
-    """Run the commands ``parallel`` at a time, one torch thread each; fail loudly.
+    commands: dict[str, list[str]],
+    logs: Path,
+    parallel: int,
+    epochs: dict[str, tuple[Path, int]] | None = None,
+    keep_going: bool = False,
+) -> list[str]:
+    """Run the commands ``parallel`` at a time, one torch thread each; return the names of those that failed.
 
+    Without ``keep_going`` the first failure stops the others and raises (a broken setting
+    shows at once); with it, the other runs go on, each failure is told as it happens, and
+    the caller decides (a long multi-variant experiment keeps what finished).
     ``epochs`` maps a run name to (output folder, epochs): a progress bar per
     run follows its ``history.jsonl``. Output of each run goes to ``logs/NAME.log``.
     """
@@ -49,6 +56,7 @@ def run_all(
     }
     pending = list(commands.items())
     running: list[tuple[str, subprocess.Popen]] = []
+    failed: list[str] = []
     try:
         while pending or running:
             while pending and len(running) < parallel:
@@ -63,13 +71,19 @@ def run_all(
                 if proc.poll() is not None:
                     running.remove((name, proc))
                     if proc.returncode != 0:
-                        raise RuntimeError(f"run {name} failed (exit {proc.returncode}); see {logs / (name + '.log')}")
+                        told = f"run {name} failed (exit {proc.returncode}); see {logs / (name + '.log')}"
+                        if not keep_going:
+                            raise RuntimeError(told)
+                        failed.append(name)
+                        tqdm.write(f"[bench_kd] {told}")
+                        continue
                     tqdm.write(f"[bench_kd] done {name}")
     finally:
         for _, proc in running:
             proc.kill()
         for bar in bars.values():
             bar.close()
+    return failed
 
 
 def make_partition(data: Path, out: Path, transcribed_fraction: float | None, unlabeled: str | None) -> Path:

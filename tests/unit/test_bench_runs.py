@@ -1,0 +1,31 @@
+"""bench-kd's runner: a failed run stops the others, or with keep_going is listed while the others finish."""
+
+import sys
+
+import pytest
+
+from speech_kd.bench.experiments.runs import run_all
+
+
+def _commands(tmp_path):
+    done = tmp_path / "done.txt"
+    slow_ok = [
+        sys.executable,
+        "-c",
+        f"import time, pathlib; time.sleep(3); pathlib.Path({str(done)!r}).write_text('ok')",
+    ]
+    return {"fails": [sys.executable, "-c", "import sys; print('bad setting'); sys.exit(3)"], "slow_ok": slow_ok}, done
+
+
+def test_first_failure_stops_the_others_and_names_the_log(tmp_path):
+    commands, done = _commands(tmp_path)
+    with pytest.raises(RuntimeError, match=r"run fails failed \(exit 3\); see .*fails\.log"):
+        run_all(commands, tmp_path, parallel=2)
+    assert not done.exists()  # the slow run was killed, not left to finish
+    assert "bad setting" in (tmp_path / "fails.log").read_text()
+
+
+def test_keep_going_lists_the_failure_and_lets_the_others_finish(tmp_path):
+    commands, done = _commands(tmp_path)
+    assert run_all(commands, tmp_path, parallel=2, keep_going=True) == ["fails"]
+    assert done.read_text() == "ok"
