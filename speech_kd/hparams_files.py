@@ -15,8 +15,11 @@ True
 
 from __future__ import annotations
 
+import logging
 from importlib import resources
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["folder", "model_folder", "names", "path", "resolve", "shipped_teacher"]
 
@@ -53,7 +56,10 @@ def model_folder(source: str) -> str:
     if given.exists() or given.parts[-3:-1] != ("speech_kd", "pretrained"):
         return source
     shipped = Path(str(resources.files("speech_kd"))) / "pretrained" / given.name
-    return str(shipped) if shipped.is_dir() else source
+    if not shipped.is_dir():
+        return source
+    logger.info("%s: no such folder here, so the packaged model is used (%s)", source, shipped)
+    return str(shipped)
 
 
 def names() -> list[str]:
@@ -91,7 +97,10 @@ def resolve(name: str) -> str:
     parent = Path(name).parent
     if str(parent) in (".", "hparams") and Path(name).suffix in ("", ".yaml"):
         try:
-            return str(path(name))
+            packaged = str(path(name))
         except FileNotFoundError:
             pass
+        else:
+            logger.info("%s: no such file here, so the packaged %s is used (%s)", name, Path(packaged).name, packaged)
+            return packaged
     raise FileNotFoundError(f"hparams file {name} not found")

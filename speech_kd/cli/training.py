@@ -68,9 +68,11 @@ def _cmd_cache_targets(args) -> None:
 
 
 def _cmd_hparams(args) -> None:
-    if args.name is None:
+    if args.name is None:  # each name with the first line its header says of it
         for name in hparams_files.names():
-            print(name)
+            header = [line.lstrip("# ").strip() for line in hparams_files.path(name).read_text().splitlines()[:6]]
+            about = [line for line in header if line.startswith(("Model:", "Params:"))] or header[1:2]
+            print(f"{name:<18} " + "; ".join(line.split(": ", 1)[-1] for line in about))
         return
     source = hparams_files.path(args.name)
     if args.out is None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -203,9 +204,19 @@ def _write_onnx(
     keep = tuple(f"/{layer.replace('.', '/')}/" for layer in fp32_layers)
     nodes = onnx.load(str(plain)).graph.node
     excluded = [node.name for node in nodes if node.name.startswith(keep)]
-    quantize_dynamic(
-        str(plain), str(path), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8, nodes_to_exclude=excluded
-    )
+    root = logging.getLogger()  # onnxruntime logs a line per tensor (and a pre-processing hint) on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            str(plain),
+            str(path),
+            op_types_to_quantize=["MatMul"],
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+        )
+    finally:
+        root.setLevel(level)
     plain.unlink()
 
 

@@ -357,7 +357,8 @@ class CachedTargets:
         return (
             f"kd_layers needs {what}, but cache {self.reader.out_dir} stores "
             + (f"only layers {stored}" if stored else "no hidden states")
-            + f": rebuild it into a new folder: speech-kd cache-targets --teacher TEACHER --csv "
+            + ": rebuild it into a new folder from its teacher "
+            + f"({self.reader.metadata.get('teacher_name')}): speech-kd cache-targets --teacher TEACHER --csv "
             f"{self.reader.metadata.get('csv')} --out NEW_CACHE --hidden_layers {spec} (docs/cache.md), or use the "
             "live teacher (no targets_cache)"
         )

@@ -91,8 +91,9 @@ def run_distillation(argv: list[str] | None = None) -> dict:
         unlabeled = datasets.get("unlabeled")
         if isinstance(targets, CachedTargets):
             ids = list(datasets["train"].data_ids) + (list(unlabeled.data_ids) if unlabeled is not None else [])
-            check_cache_covers(targets.reader, ids, hparams["targets_cache"])
+            # other audio under the run's IDs first: completing such a cache (the advice for missing IDs) fails
             check_cache_data(targets.reader, [datasets["train"], unlabeled], hparams["targets_cache"])
+            check_cache_covers(targets.reader, ids, hparams["targets_cache"])
         if unlabeled is not None and hparams.get("unlabeled_min_confidence"):
             threshold = float(hparams["unlabeled_min_confidence"])
             datasets["unlabeled"] = filter_unlabeled(

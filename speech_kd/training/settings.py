@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from dataclasses import fields
 from pathlib import Path
 
@@ -262,4 +263,11 @@ def load_hparams(hparams_file: str, text: str, overrides) -> dict:
         key = str(err.args[0]).split(" not found in")[0].removeprefix("Override ")
         raise ValueError(f"{hparams_file}: --{key.strip(chr(39))}=... overrides a key this yaml does not have") from err
     except YAMLError as err:
+        duplicate = re.search(r'found duplicate key "([^"]+)"', str(err))
+        if duplicate:
+            key = duplicate.group(1)
+            given = str(overrides or "")
+            if len(re.findall(rf"^{re.escape(key)}\s*:", given, re.M)) > 1:
+                raise ValueError(f"--{key} is given twice on the command line (overrides of {hparams_file})") from None
+            raise ValueError(f"{hparams_file}: the key {key} appears twice") from None
         raise ValueError(f"{hparams_file} with overrides {overrides!r}: not valid YAML ({err})") from err

@@ -49,6 +49,10 @@ def test_unknown_override_and_broken_yaml_name_the_file():
         load_hparams(str(path), text, {"data_folder": "d", "nope": 1})
     with pytest.raises(ValueError, match="not valid YAML"):
         load_hparams(str(path), text, "data_folder: d\nlr: [1")
+    with pytest.raises(ValueError, match=r"^--lr is given twice on the command line \(overrides of .*student.yaml\)$"):
+        load_hparams(str(path), text, "data_folder: d\nlr: 1\nlr: 2")
+    with pytest.raises(ValueError, match=r"student.yaml: the key seed appears twice$"):
+        load_hparams(str(path), text + "\nseed: 5\n", "data_folder: d")
 
 
 def test_bench_refuses_a_bad_student_override_before_any_work(monkeypatch, capsys, tmp_path):

@@ -311,8 +311,10 @@ def manifest(tmp_path_factory):
 
 
 def test_cache_stores_the_chosen_layers_and_a_cache_without_them_is_refused(sb_teacher, manifest, tmp_path):
-    write_cache(sb_teacher, manifest, tmp_path / "hid", hidden_layers="0,2", progress=False, batch_seconds=3)
+    summary = write_cache(sb_teacher, manifest, tmp_path / "hid", hidden_layers="0,2", progress=False, batch_seconds=3)
+    assert summary["fp32_bytes"] == summary["frames"] * (len(sb_teacher.tokens) + 32 + 32) * 4  # what it stores
     reader = CacheReader(tmp_path / "hid")
+    assert reader.metadata["csv"] == str(manifest.resolve())  # absolute: the rebuild hint works from anywhere
     stack = "encoder.enc.transformer.encoder.layers"
     spec = {"layers": [0, 2], "dims": [32, 32], "dtype": "int8", "depth": 3, "layout": 2, "stack": stack}
     assert reader.hidden_spec() == spec
@@ -326,7 +328,8 @@ def test_cache_stores_the_chosen_layers_and_a_cache_without_them_is_refused(sb_t
     aligner = TargetAligner(sb_teacher.tokens, 0, sb_teacher.frame_shift, sb_teacher.tokens, 0, 0.04)
     cached = CachedTargets(reader, aligner)
     assert cached.request_layers([2]) == {2: 32} and cached.layer_count() == 3
-    with pytest.raises(CacheError, match=r"needs teacher layers \[1\], but cache .*hid stores only layers \[0, 2\]"):
+    hint = rf"needs teacher layers \[1\], but cache .*hid stores only layers \[0, 2\]: rebuild .*teacher \(.+\): .*--csv {manifest.resolve()} "
+    with pytest.raises(CacheError, match=hint):
         cached.request_layers([1])
     # a cache written without hidden states (as before) reads as before, and is refused for kd_layers
     write_cache(sb_teacher, manifest, tmp_path / "plain", progress=False, batch_seconds=3)

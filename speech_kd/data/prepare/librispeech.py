@@ -100,6 +100,13 @@ def prepare_librispeech(
         total.hours.update(res.hours)
         total.skipped.extend(res.skipped)
         write_stamp(stamp, settings)
+        logger.info(
+            "%s written: %d utterances, %.2f h%s",
+            csv_path,
+            res.kept.get(split, 0),
+            res.hours.get(split, 0.0),
+            f", {len(res.skipped)} skipped (listed in {split}_skipped.csv)" if res.skipped else "",
+        )
     return total
 
 

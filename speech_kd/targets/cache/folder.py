@@ -146,7 +146,7 @@ def new_meta(
         },
         "student_tokens": list(student_tokens) if student_tokens is not None else None,
         "data_fingerprint": data_fingerprint((u.uid, u.duration) for u in utts),
-        "csv": str(csv_path),
+        "csv": str(Path(csv_path).resolve()),  # absolute: the rebuild hints name it from any directory
         "utterances": len(utts),
         "frames": None,
         "complete": False,

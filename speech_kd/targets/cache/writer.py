@@ -223,7 +223,7 @@ def write_cache(
     -------
     dict
         ``utterances``, ``frames``, ``bytes`` (whole folder), ``bytes_per_frame``,
-        ``fp32_bytes`` (``frames * V * 4``), ``compression_ratio``, ``seconds``,
+        ``fp32_bytes`` (``frames * (V + stored hidden widths) * 4``), ``compression_ratio``, ``seconds``,
         plus ``shards``, ``teacher_utterances`` (run now), ``reused_utterances`` and
         ``hidden_layers`` (the teacher layers stored, or ``None``).
     """
@@ -333,7 +333,8 @@ def _write_locked(
 def _summary(out_dir: Path, meta: dict, entries: list[dict], ran: int, reused: int, seconds: float) -> dict:
     frames = meta["frames"]
     size = dir_bytes(out_dir)
-    fp32 = frames * len(meta["teacher_tokens"]) * 4
+    hidden = meta["scheme"].get("hidden") or {}
+    fp32 = frames * (len(meta["teacher_tokens"]) + sum(hidden.get("dims") or [])) * 4  # what it stores, as fp32
     return {
         "out_dir": str(out_dir),
         "utterances": sum(e["utterances"] for e in entries),
@@ -346,7 +347,7 @@ def _summary(out_dir: Path, meta: dict, entries: list[dict], ran: int, reused: i
         "shards": len(entries),
         "teacher_utterances": ran,
         "reused_utterances": reused,
-        "hidden_layers": (meta["scheme"].get("hidden") or {}).get("layers"),
+        "hidden_layers": hidden.get("layers"),
     }
 
 
