@@ -328,7 +328,10 @@ def test_cache_stores_the_chosen_layers_and_a_cache_without_them_is_refused(sb_t
     aligner = TargetAligner(sb_teacher.tokens, 0, sb_teacher.frame_shift, sb_teacher.tokens, 0, 0.04)
     cached = CachedTargets(reader, aligner)
     assert cached.request_layers([2]) == {2: 32} and cached.layer_count() == 3
-    hint = rf"needs teacher layers \[1\], but cache .*hid stores only layers \[0, 2\]: rebuild .*teacher \(.+\): .*--csv {manifest.resolve()} "
+    hint = (
+        r"needs teacher layers \[1\], but cache .*hid stores only layers \[0, 2\]: "
+        rf"rebuild .*teacher \(.+\): .*--csv {manifest.resolve()} "
+    )
     with pytest.raises(CacheError, match=hint):
         cached.request_layers([1])
     # a cache written without hidden states (as before) reads as before, and is refused for kd_layers
