@@ -20,6 +20,15 @@ from importlib import resources
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+_told: set[str] = set()  # names already said to resolve to the packaged copy (said once per process)
+
+
+def _say_packaged(name: str, packaged: Path) -> None:
+    """Log once that ``name`` (not found here) stands for the packaged ``packaged``."""
+    if name not in _told:
+        _told.add(name)
+        logger.info("%s: not found here, so the packaged copy is used (%s)", name, packaged)
+
 
 __all__ = ["folder", "model_folder", "names", "path", "resolve", "shipped_teacher"]
 
@@ -58,7 +67,7 @@ def model_folder(source: str) -> str:
     shipped = Path(str(resources.files("speech_kd"))) / "pretrained" / given.name
     if not shipped.is_dir():
         return source
-    logger.info("%s: no such folder here, so the packaged model is used (%s)", source, shipped)
+    _say_packaged(source, shipped)
     return str(shipped)
 
 
@@ -101,6 +110,6 @@ def resolve(name: str) -> str:
         except FileNotFoundError:
             pass
         else:
-            logger.info("%s: no such file here, so the packaged %s is used (%s)", name, Path(packaged).name, packaged)
+            _say_packaged(name, Path(packaged))
             return packaged
     raise FileNotFoundError(f"hparams file {name} not found")

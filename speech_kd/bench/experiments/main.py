@@ -131,6 +131,15 @@ def build_parser(prog: str = "speech-kd bench-kd") -> argparse.ArgumentParser:
     return parser
 
 
+def _cached_overrides(variants: dict[str, tuple[list[str], bool]], extra: list[str]) -> list[dict[str, str]]:
+    """Each cached variant's overrides merged with ``extra``, as ``{"--key": "value"}``."""
+    return [
+        dict(arg.split("=", 1) for arg in merge_overrides(overrides, extra) if "=" in arg)
+        for overrides, cached in variants.values()
+        if cached
+    ]
+
+
 def cache_temperature(variants: dict[str, tuple[list[str], bool]], extra: list[str]) -> float:
     """The largest ``temperature``/``temperature_final`` the cached variants train at (1 when none is set).
 
@@ -142,13 +151,10 @@ def cache_temperature(variants: dict[str, tuple[list[str], bool]], extra: list[s
     3.0
     """
     highest = KDConfig().temperature  # what a variant that sets none trains at
-    for overrides, cached in variants.values():
-        if not cached:
-            continue
-        for arg in merge_overrides(overrides, extra):
-            key, _, value = arg.partition("=")
-            if key in ("--temperature", "--temperature_final") and value not in ("", "null", "None"):
-                highest = max(highest, float(value))
+    for args in _cached_overrides(variants, extra):
+        for key in ("--temperature", "--temperature_final"):
+            if args.get(key, "") not in ("", "null", "None"):
+                highest = max(highest, float(args[key]))
     return highest
 
 
@@ -171,10 +177,7 @@ def cache_hidden_layers(
     True
     """
     needs = set()
-    for overrides, cached in variants.values():
-        if not cached:
-            continue
-        args = dict(arg.split("=", 1) for arg in merge_overrides(overrides, extra) if "=" in arg)
+    for args in _cached_overrides(variants, extra):
         raw = args.get("--kd_layers", "").strip()
         layers = KDConfig.parse_layers(yaml.safe_load(raw) if raw.startswith("{") else raw)  # "1:5" is not 65
         if layers == "auto":
@@ -204,11 +207,11 @@ def cache_teacher_layers(variants: dict[str, tuple[list[str], bool]], extra: lis
     >>> cache_teacher_layers({"kd_out_layer": (["--kd_layers=auto"], True)}, []) is None
     True
     """
-    stacks = set()
-    for overrides, cached in variants.values():
-        args = dict(arg.split("=", 1) for arg in merge_overrides(overrides, extra) if "=" in arg)
-        if cached and args.get("--kd_teacher_layers", "null") not in ("", "null", "None"):
-            stacks.add(args["--kd_teacher_layers"])
+    stacks = {
+        args["--kd_teacher_layers"]
+        for args in _cached_overrides(variants, extra)
+        if args.get("--kd_teacher_layers", "null") not in ("", "null", "None")
+    }
     if len(stacks) > 1:
         raise ValueError(f"one cache serves every variant, but their --kd_teacher_layers differ: {sorted(stacks)}")
     return stacks.pop() if stacks else None
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     cache = out / "cache"
     # one cache serves every cached variant: built for the highest temperature any of them trains at
     ceiling = ["--max_temperature", f"{cache_temperature(variants, args.extra.split()):g}"]
-    hidden = cache_hidden_layers(variants, args.extra.split(), hparams_files.resolve(args.student))
+    student_yaml = hparams_files.resolve(args.student)
+    hidden = cache_hidden_layers(variants, args.extra.split(), student_yaml)
     if hidden:  # kd_layers variants read the teacher layers' hidden states from the same cache
         ceiling += ["--hidden_layers", hidden]
         stack = cache_teacher_layers(variants, args.extra.split())
@@ -289,12 +293,12 @@ def main(argv: list[str] | None = None) -> dict:
     run_all(caches, logs, 1)
 
     folders = {seed: out if len(seeds) == 1 else out / f"seed_{seed}" for seed in seeds}
-    students, progress = {}, {}
+    students, progress, variant_of = {}, {}, {}
     for seed, folder in folders.items():
         for name, (overrides, cached) in variants.items():
             cmd = speech_kd_command(
                 "distill",
-                hparams_files.resolve(args.student),
+                student_yaml,
                 f"--teacher_source={teacher}",
                 f"--data_folder={data}",
                 f"--output_folder={folder / name}",
@@ -312,10 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
                 cmd.append(f"--targets_cache={cache}" + (f",{out / 'cache_unlabeled'}" if both else ""))
             key = name if len(seeds) == 1 else f"{name}_seed{seed}"
             students[key] = cmd
+            variant_of[key] = name
             progress[key] = (folder / name, args.epochs)
     failed = run_all(students, logs, args.parallel, progress, keep_going=args.keep_going)
     # a variant that failed at any seed is left out of every seed's table (means over unequal seeds mislead)
-    scored = [name for name in args.variants if not any(key.split("_seed")[0] == name for key in failed)]
+    scored = [name for name in args.variants if name not in {variant_of[key] for key in failed}]
 
     teacher_scores = evaluate_run(teacher, csvs, out, "teacher")
     per_seed = {}
