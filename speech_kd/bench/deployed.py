@@ -19,6 +19,10 @@ PyTorch models as users run them (``EncoderASR.transcribe_batch``, fp32):
   model and transcribes the batch's files (PyTorch: ``speech_kd.model_folder.load_asr``;
   exported: the folder's own ``transcribe.py``, which imports no torch);
 - ``disk_mb_*``: size of the weights file.
+
+A Hugging Face teacher (wav2vec2, HuBERT, WavLM: ``speech-kd bench --teacher_arch``) runs through its
+teacher adapter in PyTorch and through :mod:`speech_kd.bench.hf_onnx` exported (its own forward in
+ONNX fp32 and int8, onnxruntime, greedy), so its ratios are like with like as well.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from speech_kd.bench.hf_onnx import CONFIG_NAME as HF_ONNX_CONFIG
+from speech_kd.bench.hf_onnx import HFOnnxCTC, export_hf_onnx
 from speech_kd.bench.timing import median_time
 from speech_kd.deploy.asr import DeployedASR
 from speech_kd.deploy.onnx_export import export_asr
@@ -64,6 +70,29 @@ except SystemExit:
 {report}
 """
 
+_HF_CHILD = """
+import resource, sys, torch, soundfile as sf
+torch.set_num_threads({threads})
+from speech_kd.targets.teachers.hf import HFCTCTeacher
+teacher = HFCTCTeacher({folder!r})
+wavs = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in {files!r}]
+lens = torch.tensor([len(w) for w in wavs], dtype=torch.float32)
+teacher(torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True), lens / lens.max())
+{report}
+"""
+
+_HF_ONNX_CHILD = """
+import resource, sys, numpy as np, soundfile as sf
+from speech_kd.bench.hf_onnx import HFOnnxCTC
+model = HFOnnxCTC({folder!r}, threads={threads}, max_batch_seconds={seconds})
+wavs = [sf.read(p, dtype="float32")[0] for p in {files!r}]
+batch = np.zeros((len(wavs), max(len(w) for w in wavs)), dtype=np.float32)
+for i, w in enumerate(wavs):
+    batch[i, : len(w)] = w
+model.transcribe_batch(batch, np.array([len(w) for w in wavs]) / batch.shape[1])
+{report}
+"""
+
 # VmHWM (this process's own peak; ru_maxrss survives exec, so a child would report its parent's peak)
 _REPORT = """
 try:
@@ -82,8 +111,13 @@ def peak_rss_mb(
     An exported folder runs them as its ``transcribe.py`` does, in groups of ``max_batch_seconds``.
     """
     folder = Path(folder)
-    exported = (folder / "deploy.json").exists()
-    if exported:
+    if (folder / HF_ONNX_CONFIG).exists():
+        code = _HF_ONNX_CHILD.format(
+            threads=threads, folder=str(folder), files=files, seconds=max_batch_seconds, report=_REPORT
+        )
+    elif (folder / "config.json").exists() and not (folder / "hyperparams.yaml").exists():
+        code = _HF_CHILD.format(threads=threads, folder=str(folder), files=files, report=_REPORT)
+    elif (folder / "deploy.json").exists():
         code = _EXPORTED_CHILD.format(
             threads=threads,
             batch=len(files),
@@ -100,10 +134,27 @@ def peak_rss_mb(
 
 
 def _disk_mb(folder: Path) -> float:
-    """Size of the weights file of a model folder (``model.ckpt``) or an exported one (its ``model_file``)."""
-    config = folder / "deploy.json"
-    name = json.loads(config.read_text())["model_file"] if config.exists() else "model.ckpt"
-    return (folder / name).stat().st_size / 1e6
+    """MB of a folder's weights: ``model.ckpt``, Hugging Face's ``*.safetensors``, an export's ``model_file``."""
+    for config in (folder / "deploy.json", folder / HF_ONNX_CONFIG):
+        if config.exists():
+            return (folder / json.loads(config.read_text())["model_file"]).stat().st_size / 1e6
+    weights = folder / "model.ckpt"
+    if not weights.exists():
+        weights = next(folder.glob("*.safetensors"), folder / "pytorch_model.bin")
+    return weights.stat().st_size / 1e6
+
+
+class _HFTeacherRun:
+    """A Hugging Face teacher folder in PyTorch as ``cache-targets`` and a live teacher run it, plus the argmax."""
+
+    def __init__(self, folder: Path) -> None:
+        from speech_kd.targets.teachers.hf import HFCTCTeacher
+
+        self.teacher = HFCTCTeacher(folder)
+
+    def transcribe_batch(self, wavs: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.teacher(wavs, lens).log_probs.argmax(-1)
 
 
 def bench_deployed(
@@ -113,6 +164,7 @@ def bench_deployed(
     repeats: int,
     tmp: Path,
     max_batch_seconds: float = MAX_BATCH_SECONDS,
+    rounds: int = ROUNDS,
 ) -> dict:
     """Export teacher and student (ONNX fp32 and int8) and time all six side by side (module docstring).
 
@@ -135,7 +187,9 @@ def bench_deployed(
     tmp : Path
         Scratch folder for the exported folders and the batch's audio files.
     max_batch_seconds : float
-        Padded audio per run of the exported students (0: the whole batch in one run, as the PyTorch models).
+        Padded audio per run of the exported models (0: the whole batch in one run, as the PyTorch models).
+    rounds : int
+        Interleaved rounds of the six timings (median round kept).
     """
     import soundfile as sf
 
@@ -150,19 +204,26 @@ def bench_deployed(
         "teacher_onnx": tmp / "teacher_onnx",
         "teacher_int8": tmp / "teacher_int8",
     }
-    for model in ("student", "teacher"):
-        export_asr(folders[model], folders[f"{model}_onnx"], "onnx")
-        export_asr(folders[model], folders[f"{model}_int8"], "onnx", quantize="int8")
+    hf_teacher = not (folders["teacher"] / "hyperparams.yaml").exists()
+    export_asr(folders["student"], folders["student_onnx"], "onnx")
+    export_asr(folders["student"], folders["student_int8"], "onnx", quantize="int8")
+    if hf_teacher:
+        export_hf_onnx(folders["teacher"], folders["teacher_onnx"])
+        export_hf_onnx(folders["teacher"], folders["teacher_int8"], quantize="int8")
+    else:
+        export_asr(folders["teacher"], folders["teacher_onnx"], "onnx")
+        export_asr(folders["teacher"], folders["teacher_int8"], "onnx", quantize="int8")
+    exported = HFOnnxCTC if hf_teacher else DeployedASR
     runs = {
-        "teacher": load_asr(folders["teacher"]),
+        "teacher": _HFTeacherRun(folders["teacher"]) if hf_teacher else load_asr(folders["teacher"]),
         "student": load_asr(folders["student"]),
         "student_onnx": DeployedASR(folders["student_onnx"], threads=threads, max_batch_seconds=max_batch_seconds),
         "student_int8": DeployedASR(folders["student_int8"], threads=threads, max_batch_seconds=max_batch_seconds),
-        "teacher_onnx": DeployedASR(folders["teacher_onnx"], threads=threads, max_batch_seconds=max_batch_seconds),
-        "teacher_int8": DeployedASR(folders["teacher_int8"], threads=threads, max_batch_seconds=max_batch_seconds),
+        "teacher_onnx": exported(folders["teacher_onnx"], threads=threads, max_batch_seconds=max_batch_seconds),
+        "teacher_int8": exported(folders["teacher_int8"], threads=threads, max_batch_seconds=max_batch_seconds),
     }
     samples: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(ROUNDS):  # interleaved, so that a drift of the machine's speed hits all alike
+    for _ in range(rounds):  # interleaved, so that a drift of the machine's speed hits all alike
         for name, asr in runs.items():
             samples[name].append(median_time(lambda asr=asr: asr.transcribe_batch(wavs, lens), repeats) / seconds)
     out: dict = {f"rtf_side_{name}": statistics.median(values) for name, values in samples.items()}

@@ -19,7 +19,9 @@ Measured:
 - teacher and student exported to ONNX (fp32 and int8), timed side by side
   with the PyTorch models: RTF, speed-ups like with like, peak memory of a
   fresh process, size on disk
-  (:mod:`speech_kd.bench.deployed`; needs onnxruntime, skipped without it).
+  (:mod:`speech_kd.bench.deployed`; needs onnxruntime, skipped without it). A Hugging
+  Face teacher is exported with its own forward (:mod:`speech_kd.bench.hf_onnx`), so its
+  ratios are like with like too.
 
 JSON keys (``--json``): ``features_vs_librosa``, ``cached_kd_over_plain``,
 ``online_kd_over_plain``, ``student_speedup`` (PyTorch teacher over PyTorch
@@ -47,7 +49,7 @@ import torch
 
 from speech_kd import hparams_files
 from speech_kd.argtypes import non_negative_float, positive_int
-from speech_kd.bench.deployed import bench_deployed
+from speech_kd.bench.deployed import ROUNDS, bench_deployed
 from speech_kd.bench.teacher_archs import build_teacher, teacher_arch
 from speech_kd.bench.timing import median_time
 from speech_kd.data.dataio import load_dataset, make_tokenizer, token_strings
@@ -286,6 +288,13 @@ def build_parser(prog: str = "speech-kd bench") -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch_size", type=positive_int, default=8, help="utterances per benchmark batch")
     parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=ROUNDS,
+        help="interleaved rounds of the side-by-side deployment timings (median round kept; 1 for the large "
+        "teachers on a CPU)",
+    )
+    parser.add_argument(
         "--device",
         default="cuda" if torch.cuda.is_available() else "cpu",
         help="cpu or cuda (default: cuda when available)",
@@ -376,10 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
         print("onnxruntime missing: exported-student figures skipped (pip install 'speech_kd[export]')")
     else:
         wavs, lens = batch.sig  # exported models run on the CPU: all are timed there
-        if arch.kind == "speechbrain":
-            results.update(bench_deployed(wavs.cpu(), lens.cpu(), models, args.repeats, tmp, args.max_batch_seconds))
-        else:
-            print(f"{arch.name}: the exporter takes this package's conformer only; exported figures skipped")
+        results.update(
+            bench_deployed(wavs.cpu(), lens.cpu(), models, args.repeats, tmp, args.max_batch_seconds, args.rounds)
+        )
     ev = evaluate_model(models["student"], csvs["test"], device=args.device, progress=False).summary
     results.update(evaluate_utts_per_s=ev["utts_per_second"], evaluate_rtf=ev["rtf"])
 

@@ -60,6 +60,7 @@ from speech_kd.scoring.lm import check_lm_units, load_lm
 __all__ = [
     "export_asr",
     "export_recipe",
+    "quantize_onnx_int8",
     "check_out_folder",
     "FORMATS",
     "QUANTIZE",
@@ -199,12 +200,21 @@ def _write_onnx(
     if not quantize:
         return
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     keep = tuple(f"/{layer.replace('.', '/')}/" for layer in fp32_layers)
     nodes = onnx.load(str(plain)).graph.node
-    excluded = [node.name for node in nodes if node.name.startswith(keep)]
-    root = logging.getLogger()  # onnxruntime logs a line per tensor (and a pre-processing hint) on the root logger
+    quantize_onnx_int8(plain, path, exclude=[node.name for node in nodes if node.name.startswith(keep)])
+    plain.unlink()
+
+
+def quantize_onnx_int8(plain: Path, path: Path, exclude: list[str] | None = None) -> None:
+    """Dynamic int8 quantisation of ``plain``'s matrix products (weights int8, activations quantised per run).
+
+    ``exclude`` names nodes kept in fp32. onnxruntime logs a line per tensor on the root logger; silenced.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
@@ -213,11 +223,10 @@ def _write_onnx(
             str(path),
             op_types_to_quantize=["MatMul"],
             weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded,
+            nodes_to_exclude=exclude or [],
         )
     finally:
         root.setLevel(level)
-    plain.unlink()
 
 
 def _write_torchscript(
