@@ -29,3 +29,21 @@ def test_keep_going_lists_the_failure_and_lets_the_others_finish(tmp_path):
     commands, done = _commands(tmp_path)
     assert run_all(commands, tmp_path, parallel=2, keep_going=True) == ["fails"]
     assert done.read_text() == "ok"
+
+
+def test_a_log_file_gets_one_line_per_epoch_not_bar_redraws(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    history = run / "history.jsonl"
+    write_epochs = (
+        "import json, time\n"
+        "for epoch in (1, 2):\n"
+        f"    with open({str(history)!r}, 'a') as f:\n"
+        "        f.write(json.dumps({'epoch': epoch, 'stage': 'valid'}) + '\\n')\n"
+        "    time.sleep(2.5)\n"
+    )
+    assert run_all({"kd": [sys.executable, "-c", write_epochs]}, tmp_path, 1, {"kd": (run, 2)}) == []
+    out = capsys.readouterr()
+    lines = (out.out + out.err).splitlines()
+    assert "[bench_kd] kd: epoch 1/2" in lines and "[bench_kd] kd: epoch 2/2" in lines
+    assert not any("epoch/s" in line for line in lines)  # no tqdm bar drawn into a file

@@ -50,10 +50,12 @@ def run_all(
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "MKL_NUM_THREADS": "1"}
     epochs = epochs or {}
+    # bars on a terminal only (disable=None); in a log file one line per finished epoch instead of redraws
     bars = {
-        name: tqdm(total=total, desc=name, unit="epoch", position=i, leave=True)
+        name: tqdm(total=total, desc=name, unit="epoch", position=i, leave=True, disable=None)
         for i, (name, (_, total)) in enumerate(epochs.items())
     }
+    told = dict.fromkeys(epochs, 0)
     pending = list(commands.items())
     running: list[tuple[str, subprocess.Popen]] = []
     failed: list[str] = []
@@ -66,7 +68,11 @@ def run_all(
                 running.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)))
             time.sleep(2)
             for name, bar in bars.items():
-                bar.update(_epochs_done(epochs[name][0]) - bar.n)
+                done = _epochs_done(epochs[name][0])
+                if bar.disable and done > told[name]:
+                    tqdm.write(f"[bench_kd] {name}: epoch {done}/{epochs[name][1]}")
+                told[name] = done
+                bar.update(done - bar.n)
             for name, proc in list(running):
                 if proc.poll() is not None:
                     running.remove((name, proc))
