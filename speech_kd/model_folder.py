@@ -269,6 +269,8 @@ def load_asr(folder: str | os.PathLike, device: str = "cpu", savedir: str | None
     from speechbrain.utils.fetching import FetchConfig
 
     folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder}: no such folder")
     if not (folder / "hyperparams.yaml").exists():
         raise FileNotFoundError(f"{folder}: not a model folder (no hyperparams.yaml)")
     yaml_text = (folder / "hyperparams.yaml").read_text(encoding="utf-8", errors="replace")

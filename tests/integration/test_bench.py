@@ -50,9 +50,13 @@ def test_bench_writes_ratio_table(tmp_path, capsys):
         "peak_rss_mb_student_onnx",
         "disk_mb_student_int8",
         "student_params_fraction",
+        "cache_gb_librispeech_960h",
+        "cache_gb_librispeech_960h_t2",
     ):
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] > 0, key
     assert results["peak_rss_mb_student_onnx"] < results["peak_rss_mb_student"]  # no torch in its process
     assert results["device"] == "cpu"
+    # a cache kept faithful at T = 2 keeps more of each frame's tail than one for T = 1 (docs/cache.md)
+    assert results["cache_bytes_per_frame_t2"] > results["cache_bytes_per_frame"]
     assert results["params_student"] == 334_061 and results["student_params_fraction"] > 0.1
     assert "features_vs_librosa" in capsys.readouterr().out
