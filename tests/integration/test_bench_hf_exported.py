@@ -1,4 +1,4 @@
-"""A Hugging Face teacher exported for ``speech-kd bench``'s like-with-like timing gives the PyTorch teacher's output."""
+"""A Hugging Face teacher exported for `speech-kd bench` (like with like) gives the PyTorch teacher's output."""
 
 from __future__ import annotations
 
