@@ -55,7 +55,12 @@ REFUSED = {
     },
     "report": {"--max_utts": ("-1",), "--posteriorgrams": ("-1",)},
     "compare": {"--draws": ("-1", "0")},
-    "bench": {"--repeats": ("-1", "0"), "--batch_size": ("-1", "0"), "--max_batch_seconds": ("-1",)},
+    "bench": {
+        "--repeats": ("-1", "0"),
+        "--batch_size": ("-1", "0"),
+        "--rounds": ("-1", "0"),
+        "--max_batch_seconds": ("-1",),
+    },
     "bench-kd": {
         "--epochs": ("-1", "0"),
         "--teacher_epochs": ("-1", "0"),
