@@ -57,3 +57,25 @@ def test_exported_hf_teacher_matches_pytorch(tmp_path, stable_layer_norm):
     onnx_mb, torch_mb = peak_rss_mb(exported, files, 1, 0.0), peak_rss_mb(folder, files, 1)
     assert 0 < onnx_mb < torch_mb  # the exported teacher's process imports no torch
     assert blank == 0
+
+
+def test_exported_wavlm_teacher_matches_pytorch(tmp_path):
+    """WavLM (relative position buckets in its attention) exports as wav2vec2 does: wavlm-large's shape, tiny."""
+    from dataclasses import replace
+
+    from speech_kd.bench.deployed import _HFTeacherRun
+    from speech_kd.bench.hf_onnx import HFOnnxCTC, export_hf_onnx
+    from speech_kd.bench.teacher_archs import build_hf_teacher, teacher_arch
+
+    tiny = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+    small_conv = {"conv_dim": (16,) * 7, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 4}
+    large = teacher_arch("wavlm-large")
+    folder = build_hf_teacher(replace(large, config={**large.config, **tiny, **small_conv}), tmp_path / "wavlm")
+    wavs = torch.stack([whitenoise(3.0, seed=0), whitenoise(3.0, seed=1)])
+    wavs[1, 28800:] = 0
+    lens = torch.tensor([1.0, 0.6])
+    out = _HFTeacherRun(folder).teacher(wavs, lens)
+    model = HFOnnxCTC(export_hf_onnx(folder, tmp_path / "onnx"))
+    for i, best in enumerate(model._run([wavs[0].numpy(), wavs[1, :28800].numpy()])):
+        expected = out.log_probs[i, : out.lengths[i]].argmax(-1).numpy()
+        assert len(best) == len(expected) and np.mean(best == expected) > 0.99
