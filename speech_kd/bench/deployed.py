@@ -42,6 +42,7 @@ from speech_kd.deploy.asr import DeployedASR
 from speech_kd.deploy.onnx_export import export_asr
 from speech_kd.deploy.runtime import MAX_BATCH_SECONDS
 from speech_kd.model_folder import load_asr
+from speech_kd.targets.teachers.base import detect_kind
 
 __all__ = ["bench_deployed", "peak_rss_mb", "ROUNDS"]
 
@@ -52,6 +53,7 @@ _PYTORCH_CHILD = """
 import resource, sys, torch, soundfile as sf
 torch.set_num_threads({threads})
 from speech_kd.model_folder import load_asr
+from speech_kd.targets.teachers.base import detect_kind
 asr = load_asr({folder!r})
 wavs = [torch.from_numpy(sf.read(p, dtype="float32")[0]) for p in {files!r}]
 lens = torch.tensor([len(w) for w in wavs], dtype=torch.float32)
@@ -115,8 +117,6 @@ def peak_rss_mb(
         code = _HF_ONNX_CHILD.format(
             threads=threads, folder=str(folder), files=files, seconds=max_batch_seconds, report=_REPORT
         )
-    elif (folder / "config.json").exists() and not (folder / "hyperparams.yaml").exists():
-        code = _HF_CHILD.format(threads=threads, folder=str(folder), files=files, report=_REPORT)
     elif (folder / "deploy.json").exists():
         code = _EXPORTED_CHILD.format(
             threads=threads,
@@ -126,6 +126,8 @@ def peak_rss_mb(
             script=str(folder / "transcribe.py"),
             report=_REPORT,
         )
+    elif detect_kind(folder) == "huggingface":
+        code = _HF_CHILD.format(threads=threads, folder=str(folder), files=files, report=_REPORT)
     else:
         code = _PYTORCH_CHILD.format(threads=threads, folder=str(folder), files=files, report=_REPORT)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
@@ -204,7 +206,7 @@ def bench_deployed(
         "teacher_onnx": tmp / "teacher_onnx",
         "teacher_int8": tmp / "teacher_int8",
     }
-    hf_teacher = not (folders["teacher"] / "hyperparams.yaml").exists()
+    hf_teacher = detect_kind(folders["teacher"]) == "huggingface"
     export_asr(folders["student"], folders["student_onnx"], "onnx")
     export_asr(folders["student"], folders["student_int8"], "onnx", quantize="int8")
     if hf_teacher:

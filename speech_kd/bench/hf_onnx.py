@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speech_kd.deploy.runtime import run_groups
+from speech_kd.deploy.runtime import greedy_decode, run_groups
 
 __all__ = ["CONFIG_NAME", "HFOnnxCTC", "export_hf_onnx"]
 
@@ -112,7 +112,7 @@ class HFOnnxCTC:
         return max(samples, 1)
 
     def _run(self, utterances: list[np.ndarray]) -> list[np.ndarray]:
-        """Frame-level best tokens of each utterance (its own frames), run as one padded batch."""
+        """Logits ``[T', V]`` of each utterance over its own frames, run as one padded batch."""
         lengths = [len(u) for u in utterances]
         batch = np.zeros((len(utterances), max(lengths)), dtype=np.float32)
         mask = np.zeros(batch.shape, dtype=np.int64)
@@ -122,8 +122,7 @@ class HFOnnxCTC:
             batch[i, : len(wav)] = wav
             mask[i, : len(wav)] = 1
         (logits,) = self.session.run(None, {"input_values": batch, "attention_mask": mask})
-        best = logits.argmax(-1)
-        return [best[i, : self.frames(n)] for i, n in enumerate(lengths)]
+        return [logits[i, : self.frames(n)] for i, n in enumerate(lengths)]
 
     def transcribe_batch(self, wavs, lens) -> list[str]:
         """Greedy transcripts of ``wavs [B, S]`` (numpy or torch, 16 kHz) with relative lengths ``lens [B]``."""
@@ -134,7 +133,6 @@ class HFOnnxCTC:
         texts = [""] * len(utterances)
         blank, tokens = self.config["blank"], self.config["tokens"]
         for group in groups:
-            for i, best in zip(group, self._run([utterances[i] for i in group]), strict=True):
-                kept = [t for j, t in enumerate(best) if t != blank and (j == 0 or t != best[j - 1])]
-                texts[i] = "".join(tokens[t] for t in kept).replace("|", " ").strip()
+            for i, logits in zip(group, self._run([utterances[i] for i in group]), strict=True):
+                texts[i] = "".join(tokens[t] for t in greedy_decode(logits, blank)).replace("|", " ").strip()
         return texts

@@ -60,6 +60,7 @@ from speech_kd.model_folder import defined_keys, export_model_folder, load_asr
 from speech_kd.nnet.features import chunk_size, fast_fbank, librosa_fbank
 from speech_kd.scoring.evaluate import evaluate_model
 from speech_kd.targets.cache import CacheReader, write_cache
+from speech_kd.targets.cache.format import SHARD_PATTERN
 from speech_kd.targets.strategies import CachedTargets, OnlineTargets, TargetAligner
 from speech_kd.targets.teachers.base import load_teacher
 from speech_kd.training.distill_brain import DistillBrain
@@ -265,7 +266,8 @@ def cache_projection(batch, csv_path: str, teacher_dir: Path, tmp: Path, device:
     for suffix, temperature in (("", 1.0), ("_t2", 2.0)):
         folder = tmp / f"cache_shipped{suffix or '_t1'}"
         summary = write_cache(shipped, csv, folder, device=device, progress=False, max_temperature=temperature)
-        per_frame = sum(p.stat().st_size for p in folder.glob("shard-*")) / max(summary["frames"], 1)
+        shards = (folder / SHARD_PATTERN.format(i) for i in range(summary["shards"]))
+        per_frame = sum(shard.stat().st_size for shard in shards) / max(summary["frames"], 1)
         per_hour = per_frame * 3600 / frame_shift
         out.update(
             {
