@@ -89,3 +89,11 @@ def test_reading_a_missing_audio_file_says_so(tmp_path):
 
     with pytest.raises(AudioError, match="nothere.flac: file does not exist"):
         read_audio(tmp_path / "nothere.flac")
+
+
+def test_export_of_a_folder_that_does_not_exist_says_so(capsys, tmp_path):
+    missing = tmp_path / "no_run" / "model"
+    assert cli.run(["export", str(missing), "--out", str(tmp_path / "onnx")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{missing}: no such folder" in err[0]
+    assert not (tmp_path / "onnx").exists()  # nothing written before the input is known to be good
